@@ -1,0 +1,104 @@
+"""A small ONNX graph writer: nodes by op call, weights streamed straight into one external-data file.
+
+Nothing is kept in memory but the graph's structure: each weight is written out the moment it is added,
+so exporting a model of any size holds one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17  # widely implemented (mobile EPs included); contrib ops are com.microsoft version 1
+MS = "com.microsoft"
+_SMALL = 1024  # constants up to this many elements stay inside model.onnx
+
+
+class Graph:
+    def __init__(self, data_file: Path):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.initializers: list[TensorProto] = []
+        self.data_file = data_file
+        self._data = open(data_file, "wb")
+        self._names: dict[str, int] = {}
+        self._weights: set[str] = set()
+        self.bytes_written = 0
+
+    def unique(self, base: str) -> str:
+        n = self._names.get(base, 0)
+        self._names[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+    def op(self, op_type: str, *inputs: str | None, outputs: int | list[str] = 1, domain: str = "",
+           **attrs) -> str | list[str]:
+        """Add a node; returns its output name (or names when outputs > 1). None inputs are omitted ones."""
+        name = self.unique(f"/{op_type}")
+        out = [f"{name}/out{i}" for i in range(outputs)] if isinstance(outputs, int) else outputs
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        node = helper.make_node(op_type, ["" if i is None else i for i in inputs], out, name=name,
+                                domain=domain or None, **attrs)
+        self.nodes.append(node)
+        return out[0] if len(out) == 1 else out
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small constant (shapes, axes, scalars) kept inside the graph."""
+        array = np.asarray(value, dtype=dtype)
+        assert array.size <= _SMALL, "large arrays are weights: use Graph.weight"
+        name = self.unique("const")
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """A weight, appended to the external-data file (once per name), aligned so it can be mapped."""
+        if name in self._weights:
+            return name
+        array = np.ascontiguousarray(array)
+        if array.size <= _SMALL:
+            self.initializers.append(numpy_helper.from_array(array, name))
+        else:
+            align = 4096 if array.nbytes >= 65536 else 64
+            pad = -self.bytes_written % align
+            self._data.write(b"\0" * pad)
+            offset = self.bytes_written + pad
+            self._data.write(array.tobytes())
+            self.bytes_written = offset + array.nbytes
+            tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                 dims=array.shape, data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", self.data_file.name), ("offset", offset), ("length", array.nbytes)):
+                tensor.external_data.add(key=key, value=str(value))
+            self.initializers.append(tensor)
+        self._weights.add(name)
+        return name
+
+    def has_weight(self, name: str) -> bool:
+        return name in self._weights
+
+    def input(self, name: str, dtype: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        return name
+
+    def output(self, value: str, name: str, dtype: int, shape: list) -> None:
+        """Expose `value` as graph output `name` (renaming the producing node's output)."""
+        for node in self.nodes:
+            for i, out in enumerate(node.output):
+                if out == value:
+                    node.output[i] = name
+            for i, inp in enumerate(node.input):
+                if inp == value:
+                    node.input[i] = name
+        self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
+
+    def save(self, path: Path, producer: str, metadata: dict[str, str]) -> None:
+        self._data.close()
+        graph = helper.make_graph(self.nodes, "lfm2", self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, producer_name=producer,
+                                  opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
+        model.ir_version = 9
+        for key, value in metadata.items():
+            model.metadata_props.add(key=key, value=value)
+        onnx.save_model(model, path)

@@ -1,0 +1,274 @@
+"""ops.Ops that trace the model definition into an ONNX graph.
+
+`PortableOps` uses standard ONNX ops only (opset 17), for runtimes and execution providers without
+com.microsoft kernels. `ContribOps` swaps in the fused CPU kernels where they are exact: RMSNorm,
+causal conv with state, grouped-query attention on a shared KV buffer, and the MoE op.
+
+Graph I/O follows onnxruntime-genai 0.18 (DESIGN.md, "The state contract"):
+  inputs   input_ids [B, S], attention_mask [B, T] (int64; T = past + S),
+           past_key_values.{i}.key/value [B, Hkv, P, D] (attention layers), past.{i}.conv [B, H, K-1] (conv layers)
+  outputs  logits [B, S, V], present.{i}.key/value, present.{i}.conv
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from onnx import TensorProto
+
+from .checkpoint import Checkpoint
+from .graph import MS, Graph
+from .lfm2 import Attention, Linear, Lfm2Model, RMSNorm, ShortConv, SparseMoe, Weight
+
+F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+NEG = -1e9  # masked attention score: finite, so a padding row (which sees no key) stays finite
+WeightTransform = Callable[[str, np.ndarray], np.ndarray]
+
+
+class PortableOps:
+    share_buffer = False  # present KV grows by concatenation; genai must not share past/present
+
+    def __init__(self, graph: Graph, checkpoint: Checkpoint, transform: WeightTransform | None = None,
+                 progress: Callable[[str], None] | None = None):
+        self.g, self.ckpt, self.cfg = graph, checkpoint, checkpoint.config
+        self.transform = transform
+        self.progress = progress or (lambda name: None)
+        self._cache: dict[str, str] = {}
+        cfg, g = self.cfg, graph
+        self.input_ids = g.input("input_ids", I64, ["batch_size", "sequence_length"])
+        self.attention_mask = g.input("attention_mask", I64, ["batch_size", "total_sequence_length"])
+        self.past: dict[int, tuple[str, ...]] = {}
+        for i, kind in enumerate(cfg.layer_types):
+            if kind == "conv":
+                self.past[i] = (g.input(f"past.{i}.conv", F32, ["batch_size", cfg.hidden_size, cfg.conv_L_cache - 1]),)
+            else:
+                shape = ["batch_size", cfg.num_key_value_heads, "past_sequence_length", cfg.head_dim]
+                self.past[i] = (g.input(f"past_key_values.{i}.key", F32, shape),
+                                g.input(f"past_key_values.{i}.value", F32, shape))
+        self.present: dict[int, tuple[str, ...]] = {}
+
+    # ---- tracing entry point -------------------------------------------------------------------------
+
+    def trace(self, model: Lfm2Model) -> None:
+        cfg, g = self.cfg, self.g
+        logits = model(self, self.input_ids)
+        g.output(logits, "logits", F32, ["batch_size", "sequence_length", cfg.vocab_size])
+        kv_shape = ["batch_size", cfg.num_key_value_heads, self.present_length, cfg.head_dim]
+        for i in sorted(self.present):
+            if cfg.layer_types[i] == "conv":
+                g.output(self.present[i][0], f"present.{i}.conv", F32,
+                         ["batch_size", cfg.hidden_size, cfg.conv_L_cache - 1])
+            else:
+                g.output(self.present[i][0], f"present.{i}.key", F32, kv_shape)
+                g.output(self.present[i][1], f"present.{i}.value", F32, kv_shape)
+
+    present_length = "total_sequence_length"
+
+    # ---- weights ------------------------------------------------------------------------------------
+
+    def w(self, weight: Weight, layout: Callable[[np.ndarray], np.ndarray] | None = None, suffix: str = "") -> str:
+        """The weight as an initializer, fetched, transformed (fake quantization) and laid out once."""
+        name = weight.name + suffix
+        if not self.g.has_weight(name):
+            self.progress(name)
+            array = self.ckpt.tensor(weight.name, weight.shape)
+            if self.transform is not None:
+                array = self.transform(weight.name, array)
+            self.g.weight(name, (layout(array) if layout else array).astype(np.float32))
+        return name
+
+    # ---- values shared by all layers of one forward pass ----------------------------------------------
+
+    def shared(self, key: str, build: Callable[[], str]) -> str:
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def seq_len(self) -> str:  # S as a 1-D int64 tensor
+        return self.shared("S", lambda: self.g.op("Slice", self.g.op("Shape", self.input_ids),
+                                                  self.g.const([1]), self.g.const([2])))
+
+    def total_len(self) -> str:  # T as a 1-D int64 tensor
+        return self.shared("T", lambda: self.g.op("Slice", self.g.op("Shape", self.attention_mask),
+                                                  self.g.const([1]), self.g.const([2])))
+
+    def last_s(self, x: str) -> str:
+        """x[:, -S:] along axis 1."""
+        g = self.g
+        return g.op("Slice", x, g.op("Neg", self.seq_len()), g.const([np.iinfo(np.int64).max]), g.const([1]))
+
+    def current_mask(self) -> str:  # [B, S, 1] float: 1 for real tokens, 0 for padding
+        g = self.g
+        return self.shared("mask", lambda: g.op("Unsqueeze", g.op("Cast", self.last_s(self.attention_mask), to=F32),
+                                                g.const([2])))
+
+    def positions(self) -> str:  # [B, S] int64: count of real tokens before each one
+        g = self.g
+
+        def build():
+            cum = g.op("Sub", g.op("CumSum", self.attention_mask, g.const(1)), g.const(1))
+            return g.op("Max", self.last_s(cum), g.const(0))
+
+        return self.shared("positions", build)
+
+    def rotary(self, attn: Attention) -> tuple[str, str]:
+        """cos, sin [B, S, 1, D] for each token's position, computed in float32 as transformers does."""
+        g, d = self.g, attn.head_dim
+
+        def build(fn: str) -> str:
+            inv_freq = 1.0 / (attn.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+            pos = g.op("Unsqueeze", g.op("Cast", self.positions(), to=F32), g.const([2]))
+            freqs = g.op("Mul", pos, g.const(inv_freq.astype(np.float32), np.float32))
+            emb = g.op("Concat", freqs, freqs, axis=-1)
+            return g.op("Unsqueeze", g.op(fn, emb), g.const([2]))
+
+        return self.shared("cos", lambda: build("Cos")), self.shared("sin", lambda: build("Sin"))
+
+    def attention_bias(self) -> str:
+        """[B, 1, S, T] float: 0 where query s may see key t (t <= its index, key not padding), else NEG."""
+        g = self.g
+
+        def build():
+            t = g.op("Squeeze", self.total_len(), g.const([0]))
+            s = g.op("Squeeze", self.seq_len(), g.const([0]))
+            keys = g.op("Range", g.const(0), t, g.const(1))  # [T]
+            queries = g.op("Range", g.op("Sub", t, s), t, g.const(1))  # [S] absolute indices
+            causal = g.op("LessOrEqual", keys, g.op("Unsqueeze", queries, g.const([1])))  # [S, T]
+            real = g.op("Cast", g.op("Unsqueeze", self.attention_mask, g.const([1, 2])), to=TensorProto.BOOL)
+            allowed = g.op("And", causal, real)  # [B, 1, S, T]
+            return g.op("Where", allowed, g.const(0.0, np.float32), g.const(NEG, np.float32))
+
+        return self.shared("bias", build)
+
+    # ---- ops.Ops -------------------------------------------------------------------------------------
+
+    def embed(self, ids: str, table: Weight) -> str:
+        g = self.g
+        if self.cfg.tie_word_embeddings:
+            # One copy of the table serves both ends: stored [H, V] for the LM head's MatMul, gathered by column.
+            table_t = self.w(table, lambda a: a.T, suffix=".T")
+            return g.op("Transpose", g.op("Gather", table_t, ids, axis=1), perm=[1, 2, 0])
+        return g.op("Gather", self.w(table), ids, axis=0)
+
+    def linear(self, x: str, layer: Linear) -> str:
+        y = self.g.op("MatMul", x, self.w(layer.weight, lambda a: a.T, suffix=".T"))
+        if layer.bias:
+            y = self.g.op("Add", y, self.w(Weight(f"{layer.prefix}.bias", (layer.out_features,))))
+        return y
+
+    def rms_norm(self, x: str, norm: RMSNorm) -> str:
+        g = self.g
+        mean_sq = g.op("ReduceMean", g.op("Mul", x, x), axes=[-1], keepdims=1)
+        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean_sq, g.const(norm.eps, np.float32))))
+        return g.op("Mul", g.op("Mul", x, inv), self.w(norm.weight))
+
+    def add(self, a: str, b: str) -> str:
+        return self.g.op("Add", a, b)
+
+    def mul(self, a: str, b: str) -> str:
+        return self.g.op("Mul", a, b)
+
+    def silu(self, x: str) -> str:
+        return self.g.op("Mul", x, self.g.op("Sigmoid", x))
+
+    def split(self, x: str, parts: int) -> list[str]:
+        return self.g.op("Split", x, axis=-1, outputs=parts)
+
+    def reshape(self, x: str, shape: list[int]) -> str:
+        return self.g.op("Reshape", x, self.g.const(shape))
+
+    def mask_padding(self, x: str) -> str:
+        return self.g.op("Mul", x, self.current_mask())
+
+    def causal_conv(self, x: str, conv: ShortConv) -> str:
+        g, (state,) = self.g, self.past[conv.layer]
+        full = g.op("Concat", state, g.op("Transpose", x, perm=[0, 2, 1]), axis=2)  # [B, H, K-1+S]
+        self.present[conv.layer] = (g.op("Slice", full, g.const([1 - conv.kernel_size]),
+                                          g.const([np.iinfo(np.int64).max]), g.const([2])),)
+        bias = self.w(conv.kernel_bias) if conv.kernel_bias else None
+        y = g.op("Conv", full, self.w(conv.kernel), bias, group=conv.hidden_size, kernel_shape=[conv.kernel_size])
+        return g.op("Transpose", y, perm=[0, 2, 1])
+
+    def rope(self, x: str, attn: Attention) -> str:
+        g, half = self.g, attn.head_dim // 2
+        cos, sin = self.rotary(attn)
+        x1 = g.op("Slice", x, g.const([0]), g.const([half]), g.const([-1]))
+        x2 = g.op("Slice", x, g.const([half]), g.const([attn.head_dim]), g.const([-1]))
+        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+    def attention(self, q: str, k: str, v: str, attn: Attention) -> str:
+        g, d = self.g, attn.head_dim
+        past_k, past_v = self.past[attn.layer]
+        q = g.op("Transpose", self.rope(q, attn), perm=[0, 2, 1, 3])  # [B, Hq, S, D]
+        k = g.op("Transpose", self.rope(k, attn), perm=[0, 2, 1, 3])  # [B, Hkv, S, D]
+        v = g.op("Transpose", g.op("Reshape", v, g.const([0, 0, attn.num_kv_heads, d])), perm=[0, 2, 1, 3])
+        k = g.op("Concat", past_k, k, axis=2)
+        v = g.op("Concat", past_v, v, axis=2)
+        self.present[attn.layer] = (k, v)
+        groups = attn.num_heads // attn.num_kv_heads
+        if groups > 1:  # each kv head serves `groups` consecutive query heads
+            expand = g.const([1, 1, groups, 1, 1])
+            k, v = (g.op("Reshape", g.op("Expand", g.op("Unsqueeze", t, g.const([2])), expand),
+                         g.const([0, attn.num_heads, -1, d])) for t in (k, v))
+        scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])),
+                      g.const(d**-0.5, np.float32))
+        probs = g.op("Softmax", g.op("Add", scores, self.attention_bias()), axis=-1)
+        out = g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3])
+        return g.op("Reshape", out, g.const([0, 0, attn.num_heads * d]))
+
+    def routing(self, router_logits: str, moe: SparseMoe) -> tuple[str, str]:
+        """(expert indices [N, k] int64, their weights [N, k]) under LFM2's rule."""
+        g = self.g
+        scores = g.op("Sigmoid", g.op("Reshape", router_logits, g.const([-1, moe.num_experts])))
+        choice = g.op("Add", scores, self.w(moe.expert_bias)) if moe.expert_bias else scores
+        _, chosen = g.op("TopK", choice, g.const([moe.top_k]), axis=-1, outputs=2)
+        weights = g.op("GatherElements", scores, chosen, axis=-1)
+        if moe.norm_topk_prob:
+            total = g.op("Add", g.op("ReduceSum", weights, g.const([-1]), keepdims=1), g.const(1e-6, np.float32))
+            weights = g.op("Div", weights, total)
+        if moe.routed_scaling_factor != 1.0:
+            weights = g.op("Mul", weights, g.const(moe.routed_scaling_factor, np.float32))
+        return chosen, weights
+
+    def moe(self, x: str, router_logits: str, moe: SparseMoe) -> str:
+        """Every expert on every token, weighted by a dense [E, N] routing matrix: exact and portable,
+        E/k times the work of routed kernels (ContribOps uses those)."""
+        g = self.g
+        chosen, weights = self.routing(router_logits, moe)
+        scores_shape = g.op("Shape", chosen)
+        dense = g.op("ScatterElements", g.op("ConstantOfShape", g.op("Concat", g.op("Slice", scores_shape,
+                     g.const([0]), g.const([1])), g.const([moe.num_experts]), axis=0),
+                     value=_scalar(0.0)), chosen, weights, axis=1)  # [N, E]
+        flat = g.op("Reshape", x, g.const([-1, moe.hidden_size]))
+        w13 = self.expert_stack(moe, lambda e: np.concatenate([e["w1"].T, e["w3"].T], axis=1), ".w13")  # [E, H, 2I]
+        w2 = self.expert_stack(moe, lambda e: e["w2"].T, ".w2")  # [E, I, H]
+        gate, up = g.op("Split", g.op("MatMul", flat, w13), axis=-1, outputs=2)  # [E, N, I] each
+        y = g.op("MatMul", g.op("Mul", self.silu(gate), up), w2)  # [E, N, H]
+        y = g.op("ReduceSum", g.op("Mul", y, g.op("Unsqueeze", g.op("Transpose", dense, perm=[1, 0]), g.const([2]))),
+                 g.const([0]), keepdims=0)
+        return g.op("Reshape", y, g.op("Shape", x))
+
+    def expert_stack(self, moe: SparseMoe, layout: Callable[[dict[str, np.ndarray]], np.ndarray],
+                     suffix: str) -> str:
+        """All experts' weights in one [E, ...] initializer, built one expert at a time."""
+        name = moe.prefix + ".experts" + suffix
+        if not self.g.has_weight(name):
+            self.progress(name)
+            parts = [layout(self.expert(moe, j)) for j in range(moe.num_experts)]
+            self.g.weight(name, np.stack(parts).astype(np.float32))
+        return name
+
+    def expert(self, moe: SparseMoe, j: int) -> dict[str, np.ndarray]:
+        out = {}
+        for key, lin in (("w1", moe.experts[j].w1), ("w3", moe.experts[j].w3), ("w2", moe.experts[j].w2)):
+            array = self.ckpt.tensor(lin.weight.name, lin.weight.shape)
+            out[key] = self.transform(lin.weight.name, array) if self.transform else array
+        return out
+
+
+def _scalar(value: float):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.array([value], dtype=np.float32))

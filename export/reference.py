@@ -1,0 +1,167 @@
+"""Eager torch execution of the model definition: the reference every export is checked against.
+
+Tests hold this against transformers (exact fp32), and against the ONNX exports; with a weight transform
+(fake quantization) it is the reference for quantized exports. Readability beats speed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Checkpoint
+from .lfm2 import Attention, Linear, Lfm2Model, RMSNorm, ShortConv, SparseMoe, Weight
+
+WeightTransform = Callable[[str, np.ndarray], np.ndarray]
+
+
+@dataclass
+class TorchState:
+    """Caches carried between calls: conv inputs [B, H, K-1], keys/values [B, Hkv, T, D], the mask so far."""
+
+    mask: torch.Tensor
+    conv: dict[int, torch.Tensor] = field(default_factory=dict)
+    key: dict[int, torch.Tensor] = field(default_factory=dict)
+    value: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class TorchReference:
+    def __init__(self, checkpoint: Checkpoint, transform: WeightTransform | None = None):
+        self.checkpoint = checkpoint
+        self.model = Lfm2Model(checkpoint.config)
+        self.transform = transform
+        self._weights: dict[str, torch.Tensor] = {}
+
+    def weight(self, w: Weight) -> torch.Tensor:
+        if w.name not in self._weights:
+            array = self.checkpoint.tensor(w.name, w.shape)
+            if self.transform is not None:
+                array = self.transform(w.name, array)
+            self._weights[w.name] = torch.from_numpy(np.array(array, dtype=np.float32))
+        return self._weights[w.name]
+
+    def new_state(self, batch: int) -> TorchState:
+        cfg = self.checkpoint.config
+        state = TorchState(mask=torch.zeros(batch, 0, dtype=torch.int64))
+        for i in cfg.conv_layers:
+            state.conv[i] = torch.zeros(batch, cfg.hidden_size, cfg.conv_L_cache - 1)
+        for i in cfg.attention_layers:
+            state.key[i] = torch.zeros(batch, cfg.num_key_value_heads, 0, cfg.head_dim)
+            state.value[i] = torch.zeros(batch, cfg.num_key_value_heads, 0, cfg.head_dim)
+        return state
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, state: TorchState, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V] for the new tokens; `mask` [B, S] marks their padding (default: none)."""
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        state.mask = torch.cat([state.mask, mask.to(torch.int64)], dim=1)
+        return self.model(_TorchOps(self, state), input_ids)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, mask: torch.Tensor | None = None,
+                 eos: tuple[int, ...] = ()) -> torch.Tensor:
+        """Greedy tokens [B, N] after the prompt (left-padded when `mask` says so)."""
+        state = self.new_state(input_ids.shape[0])
+        logits = self.forward(input_ids, state, mask)
+        out = []
+        for _ in range(max_new_tokens):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(token)
+            if eos and all(int(t) in eos for t in token):
+                break
+            logits = self.forward(token, state)
+        return torch.cat(out, dim=1)
+
+
+class _TorchOps:
+    """ops.Ops in eager torch, for one forward call."""
+
+    def __init__(self, ref: TorchReference, state: TorchState):
+        self.w, self.state = ref.weight, state
+
+    def embed(self, ids, table: Weight):
+        return F.embedding(ids, self.w(table))
+
+    def linear(self, x, layer: Linear):
+        bias = self.w(Weight(f"{layer.prefix}.bias", (layer.out_features,))) if layer.bias else None
+        return F.linear(x, self.w(layer.weight), bias)
+
+    def rms_norm(self, x, norm: RMSNorm):
+        return self.w(norm.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+
+    def add(self, a, b):
+        return a + b
+
+    def mul(self, a, b):
+        return a * b
+
+    def silu(self, x):
+        return F.silu(x)
+
+    def split(self, x, parts: int):
+        return list(x.chunk(parts, dim=-1))
+
+    def reshape(self, x, shape: list[int]):
+        return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+
+    def mask_padding(self, x):
+        return x * self.state.mask[:, -x.shape[1]:, None].to(x.dtype)
+
+    def causal_conv(self, x, conv: ShortConv):
+        s = x.shape[1]
+        full = torch.cat([self.state.conv[conv.layer], x.transpose(1, 2)], dim=2)
+        self.state.conv[conv.layer] = full[:, :, -(conv.kernel_size - 1):]
+        bias = self.w(conv.kernel_bias) if conv.kernel_bias else None
+        y = F.conv1d(full, self.w(conv.kernel), bias, groups=conv.hidden_size)
+        return y[:, :, -s:].transpose(1, 2)
+
+    def attention(self, q, k, v, attn: Attention):
+        b, s, _, d = q.shape
+        mask = self.state.mask  # [B, P + S]
+        total = mask.shape[1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -s:]
+        inv_freq = 1.0 / (attn.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+        freqs = positions[..., None].float() * inv_freq
+        cos, sin = torch.cat([freqs, freqs], -1).cos()[:, None], torch.cat([freqs, freqs], -1).sin()[:, None]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        v = v.reshape(b, s, attn.num_kv_heads, d).transpose(1, 2)
+        i = attn.layer
+        k = self.state.key[i] = torch.cat([self.state.key[i], k], dim=2)
+        v = self.state.value[i] = torch.cat([self.state.value[i], v], dim=2)
+        groups = attn.num_heads // attn.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        query_pos = torch.arange(total - s, total)[:, None]
+        allowed = (torch.arange(total)[None, :] <= query_pos)[None] & (mask[:, None, :] == 1)  # [B, S, T]
+        scores = (q @ k.transpose(-1, -2)) * d**-0.5
+        # A finite floor, not -inf: a padding query sees no key, and its row must stay finite, not NaN.
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        out = scores.softmax(-1) @ v
+        return out.transpose(1, 2).reshape(b, s, attn.num_heads * d)
+
+    def moe(self, x, router_logits, moe: SparseMoe):
+        shape = x.shape
+        x, scores = x.reshape(-1, shape[-1]), router_logits.reshape(-1, moe.num_experts).sigmoid()
+        choice = scores + self.w(moe.expert_bias) if moe.expert_bias else scores
+        chosen = choice.topk(moe.top_k, dim=-1).indices
+        weights = scores.gather(1, chosen)
+        if moe.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-6)
+        weights = weights * moe.routed_scaling_factor
+        out = torch.zeros_like(x)
+        for j, expert in enumerate(moe.experts):
+            hit = chosen == j  # [N, k]
+            rows = hit.any(-1).nonzero()[:, 0]
+            if len(rows):
+                y = expert(self, x[rows])
+                out[rows] += y * (weights[rows] * hit[rows]).sum(-1, keepdim=True)
+        return out.reshape(shape)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
