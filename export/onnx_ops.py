@@ -13,9 +13,10 @@ Graph I/O follows onnxruntime-genai 0.18 (DESIGN.md, "The state contract"):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from .checkpoint import Checkpoint
 from .graph import MS, Graph
@@ -80,7 +81,7 @@ class PortableOps:
 
     # ---- values shared by all layers of one forward pass ----------------------------------------------
 
-    def shared(self, key: str, build: Callable[[], str]) -> str:
+    def shared(self, key: str, build: Callable[[], Any]) -> Any:
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
@@ -237,10 +238,7 @@ class PortableOps:
         E/k times the work of routed kernels (ContribOps uses those)."""
         g = self.g
         chosen, weights = self.routing(router_logits, moe)
-        scores_shape = g.op("Shape", chosen)
-        dense = g.op("ScatterElements", g.op("ConstantOfShape", g.op("Concat", g.op("Slice", scores_shape,
-                     g.const([0]), g.const([1])), g.const([moe.num_experts]), axis=0),
-                     value=_scalar(0.0)), chosen, weights, axis=1)  # [N, E]
+        dense = g.op("ScatterElements", self.filled(router_logits, moe, 0.0), chosen, weights, axis=1)  # [N, E]
         flat = g.op("Reshape", x, g.const([-1, moe.hidden_size]))
         w13 = self.expert_stack(moe, lambda e: np.concatenate([e["w1"].T, e["w3"].T], axis=1), ".w13")  # [E, H, 2I]
         w2 = self.expert_stack(moe, lambda e: e["w2"].T, ".w2")  # [E, I, H]
@@ -249,6 +247,14 @@ class PortableOps:
         y = g.op("ReduceSum", g.op("Mul", y, g.op("Unsqueeze", g.op("Transpose", dense, perm=[1, 0]), g.const([2]))),
                  g.const([0]), keepdims=0)
         return g.op("Reshape", y, g.op("Shape", x))
+
+    def filled(self, router_logits: str, moe: SparseMoe, value: float) -> str:
+        """A [N, E] tensor of `value`, N being the number of tokens."""
+        g = self.g
+        n = g.op("Slice", g.op("Shape", g.op("Reshape", router_logits, g.const([-1, moe.num_experts]))),
+                 g.const([0]), g.const([1]))
+        shape = g.op("Concat", n, g.const([moe.num_experts]), axis=0)
+        return g.op("ConstantOfShape", shape, value=numpy_helper.from_array(np.array([value], np.float32)))
 
     def expert_stack(self, moe: SparseMoe, layout: Callable[[dict[str, np.ndarray]], np.ndarray],
                      suffix: str) -> str:
@@ -268,7 +274,97 @@ class PortableOps:
         return out
 
 
-def _scalar(value: float):
-    from onnx import numpy_helper
+class ContribOps(PortableOps):
+    """onnxruntime's fused CPU kernels, each exact in fp32 (checked against numpy on onnxruntime 1.32):
+    SimplifiedLayerNormalization, com.microsoft CausalConvWithState, GroupQueryAttention on a shared
+    [B, Hkv, max_len, D] KV buffer, and MoE."""
 
-    return numpy_helper.from_array(np.array([value], dtype=np.float32))
+    share_buffer = True
+    present_length = "max_sequence_length"
+
+    def __init__(self, graph: Graph, checkpoint: Checkpoint, transform: WeightTransform | None = None,
+                 progress: Callable[[str], None] | None = None):
+        if self.cfg_needs_portable(checkpoint):
+            raise ValueError(f"{checkpoint.folder / 'config.json'}: head_dim {checkpoint.config.head_dim} is not a "
+                             "multiple of 8, which GroupQueryAttention requires; export with --ops portable")
+        super().__init__(graph, checkpoint, transform, progress)
+        # With a shared buffer the past input is the whole max-length buffer, not just the past.
+        for i in self.cfg.attention_layers:
+            for value in self.g.inputs:
+                if value.name.startswith(f"past_key_values.{i}."):
+                    value.type.tensor_type.shape.dim[2].dim_param = "max_sequence_length"
+
+    @staticmethod
+    def cfg_needs_portable(checkpoint: Checkpoint) -> bool:
+        return bool(checkpoint.config.attention_layers) and checkpoint.config.head_dim % 8 != 0
+
+    def rms_norm(self, x: str, norm: RMSNorm) -> str:
+        return self.g.op("SimplifiedLayerNormalization", x, self.w(norm.weight), axis=-1, epsilon=norm.eps,
+                         stash_type=1)
+
+    def causal_conv(self, x: str, conv: ShortConv) -> str:
+        g, (state,) = self.g, self.past[conv.layer]
+        bias = self.w(conv.kernel_bias) if conv.kernel_bias else None
+        y, present = g.op("CausalConvWithState", g.op("Transpose", x, perm=[0, 2, 1]), self.w(conv.kernel), bias,
+                          state, domain=MS, outputs=2)
+        self.present[conv.layer] = (present,)
+        return g.op("Transpose", y, perm=[0, 2, 1])
+
+    def attention(self, q: str, k: str, v: str, attn: Attention) -> str:
+        """Rotary here (exact for any head size; GQA's own needs D % 16 == 0 and ignores per-token
+        positions in a first prompt), then GQA. Every row counts all T positions as cache rows; padding is
+        masked through attention_bias, so left-padded rows stay exact without per-row lengths."""
+        g, d = self.g, attn.head_dim
+        past_k, past_v = self.past[attn.layer]
+        q = g.op("Reshape", self.rope(q, attn), g.const([0, 0, attn.num_heads * d]))
+        k = g.op("Reshape", self.rope(k, attn), g.const([0, 0, attn.num_kv_heads * d]))
+        out, present_k, present_v = g.op(
+            "GroupQueryAttention", q, k, v, past_k, past_v, *self.gqa_lengths(), None, None, None,
+            self.attention_bias(), domain=MS, outputs=3, num_heads=attn.num_heads, kv_num_heads=attn.num_kv_heads,
+            scale=d**-0.5)
+        self.present[attn.layer] = (present_k, present_v)
+        return out
+
+    def gqa_lengths(self) -> tuple[str, str]:
+        """seqlens_k [B] = T - 1 for every row, total_sequence_length = T (int32)."""
+        g = self.g
+
+        def build():
+            t = g.op("Cast", self.total_len(), to=TensorProto.INT32)
+            batch = g.op("Slice", g.op("Shape", self.input_ids), g.const([0]), g.const([1]))
+            seqlens = g.op("Expand", g.op("Sub", t, g.const([1], np.int32)), batch)
+            return seqlens, g.op("Squeeze", t, g.const([0]))
+
+        return self.shared("seqlens", build)
+
+    def moe(self, x: str, router_logits: str, moe: SparseMoe) -> str:
+        """The MoE op routes by softmax over router_probs; feeding log(sigmoid) at the chosen experts and
+        -1e4 elsewhere makes that softmax equal sigmoid / sum(chosen), and a per-token factor restores
+        LFM2's +1e-6, un-normalised routing and scaling."""
+        g = self.g
+        chosen, weights = self.routing(router_logits, _unnormalised(moe))
+        total = g.op("ReduceSum", weights, g.const([-1]), keepdims=1)  # [N, 1], sum of chosen sigmoids
+        probs = g.op("ScatterElements", self.filled(router_logits, moe, -1e4), chosen, g.op("Log", weights), axis=1)
+        fc1 = self.expert_stack(moe, lambda e: _interleave_rows(e["w1"], e["w3"]), ".fc1")  # [E, 2I, H]
+        fc2 = self.expert_stack(moe, lambda e: e["w2"], ".fc2")  # [E, H, I]
+        flat = g.op("Reshape", x, g.const([-1, moe.hidden_size]))
+        y = g.op("MoE", flat, probs, fc1, None, fc2, domain=MS, k=moe.top_k, activation_type="swiglu",
+                 swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1)
+        factor = g.op("Div", total, g.op("Add", total, g.const(1e-6, np.float32))) if moe.norm_topk_prob else total
+        if moe.routed_scaling_factor != 1.0:
+            factor = g.op("Mul", factor, g.const(moe.routed_scaling_factor, np.float32))
+        return g.op("Reshape", g.op("Mul", y, factor), g.op("Shape", x))
+
+
+def _unnormalised(moe: SparseMoe) -> SparseMoe:
+    """The same routing choice with raw chosen sigmoid weights (the op renormalises them itself)."""
+    raw = object.__new__(SparseMoe)
+    raw.__dict__.update(moe.__dict__, norm_topk_prob=False, routed_scaling_factor=1.0)
+    return raw
+
+
+def _interleave_rows(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """[I, H] gate and up -> [2I, H] rows g0, u0, g1, u1, ... (the CPU kernels' fused SwiGLU layout)."""
+    out = np.empty((2 * gate.shape[0], gate.shape[1]), dtype=np.float32)
+    out[0::2], out[1::2] = gate, up
+    return out

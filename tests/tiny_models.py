@@ -26,7 +26,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
                             layer_types=_types(4, [1, 3]), num_dense_layers=1, num_experts=4,
                             num_experts_per_tok=2)),
     "moe_attn_first_last_nobias": (MOE, dict(vocab_size=257, hidden_size=48, intermediate_size=80,
-                                             moe_intermediate_size=24, num_hidden_layers=5, num_attention_heads=4,
+                                             moe_intermediate_size=24, num_hidden_layers=5, num_attention_heads=6,
                                              num_key_value_heads=1, layer_types=_types(5, [0, 4]),
                                              num_dense_layers=0, num_experts=8, num_experts_per_tok=3,
                                              use_expert_bias=False, norm_topk_prob=False)),
@@ -39,8 +39,8 @@ CONFIGS: dict[str, tuple[str, dict]] = {
                                      num_key_value_heads=4, layer_types=_types(3, [0, 1, 2]), num_dense_layers=0,
                                      num_experts=6, num_experts_per_tok=2, routed_scaling_factor=2.5)),
     "moe_scaled_unnormed": (MOE, dict(vocab_size=411, hidden_size=72, intermediate_size=100,
-                                      moe_intermediate_size=36, num_hidden_layers=4, num_attention_heads=6,
-                                      num_key_value_heads=2, layer_types=_types(4, [2]), num_dense_layers=1,
+                                      moe_intermediate_size=36, num_hidden_layers=4, num_attention_heads=9,
+                                      num_key_value_heads=3, layer_types=_types(4, [2]), num_dense_layers=1,
                                       num_experts=5, num_experts_per_tok=2, norm_topk_prob=False,
                                       routed_scaling_factor=1.7, tie_word_embeddings=False)),
     "dense_mixed": (DENSE, dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
@@ -84,7 +84,25 @@ def build(name: str, folder: Path, seed: int = 0, fused_experts: bool = False):
     model.save_pretrained(folder)
     if fused_experts:
         _fuse_experts(folder / "model.safetensors")
+    write_tokenizer(folder, model.config.vocab_size)
     return model
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer covering the vocabulary: bundles carry one, exactness tests use raw ids."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<|pad|>", "<|startoftext|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(len(specials), vocab_size)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|startoftext|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|pad|>"}))
 
 
 def _fuse_experts(path: Path) -> None:

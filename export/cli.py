@@ -1,0 +1,60 @@
+"""`lfm-export`: a checkpoint folder or hub id -> an ONNX bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .exporter import OP_SETS, QUANTS, ExportError, export
+
+
+
+def demo_model_path() -> Path:
+    """The small LFM2-MoE the project trains and ships (see demo_model/README.md)."""
+    from importlib.resources import files
+
+    return Path(str(files("lfm_edge.demo_model")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lfm-export", description=__doc__)
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint folder or hub id (default: the bundled demo model)")
+    parser.add_argument("--out", default=None, help="bundle folder to write (default: build/<checkpoint name>)")
+    parser.add_argument("--ops", choices=sorted(OP_SETS), default="contrib",
+                        help="contrib: onnxruntime's fused CPU kernels; portable: standard ONNX ops only")
+    parser.add_argument("--quant", choices=QUANTS, default="fp32")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    args = parser.parse_args(argv)
+
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = demo_model_path()
+        print(f"No checkpoint given: exporting the bundled demo model ({checkpoint}).")
+    name = Path(str(checkpoint).rstrip("/")).name or "model"
+    out = Path(args.out) if args.out else Path("build") / f"{name}-{args.quant}-{args.ops}"
+
+    count = 0
+
+    def progress(tensor: str) -> None:
+        nonlocal count
+        count += 1
+        if not args.quiet:
+            print(f"\r  [{count:4d}] {tensor[:90]:<90}", end="", file=sys.stderr, flush=True)
+
+    try:
+        result = export(checkpoint, out, ops=args.ops, quant=args.quant, progress=progress)
+    except (ExportError, CheckpointError, ConfigError, ValueError) as e:
+        print(("\n" if count and not args.quiet else "") + f"lfm-export: error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(file=sys.stderr)
+    size = sum(result.files.values())
+    print(f"Wrote {result.bundle} ({size / 1e6:.1f} MB, {len(result.files)} files) in {result.seconds:.1f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Checkpoint -> bundle: check everything cheap first, trace into a temporary folder, move into place.
+
+A bundle is a folder: model.onnx + model.onnx.data, genai_config.json (onnxruntime-genai loads it),
+the checkpoint's tokenizer and generation files, and manifest.json (what was exported, how, sizes and
+sha256 of every file). A failed or interrupted export leaves any previous bundle at the target untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from .checkpoint import Checkpoint, CheckpointError, resolve
+from .genai_config import genai_config
+from .graph import Graph
+from .lfm2 import Lfm2Model
+from .onnx_ops import ContribOps, PortableOps, WeightTransform
+
+OP_SETS = {"contrib": ContribOps, "portable": PortableOps}
+QUANTS = ("fp32",)
+MODEL_FILE, DATA_FILE, MANIFEST = "model.onnx", "model.onnx.data", "manifest.json"
+CHECKPOINT_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                    "special_tokens_map.json", "chat_template.jinja", "config.json")
+
+
+class ExportError(ValueError):
+    """An export that cannot proceed; the message names the argument, file or tensor."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    bundle: Path
+    seconds: float
+    files: dict[str, int]
+
+
+def export(checkpoint: str | Path, out: str | Path, *, ops: str = "contrib", quant: str = "fp32",
+           target: str = "desktop", transform: WeightTransform | None = None,
+           progress: Callable[[str], None] | None = None) -> ExportResult:
+    start = time.perf_counter()
+    if ops not in OP_SETS:
+        raise ExportError(f"--ops {ops!r}: expected one of {sorted(OP_SETS)}")
+    if quant not in QUANTS:
+        raise ExportError(f"--quant {quant!r}: expected one of {list(QUANTS)}")
+    out = Path(out)
+    ckpt = Checkpoint(resolve(checkpoint))
+    model = Lfm2Model(ckpt.config)
+    for w in model.weights():  # headers only: a missing or misshapen tensor fails before any tracing
+        ckpt.check(w.name, w.shape)
+    if not (ckpt.folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"{ckpt.folder}: no tokenizer.json (the bundle needs the tokenizer)")
+    parent = _writable_parent(out)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    try:
+        graph = Graph(tmp / DATA_FILE)
+        backend = OP_SETS[ops](graph, ckpt, transform=transform, progress=progress)
+        backend.trace(model)
+        graph.save(tmp / MODEL_FILE, producer=f"lfm-edge {__version__}",
+                   metadata={"lfm_edge.ops": ops, "lfm_edge.quant": quant})
+        for name in CHECKPOINT_FILES:
+            if (ckpt.folder / name).is_file():
+                shutil.copyfile(ckpt.folder / name, tmp / name)
+        (tmp / "genai_config.json").write_text(
+            json.dumps(genai_config(ckpt, share_buffer=backend.share_buffer), indent=2))
+        files = _write_manifest(tmp, ckpt, ops=ops, quant=quant, target=target)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out, time.perf_counter() - start, files)
+
+
+def _writable_parent(out: Path) -> Path:
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot create its parent folder ({e.strerror})") from None
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out}: the folder {parent} is not writable")
+    return parent
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an old bundle is kept aside until the new one is there."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path, ckpt: Checkpoint, **settings) -> dict[str, int]:
+    import onnx
+
+    cfg = ckpt.config
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(folder.iterdir())}
+    manifest = {
+        "format": "lfm-edge-bundle/1",
+        "model_type": cfg.model_type,
+        "source": str(ckpt.folder),
+        **settings,
+        "model": MODEL_FILE,
+        "layer_types": list(cfg.layer_types),
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "versions": {"lfm_edge": __version__, "onnx": onnx.__version__},
+        "files": files,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return {name: info["bytes"] for name, info in files.items()}

@@ -1,0 +1,134 @@
+"""An onnxruntime session over a bundle, and the state buffers a generation carries between steps.
+
+State lives in OrtValues allocated once per generation and bound with IOBinding:
+- KV cache on a graph that shares past and present (GroupQueryAttention): one [B, Hkv, max_len, D] buffer
+  per tensor, bound as both input and output; the kernel writes the new rows in place.
+- KV cache on a graph that concatenates (the portable op set): the present OrtValue the step returned is
+  bound as the next past, never copied through numpy.
+- conv state [B, H, K-1]: two buffers per layer, swapped each step (a kernel must not read what it writes).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be loaded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """What the graph's inputs say about its state: layer index -> kind and fixed dims."""
+
+    conv: dict[int, tuple[int, int]]  # layer -> (H, K-1)
+    kv: dict[int, tuple[int, int]]  # layer -> (Hkv, D)
+
+
+class LfmSession:
+    def __init__(self, bundle: str | Path, threads: int | None = None,
+                 providers: list[str] | None = None):
+        self.folder = Path(bundle)
+        genai = _read_json(self.folder / "genai_config.json")
+        decoder = genai.get("model", {}).get("decoder", {})
+        model_file = self.folder / decoder.get("filename", "model.onnx")
+        if not model_file.is_file():
+            raise BundleError(f"{model_file}: missing (genai_config.json names it as the model)")
+        self.share_buffer = bool(genai.get("search", {}).get("past_present_share_buffer", False))
+        self.context_length = int(genai.get("model", {}).get("context_length", 4096))
+        eos = genai.get("model", {}).get("eos_token_id", [])
+        self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos])
+        self.pad_token_id = int(genai.get("model", {}).get("pad_token_id", 0))
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_file), options,
+                                            providers=providers or ["CPUExecutionProvider"])
+        self.state = _state_spec(self.session)
+        self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
+
+
+class Cache:
+    """Per-generation state buffers bound to an IOBinding; `step` runs one forward pass."""
+
+    def __init__(self, model: LfmSession, batch: int, max_length: int):
+        self.model, self.batch, self.max_length = model, batch, max_length
+        self.binding = model.session.io_binding()
+        self.mask = np.zeros((batch, max_length), dtype=np.int64)
+        self.length = 0
+        new = ort.OrtValue.ortvalue_from_shape_and_type
+        self.conv = {i: [new((batch, h, k), np.float32) for _ in range(2)] for i, (h, k) in model.state.conv.items()}
+        for a, _ in self.conv.values():
+            a.update_inplace(np.zeros(a.shape(), np.float32))
+        capacity = max_length if model.share_buffer else 0
+        self.kv = {}
+        for i, (heads, dim) in model.state.kv.items():
+            pair = []
+            for _ in range(2):
+                value = new((batch, heads, capacity, dim), np.float32)
+                if capacity:
+                    value.update_inplace(np.zeros(value.shape(), np.float32))
+                pair.append(value)
+            self.kv[i] = pair
+
+    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Run input_ids [B, S] (mask [B, S] marks padding); returns logits [B, S, V]."""
+        b, s = input_ids.shape
+        if self.length + s > self.max_length:
+            raise ValueError(f"{self.length} + {s} tokens exceed this generation's max_length {self.max_length}")
+        self.mask[:, self.length:self.length + s] = 1 if mask is None else mask
+        self.length += s
+        io = self.binding
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, :self.length]))
+        for i, (cur, nxt) in self.conv.items():
+            io.bind_ortvalue_input(f"past.{i}.conv", cur)
+            io.bind_ortvalue_output(f"present.{i}.conv", nxt)
+        grown = []  # outputs ORT allocates, in binding order
+        for i, (key, value) in self.kv.items():
+            io.bind_ortvalue_input(f"past_key_values.{i}.key", key)
+            io.bind_ortvalue_input(f"past_key_values.{i}.value", value)
+            if self.model.share_buffer:
+                io.bind_ortvalue_output(f"present.{i}.key", key)
+                io.bind_ortvalue_output(f"present.{i}.value", value)
+            else:
+                io.bind_output(f"present.{i}.key")
+                io.bind_output(f"present.{i}.value")
+                grown.append(i)
+        io.bind_output("logits")
+        self.model.session.run_with_iobinding(io)
+        outputs = io.get_outputs()  # in binding order: conv, kv, logits
+        for i in self.conv:
+            self.conv[i].reverse()
+        if grown:
+            kv_outputs = outputs[len(self.conv):len(self.conv) + 2 * len(self.kv)]
+            for n, i in enumerate(grown):
+                self.kv[i] = [kv_outputs[2 * n], kv_outputs[2 * n + 1]]
+        return outputs[-1].numpy()
+
+
+def _state_spec(session: ort.InferenceSession) -> StateSpec:
+    conv, kv = {}, {}
+    for value in session.get_inputs():
+        parts = value.name.split(".")
+        if value.name.startswith("past.") and parts[-1] == "conv":
+            conv[int(parts[1])] = (int(value.shape[1]), int(value.shape[2]))
+        elif value.name.startswith("past_key_values.") and parts[-1] == "key":
+            kv[int(parts[1])] = (int(value.shape[1]), int(value.shape[3]))
+    return StateSpec(conv, kv)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing (is this a bundle folder?)") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: unreadable ({e})") from None
