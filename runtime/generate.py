@@ -42,6 +42,10 @@ def stream(model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: 
         mask[r, width - len(p):] = 1
     cache = Cache(model, len(prompts), width + max_new_tokens)
     rng = np.random.default_rng(sampling.seed)
+    if model.share_buffer and len(prompts) > 1:
+        # GroupQueryAttention (onnxruntime <= 1.31, and genai's mobile builds) takes several new tokens
+        # after a cache only for batch 1; a batch is prefilled in one pass.
+        prefill_chunk = width
     for start in range(0, width, prefill_chunk):
         logits = cache.step(ids[:, start:start + prefill_chunk], mask[:, start:start + prefill_chunk])
     done = np.zeros(len(prompts), dtype=bool)

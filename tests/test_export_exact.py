@@ -82,6 +82,7 @@ def test_left_padded_batch_matches_rows_alone(case, ops):
     batch = generate(session, [prompt, short], 16, eos_token_ids=[])
     alone = [generate(session, [p], 16, eos_token_ids=[])[0] for p in (prompt, short)]
     assert batch == alone
+    assert generate(session, [prompt, short], 16, eos_token_ids=[], prefill_chunk=4) == alone
 
 
 @pytest.mark.parametrize("ops", OP_SETS)
