@@ -11,7 +11,6 @@ from .config import ConfigError
 from .exporter import OP_SETS, QUANTS, ExportError, export
 
 
-
 def demo_model_path() -> Path:
     """The small LFM2-MoE the project trains and ships (see demo_model/README.md)."""
     from importlib.resources import files

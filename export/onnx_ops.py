@@ -20,7 +20,7 @@ from onnx import TensorProto, numpy_helper
 
 from .checkpoint import Checkpoint
 from .graph import MS, Graph
-from .lfm2 import Attention, Linear, Lfm2Model, RMSNorm, ShortConv, SparseMoe, Weight
+from .lfm2 import Attention, Lfm2Model, Linear, RMSNorm, ShortConv, SparseMoe, Weight
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 NEG = -1e9  # masked attention score: finite, so a padding row (which sees no key) stays finite

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Checkpoint
-from .lfm2 import Attention, Linear, Lfm2Model, RMSNorm, ShortConv, SparseMoe, Weight
+from .lfm2 import Attention, Lfm2Model, Linear, RMSNorm, ShortConv, SparseMoe, Weight
 
 WeightTransform = Callable[[str, np.ndarray], np.ndarray]
 

@@ -11,21 +11,22 @@ from .session import Cache, LfmSession
 
 
 def generate(model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             sampling: Sampling = Sampling(), eos_token_ids: Sequence[int] | None = None,
+             sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
              prefill_chunk: int = 512) -> list[list[int]]:
     """New tokens for each prompt (a batch is left-padded); a row stops at its first EOS, kept in its output."""
     rows: list[list[int]] = [[] for _ in prompts]
     for step in stream(model, prompts, max_new_tokens, sampling, eos_token_ids, prefill_chunk):
-        for row, token in zip(rows, step):
+        for row, token in zip(rows, step, strict=True):
             if token is not None:
                 row.append(token)
     return rows
 
 
 def stream(model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-           sampling: Sampling = Sampling(), eos_token_ids: Sequence[int] | None = None,
+           sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
            prefill_chunk: int = 512) -> Iterator[list[int | None]]:
     """Yields one list per step: each row's new token, or None once that row has finished."""
+    sampling = sampling or Sampling()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected at least one prompt, each with at least one token")
     if max_new_tokens < 0:
@@ -51,7 +52,7 @@ def stream(model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: 
     done = np.zeros(len(prompts), dtype=bool)
     for n in range(max_new_tokens):
         tokens = next_tokens(logits[:, -1], sampling, rng)
-        yield [None if d else int(t) for t, d in zip(tokens, done)]
+        yield [None if d else int(t) for t, d in zip(tokens, done, strict=True)]
         done |= np.isin(tokens, list(eos))
         if done.all() or n == max_new_tokens - 1:
             return

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from lfm_edge.export.exporter import export
 from lfm_edge.runtime.generate import generate
 from lfm_edge.runtime.session import Cache, LfmSession

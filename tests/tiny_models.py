@@ -112,6 +112,7 @@ def _fuse_experts(path: Path) -> None:
     for p in prefixes:
         e = len({k for k in tensors if k.startswith(f"{p}.experts.") and k.endswith(".w1.weight")})
         w = {n: [tensors.pop(f"{p}.experts.{j}.{n}.weight") for j in range(e)] for n in ("w1", "w3", "w2")}
-        tensors[f"{p}.experts.gate_up_proj"] = torch.stack([torch.cat([a, b]) for a, b in zip(w["w1"], w["w3"])])
+        pairs = zip(w["w1"], w["w3"], strict=True)
+        tensors[f"{p}.experts.gate_up_proj"] = torch.stack([torch.cat([a, b]) for a, b in pairs])
         tensors[f"{p}.experts.down_proj"] = torch.stack(w["w2"])
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})

@@ -1,0 +1,51 @@
+"""`lfm-generate BUNDLE -p TEXT`: continue a plain-text prompt (no chat template; that is `lfm-chat`, issue 4)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .generate import stream
+from .sampling import Sampling
+from .session import BundleError, LfmSession
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lfm-generate", description=__doc__)
+    parser.add_argument("bundle", help="bundle folder written by lfm-export")
+    parser.add_argument("-p", "--prompt", required=True)
+    parser.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    from tokenizers import Tokenizer
+
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+        model = LfmSession(args.bundle, threads=args.threads)
+        tokenizer = Tokenizer.from_file(str(Path(args.bundle) / "tokenizer.json"))
+    except (BundleError, ValueError, OSError, Exception) as e:  # tokenizers raises plain Exception
+        print(f"lfm-generate: error: {e}", file=sys.stderr)
+        return 2
+    prompt = tokenizer.encode(args.prompt).ids
+    out: list[int] = []
+    shown = ""
+    print(args.prompt, end="", flush=True)
+    for step in stream(model, [prompt], args.max_new_tokens, sampling):
+        if step[0] is None:
+            break
+        out.append(step[0])
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
