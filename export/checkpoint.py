@@ -103,10 +103,13 @@ class Checkpoint:
         return st.shape(stored)
 
     def check(self, name: str, shape: tuple[int, ...]) -> None:
-        """Raise unless the tensor exists with this shape; reads only the header."""
+        """Raise unless the tensor exists with a float dtype and this shape; reads only the header."""
+        st, stored = self._locate(self._fused(name)[1] if self._fused(name) else name)
+        if st.entries[stored]["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{st.path}: tensor {name!r} has dtype {st.entries[stored]['dtype']}, "
+                                  "expected a float type")
         if self.shape(name) != tuple(shape):
-            where = self._locate(self._fused(name)[1] if self._fused(name) else name)[0].path
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {list(self.shape(name))}, "
+            raise CheckpointError(f"{st.path}: tensor {name!r} has shape {list(self.shape(name))}, "
                                   f"expected {list(shape)}")
 
     def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:

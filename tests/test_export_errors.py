@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
+
 from lfm_edge.export.checkpoint import CheckpointError
 from lfm_edge.export.config import ConfigError, Lfm2Config
 from lfm_edge.export.exporter import ExportError, export
-from safetensors.torch import load_file, save_file
 from tiny_models import build
 
 

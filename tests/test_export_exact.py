@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from lfm_edge.export.exporter import export
 from lfm_edge.runtime.generate import generate
 from lfm_edge.runtime.session import Cache, LfmSession
