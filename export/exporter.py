@@ -18,14 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..quant.policy import POLICIES, Policy, get_policy
 from .checkpoint import Checkpoint, CheckpointError, resolve
 from .genai_config import genai_config
 from .graph import Graph
 from .lfm2 import Lfm2Model
 from .onnx_ops import ContribOps, PortableOps, WeightTransform
+from .quant_ops import QuantizedOps
 
 OP_SETS = {"contrib": ContribOps, "portable": PortableOps}
-QUANTS = ("fp32",)
+QUANTS = tuple(POLICIES)
 MODEL_FILE, DATA_FILE, MANIFEST = "model.onnx", "model.onnx.data", "manifest.json"
 CHECKPOINT_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                     "special_tokens_map.json", "chat_template.jinja", "config.json")
@@ -42,14 +44,21 @@ class ExportResult:
     files: dict[str, int]
 
 
-def export(checkpoint: str | Path, out: str | Path, *, ops: str = "contrib", quant: str = "fp32",
+def export(checkpoint: str | Path, out: str | Path, *, ops: str = "contrib", quant: str | Policy = "fp32",
            target: str = "desktop", transform: WeightTransform | None = None,
            progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Export `checkpoint` to the bundle folder `out`. `quant` names a policy (quant/policy.py) or is one;
+    `transform` rewrites each float weight as it is read (tests use it for fake quantization)."""
     start = time.perf_counter()
     if ops not in OP_SETS:
         raise ExportError(f"--ops {ops!r}: expected one of {sorted(OP_SETS)}")
-    if quant not in QUANTS:
-        raise ExportError(f"--quant {quant!r}: expected one of {list(QUANTS)}")
+    try:
+        policy = quant if isinstance(quant, Policy) else get_policy(quant)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    quantized = any((policy.experts, policy.linears, policy.embedding))
+    if quantized and ops != "contrib":
+        raise ExportError(f"--quant {policy.name} needs --ops contrib (its kernels are onnxruntime contrib ops)")
     out = Path(out)
     ckpt = Checkpoint(resolve(checkpoint))
     model = Lfm2Model(ckpt.config)
@@ -62,16 +71,20 @@ def export(checkpoint: str | Path, out: str | Path, *, ops: str = "contrib", qua
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
     try:
         graph = Graph(tmp / DATA_FILE)
-        backend = OP_SETS[ops](graph, ckpt, transform=transform, progress=progress)
+        if quantized:
+            backend = QuantizedOps(graph, ckpt, policy, transform=transform, progress=progress)
+        else:
+            backend = OP_SETS[ops](graph, ckpt, transform=transform, progress=progress)
         backend.trace(model)
         graph.save(tmp / MODEL_FILE, producer=f"lfm-edge {__version__}",
-                   metadata={"lfm_edge.ops": ops, "lfm_edge.quant": quant})
+                   metadata={"lfm_edge.ops": ops, "lfm_edge.quant": policy.name})
         for name in CHECKPOINT_FILES:
             if (ckpt.folder / name).is_file():
                 shutil.copyfile(ckpt.folder / name, tmp / name)
         (tmp / "genai_config.json").write_text(
             json.dumps(genai_config(ckpt, share_buffer=backend.share_buffer), indent=2))
-        files = _write_manifest(tmp, ckpt, ops=ops, quant=quant, target=target)
+        files = _write_manifest(tmp, ckpt, ops=ops, quant=policy.name, quant_policy=policy.describe(),
+                                target=target)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

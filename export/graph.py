@@ -6,6 +6,7 @@ so exporting a model of any size holds one tensor at a time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,31 @@ class Graph:
             for key, value in (("location", self.data_file.name), ("offset", offset), ("length", array.nbytes)):
                 tensor.external_data.add(key=key, value=str(value))
             self.initializers.append(tensor)
+        self._weights.add(name)
+        return name
+
+    def weight_stream(self, name: str, parts: Iterator[np.ndarray]) -> str:
+        """A weight stacked from equal parts along a new first axis, written part by part."""
+        align_pad = -self.bytes_written % 4096
+        self._data.write(b"\0" * align_pad)
+        offset = self.bytes_written + align_pad
+        count, first = 0, None
+        for part in parts:
+            part = np.ascontiguousarray(part)
+            if first is None:
+                first = part
+            elif part.shape != first.shape or part.dtype != first.dtype:
+                raise ValueError(f"{name}: part {count} is {part.dtype}{list(part.shape)}, "
+                                 f"expected {first.dtype}{list(first.shape)}")
+            self._data.write(part.tobytes())
+            count += 1
+        length = count * first.nbytes
+        self.bytes_written = offset + length
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(first.dtype),
+                             dims=(count, *first.shape), data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.data_file.name), ("offset", offset), ("length", length)):
+            tensor.external_data.add(key=key, value=str(value))
+        self.initializers.append(tensor)
         self._weights.add(name)
         return name
 

@@ -338,18 +338,24 @@ class ContribOps(PortableOps):
         return self.shared("seqlens", build)
 
     def moe(self, x: str, router_logits: str, moe: SparseMoe) -> str:
-        """The MoE op routes by softmax over router_probs; feeding log(sigmoid) at the chosen experts and
-        -1e4 elsewhere makes that softmax equal sigmoid / sum(chosen), and a per-token factor restores
-        LFM2's +1e-6, un-normalised routing and scaling."""
+        def run(flat: str, probs: str) -> str:
+            fc1 = self.expert_stack(moe, lambda e: _interleave_rows(e["w1"], e["w3"]), ".fc1")  # [E, 2I, H]
+            fc2 = self.expert_stack(moe, lambda e: e["w2"], ".fc2")  # [E, H, I]
+            return self.g.op("MoE", flat, probs, fc1, None, fc2, domain=MS, k=moe.top_k, activation_type="swiglu",
+                             swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1)
+
+        return self.routed_experts(x, router_logits, moe, run)
+
+    def routed_experts(self, x: str, router_logits: str, moe: SparseMoe, run: Callable[[str, str], str]) -> str:
+        """LFM2 routing for onnxruntime's MoE kernels, which weigh the top-k by a softmax over router_probs:
+        feeding log(sigmoid) at the chosen experts and -1e4 elsewhere makes that softmax sigmoid / sum(chosen),
+        and a per-token factor restores the +1e-6, un-normalised routing and scaling. `run(flat, probs)` adds
+        the kernel."""
         g = self.g
         chosen, weights = self.routing(router_logits, _unnormalised(moe))
         total = g.op("ReduceSum", weights, g.const([-1]), keepdims=1)  # [N, 1], sum of chosen sigmoids
         probs = g.op("ScatterElements", self.filled(router_logits, moe, -1e4), chosen, g.op("Log", weights), axis=1)
-        fc1 = self.expert_stack(moe, lambda e: _interleave_rows(e["w1"], e["w3"]), ".fc1")  # [E, 2I, H]
-        fc2 = self.expert_stack(moe, lambda e: e["w2"], ".fc2")  # [E, H, I]
-        flat = g.op("Reshape", x, g.const([-1, moe.hidden_size]))
-        y = g.op("MoE", flat, probs, fc1, None, fc2, domain=MS, k=moe.top_k, activation_type="swiglu",
-                 swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1)
+        y = run(g.op("Reshape", x, g.const([-1, moe.hidden_size])), probs)
         factor = g.op("Div", total, g.op("Add", total, g.const(1e-6, np.float32))) if moe.norm_topk_prob else total
         if moe.routed_scaling_factor != 1.0:
             factor = g.op("Mul", factor, g.const(moe.routed_scaling_factor, np.float32))

@@ -1,0 +1,128 @@
+"""Block-wise weight quantization in the layouts onnxruntime's kernels read.
+
+A weight [N, K] (N output rows, K inputs) is cut along K into blocks of `block_size`; each block gets a
+float scale and, when asymmetric, a zero point: w ~ (q - zero_point) * scale with q in [0, 2^bits).
+Symmetric blocks use the kernels' implicit zero point 2^(bits-1). K is zero-padded to whole blocks.
+
+Packing (MatMulNBits, QMoE, GatherBlockQuantized alike): codes of one row are contiguous along K,
+LSB first (for 4 bits the low nibble holds the even element); zero points pack the same way over blocks.
+
+Methods:
+- `rtn`       round to nearest, symmetric (scale = max|w| / (2^(bits-1) - 1))
+- `rtn-asym`  round to nearest over [min, max]
+- `mse`       asymmetric with the clipping range searched per block to minimise squared error
+              (the range shrunk towards its centre by a grid of ratios; the best per block is kept)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+METHODS = ("rtn", "rtn-asym", "mse")
+_MSE_RATIOS = np.linspace(1.0, 0.7, 7, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """codes uint8 [N, nb, block], scales float32 [N, nb], zero_points uint8 [N, nb] or None (symmetric)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    bits: int
+    k: int  # unpadded input width
+
+    @property
+    def block_size(self) -> int:
+        return self.codes.shape[-1]
+
+    def dequantize(self) -> np.ndarray:
+        zp = self.zero_points if self.zero_points is not None else np.uint8(1 << (self.bits - 1))
+        zp = np.asarray(zp, dtype=np.float32)[..., None] if np.ndim(zp) else np.float32(zp)
+        w = (self.codes.astype(np.float32) - zp) * self.scales[..., None]
+        return w.reshape(w.shape[0], -1)[:, : self.k]
+
+    def packed_codes(self) -> np.ndarray:
+        """[N, nb, block * bits / 8] uint8."""
+        return pack(self.codes, self.bits)
+
+    def packed_zero_points(self) -> np.ndarray | None:
+        """[N, ceil(nb * bits / 8)] uint8, or None for symmetric blocks."""
+        if self.zero_points is None:
+            return None
+        zp = self.zero_points
+        if zp.shape[-1] * self.bits % 8:
+            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=-1)
+        return pack(zp, self.bits)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes along the last axis, LSB first."""
+    if bits == 8:
+        return codes.astype(np.uint8)
+    if bits != 4:
+        raise ValueError(f"bits {bits}: expected 4 or 8")
+    c = codes.astype(np.uint8)
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+
+
+def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32, method: str = "rtn",
+             scale_dtype: type = np.float32, rows_per_chunk: int = 4096) -> Quantized:
+    """Quantize w [N, K] (any float dtype) block-wise; works through rows in chunks to bound memory.
+
+    Scales are rounded to `scale_dtype` (the kernel's storage) before the codes are chosen, so the codes
+    are the best for the scales the kernel will actually use."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits {bits}: expected 4 or 8")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size {block_size}: expected a power of two >= 16")
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: expected one of {METHODS}")
+    n, k = w.shape
+    nb = -(-k // block_size)
+    codes = np.empty((n, nb, block_size), np.uint8)
+    scales = np.empty((n, nb), np.float32)
+    zero_points = None if method == "rtn" else np.empty((n, nb), np.uint8)
+    for start in range(0, n, rows_per_chunk):
+        rows = slice(start, min(n, start + rows_per_chunk))
+        blocks = np.zeros((rows.stop - start, nb * block_size), np.float32)
+        blocks[:, :k] = w[rows]
+        blocks = blocks.reshape(-1, nb, block_size)
+        if method == "rtn":
+            codes[rows], scales[rows] = _symmetric(blocks, bits, scale_dtype)
+        else:
+            codes[rows], scales[rows], zero_points[rows] = _asymmetric(blocks, bits, method == "mse", scale_dtype)
+    return Quantized(codes, scales, zero_points, bits, k)
+
+
+def _symmetric(blocks: np.ndarray, bits: int, scale_dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    half = 1 << (bits - 1)
+    scale = (np.abs(blocks).max(-1) / (half - 1)).astype(scale_dtype).astype(np.float32)
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+    q = np.clip(np.rint(blocks * inv[..., None]), -half, half - 1) + half
+    return q.astype(np.uint8), scale.astype(np.float32)
+
+
+def _asymmetric(blocks: np.ndarray, bits: int, search: bool,
+                scale_dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    top = (1 << bits) - 1
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)  # zero stays exactly representable
+    best = None
+    for ratio in _MSE_RATIOS if search else _MSE_RATIOS[:1]:
+        scale = ((hi - lo) * ratio / top).astype(scale_dtype).astype(np.float32)
+        inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+        zp = np.clip(np.rint(-lo * ratio * inv), 0, top)
+        q = np.clip(np.rint(blocks * inv[..., None]) + zp[..., None], 0, top)
+        if not search:
+            return q.astype(np.uint8), scale.astype(np.float32), zp.astype(np.uint8)
+        err = (((q - zp[..., None]) * scale[..., None] - blocks) ** 2).sum(-1)
+        if best is None:
+            best = [q.astype(np.uint8), scale.astype(np.float32), zp.astype(np.uint8), err]
+        else:
+            better = err < best[3]
+            best[0][better], best[1][better], best[2][better], best[3][better] = (
+                q[better], scale[better], zp[better], err[better])
+    return best[0], best[1], best[2]

@@ -1,0 +1,96 @@
+"""Named quantization policies: which weights are quantized, to how many bits, in what blocks, how.
+
+Decode reads every active weight once per token, so bits per weight are speed on a phone. What stays
+precise does so because measurement or the model's structure says it matters: the router gate and the
+expert bias choose experts (a flipped choice changes the whole FFN output), and norms and conv kernels
+are a negligible share of the bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from .blocks import METHODS, quantize
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    block_size: int = 32
+    method: str = "rtn"
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits {self.bits}: expected 4 or 8")
+        if self.block_size < 16 or self.block_size > 128 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block size {self.block_size}: expected 16, 32, 64 or 128")
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: expected one of {METHODS}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    experts: QuantSpec | None  # MoE expert w1/w3/w2 (QMoE)
+    linears: QuantSpec | None  # conv in/out, attention q/k/v/out, dense FFN (MatMulNBits)
+    embedding: QuantSpec | None  # the embedding table and LM head (tied: one shared copy)
+    accuracy_level: int = 4  # MatMulNBits/QMoE: 4 = int8 activations (fastest on CPU); 0 = fp32
+
+    def spec(self, weight_name: str) -> QuantSpec | None:
+        """The spec for one checkpoint tensor, or None when it stays float32."""
+        if not weight_name.endswith(".weight") or weight_name.endswith(("norm.weight", "layernorm.weight")):
+            return None
+        if weight_name.endswith((".feed_forward.gate.weight", ".conv.conv.weight")):
+            return None  # router (selection is sensitive) and depthwise conv kernels (tiny)
+        if ".experts." in weight_name:
+            return self.experts
+        if weight_name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return self.embedding
+        return self.linears
+
+    def with_overrides(self, block_size: int | None = None, method: str | None = None,
+                       accuracy_level: int | None = None) -> Policy:
+        def over(spec: QuantSpec | None) -> QuantSpec | None:
+            if spec is None:
+                return None
+            return replace(spec, block_size=block_size or spec.block_size, method=method or spec.method)
+
+        return replace(self, experts=over(self.experts), linears=over(self.linears), embedding=over(self.embedding),
+                       accuracy_level=self.accuracy_level if accuracy_level is None else accuracy_level)
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+    def fake_quant(self, name: str, array: np.ndarray) -> np.ndarray:
+        """The weight as the quantized graph sees it (quantize, then dequantize): the reference transform."""
+        spec = self.spec(name)
+        if spec is None:
+            return array
+        q = quantize(array.reshape(array.shape[0], -1), spec.bits, spec.block_size, spec.method,
+                     scale_dtype=scale_dtype(weight_name=name))
+        return q.dequantize().reshape(array.shape)
+
+
+def scale_dtype(weight_name: str) -> type:
+    """QMoE keeps expert scales in fp16 (4.5 bits per weight at block 32); MatMulNBits needs them in the
+    activation type, fp32."""
+    return np.float16 if ".experts." in weight_name else np.float32
+
+
+INT4 = QuantSpec(4, 32, "rtn")
+INT8 = QuantSpec(8, 32, "rtn")
+POLICIES: dict[str, Policy] = {
+    "fp32": Policy("fp32", None, None, None),
+    "int4": Policy("int4", experts=INT4, linears=INT4, embedding=INT4),
+    # 8 bits where a 4-bit error costs the most per byte: the embedding/LM head (every logit reads it)
+    "int4-hq": Policy("int4-hq", experts=INT4, linears=INT4, embedding=INT8),
+    "int8": Policy("int8", experts=INT8, linears=INT8, embedding=INT8),
+}
+
+
+def get_policy(name: str) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"--quant {name!r}: expected one of {sorted(POLICIES)}")
+    return POLICIES[name]
