@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from ..quant.blocks import METHODS
+from ..quant.policy import get_policy
 from .exporter import OP_SETS, QUANTS, ExportError, export
 
 
@@ -24,7 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="bundle folder to write (default: build/<checkpoint name>)")
     parser.add_argument("--ops", choices=sorted(OP_SETS), default="contrib",
                         help="contrib: onnxruntime's fused CPU kernels; portable: standard ONNX ops only")
-    parser.add_argument("--quant", choices=QUANTS, default="fp32")
+    parser.add_argument("--quant", choices=QUANTS, default="fp32",
+                        help="quantization policy (quant/policy.py); int4 needs --ops contrib")
+    parser.add_argument("--block-size", type=int, choices=(16, 32, 64, 128), default=None,
+                        help="override the policy's block size")
+    parser.add_argument("--quant-method", choices=METHODS, default=None,
+                        help="rtn (symmetric), rtn-asym, or mse (clipping searched per block)")
+    parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
+                        help="MatMulNBits/QMoE activation precision: 4 = int8 (fastest), 0 = fp32")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
 
@@ -44,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\r  [{count:4d}] {tensor[:90]:<90}", end="", file=sys.stderr, flush=True)
 
     try:
-        result = export(checkpoint, out, ops=args.ops, quant=args.quant, progress=progress)
+        policy = get_policy(args.quant).with_overrides(args.block_size, args.quant_method, args.accuracy_level)
+        result = export(checkpoint, out, ops=args.ops, quant=policy, progress=progress)
     except (ExportError, CheckpointError, ConfigError, ValueError) as e:
         print(("\n" if count and not args.quiet else "") + f"lfm-export: error: {e}", file=sys.stderr)
         return 2
