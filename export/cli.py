@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
 from ..quant.blocks import METHODS
 from ..quant.policy import get_policy
+from .checkpoint import CheckpointError
+from .config import ConfigError
 from .exporter import OP_SETS, QUANTS, ExportError, export
 
 
@@ -34,14 +34,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="rtn (symmetric), rtn-asym, or mse (clipping searched per block)")
     parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
                         help="MatMulNBits/QMoE activation precision: 4 = int8 (fastest), 0 = fp32")
+    parser.add_argument("--random-weights", metavar="PRESET[:LAYERS]", default=None,
+                        help="random weights of a real geometry instead of a checkpoint: "
+                             "lfm2.5-8b-a1b or lfm2-8b-a1b (:LAYERS cuts the depth)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
 
     checkpoint = args.checkpoint
-    if checkpoint is None:
+    if args.random_weights:
+        checkpoint = None
+        name = "random-" + args.random_weights.replace(":", "-")
+    elif checkpoint is None:
         checkpoint = demo_model_path()
         print(f"No checkpoint given: exporting the bundled demo model ({checkpoint}).")
-    name = Path(str(checkpoint).rstrip("/")).name or "model"
+    if checkpoint is not None:
+        name = Path(str(checkpoint).rstrip("/")).name or "model"
     out = Path(args.out) if args.out else Path("build") / f"{name}-{args.quant}-{args.ops}"
 
     count = 0
@@ -54,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         policy = get_policy(args.quant).with_overrides(args.block_size, args.quant_method, args.accuracy_level)
-        result = export(checkpoint, out, ops=args.ops, quant=policy, progress=progress)
+        result = export(checkpoint, out, ops=args.ops, quant=policy, random_weights=args.random_weights,
+                        progress=progress)
     except (ExportError, CheckpointError, ConfigError, ValueError) as e:
         print(("\n" if count and not args.quiet else "") + f"lfm-export: error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from .graph import Graph
 from .lfm2 import Lfm2Model
 from .onnx_ops import ContribOps, PortableOps, WeightTransform
 from .quant_ops import QuantizedOps
+from .random_weights import RandomCheckpoint
 
 OP_SETS = {"contrib": ContribOps, "portable": PortableOps}
 QUANTS = tuple(POLICIES)
@@ -44,11 +45,12 @@ class ExportResult:
     files: dict[str, int]
 
 
-def export(checkpoint: str | Path, out: str | Path, *, ops: str = "contrib", quant: str | Policy = "fp32",
-           target: str = "desktop", transform: WeightTransform | None = None,
+def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contrib", quant: str | Policy = "fp32",
+           target: str = "desktop", transform: WeightTransform | None = None, random_weights: str | None = None,
            progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export `checkpoint` to the bundle folder `out`. `quant` names a policy (quant/policy.py) or is one;
-    `transform` rewrites each float weight as it is read (tests use it for fake quantization)."""
+    `transform` rewrites each float weight as it is read (tests use it for fake quantization);
+    `random_weights` (a preset of random_weights.py) replaces the checkpoint for benchmarks."""
     start = time.perf_counter()
     if ops not in OP_SETS:
         raise ExportError(f"--ops {ops!r}: expected one of {sorted(OP_SETS)}")
@@ -60,11 +62,17 @@ def export(checkpoint: str | Path, out: str | Path, *, ops: str = "contrib", qua
     if quantized and ops != "contrib":
         raise ExportError(f"--quant {policy.name} needs --ops contrib (its kernels are onnxruntime contrib ops)")
     out = Path(out)
-    ckpt = Checkpoint(resolve(checkpoint))
+    if random_weights:
+        try:
+            ckpt = RandomCheckpoint(random_weights)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+    else:
+        ckpt = Checkpoint(resolve(checkpoint))
     model = Lfm2Model(ckpt.config)
     for w in model.weights():  # headers only: a missing or misshapen tensor fails before any tracing
         ckpt.check(w.name, w.shape)
-    if not (ckpt.folder / "tokenizer.json").is_file():
+    if not random_weights and not (ckpt.folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{ckpt.folder}: no tokenizer.json (the bundle needs the tokenizer)")
     parent = _writable_parent(out)
 
@@ -78,6 +86,8 @@ def export(checkpoint: str | Path, out: str | Path, *, ops: str = "contrib", qua
         backend.trace(model)
         graph.save(tmp / MODEL_FILE, producer=f"lfm-edge {__version__}",
                    metadata={"lfm_edge.ops": ops, "lfm_edge.quant": policy.name})
+        if random_weights:
+            (tmp / "config.json").write_text(json.dumps(ckpt.raw_config, indent=2))
         for name in CHECKPOINT_FILES:
             if (ckpt.folder / name).is_file():
                 shutil.copyfile(ckpt.folder / name, tmp / name)
@@ -129,7 +139,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_manifest(folder: Path, ckpt: Checkpoint, **settings) -> dict[str, int]:
+def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **settings) -> dict[str, int]:
     import onnx
 
     cfg = ckpt.config

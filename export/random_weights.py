@@ -1,0 +1,71 @@
+"""Random-weight checkpoints of the real model geometries, generated tensor by tensor as the exporter asks.
+
+Benchmarks need full-size models without downloads, and writing a 17 GB checkpoint first would measure
+the disk, not the exporter: `lfm-export --random-weights lfm2.5-8b-a1b` streams them instead.
+`NAME:LAYERS` keeps the widths and cuts the depth (the first LAYERS layers of the real layout).
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .config import Lfm2Config
+
+_ATTENTION = (2, 6, 10, 14, 18, 21)
+_COMMON = dict(
+    model_type="lfm2_moe", hidden_size=2048, intermediate_size=7168, moe_intermediate_size=1792,
+    num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=8, num_experts=32, num_experts_per_tok=4,
+    num_dense_layers=2, conv_L_cache=3, conv_bias=False, norm_eps=1e-5, tie_word_embeddings=True,
+    use_expert_bias=True, norm_topk_prob=True, routed_scaling_factor=1.0, max_position_embeddings=128000,
+    layer_types=["full_attention" if i in _ATTENTION else "conv" for i in range(24)],
+)
+PRESETS: dict[str, dict] = {
+    "lfm2.5-8b-a1b": dict(_COMMON, vocab_size=128000, bos_token_id=124894, eos_token_id=124900, pad_token_id=124893,
+                          rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0}),
+    "lfm2-8b-a1b": dict(_COMMON, vocab_size=65536, bos_token_id=1, eos_token_id=7, pad_token_id=0,
+                        rope_theta=1_000_000.0),
+}
+
+
+def preset(spec: str) -> dict:
+    """config.json contents for `NAME` or `NAME:LAYERS`."""
+    name, _, layers = spec.partition(":")
+    if name not in PRESETS:
+        raise ValueError(f"--random-weights {spec!r}: expected one of {sorted(PRESETS)} (optionally :LAYERS)")
+    cfg = dict(PRESETS[name])
+    if layers:
+        if not layers.isdigit() or not 1 <= int(layers) <= cfg["num_hidden_layers"]:
+            raise ValueError(f"--random-weights {spec!r}: LAYERS must be 1..{cfg['num_hidden_layers']}")
+        n = int(layers)
+        cfg.update(num_hidden_layers=n, layer_types=cfg["layer_types"][:n],
+                   num_dense_layers=min(cfg["num_dense_layers"], n))
+    return cfg
+
+
+class RandomCheckpoint:
+    """The Checkpoint interface over deterministic random tensors (seeded by name): N(0, 0.02) weights,
+    norms near 1, a small expert bias."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.raw_config = preset(spec)
+        self.config = Lfm2Config.from_dict(self.raw_config, source=f"--random-weights {spec}")
+        self.folder = Path(f"random-weights:{spec}")
+
+    def __contains__(self, name: str) -> bool:
+        return True
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        return None
+
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        if shape is None:
+            raise ValueError(f"random weights need a shape for {name!r}")
+        rng = np.random.default_rng(zlib.crc32(f"{self.spec}/{name}".encode()))
+        values = rng.standard_normal(shape, dtype=np.float32)
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            return 1.0 + 0.02 * values
+        return values * (0.01 if name.endswith("expert_bias") else 0.02)
