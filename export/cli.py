@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-weights", metavar="PRESET[:LAYERS]", default=None,
                         help="random weights of a real geometry instead of a checkpoint: "
                              "lfm2.5-8b-a1b or lfm2-8b-a1b (:LAYERS cuts the depth)")
+    parser.add_argument("--eval-text", metavar="FILE", default=None,
+                        help="held-out text: measure the quantized bundle against fp32 (quality.md in the bundle); "
+                             "the demo model uses its own heldout.txt")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
 
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     elif checkpoint is None:
         checkpoint = demo_model_path()
         print(f"No checkpoint given: exporting the bundled demo model ({checkpoint}).")
+        if args.eval_text is None and args.quant != "fp32":
+            args.eval_text = str(checkpoint / "heldout.txt")
     if checkpoint is not None:
         name = Path(str(checkpoint).rstrip("/")).name or "model"
     out = Path(args.out) if args.out else Path("build") / f"{name}-{args.quant}-{args.ops}"
@@ -61,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         policy = get_policy(args.quant).with_overrides(args.block_size, args.quant_method, args.accuracy_level)
+        eval_text = Path(args.eval_text).read_text() if args.eval_text else None
         result = export(checkpoint, out, ops=args.ops, quant=policy, random_weights=args.random_weights,
-                        progress=progress)
-    except (ExportError, CheckpointError, ConfigError, ValueError) as e:
+                        eval_text=eval_text, progress=progress)
+    except (ExportError, CheckpointError, ConfigError, ValueError, OSError) as e:
         print(("\n" if count and not args.quiet else "") + f"lfm-export: error: {e}", file=sys.stderr)
         return 2
     if not args.quiet:

@@ -47,10 +47,11 @@ class ExportResult:
 
 def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contrib", quant: str | Policy = "fp32",
            target: str = "desktop", transform: WeightTransform | None = None, random_weights: str | None = None,
-           progress: Callable[[str], None] | None = None) -> ExportResult:
+           eval_text: str | None = None, progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export `checkpoint` to the bundle folder `out`. `quant` names a policy (quant/policy.py) or is one;
     `transform` rewrites each float weight as it is read (tests use it for fake quantization);
-    `random_weights` (a preset of random_weights.py) replaces the checkpoint for benchmarks."""
+    `random_weights` (a preset of random_weights.py) replaces the checkpoint for benchmarks;
+    `eval_text` adds a quantization quality report (quality.json/.md/.png) measured against fp32."""
     start = time.perf_counter()
     if ops not in OP_SETS:
         raise ExportError(f"--ops {ops!r}: expected one of {sorted(OP_SETS)}")
@@ -86,6 +87,11 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
         backend.trace(model)
         graph.save(tmp / MODEL_FILE, producer=f"lfm-edge {__version__}",
                    metadata={"lfm_edge.ops": ops, "lfm_edge.quant": policy.name})
+        if eval_text and quantized and not random_weights:
+            from ..quant.quality import measure_bundle, write_report
+
+            write_report([measure_bundle(ckpt.folder, tmp, eval_text, policy.name)], tmp,
+                         f"{policy.name} against fp32, {ckpt.folder.name}")
         if random_weights:
             (tmp / "config.json").write_text(json.dumps(ckpt.raw_config, indent=2))
         for name in CHECKPOINT_FILES:

@@ -80,6 +80,24 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray], windows: S
             "ppl_fp32": float(np.exp(nll_ref / n)), "tokens": n}
 
 
+def measure_bundle(checkpoint: str | Path, bundle: Path, text: str, label: str, window: int = 128,
+                   max_tokens: int = 4096) -> Quality:
+    """One finished bundle against an fp32 export of its checkpoint (made in a temporary folder)."""
+    from ..export.exporter import export
+
+    work = Path(tempfile.mkdtemp(prefix="lfm-quality-"))
+    try:
+        fp32 = export(checkpoint, work / "fp32").bundle
+        windows = token_windows(fp32 / "tokenizer.json", text, window, max_tokens)
+        if not windows:
+            raise ValueError("the evaluation text is too short: it needs at least two tokens")
+        size = sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx")) / 1e6
+        metrics = compare(window_logits(fp32, windows), window_logits(bundle, windows), windows)
+        return Quality(label, label, round(size, 3), **metrics)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def evaluate(checkpoint: str | Path, text: str, variants: Sequence[Variant], window: int = 128,
              max_tokens: int = 4096, progress: Callable[[str], None] = print) -> list[Quality]:
     from ..export.exporter import export
@@ -96,7 +114,7 @@ def evaluate(checkpoint: str | Path, text: str, variants: Sequence[Variant], win
         for v in variants:
             progress(f"{v.label}: export and evaluate")
             bundle = export(checkpoint, work / "variant", quant=v.policy).bundle
-            size = sum(p.stat().st_size for p in bundle.iterdir()) / 1e6
+            size = sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx")) / 1e6
             metrics = compare(reference, window_logits(bundle, windows), windows)
             results.append(Quality(v.label, v.policy.name, round(size, 3), **metrics))
             shutil.rmtree(bundle)
@@ -111,7 +129,7 @@ def write_report(results: Sequence[Quality], out: Path, title: str) -> list[Path
     (out / "quality.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     lines = [f"# Quantization quality: {title}", "",
              f"{results[0].tokens} held-out tokens; fp32 perplexity {results[0].ppl_fp32:.3f}.", "",
-             "| variant | bundle MB | KL(fp32 ‖ q) | top-1 agreement | perplexity |", "|---|---|---|---|---|"]
+             "| variant | model MB | KL(fp32 ‖ q) | top-1 agreement | perplexity |", "|---|---|---|---|---|"]
     lines += [f"| {r.label} | {r.bundle_mb:.2f} | {r.kl:.5f} | {r.top1:.2%} | {r.ppl:.3f} |" for r in results]
     (out / "quality.md").write_text("\n".join(lines) + "\n")
 
@@ -124,7 +142,7 @@ def write_report(results: Sequence[Quality], out: Path, title: str) -> list[Path
     for r in results:
         left.scatter(r.bundle_mb, r.kl, s=40)
         left.annotate(r.label, (r.bundle_mb, r.kl), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    left.set(xlabel="bundle size (MB)", ylabel="KL(fp32 ‖ quantized), nats/token", title="cost vs size")
+    left.set(xlabel="model size (MB)", ylabel="KL(fp32 ‖ quantized), nats/token", title="cost vs size")
     left.set_yscale("log")
     right.barh([r.label for r in results], [r.top1 * 100 for r in results], color="tab:blue")
     right.set(xlabel="top-1 agreement with fp32 (%)", xlim=(min(r.top1 for r in results) * 100 - 2, 100),

@@ -27,3 +27,15 @@ def test_report_orders_variants_by_precision(tmp_path):
     assert [f.name for f in files] == ["quality.json", "quality.md", "quality.png"]
     assert json.loads(files[0].read_text())[0]["label"] == "int4"
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quantized_bundle_carries_its_quality_section(tmp_path):
+    from lfm_edge.export.exporter import export
+
+    build("moe_mixed", tmp_path / "ckpt")
+    text = " ".join(f"w{i % 290 + 3}" for i in range(300))
+    bundle = export(tmp_path / "ckpt", tmp_path / "int4", quant="int4", eval_text=text).bundle
+    quality = json.loads((bundle / "quality.json").read_text())
+    assert quality[0]["policy"] == "int4" and quality[0]["tokens"] > 100 and quality[0]["kl"] > 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {"quality.json", "quality.md", "quality.png"} <= set(manifest["files"])
