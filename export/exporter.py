@@ -87,11 +87,6 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
         backend.trace(model)
         graph.save(tmp / MODEL_FILE, producer=f"lfm-edge {__version__}",
                    metadata={"lfm_edge.ops": ops, "lfm_edge.quant": policy.name})
-        if eval_text and quantized and not random_weights:
-            from ..quant.quality import measure_bundle, write_report
-
-            write_report([measure_bundle(ckpt.folder, tmp, eval_text, policy.name)], tmp,
-                         f"{policy.name} against fp32, {ckpt.folder.name}")
         if random_weights:
             (tmp / "config.json").write_text(json.dumps(ckpt.raw_config, indent=2))
         for name in CHECKPOINT_FILES:
@@ -99,6 +94,11 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
                 shutil.copyfile(ckpt.folder / name, tmp / name)
         (tmp / "genai_config.json").write_text(
             json.dumps(genai_config(ckpt, share_buffer=backend.share_buffer), indent=2))
+        if eval_text and quantized and not random_weights:
+            from ..quant.quality import measure_bundle, write_report
+
+            write_report([measure_bundle(ckpt.folder, tmp, eval_text, policy.name)], tmp,
+                         f"{policy.name} against fp32, {ckpt.folder.name}")
         files = _write_manifest(tmp, ckpt, ops=ops, quant=policy.name, quant_policy=policy.describe(),
                                 target=target)
         _replace(tmp, out)
