@@ -12,6 +12,9 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .exporter import OP_SETS, QUANTS, ExportError, export
 
+# Phones decode at the speed of memory: every bit per weight is speed there.
+TARGET_QUANT = {"desktop": "fp32", "android": "int4", "ios": "int4"}
+
 
 def demo_model_path() -> Path:
     """The small LFM2-MoE the project trains and ships (see demo_model/README.md)."""
@@ -26,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="bundle folder to write (default: build/<checkpoint name>)")
     parser.add_argument("--ops", choices=sorted(OP_SETS), default="contrib",
                         help="contrib: onnxruntime's fused CPU kernels; portable: standard ONNX ops only")
-    parser.add_argument("--quant", choices=QUANTS, default="fp32",
-                        help="quantization policy (quant/policy.py); int4 needs --ops contrib")
+    parser.add_argument("--target", choices=sorted(TARGET_QUANT), default="desktop",
+                        help="where the bundle runs; sets the default --quant (phones: int4)")
+    parser.add_argument("--quant", choices=QUANTS, default=None,
+                        help="quantization policy (quant/policy.py; default by --target); int4 needs --ops contrib")
     parser.add_argument("--block-size", type=int, choices=(16, 32, 64, 128), default=None,
                         help="override the policy's block size")
     parser.add_argument("--quant-method", choices=METHODS, default=None,
@@ -42,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                              "the demo model uses its own heldout.txt")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
+    args.quant = args.quant or TARGET_QUANT[args.target]
 
     checkpoint = args.checkpoint
     if args.random_weights:
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         policy = get_policy(args.quant).with_overrides(args.block_size, args.quant_method, args.accuracy_level)
         eval_text = Path(args.eval_text).read_text() if args.eval_text else None
         result = export(checkpoint, out, ops=args.ops, quant=policy, random_weights=args.random_weights,
-                        eval_text=eval_text, progress=progress)
+                        target=args.target, eval_text=eval_text, progress=progress)
     except (ExportError, CheckpointError, ConfigError, ValueError, OSError) as e:
         print(("\n" if count and not args.quiet else "") + f"lfm-export: error: {e}", file=sys.stderr)
         return 2

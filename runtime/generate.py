@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import resource
+import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -10,12 +15,115 @@ from .sampling import Sampling, next_tokens
 from .session import Cache, LfmSession
 
 
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # per row, padding excluded, summed over the batch
+    generated_tokens: int = 0
+    time_to_first_token: float = 0.0  # seconds from the call to the first sampled token
+    prefill_tokens_per_second: float = 0.0
+    decode_tokens_per_second: float = 0.0  # steps after the first token, per row
+    peak_rss_mb: float = 0.0
+    provider: str = ""
+    stopped: str = ""  # "eos", "length", "cancelled" or "stop" (set by a caller's stop condition)
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
+
+
+class Generation:
+    """An iterable generation: each step yields every row's new token (None once a row has finished).
+    `stats` is complete when iteration ends; `cancel` (a threading.Event) stops it from another thread."""
+
+    def __init__(self, model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
+                 prefill_chunk: int = 512, cancel: threading.Event | None = None):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompts: expected at least one prompt, each with at least one token")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens {max_new_tokens}: expected >= 0")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk {prefill_chunk}: expected >= 1")
+        width = max(len(p) for p in prompts)
+        if width + max_new_tokens > model.context_length:
+            raise ValueError(f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                             f"context length {model.context_length}")
+        vocab = model.vocab_size
+        bad = [t for p in prompts for t in p if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        self.model, self.prompts, self.max_new_tokens = model, prompts, max_new_tokens
+        self.sampling = sampling or Sampling()
+        self.eos = set(model.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.prefill_chunk = prefill_chunk
+        self.cancel = cancel or threading.Event()
+        self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts),
+                                     provider=model.session.get_providers()[0])
+
+    def __iter__(self) -> Iterator[list[int | None]]:
+        start = time.perf_counter()
+        prompts, model, stats = self.prompts, self.model, self.stats
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        ids = np.full((batch, width), model.pad_token_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = p
+            mask[r, width - len(p):] = 1
+        cache = Cache(model, batch, width + self.max_new_tokens)
+        rng = np.random.default_rng(self.sampling.seed)
+        chunk = self.prefill_chunk
+        if model.share_buffer and batch > 1:
+            # GroupQueryAttention (onnxruntime <= 1.31, and genai's mobile builds) takes several new tokens
+            # after a cache only for batch 1; a batch is prefilled in one pass.
+            chunk = width
+        history = np.where(mask == 1, ids, -1)  # context for the repetition penalty
+        try:
+            if self.max_new_tokens == 0:
+                stats.stopped = "length"
+                return
+            for s in range(0, width, chunk):
+                if self.cancel.is_set():
+                    stats.stopped = "cancelled"
+                    return
+                logits = cache.step(ids[:, s:s + chunk], mask[:, s:s + chunk])
+            prefill_end = time.perf_counter()
+            done = np.zeros(batch, dtype=bool)
+            for n in range(self.max_new_tokens):
+                tokens = next_tokens(logits[:, -1], self.sampling, rng, history)
+                if n == 0:
+                    stats.time_to_first_token = time.perf_counter() - start
+                    stats.prefill_tokens_per_second = stats.prompt_tokens / max(prefill_end - start, 1e-9)
+                    decode_start = time.perf_counter()
+                stats.generated_tokens += int((~done).sum())
+                yield [None if d else int(t) for t, d in zip(tokens, done, strict=True)]
+                done |= np.isin(tokens, list(self.eos))
+                if done.all():
+                    stats.stopped = "eos"
+                    return
+                if self.cancel.is_set():
+                    stats.stopped = "cancelled"
+                    return
+                if n == self.max_new_tokens - 1:
+                    stats.stopped = "length"
+                    return
+                if self.sampling.repetition_penalty != 1.0:
+                    history = np.concatenate([history, tokens[:, None]], axis=1)
+                logits = cache.step(tokens[:, None])
+                stats.decode_tokens_per_second = (n + 1) / max(time.perf_counter() - decode_start, 1e-9)
+        finally:
+            stats.stopped = stats.stopped or "stop"
+            stats.peak_rss_mb = peak_rss_mb()
+            stats.timings["total"] = time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
 def generate(model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
              prefill_chunk: int = 512) -> list[list[int]]:
     """New tokens for each prompt (a batch is left-padded); a row stops at its first EOS, kept in its output."""
     rows: list[list[int]] = [[] for _ in prompts]
-    for step in stream(model, prompts, max_new_tokens, sampling, eos_token_ids, prefill_chunk):
+    for step in Generation(model, prompts, max_new_tokens, sampling, eos_token_ids, prefill_chunk):
         for row, token in zip(rows, step, strict=True):
             if token is not None:
                 row.append(token)
@@ -26,34 +134,4 @@ def stream(model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: 
            sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
            prefill_chunk: int = 512) -> Iterator[list[int | None]]:
     """Yields one list per step: each row's new token, or None once that row has finished."""
-    sampling = sampling or Sampling()
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts: expected at least one prompt, each with at least one token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens {max_new_tokens}: expected >= 0")
-    eos = set(model.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    width = max(len(p) for p in prompts)
-    if width + max_new_tokens > model.context_length:
-        raise ValueError(f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
-                         f"context length {model.context_length}")
-    ids = np.full((len(prompts), width), model.pad_token_id, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = p
-        mask[r, width - len(p):] = 1
-    cache = Cache(model, len(prompts), width + max_new_tokens)
-    rng = np.random.default_rng(sampling.seed)
-    if model.share_buffer and len(prompts) > 1:
-        # GroupQueryAttention (onnxruntime <= 1.31, and genai's mobile builds) takes several new tokens
-        # after a cache only for batch 1; a batch is prefilled in one pass.
-        prefill_chunk = width
-    for start in range(0, width, prefill_chunk):
-        logits = cache.step(ids[:, start:start + prefill_chunk], mask[:, start:start + prefill_chunk])
-    done = np.zeros(len(prompts), dtype=bool)
-    for n in range(max_new_tokens):
-        tokens = next_tokens(logits[:, -1], sampling, rng)
-        yield [None if d else int(t) for t, d in zip(tokens, done, strict=True)]
-        done |= np.isin(tokens, list(eos))
-        if done.all() or n == max_new_tokens - 1:
-            return
-        logits = cache.step(tokens[:, None])
+    return iter(Generation(model, prompts, max_new_tokens, sampling, eos_token_ids, prefill_chunk))
