@@ -1,14 +1,14 @@
 """Checkpoints: a Hugging Face folder (or hub id) read one tensor at a time from safetensors.
 
-The reader is a few lines of numpy over a memory map, so the exporter needs neither torch nor the whole
-model in memory, handles bf16 (which numpy lacks), and can name the file and tensor when something is off.
+The reader is a few lines of numpy, so the exporter needs neither torch nor the whole model in memory,
+handles bf16 (which numpy lacks), and can name the file and tensor when something is off.
 Pickled weights (*.bin, *.pt) are never opened.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import re
 import struct
 from collections.abc import Iterator
@@ -30,7 +30,7 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-    """One .safetensors file: the header parsed up front, tensors mapped lazily."""
+    """One .safetensors file: the header parsed up front, each tensor read when asked for."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -45,7 +45,6 @@ class SafetensorsFile:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
         header.pop("__metadata__", None)
         self._data_start = 8 + header_len
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self.entries: dict[str, dict] = header
         for name, info in header.items():
             begin, end = info["data_offsets"]
@@ -56,16 +55,29 @@ class SafetensorsFile:
         return tuple(self.entries[name]["shape"])
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as float32; a view into the map where the stored dtype already is float32."""
+        """The tensor as a new float32 array.
+
+        Read with pread, not through the memory map: pages touched through a map stay in the process's
+        resident set, and an exporter that walks a 17 GB checkpoint must not look like it holds it."""
         info = self.entries[name]
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {info['dtype']}, expected a float type")
         begin, end = info["data_offsets"]
-        raw = np.frombuffer(self._map, dtype=dtype, count=(end - begin) // np.dtype(dtype).itemsize,
-                            offset=self._data_start + begin).reshape(info["shape"])
-        if info["dtype"] == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+        raw = np.empty(info["shape"], dtype=dtype)
+        view = memoryview(raw.reshape(-1).view(np.uint8))
+        done = 0
+        while done < end - begin:
+            got = os.preadv(self._file.fileno(), [view[done:]], self._data_start + begin + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r} could not be read (truncated?)")
+            done += got
+        if info["dtype"] == "BF16":  # bf16 is the top half of a float32: widen in slices to bound memory
+            out = np.empty(raw.shape, np.float32)
+            flat_in, flat_out = raw.reshape(-1), out.reshape(-1).view(np.uint32)
+            for i in range(0, flat_in.size, 1 << 24):
+                flat_out[i:i + (1 << 24)] = flat_in[i:i + (1 << 24)].astype(np.uint32) << 16
+            return out
         return raw if dtype == np.float32 else raw.astype(np.float32)
 
 
