@@ -10,12 +10,15 @@ State lives in OrtValues allocated once per generation and bound with IOBinding:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from .providers import ProviderList, choose
 
 
 class BundleError(ValueError):
@@ -31,9 +34,18 @@ class StateSpec:
 
 
 class LfmSession:
-    def __init__(self, bundle: str | Path, threads: int | None = None,
-                 providers: list[str] | None = None):
+    """One loaded bundle. `providers`: "auto" (an accelerator only if it runs every heavy node, see
+    providers.py), "cpu", or an explicit onnxruntime list such as [("XnnpackExecutionProvider",
+    {"intra_op_num_threads": 4}), "CPUExecutionProvider"]. `verify`: "size" checks every file the manifest
+    lists, "sha256" also hashes them, "none" skips both. The choice of provider and its reason are in
+    `provider_choice`."""
+
+    def __init__(self, bundle: str | Path, threads: int | None = None, providers: str | ProviderList = "auto",
+                 verify: str = "size"):
         self.folder = Path(bundle)
+        if not self.folder.is_dir():
+            raise BundleError(f"{self.folder}: not a bundle folder")
+        self.manifest = verify_bundle(self.folder, verify)
         genai = _read_json(self.folder / "genai_config.json")
         decoder = genai.get("model", {}).get("decoder", {})
         model_file = self.folder / decoder.get("filename", "model.onnx")
@@ -47,8 +59,8 @@ class LfmSession:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_file), options,
-                                            providers=providers or ["CPUExecutionProvider"])
+        self.provider_choice = choose(model_file, providers, options)
+        self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
         self.state = _state_spec(self.session)
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
 
@@ -112,6 +124,37 @@ class Cache:
             for n, i in enumerate(grown):
                 self.kv[i] = [kv_outputs[2 * n], kv_outputs[2 * n + 1]]
         return outputs[-1].numpy()
+
+
+def verify_bundle(folder: Path, mode: str = "size") -> dict:
+    """Check the files manifest.json lists (bundles without a manifest, e.g. from onnxruntime-genai's
+    builder, are accepted as they are). Returns the manifest."""
+    if mode not in ("none", "size", "sha256"):
+        raise ValueError(f"verify {mode!r}: expected 'none', 'size' or 'sha256'")
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return {}
+    manifest = _read_json(path)
+    if mode == "none":
+        return manifest
+    for name, info in manifest.get("files", {}).items():
+        file = folder / name
+        if not file.is_file():
+            raise BundleError(f"{file}: listed in manifest.json but missing")
+        size = file.stat().st_size
+        if size != info["bytes"]:
+            raise BundleError(f"{file}: {size} bytes, manifest.json says {info['bytes']} (truncated or replaced?)")
+        if mode == "sha256" and _sha256(file) != info["sha256"]:
+            raise BundleError(f"{file}: sha256 differs from manifest.json (corrupted or replaced)")
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _state_spec(session: ort.InferenceSession) -> StateSpec:

@@ -1,0 +1,73 @@
+"""Loading a bundle: provider choice with its reason, and the manifest's checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from lfm_edge.export.exporter import export
+from lfm_edge.runtime import providers
+from lfm_edge.runtime.session import BundleError, LfmSession
+from tiny_models import build
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("session")
+    build("moe_mixed", root / "ckpt")
+    return export(root / "ckpt", root / "bundle").bundle
+
+
+def test_auto_uses_cpu_here_and_says_why(bundle):
+    session = LfmSession(bundle)
+    assert session.provider_choice.providers == ["CPUExecutionProvider"]
+    assert "no accelerator provider installed" in session.provider_choice.reason
+
+
+def test_onnxruntime_reports_where_each_node_ran(bundle):
+    placed = providers.nodes_by_provider(bundle / "model.onnx", ["CPUExecutionProvider"])
+    assert set(placed) == {"CPUExecutionProvider"}
+    ops = placed["CPUExecutionProvider"]
+    assert ops["GroupQueryAttention"] == 2 and ops["MoE"] == 3 and ops["CausalConvWithState"] == 2
+
+
+def test_auto_rule_with_phone_providers_mocked(bundle, monkeypatch):
+    """No accelerator provider exists on this machine: the placement onnxruntime would report on a phone is
+    mocked, to check the rule that reads it."""
+    partial = {"XnnpackExecutionProvider": {"Add": 10}, "CPUExecutionProvider": {"MatMulNBits": 12, "QMoE": 3}}
+    monkeypatch.setattr(providers, "nodes_by_provider", lambda *a, **k: partial)
+    choice = providers.choose(bundle / "model.onnx", available=["XnnpackExecutionProvider", "CPUExecutionProvider"])
+    assert choice.providers == ["CPUExecutionProvider"]
+    assert "XnnpackExecutionProvider leaves 15 heavy nodes to the CPU (MatMulNBits, QMoE)" in choice.reason
+    full = {"QNNExecutionProvider": {"MatMulNBits": 12}, "CPUExecutionProvider": {"Add": 3}}
+    monkeypatch.setattr(providers, "nodes_by_provider", lambda *a, **k: full)
+    choice = providers.choose(bundle / "model.onnx", available=["QNNExecutionProvider", "CPUExecutionProvider"])
+    assert choice.providers == ["QNNExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_explicit_providers_are_honoured_or_refused(bundle):
+    session = LfmSession(bundle, providers=[("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})])
+    assert session.session.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match=r"\['NnapiExecutionProvider'\] not available"):
+        LfmSession(bundle, providers=["NnapiExecutionProvider", "CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("damage, mode, message", [
+    (lambda b: (b / "model.onnx.data").write_bytes((b / "model.onnx.data").read_bytes()[:-10]), "size",
+     "model.onnx.data: .* bytes, manifest.json says"),
+    (lambda b: (b / "tokenizer.json").unlink(), "size", "tokenizer.json: listed in manifest.json but missing"),
+    (lambda b: _flip_byte(b / "model.onnx.data"), "sha256", "model.onnx.data: sha256 differs"),
+])
+def test_damaged_bundles_are_named(bundle, tmp_path, damage, mode, message):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    damage(copy)
+    with pytest.raises(BundleError, match=message):
+        LfmSession(copy, verify=mode)
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
