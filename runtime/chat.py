@@ -1,0 +1,393 @@
+"""Render a checkpoint's own chat template, the way transformers' `apply_chat_template(..., tokenize=False)` does.
+
+Every LFM2 / LFM2.5 checkpoint ships its prompt format as a Jinja template, and the formats differ between
+families (tool-list wrapper tokens, a date line, reasoning handling). Running the template itself, in the same
+sandbox and with the same helpers transformers provides, is what makes any checkpoint's prompts come out byte
+for byte the way the model was trained on, without transformers on the phone.
+
+What is matched from transformers (5.x), because templates depend on it:
+
+- jinja2 `ImmutableSandboxedEnvironment`, `trim_blocks` and `lstrip_blocks`, the `loopcontrols` extension and a
+  pass-through `{% generation %}` tag (LFM2.5 templates mark assistant text with it for training masks);
+- `tojson` without HTML escaping and with `ensure_ascii` / `indent` / `separators` / `sort_keys`; the globals
+  `raise_exception`, `strftime_now`, a `dict` constructor and a `namespace` that refuses `_`-prefixed names;
+- message keys whose value is None are dropped (templates test `is defined`, not `is none`);
+- reasoning given as `reasoning_content`, `thinking` or `reasoning` is visible under the first two names;
+- everything the template sees is rebuilt from plain JSON-like data, so it cannot reach methods of caller objects;
+- the named special tokens (`bos_token`, `eos_token`, `pad_token`, ...) are template variables, and extra keyword
+  arguments override them;
+- with several named templates, `tool_use` is picked when tools are given, else `default`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.utils
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+__all__ = ["ChatTemplate", "function_schema"]
+
+# The named special tokens transformers hands to every template (its SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Older names for a message's reasoning; templates read `reasoning_content` (LFM2.5: `thinking`).
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+Tool = Mapping[str, Any] | Callable[..., Any]
+
+
+class ChatTemplate:
+    """A chat template plus the special tokens it refers to; `render` turns messages into the prompt string."""
+
+    def __init__(self, template: str | Mapping[str, str], special_tokens: Mapping[str, str] | None = None):
+        self.templates: dict[str, str] = {"default": template} if isinstance(template, str) else dict(template)
+        if not self.templates or not all(isinstance(t, str) for t in self.templates.values()):
+            raise ValueError("a chat template must be a Jinja string or a non-empty {name: Jinja string} mapping")
+        self.special_tokens: dict[str, str] = dict(special_tokens or {})
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> ChatTemplate:
+        """Read the template and special tokens from a tokenizer folder, with transformers' precedence:
+        `chat_template.jinja` (and `chat_templates/*.jinja`) over `tokenizer_config.json`'s `chat_template`."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+        config_path, jinja_path = folder / "tokenizer_config.json", folder / "chat_template.jinja"
+        config = _read_json(config_path)
+        templates: dict[str, str] = {}
+        if jinja_path.is_file():
+            templates["default"] = jinja_path.read_text(encoding="utf-8")
+        extra_dir = folder / "chat_templates"
+        if extra_dir.is_dir():
+            for path in sorted(extra_dir.glob("*.jinja")):
+                templates[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
+        if not templates:
+            templates = _templates_from_config(config.get("chat_template"), config_path)
+        if not templates:
+            raise ValueError(f"no chat template: {config_path} has no 'chat_template' and there is no {jinja_path}")
+        # Legacy checkpoints keep some special tokens in special_tokens_map.json; tokenizer_config.json wins.
+        legacy = _read_json(folder / "special_tokens_map.json")
+        special = {}
+        for name in SPECIAL_TOKEN_NAMES:
+            value = _token_text(config.get(name))
+            value = value if value is not None else _token_text(legacy.get(name))
+            if value is not None:
+                special[name] = value
+        return cls(templates, special)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.special_tokens.get("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens.get("eos_token")
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Tool] | None = None,
+        add_generation_prompt: bool = True,
+        *,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        **extra: Any,
+    ) -> str:
+        """The prompt text for `messages`. `tools` are JSON-schema dicts (or documented, type-hinted functions,
+        see `function_schema`); `extra` become template variables (e.g. `keep_past_thinking=True`).
+        Unlike transformers, `add_generation_prompt` defaults to True: here a prompt is rendered to generate."""
+        chat = _check_messages(messages)
+        schemas = None if tools is None else [_tool_schema(tool, i) for i, tool in enumerate(tools)]
+        if documents is not None and not all(isinstance(d, Mapping) for d in documents):
+            raise ValueError("documents must be a list of dicts (with 'title' and 'text' keys)")
+        variables = _plain({**self.special_tokens, **extra})
+        template = _compile(self._pick(tools is not None))
+        return template.render(
+            messages=chat,
+            tools=_plain(schemas),
+            documents=_plain(documents),
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
+
+    def _pick(self, has_tools: bool) -> str:
+        if has_tools and "tool_use" in self.templates:
+            return self.templates["tool_use"]
+        if "default" in self.templates:
+            return self.templates["default"]
+        raise ValueError(f"several chat templates {sorted(self.templates)} and none is named 'default'")
+
+
+# --- reading the folder -----------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return data if isinstance(data, dict) else {}
+
+
+def _templates_from_config(value: Any, path: Path) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list) and all(isinstance(t, dict) and {"name", "template"} <= t.keys() for t in value):
+        return {t["name"]: t["template"] for t in value}
+    if isinstance(value, dict):
+        return dict(value)
+    raise ValueError(f"{path}: 'chat_template' must be a string or a list of {{name, template}} entries")
+
+
+def _token_text(value: Any) -> str | None:
+    """Special tokens are saved as strings or as AddedToken dicts carrying a 'content'."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+# --- inputs ------------------------------------------------------------------------------------------------------
+
+
+def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("cannot render an empty conversation; give at least one message")
+    chat = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise ValueError(f"message {i} must be a dict with a string 'role', got {message!r:.80}")
+        # Keys set to None (OpenAI's content=None next to tool_calls) are dropped: templates test `is defined`.
+        plain = _plain({k: v for k, v in message.items() if v is not None})
+        reasoning = next((plain[k] for k in _REASONING_KEYS if plain.get(k) is not None), None)
+        if reasoning is not None:
+            plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
+        chat.append(plain)
+    return chat
+
+
+def _tool_schema(tool: Tool, index: int) -> dict[str, Any]:
+    if callable(tool) and not isinstance(tool, Mapping):
+        return function_schema(tool)
+    if not isinstance(tool, Mapping):
+        raise ValueError(f"tool {index} must be a JSON-schema dict or a function, got {type(tool).__name__}")
+    try:
+        json.dumps(tool)
+    except (TypeError, ValueError) as e:
+        function = tool.get("function")
+        name = (function.get("name") if isinstance(function, Mapping) else None) or tool.get("name") or f"#{index}"
+        raise ValueError(f"tool {name!r} is not JSON-serialisable: {e}") from e
+    return dict(tool)
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild `value` from JSON-like types. The sandbox only guards attribute access; caller objects (arrays,
+    images, models) carry methods it cannot judge, so they are reduced to data or to an inert '<TypeName>'."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.generic):
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+# --- the Jinja environment ---------------------------------------------------------------------------------------
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks the assistant's tokens for training masks; renders as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Callable[[], str]) -> str:
+        return caller()
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """Jinja's `namespace()`, refusing `_`-prefixed names so a template cannot touch Python internals through it."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: B902 - `self` travels in args, as in jinja2's Namespace
+        self, attrs = args[0], dict(*args[1:], **kwargs)
+        for name in attrs:
+            _refuse_private(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _refuse_private(name)
+        super().__setitem__(name, value)
+
+
+def _refuse_private(name: Any) -> None:
+    if isinstance(name, str) and name.startswith("_"):
+        raise jinja2.exceptions.SecurityError(f"chat templates may not set underscore-prefixed names ({name!r})")
+
+
+class _DictMaker:
+    """Stands in for `dict` in templates: builds dicts, but exposes nothing of the `dict` type itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any) -> dict:
+        return dict.fromkeys(*args)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | str | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Jinja's own filter HTML-escapes '<', '>', '&' and "'", which would change the prompt text.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str) -> typing.NoReturn:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
+    version = tuple(int(p) for p in re.findall(r"\d+", jinja2.__version__)[:3])
+    if version < (3, 1, 6):
+        raise ImportError(f"jinja2>=3.1.6 is needed (older sandboxes have known escapes); found {jinja2.__version__}")
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_DictMaker(),
+                       namespace=_Namespace)
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
+    return _environment().from_string(source)
+
+
+# --- tools given as functions ------------------------------------------------------------------------------------
+
+_SCALAR_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
+_CONTAINER_TYPES = {list: "array", tuple: "array", dict: "object"}
+
+
+def function_schema(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The JSON schema transformers' `get_json_schema` gives for a plain function, for the common cases only:
+    parameters typed with str/int/float/bool/list/dict (also `list[X]`, `dict[str, X]`, `X | None`) and a
+    Google-style docstring whose `Args:` describe every parameter. Anything fancier: pass a schema dict."""
+    name = getattr(fn, "__name__", "operation")
+    doc = inspect.getdoc(fn)
+    if not doc:
+        raise ValueError(f"tool {name!r}: a function tool needs a docstring (or pass a JSON-schema dict)")
+    description, arg_docs, returns_doc = _google_docstring(doc.strip())
+    hints = typing.get_type_hints(fn)
+    params = list(inspect.signature(fn).parameters.values())
+    if params and params[0].name in ("self", "cls") and params[0].annotation is inspect.Parameter.empty:
+        params = params[1:]
+    properties: dict[str, Any] = {}
+    required = []
+    for param in params:
+        if param.name not in hints:
+            raise ValueError(f"tool {name!r}: argument {param.name!r} has no type hint")
+        if param.name not in arg_docs:
+            raise ValueError(f"tool {name!r}: the docstring's Args: section does not describe {param.name!r}")
+        properties[param.name] = {**_hint_schema(hints[param.name], name), "description": arg_docs[param.name]}
+        if param.default is inspect.Parameter.empty:
+            required.append(param.name)
+    parameters: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        parameters["required"] = required
+    out: dict[str, Any] = {"name": name, "description": description, "parameters": parameters}
+    if "return" in hints:
+        try:
+            out["return"] = _hint_schema(hints["return"], name)
+        except ValueError:
+            pass  # the model never writes the return value; an unusual return type is no reason to refuse the tool
+        else:
+            if returns_doc is not None:
+                out["return"]["description"] = returns_doc
+    return {"type": "function", "function": out}
+
+
+def _hint_schema(hint: Any, tool: str) -> dict[str, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is None and hint in _SCALAR_TYPES:
+        return {"type": _SCALAR_TYPES[hint]}
+    if origin is None and hint in _CONTAINER_TYPES:
+        return {"type": _CONTAINER_TYPES[hint]}
+    if origin is list and len(args) == 1:
+        return {"type": "array", "items": _hint_schema(args[0], tool)}
+    if origin is dict and len(args) == 2:
+        return {"type": "object", "additionalProperties": _hint_schema(args[1], tool)}
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            schema = _hint_schema(inner[0], tool)
+        elif all(a in _SCALAR_TYPES for a in inner):
+            schema = {"type": sorted({_SCALAR_TYPES[a] for a in inner})}
+        else:
+            raise ValueError(f"tool {tool!r}: unsupported union {hint!r}; pass a JSON-schema dict instead")
+        if len(inner) < len(args):
+            schema["nullable"] = True
+        return schema
+    raise ValueError(f"tool {tool!r}: unsupported type hint {hint!r}; pass a JSON-schema dict instead")
+
+
+def _google_docstring(doc: str) -> tuple[str, dict[str, str], str | None]:
+    """(description, {arg: description}, returns) from a Google-style docstring; continuation lines are joined."""
+    sections = re.split(r"\n\s*(Args|Returns|Raises):\s*\n", "\n" + doc)
+    description = sections[0].strip()
+    named = dict(zip(sections[1::2], sections[2::2], strict=True))
+    args: dict[str, str] = {}
+    lines = [line for line in named.get("Args", "").split("\n") if line.strip()]
+    base = min((len(line) - len(line.lstrip()) for line in lines), default=0)
+    current = None
+    for line in lines:
+        indent = len(line) - len(line.lstrip())
+        match = re.match(r"(\w+):\s*(.*)", line.strip()) if indent == base else None
+        if match:
+            current = match.group(1)
+            args[current] = match.group(2).strip()
+        elif current is not None:
+            args[current] = f"{args[current]} {line.strip()}".strip()
+    returns = named.get("Returns")
+    return description, args, returns.strip() if returns is not None else None
