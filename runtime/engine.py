@@ -1,0 +1,154 @@
+"""The API an app codes against: a loaded model that chats, streams typed events, and runs tools.
+
+    model = LfmModel("build/bundle")
+    for event in model.stream([{"role": "user", "content": "Hi"}]):
+        ...                                  # TextDelta / ReasoningDelta / ToolCallEvent, then Done
+    result = model.run_tools(messages, tools={"get_weather": get_weather})
+
+One LfmModel serves any number of conversations, from any number of threads: each generation has its
+own state buffers; the session and tokenizer are shared (both are safe to share).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .chat import ChatTemplate
+from .generate import Generation, GenerationStats
+from .sampling import Sampling
+from .session import BundleError, LfmSession
+from .toolcalls import ReasoningDelta, StreamParser, TextDelta, ToolCall, ToolCallEvent
+
+THINK_START = "<think>"
+
+
+@dataclass
+class Done:
+    """The last event of a stream: the whole answer, split, and how the generation went."""
+
+    text: str
+    reasoning: str
+    tool_calls: list[ToolCall]
+    raw: str  # everything the model wrote, markers included (what goes back into the conversation)
+    stats: GenerationStats
+
+
+Event = TextDelta | ReasoningDelta | ToolCallEvent | Done
+
+
+@dataclass
+class ToolRun:
+    """What `run_tools` did: the conversation grown by every turn, and the final answer."""
+
+    messages: list[dict[str, Any]]
+    answer: Done
+    calls: list[tuple[ToolCall, Any]] = field(default_factory=list)
+
+
+class LfmModel:
+    def __init__(self, bundle: str | Path, threads: int | None = None, providers: Any = "auto",
+                 verify: str = "size"):
+        from tokenizers import Tokenizer
+
+        self.folder = Path(bundle)
+        self.session = LfmSession(bundle, threads=threads, providers=providers, verify=verify)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises plain Exception
+            raise BundleError(f"{self.folder / 'tokenizer.json'}: cannot load the tokenizer ({e})") from None
+        self.template = ChatTemplate.from_folder(self.folder)
+        path = self.folder / "generation_config.json"
+        self.generation_config = json.loads(path.read_text()) if path.is_file() else {}
+
+    def default_sampling(self, **overrides: Any) -> Sampling:
+        """The checkpoint's recommended sampling (generation_config.json), with overrides."""
+        return Sampling.from_generation_config(self.generation_config, **overrides)
+
+    def prompt_ids(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None,
+                   **template_vars: Any) -> list[int]:
+        text = self.template.render(messages, tools=tools, add_generation_prompt=True, **template_vars)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def stream(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None, *,
+               sampling: Sampling | None = None, max_new_tokens: int = 512, stop: Sequence[str] = (),
+               cancel: threading.Event | None = None, **template_vars: Any) -> Iterator[Event]:
+        """Typed events as the answer is generated; the last one is Done."""
+        prompt = self.prompt_ids(messages, tools, **template_vars)
+        # Templates that open the reasoning block in the prompt (LFM2.5) leave the model inside it.
+        in_reasoning = self.tokenizer.decode(prompt[-4:], skip_special_tokens=False).rstrip().endswith(THINK_START)
+        generation = Generation(self.session, [prompt], max_new_tokens, sampling or self.default_sampling(),
+                                cancel=cancel)
+        parser = StreamParser(start_in_reasoning=in_reasoning)
+        tokens: list[int] = []
+        shown = ""
+        text, reasoning, calls = [], [], []
+        eos = set(self.session.eos_token_ids)
+        stopped_by_string = False
+        for (token,) in generation:
+            if token is None or token in eos:
+                continue
+            tokens.append(token)
+            decoded = self.tokenizer.decode(tokens, skip_special_tokens=False)
+            if decoded.endswith("\ufffd"):  # a multi-byte character is still incomplete
+                continue
+            delta, shown = decoded[len(shown):], decoded
+            for event in parser.feed(delta):
+                yield from self._record(event, text, reasoning, calls)
+            if stop and any(s in "".join(text) for s in stop):
+                stopped_by_string = True
+                generation.cancel.set()
+        if stopped_by_string:
+            generation.stats.stopped = "stop"
+        for event in parser.close():
+            yield from self._record(event, text, reasoning, calls)
+        answer = "".join(text)
+        for s in stop:
+            answer = answer.split(s)[0] if s in answer else answer
+        yield Done(answer, "".join(reasoning).strip(), calls, shown, generation.stats)
+
+    @staticmethod
+    def _record(event, text: list, reasoning: list, calls: list) -> Iterator[Event]:
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+        elif isinstance(event, ReasoningDelta):
+            reasoning.append(event.text)
+        elif isinstance(event, ToolCallEvent) and not event.error:
+            calls.extend(event.calls)
+        yield event
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None,
+             **kwargs: Any) -> Done:
+        """The whole answer at once."""
+        *_, done = self.stream(messages, tools, **kwargs)
+        return done
+
+    def run_tools(self, messages: Sequence[Mapping[str, Any]], tools: Mapping[str, Callable[..., Any]],
+                  schemas: Sequence[Any] | None = None, max_rounds: int = 4, **kwargs: Any) -> ToolRun:
+        """The tool loop: the model calls, the app's function runs, its result goes back as a tool message,
+        and generation continues until the model answers without calling (or max_rounds is reached).
+        A call to an unknown tool, or one that raises, goes back to the model as an error message."""
+        from .chat import function_schema
+
+        schemas = list(schemas) if schemas is not None else [function_schema(f) for f in tools.values()]
+        history = [dict(m) for m in messages]
+        run = ToolRun(history, None)  # type: ignore[arg-type]
+        for _ in range(max_rounds):
+            done = self.chat(history, schemas, **kwargs)
+            history.append({"role": "assistant", "content": done.raw})
+            run.answer = done
+            if not done.tool_calls:
+                return run
+            for call in done.tool_calls:
+                fn = tools.get(call.name)
+                try:
+                    result = fn(**call.arguments) if fn else {"error": f"unknown tool {call.name!r}"}
+                except Exception as e:  # the app's tool failed: the model is told, the loop goes on
+                    result = {"error": f"{type(e).__name__}: {e}"}
+                run.calls.append((call, result))
+                history.append({"role": "tool", "content": result if isinstance(result, str) else json.dumps(result)})
+        return run

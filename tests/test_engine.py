@@ -1,0 +1,123 @@
+"""The app-facing engine: streamed typed events, the multi-turn tool loop, stop strings, threads."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from scripted_model import write_bundle
+from tokenizers import Tokenizer
+
+from lfm_edge.runtime.engine import Done, LfmModel
+from lfm_edge.runtime.generate import generate
+from lfm_edge.runtime.session import LfmSession
+from lfm_edge.runtime.toolcalls import ReasoningDelta, TextDelta, ToolCall, ToolCallEvent
+
+DEMO = Path(__file__).resolve().parent.parent / "demo_model"
+
+
+def get_weather(city: str) -> dict:
+    """Current weather.
+
+    Args:
+        city: the city's name
+    """
+    return {"city": city, "sky": "sunny", "celsius": 21}
+
+
+@pytest.fixture
+def scripted(tmp_path):
+    """(make_model(script), tokenize) over the demo model's tokenizer and chat template."""
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    eos = tok.token_to_id("<|im_end|>")
+
+    def tokenize(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def make(script: dict[int, int]) -> LfmModel:
+        folder = write_bundle(tmp_path / f"bundle{len(list(tmp_path.iterdir()))}", DEMO, script,
+                              tok.get_vocab_size(), eos)
+        return LfmModel(folder)
+
+    return make, tokenize
+
+
+def _script(at: int, tokens: list[int]) -> dict[int, int]:
+    return {at + i: t for i, t in enumerate(tokens)}
+
+
+def test_tool_loop_end_to_end(scripted):
+    make, tokenize = scripted
+    probe = make({})
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    schemas = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    call_text = "<|tool_call_start|>[get_weather(city='Paris')]<|tool_call_end|>"
+    answer = "It is sunny and 21 degrees in Paris."
+    first = len(probe.prompt_ids(messages, schemas))
+    result = get_weather("Paris")
+    second_messages = messages + [{"role": "assistant", "content": call_text},
+                                  {"role": "tool", "content": json.dumps(result)}]
+    second = len(probe.prompt_ids(second_messages, schemas))
+    model = make(_script(first, tokenize(call_text)) | _script(second, tokenize(answer)))
+
+    run = model.run_tools(messages, {"get_weather": get_weather}, schemas=schemas)
+
+    assert run.calls == [(ToolCall("get_weather", {"city": "Paris"}), result)]
+    assert [m["role"] for m in run.messages] == ["user", "assistant", "tool", "assistant"]
+    assert run.messages[2]["content"] == json.dumps(result)
+    assert run.answer.text == answer and run.answer.tool_calls == []
+    assert run.answer.stats.stopped == "eos"
+
+
+def test_stream_events_split_reasoning_text_and_calls(scripted):
+    make, tokenize = scripted
+    messages = [{"role": "user", "content": "hi"}]
+    start = len(make({}).prompt_ids(messages))
+    said = "<think>The user greets me.</think>Hello! <|tool_call_start|>[wave(times=2)]<|tool_call_end|>"
+    events = list(make(_script(start, tokenize(said))).stream(messages))
+    kinds = {type(e) for e in events}
+    assert {ReasoningDelta, TextDelta, ToolCallEvent, Done} <= kinds
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert done.reasoning == "The user greets me."
+    assert done.text.strip() == "Hello!"
+    assert done.tool_calls == [ToolCall("wave", {"times": 2})]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == done.text
+
+
+def test_unknown_or_failing_tools_are_reported_to_the_model(scripted):
+    make, tokenize = scripted
+    messages = [{"role": "user", "content": "go"}]
+    start = len(make({}).prompt_ids(messages, []))
+    model = make(_script(start, tokenize("<|tool_call_start|>[nope(), boom()]<|tool_call_end|>")))
+
+    def boom():
+        raise RuntimeError("sensor offline")
+
+    run = model.run_tools(messages, {"boom": boom}, schemas=[], max_rounds=1)
+    assert run.calls[0][1] == {"error": "unknown tool 'nope'"}
+    assert run.calls[1][1] == {"error": "RuntimeError: sensor offline"}
+
+
+def test_stop_strings(scripted):
+    make, tokenize = scripted
+    messages = [{"role": "user", "content": "count"}]
+    start = len(make({}).prompt_ids(messages))
+    done = make(_script(start, tokenize("one two three four five"))).chat(messages, stop=["three"])
+    assert done.text == "one two " and done.stats.stopped == "stop"
+
+
+def test_threads_share_one_model_and_match_serial_runs(tmp_path):
+    from lfm_edge.export.exporter import export
+    from tiny_models import build
+
+    build("moe_mixed", tmp_path / "ckpt")
+    session = LfmSession(export(tmp_path / "ckpt", tmp_path / "bundle").bundle)
+    prompts = [[5 + i, 17, 3 * i + 4, 99, 100 + i][: 2 + i % 4] for i in range(12)]
+    serial = [generate(session, [p], 12, eos_token_ids=[])[0] for p in prompts]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(lambda p: generate(session, [p], 12, eos_token_ids=[])[0], prompts))
+    assert parallel == serial
