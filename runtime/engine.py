@@ -128,17 +128,22 @@ class LfmModel:
         return done
 
     def run_tools(self, messages: Sequence[Mapping[str, Any]], tools: Mapping[str, Callable[..., Any]],
-                  schemas: Sequence[Any] | None = None, max_rounds: int = 4, **kwargs: Any) -> ToolRun:
+                  schemas: Sequence[Any] | None = None, max_rounds: int = 4,
+                  on_event: Callable[[Event | tuple[ToolCall, Any]], None] | None = None, **kwargs: Any) -> ToolRun:
         """The tool loop: the model calls, the app's function runs, its result goes back as a tool message,
         and generation continues until the model answers without calling (or max_rounds is reached).
-        A call to an unknown tool, or one that raises, goes back to the model as an error message."""
+        A call to an unknown tool, or one that raises, goes back to the model as an error message.
+        `on_event` sees every streamed event and every (call, result) as it happens."""
         from .chat import function_schema
 
         schemas = list(schemas) if schemas is not None else [function_schema(f) for f in tools.values()]
         history = [dict(m) for m in messages]
         run = ToolRun(history, None)  # type: ignore[arg-type]
         for _ in range(max_rounds):
-            done = self.chat(history, schemas, **kwargs)
+            for event in self.stream(history, schemas or None, **kwargs):
+                if on_event:
+                    on_event(event)
+            done = event
             history.append({"role": "assistant", "content": done.raw})
             run.answer = done
             if not done.tool_calls:
@@ -150,5 +155,7 @@ class LfmModel:
                 except Exception as e:  # the app's tool failed: the model is told, the loop goes on
                     result = {"error": f"{type(e).__name__}: {e}"}
                 run.calls.append((call, result))
+                if on_event:
+                    on_event((call, result))
                 history.append({"role": "tool", "content": result if isinstance(result, str) else json.dumps(result)})
         return run

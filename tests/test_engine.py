@@ -121,3 +121,35 @@ def test_threads_share_one_model_and_match_serial_runs(tmp_path):
     with ThreadPoolExecutor(max_workers=4) as pool:
         parallel = list(pool.map(lambda p: generate(session, [p], 12, eos_token_ids=[])[0], prompts))
     assert parallel == serial
+
+
+def test_lfm_chat_one_shot_and_interactive_commands(scripted):
+    import subprocess
+    import sys
+
+    make, tokenize = scripted
+    probe = make({})
+    from lfm_edge.runtime.chat import function_schema
+    from lfm_edge.runtime.chat_cli import DEMO_TOOLS
+
+    messages = [{"role": "user", "content": "hello there"}]
+    start = len(probe.prompt_ids(messages, [function_schema(f) for f in DEMO_TOOLS.values()]))
+    model = make(_script(start, tokenize("General Kenobi.")))
+    cmd = [sys.executable, "-m", "lfm_edge.runtime.chat_cli", str(model.folder)]
+    one = subprocess.run(cmd + ["-p", "hello there"], capture_output=True, text=True, timeout=60)
+    assert one.returncode == 0 and "General Kenobi." in one.stdout
+    assert "CPUExecutionProvider" in one.stderr and "tok/s" in one.stderr
+    chat = subprocess.run(cmd, input="/tools\nhello there\n/stats\n/reset\n/quit\n", capture_output=True,
+                          text=True, timeout=60)
+    assert chat.returncode == 0
+    assert "calculator: Evaluate arithmetic" in chat.stdout and "General Kenobi." in chat.stdout
+    assert '"stopped": "eos"' in chat.stdout and "(conversation cleared)" in chat.stdout
+
+
+def test_calculator_tool_computes_and_refuses_code():
+    from lfm_edge.runtime.chat_cli import calculator
+
+    assert calculator("2 * (3 + 4) - 1 / 4") == {"result": 13.75}
+    assert "error" in calculator("__import__('os').system('true')")
+    assert "error" in calculator("9 ** 99999")
+    assert "error" in calculator("1 / 0")

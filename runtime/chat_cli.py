@@ -1,0 +1,133 @@
+"""`lfm-chat BUNDLE`: chat in the terminal, streaming; `-p "..."` answers one prompt and exits.
+
+Commands in the interactive chat: /reset clears the conversation, /tools lists the demo tools (the model
+may call them; calls and results are shown), /stats shows the last generation's numbers, /quit leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .engine import Done, LfmModel
+from .session import BundleError
+from .toolcalls import ReasoningDelta, TextDelta, ToolCallEvent
+
+
+def calculator(expression: str) -> dict:
+    """Evaluate arithmetic with + - * / ** and parentheses.
+
+    Args:
+        expression: the arithmetic expression, e.g. "2 * (3 + 4)"
+    """
+    import ast
+    import operator
+
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+    def value(node: ast.AST) -> float:
+        # arithmetic on numeric literals only; anything else is refused, never evaluated
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            right = value(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 100:
+                raise ValueError("exponent too large")
+            return ops[type(node.op)](value(node.left), right)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in ops:
+            return ops[type(node.op)](value(node.operand))
+        raise ValueError(f"not arithmetic: {ast.dump(node)[:60]}")
+
+    if len(expression) > 200:
+        return {"error": "expression too long"}
+    try:
+        return {"result": value(ast.parse(expression, mode="eval").body)}
+    except (ValueError, SyntaxError, ZeroDivisionError, OverflowError) as e:
+        return {"error": str(e)}
+
+
+def current_time() -> dict:
+    """The device's local date and time."""
+    return {"now": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+DEMO_TOOLS: dict[str, Callable[..., Any]] = {"calculator": calculator, "current_time": current_time}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lfm-chat", description=__doc__)
+    parser.add_argument("bundle", help="bundle folder written by lfm-export")
+    parser.add_argument("-p", "--prompt", help="answer this one prompt and exit")
+    parser.add_argument("-s", "--system", help="system prompt")
+    parser.add_argument("-n", "--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-tools", action="store_true", help="do not offer the demo tools")
+    args = parser.parse_args(argv)
+    try:
+        model = LfmModel(args.bundle, threads=args.threads)
+        sampling = model.default_sampling(temperature=args.temperature, seed=args.seed)
+    except (BundleError, ValueError, OSError) as e:
+        print(f"lfm-chat: error: {e}", file=sys.stderr)
+        return 2
+    tools = {} if args.no_tools else DEMO_TOOLS
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(base)
+    print(f"lfm-chat: {args.bundle} on {model.session.provider_choice.providers[0]} "
+          f"({model.session.provider_choice.reason})", file=sys.stderr)
+    last: Done | None = None
+    while True:
+        if args.prompt is not None:
+            line = args.prompt
+        else:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                return 0
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            messages = list(base)
+            print("(conversation cleared)")
+            continue
+        if line == "/tools":
+            for name, fn in tools.items():
+                print(f"  {name}: {(fn.__doc__ or '').strip().splitlines()[0]}")
+            continue
+        if line == "/stats":
+            print(json.dumps(last.stats.__dict__ if last else {}, default=str, indent=2))
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        messages, last = _turn(model, messages, tools, sampling, args.max_new_tokens)
+        if args.prompt is not None:
+            return 0
+
+
+def _turn(model: LfmModel, messages: list, tools: dict, sampling, max_new_tokens: int) -> tuple[list, Done]:
+    def show(event) -> None:
+        if isinstance(event, ReasoningDelta):
+            print(f"\033[2m{event.text}\033[0m", end="", flush=True)
+        elif isinstance(event, TextDelta):
+            print(event.text, end="", flush=True)
+        elif isinstance(event, ToolCallEvent):
+            print(f"\n[tool call: {event.error or ', '.join(c.name for c in event.calls)}]", flush=True)
+        elif isinstance(event, tuple):
+            print(f"[{event[0].name} -> {json.dumps(event[1])}]", flush=True)
+
+    run = model.run_tools(messages, tools, on_event=show, sampling=sampling, max_new_tokens=max_new_tokens)
+    stats = run.answer.stats
+    print(f"\n\033[2m({stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s, "
+          f"first token {stats.time_to_first_token * 1000:.0f} ms)\033[0m", file=sys.stderr)
+    return run.messages, run.answer
+
+
+if __name__ == "__main__":
+    sys.exit(main())
