@@ -1,0 +1,45 @@
+"""The runtime installs and runs with onnxruntime, numpy, tokenizers and jinja2 only: what a phone carries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import venv
+from pathlib import Path
+
+from lfm_edge.export.exporter import export
+from lfm_edge.runtime.generate import generate
+from lfm_edge.runtime.session import LfmSession
+from tiny_models import build
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME_DEPS = ["onnxruntime", "numpy", "tokenizers", "jinja2"]
+
+PROBE = """
+import importlib.util, json, sys
+from lfm_edge.runtime.session import LfmSession
+from lfm_edge.runtime.generate import generate
+import lfm_edge.runtime.engine, lfm_edge.runtime.chat, lfm_edge.runtime.toolcalls, lfm_edge.runtime.chat_cli
+heavy = [m for m in ("torch", "transformers", "onnx") if importlib.util.find_spec(m) is not None]
+tokens = generate(LfmSession(sys.argv[1]), [[5, 6, 7, 8]], 8, eos_token_ids=[])[0]
+print(json.dumps({"heavy": heavy, "tokens": tokens, "loaded": sorted(m for m in sys.modules if m in
+      ("torch", "transformers", "onnx"))}))
+"""
+
+
+def test_runtime_runs_in_a_clean_environment_without_torch(tmp_path):
+    build("moe_mixed", tmp_path / "ckpt")
+    bundle = export(tmp_path / "ckpt", tmp_path / "bundle", quant="int4").bundle
+    expected = generate(LfmSession(bundle), [[5, 6, 7, 8]], 8, eos_token_ids=[])[0]
+
+    env = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env)
+    py = str(env / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run(pip + RUNTIME_DEPS, check=True, timeout=600)
+    subprocess.run(pip + ["--no-deps", str(ROOT)], check=True, timeout=600)  # a real wheel build, not editable
+    out = subprocess.run([py, "-c", PROBE, str(bundle)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == [] and result["loaded"] == []
+    assert result["tokens"] == expected
