@@ -61,7 +61,7 @@ class LfmSession:
             options.intra_op_num_threads = threads
         self.provider_choice = choose(model_file, providers, options)
         self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
-        self.state = _state_spec(self.session)
+        self.state = _state_spec(self.session, decoder)
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
 
 
@@ -157,14 +157,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _state_spec(session: ort.InferenceSession) -> StateSpec:
+def _state_spec(session: ort.InferenceSession, decoder: dict) -> StateSpec:
+    """State dims from the graph's inputs; where a dim is symbolic (the genai builder leaves the head size
+    so), from genai_config.json's decoder section."""
+    fallback = {"kv_heads": decoder.get("num_key_value_heads"), "head_dim": decoder.get("head_size")}
+
+    def dim(value, axis: int, key: str) -> int:
+        d = value.shape[axis]
+        if isinstance(d, int):
+            return d
+        if fallback.get(key) is None:
+            raise BundleError(f"{value.name}: dimension {axis} is symbolic ({d!r}) and genai_config.json "
+                              f"gives no {key}")
+        return int(fallback[key])
+
     conv, kv = {}, {}
     for value in session.get_inputs():
         parts = value.name.split(".")
         if value.name.startswith("past.") and parts[-1] == "conv":
             conv[int(parts[1])] = (int(value.shape[1]), int(value.shape[2]))
         elif value.name.startswith("past_key_values.") and parts[-1] == "key":
-            kv[int(parts[1])] = (int(value.shape[1]), int(value.shape[3]))
+            kv[int(parts[1])] = (dim(value, 1, "kv_heads"), dim(value, 3, "head_dim"))
     return StateSpec(conv, kv)
 
 
