@@ -1,0 +1,105 @@
+"""The physical limit of decoding: every active weight is read once per token, so
+    tokens/s <= read bandwidth / bytes read per token.
+
+Bytes per token come from the bundle itself (each initializer's stored size; routed experts count at
+top_k / num_experts of their size; the embedding table counts once, as the LM head that reads all of it).
+Bandwidth is measured here, or taken from a phone SoC table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TARGET_TOKENS_PER_SECOND = 30.0
+
+# Peak LPDDR bandwidth (GB/s) of phone SoCs; `achievable` is the share the best CPU decoders reach
+# (REFERENCE.md section 5: about 55% on phones).
+PHONE_SOCS: dict[str, float] = {
+    "Snapdragon 8 Gen 2 (LPDDR5X-8400)": 67.0,
+    "Snapdragon 8 Gen 3 (LPDDR5X-9600)": 76.8,
+    "Snapdragon 8 Elite (LPDDR5X-10667)": 84.8,
+    "Dimensity 9300 (LPDDR5T-9600)": 76.8,
+    "Apple A17 Pro (LPDDR5-6400)": 51.2,
+    "Apple A18 Pro (LPDDR5X-7500)": 60.0,
+    "Tensor G4 (LPDDR5X-8533)": 68.3,
+    "Snapdragon 7 Gen 3 (LPDDR5-6400)": 51.2,
+}
+PHONE_ACHIEVABLE = 0.55
+
+
+@dataclass
+class TokenBytes:
+    total: float  # bytes read per decoded token
+    by_kind: dict[str, float]
+    stored: int  # bytes of all weights in the bundle
+
+
+def bytes_per_token(bundle: Path) -> TokenBytes:
+    import onnx
+
+    model = onnx.load(bundle / "model.onnx", load_external_data=False)
+    config = json.loads((bundle / "config.json").read_text()) if (bundle / "config.json").is_file() else {}
+    experts, top_k = config.get("num_experts", 0), config.get("num_experts_per_tok", 0)
+    by_kind: dict[str, float] = {}
+    stored = 0
+    for init in model.graph.initializer:
+        size = _stored_bytes(init)
+        stored += size
+        name = init.name
+        if ".experts." in name and experts:
+            kind, read = "experts (routed)", size * top_k / experts
+        elif name.startswith(("model.embed_tokens", "lm_head")):
+            kind, read = ("embedding / LM head", size) if not name.endswith(("scales3", "zp3")) else ("", 0)
+        elif "self_attn" in name:
+            kind, read = "attention", size
+        elif ".conv." in name:
+            kind, read = "conv", size
+        elif "feed_forward" in name:
+            kind, read = "dense FFN / router", size
+        else:
+            kind, read = "other", size
+        if kind:
+            by_kind[kind] = by_kind.get(kind, 0.0) + read
+    return TokenBytes(sum(by_kind.values()), by_kind, stored)
+
+
+def _stored_bytes(init) -> int:
+    for entry in init.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    from onnx import helper
+
+    count = int(np.prod(init.dims)) if init.dims else 1
+    return count * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: the best of several passes of a memory-bound dot product over `gib` GiB."""
+    a = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    a @ a  # noqa: B018 - touch every page first
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ a  # noqa: B018
+        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def ceiling(bandwidth_gbs: float, token_bytes: float) -> float:
+    return bandwidth_gbs * 1e9 / token_bytes
+
+
+def phone_predictions(token_bytes: float, fraction: float | None = None) -> list[dict]:
+    """Predicted decode tok/s per SoC at `fraction` of peak bandwidth (default: what phones reach)."""
+    share = PHONE_ACHIEVABLE if fraction is None else fraction
+    rows = []
+    for soc, bandwidth in PHONE_SOCS.items():
+        tps = ceiling(bandwidth, token_bytes) * share
+        rows.append({"soc": soc, "bandwidth_gbs": bandwidth, "ceiling_tps": round(ceiling(bandwidth, token_bytes), 1),
+                     "predicted_tps": round(tps, 1), "meets_target": tps >= TARGET_TOKENS_PER_SECOND})
+    return rows
