@@ -3,67 +3,52 @@
 Corpus: ``pydoc_data.topics.topics`` (shipped with CPython, PSF license). Every 20th topic
 (by sorted key) is held out and written to ``heldout.txt``. Deterministic for a given seed.
 
-    nice -n 10 python demo_model/train.py --steps 3000 --seed 0
+    nice -n 10 python demo_model/train.py --steps 1500 --seed 0
 """
-
-from __future__ import annotations
 
 import argparse
 import json
 import math
-import random
 import time
 from functools import partial
 from pathlib import Path
 from pydoc_data.topics import topics
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, Lfm2MoeConfig, Lfm2MoeForCausalLM
 
 SPECIAL_TOKENS = [
-    "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>",
-    "<|im_start|>", "<|im_end|>", "<|tool_list_start|>", "<|tool_list_end|>",
-    "<|tool_call_start|>", "<|tool_call_end|>", "<|tool_response_start|>", "<|tool_response_end|>",
-    "<think>", "</think>",
+    "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>", "<|im_start|>",
+    "<|im_end|>", "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_call_start|>", "<|tool_call_end|>",
+    "<|tool_response_start|>", "<|tool_response_end|>", "<think>", "</think>",
 ]  # fmt: skip
 PAD, BOS, EOT, IM_END = 0, 1, 2, 7
-VOCAB_SIZE = 3000
-SEQ_LEN, BATCH = 128, 16
-HELDOUT_MAX_CHARS = 60_000
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}\n"
-    '{%- set ns = namespace(system_prompt="") -%}\n'
-    '{%- if messages and messages[0]["role"] == "system" -%}\n'
-    '  {%- set ns.system_prompt = messages[0]["content"] -%}\n'
-    "  {%- set messages = messages[1:] -%}\n"
-    "{%- endif -%}\n"
-    "{%- if tools -%}\n"
-    '  {%- set ns.system_prompt = ns.system_prompt + ("\\n" if ns.system_prompt else "")'
-    ' + "List of tools: <|tool_list_start|>[" -%}\n'
-    "  {%- for tool in tools -%}\n"
-    "    {%- if tool is not string -%}{%- set tool = tool | tojson -%}{%- endif -%}\n"
-    "    {%- set ns.system_prompt = ns.system_prompt + tool -%}\n"
-    '    {%- if not loop.last -%}{%- set ns.system_prompt = ns.system_prompt + ", " -%}{%- endif -%}\n'
-    "  {%- endfor -%}\n"
-    '  {%- set ns.system_prompt = ns.system_prompt + "]<|tool_list_end|>" -%}\n'
-    "{%- endif -%}\n"
-    "{%- if ns.system_prompt -%}\n"
-    '  {{- "<|im_start|>system\\n" + ns.system_prompt + "<|im_end|>\\n" -}}\n'
-    "{%- endif -%}\n"
-    "{%- for message in messages -%}\n"
-    '  {{- "<|im_start|>" + message["role"] + "\\n" -}}\n'
-    '  {%- set content = message["content"] -%}\n'
-    "  {%- if content is not string -%}{%- set content = content | tojson -%}{%- endif -%}\n"
-    '  {%- if message["role"] == "tool" -%}\n'
-    '    {%- set content = "<|tool_response_start|>" + content + "<|tool_response_end|>" -%}\n'
-    "  {%- endif -%}\n"
-    '  {{- content + "<|im_end|>\\n" -}}\n'
-    "{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n"
-    '  {{- "<|im_start|>assistant\\n" -}}\n'
-    "{%- endif -%}\n"
-)
+VOCAB_SIZE, SEQ_LEN, BATCH, HELDOUT_MAX_CHARS = 3000, 128, 16, 60_000
+# LFM2-style ChatML: bos, optional system prompt (+ tool list), one block per message.
+CHAT_TEMPLATE = r"""{{- bos_token -}}
+{%- set ns = namespace(system_prompt="") -%}
+{%- if messages and messages[0]["role"] == "system" -%}
+  {%- set ns.system_prompt = messages[0]["content"] -%}{%- set messages = messages[1:] -%}
+{%- endif -%}
+{%- if tools -%}
+  {%- set ns.system_prompt = ns.system_prompt + ("\n" if ns.system_prompt else "") + "List of tools: <|tool_list_start|>[" -%}
+  {%- for tool in tools -%}
+    {%- if tool is not string -%}{%- set tool = tool | tojson -%}{%- endif -%}
+    {%- set ns.system_prompt = ns.system_prompt + tool + (", " if not loop.last else "") -%}
+  {%- endfor -%}
+  {%- set ns.system_prompt = ns.system_prompt + "]<|tool_list_end|>" -%}
+{%- endif -%}
+{%- if ns.system_prompt -%}{{- "<|im_start|>system\n" + ns.system_prompt + "<|im_end|>\n" -}}{%- endif -%}
+{%- for message in messages -%}
+  {%- set content = message["content"] -%}
+  {%- if content is not string -%}{%- set content = content | tojson -%}{%- endif -%}
+  {%- if message["role"] == "tool" -%}{%- set content = "<|tool_response_start|>" + content + "<|tool_response_end|>" -%}{%- endif -%}
+  {{- "<|im_start|>" + message["role"] + "\n" + content + "<|im_end|>\n" -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- "<|im_start|>assistant\n" -}}{%- endif -%}
+"""  # noqa: E501
 
 
 def build_corpus() -> tuple[list[str], str]:
@@ -75,22 +60,18 @@ def build_corpus() -> tuple[list[str], str]:
 
 
 def train_tokenizer(docs: list[str]) -> Tokenizer:
+    """Byte-level BPE; LFM2's special tokens get ids 0..15; every encoding starts with bos."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(docs, trainer=trainer)
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A",
-        pair="<|startoftext|> $A <|startoftext|> $B",
-        special_tokens=[("<|startoftext|>", BOS)],
-    )
+    bos = [("<|startoftext|>", BOS)]
+    tok.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A", special_tokens=bos)
     return tok
 
 
@@ -98,64 +79,36 @@ def save_tokenizer(tok: Tokenizer, out: Path) -> None:
     tok.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|pad|>",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "model_max_length": 4096,
-        "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
+        **{"bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>"},
+        **{"add_bos_token": True, "add_eos_token": False, "model_max_length": 4096},
+        **{"clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE},
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def build_config(vocab_size: int) -> Lfm2MoeConfig:
     return Lfm2MoeConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=320,
-        moe_intermediate_size=96,
-        num_hidden_layers=6,
+        vocab_size=vocab_size, hidden_size=128, num_hidden_layers=6, max_position_embeddings=4096,
         layer_types=["conv", "conv", "full_attention", "conv", "full_attention", "conv"],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_dense_layers=2,
-        num_experts=8,
-        num_experts_per_tok=2,
-        use_expert_bias=True,
-        norm_topk_prob=True,
-        routed_scaling_factor=1.0,
-        conv_L_cache=3,
-        conv_bias=False,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        tie_word_embeddings=True,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=IM_END,
-    )
+        num_attention_heads=4, num_key_value_heads=2, conv_L_cache=3, conv_bias=False,
+        num_dense_layers=2, intermediate_size=320, moe_intermediate_size=96,
+        num_experts=8, num_experts_per_tok=2, use_expert_bias=True, norm_topk_prob=True,
+        routed_scaling_factor=1.0, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=IM_END,
+    )  # fmt: skip
 
 
 def encode_docs(tok: Tokenizer, docs: list[str]) -> torch.Tensor:
     """One token stream: <|startoftext|> doc <|endoftext|> for every document."""
-    ids: list[int] = []
-    for enc in tok.encode_batch(docs):
-        ids += enc.ids + [EOT]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor([i for enc in tok.encode_batch(docs) for i in [*enc.ids, EOT]], dtype=torch.long)
 
 
 @torch.no_grad()
 def evaluate(model: Lfm2MoeForCausalLM, stream: torch.Tensor) -> float:
     """Mean next-token loss over non-overlapping SEQ_LEN windows."""
-    model.eval()
     n = (len(stream) - 1) // SEQ_LEN
-    windows = stream[: n * SEQ_LEN + 1]
-    inputs = windows[:-1].view(n, SEQ_LEN)
-    targets = windows[1:].view(n, SEQ_LEN)
-    logits = model(input_ids=inputs).logits
-    model.train()
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
+    logits = model(input_ids=stream[: n * SEQ_LEN].view(n, SEQ_LEN)).logits
+    return F.cross_entropy(logits.flatten(0, 1), stream[1 : n * SEQ_LEN + 1]).item()
 
 
 def count_load(count: torch.Tensor, _module: torch.nn.Module, _inputs: tuple, out: tuple) -> None:
@@ -164,20 +117,24 @@ def count_load(count: torch.Tensor, _module: torch.nn.Module, _inputs: tuple, ou
         count.add_(torch.bincount(out[2].flatten(), minlength=len(count)))
 
 
+def dropout_hook(p: float, module: torch.nn.Module, _inputs: tuple, out: object) -> object:
+    """Training-only dropout on a sub-layer's output (LFM2 has no dropout in its config)."""
+    on = module.training and torch.is_grad_enabled()  # never in evaluate() or generate()
+    return (F.dropout(out[0], p, on), *out[1:]) if isinstance(out, tuple) else F.dropout(out, p, on)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--dropout", type=float, default=0.2)
     args = parser.parse_args()
-
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    random.seed(args.seed)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-
     train_docs, heldout = build_corpus()
     (args.out / "heldout.txt").write_text(heldout)
     tok = train_tokenizer(train_docs)
@@ -188,23 +145,24 @@ def main() -> None:
     model = Lfm2MoeForCausalLM(build_config(tok.get_vocab_size()))
     moe_blocks = [m for m in model.modules() if hasattr(m, "expert_bias")]
     counts = [torch.zeros(model.config.num_experts) for _ in moe_blocks]
-    for block, count in zip(moe_blocks, counts, strict=True):
+    for block, count in zip(moe_blocks, counts, strict=True):  # non-zero bias from the start
         block.expert_bias.copy_(0.01 * torch.randn(model.config.num_experts))
         block.gate.register_forward_hook(partial(count_load, count))
+    for layer in model.model.layers:
+        for sub in (layer.conv if hasattr(layer, "conv") else layer.self_attn, layer.feed_forward):
+            sub.register_forward_hook(partial(dropout_hook, args.dropout))
+    model.model.embed_tokens.register_forward_hook(partial(dropout_hook, args.dropout))
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95),
-    )  # fmt: skip
-    warmup = max(1, args.steps // 30)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    warmup = max(1, args.steps // 30)  # linear warm-up, then cosine decay to 10 % of the peak
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps)))
     )
     gen = torch.Generator().manual_seed(args.seed)
-    model.train()
     start, avg = time.time(), None
     for step in range(1, args.steps + 1):
         offsets = torch.randint(0, len(train_ids) - SEQ_LEN, (BATCH,), generator=gen)
@@ -222,22 +180,18 @@ def main() -> None:
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if step % 50 == 0 or step == args.steps:
             msg = f"step {step:5d}  loss {loss.item():.4f}  avg {avg:.4f}  {time.time() - start:6.0f}s"
-            if step % 500 == 0 or step == args.steps:
+            if step % 250 == 0 or step == args.steps:
                 msg += f"  held-out {evaluate(model, heldout_ids):.4f}"
             print(msg, flush=True)
 
     model.eval()
     train_loss = evaluate(model, train_ids[: 64 * SEQ_LEN + 1])
     heldout_loss = evaluate(model, heldout_ids)
-    ppl = math.exp(heldout_loss)
-    print(f"final train loss {train_loss:.4f}  held-out loss {heldout_loss:.4f}  ppl {ppl:.2f}")
-    print(f"training time {time.time() - start:.0f}s")
+    ppl, minutes = math.exp(heldout_loss), (time.time() - start) / 60
+    print(f"final train loss {train_loss:.4f}  held-out {heldout_loss:.4f} (ppl {ppl:.1f})  {minutes:.1f} min")
     model.save_pretrained(args.out, safe_serialization=True)
-    GenerationConfig(
-        bos_token_id=BOS, eos_token_id=IM_END, pad_token_id=PAD, do_sample=False, max_new_tokens=64
-    ).save_pretrained(args.out)
-    prompt = torch.tensor([tok.encode("The list").ids])
-    out = model.generate(prompt, max_new_tokens=40, do_sample=False)
+    GenerationConfig(bos_token_id=BOS, eos_token_id=IM_END, pad_token_id=PAD, do_sample=False).save_pretrained(args.out)
+    out = model.generate(torch.tensor([tok.encode("The list").ids]), max_new_tokens=40, do_sample=False)
     print("sample:", repr(tok.decode(out[0].tolist())))
 
 
