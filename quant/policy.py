@@ -79,7 +79,9 @@ def scale_dtype(weight_name: str) -> type:
     return np.float16 if ".experts." in weight_name else np.float32
 
 
-INT4 = QuantSpec(4, 32, "rtn")
+# MSE clipping search over RTN, chosen by measurement on the demo model's held-out text (quant/README.md):
+# KL to fp32 0.047 vs 0.067, perplexity 114.2 vs 117.3 (fp32 113.4); decode speed unchanged.
+INT4 = QuantSpec(4, 32, "mse")
 INT8 = QuantSpec(8, 32, "rtn")
 POLICIES: dict[str, Policy] = {
     "fp32": Policy("fp32", None, None, None),

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from tokenizers import Tokenizer
 
     try:
-        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+        sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         model = LfmSession(args.bundle, threads=args.threads)
         tokenizer = Tokenizer.from_file(str(Path(args.bundle) / "tokenizer.json"))
     except (BundleError, ValueError, OSError, Exception) as e:  # tokenizers raises plain Exception

@@ -1,0 +1,140 @@
+"""The benchmark: load, time to first token, prefill and decode speed at several context depths.
+
+Every timed region also records how long this process's threads waited for a CPU (from the kernel's
+per-thread schedstat) and the load average, so a run disturbed by another process is known as such;
+summaries use the quiet runs when there are any. Decode steps feed varied token ids, so routing varies
+as in real text (a repeated token keeps re-reading the same experts and flatters the number).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+QUIET_WAIT_SHARE = 0.05  # a run whose threads waited for a CPU more than 5% of the time is disturbed
+
+
+@dataclass
+class Sample:
+    value: float  # tokens/s or seconds, as the metric says
+    wall: float
+    cpu_wait_share: float
+    loadavg: float
+
+    @property
+    def quiet(self) -> bool:
+        return self.cpu_wait_share <= QUIET_WAIT_SHARE
+
+
+@dataclass
+class Metric:
+    unit: str
+    samples: list[Sample] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        quiet = [s.value for s in self.samples if s.quiet]
+        used = quiet or [s.value for s in self.samples]
+        return {"unit": self.unit, "median": statistics.median(used), "min": min(used), "max": max(used),
+                "runs": len(self.samples), "quiet_runs": len(quiet), "basis": "quiet" if quiet else "all (disturbed)",
+                "samples": [asdict(s) | {"quiet": s.quiet} for s in self.samples]}
+
+
+def _cpu_wait_seconds() -> float:
+    """Seconds this process's threads have spent runnable but waiting for a CPU."""
+    total = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
+def timed(fn: Callable[[], object], threads: int) -> tuple[float, float, float]:
+    """(wall seconds, share of thread-time spent waiting for a CPU, 1-minute load average) around fn()."""
+    wait0, t0 = _cpu_wait_seconds(), time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    wait = _cpu_wait_seconds() - wait0
+    return wall, wait / max(wall * threads, 1e-9), os.getloadavg()[0]
+
+
+def device_info(threads: int) -> dict:
+    import onnxruntime as ort
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Hardware", "Processor")):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu_model": cpu, "cores": os.cpu_count(), "threads": threads, "machine": platform.machine(),
+            "system": platform.platform(), "python": platform.python_version(), "onnxruntime": ort.__version__}
+
+
+def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decode: list[int], runs: int,
+        progress: Callable[[str], None] = lambda m: None, seed: int = 0) -> dict[str, Metric]:
+    """Measure `runs` times after one warm-up; returns metrics keyed 'load', 'ttft', 'prefill/P',
+    'decode/N@D' (N tokens decoded after D tokens of context)."""
+    from ..runtime.generate import peak_rss_mb
+    from ..runtime.session import Cache, LfmSession
+
+    rng = np.random.default_rng(seed)
+    metrics: dict[str, Metric] = {"load": Metric("s"), "ttft": Metric("s"), "peak_rss": Metric("MB")}
+    session = None
+
+    def load():
+        nonlocal session
+        session = LfmSession(bundle, threads=threads, verify="none")
+
+    vocab_hi = 0
+
+    def ids(n: int) -> np.ndarray:
+        return rng.integers(100, vocab_hi, (1, n))
+
+    for r in range(runs + 1):
+        label = "warm-up" if r == 0 else f"run {r}/{runs}"
+        progress(f"{label}: load")
+        wall, wait, la = timed(load, threads)
+        vocab_hi = vocab_hi or min(session.vocab_size, 30000)
+        if r:
+            metrics["load"].samples.append(Sample(wall, wall, wait, la))
+        for p in prompts:
+            progress(f"{label}: prefill {p}")
+            cache = Cache(session, 1, p + 1)
+            prompt = ids(p)
+            wall, wait, la = timed(lambda c=cache, x=prompt: c.step(x), threads)
+            if r:
+                metrics.setdefault(f"prefill/{p}", Metric("tok/s")).samples.append(Sample(p / wall, wall, wait, la))
+                if p == min(prompts):
+                    metrics["ttft"].samples.append(Sample(wall, wall, wait, la))
+        for d in depths:
+            for n in decode:
+                progress(f"{label}: decode {n} at depth {d}")
+                cache = Cache(session, 1, d + n + 1)
+                if d:
+                    cache.step(ids(d))
+                steps = ids(n)
+
+                def decode_loop(c=cache, s=steps):
+                    for i in range(s.shape[1]):
+                        c.step(s[:, i:i + 1])
+
+                wall, wait, la = timed(decode_loop, threads)
+                if r:
+                    sample = Sample(n / wall, wall, wait, la)
+                    metrics.setdefault(f"decode/{n}@{d}", Metric("tok/s")).samples.append(sample)
+        if r:
+            rss = peak_rss_mb()
+            metrics["peak_rss"].samples.append(Sample(rss, 0.0, 0.0, os.getloadavg()[0]))
+        session = None
+    return metrics

@@ -1,0 +1,147 @@
+"""`lfm-bench BUNDLE`: speed against the memory roofline (and onnxruntime-genai on the same bundle).
+
+Writes bench.json (schema "lfm-bench/1", documented in device_bench/README.md), bench.md and bench.png
+(decode tok/s against context depth, with the roofline and the 30 tok/s target).
+`--adb SERIAL` runs the same benchmark on an Android phone's Python (Termux) and pulls the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from . import roofline
+from .bench import device_info, run
+from .report import write_markdown, write_plot
+
+SCHEMA = "lfm-bench/1"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lfm-bench", description=__doc__)
+    parser.add_argument("bundle")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3, help="measured runs after one warm-up")
+    parser.add_argument("--prompts", type=_ints, default=[128, 512, 2048], help="prefill lengths")
+    parser.add_argument("--depths", type=_ints, default=[0, 512, 2048], help="context depths for decode")
+    parser.add_argument("--decode", type=_ints, default=[128, 256], help="tokens decoded per measurement")
+    parser.add_argument("--bandwidth", type=float, default=None, help="GB/s; default: measured here")
+    parser.add_argument("--peer", choices=["none", "genai"], default="genai",
+                        help="also run onnxruntime-genai on the same bundle (A/B alternated per run)")
+    parser.add_argument("--out", default="build/bench", help="folder for bench.json / .md / .png")
+    parser.add_argument("--adb", metavar="SERIAL", help="run on an Android device over adb (Termux python)")
+    args = parser.parse_args(argv)
+    bundle = Path(args.bundle)
+    if args.adb:
+        return run_on_device(args.adb, bundle, Path(args.out), argv or sys.argv[1:])
+    if not (bundle / "model.onnx").is_file() and not (bundle / "genai_config.json").is_file():
+        print(f"lfm-bench: error: {bundle}: not a bundle folder", file=sys.stderr)
+        return 2
+
+    def progress(message: str) -> None:
+        print(f"  {message}", file=sys.stderr, flush=True)
+
+    progress("measuring read bandwidth")
+    bandwidth = args.bandwidth or roofline.read_bandwidth()
+    tokens = roofline.bytes_per_token(bundle)
+    metrics = run(bundle, args.threads, args.prompts, args.depths, args.decode, args.runs, progress)
+    summary = {k: m.summary() for k, m in metrics.items()}
+    peers = {}
+    if args.peer == "genai":
+        from .peers import genai_decode
+
+        progress("onnxruntime-genai on the same bundle")
+        peers["onnxruntime-genai"] = genai_decode(bundle, args.threads, min(args.prompts), max(args.decode),
+                                                  args.runs)
+    decode_keys = [k for k in summary if k.startswith("decode/")]
+    best_decode = max(summary[k]["median"] for k in decode_keys) if decode_keys else 0.0
+    ceiling = roofline.ceiling(bandwidth, tokens.total)
+    result = {
+        "schema": SCHEMA,
+        "device": device_info(args.threads),
+        "bundle": {"path": str(bundle), "manifest": _manifest(bundle), "weights_bytes": tokens.stored,
+                   "bytes_per_token": tokens.total, "bytes_per_token_by_kind": tokens.by_kind},
+        "roofline": {"read_bandwidth_gbs": bandwidth, "ceiling_tps": ceiling,
+                     "fraction_reached": best_decode / ceiling if ceiling else 0.0,
+                     "target_tps": roofline.TARGET_TOKENS_PER_SECOND,
+                     "phones": roofline.phone_predictions(tokens.total, best_decode / ceiling if ceiling else None)},
+        "results": summary,
+        "peers": peers,
+        "settings": {"threads": args.threads, "runs": args.runs, "prompts": args.prompts, "depths": args.depths,
+                     "decode": args.decode},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    write_markdown(result, out / "bench.md")
+    write_plot(result, out / "bench.png")
+    print((out / "bench.md").read_text())
+    return 0
+
+
+def _manifest(bundle: Path) -> dict:
+    path = bundle / "manifest.json"
+    if not path.is_file():
+        return {}
+    manifest = json.loads(path.read_text())
+    return {k: manifest.get(k) for k in ("model_type", "ops", "quant", "quant_policy", "target", "versions")}
+
+
+DEVICE_DIR = "/data/local/tmp/lfm-edge"
+
+
+def adb_commands(serial: str, bundle: Path, out: Path, bench_args: list[str]) -> list[list[str]]:
+    """The adb steps: push the bundle, run lfm-bench in the device's Python, pull the results."""
+    remote = f"{DEVICE_DIR}/{bundle.name}"
+    args = [a for a in bench_args if a not in (str(bundle), bundle.name)]
+    args = _drop_option(_drop_option(args, "--adb"), "--out")
+    inner = " ".join(["python", "-m", "lfm_edge.device_bench.cli", remote, "--out", f"{DEVICE_DIR}/out", *args])
+    return [["adb", "-s", serial, "shell", "mkdir", "-p", DEVICE_DIR],
+            ["adb", "-s", serial, "push", str(bundle), DEVICE_DIR],
+            ["adb", "-s", serial, "shell", inner],
+            ["adb", "-s", serial, "pull", f"{DEVICE_DIR}/out/bench.json", str(out / "bench.json")]]
+
+
+def _drop_option(args: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
+def run_on_device(serial: str, bundle: Path, out: Path, argv: list[str]) -> int:
+    if shutil.which("adb") is None:
+        print("lfm-bench: error: --adb needs the Android platform tools (adb) on PATH", file=sys.stderr)
+        return 2
+    devices = subprocess.run(["adb", "devices"], capture_output=True, text=True).stdout
+    if f"{serial}\tdevice" not in devices:
+        print(f"lfm-bench: error: --adb {serial}: no such device attached (adb devices: "
+              f"{devices.strip().splitlines()[1:] or 'none'})", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    for cmd in adb_commands(serial, bundle, out, argv):
+        if subprocess.run(cmd).returncode != 0:
+            print(f"lfm-bench: error: step failed: {' '.join(cmd)}", file=sys.stderr)
+            return 2
+    print(f"Pulled {out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

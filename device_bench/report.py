@@ -1,0 +1,59 @@
+"""bench.json -> bench.md (the table people read) and bench.png (decode speed against context depth)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    r, roof, dev = result["results"], result["roofline"], result["device"]
+    lines = [f"# lfm-bench: {Path(result['bundle']['path']).name}", "",
+             f"{dev['cpu_model']}, {dev['threads']} threads, onnxruntime {dev['onnxruntime']}; "
+             f"quant {result['bundle']['manifest'].get('quant', '?')}.", "",
+             "| metric | median | min | max | runs (quiet) |", "|---|---|---|---|---|"]
+    for key, m in r.items():
+        lines.append(f"| {key} ({m['unit']}) | {m['median']:.3g} | {m['min']:.3g} | {m['max']:.3g} | "
+                     f"{m['runs']} ({m['quiet_runs']}) |")
+    lines += ["", f"Roofline: {result['bundle']['bytes_per_token'] / 1e6:.0f} MB read per token, read bandwidth "
+              f"{roof['read_bandwidth_gbs']:.1f} GB/s -> ceiling {roof['ceiling_tps']:.1f} tok/s; best decode reaches "
+              f"{roof['fraction_reached']:.0%} of it.", "",
+              f"| phone SoC | bandwidth GB/s | ceiling tok/s | predicted tok/s (at {roof['fraction_reached']:.0%}) "
+              f"| >= {roof['target_tps']:.0f} tok/s |", "|---|---|---|---|---|"]
+    for p in roof["phones"]:
+        lines.append(f"| {p['soc']} | {p['bandwidth_gbs']:.1f} | {p['ceiling_tps']:.1f} | {p['predicted_tps']:.1f} | "
+                     f"{'yes' if p['meets_target'] else 'no'} |")
+    for name, peer in result.get("peers", {}).items():
+        ours = max((m["median"] for k, m in r.items() if k.startswith("decode/")), default=0.0)
+        lines += ["", f"Peer {name}: decode {peer['decode_tps']:.1f} tok/s (median of {peer['runs']}); "
+                  f"ours / theirs = {ours / peer['decode_tps']:.2f}x" if peer.get("decode_tps") else
+                  f"Peer {name}: {peer.get('error', 'no result')}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[int, list[tuple[int, float]]] = {}
+    for key, m in result["results"].items():
+        if key.startswith("decode/"):
+            n, depth = key.split("/")[1].split("@")
+            series.setdefault(int(n), []).append((int(depth), m["median"]))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for n, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"decode {n} tokens")
+    roof = result["roofline"]
+    ax.axhline(roof["ceiling_tps"], color="gray", linestyle="--", label=f"roofline {roof['ceiling_tps']:.0f} tok/s")
+    ax.axhline(roof["target_tps"], color="tab:red", linestyle=":", label=f"target {roof['target_tps']:.0f} tok/s")
+    for name, peer in result.get("peers", {}).items():
+        if peer.get("decode_tps"):
+            ax.axhline(peer["decode_tps"], color="tab:green", linestyle="-.", label=f"{name} {peer['decode_tps']:.0f}")
+    ax.set(xlabel="context depth (tokens)", ylabel="tokens / s", title=Path(result["bundle"]["path"]).name)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,71 @@
+"""lfm-bench: the workload runs, the JSON keeps its schema, the roofline adds up, adb is built right."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lfm_edge.device_bench import roofline
+from lfm_edge.device_bench.cli import adb_commands, main
+from lfm_edge.export.cli import demo_model_path
+from lfm_edge.export.exporter import export
+
+
+@pytest.fixture(scope="module")
+def demo_int4(tmp_path_factory):
+    return export(demo_model_path(), tmp_path_factory.mktemp("bench") / "demo-int4", quant="int4").bundle
+
+
+def test_bench_writes_json_markdown_and_plot(demo_int4, tmp_path):
+    out = tmp_path / "out"
+    code = main([str(demo_int4), "--runs", "2", "--prompts", "16,32", "--depths", "0,24", "--decode", "8",
+                 "--threads", "1", "--bandwidth", "30", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["schema"] == "lfm-bench/1"
+    assert {"cpu_model", "cores", "threads", "onnxruntime"} <= set(result["device"])
+    assert result["bundle"]["manifest"]["quant"] == "int4"
+    assert {"load", "ttft", "prefill/16", "prefill/32", "decode/8@0", "decode/8@24", "peak_rss"} <= set(
+        result["results"])
+    decode = result["results"]["decode/8@0"]
+    assert decode["runs"] == 2 and decode["min"] <= decode["median"] <= decode["max"] and decode["min"] > 0
+    assert all("cpu_wait_share" in s and "loadavg" in s for s in decode["samples"])
+    assert result["roofline"]["read_bandwidth_gbs"] == 30
+    assert result["peers"]["onnxruntime-genai"]["decode_tps"] > 0
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Roofline:" in (out / "bench.md").read_text()
+
+
+def test_bytes_per_token_counts_routed_experts_at_top_k(demo_int4):
+    tb = roofline.bytes_per_token(demo_int4)
+    config = json.loads((demo_int4 / "config.json").read_text())
+    share = config["num_experts_per_tok"] / config["num_experts"]
+    import onnx
+
+    model = onnx.load(demo_int4 / "model.onnx", load_external_data=False)
+    expert_bytes = sum(roofline._stored_bytes(i) for i in model.graph.initializer if ".experts." in i.name)
+    assert tb.by_kind["experts (routed)"] == pytest.approx(expert_bytes * share)
+    assert tb.total < tb.stored
+    phones = roofline.phone_predictions(tb.total, 0.5)
+    assert all(p["predicted_tps"] == pytest.approx(p["ceiling_tps"] * 0.5, rel=0.01) for p in phones)
+
+
+def test_adb_commands_push_run_and_pull(tmp_path):
+    bundle = tmp_path / "demo-int4"
+    steps = adb_commands("R5CT", bundle, tmp_path / "out", [str(bundle), "--adb", "R5CT", "--runs", "5",
+                                                            "--out", "x"])
+    assert steps[1] == ["adb", "-s", "R5CT", "push", str(bundle), "/data/local/tmp/lfm-edge"]
+    assert steps[2][-1] == ("python -m lfm_edge.device_bench.cli /data/local/tmp/lfm-edge/demo-int4 "
+                            "--out /data/local/tmp/lfm-edge/out --runs 5")
+    assert steps[3][-2:] == ["/data/local/tmp/lfm-edge/out/bench.json", str(tmp_path / "out" / "bench.json")]
+
+
+def test_adb_without_a_phone_fails_clearly(tmp_path):
+    """No phone is reachable here: the command must say so, not hang or crash."""
+    result = subprocess.run([sys.executable, "-m", "lfm_edge.device_bench.cli", str(tmp_path), "--adb", "R5CT"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "needs the Android platform tools (adb)" in result.stderr or "no such device attached" in result.stderr
