@@ -1,0 +1,23 @@
+"""runtime/README.md's examples run as written, against the int4 demo bundle."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lfm_edge.export.cli import demo_model_path
+from lfm_edge.export.exporter import export
+
+README = Path(__file__).resolve().parent.parent / "runtime" / "README.md"
+
+
+def test_readme_examples_run(tmp_path, monkeypatch, capsys):
+    export(demo_model_path(), tmp_path / "build" / "demo_model-int4-contrib", quant="int4")
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 4
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)  # the project's own documentation, not model output
+    out = capsys.readouterr().out
+    assert "no accelerator provider installed" in out and "tok/s" in out
