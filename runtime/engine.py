@@ -76,13 +76,14 @@ class LfmModel:
 
     def stream(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None, *,
                sampling: Sampling | None = None, max_new_tokens: int = 512, stop: Sequence[str] = (),
-               cancel: threading.Event | None = None, **template_vars: Any) -> Iterator[Event]:
+               cancel: threading.Event | None = None, overflow: str = "error",
+               **template_vars: Any) -> Iterator[Event]:
         """Typed events as the answer is generated; the last one is Done."""
         prompt = self.prompt_ids(messages, tools, **template_vars)
         # Templates that open the reasoning block in the prompt (LFM2.5) leave the model inside it.
         in_reasoning = self.tokenizer.decode(prompt[-4:], skip_special_tokens=False).rstrip().endswith(THINK_START)
         generation = Generation(self.session, [prompt], max_new_tokens, sampling or self.default_sampling(),
-                                cancel=cancel)
+                                cancel=cancel, overflow=overflow)
         parser = StreamParser(start_in_reasoning=in_reasoning)
         tokens: list[int] = []
         shown = ""

@@ -30,21 +30,31 @@ class GenerationStats:
 
 class Generation:
     """An iterable generation: each step yields every row's new token (None once a row has finished).
-    `stats` is complete when iteration ends; `cancel` (a threading.Event) stops it from another thread."""
+    `stats` is complete when iteration ends; `cancel` (a threading.Event) stops it from another thread.
+    `overflow` is the caller's policy when prompt + max_new_tokens exceed the context: "error" (default)
+    refuses before running; "truncate" drops the oldest prompt tokens until they fit."""
 
     def __init__(self, model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
-                 prefill_chunk: int = 512, cancel: threading.Event | None = None):
+                 prefill_chunk: int = 512, cancel: threading.Event | None = None, overflow: str = "error"):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected at least one prompt, each with at least one token")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens {max_new_tokens}: expected >= 0")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk {prefill_chunk}: expected >= 1")
+        if overflow not in ("error", "truncate"):
+            raise ValueError(f"overflow {overflow!r}: expected 'error' or 'truncate'")
+        if max_new_tokens >= model.context_length:
+            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in the context length "
+                             f"{model.context_length}")
         width = max(len(p) for p in prompts)
         if width + max_new_tokens > model.context_length:
-            raise ValueError(f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
-                             f"context length {model.context_length}")
+            if overflow == "error":
+                raise ValueError(f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                                 f"context length {model.context_length} (overflow='truncate' keeps the newest)")
+            keep = model.context_length - max_new_tokens
+            prompts = [list(p)[-keep:] for p in prompts]
         vocab = model.vocab_size
         bad = [t for p in prompts for t in p if not 0 <= int(t) < vocab]
         if bad:

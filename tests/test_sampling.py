@@ -119,3 +119,13 @@ def test_limits_are_checked_before_running(session):
     with pytest.raises(ValueError, match="each with at least one token"):
         Generation(session, [[]], 2)
     assert generate(session, [[5, 6]], 0) == [[]]
+
+
+def test_truncation_is_the_callers_choice(session):
+    long = list(range(3, 290)) * 2  # 574 tokens, context 512
+    gen = Generation(session, [long], 12, eos_token_ids=[], overflow="truncate")
+    assert len(list(gen)) == 12 and gen.stats.prompt_tokens == 500
+    assert list(Generation(session, [long[-500:]], 12, eos_token_ids=[])) == \
+        list(Generation(session, [long], 12, eos_token_ids=[], overflow="truncate"))
+    with pytest.raises(ValueError, match="overflow 'drop'"):
+        Generation(session, [long], 12, overflow="drop")
