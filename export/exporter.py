@@ -7,7 +7,6 @@ sha256 of every file). A failed or interrupted export leaves any previous bundle
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..quant.policy import POLICIES, Policy, get_policy
+from ..runtime.session import sha256
 from .checkpoint import Checkpoint, CheckpointError, resolve
 from .genai_config import genai_config
 from .graph import Graph
@@ -135,14 +135,6 @@ def _replace(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **settings) -> dict[str, int]:

@@ -144,12 +144,12 @@ def verify_bundle(folder: Path, mode: str = "size") -> dict:
         size = file.stat().st_size
         if size != info["bytes"]:
             raise BundleError(f"{file}: {size} bytes, manifest.json says {info['bytes']} (truncated or replaced?)")
-        if mode == "sha256" and _sha256(file) != info["sha256"]:
+        if mode == "sha256" and sha256(file) != info["sha256"]:
             raise BundleError(f"{file}: sha256 differs from manifest.json (corrupted or replaced)")
     return manifest
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

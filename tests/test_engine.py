@@ -7,13 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from scripted_model import write_bundle
 from tokenizers import Tokenizer
 
 from lfm_edge.runtime.engine import Done, LfmModel
 from lfm_edge.runtime.generate import generate
 from lfm_edge.runtime.session import LfmSession
 from lfm_edge.runtime.toolcalls import ReasoningDelta, TextDelta, ToolCall, ToolCallEvent
+from scripted_model import write_bundle
 
 DEMO = Path(__file__).resolve().parent.parent / "demo_model"
 

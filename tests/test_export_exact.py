@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from genai_greedy import genai_greedy
 from lfm_edge.export.exporter import export
 from lfm_edge.runtime.generate import generate
 from lfm_edge.runtime.session import Cache, LfmSession
@@ -87,16 +88,8 @@ def test_left_padded_batch_matches_rows_alone(case, ops):
 
 @pytest.mark.parametrize("ops", OP_SETS)
 def test_onnxruntime_genai_generates_the_same_tokens(case, ops):
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     _, bundles, prompt = case
     ours = generate(LfmSession(bundles[ops]), [prompt], NEW_TOKENS, eos_token_ids=[])[0]
-    model = og.Model(str(bundles[ops]))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + NEW_TOKENS, min_length=len(prompt) + NEW_TOKENS)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([prompt], dtype=np.int32))
-    theirs = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        theirs.append(int(generator.get_next_tokens()[0]))
+    theirs = genai_greedy(bundles[ops], prompt, NEW_TOKENS)
     assert theirs == ours

@@ -12,6 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from genai_greedy import genai_greedy
 from lfm_edge.export.checkpoint import Checkpoint
 from lfm_edge.export.exporter import ExportError, export
 from lfm_edge.export.reference import TorchReference
@@ -114,20 +115,12 @@ def test_int4_bundle_holds_no_float_vocabulary(int4_case):
 
 
 def test_genai_runs_the_int4_bundle_like_our_runtime(tmp_path):
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     build("moe_mixed", tmp_path / "ckpt")
     bundle = export(tmp_path / "ckpt", tmp_path / "int4", quant="int4").bundle  # accuracy_level 4
     prompt = list(range(9, 22))
     ours = generate(LfmSession(bundle), [prompt], 24, eos_token_ids=[])[0]
-    model = og.Model(str(bundle))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + 24, min_length=len(prompt) + 24)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([prompt], dtype=np.int32))
-    theirs = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        theirs.append(int(generator.get_next_tokens()[0]))
+    theirs = genai_greedy(bundle, prompt, 24)
     assert theirs == ours
 
 
