@@ -219,17 +219,18 @@ class PortableOps:
         out = g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3])
         return g.op("Reshape", out, g.const([0, 0, attn.num_heads * d]))
 
-    def routing(self, router_logits: str, moe: SparseMoe) -> tuple[str, str]:
-        """(expert indices [N, k] int64, their weights [N, k]) under LFM2's rule."""
+    def routing(self, router_logits: str, moe: SparseMoe, raw: bool = False) -> tuple[str, str]:
+        """(expert indices [N, k] int64, their weights [N, k]) under LFM2's rule; `raw` keeps the chosen
+        sigmoids as they are (no renormalisation, no scaling)."""
         g = self.g
         scores = g.op("Sigmoid", g.op("Reshape", router_logits, g.const([-1, moe.num_experts])))
         choice = g.op("Add", scores, self.w(moe.expert_bias)) if moe.expert_bias else scores
         _, chosen = g.op("TopK", choice, g.const([moe.top_k]), axis=-1, outputs=2)
         weights = g.op("GatherElements", scores, chosen, axis=-1)
-        if moe.norm_topk_prob:
+        if moe.norm_topk_prob and not raw:
             total = g.op("Add", g.op("ReduceSum", weights, g.const([-1]), keepdims=1), g.const(1e-6, np.float32))
             weights = g.op("Div", weights, total)
-        if moe.routed_scaling_factor != 1.0:
+        if moe.routed_scaling_factor != 1.0 and not raw:
             weights = g.op("Mul", weights, g.const(moe.routed_scaling_factor, np.float32))
         return chosen, weights
 
@@ -352,7 +353,7 @@ class ContribOps(PortableOps):
         and a per-token factor restores the +1e-6, un-normalised routing and scaling. `run(flat, probs)` adds
         the kernel."""
         g = self.g
-        chosen, weights = self.routing(router_logits, _unnormalised(moe))
+        chosen, weights = self.routing(router_logits, moe, raw=True)
         total = g.op("ReduceSum", weights, g.const([-1]), keepdims=1)  # [N, 1], sum of chosen sigmoids
         probs = g.op("ScatterElements", self.filled(router_logits, moe, -1e4), chosen, g.op("Log", weights), axis=1)
         y = run(g.op("Reshape", x, g.const([-1, moe.hidden_size])), probs)
@@ -360,13 +361,6 @@ class ContribOps(PortableOps):
         if moe.routed_scaling_factor != 1.0:
             factor = g.op("Mul", factor, g.const(moe.routed_scaling_factor, np.float32))
         return g.op("Reshape", g.op("Mul", y, factor), g.op("Shape", x))
-
-
-def _unnormalised(moe: SparseMoe) -> SparseMoe:
-    """The same routing choice with raw chosen sigmoid weights (the op renormalises them itself)."""
-    raw = object.__new__(SparseMoe)
-    raw.__dict__.update(moe.__dict__, norm_topk_prob=False, routed_scaling_factor=1.0)
-    return raw
 
 
 def _interleave_rows(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
