@@ -8,6 +8,7 @@ as in real text (a repeated token keeps re-reading the same experts and flatters
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import statistics
@@ -136,5 +137,7 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
         if r:
             rss = peak_rss_mb()
             metrics["peak_rss"].samples.append(Sample(rss, 0.0, 0.0, os.getloadavg()[0]))
-        session = None
+        # drop every reference to this run's session before the next load, or two would coexist
+        session = cache = decode_loop = None  # noqa: F841
+        gc.collect()
     return metrics

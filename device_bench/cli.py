@@ -37,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", type=_ints, default=[0, 512, 2048], help="context depths for decode")
     parser.add_argument("--decode", type=_ints, default=[128, 256], help="tokens decoded per measurement")
     parser.add_argument("--bandwidth", type=float, default=None, help="GB/s; default: measured here")
-    parser.add_argument("--peer", choices=["none", "genai"], default="genai",
-                        help="also run onnxruntime-genai on the same bundle (A/B alternated per run)")
+    parser.add_argument("--peer", choices=["none", "genai", "llama", "all"], default="genai",
+                        help="also run onnxruntime-genai on the same bundle, and/or llama.cpp on --gguf")
+    parser.add_argument("--gguf", help="llama.cpp peer: a GGUF of the same weights (device_bench/gguf_writer.py, "
+                                       "then llama_cpp_peer.quantize_q4_0)")
     parser.add_argument("--out", default="build/bench", help="folder for bench.json / .md / .png")
     parser.add_argument("--adb", metavar="SERIAL", help="run on an Android device over adb (Termux python)")
     args = parser.parse_args(argv)
@@ -58,12 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     metrics = run(bundle, args.threads, args.prompts, args.depths, args.decode, args.runs, progress)
     summary = {k: m.summary() for k, m in metrics.items()}
     peers = {}
-    if args.peer == "genai":
+    if args.peer in ("genai", "all"):
         from .peers import genai_decode
 
         progress("onnxruntime-genai on the same bundle")
         peers["onnxruntime-genai"] = genai_decode(bundle, args.threads, min(args.prompts), max(args.decode),
                                                   args.runs)
+    if args.peer in ("llama", "all"):
+        if not args.gguf:
+            print("lfm-bench: error: --peer llama needs --gguf FILE", file=sys.stderr)
+            return 2
+        try:
+            from .llama_cpp_peer import llama_decode
+
+            progress("llama.cpp on the GGUF")
+            peers["llama.cpp"] = llama_decode(args.gguf, args.threads, min(args.prompts), max(args.decode), args.runs)
+        except ImportError:
+            peers["llama.cpp"] = {"error": "llama-cpp-python is not installed (pip install 'lfm-edge[llama]')"}
     decode_keys = [k for k in summary if k.startswith("decode/")]
     best_decode = max(summary[k]["median"] for k in decode_keys) if decode_keys else 0.0
     ceiling = roofline.ceiling(bandwidth, tokens.total)

@@ -1,0 +1,105 @@
+"""llama.cpp (through llama-cpp-python) as a peer on the same weights: quantize a GGUF from gguf_writer.py
+to Q4_0, then time prompt evaluation and greedy decode the way bench.py times our bundles.
+
+Each run loads the model, evaluates a prompt of varied token ids, then decodes `decode_tokens` tokens
+greedily (argmax of the last logits, fed back). Timed regions record CPU wait and load average with
+bench.timed, and summaries are bench.Metric's: the median of the quiet runs when there are any.
+`pip install llama-cpp-python` compiles llama.cpp (several minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .bench import Metric, Sample, timed
+
+
+def quantize_q4_0(src: str | Path, dst: str | Path, threads: int = 2, pure: bool = False) -> Path:
+    """llama.cpp's own Q4_0 quantization of an f16/f32 GGUF. By default, as llama-quantize does, the tied
+    embedding (which is also the LM head) becomes Q6_K; `pure` makes it Q4_0 too."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.nthread = threads
+    params.pure = pure
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {dst}) returned {rc}")
+    return Path(dst)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _one_run(gguf_path: str | Path, threads: int, prompt_tokens: int, decode_tokens: int,
+             rng: np.random.Generator) -> dict:
+    """One load, prompt and greedy decode: (wall, cpu-wait share, loadavg) of each region, and the tokens."""
+    import llama_cpp
+
+    box: dict[str, llama_cpp.Llama] = {}
+
+    def load() -> None:
+        box["llm"] = llama_cpp.Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads,
+                                     n_ctx=prompt_tokens + decode_tokens + 16, n_batch=max(prompt_tokens, 32),
+                                     n_ubatch=max(prompt_tokens, 32), verbose=False)
+
+    times = {"load": timed(load, threads)}
+    llm = box["llm"]
+    vocab = llm.n_vocab()
+    prompt = rng.integers(100, min(vocab, 30000), prompt_tokens).tolist()  # varied ids, as bench.py feeds
+
+    def next_token() -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        return int(np.argmax(logits))
+
+    times["prompt"] = timed(lambda: llm.eval(prompt), threads)
+    out = [next_token()]
+
+    def decode() -> None:
+        for _ in range(decode_tokens):
+            llm.eval([out[-1]])
+            out.append(next_token())
+
+    times["decode"] = timed(decode, threads)
+    llm.close()
+    return {"times": times, "tokens": out}
+
+
+def llama_decode(gguf_path: str | Path, threads: int, prompt_tokens: int, decode_tokens: int, runs: int,
+                 seed: int = 0) -> dict:
+    """Load time, prompt tok/s and greedy decode tok/s of llama.cpp on `gguf_path` with `threads` threads:
+    `runs` measured runs after one warm-up, each with a fresh load. Peak RSS is this process's."""
+    import llama_cpp
+
+    rng = np.random.default_rng(seed)
+    metrics = {"load": Metric("s"), "prompt": Metric("tok/s"), "decode": Metric("tok/s")}
+    distinct: list[int] = []
+    for r in range(runs + 1):
+        run = _one_run(gguf_path, threads, prompt_tokens, decode_tokens, rng)
+        if not r:  # the first run warms up
+            continue
+        for key, (wall, wait, la) in run["times"].items():
+            value = {"load": wall, "prompt": prompt_tokens / wall, "decode": decode_tokens / wall}[key]
+            metrics[key].samples.append(Sample(value, wall, wait, la))
+        distinct.append(len(set(run["tokens"])))
+    summary = {k: m.summary() for k, m in metrics.items()}
+    return {"decode_tps": summary["decode"]["median"], "prompt_tps": summary["prompt"]["median"],
+            "load_s": summary["load"]["median"], "peak_rss_mb": _peak_rss_mb(), "runs": runs,
+            "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "threads": threads,
+            "distinct_decoded_tokens": distinct, "file_bytes": Path(gguf_path).stat().st_size,
+            "version": llama_cpp.__version__, "metrics": summary}
+
+
+if __name__ == "__main__":  # python -m lfm_edge.device_bench.llama_cpp_peer MODEL.gguf [THREADS PROMPT DECODE RUNS]
+    import json
+    import sys
+
+    args = sys.argv[1:]
+    ints = [int(a) for a in args[1:]] + [2, 64, 128, 3][len(args) - 1:]
+    print(json.dumps(llama_decode(args[0], *ints[:4]), indent=1))

@@ -1,0 +1,48 @@
+"""The llama.cpp peer reads the same weights: our GGUF holds the checkpoint's tensors under llama.cpp's names,
+and (where llama-cpp-python is installed) llama.cpp's logits match our export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lfm_edge.device_bench.gguf_writer import write_gguf
+from lfm_edge.export.checkpoint import Checkpoint
+from lfm_edge.export.cli import demo_model_path
+
+
+@pytest.fixture(scope="module")
+def demo_gguf(tmp_path_factory):
+    return write_gguf(Checkpoint(demo_model_path()), tmp_path_factory.mktemp("gguf") / "demo.gguf", f16=False)
+
+
+def test_gguf_holds_the_checkpoint_under_llama_cpp_names(demo_gguf):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(demo_gguf)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    assert arch == "lfm2moe"
+    names = {t.name for t in reader.tensors}
+    assert {"token_embd.weight", "token_embd_norm.weight", "blk.0.shortconv.in_proj.weight",
+            "blk.2.attn_q.weight", "blk.2.ffn_gate_exps.weight", "blk.2.exp_probs_b.bias"} <= names
+    ckpt = Checkpoint(demo_model_path())
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    want = ckpt.tensor("model.embed_tokens.weight")
+    np.testing.assert_array_equal(np.asarray(embd.data).reshape(want.shape), want)
+    gate = next(t for t in reader.tensors if t.name == "blk.2.ffn_gate_exps.weight")
+    expert3 = ckpt.tensor("model.layers.2.feed_forward.experts.3.w1.weight")
+    np.testing.assert_array_equal(np.asarray(gate.data)[3], expert3)
+
+
+def test_llama_cpp_logits_match_our_export(demo_gguf, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
+    from lfm_edge.export.exporter import export
+    from lfm_edge.runtime.session import Cache, LfmSession
+
+    bundle = export(demo_model_path(), tmp_path / "fp32").bundle
+    ids = list(range(20, 68))
+    ours = Cache(LfmSession(bundle), 1, len(ids)).step(np.array([ids]))[0]
+    llm = llama_cpp.Llama(str(demo_gguf), n_ctx=128, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    np.testing.assert_allclose(theirs, ours, atol=1e-3, rtol=0)
