@@ -12,6 +12,7 @@ own state buffers; the session and tokenizer are shared (both are safe to share)
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from .session import BundleError, LfmSession
 from .toolcalls import ReasoningDelta, StreamParser, TextDelta, ToolCall, ToolCallEvent
 
 THINK_START = "<think>"
+_SENTINEL = ("\ue000", "\ue001")  # private-use characters marking where a typed special string was
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 @dataclass
@@ -61,6 +64,12 @@ class LfmModel:
             self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         except Exception as e:  # tokenizers raises plain Exception
             raise BundleError(f"{self.folder / 'tokenizer.json'}: cannot load the tokenizer ({e})") from None
+        # A second tokenizer that reads special-token strings as plain text, for what users and tools wrote
+        # (a separate instance: the flag is per tokenizer, and this one is shared across threads).
+        self._literal = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self._literal.encode_special_tokens = True
+        self._specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
+                                key=len, reverse=True)
         self.template = ChatTemplate.from_folder(self.folder)
         path = self.folder / "generation_config.json"
         self.generation_config = json.loads(path.read_text()) if path.is_file() else {}
@@ -70,16 +79,44 @@ class LfmModel:
         return Sampling.from_generation_config(self.generation_config, **overrides)
 
     def prompt_ids(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None,
-                   **template_vars: Any) -> list[int]:
-        text = self.template.render(messages, tools=tools, add_generation_prompt=True, **template_vars)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+                   allow_special_tokens: bool = False, **template_vars: Any) -> list[int]:
+        """Token ids of the rendered conversation. Special-token strings inside user and tool messages stay
+        text (a user typing "<|im_end|>" must not end the turn) unless `allow_special_tokens`."""
+        if allow_special_tokens:
+            text = self.template.render(messages, tools=tools, add_generation_prompt=True, **template_vars)
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        literals: list[str] = []
+
+        def shield(content: Any) -> Any:
+            if not isinstance(content, str):
+                return content
+            for special in self._specials:
+                if special in content:
+                    parts = content.split(special)
+                    content = parts[0]
+                    for part in parts[1:]:
+                        literals.append(special)
+                        content += f"{_SENTINEL[0]}{len(literals) - 1}{_SENTINEL[1]}" + part
+            return content
+
+        shielded = [dict(m, content=shield(m.get("content"))) if m.get("role") in ("user", "tool") else m
+                    for m in messages]
+        text = self.template.render(shielded, tools=tools, add_generation_prompt=True, **template_vars)
+        ids: list[int] = []
+        for i, piece in enumerate(_SENTINEL_RE.split(text)):
+            if i % 2:  # a literal the user typed
+                ids += self._literal.encode(literals[int(piece)], add_special_tokens=False).ids
+            elif piece:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
+        return ids
 
     def stream(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None, *,
                sampling: Sampling | None = None, max_new_tokens: int = 512, stop: Sequence[str] = (),
-               cancel: threading.Event | None = None, overflow: str = "error",
+               cancel: threading.Event | None = None, overflow: str = "error", allow_special_tokens: bool = False,
                **template_vars: Any) -> Iterator[Event]:
-        """Typed events as the answer is generated; the last one is Done."""
-        prompt = self.prompt_ids(messages, tools, **template_vars)
+        """Typed events as the answer is generated; the last one is Done. Special-token strings typed into
+        user or tool messages stay text unless `allow_special_tokens`; `overflow` as in Generation."""
+        prompt = self.prompt_ids(messages, tools, allow_special_tokens, **template_vars)
         # Templates that open the reasoning block in the prompt (LFM2.5) leave the model inside it.
         in_reasoning = self.tokenizer.decode(prompt[-4:], skip_special_tokens=False).rstrip().endswith(THINK_START)
         generation = Generation(self.session, [prompt], max_new_tokens, sampling or self.default_sampling(),
