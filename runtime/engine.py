@@ -124,6 +124,7 @@ class LfmModel:
         parser = StreamParser(start_in_reasoning=in_reasoning)
         tokens: list[int] = []
         shown = ""
+        prefix, read = 0, 0  # incremental detokenization: decode only a short window of recent tokens
         text, reasoning, calls = [], [], []
         eos = set(self.session.eos_token_ids)
         stopped_by_string = False
@@ -131,10 +132,13 @@ class LfmModel:
             if token is None or token in eos:
                 continue
             tokens.append(token)
-            decoded = self.tokenizer.decode(tokens, skip_special_tokens=False)
-            if decoded.endswith("\ufffd"):  # a multi-byte character is still incomplete
+            before = self.tokenizer.decode(tokens[prefix:read], skip_special_tokens=False)
+            after = self.tokenizer.decode(tokens[prefix:], skip_special_tokens=False)
+            if after.endswith("\ufffd") or len(after) <= len(before):  # a character is still incomplete
                 continue
-            delta, shown = decoded[len(shown):], decoded
+            delta = after[len(before):]
+            shown += delta
+            prefix, read = read, len(tokens)
             for event in parser.feed(delta):
                 yield from self._record(event, text, reasoning, calls)
             if stop and any(s in "".join(text) for s in stop):

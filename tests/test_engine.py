@@ -168,3 +168,12 @@ def test_special_tokens_typed_by_a_user_stay_text(scripted):
     assert trusted.count(im_end) == 4 and trusted.count(im_start) == 4
     plain = [{"role": "user", "content": "no markers here"}]
     assert model.prompt_ids(plain) == model.prompt_ids(plain, allow_special_tokens=True)
+
+
+def test_streamed_text_survives_multibyte_characters(scripted):
+    make, tokenize = scripted
+    messages = [{"role": "user", "content": "say it"}]
+    start = len(make({}).prompt_ids(messages))
+    said = "Héllo wörld — “quoted” 日本語 ünïcödé."
+    events = list(make(_script(start, tokenize(said))).stream(messages))
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == said == events[-1].text
