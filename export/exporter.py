@@ -23,12 +23,14 @@ from .checkpoint import Checkpoint, CheckpointError, resolve
 from .genai_config import genai_config
 from .graph import Graph
 from .lfm2 import Lfm2Model
+from .mobile import phone_extras
 from .onnx_ops import ContribOps, PortableOps, WeightTransform
 from .quant_ops import QuantizedOps
 from .random_weights import RandomCheckpoint
 
 OP_SETS = {"contrib": ContribOps, "portable": PortableOps}
 QUANTS = tuple(POLICIES)
+TARGETS = ("desktop", "android", "ios")
 MODEL_FILE, DATA_FILE, MANIFEST = "model.onnx", "model.onnx.data", "manifest.json"
 CHECKPOINT_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                     "special_tokens_map.json", "chat_template.jinja", "config.json")
@@ -53,6 +55,8 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
     `random_weights` (a preset of random_weights.py) replaces the checkpoint for benchmarks;
     `eval_text` adds a quantization quality report (quality.json/.md/.png) measured against fp32."""
     start = time.perf_counter()
+    if target not in TARGETS:
+        raise ExportError(f"--target {target!r}: expected one of {TARGETS}")
     if ops not in OP_SETS:
         raise ExportError(f"--ops {ops!r}: expected one of {sorted(OP_SETS)}")
     try:
@@ -99,8 +103,9 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
 
             write_report([measure_bundle(ckpt.folder, tmp, eval_text, policy.name)], tmp,
                          f"{policy.name} against fp32, {ckpt.folder.name}")
+        extras = phone_extras(tmp, MODEL_FILE, DATA_FILE) if target in ("android", "ios") else {}
         files = _write_manifest(tmp, ckpt, ops=ops, quant=policy.name, quant_policy=policy.describe(),
-                                target=target)
+                                target=target, **extras)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -158,3 +158,8 @@ def test_hub_id_without_network_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(CheckpointError, match="LiquidAI/LFM2-8B-A1B: could not download from the Hugging Face hub"):
         export("LiquidAI/LFM2-8B-A1B", tmp_path / "out")
+
+
+def test_unknown_target(checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="--target 'watch': expected one of"):
+        export(checkpoint, tmp_path / "out", target="watch")
