@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..quant.policy import POLICIES, Policy, get_policy
-from ..runtime.session import sha256
+from ..runtime.session import sampled_sha256, sha256
 from .checkpoint import Checkpoint, CheckpointError, resolve
 from .genai_config import genai_config
 from .graph import Graph
@@ -146,7 +146,8 @@ def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **setting
     import onnx
 
     cfg = ckpt.config
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(folder.iterdir())}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p), "sampled_sha256": sampled_sha256(p)}
+             for p in sorted(folder.iterdir())}
     manifest = {
         "format": "lfm-edge-bundle/1",
         "model_type": cfg.model_type,

@@ -55,7 +55,7 @@ class ToolRun:
 
 class LfmModel:
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: Any = "auto",
-                 verify: str = "size"):
+                 verify: str = "sampled"):
         from tokenizers import Tokenizer
 
         self.folder = Path(bundle)

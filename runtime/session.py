@@ -36,12 +36,12 @@ class StateSpec:
 class LfmSession:
     """One loaded bundle. `providers`: "auto" (an accelerator only if it runs every heavy node, see
     providers.py), "cpu", or an explicit onnxruntime list such as [("XnnpackExecutionProvider",
-    {"intra_op_num_threads": 4}), "CPUExecutionProvider"]. `verify`: "size" checks every file the manifest
-    lists, "sha256" also hashes them, "none" skips both. The choice of provider and its reason are in
+    {"intra_op_num_threads": 4}), "CPUExecutionProvider"]. `verify`: see verify_bundle ("sampled" by
+    default). The choice of provider and its reason are in
     `provider_choice`."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: str | ProviderList = "auto",
-                 verify: str = "size"):
+                 verify: str = "sampled"):
         self.folder = Path(bundle)
         if not self.folder.is_dir():
             raise BundleError(f"{self.folder}: not a bundle folder")
@@ -126,11 +126,16 @@ class Cache:
         return outputs[-1].numpy()
 
 
-def verify_bundle(folder: Path, mode: str = "size") -> dict:
-    """Check the files manifest.json lists (bundles without a manifest, e.g. from onnxruntime-genai's
-    builder, are accepted as they are). Returns the manifest."""
-    if mode not in ("none", "size", "sha256"):
-        raise ValueError(f"verify {mode!r}: expected 'none', 'size' or 'sha256'")
+VERIFY_MODES = ("none", "size", "sampled", "sha256")
+
+
+def verify_bundle(folder: Path, mode: str = "sampled") -> dict:
+    """Check the files manifest.json lists: "size" (sizes only), "sampled" (sizes and a hash of 64 spread
+    64 KiB samples of each file: milliseconds, catches a file from another export or a torn download),
+    "sha256" (every byte), or "none". Bundles without a manifest, e.g. from onnxruntime-genai's builder, are
+    accepted as they are. Returns the manifest."""
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify {mode!r}: expected one of {VERIFY_MODES}")
     path = folder / "manifest.json"
     if not path.is_file():
         return {}
@@ -146,7 +151,21 @@ def verify_bundle(folder: Path, mode: str = "size") -> dict:
             raise BundleError(f"{file}: {size} bytes, manifest.json says {info['bytes']} (truncated or replaced?)")
         if mode == "sha256" and sha256(file) != info["sha256"]:
             raise BundleError(f"{file}: sha256 differs from manifest.json (corrupted or replaced)")
+        if mode == "sampled" and "sampled_sha256" in info and sampled_sha256(file) != info["sampled_sha256"]:
+            raise BundleError(f"{file}: content differs from manifest.json (sampled hash; corrupted, or the "
+                              "manifest belongs to another bundle)")
     return manifest
+
+
+def sampled_sha256(path: Path, samples: int = 64, chunk: int = 1 << 16) -> str:
+    """sha256 of the size and `samples` evenly spread chunks: a cheap fingerprint of a multi-GB file."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(samples):
+            f.seek(max(0, size - chunk) * i // max(1, samples - 1))
+            h.update(f.read(chunk))
+    return h.hexdigest()
 
 
 def sha256(path: Path) -> str:

@@ -56,6 +56,8 @@ def test_explicit_providers_are_honoured_or_refused(bundle):
      "model.onnx.data: .* bytes, manifest.json says"),
     (lambda b: (b / "tokenizer.json").unlink(), "size", "tokenizer.json: listed in manifest.json but missing"),
     (lambda b: _flip_byte(b / "model.onnx.data"), "sha256", "model.onnx.data: sha256 differs"),
+    (lambda b: _flip_byte(b / "model.onnx.data", at=0), "sampled", "model.onnx.data: content differs"),
+    (lambda b: _swap_manifest(b), "sampled", r"model.onnx(\.data)?: content differs .* another bundle"),
 ])
 def test_damaged_bundles_are_named(bundle, tmp_path, damage, mode, message):
     import shutil
@@ -67,7 +69,17 @@ def test_damaged_bundles_are_named(bundle, tmp_path, damage, mode, message):
         LfmSession(copy, verify=mode)
 
 
-def _flip_byte(path):
+def _flip_byte(path, at=None):
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x40
+    data[len(data) // 2 if at is None else at] ^= 0x40
     path.write_bytes(bytes(data))
+
+
+def _swap_manifest(bundle):
+    """The manifest of another export with the same shapes (other weights): sizes match, content does not."""
+    from tiny_models import build
+
+    other = bundle.parent / "other"
+    build("moe_mixed", other / "ckpt", seed=7)
+    export(other / "ckpt", other / "bundle")
+    (bundle / "manifest.json").write_bytes((other / "bundle" / "manifest.json").read_bytes())
