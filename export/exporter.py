@@ -80,8 +80,9 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
     if not random_weights and not (ckpt.folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{ckpt.folder}: no tokenizer.json (the bundle needs the tokenizer)")
     parent = _writable_parent(out)
+    _recover_interrupted(out)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
     try:
         graph = Graph(tmp / DATA_FILE)
         if quantized:
@@ -107,10 +108,38 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
         files = _write_manifest(tmp, ckpt, ops=ops, quant=policy.name, quant_policy=policy.describe(),
                                 target=target, **extras)
         _replace(tmp, out)
+    except OSError as e:  # a full disk, a quota, a file-size limit: nothing was replaced
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"--out {out}: writing the bundle failed ({e.strerror or e}); the previous bundle, if "
+                          "any, is untouched") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out, time.perf_counter() - start, files)
+
+
+def _recover_interrupted(out: Path) -> None:
+    """Clean up after an export that was killed (SIGKILL leaves no chance to clean up): remove its partial
+    folders, and if it died between the two renames of `_replace`, put the previous bundle back."""
+    for leftover in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, rest = leftover.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(leftover, out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _writable_parent(out: Path) -> Path:

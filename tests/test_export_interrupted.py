@@ -1,0 +1,92 @@
+"""Exports killed mid-write (SIGINT, SIGKILL) or starved of disk leave the previous bundle intact."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lfm_edge.export.cli import demo_model_path
+from lfm_edge.export.exporter import export
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _start_export(out: Path, **popen) -> subprocess.Popen:
+    # int4 with its quality section: long enough (seconds) to be caught mid-write
+    return subprocess.Popen([sys.executable, "-m", "lfm_edge.export.cli", str(demo_model_path()), "--quant", "int4",
+                             "--eval-text", str(demo_model_path() / "heldout.txt"), "--out", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _wait_for_partial(parent: Path, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".bundle.partial-") and (p / "model.onnx.data").exists()
+                  for p in parent.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "the export ended before it could be interrupted"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_killed_export_keeps_the_previous_bundle(tmp_path, sig):
+    out = tmp_path / "bundle"
+    export(demo_model_path(), out)  # the user's working fp32 bundle
+    before = _snapshot(out)
+    proc = _start_export(out)
+    _wait_for_partial(tmp_path, proc)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert _snapshot(out) == before
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "bundle"]
+    if sig == signal.SIGINT:
+        assert leftovers == []  # it cleaned up after itself
+    else:
+        assert leftovers and all(".partial-" in n for n in leftovers)  # nothing can clean up after SIGKILL...
+        export(demo_model_path(), out, ops="portable")  # ...so the next export does
+        assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_interrupted_swap_is_recovered(tmp_path):
+    """A kill between moving the old bundle aside and moving the new one in leaves no bundle at the target:
+    the next export (here, its recovery step) puts the old one back."""
+    from lfm_edge.export.exporter import _recover_interrupted
+
+    out = tmp_path / "bundle"
+    export(demo_model_path(), out)
+    before = _snapshot(out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    os.replace(out, tmp_path / f".bundle.old-{dead}")
+    os.mkdir(tmp_path / f".bundle.partial-{dead}-x")
+    _recover_interrupted(out)
+    assert _snapshot(out) == before and [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    os.mkdir(tmp_path / f".bundle.partial-{os.getpid()}-y")  # a live export's folder is left alone
+    _recover_interrupted(out)
+    assert (tmp_path / f".bundle.partial-{os.getpid()}-y").exists()
+
+
+def test_full_disk_fails_cleanly(tmp_path):
+    """A file-size limit makes writes fail the way a full disk does (EFBIG instead of ENOSPC)."""
+    out = tmp_path / "bundle"
+    export(demo_model_path(), out)
+    before = _snapshot(out)
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+
+    proc = _start_export(out, preexec_fn=limit)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "lfm-export: error: --out" in err and "writing the bundle failed (File too large)" in err
+    assert "Traceback" not in err
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
