@@ -30,6 +30,21 @@ _SENTINEL = ("\ue000", "\ue001")  # private-use characters marking where a typed
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
 
+def _check_text(messages: Sequence[Mapping[str, Any]]) -> None:
+    """Message text must be encodable (a str with lone surrogates, e.g. from mis-decoded bytes, is not)."""
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, bytes):
+            raise ValueError(f"messages[{i}].content is bytes: decode it first (e.g. .decode('utf-8', "
+                             "errors='replace'))")
+        if isinstance(content, str):
+            try:
+                content.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"messages[{i}].content is not valid text ({e.reason} at {e.start}); decode "
+                                 "input with errors='replace'") from None
+
+
 @dataclass
 class Done:
     """The last event of a stream: the whole answer, split, and how the generation went."""
@@ -82,6 +97,7 @@ class LfmModel:
                    allow_special_tokens: bool = False, **template_vars: Any) -> list[int]:
         """Token ids of the rendered conversation. Special-token strings inside user and tool messages stay
         text (a user typing "<|im_end|>" must not end the turn) unless `allow_special_tokens`."""
+        _check_text(messages)
         if allow_special_tokens:
             text = self.template.render(messages, tools=tools, add_generation_prompt=True, **template_vars)
             return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -177,3 +177,12 @@ def test_streamed_text_survives_multibyte_characters(scripted):
     said = "Héllo wörld — “quoted” 日本語 ünïcödé."
     events = list(make(_script(start, tokenize(said))).stream(messages))
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == said == events[-1].text
+
+
+def test_invalid_text_is_a_clear_error(scripted):
+    make, _ = scripted
+    model = make({})
+    with pytest.raises(ValueError, match=r"messages\[1\].content is not valid text \(surrogates not allowed"):
+        model.prompt_ids([{"role": "system", "content": "ok"}, {"role": "user", "content": "bad \ud800 text"}])
+    with pytest.raises(ValueError, match=r"messages\[0\].content is bytes"):
+        model.prompt_ids([{"role": "user", "content": b"\xff\xfe"}])
