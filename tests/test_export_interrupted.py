@@ -90,3 +90,24 @@ def test_full_disk_fails_cleanly(tmp_path):
     assert "Traceback" not in err
     assert _snapshot(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_real_full_disk_fails_cleanly(tmp_path):
+    """A 12 MB tmpfs holds one 9 MB demo bundle but not a second copy: the re-export runs out of space."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        out = disk / "bundle"
+        export(demo_model_path(), out)
+        before = _snapshot(out)
+        from lfm_edge.export.exporter import ExportError
+
+        with pytest.raises(ExportError, match=r"writing the bundle failed \(No space left on device\)"):
+            export(demo_model_path(), out, ops="portable")
+        assert _snapshot(out) == before
+        assert [p.name for p in disk.iterdir()] == ["bundle"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
