@@ -36,9 +36,8 @@ class StateSpec:
 class LfmSession:
     """One loaded bundle. `providers`: "auto" (an accelerator only if it runs every heavy node, see
     providers.py), "cpu", or an explicit onnxruntime list such as [("XnnpackExecutionProvider",
-    {"intra_op_num_threads": 4}), "CPUExecutionProvider"]. `verify`: see verify_bundle ("sampled" by
-    default). The choice of provider and its reason are in
-    `provider_choice`."""
+    {"intra_op_num_threads": 4}), "CPUExecutionProvider"]; the choice and its reason are in
+    `provider_choice`. `verify`: see verify_bundle ("sampled" by default)."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: str | ProviderList = "auto",
                  verify: str = "sampled"):
