@@ -80,20 +80,30 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray], windows: S
             "ppl_fp32": float(np.exp(nll_ref / n)), "tokens": n}
 
 
+def _fp32_reference(checkpoint: str | Path, text: str, window: int, max_tokens: int,
+                    work: Path) -> tuple[list[list[int]], list[np.ndarray]]:
+    """The evaluation windows and the fp32 export's logits on them (the export lives in `work`)."""
+    from ..export.exporter import export
+
+    fp32 = export(checkpoint, work / "fp32").bundle
+    windows = token_windows(fp32 / "tokenizer.json", text, window, max_tokens)
+    if not windows:
+        raise ValueError("the evaluation text is too short: it needs at least two tokens")
+    return windows, window_logits(fp32, windows)
+
+
+def _measure(label: str, policy: str, bundle: Path, windows: list[list[int]], reference: list[np.ndarray]) -> Quality:
+    size = sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx")) / 1e6
+    return Quality(label, policy, round(size, 3), **compare(reference, window_logits(bundle, windows), windows))
+
+
 def measure_bundle(checkpoint: str | Path, bundle: Path, text: str, label: str, window: int = 128,
                    max_tokens: int = 4096) -> Quality:
     """One finished bundle against an fp32 export of its checkpoint (made in a temporary folder)."""
-    from ..export.exporter import export
-
     work = Path(tempfile.mkdtemp(prefix="lfm-quality-"))
     try:
-        fp32 = export(checkpoint, work / "fp32").bundle
-        windows = token_windows(fp32 / "tokenizer.json", text, window, max_tokens)
-        if not windows:
-            raise ValueError("the evaluation text is too short: it needs at least two tokens")
-        size = sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx")) / 1e6
-        metrics = compare(window_logits(fp32, windows), window_logits(bundle, windows), windows)
-        return Quality(label, label, round(size, 3), **metrics)
+        windows, reference = _fp32_reference(checkpoint, text, window, max_tokens, work)
+        return _measure(label, label, bundle, windows, reference)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -105,18 +115,12 @@ def evaluate(checkpoint: str | Path, text: str, variants: Sequence[Variant], win
     work = Path(tempfile.mkdtemp(prefix="lfm-quality-"))
     try:
         progress("exporting fp32 reference")
-        fp32 = export(checkpoint, work / "fp32").bundle
-        windows = token_windows(fp32 / "tokenizer.json", text, window, max_tokens)
-        if not windows:
-            raise ValueError("the evaluation text is too short: it needs at least two tokens")
-        reference = window_logits(fp32, windows)
+        windows, reference = _fp32_reference(checkpoint, text, window, max_tokens, work)
         results = []
         for v in variants:
             progress(f"{v.label}: export and evaluate")
             bundle = export(checkpoint, work / "variant", quant=v.policy).bundle
-            size = sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx")) / 1e6
-            metrics = compare(reference, window_logits(bundle, windows), windows)
-            results.append(Quality(v.label, v.policy.name, round(size, 3), **metrics))
+            results.append(_measure(v.label, v.policy.name, bundle, windows, reference))
             shutil.rmtree(bundle)
         return results
     finally:
