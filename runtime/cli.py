@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .detokenize import IncrementalDecoder
 from .generate import stream
 from .sampling import Sampling
 from .session import BundleError, LfmSession
@@ -33,16 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfm-generate: error: {e}", file=sys.stderr)
         return 2
     prompt = tokenizer.encode(args.prompt).ids
-    out: list[int] = []
-    shown = ""
+    decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
     print(args.prompt, end="", flush=True)
     for step in stream(model, [prompt], args.max_new_tokens, sampling):
         if step[0] is None:
             break
-        out.append(step[0])
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        print(text[len(shown):], end="", flush=True)
-        shown = text
+        print(decoder.add(step[0]), end="", flush=True)
     print()
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .chat import ChatTemplate
+from .detokenize import IncrementalDecoder
 from .generate import Generation, GenerationStats
 from .sampling import Sampling
 from .session import BundleError, LfmSession
@@ -138,23 +139,16 @@ class LfmModel:
         generation = Generation(self.session, [prompt], max_new_tokens, sampling or self.default_sampling(),
                                 cancel=cancel, overflow=overflow)
         parser = StreamParser(start_in_reasoning=in_reasoning)
-        tokens: list[int] = []
-        shown = ""
-        prefix, read = 0, 0  # incremental detokenization: decode only a short window of recent tokens
+        decoder = IncrementalDecoder(self.tokenizer)
         text, reasoning, calls = [], [], []
         eos = set(self.session.eos_token_ids)
         stopped_by_string = False
         for (token,) in generation:
             if token is None or token in eos:
                 continue
-            tokens.append(token)
-            before = self.tokenizer.decode(tokens[prefix:read], skip_special_tokens=False)
-            after = self.tokenizer.decode(tokens[prefix:], skip_special_tokens=False)
-            if after.endswith("\ufffd") or len(after) <= len(before):  # a character is still incomplete
+            delta = decoder.add(token)
+            if not delta:
                 continue
-            delta = after[len(before):]
-            shown += delta
-            prefix, read = read, len(tokens)
             for event in parser.feed(delta):
                 yield from self._record(event, text, reasoning, calls)
             if stop and any(s in "".join(text) for s in stop):
@@ -167,7 +161,7 @@ class LfmModel:
         answer = "".join(text)
         for s in stop:
             answer = answer.split(s)[0] if s in answer else answer
-        yield Done(answer, "".join(reasoning).strip(), calls, shown, generation.stats)
+        yield Done(answer, "".join(reasoning).strip(), calls, decoder.text, generation.stats)
 
     @staticmethod
     def _record(event, text: list, reasoning: list, calls: list) -> Iterator[Event]:
