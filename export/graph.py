@@ -62,25 +62,16 @@ class Graph:
         if array.size <= _SMALL:
             self.initializers.append(numpy_helper.from_array(array, name))
         else:
-            align = 4096 if array.nbytes >= 65536 else 64
-            pad = -self.bytes_written % align
-            self._data.write(b"\0" * pad)
-            offset = self.bytes_written + pad
+            offset = self._pad_to(4096 if array.nbytes >= 65536 else 64)
             self._data.write(array.tobytes())
             self.bytes_written = offset + array.nbytes
-            tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                                 dims=array.shape, data_location=TensorProto.EXTERNAL)
-            for key, value in (("location", self.data_file.name), ("offset", offset), ("length", array.nbytes)):
-                tensor.external_data.add(key=key, value=str(value))
-            self.initializers.append(tensor)
+            self._external(name, array.dtype, array.shape, offset, array.nbytes)
         self._weights.add(name)
         return name
 
     def weight_stream(self, name: str, parts: Iterator[np.ndarray]) -> str:
         """A weight stacked from equal parts along a new first axis, written part by part."""
-        align_pad = -self.bytes_written % 4096
-        self._data.write(b"\0" * align_pad)
-        offset = self.bytes_written + align_pad
+        offset = self._pad_to(4096)
         count, first = 0, None
         for part in parts:
             part = np.ascontiguousarray(part)
@@ -93,13 +84,24 @@ class Graph:
             count += 1
         length = count * first.nbytes
         self.bytes_written = offset + length
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(first.dtype),
-                             dims=(count, *first.shape), data_location=TensorProto.EXTERNAL)
+        self._external(name, first.dtype, (count, *first.shape), offset, length)
+        self._weights.add(name)
+        return name
+
+    def _pad_to(self, align: int) -> int:
+        """Pad the data file to a multiple of `align` (pages can then be mapped); returns the new offset."""
+        pad = -self.bytes_written % align
+        self._data.write(b"\0" * pad)
+        self.bytes_written += pad
+        return self.bytes_written
+
+    def _external(self, name: str, dtype: np.dtype, dims: tuple, offset: int, length: int) -> None:
+        """An initializer whose bytes sit at `offset` in the external-data file."""
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=dims,
+                             data_location=TensorProto.EXTERNAL)
         for key, value in (("location", self.data_file.name), ("offset", offset), ("length", length)):
             tensor.external_data.add(key=key, value=str(value))
         self.initializers.append(tensor)
-        self._weights.add(name)
-        return name
 
     def has_weight(self, name: str) -> bool:
         return name in self._weights
