@@ -87,7 +87,7 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
     """Measure `runs` times after one warm-up; returns metrics keyed 'load', 'ttft', 'prefill/P',
     'decode/N@D' (N tokens decoded after D tokens of context)."""
     from ..runtime.generate import peak_rss_mb
-    from ..runtime.session import Cache, LfmSession
+    from ..runtime.session import LfmSession
 
     rng = np.random.default_rng(seed)
     metrics: dict[str, Metric] = {"load": Metric("s"), "ttft": Metric("s"), "peak_rss": Metric("MB")}
@@ -111,7 +111,7 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
             metrics["load"].samples.append(Sample(wall, wall, wait, la))
         for p in prompts:
             progress(f"{label}: prefill {p}")
-            cache = Cache(session, 1, p + 1)
+            cache = session.new_cache(1, p + 1)
             prompt = ids(p)
             wall, wait, la = timed(lambda c=cache, x=prompt: c.step(x), threads)
             if r:
@@ -121,7 +121,7 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
         for d in depths:
             for n in decode:
                 progress(f"{label}: decode {n} at depth {d}")
-                cache = Cache(session, 1, d + n + 1)
+                cache = session.new_cache(1, d + n + 1)
                 if d:
                     cache.step(ids(d))
                 steps = ids(n)

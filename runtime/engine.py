@@ -71,11 +71,13 @@ class ToolRun:
 
 class LfmModel:
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: Any = "auto",
-                 verify: str = "sampled"):
+                 verify: str = "sampled", session: Any = None):
+        """`session`: an already-loaded LfmSession, or another backend with its surface (see
+        LfmSession.new_cache); by default the bundle is loaded with onnxruntime's Python binding."""
         from tokenizers import Tokenizer
 
         self.folder = Path(bundle)
-        self.session = LfmSession(bundle, threads=threads, providers=providers, verify=verify)
+        self.session = session or LfmSession(bundle, threads=threads, providers=providers, verify=verify)
         try:
             self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         except Exception as e:  # tokenizers raises plain Exception

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .sampling import Sampling, next_tokens
-from .session import Cache, LfmSession
+from .session import LfmSession
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Generation:
         self.prefill_chunk = prefill_chunk
         self.cancel = cancel or threading.Event()
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts),
-                                     provider=model.session.get_providers()[0])
+                                     provider=model.provider)
 
     def __iter__(self) -> Iterator[list[int | None]]:
         start = time.perf_counter()
@@ -76,7 +76,7 @@ class Generation:
         for r, p in enumerate(prompts):
             ids[r, width - len(p):] = p
             mask[r, width - len(p):] = 1
-        cache = Cache(model, batch, width + self.max_new_tokens)
+        cache = model.new_cache(batch, width + self.max_new_tokens)
         rng = np.random.default_rng(self.sampling.seed)
         chunk = self.prefill_chunk
         if model.share_buffer and batch > 1:

@@ -63,6 +63,16 @@ class LfmSession:
         self.state = _state_spec(self.session, decoder)
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
 
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def new_cache(self, batch: int, max_length: int) -> Cache:
+        """State for one generation. This and the attributes set in __init__ are the whole surface the
+        generation loop uses, so another backend (mobile_app/backends: onnxruntime's Java or Objective-C API)
+        can stand in for LfmSession by providing the same."""
+        return Cache(self, batch, max_length)
+
 
 class Cache:
     """Per-generation state buffers bound to an IOBinding; `step` runs one forward pass."""
