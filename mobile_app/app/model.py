@@ -1,0 +1,66 @@
+"""Which bundle the app starts with, and loading one through the platform's onnxruntime backend."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lfm_edge.mobile_app.backends import open_session
+from lfm_edge.runtime.engine import LfmModel
+
+# what `lfm-export --target android` and `make export` write from the bundled demo model, best first
+DEFAULT_BUNDLES = ("build/demo_model-int4-contrib", "build/demo_model-fp32-contrib")
+
+
+def default_bundle(cwd: Path | None = None) -> Path | None:
+    base = cwd or Path.cwd()
+    for candidate in DEFAULT_BUNDLES:
+        if (base / candidate / "genai_config.json").is_file():
+            return base / candidate
+    return None
+
+
+def check_folder(folder: str | Path) -> str | None:
+    """Why `folder` is not a bundle, or None. Cheap: runs on the UI thread before a load starts."""
+    path = Path(folder).expanduser()
+    if not str(folder).strip():
+        return "no folder given"
+    if not path.is_dir():
+        return f"{path}: no such folder"
+    missing = [n for n in ("genai_config.json", "tokenizer.json") if not (path / n).is_file()]
+    if missing:
+        return f"{path}: not a bundle (no {', '.join(missing)})"
+    return None
+
+
+def load_model(folder: str | Path, threads: int | None = None) -> LfmModel:
+    """Blocking (seconds for a large bundle): call it from a worker thread. The session comes from
+    `backends.open_session`, so a phone build without onnxruntime's Python binding plugs in its own."""
+    folder = Path(folder).expanduser()
+    return LfmModel(folder, session=open_session(folder, threads))
+
+
+@dataclass
+class BundleInfo:
+    folder: Path
+    megabytes: float
+    quant: str
+    target: str
+    model_type: str
+
+    def summary(self) -> str:
+        target = f"target {self.target}" if self.target else ""
+        parts = [self.model_type, self.quant, target, f"{self.megabytes:.1f} MB"]
+        return ", ".join(p for p in parts if p)
+
+
+def bundle_info(folder: str | Path) -> BundleInfo:
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}  # bundles from onnxruntime-genai's builder have none
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return BundleInfo(folder, size / 1e6, str(manifest.get("quant", "")), str(manifest.get("target", "") or ""),
+                      str(manifest.get("model_type", "")))

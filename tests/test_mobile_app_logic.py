@@ -1,0 +1,369 @@
+"""The Kivy app's logic without a window: the chat turn, the benchmark summary, the bundle download.
+
+Everything runs for real: scripted and exported bundles in onnxruntime, the benchmark on the int4 demo
+bundle, downloads from an http.server on 127.0.0.1 that honours Range and can cut a transfer short.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from lfm_edge.export.cli import demo_model_path
+from lfm_edge.export.exporter import export
+from lfm_edge.mobile_app.app import bench, download
+from lfm_edge.mobile_app.app.chat import GENERATING, IDLE, Bubble, ChatController, ToolCard
+from lfm_edge.mobile_app.app.model import bundle_info, check_folder, default_bundle, load_model
+from lfm_edge.mobile_app.app.tools import DEMO_TOOLS, _sysfs_battery, battery
+from lfm_edge.runtime.engine import LfmModel
+from scripted_model import write_bundle
+
+DEMO = demo_model_path()
+QUESTION = "What is 2+3?"
+REASONING = "The user wants a sum; the calculator is exact."
+ANSWER = "2 + 3 = 5."
+
+
+# --- shared bundles (the GUI test imports these, so each is built once per session) ----------------------------
+
+@functools.cache
+def demo_int4_bundle(root: Path) -> Path:
+    """The int4 demo bundle, exported with the project's exporter."""
+    return export(DEMO, root / "demo-int4", quant="int4").bundle
+
+
+def scripted_tool_bundle(folder: Path, controller: ChatController, question: str = QUESTION) -> Path:
+    """A real ONNX bundle that answers `question`, sent through `controller`, with reasoning and a Pythonic
+    calculator call, then (after the tool's result comes back) with ANSWER."""
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    eos, vocab = tok.token_to_id("<|im_end|>"), tok.get_vocab_size()
+
+    def tokens(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    probe = LfmModel(write_bundle(folder / "probe", DEMO, {}, vocab, eos))
+    messages = controller.conversation_for(question)
+    said = f'<think>{REASONING}</think><|tool_call_start|>[calculator(expression="2+3")]<|tool_call_end|>'
+    first = len(probe.prompt_ids(messages, controller.schemas))
+    result = controller.tools["calculator"](expression="2+3")
+    second_messages = [*messages, {"role": "assistant", "content": said},
+                       {"role": "tool", "content": json.dumps(result)}]
+    second = len(probe.prompt_ids(second_messages, controller.schemas))
+    script = {first + i: t for i, t in enumerate(tokens(said))} | {second + i: t for i, t in enumerate(tokens(ANSWER))}
+    shutil.rmtree(folder / "probe")
+    return write_bundle(folder / "scripted", DEMO, script, vocab, eos)
+
+
+@pytest.fixture(scope="session")
+def demo_int4(tmp_path_factory):
+    return demo_int4_bundle(tmp_path_factory.getbasetemp())
+
+
+class UiQueue:
+    """Stands in for Kivy's clock: the worker posts, the test's 'UI thread' runs what was posted."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+        self.thread_ids: set[int] = set()
+
+    def post(self, fn) -> None:
+        self.q.put(fn)
+
+    def run_until(self, done, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, "timed out"
+            try:
+                fn = self.q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            self.thread_ids.add(threading.get_ident())
+            fn()
+
+
+# --- tools ------------------------------------------------------------------------------------------------------
+
+def test_demo_tools_answer_and_never_raise(tmp_path):
+    assert set(DEMO_TOOLS) == {"calculator", "current_time", "battery"}
+    assert DEMO_TOOLS["calculator"](expression="2+3") == {"result": 5}
+    assert "now" in DEMO_TOOLS["current_time"]()
+    status = battery()  # this machine has no battery: an answer, not an exception
+    assert isinstance(status, dict) and ("percent" in status or status.get("battery") == "unavailable")
+    supply = tmp_path / "BAT0"
+    supply.mkdir()
+    (supply / "type").write_text("Battery\n")
+    (supply / "capacity").write_text("87\n")
+    (supply / "status").write_text("Charging\n")
+    (tmp_path / "AC").mkdir()
+    (tmp_path / "AC" / "type").write_text("Mains\n")
+    assert _sysfs_battery(tmp_path) == {"percent": 87, "charging": True, "status": "Charging"}
+    (supply / "capacity").write_text("garbage")
+    assert _sysfs_battery(tmp_path) is None
+    assert _sysfs_battery(tmp_path / "missing") is None
+
+
+# --- chat -------------------------------------------------------------------------------------------------------
+
+def test_chat_turn_streams_reasoning_runs_the_tool_and_answers(tmp_path):
+    ui = UiQueue()
+    chat = ChatController(ui.post)
+    changes: list[int | None] = []
+    chat.listeners.append(changes.append)
+    assert chat.send(QUESTION) == "no model loaded: pick one on the Model screen"
+    chat.set_model(load_model(scripted_tool_bundle(tmp_path, chat), threads=1))
+    assert chat.send("   ") == "nothing to send"
+
+    assert chat.send(QUESTION) is None
+    assert chat.state == GENERATING
+    assert chat.send("again") == "the model is still answering"
+    ui.run_until(lambda: chat.state == IDLE)
+
+    assert ui.thread_ids == {threading.get_ident()}  # every transcript change ran on the 'UI' thread
+    user, thought, card, answer = chat.items
+    assert user == Bubble("user", QUESTION)
+    assert thought.role == "assistant" and thought.reasoning == REASONING and not thought.show_reasoning
+    assert thought.text.strip() == "" and thought.footer.endswith("eos")
+    assert isinstance(card, ToolCard) and card.call_text == "calculator(expression='2+3')"
+    assert card.result == {"result": 5} and card.result_text == '{"result": 5}'
+    assert answer.role == "assistant" and answer.text.strip() == ANSWER
+    assert [m["role"] for m in chat.history] == ["user", "assistant", "tool", "assistant"]
+    assert None in changes and len(changes) > 5
+    chat.toggle_reasoning(1)
+    assert chat.items[1].show_reasoning
+    chat.reset()
+    assert chat.items == [] and chat.history == []
+
+
+def test_cancel_stops_a_long_answer_and_the_chat_goes_on(tmp_path):
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    eos = tok.token_to_id("<|im_end|>")
+    word = tok.encode(" la", add_special_tokens=False).ids[0]
+    ui = UiQueue()
+    chat = ChatController(ui.post, tools={}, max_new_tokens=1500)
+    chat.set_model(load_model(write_bundle(tmp_path / "talker", DEMO, {p: word for p in range(2048)},
+                                           tok.get_vocab_size(), eos), threads=1))
+    assert chat.send("talk") is None
+    ui.run_until(lambda: chat.tokens >= 3)
+    chat.cancel()
+    ui.run_until(lambda: chat.state == IDLE, timeout=10)
+    answer = chat.items[-1]
+    assert answer.footer.endswith("cancelled") and chat.tokens < 1500
+    assert chat.send("again") is None  # a cancelled turn leaves the chat usable
+    chat.cancel()
+    ui.run_until(lambda: chat.state == IDLE, timeout=10)
+    assert chat.wait(5)
+
+
+def test_a_failing_turn_is_shown_not_raised(tmp_path):
+    ui = UiQueue()
+    chat = ChatController(ui.post, tools={}, max_new_tokens=5000)  # beyond the context: refused by the runtime
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    chat.set_model(load_model(write_bundle(tmp_path / "b", DEMO, {}, tok.get_vocab_size(),
+                                           tok.token_to_id("<|im_end|>")), threads=1))
+    assert chat.send("hi") is None
+    ui.run_until(lambda: chat.state == IDLE)
+    assert chat.items[-1].role == "error" and "max_new_tokens 5000" in chat.items[-1].text
+
+
+# --- model folder -----------------------------------------------------------------------------------------------
+
+def test_model_folder_checks_and_info(demo_int4, tmp_path):
+    assert check_folder(demo_int4) is None
+    assert check_folder("") == "no folder given"
+    assert "no such folder" in check_folder(tmp_path / "nope")
+    assert "not a bundle (no genai_config.json, tokenizer.json)" in check_folder(tmp_path)
+    info = bundle_info(demo_int4)
+    assert info.quant == "int4" and info.model_type == "lfm2_moe" and 1 < info.megabytes < 10
+    assert "int4" in info.summary()
+    assert default_bundle(tmp_path) is None
+    (tmp_path / "build").mkdir()
+    shutil.copytree(demo_int4, tmp_path / "build" / "demo_model-int4-contrib")
+    assert default_bundle(tmp_path) == tmp_path / "build" / "demo_model-int4-contrib"
+
+
+# --- benchmark --------------------------------------------------------------------------------------------------
+
+def test_quick_benchmark_on_the_demo_bundle_gives_a_verdict(demo_int4):
+    preset = bench.PRESETS["quick"]
+    seen: list[tuple[int, int, str]] = []
+    report = bench.run_benchmark(demo_int4, preset, progress=lambda d, t, m: seen.append((d, t, m)))
+    total = bench.stage_count(preset)
+    assert [d for d, _, _ in seen] == list(range(total + 1)) and {t for _, t, _ in seen} == {total}
+    assert seen[0][2] == "measuring read bandwidth" and seen[-1][2] == "done"
+    assert report.decode_tps > 0 and report.prefill_tps > 0 and report.prefill_tokens == 16
+    assert 0 < report.ttft_s < 5 and report.peak_rss_mb > 50 and report.load_s > 0
+    assert report.bandwidth_gbs > 0.5 and report.bytes_per_token > 1e5
+    assert report.ceiling_tps == pytest.approx(report.bandwidth_gbs * 1e9 / report.bytes_per_token)
+    assert 0 < report.fraction == report.decode_tps / report.ceiling_tps
+    assert len(report.phone_rows()) == 8 and all(r[2] in ("yes", "no") for r in report.phone_rows())
+    assert report.verdict == bench.verdict(report.decode_tps)
+    assert report.verdict.endswith("reaches 30 tok/s") == (report.decode_tps >= 30)
+    assert "Roofline:" in report.roofline_text() and "of it." in report.roofline_text()
+    labels = [label for label, _ in report.metric_rows()]
+    assert labels[:4] == ["Decode", "Prefill (16 tokens)", "Time to first token", "Peak memory (process)"]
+
+
+def test_verdict_wording():
+    assert bench.verdict(30.0) == "30.0 tok/s: reaches 30 tok/s"
+    assert bench.verdict(24.24) == "24.2 tok/s: below the 30 tok/s target"
+
+
+def test_benchmark_cancel_stops_at_the_next_stage(demo_int4):
+    cancel = threading.Event()
+    messages = []
+
+    def progress(done, total, message):
+        messages.append(message)
+        if "load" in message:
+            cancel.set()
+
+    with pytest.raises(bench.Cancelled):
+        bench.run_benchmark(demo_int4, bench.PRESETS["quick"], progress=progress, cancel=cancel)
+    assert messages[-1] == "warm-up: load"
+
+
+# --- download ---------------------------------------------------------------------------------------------------
+
+class BundleServer(http.server.ThreadingHTTPServer):
+    """Serves one folder with Range support; `cut[name] = n` ends the next response for `name` after n bytes."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.cut, self.ranges = folder, {}, []
+        super().__init__(("127.0.0.1", 0), RangeHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/bundle/"
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        name = self.path.removeprefix("/bundle/")
+        path = self.server.folder / name
+        if "/" in name or not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start = 0
+        if rng := self.headers.get("Range"):
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            self.server.ranges.append((name, start))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if name in self.server.cut:
+            self.wfile.write(body[: self.server.cut.pop(name)])  # then the connection drops
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server(demo_int4, tmp_path):
+    served = tmp_path / "served"
+    shutil.copytree(demo_int4, served)
+    srv = BundleServer(served)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_download_checks_every_file_and_installs_the_bundle(server, tmp_path):
+    seen = []
+    dest = download.fetch_bundle(server.url, tmp_path / "models" / "demo", progress=seen.append)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*manifest["files"], "manifest.json"])
+    for name in manifest["files"]:
+        assert _digest(dest / name) == _digest(server.folder / name)
+    assert seen[-1].done == seen[-1].total == sum(f["bytes"] for f in manifest["files"].values())
+    assert seen[-1].file_index == seen[-1].file_count == len(manifest["files"])
+    assert not download.partial_folder(dest).exists()
+    assert check_folder(dest) is None
+    assert load_model(dest, threads=1).chat([{"role": "user", "content": "hi"}], max_new_tokens=3).stats.stopped
+
+
+def test_an_interrupted_transfer_resumes_with_a_range_request(server, tmp_path):
+    dest = tmp_path / "models" / "demo"
+    size = (server.folder / "model.onnx.data").stat().st_size
+    server.cut["model.onnx.data"] = 500_000
+    with pytest.raises(download.DownloadError, match=r"model.onnx.data: transfer interrupted at 500000 of"):
+        download.fetch_bundle(server.url, dest)
+    assert not dest.exists()  # never a half bundle where the app looks
+    assert (download.partial_folder(dest) / "model.onnx.data").stat().st_size == 500_000
+
+    progress = []
+    download.fetch_bundle(server.url + "manifest.json", dest, progress=progress.append)
+    assert ("model.onnx.data", 500_000) in server.ranges
+    assert _digest(dest / "model.onnx.data") == _digest(server.folder / "model.onnx.data")
+    # the bar starts from what is already on disk, and only moves forward
+    assert progress[0].done >= 500_000 < size
+    assert all(a.done <= b.done for a, b in zip(progress, progress[1:], strict=False))
+
+
+def test_a_corrupted_file_is_rejected_by_name_and_nothing_is_installed(server, tmp_path):
+    dest = tmp_path / "models" / "demo"
+    shutil.copytree(server.folder, dest)  # a good bundle already installed there
+    before = _digest(dest / "tokenizer.json")
+    data = bytearray((server.folder / "tokenizer.json").read_bytes())
+    data[100] ^= 0xFF  # same size, wrong content
+    (server.folder / "tokenizer.json").write_bytes(bytes(data))
+    with pytest.raises(download.DownloadError, match=r"^tokenizer.json: checksum mismatch \(sha256 "):
+        download.fetch_bundle(server.url, dest)
+    assert _digest(dest / "tokenizer.json") == before and check_folder(dest) is None  # the old bundle stays
+    assert not (download.partial_folder(dest) / "tokenizer.json").exists()  # not kept for a resume
+
+
+def test_cancel_keeps_the_partial_download_for_later(server, tmp_path):
+    dest = tmp_path / "demo"
+    cancel = threading.Event()
+
+    def progress(p):
+        if p.file == "model.onnx.data" and p.done > 0:
+            cancel.set()
+
+    with pytest.raises(download.DownloadCancelled, match="cancelled during model.onnx.data"):
+        download.fetch_bundle(server.url, dest, progress=progress, cancel=cancel)
+    assert not dest.exists() and (download.partial_folder(dest) / "model.onnx.data").is_file()
+    download.fetch_bundle(server.url, dest)
+    assert check_folder(dest) is None
+
+
+def test_bad_addresses_and_manifests_are_clear_errors(server, tmp_path):
+    with pytest.raises(download.DownloadError, match="expected an http:// or https:// address"):
+        download.fetch_bundle("ftp://example.org/b/", tmp_path / "x")
+    with pytest.raises(download.DownloadError, match=r"manifest.json: the server answered 404"):
+        download.fetch_bundle(server.url.replace("/bundle/", "/nothing/"), tmp_path / "x")
+    manifest = json.loads((server.folder / "manifest.json").read_text())
+    manifest["files"]["../escape"] = {"bytes": 1, "sha256": "0" * 64}
+    (server.folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(download.DownloadError, match=r"refusing the file name '\.\./escape'"):
+        download.fetch_bundle(server.url, tmp_path / "x")
+    (server.folder / "manifest.json").write_text("{}")
+    with pytest.raises(download.DownloadError, match="not a bundle manifest"):
+        download.fetch_bundle(server.url, tmp_path / "x")
+    assert download.default_name("https://host/models/lfm2-int4/manifest.json") == "lfm2-int4"
+    assert download.default_name("https://host/") == "bundle"
