@@ -4,16 +4,22 @@ On a desktop, and on a phone build that carries onnxruntime's Python binding, it
 A python-for-android build without that binding reaches the onnxruntime-android AAR through pyjnius
 (`java.py`); a kivy-ios build reaches onnxruntime-objc through pyobjus (`objc.py`). Every backend returns an
 object with LfmSession's surface (see `lfm_edge.runtime.session.LfmSession.new_cache`), so the generation
-loop, the chat engine and the benchmark run unchanged on all of them.
+loop, the chat engine and the benchmark run unchanged on all of them. `plan.py` holds what they share
+(bundle config, state dims, tensor names), in pure Python.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
-BACKENDS = ("python",)  # in order of preference
+BACKENDS = ("python", "java", "objc")  # in order of preference
+MODULES = {"python": "onnxruntime", "java": "jnius", "objc": "pyobjus"}  # what each backend imports
+WHERE = {"python": "onnxruntime's Python binding (pip install onnxruntime)",
+         "java": "pyjnius over the onnxruntime-android AAR (python-for-android, see mobile_app/buildozer.spec)",
+         "objc": "pyobjus over the onnxruntime-objc pod (kivy-ios, see mobile_app/ios/README.md)"}
 
 
 def available() -> list[str]:
@@ -22,21 +28,48 @@ def available() -> list[str]:
 
 
 def _importable(name: str) -> bool:
-    module = {"python": "onnxruntime"}[name]
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(MODULES[name]) is not None
+    except (ImportError, ValueError):
+        return False
 
 
-def open_session(bundle: str | Path, threads: int | None = None, backend: str = "auto") -> Any:
-    """Load `bundle` through `backend` ("auto": the first of `available()`)."""
+def choose(backend: str = "auto") -> str:
+    """The backend `open_session` would use; "auto": the first of BACKENDS whose module imports."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: expected 'auto' or one of {', '.join(BACKENDS)}")
     names = available()
     if backend == "auto":
         if not names:
-            raise RuntimeError(f"no onnxruntime backend in this interpreter: tried {', '.join(BACKENDS)}")
-        backend = names[0]
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r}: expected 'auto' or one of {', '.join(BACKENDS)}")
+            tried = "; ".join(f"{b}: no module {MODULES[b]!r} ({WHERE[b]})" for b in BACKENDS)
+            raise RuntimeError(f"no onnxruntime backend in this interpreter. Tried {tried}")
+        return names[0]
     if backend not in names:
-        raise RuntimeError(f"backend {backend!r} is not usable in this interpreter")
+        raise RuntimeError(f"backend {backend!r} needs the module {MODULES[backend]!r}, which this interpreter "
+                           f"cannot import: {WHERE[backend]}")
+    return backend
+
+
+def open_session(bundle: str | Path, threads: int | None = None, backend: str = "auto") -> Any:
+    """Load `bundle` through `backend` ("auto": python if onnxruntime imports, else java if jnius does
+    (Android), else objc if pyobjus does (iOS))."""
+    backend = choose(backend)
+    if backend == "java":
+        from .java import JavaSession
+
+        return JavaSession(bundle, threads=threads)
+    if backend == "objc":
+        from .objc import ObjcSession
+
+        return ObjcSession(bundle, threads=threads)
     from lfm_edge.runtime.session import LfmSession
 
     return LfmSession(bundle, threads=threads)
+
+
+def release_thread() -> None:
+    """Call at the end of a worker thread that ran a generation: pyjnius attaches each Python thread to the
+    JVM on first use and the thread must detach before it exits (on Android an attached thread that exits
+    aborts the process). A no-op where pyjnius was never imported."""
+    if "jnius" in sys.modules:
+        sys.modules["jnius"].detach()

@@ -1,0 +1,166 @@
+"""LfmSession's surface over onnxruntime's Objective-C API (the onnxruntime-objc pod), reached through pyobjus.
+
+For a kivy-ios build, which has no onnxruntime Python binding. The API used, from onnxruntime's
+objectivec/include headers (ort_env.h, ort_session.h, ort_value.h, ort_enums.h):
+- `[[ORTEnv alloc] initWithLoggingLevel:error:]`, `[[ORTSessionOptions alloc] initWithError:]`,
+  `setIntraOpNumThreads:error:`, `[[ORTSession alloc] initWithEnv:modelPath:sessionOptions:error:]`;
+- `inputNamesWithError:` / `outputNamesWithError:` (names only: the Objective-C API reports no input
+  shapes, so the state dims come from genai_config.json, see plan.state_from_config);
+- `[[ORTValue alloc] initWithTensorData:(NSMutableData*) elementType: shape:(NSArray<NSNumber*>*) error:]`:
+  the tensor uses the NSMutableData's bytes, no copy;
+- `runWithInputs:outputs:runOptions:error:` runs with pre-allocated outputs (returns BOOL).
+
+Memory: every buffer is a numpy array owned by the cache; `[NSMutableData dataWithBytesNoCopy:length:
+freeWhenDone:NO]` wraps its memory, so onnxruntime reads and writes the numpy memory directly and the
+logits are read without any copy across the bridge. Shared-buffer KV: one ORTValue passed as past and as
+present; conv states: two per layer, swapped each step; a concatenating graph: present is pre-allocated
+with its known shape [B,Hkv,P+S,D] each step and becomes the next past. The ORTValues and NSData objects are
+released when the cache drops them (ARC through pyobjus); the numpy arrays they wrap live as long as the
+cache.
+
+Not run on iOS from this repository (no macOS here); tests drive it with stand-ins for the Objective-C
+classes that hand numpy memory to onnxruntime's Python binding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from .plan import BundleError, StateSpec, check_step, read_bundle, state_from_config, step_names
+
+# ort_enums.h: ORTTensorElementDataType {Undefined, Float, Int8, UInt8, Int32, UInt32, Int64, ...}
+ELEMENT_FLOAT, ELEMENT_INT64 = 1, 6
+LOGGING_WARNING = 2  # ORTLoggingLevel {Verbose, Info, Warning, Error, Fatal}
+
+
+def objc_classes() -> SimpleNamespace:
+    from pyobjus import autoclass
+
+    return SimpleNamespace(**{name: autoclass(name) for name in (
+        "ORTEnv", "ORTSession", "ORTSessionOptions", "ORTValue", "NSMutableData", "NSMutableDictionary",
+        "NSMutableArray", "NSNumber")})
+
+
+def _names(nsarray: Any) -> list[str]:
+    if nsarray is None:
+        raise BundleError("onnxruntime (Objective-C) returned no input/output names")
+    out = []
+    for i in range(nsarray.count()):
+        item = nsarray.objectAtIndex_(i)
+        out.append(item.UTF8String() if hasattr(item, "UTF8String") else str(item))
+    return [n.decode() if isinstance(n, bytes) else n for n in out]
+
+
+class ObjcSession:
+    """One loaded bundle over onnxruntime-objc. `classes`: what objc_classes() returns (tests pass stand-ins)."""
+
+    def __init__(self, bundle: str | Path, threads: int | None = None, classes: Any = None, verify: str = "size"):
+        cfg = read_bundle(bundle, verify)
+        self.folder, self.manifest = cfg.folder, cfg.manifest
+        self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
+        self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
+        self.C = C = classes or objc_classes()
+        self.env = C.ORTEnv.alloc().initWithLoggingLevel_error_(LOGGING_WARNING, None)
+        options = C.ORTSessionOptions.alloc().initWithError_(None)
+        if threads:
+            options.setIntraOpNumThreads_error_(int(threads), None)
+        self.session = C.ORTSession.alloc().initWithEnv_modelPath_sessionOptions_error_(
+            self.env, str(cfg.model_file), options, None)
+        if self.session is None:
+            raise BundleError(f"{cfg.model_file}: onnxruntime (Objective-C) could not load it")
+        self.state: StateSpec = state_from_config(cfg.decoder)
+        self.names = step_names(self.state, cfg.decoder)
+        inputs = set(_names(self.session.inputNamesWithError_(None)))
+        outputs = set(_names(self.session.outputNamesWithError_(None)))
+        missing = [n for n in self.names.inputs if n not in inputs] + \
+                  [n for n in self.names.outputs if n not in outputs]
+        extra = sorted(n for n in inputs if n.startswith(("past.", "past_key_values.")) and n not in self.names.inputs)
+        if missing or extra:
+            raise BundleError(f"{cfg.model_file}: graph state does not match genai_config.json "
+                              f"(missing {missing}, unexpected {extra})")
+        if not cfg.vocab_size:
+            raise BundleError(f"{cfg.folder / 'genai_config.json'}: model.vocab_size is needed by this backend")
+        self.vocab_size = cfg.vocab_size
+
+    @property
+    def provider(self) -> str:
+        return "CPUExecutionProvider"
+
+    def new_cache(self, batch: int, max_length: int) -> ObjcCache:
+        return ObjcCache(self, batch, max_length)
+
+
+class ObjcCache:
+    def __init__(self, model: ObjcSession, batch: int, max_length: int):
+        self.model, self.batch, self.max_length = model, batch, max_length
+        self.C = model.C
+        self.length = 0
+        self.mask = np.zeros((batch, max_length), dtype=np.int64)
+        self._ids = np.zeros(batch * max_length, dtype=np.int64)
+        self._logits = np.zeros(0, dtype=np.float32)
+        names, state = model.names, model.state
+        self.conv = {i: [self._value(np.zeros((batch, *state.conv[i]), np.float32)) for _ in range(2)]
+                     for i, _, _ in names.conv}
+        capacity = max_length if model.share_buffer else 0
+        self.kv = {i: [self._value(np.zeros((batch, state.kv[i][0], capacity, state.kv[i][1]), np.float32))
+                       for _ in range(2)] for i, _, _, _, _ in names.kv}
+
+    def _value(self, array: np.ndarray) -> tuple[Any, np.ndarray]:
+        """(ORTValue over `array`'s memory, array). The array must stay referenced while the value is used."""
+        C = self.C
+        data = C.NSMutableData.dataWithBytesNoCopy_length_freeWhenDone_(array.ctypes.data, array.nbytes, False)
+        shape = C.NSMutableArray.alloc().init()
+        for d in array.shape:
+            shape.addObject_(C.NSNumber.numberWithLongLong_(int(d)))
+        kind = ELEMENT_FLOAT if array.dtype == np.float32 else ELEMENT_INT64
+        value = C.ORTValue.alloc().initWithTensorData_elementType_shape_error_(data, kind, shape, None)
+        if value is None:
+            raise RuntimeError(f"ORTValue could not wrap a {array.dtype} tensor of shape {array.shape}")
+        return value, array
+
+    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Run input_ids [B, S]; returns the last position's logits [B, 1, V] (read from the buffer onnxruntime
+        wrote, no bridge copy)."""
+        b, s = input_ids.shape
+        check_step(self.length, s, self.max_length)
+        self.mask[:, self.length:self.length + s] = 1 if mask is None else mask
+        self.length += s
+        model, names, v = self.model, self.model.names, self.model.vocab_size
+        ids = self._ids[:b * s].reshape(b, s)
+        ids[...] = input_ids
+        mask_now = np.ascontiguousarray(self.mask[:, :self.length])
+        if self._logits.size < b * s * v:
+            self._logits = np.zeros(b * s * v, dtype=np.float32)
+        logits = self._logits[:b * s * v].reshape(b, s, v)
+        keep = [self._value(ids), self._value(mask_now), self._value(logits)]
+        inputs, outputs = self.C.NSMutableDictionary.alloc().init(), self.C.NSMutableDictionary.alloc().init()
+        inputs.setObject_forKey_(keep[0][0], "input_ids")
+        inputs.setObject_forKey_(keep[1][0], "attention_mask")
+        outputs.setObject_forKey_(keep[2][0], names.logits)
+        for i, past, present in names.conv:
+            inputs.setObject_forKey_(self.conv[i][0][0], past)
+            outputs.setObject_forKey_(self.conv[i][1][0], present)
+        grown = {}
+        for i, pk, pv, qk, qv in names.kv:
+            (key, key_arr), (value, _) = self.kv[i]
+            inputs.setObject_forKey_(key, pk)
+            inputs.setObject_forKey_(value, pv)
+            if model.share_buffer:
+                outputs.setObject_forKey_(key, qk)
+                outputs.setObject_forKey_(value, qv)
+            else:
+                shape = (b, key_arr.shape[1], self.length, key_arr.shape[3])
+                grown[i] = [self._value(np.empty(shape, np.float32)) for _ in range(2)]
+                outputs.setObject_forKey_(grown[i][0][0], qk)
+                outputs.setObject_forKey_(grown[i][1][0], qv)
+        ok = model.session.runWithInputs_outputs_runOptions_error_(inputs, outputs, None, None)
+        if not ok:
+            raise RuntimeError("onnxruntime (Objective-C) run failed (see the device log)")
+        for i in self.conv:
+            self.conv[i].reverse()
+        self.kv.update(grown)
+        return logits[:, -1:].copy()
