@@ -70,6 +70,8 @@ def timed(fn: Callable[[], object], threads: int) -> tuple[float, float, float]:
 def device_info(threads: int) -> dict:
     import onnxruntime as ort
 
+    from ..runtime import hugepages
+
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -79,7 +81,8 @@ def device_info(threads: int) -> dict:
     except OSError:
         pass
     return {"cpu_model": cpu, "cores": os.cpu_count(), "threads": threads, "machine": platform.machine(),
-            "system": platform.platform(), "python": platform.python_version(), "onnxruntime": ort.__version__}
+            "system": platform.platform(), "python": platform.python_version(), "onnxruntime": ort.__version__,
+            **hugepages.describe()}
 
 
 def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decode: list[int], runs: int,

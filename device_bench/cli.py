@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..runtime.hugepages import reexec_with_hugepages
 from . import roofline
 from .bench import device_info, run
 from .report import write_markdown, write_plot
@@ -29,6 +30,8 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a command: restart with huge pages for the weights (runtime/hugepages.py)
+        reexec_with_hugepages()
     parser = argparse.ArgumentParser(prog="lfm-bench", description=__doc__)
     parser.add_argument("bundle")
     parser.add_argument("--threads", type=int, default=2)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .engine import Done, LfmModel
+from .hugepages import reexec_with_hugepages
 from .session import BundleError
 from .toolcalls import ReasoningDelta, TextDelta, ToolCallEvent
 
@@ -60,6 +61,8 @@ DEMO_TOOLS: dict[str, Callable[..., Any]] = {"calculator": calculator, "current_
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a command: restart with huge pages for the weights (runtime/hugepages.py)
+        reexec_with_hugepages()
     parser = argparse.ArgumentParser(prog="lfm-chat", description=__doc__)
     parser.add_argument("bundle", help="bundle folder written by lfm-export")
     parser.add_argument("-p", "--prompt", help="answer this one prompt and exit")

@@ -8,11 +8,14 @@ from pathlib import Path
 
 from .detokenize import IncrementalDecoder
 from .generate import stream
+from .hugepages import reexec_with_hugepages
 from .sampling import Sampling
 from .session import BundleError, LfmSession
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a command: restart with huge pages for the weights (runtime/hugepages.py)
+        reexec_with_hugepages()
     parser = argparse.ArgumentParser(prog="lfm-generate", description=__doc__)
     parser.add_argument("bundle", help="bundle folder written by lfm-export")
     parser.add_argument("-p", "--prompt", required=True)
