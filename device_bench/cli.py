@@ -74,12 +74,17 @@ def main(argv: list[str] | None = None) -> int:
             print("lfm-bench: error: --peer llama needs --gguf FILE", file=sys.stderr)
             return 2
         try:
-            from .llama_cpp_peer import llama_decode
+            import llama_cpp  # noqa: F401  (the peer runs in a subprocess; fail early here when it is missing)
 
-            progress("llama.cpp on the GGUF")
-            peers["llama.cpp"] = llama_decode(args.gguf, args.threads, min(args.prompts), max(args.decode), args.runs)
+            from .llama_cpp_peer import llama_decode_in_subprocess
+
+            progress("llama.cpp on the GGUF (in a process of its own, so RSS is its own)")
+            peers["llama.cpp"] = llama_decode_in_subprocess(args.gguf, args.threads, args.prompts, max(args.decode),
+                                                            args.runs)
         except ImportError:
             peers["llama.cpp"] = {"error": "llama-cpp-python is not installed (pip install 'lfm-edge[llama]')"}
+        except RuntimeError as e:
+            peers["llama.cpp"] = {"error": str(e)}
     decode_keys = [k for k in summary if k.startswith("decode/")]
     best_decode = max(summary[k]["median"] for k in decode_keys) if decode_keys else 0.0
     ceiling = roofline.ceiling(bandwidth, tokens.total)
@@ -93,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                      "target_tps": roofline.TARGET_TOKENS_PER_SECOND,
                      "phones": roofline.phone_predictions(tokens.total, best_decode / ceiling if ceiling else None)},
         "results": summary,
+        "memory": {"peak_rss_mb": summary["peak_rss"]["median"], "weights_mb": tokens.stored / 1e6,
+                   "rss_over_weights": summary["peak_rss"]["median"] * 1e6 / tokens.stored},
         "peers": peers,
+        "ratios": {name: ratios(summary, peer) for name, peer in peers.items() if peer.get("decode_tps")},
         "settings": {"threads": args.threads, "runs": args.runs, "prompts": args.prompts, "depths": args.depths,
                      "decode": args.decode},
     }
@@ -104,6 +112,22 @@ def main(argv: list[str] | None = None) -> int:
     write_plot(result, out / "bench.png")
     print((out / "bench.md").read_text())
     return 0
+
+
+def ratios(summary: dict, peer: dict) -> dict:
+    """Ours over the peer's, like for like: speeds (higher is better for us), load and RSS (lower is)."""
+    same = f"decode/{peer.get('decode_tokens')}@0"
+    decode = summary[same]["median"] if same in summary else max(
+        (m["median"] for k, m in summary.items() if k.startswith("decode/")), default=0.0)
+    out = {"decode": decode / peer["decode_tps"]}
+    for length, tps in (peer.get("prompt_tps") or {}).items():
+        if f"prefill/{length}" in summary and tps:
+            out[f"prefill/{length}"] = summary[f"prefill/{length}"]["median"] / tps
+    if peer.get("load_s"):
+        out["load"] = summary["load"]["median"] / peer["load_s"]
+    if peer.get("peak_rss_mb"):
+        out["peak_rss"] = summary["peak_rss"]["median"] / peer["peak_rss_mb"]
+    return out
 
 
 def _manifest(bundle: Path) -> dict:

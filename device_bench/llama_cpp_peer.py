@@ -37,28 +37,32 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _one_run(gguf_path: str | Path, threads: int, prompt_tokens: int, decode_tokens: int,
+def _one_run(gguf_path: str | Path, threads: int, prompts: list[int], decode_tokens: int,
              rng: np.random.Generator) -> dict:
-    """One load, prompt and greedy decode: (wall, cpu-wait share, loadavg) of each region, and the tokens."""
+    """One load, a prompt of each length, and a greedy decode: (wall, cpu-wait share, loadavg) of each region,
+    and the decoded tokens."""
     import llama_cpp
 
     box: dict[str, llama_cpp.Llama] = {}
+    longest = max(prompts)
 
     def load() -> None:
         box["llm"] = llama_cpp.Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads,
-                                     n_ctx=prompt_tokens + decode_tokens + 16, n_batch=max(prompt_tokens, 32),
-                                     n_ubatch=max(prompt_tokens, 32), verbose=False)
+                                     n_ctx=longest + decode_tokens + 16, n_batch=max(longest, 32),
+                                     n_ubatch=max(longest, 32), verbose=False)
 
     times = {"load": timed(load, threads)}
     llm = box["llm"]
     vocab = llm.n_vocab()
-    prompt = rng.integers(100, min(vocab, 30000), prompt_tokens).tolist()  # varied ids, as bench.py feeds
 
     def next_token() -> int:
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
         return int(np.argmax(logits))
 
-    times["prompt"] = timed(lambda: llm.eval(prompt), threads)
+    for p in prompts:
+        prompt = rng.integers(100, min(vocab, 30000), p).tolist()  # varied ids, as bench.py feeds
+        llm.reset()
+        times[f"prompt/{p}"] = timed(lambda x=prompt: llm.eval(x), threads)
     out = [next_token()]
 
     def decode() -> None:
@@ -71,35 +75,52 @@ def _one_run(gguf_path: str | Path, threads: int, prompt_tokens: int, decode_tok
     return {"times": times, "tokens": out}
 
 
-def llama_decode(gguf_path: str | Path, threads: int, prompt_tokens: int, decode_tokens: int, runs: int,
+def llama_decode(gguf_path: str | Path, threads: int, prompts: list[int], decode_tokens: int, runs: int,
                  seed: int = 0) -> dict:
-    """Load time, prompt tok/s and greedy decode tok/s of llama.cpp on `gguf_path` with `threads` threads:
-    `runs` measured runs after one warm-up, each with a fresh load. Peak RSS is this process's."""
+    """Load time, prompt tok/s at each prompt length and greedy decode tok/s of llama.cpp on `gguf_path` with
+    `threads` threads: `runs` measured runs after one warm-up, each with a fresh load. Peak RSS is this
+    process's: run it in a process of its own (`llama_decode_in_subprocess`) to measure llama.cpp alone."""
     import llama_cpp
 
     rng = np.random.default_rng(seed)
-    metrics = {"load": Metric("s"), "prompt": Metric("tok/s"), "decode": Metric("tok/s")}
+    metrics = {"load": Metric("s"), "decode": Metric("tok/s")} | {f"prompt/{p}": Metric("tok/s") for p in prompts}
     distinct: list[int] = []
     for r in range(runs + 1):
-        run = _one_run(gguf_path, threads, prompt_tokens, decode_tokens, rng)
+        run = _one_run(gguf_path, threads, prompts, decode_tokens, rng)
         if not r:  # the first run warms up
             continue
         for key, (wall, wait, la) in run["times"].items():
-            value = {"load": wall, "prompt": prompt_tokens / wall, "decode": decode_tokens / wall}[key]
-            metrics[key].samples.append(Sample(value, wall, wait, la))
+            tokens = decode_tokens if key == "decode" else int(key.split("/")[1]) if "/" in key else 0
+            metrics[key].samples.append(Sample(tokens / wall if tokens else wall, wall, wait, la))
         distinct.append(len(set(run["tokens"])))
     summary = {k: m.summary() for k, m in metrics.items()}
-    return {"decode_tps": summary["decode"]["median"], "prompt_tps": summary["prompt"]["median"],
+    return {"decode_tps": summary["decode"]["median"],
+            "prompt_tps": {str(p): summary[f"prompt/{p}"]["median"] for p in prompts},
             "load_s": summary["load"]["median"], "peak_rss_mb": _peak_rss_mb(), "runs": runs,
-            "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "threads": threads,
+            "decode_tokens": decode_tokens, "threads": threads,
             "distinct_decoded_tokens": distinct, "file_bytes": Path(gguf_path).stat().st_size,
             "version": llama_cpp.__version__, "metrics": summary}
 
 
-if __name__ == "__main__":  # python -m lfm_edge.device_bench.llama_cpp_peer MODEL.gguf [THREADS PROMPT DECODE RUNS]
+def llama_decode_in_subprocess(gguf_path: str | Path, threads: int, prompts: list[int], decode_tokens: int,
+                               runs: int) -> dict:
+    """llama_decode in a fresh Python process, so its peak RSS is llama.cpp's and not ours as well."""
+    import json
+    import subprocess
+    import sys
+
+    args = json.dumps({"gguf_path": str(gguf_path), "threads": threads, "prompts": prompts,
+                       "decode_tokens": decode_tokens, "runs": runs})
+    done = subprocess.run([sys.executable, "-m", "lfm_edge.device_bench.llama_cpp_peer", args],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-3:]
+        raise RuntimeError(f"llama.cpp peer on {gguf_path} failed (exit {done.returncode}): {' / '.join(tail)}")
+    return json.loads(done.stdout)
+
+
+if __name__ == "__main__":  # python -m lfm_edge.device_bench.llama_cpp_peer '{"gguf_path": ..., "prompts": [...]}'
     import json
     import sys
 
-    args = sys.argv[1:]
-    ints = [int(a) for a in args[1:]] + [2, 64, 128, 3][len(args) - 1:]
-    print(json.dumps(llama_decode(args[0], *ints[:4]), indent=1))
+    print(json.dumps(llama_decode(**json.loads(sys.argv[1]))))

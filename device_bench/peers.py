@@ -45,4 +45,4 @@ def genai_decode(bundle: Path, threads: int, prompt: int, decode: int, runs: int
                 speeds.append(steps / (time.perf_counter() - start))
             del generator
     return {"decode_tps": statistics.median(speeds), "runs": runs, "samples": speeds, "prompt": prompt,
-            "decode": decode, "version": og.__version__ if hasattr(og, "__version__") else "?"}
+            "decode_tokens": decode, "version": og.__version__ if hasattr(og, "__version__") else "?"}

@@ -22,11 +22,20 @@ def write_markdown(result: dict, path: Path) -> None:
     for p in roof["phones"]:
         lines.append(f"| {p['soc']} | {p['bandwidth_gbs']:.1f} | {p['ceiling_tps']:.1f} | {p['predicted_tps']:.1f} | "
                      f"{'yes' if p['meets_target'] else 'no'} |")
+    mem = result.get("memory")
+    if mem:
+        lines += ["", f"Peak RSS {mem['peak_rss_mb']:.0f} MB = {mem['rss_over_weights']:.2f}x the bundle's weights "
+                  f"({mem['weights_mb']:.0f} MB)."]
     for name, peer in result.get("peers", {}).items():
-        ours = max((m["median"] for k, m in r.items() if k.startswith("decode/")), default=0.0)
-        lines += ["", f"Peer {name}: decode {peer['decode_tps']:.1f} tok/s (median of {peer['runs']}); "
-                  f"ours / theirs = {ours / peer['decode_tps']:.2f}x" if peer.get("decode_tps") else
-                  f"Peer {name}: {peer.get('error', 'no result')}"]
+        if not peer.get("decode_tps"):
+            lines += ["", f"Peer {name}: {peer.get('error', 'no result')}"]
+            continue
+        prompts = ", ".join(f"{p}: {t:.1f}" for p, t in (peer.get("prompt_tps") or {}).items())
+        load = f"; load {peer['load_s']:.2f} s; peak RSS {peer['peak_rss_mb']:.0f} MB" if "load_s" in peer else ""
+        lines += ["", f"Peer {name}: decode {peer['decode_tps']:.1f} tok/s (median of {peer['runs']})"
+                  + (f"; prompt tok/s {prompts}" if prompts else "") + load,
+                  "", "| ours / theirs | ratio |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f}x |" for k, v in result.get("ratios", {}).get(name, {}).items()]
     path.write_text("\n".join(lines) + "\n")
 
 

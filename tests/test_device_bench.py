@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from lfm_edge.device_bench import roofline
-from lfm_edge.device_bench.cli import adb_commands, main
+from lfm_edge.device_bench.cli import adb_commands, main, ratios
+from lfm_edge.device_bench.llama_cpp_peer import llama_decode_in_subprocess
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
 
@@ -35,8 +36,29 @@ def test_bench_writes_json_markdown_and_plot(demo_int4, tmp_path):
     assert all("cpu_wait_share" in s and "loadavg" in s for s in decode["samples"])
     assert result["roofline"]["read_bandwidth_gbs"] == 30
     assert result["peers"]["onnxruntime-genai"]["decode_tps"] > 0
+    genai_ratio = result["ratios"]["onnxruntime-genai"]["decode"]
+    assert genai_ratio == pytest.approx(decode["median"] / result["peers"]["onnxruntime-genai"]["decode_tps"])
+    assert result["memory"]["rss_over_weights"] == pytest.approx(
+        result["results"]["peak_rss"]["median"] * 1e6 / result["bundle"]["weights_bytes"])
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "Roofline:" in (out / "bench.md").read_text()
+
+
+def test_ratios_compare_like_for_like():
+    def m(v):
+        return {"median": v}
+
+    summary = {"decode/128@0": m(30.0), "decode/128@512": m(20.0), "decode/256@0": m(35.0), "prefill/512": m(300.0),
+               "prefill/128": m(200.0), "load": m(2.0), "peak_rss": m(5000.0)}
+    peer = {"decode_tps": 25.0, "decode_tokens": 128, "prompt_tps": {"512": 100.0, "2048": 50.0}, "load_s": 4.0,
+            "peak_rss_mb": 10000.0}
+    assert ratios(summary, peer) == {"decode": 1.2, "prefill/512": 3.0, "load": 0.5, "peak_rss": 0.5}
+
+
+def test_llama_peer_failure_names_the_file(tmp_path):
+    missing = tmp_path / "none.gguf"
+    with pytest.raises(RuntimeError, match="none.gguf"):
+        llama_decode_in_subprocess(missing, 1, [8], 4, 1)
 
 
 def test_bytes_per_token_counts_routed_experts_at_top_k(demo_int4):
