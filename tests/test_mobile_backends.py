@@ -483,3 +483,17 @@ def test_mock_objc_refuses_a_graph_that_disagrees_with_genai_config(tmp_path, de
     (bad / "genai_config.json").write_text(json.dumps(cfg))
     with pytest.raises(plan.BundleError, match="does not match genai_config.json"):
         ObjcSession(bad, classes=objc_stand_ins(), verify="none")
+
+
+def test_backends_import_without_onnxruntime():
+    """A phone build has no onnxruntime Python binding: the backends and the plan must not import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"
+            "import lfm_edge.mobile_app.backends.plan, lfm_edge.mobile_app.backends.java, "
+            "lfm_edge.mobile_app.backends.objc\n"
+            "from lfm_edge.mobile_app import backends\n"
+            "assert 'python' not in backends.available()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
