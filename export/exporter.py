@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..quant.policy import POLICIES, Policy, get_policy
-from ..runtime.session import sampled_sha256, sha256
+from ..runtime.bundle import sampled_sha256, sha256
 from .checkpoint import Checkpoint, CheckpointError, resolve
 from .genai_config import genai_config
 from .graph import Graph

@@ -13,9 +13,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .bundle import BundleError
 from .engine import Done, LfmModel
 from .hugepages import reexec_with_hugepages
-from .session import BundleError
 from .toolcalls import ReasoningDelta, TextDelta, ToolCallEvent
 
 

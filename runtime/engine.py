@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bundle import BundleError
 from .chat import ChatTemplate
 from .detokenize import IncrementalDecoder
 from .generate import Generation, GenerationStats
 from .sampling import Sampling
-from .session import BundleError, LfmSession
 from .toolcalls import ReasoningDelta, StreamParser, TextDelta, ToolCall, ToolCallEvent
 
 THINK_START = "<think>"
@@ -77,7 +77,11 @@ class LfmModel:
         from tokenizers import Tokenizer
 
         self.folder = Path(bundle)
-        self.session = session or LfmSession(bundle, threads=threads, providers=providers, verify=verify)
+        if session is None:
+            from .session import LfmSession  # onnxruntime's Python binding, imported only when it is used
+
+            session = LfmSession(bundle, threads=threads, providers=providers, verify=verify)
+        self.session = session
         try:
             self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         except Exception as e:  # tokenizers raises plain Exception

@@ -8,11 +8,14 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .sampling import Sampling, next_tokens
-from .session import LfmSession
+
+if TYPE_CHECKING:  # any backend with LfmSession's surface will do; onnxruntime's binding may be absent
+    from .session import LfmSession
 
 
 @dataclass

@@ -10,19 +10,14 @@ State lives in OrtValues allocated once per generation and bound with IOBinding:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from .bundle import BundleError, read_json, sampled_sha256, sha256, verify_bundle  # noqa: F401 (re-exported)
 from .providers import ProviderList, choose
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be loaded; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +40,7 @@ class LfmSession:
         if not self.folder.is_dir():
             raise BundleError(f"{self.folder}: not a bundle folder")
         self.manifest = verify_bundle(self.folder, verify)
-        genai = _read_json(self.folder / "genai_config.json")
+        genai = read_json(self.folder / "genai_config.json")
         decoder = genai.get("model", {}).get("decoder", {})
         model_file = self.folder / decoder.get("filename", "model.onnx")
         if not model_file.is_file():
@@ -135,56 +130,6 @@ class Cache:
         return outputs[-1].numpy()
 
 
-VERIFY_MODES = ("none", "size", "sampled", "sha256")
-
-
-def verify_bundle(folder: Path, mode: str = "sampled") -> dict:
-    """Check the files manifest.json lists: "size" (sizes only), "sampled" (sizes and a hash of 64 spread
-    64 KiB samples of each file: milliseconds, catches a file from another export or a torn download),
-    "sha256" (every byte), or "none". Bundles without a manifest, e.g. from onnxruntime-genai's builder, are
-    accepted as they are. Returns the manifest."""
-    if mode not in VERIFY_MODES:
-        raise ValueError(f"verify {mode!r}: expected one of {VERIFY_MODES}")
-    path = folder / "manifest.json"
-    if not path.is_file():
-        return {}
-    manifest = _read_json(path)
-    if mode == "none":
-        return manifest
-    for name, info in manifest.get("files", {}).items():
-        file = folder / name
-        if not file.is_file():
-            raise BundleError(f"{file}: listed in manifest.json but missing")
-        size = file.stat().st_size
-        if size != info["bytes"]:
-            raise BundleError(f"{file}: {size} bytes, manifest.json says {info['bytes']} (truncated or replaced?)")
-        if mode == "sha256" and sha256(file) != info["sha256"]:
-            raise BundleError(f"{file}: sha256 differs from manifest.json (corrupted or replaced)")
-        if mode == "sampled" and "sampled_sha256" in info and sampled_sha256(file) != info["sampled_sha256"]:
-            raise BundleError(f"{file}: content differs from manifest.json (sampled hash; corrupted, or the "
-                              "manifest belongs to another bundle)")
-    return manifest
-
-
-def sampled_sha256(path: Path, samples: int = 64, chunk: int = 1 << 16) -> str:
-    """sha256 of the size and `samples` evenly spread chunks: a cheap fingerprint of a multi-GB file."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        for i in range(samples):
-            f.seek(max(0, size - chunk) * i // max(1, samples - 1))
-            h.update(f.read(chunk))
-    return h.hexdigest()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _state_spec(session: ort.InferenceSession, decoder: dict) -> StateSpec:
     """State dims from the graph's inputs; where a dim is symbolic (the genai builder leaves the head size
     so), from genai_config.json's decoder section."""
@@ -207,12 +152,3 @@ def _state_spec(session: ort.InferenceSession, decoder: dict) -> StateSpec:
         elif value.name.startswith("past_key_values.") and parts[-1] == "key":
             kv[int(parts[1])] = (dim(value, 1, "kv_heads"), dim(value, 3, "head_dim"))
     return StateSpec(conv, kv)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing (is this a bundle folder?)") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: unreadable ({e})") from None
