@@ -89,11 +89,12 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
         progress: Callable[[str], None] = lambda m: None, seed: int = 0) -> dict[str, Metric]:
     """Measure `runs` times after one warm-up; returns metrics keyed 'load', 'ttft', 'prefill/P',
     'decode/N@D' (N tokens decoded after D tokens of context)."""
-    from ..runtime.generate import peak_rss_mb
+    from ..runtime.generate import current_rss_mb, peak_rss_mb
     from ..runtime.session import LfmSession
 
     rng = np.random.default_rng(seed)
-    metrics: dict[str, Metric] = {"load": Metric("s"), "ttft": Metric("s"), "peak_rss": Metric("MB")}
+    metrics: dict[str, Metric] = {"load": Metric("s"), "ttft": Metric("s"), "peak_rss": Metric("MB"),
+                                  "rss_decoding": Metric("MB")}
     session = None
 
     def load():
@@ -106,6 +107,7 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
         return rng.integers(100, vocab_hi, (1, n))
 
     for r in range(runs + 1):
+        decoding_rss = 0.0  # resident memory right after each decode measurement, the largest of this run
         label = "warm-up" if r == 0 else f"run {r}/{runs}"
         progress(f"{label}: load")
         wall, wait, la = timed(load, threads)
@@ -137,10 +139,13 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
                 if r:
                     sample = Sample(n / wall, wall, wait, la)
                     metrics.setdefault(f"decode/{n}@{d}", Metric("tok/s")).samples.append(sample)
+                    decoding_rss = max(decoding_rss, current_rss_mb())
         if r:
             rss = peak_rss_mb()
             metrics["peak_rss"].samples.append(Sample(rss, 0.0, 0.0, os.getloadavg()[0]))
+            if decoding_rss:
+                metrics["rss_decoding"].samples.append(Sample(decoding_rss, 0.0, 0.0, os.getloadavg()[0]))
         # drop every reference to this run's session before the next load, or two would coexist
         session = cache = decode_loop = None  # noqa: F841
         gc.collect()
-    return metrics
+    return {k: m for k, m in metrics.items() if m.samples}

@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                      "target_tps": roofline.TARGET_TOKENS_PER_SECOND,
                      "phones": roofline.phone_predictions(tokens.total, best_decode / ceiling if ceiling else None)},
         "results": summary,
-        "memory": {"peak_rss_mb": summary["peak_rss"]["median"], "weights_mb": tokens.stored / 1e6,
-                   "rss_over_weights": summary["peak_rss"]["median"] * 1e6 / tokens.stored},
+        "memory": memory(summary, tokens.stored),
         "peers": peers,
         "ratios": {name: ratios(summary, peer) for name, peer in peers.items() if peer.get("decode_tps")},
         "settings": {"threads": args.threads, "runs": args.runs, "prompts": args.prompts, "depths": args.depths,
@@ -112,6 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     write_plot(result, out / "bench.png")
     print((out / "bench.md").read_text())
     return 0
+
+
+def memory(summary: dict, weights_bytes: int) -> dict:
+    """Peak RSS (prefill's transient buffers included) and RSS while decoding, against the bundle's weights."""
+    out = {"weights_mb": weights_bytes / 1e6}
+    for key in ("peak_rss", "rss_decoding"):
+        if key in summary:
+            out[f"{key}_mb"] = summary[key]["median"]
+            out[f"{key}_over_weights"] = summary[key]["median"] * 1e6 / weights_bytes
+    return out
 
 
 def ratios(summary: dict, peer: dict) -> dict:

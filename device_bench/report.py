@@ -23,9 +23,11 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {p['soc']} | {p['bandwidth_gbs']:.1f} | {p['ceiling_tps']:.1f} | {p['predicted_tps']:.1f} | "
                      f"{'yes' if p['meets_target'] else 'no'} |")
     mem = result.get("memory")
-    if mem:
-        lines += ["", f"Peak RSS {mem['peak_rss_mb']:.0f} MB = {mem['rss_over_weights']:.2f}x the bundle's weights "
-                  f"({mem['weights_mb']:.0f} MB)."]
+    if mem and "peak_rss_mb" in mem:
+        decoding = (f"; while decoding {mem['rss_decoding_mb']:.0f} MB = {mem['rss_decoding_over_weights']:.2f}x"
+                    if "rss_decoding_mb" in mem else "")
+        lines += ["", f"Peak RSS {mem['peak_rss_mb']:.0f} MB = {mem['peak_rss_over_weights']:.2f}x the bundle's "
+                  f"weights ({mem['weights_mb']:.0f} MB){decoding}."]
     for name, peer in result.get("peers", {}).items():
         if not peer.get("decode_tps"):
             lines += ["", f"Peer {name}: {peer.get('error', 'no result')}"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import threading
@@ -129,6 +130,15 @@ class Generation:
 def peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (Linux and Android; elsewhere the peak stands in)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
 
 
 def generate(model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,

@@ -53,6 +53,10 @@ class LfmSession:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # The CPU arena keeps the largest buffers any run needed (a 512-token prefill's logits alone are
+        # 512 x vocab floats) for the session's life; without it they go back after the run. 6 layers at full
+        # width: RSS while decoding after a 512-token prefill 1616 -> 1315 MB, decode speed unchanged.
+        options.enable_cpu_mem_arena = False
         self.provider_choice = choose(model_file, providers, options)
         self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
         self.state = _state_spec(self.session, decoder)

@@ -29,7 +29,7 @@ def test_bench_writes_json_markdown_and_plot(demo_int4, tmp_path):
     assert result["schema"] == "lfm-bench/1"
     assert {"cpu_model", "cores", "threads", "onnxruntime"} <= set(result["device"])
     assert result["bundle"]["manifest"]["quant"] == "int4"
-    assert {"load", "ttft", "prefill/16", "prefill/32", "decode/8@0", "decode/8@24", "peak_rss"} <= set(
+    assert {"load", "ttft", "prefill/16", "prefill/32", "decode/8@0", "decode/8@24", "peak_rss", "rss_decoding"} <= set(
         result["results"])
     decode = result["results"]["decode/8@0"]
     assert decode["runs"] == 2 and decode["min"] <= decode["median"] <= decode["max"] and decode["min"] > 0
@@ -38,8 +38,9 @@ def test_bench_writes_json_markdown_and_plot(demo_int4, tmp_path):
     assert result["peers"]["onnxruntime-genai"]["decode_tps"] > 0
     genai_ratio = result["ratios"]["onnxruntime-genai"]["decode"]
     assert genai_ratio == pytest.approx(decode["median"] / result["peers"]["onnxruntime-genai"]["decode_tps"])
-    assert result["memory"]["rss_over_weights"] == pytest.approx(
+    assert result["memory"]["peak_rss_over_weights"] == pytest.approx(
         result["results"]["peak_rss"]["median"] * 1e6 / result["bundle"]["weights_bytes"])
+    assert 0 < result["memory"]["rss_decoding_mb"] <= result["memory"]["peak_rss_mb"] + 1
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "Roofline:" in (out / "bench.md").read_text()
 
