@@ -1,0 +1,121 @@
+"""The Kivy application: a header, three screens (Chat, Benchmark, Model) and a tab bar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kivy.app import App
+from kivy.clock import Clock
+from kivy.core.window import Window
+from kivy.metrics import dp, sp
+from kivy.uix.boxlayout import BoxLayout
+from kivy.uix.label import Label
+from kivy.uix.screenmanager import NoTransition, ScreenManager
+
+from .chat import IDLE, ChatController
+from .screen_bench import BenchScreen
+from .screen_chat import ChatScreen
+from .screen_model import ModelScreen
+from .widgets import BACKGROUND, MUTED, TEXT, toggle
+
+TABS = (("chat", "Chat"), ("benchmark", "Benchmark"), ("model", "Model"))
+
+
+def post(fn) -> None:
+    """Run `fn` on the UI thread at the next frame (Clock.schedule_once is safe to call from any thread)."""
+    Clock.schedule_once(lambda _dt: fn(), 0)
+
+
+class LfmApp(App):
+    title = "LFM Edge"
+
+    def __init__(self, bundle: Path | None = None, threads: int | None = None, downloads: Path | None = None,
+                 autopilot: list[dict] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.start_bundle, self.threads = bundle, threads
+        self.downloads_dir = downloads
+        self.autopilot_steps = autopilot
+        self.exit_code = 0
+        self.model = None
+
+    def build(self):
+        Window.clearcolor = BACKGROUND
+        downloads = self.downloads_dir or Path(self.user_data_dir) / "bundles"
+        self.chat = ChatController(post)
+        self.chat_screen = ChatScreen(self.chat, busy=lambda: self.busy("chat"))
+        self.bench_screen = BenchScreen(post, bundle=lambda: self.model_screen.loaded, busy=lambda: self.busy("bench"))
+        self.model_screen = ModelScreen(post, self._model_loaded, busy=lambda: self.busy("model"),
+                                        downloads=downloads, threads=self.threads)
+        self.screens = ScreenManager(transition=NoTransition())
+        for screen in (self.chat_screen, self.bench_screen, self.model_screen):
+            self.screens.add_widget(screen)
+
+        root = BoxLayout(orientation="vertical")
+        header = BoxLayout(size_hint_y=None, height=dp(52), padding=(dp(12), dp(6)), spacing=dp(8))
+        title = Label(text="[b]LFM Edge[/b]", markup=True, font_size=sp(20), size_hint_x=None, width=dp(120),
+                      color=TEXT, halign="left", valign="middle")
+        title.bind(size=lambda lb, size: setattr(lb, "text_size", size))
+        header.add_widget(title)
+        self.model_label = Label(text="no model", color=MUTED, font_size=sp(13), valign="middle", halign="right",
+                                 shorten=True, shorten_from="left")
+        self.model_label.bind(size=lambda lb, size: setattr(lb, "text_size", size))
+        header.add_widget(self.model_label)
+        root.add_widget(header)
+        root.add_widget(self.screens)
+        tabs = BoxLayout(size_hint_y=None, height=dp(52), spacing=dp(2))
+        self.tabs = {}
+        for name, label in TABS:
+            tab = toggle(label, "tabs", "down" if name == "chat" else "normal", height=dp(52))
+            tab.bind(on_press=lambda _t, n=name: self.show(n))
+            self.tabs[name] = tab
+            tabs.add_widget(tab)
+        root.add_widget(tabs)
+        return root
+
+    def on_start(self) -> None:
+        if self.start_bundle is not None:
+            self.model_screen.path.text = str(self.start_bundle)
+            self.model_screen.load()
+        else:
+            self.show("model")
+        if self.autopilot_steps is not None:
+            from .autopilot import Autopilot
+
+            self.autopilot = Autopilot(self, self.autopilot_steps)  # kept: Kivy's clock only holds a weak reference
+            self.autopilot.start()
+
+    def show(self, name: str) -> None:
+        self.screens.current = name
+        for tab_name, tab in self.tabs.items():
+            tab.state = "down" if tab_name == name else "normal"
+
+    def busy(self, asker: str) -> str | None:
+        """Why `asker` cannot start its work now: one heavy job at a time keeps the benchmark honest and the
+        chat's model from being swapped under it."""
+        if asker != "chat" and self.chat.state != IDLE:
+            return "the chat is still answering: wait or cancel it"
+        if asker != "bench" and self.bench_screen.job.running:
+            return "a benchmark is running: wait or cancel it"
+        if asker != "model" and self.model_screen.loader.running:
+            return "a model is loading"
+        return None
+
+    def _model_loaded(self, folder: Path, model) -> None:
+        self.model = model
+        self.chat.set_model(model)
+        self.model_label.text = folder.name
+
+    def snapshot(self) -> dict:
+        """What the app shows, as data (the GUI test reads it)."""
+        from dataclasses import asdict
+
+        return {"screen": self.screens.current, "model": self.model_screen.snapshot(),
+                "chat": {"state": self.chat.state, "status": self.chat_screen.status.text,
+                         "items": [{"kind": type(i).__name__, **asdict(i)} for i in self.chat.items]},
+                "bench": self.bench_screen.snapshot()}
+
+    def on_stop(self) -> None:
+        self.chat.cancel()
+        self.bench_screen.job.stop()
+        self.model_screen.fetcher.stop()

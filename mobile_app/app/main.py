@@ -1,0 +1,55 @@
+"""`lfm-app [BUNDLE]`: the demo app (chat with tools, on-device benchmark, model download).
+
+Without BUNDLE it loads the demo bundle `lfm-export --target android` (or `make export`) wrote under
+build/, if there is one, and otherwise opens on the Model screen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lfm-app", description=__doc__)
+    parser.add_argument("bundle", nargs="?", help="bundle folder to load at start")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads for chat (default: its own)")
+    parser.add_argument("--downloads", type=Path, default=None, help="where downloaded bundles go "
+                        "(default: the app's data folder)")
+    parser.add_argument("--size", default="480x900", help="window size on a desktop, WIDTHxHEIGHT")
+    parser.add_argument("--autopilot", type=Path, default=None, help="JSON list of steps to run (see autopilot.py)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from .model import check_folder, default_bundle
+
+    bundle = Path(args.bundle) if args.bundle else default_bundle()
+    if args.bundle and (problem := check_folder(bundle)):
+        print(f"lfm-app: error: {problem}", file=sys.stderr)
+        return 2
+    steps = json.loads(args.autopilot.read_text()) if args.autopilot else None
+
+    # Kivy reads its own options from sys.argv and sizes the window at import: both settled first.
+    os.environ.setdefault("KIVY_NO_ARGS", "1")
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("KIVY_CLIPBOARD", "sdl2")  # not xclip / xsel, which a desktop may lack
+    from kivy.config import Config
+    from kivy.utils import platform
+
+    if platform not in ("android", "ios"):
+        width, height = (int(v) for v in args.size.lower().split("x"))
+        Config.set("graphics", "width", str(width))
+        Config.set("graphics", "height", str(height))
+    Config.set("input", "mouse", "mouse,multitouch_on_demand")  # no red dots on right click
+
+    from .app import LfmApp
+
+    app = LfmApp(bundle=bundle, threads=args.threads, downloads=args.downloads, autopilot=steps)
+    app.run()
+    return app.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

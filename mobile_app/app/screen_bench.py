@@ -1,0 +1,133 @@
+"""Benchmark screen: pick a workload, run it off the UI thread with a progress bar, read the verdict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from kivy.metrics import dp, sp
+from kivy.uix.boxlayout import BoxLayout
+from kivy.uix.gridlayout import GridLayout
+from kivy.uix.label import Label
+from kivy.uix.progressbar import ProgressBar
+from kivy.uix.screenmanager import Screen
+from kivy.uix.scrollview import ScrollView
+
+from . import bench
+from .jobs import Job, Post
+from .widgets import ERROR, GOOD, MUTED, TEXT, WARN, Panel, Text, button, heading, row, toggle
+
+
+class BenchScreen(Screen):
+    def __init__(self, post: Post, bundle, busy, **kwargs):
+        """`bundle()`: the folder to measure (the loaded model's); `busy()`: why not now, or None."""
+        super().__init__(name="benchmark", **kwargs)
+        self.post, self.bundle, self.busy = post, bundle, busy
+        self.job = Job(post, "benchmark")
+        self.report: bench.BenchReport | None = None
+        self.preset = "quick"
+        outer = BoxLayout(orientation="vertical", padding=dp(10), spacing=dp(8))
+        self.presets = {name: toggle(name.title(), "preset", "down" if name == self.preset else "normal")
+                        for name in bench.PRESETS}
+        for name, t in self.presets.items():
+            t.bind(on_press=lambda _t, n=name: self.pick(n))
+        outer.add_widget(row(*self.presets.values()))
+        self.run_button = button("Run benchmark", self.start, size_hint=(1, None))
+        self.cancel_button = button("Cancel", self.job.stop, color=ERROR, width=dp(90), disabled=True)
+        outer.add_widget(row(self.run_button, self.cancel_button))
+        self.progress = ProgressBar(max=1, value=0, size_hint_y=None, height=dp(16))
+        self.status = Text(color=MUTED, font_size=sp(13))
+        outer.add_widget(self.progress)
+        outer.add_widget(self.status)
+        scroll = ScrollView(do_scroll_x=False, bar_width=dp(4))
+        self.results = BoxLayout(orientation="vertical", size_hint_y=None, spacing=dp(10))
+        self.results.bind(minimum_height=self.results.setter("height"))
+        scroll.add_widget(self.results)
+        outer.add_widget(scroll)
+        self.add_widget(outer)
+        self.pick(self.preset)
+
+    def pick(self, name: str) -> None:
+        self.preset = name
+        if not self.job.running:
+            self.status.text = f"{name.title()}: {self._describe(bench.PRESETS[name])} on the loaded bundle."
+
+    @staticmethod
+    def _describe(p: bench.Preset) -> str:
+        return (f"decode {max(p.decode)} tokens, prefill {max(p.prompts)}, {p.runs} run{'s' if p.runs > 1 else ''}"
+                f" after a warm-up, {p.threads} threads")
+
+    def start(self) -> None:
+        reason = self.busy()
+        folder = self.bundle()
+        if reason or folder is None:
+            self.status.text = reason or "no model loaded: pick one on the Model screen"
+            return
+        preset = bench.PRESETS[self.preset]
+
+        def progress(done: int, total: int, message: str) -> None:  # on the worker thread
+            self.post(lambda: self._progress(done, total, message))
+
+        self.job.start(lambda cancel: bench.run_benchmark(folder, preset, progress, cancel), self._done, self._failed)
+        self.run_button.disabled, self.cancel_button.disabled = True, False
+        self.status.text = f"running the {preset.name} workload on {folder.name}..."
+
+    def _progress(self, done: int, total: int, message: str) -> None:
+        self.progress.max, self.progress.value = total, done
+        self.status.text = f"{done}/{total}: {message}"
+
+    def _failed(self, error: Exception) -> None:
+        self._idle()
+        cancelled = isinstance(error, bench.Cancelled)
+        self.status.text = "cancelled" if cancelled else f"failed: {type(error).__name__}: {error}"
+
+    def _done(self, report: bench.BenchReport) -> None:
+        self._idle()
+        self.report = report
+        self.status.text = f"{report.preset} workload on {report.bundle.rsplit('/', 1)[-1]}" + (
+            " (disturbed: another process competed for the CPU)" if report.disturbed else "")
+        self.show(report)
+
+    def _idle(self) -> None:
+        self.run_button.disabled, self.cancel_button.disabled = False, True
+
+    def show(self, report: bench.BenchReport) -> None:
+        self.results.clear_widgets()
+        verdict = Panel()
+        self.verdict = Text(text=report.verdict, font_size=sp(22), bold=True,
+                            color=GOOD if report.reaches_target else WARN)
+        verdict.add_widget(self.verdict)
+        verdict.add_widget(Text(text="Target: 30 tok/s decode on the phone (best decode median of this run).",
+                                color=MUTED, font_size=sp(13)))
+        self.results.add_widget(verdict)
+        metrics = Panel()
+        metrics.add_widget(heading("This device"))
+        metrics.add_widget(self._grid(report.metric_rows(), cols=2))
+        metrics.add_widget(Text(text=report.roofline_text(), color=MUTED, font_size=sp(13)))
+        self.results.add_widget(metrics)
+        if report.phones:
+            phones = Panel()
+            phones.add_widget(heading("Predicted on phones"))
+            phones.add_widget(Text(text=f"Decoding at the {report.fraction:.0%} of its bandwidth ceiling this device "
+                                        "reached.", color=MUTED, font_size=sp(13)))
+            phones.add_widget(self._grid([("SoC", "tok/s", "30?"), *report.phone_rows()], cols=3))
+            self.results.add_widget(phones)
+
+    @staticmethod
+    def _grid(rows, cols: int) -> GridLayout:
+        grid = GridLayout(cols=cols, size_hint_y=None, row_default_height=dp(26), row_force_default=True,
+                          spacing=(dp(6), 0))
+        grid.bind(minimum_height=grid.setter("height"))
+        widths = {2: (0.6, 0.4), 3: (0.66, 0.2, 0.14)}[cols]
+        for r in rows:
+            for value, width in zip(r, widths, strict=True):
+                color = GOOD if value == "yes" else WARN if value == "no" else TEXT
+                label = Label(text=value, font_size=sp(14), size_hint_x=width, color=color, halign="left",
+                              valign="middle", shorten=True, shorten_from="right")
+                label.bind(size=lambda lb, size: setattr(lb, "text_size", size))
+                grid.add_widget(label)
+        return grid
+
+    def snapshot(self) -> dict:
+        return {"status": self.status.text, "running": self.job.running,
+                "verdict": self.report.verdict if self.report else None,
+                "report": asdict(self.report) if self.report else None}

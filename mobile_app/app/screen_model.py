@@ -1,0 +1,153 @@
+"""Model screen: pick a bundle folder (typed or browsed) and load it, or download one from a URL."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kivy.metrics import dp, sp
+from kivy.uix.boxlayout import BoxLayout
+from kivy.uix.filechooser import FileChooserListView
+from kivy.uix.progressbar import ProgressBar
+from kivy.uix.screenmanager import Screen
+from kivy.uix.textinput import TextInput
+
+from . import download
+from .jobs import Job, Post
+from .model import bundle_info, check_folder, load_model
+from .widgets import ACCENT, ERROR, GOOD, MUTED, SURFACE, TEXT, WARN, Panel, Text, button, heading, row
+
+
+def field(hint: str, text: str = "") -> TextInput:
+    return TextInput(text=text, hint_text=hint, multiline=False, font_size=sp(14), size_hint_y=None, height=dp(40),
+                     background_color=SURFACE, foreground_color=TEXT, cursor_color=ACCENT, hint_text_color=MUTED,
+                     padding=(dp(8), dp(10)))
+
+
+class ModelScreen(Screen):
+    def __init__(self, post: Post, on_loaded, busy, downloads: Path, threads: int | None, **kwargs):
+        """`on_loaded(folder, model)` hands a loaded model to the app; `busy()`: why not now, or None."""
+        super().__init__(name="model", **kwargs)
+        self.post, self.on_loaded, self.busy = post, on_loaded, busy
+        self.downloads, self.threads = downloads, threads
+        self.loader, self.fetcher = Job(post, "load-model"), Job(post, "download")
+        self.loaded: Path | None = None
+        outer = BoxLayout(orientation="vertical", padding=dp(10), spacing=dp(8))
+
+        local = Panel()
+        local.add_widget(heading("Bundle on this device"))
+        self.current = Text(text="No model loaded.", color=MUTED, font_size=sp(13))
+        local.add_widget(self.current)
+        self.path = field("folder with genai_config.json, model.onnx, tokenizer.json")
+        local.add_widget(self.path)
+        self.load_button = button("Load", self.load)
+        self.load_status = Text(color=MUTED, font_size=sp(13))
+        local.add_widget(row(self.load_button, self.load_status))
+        outer.add_widget(local)
+
+        remote = Panel()
+        remote.add_widget(heading("Download a bundle"))
+        self.url = field("https://host/path/bundle/  (the folder holding manifest.json)")
+        remote.add_widget(self.url)
+        self.download_button = button("Download", self.fetch)
+        self.cancel_button = button("Cancel", self.fetcher.stop, color=ERROR, disabled=True)
+        remote.add_widget(row(self.download_button, self.cancel_button))
+        self.bar = ProgressBar(max=1, value=0, size_hint_y=None, height=dp(16))
+        remote.add_widget(self.bar)
+        self.download_status = Text(color=MUTED, font_size=sp(13),
+                                    text=f"Resumable, sha256-checked; saved under {downloads}.")
+        remote.add_widget(self.download_status)
+        outer.add_widget(remote)
+
+        browser = Panel(size_hint_y=1)
+        browser.unbind(minimum_height=browser.setter("height"))  # fills the rest of the screen
+        browser.add_widget(heading("Browse folders (tap a bundle folder)"))
+        self.chooser = FileChooserListView(dirselect=True, path=str(Path.cwd()))
+        self.chooser.bind(selection=self._picked)
+        browser.add_widget(self.chooser)
+        outer.add_widget(browser)
+        self.add_widget(outer)
+
+    # --- picking and loading --------------------------------------------------------------------------------------
+
+    def _picked(self, _chooser, selection) -> None:
+        if selection:
+            self._use(selection[0])
+
+    def _use(self, folder: str) -> None:
+        self.path.text = folder
+        problem = check_folder(folder)
+        self.load_status.text = problem or "a bundle: press Load"
+        self.load_status.color = WARN if problem else MUTED
+
+    def load(self, folder: str | Path | None = None) -> None:
+        folder = Path(folder or self.path.text).expanduser()
+        self.path.text = str(folder)
+        problem = self.busy() or check_folder(folder)
+        if problem:
+            self._status(problem, WARN)
+            return
+        if self.loader.start(lambda cancel: load_model(folder, self.threads), lambda m: self._loaded(folder, m),
+                             self._load_failed):
+            self.load_button.disabled = True
+            self._status(f"loading {folder.name}...", MUTED)
+
+    def _loaded(self, folder: Path, model) -> None:
+        self.load_button.disabled = False
+        self.loaded = folder
+        self.chooser.path = str(folder.parent)  # browsing starts next to the bundle in use
+        info = bundle_info(folder)
+        provider = model.session.provider_choice.providers[0] if hasattr(model.session, "provider_choice") else ""
+        self.current.text = f"{folder}\n{info.summary()}" + (f", {provider}" if provider else "")
+        self.current.color = TEXT
+        self._status(f"loaded {folder.name}", GOOD)
+        self.on_loaded(folder, model)
+
+    def _load_failed(self, error: Exception) -> None:
+        self.load_button.disabled = False
+        self._status(f"cannot load: {error}", WARN)
+
+    def _status(self, text: str, color) -> None:
+        self.load_status.text, self.load_status.color = text, color
+
+    # --- downloading ----------------------------------------------------------------------------------------------
+
+    def fetch(self) -> None:
+        url = self.url.text.strip()
+        if not url:
+            self.download_status.text = "enter the bundle's address first"
+            return
+        dest = self.downloads / download.default_name(url)
+        last = [0.0]
+
+        def progress(p: download.Progress) -> None:  # worker thread: at most ten UI updates a second
+            now = time.monotonic()
+            if now - last[0] >= 0.1 or p.done == p.total:
+                last[0] = now
+                self.post(lambda: self._progress(p))
+
+        started = self.fetcher.start(lambda cancel: download.fetch_bundle(url, dest, progress, cancel),
+                                     self._fetched, self._fetch_failed)
+        if started:
+            self.download_button.disabled, self.cancel_button.disabled = True, False
+            self.download_status.text, self.download_status.color = f"connecting to {url}...", MUTED
+
+    def _progress(self, p: download.Progress) -> None:
+        self.bar.max, self.bar.value = max(p.total, 1), p.done
+        self.download_status.text = (f"{p.file} ({p.file_index}/{p.file_count}): {p.done / 1e6:.1f} of "
+                                     f"{p.total / 1e6:.1f} MB")
+
+    def _fetched(self, dest: Path) -> None:
+        self.download_button.disabled, self.cancel_button.disabled = False, True
+        self.bar.value = self.bar.max
+        self.download_status.text, self.download_status.color = f"downloaded and verified: {dest}", GOOD
+        self.load(dest)
+
+    def _fetch_failed(self, error: Exception) -> None:
+        self.download_button.disabled, self.cancel_button.disabled = False, True
+        self.download_status.text, self.download_status.color = str(error), WARN
+
+    def snapshot(self) -> dict:
+        return {"loaded": str(self.loaded) if self.loaded else None, "current": self.current.text,
+                "load_status": self.load_status.text, "download_status": self.download_status.text,
+                "busy": self.loader.running or self.fetcher.running}

@@ -1,0 +1,122 @@
+"""The real Kivy app under a virtual X display (Xvfb, Mesa's software OpenGL): load the int4 demo bundle,
+run the quick benchmark, download a bundle from a local server, chat with a tool call, and screenshot each
+screen into build/screenshots/. The app is driven by its own autopilot, which presses the same buttons a
+user would; the test reads the app's state and the PNGs it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_mobile_app_logic import ANSWER, QUESTION, REASONING, BundleServer, demo_int4_bundle, scripted_tool_bundle
+
+from lfm_edge.mobile_app.app.chat import ChatController
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "build" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def demo_int4(tmp_path_factory):
+    return demo_int4_bundle(tmp_path_factory.getbasetemp())  # exported once per session, shared with the logic tests
+
+
+@pytest.fixture(scope="module")
+def display():
+    """A private X display; skipped only where none can be started and this is not CI."""
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        if os.environ.get("CI"):
+            pytest.fail("Xvfb is missing in CI: `make test` installs it (Makefile target display-deps)")
+        pytest.skip("no Xvfb here (apt-get install xvfb libgl1-mesa-dri, or run `make test` as root)")
+    read, write = os.pipe()
+    # -displayfd: Xvfb picks a free display number and writes it once it accepts connections
+    proc = subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1024x1024x24", "-nolisten", "tcp"],
+                            pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 20)
+    number = os.read(read, 64).decode().strip() if ready else ""
+    os.close(read)
+    if not number:
+        proc.kill()
+        message = f"Xvfb did not start: {proc.stderr.read().decode()[-2000:]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    yield f":{number}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def _non_trivial(path: Path) -> int:
+    """Distinct colours in the screenshot (a blank or failed capture has one or two)."""
+    image = Image.open(path).convert("RGB")
+    assert image.size == (480, 900)
+    return len(image.getcolors(maxcolors=1 << 20) or [])
+
+
+def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_display(display, demo_int4, tmp_path):
+    scripted = scripted_tool_bundle(tmp_path, ChatController(lambda fn: None))  # the app's tools, fresh chat
+    served = tmp_path / "served"
+    shutil.copytree(demo_int4, served)
+    server = BundleServer(served)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for old in SHOTS.glob("*.png"):
+        old.unlink()
+    state_file = tmp_path / "state.json"
+    steps = [
+        {"load": str(demo_int4)},
+        {"bench": "quick"},
+        {"shot": str(SHOTS / "benchmark.png")},
+        {"download": server.url},  # installs into --downloads, then loads it
+        {"shot": str(SHOTS / "model.png")},
+        {"load": str(scripted)},
+        {"chat": QUESTION},
+        {"shot": str(SHOTS / "chat.png")},
+        {"reasoning": 1},
+        {"shot": str(SHOTS / "chat-reasoning.png")},
+        {"state": str(state_file)},
+        {"quit": True},
+    ]
+    (tmp_path / "steps.json").write_text(json.dumps(steps))
+    env = dict(os.environ, DISPLAY=display, KIVY_HOME=str(tmp_path / "kivy-home"), OMP_NUM_THREADS="1")
+    try:
+        result = subprocess.run([sys.executable, "-m", "lfm_edge.mobile_app.app", "--threads", "1", "--downloads",
+                                 str(tmp_path / "downloads"), "--autopilot", str(tmp_path / "steps.json")],
+                                env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    finally:
+        server.shutdown()
+        server.server_close()
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    assert result.returncode == 0 and not state.get("autopilot_errors"), (
+        f"exit {result.returncode}, autopilot: {state.get('autopilot_errors')}\n{result.stderr[-4000:]}")
+
+    # chat: the question, reasoning kept apart, the calculator's card with its result, the answer
+    user, thought, card, answer = state["chat"]["items"]
+    assert user["text"] == QUESTION and thought["reasoning"] == REASONING and thought["show_reasoning"]
+    assert card["kind"] == "ToolCard" and card["name"] == "calculator" and card["arguments"] == {"expression": "2+3"}
+    assert card["result"] == {"result": 5}
+    assert answer["text"].strip() == ANSWER and state["chat"]["state"] == "idle"
+    # benchmark: a report on the demo bundle and its verdict line
+    bench = state["bench"]
+    assert bench["report"]["bundle"] == str(demo_int4) and bench["report"]["decode_tps"] > 0
+    assert bench["verdict"].endswith(("reaches 30 tok/s", "below the 30 tok/s target"))
+    # model: the download was verified and installed where the app was told
+    assert state["model"]["download_status"] == f"downloaded and verified: {tmp_path / 'downloads' / 'bundle'}"
+    assert (tmp_path / "downloads" / "bundle" / "manifest.json").is_file()
+    assert state["model"]["loaded"] == str(scripted)
+
+    for name in ("chat", "chat-reasoning", "benchmark", "model"):
+        path = SHOTS / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert _non_trivial(path) > 50, name
