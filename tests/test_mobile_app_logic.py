@@ -91,6 +91,19 @@ class UiQueue:
             fn()
 
 
+def test_app_logic_imports_neither_kivy_nor_onnxruntime():
+    """Phone builds may reach onnxruntime through Java or Objective-C only; tests run the logic windowless."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import lfm_edge.mobile_app.app.chat, lfm_edge.mobile_app.app.bench, "
+             "lfm_edge.mobile_app.app.download, lfm_edge.mobile_app.app.model, lfm_edge.mobile_app.app.jobs; "
+             "print(sorted(m for m in ('kivy', 'onnxruntime', 'onnx', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 # --- tools ------------------------------------------------------------------------------------------------------
 
 def test_demo_tools_answer_and_never_raise(tmp_path):
@@ -175,6 +188,22 @@ def test_a_failing_turn_is_shown_not_raised(tmp_path):
     assert chat.items[-1].role == "error" and "max_new_tokens 5000" in chat.items[-1].text
 
 
+def test_jobs_post_their_outcome_and_run_one_at_a_time():
+    from lfm_edge.mobile_app.app.jobs import Job
+
+    ui = UiQueue()
+    job, got = Job(ui.post, "t"), []
+    release = threading.Event()
+    assert job.start(lambda cancel: release.wait(10) and 42, got.append, got.append)
+    assert job.running and not job.start(lambda cancel: 0, got.append, got.append)  # busy: refused
+    release.set()
+    ui.run_until(lambda: not job.running)
+    assert got == [42]
+    assert job.start(lambda cancel: 1 / 0, got.append, got.append)
+    ui.run_until(lambda: not job.running)
+    assert isinstance(got[-1], ZeroDivisionError)
+
+
 # --- model folder -----------------------------------------------------------------------------------------------
 
 def test_model_folder_checks_and_info(demo_int4, tmp_path):
@@ -202,6 +231,7 @@ def test_quick_benchmark_on_the_demo_bundle_gives_a_verdict(demo_int4):
     assert seen[0][2] == "measuring read bandwidth" and seen[-1][2] == "done"
     assert report.decode_tps > 0 and report.prefill_tps > 0 and report.prefill_tokens == 16
     assert 0 < report.ttft_s < 5 and report.peak_rss_mb > 50 and report.load_s > 0
+    assert 0 < report.rss_decoding_mb <= report.peak_rss_mb
     assert report.bandwidth_gbs > 0.5 and report.bytes_per_token > 1e5
     assert report.ceiling_tps == pytest.approx(report.bandwidth_gbs * 1e9 / report.bytes_per_token)
     assert 0 < report.fraction == report.decode_tps / report.ceiling_tps

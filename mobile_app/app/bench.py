@@ -51,6 +51,7 @@ class BenchReport:
     ttft_s: float
     load_s: float
     peak_rss_mb: float
+    rss_decoding_mb: float  # resident memory right after decoding (0 from benches that do not record it)
     disturbed: bool  # no quiet run: another process competed for the CPU
     bandwidth_gbs: float = 0.0
     bytes_per_token: float = 0.0
@@ -77,6 +78,7 @@ class BenchReport:
             (f"Prefill ({self.prefill_tokens} tokens)", f"{self.prefill_tps:.0f} tok/s"),
             ("Time to first token", f"{self.ttft_s * 1000:.0f} ms"),
             ("Peak memory (process)", f"{self.peak_rss_mb:.0f} MB"),
+            *([("Memory while decoding", f"{self.rss_decoding_mb:.0f} MB")] if self.rss_decoding_mb else []),
             ("Load", f"{self.load_s:.2f} s"),
             ("Threads", str(self.threads)),
         ]
@@ -110,6 +112,7 @@ def summarize(metrics: dict[str, bench.Metric], bundle: Path, preset: Preset) ->
         decode_tps=max(v["median"] for v in decode) if decode else 0.0,
         ttft_s=summary["ttft"]["median"] if "ttft" in summary else 0.0,
         load_s=summary["load"]["median"], peak_rss_mb=summary["peak_rss"]["median"],
+        rss_decoding_mb=summary["rss_decoding"]["median"] if "rss_decoding" in summary else 0.0,
         disturbed=any(v["quiet_runs"] == 0 for v in decode))
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lfm_edge.runtime.bundle import sha256
+from lfm_edge.runtime.bundle import sha256  # not runtime.session: that imports onnxruntime
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 16
