@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MODEL ?=
 OPS ?= contrib
 
-.PHONY: install export test
+.PHONY: install export test display-deps
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,24 @@ $(VENV)/.installed: pyproject.toml
 export: install
 	$(VENV)/bin/lfm-export $(MODEL) --ops $(OPS)
 
-test: install
+test: install display-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The app's GUI test runs Kivy under a virtual X display: Xvfb, Mesa's software OpenGL, and the X
+# libraries the SDL2 bundled in kivy's wheel loads. Installed (as root, with apt) only when missing;
+# elsewhere a note, and the GUI test skips unless CI is set.
+DISPLAY_DEBS := xvfb libgl1 libglx-mesa0 libgl1-mesa-dri libx11-6 libxext6 libxrender1 libxcursor1 libxi6 \
+	libxrandr2 libxss1 libxfixes3
+display-deps:
+	@missing=$$(for p in $(DISPLAY_DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | \
+		grep -q 'install ok installed' || printf '%s ' $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing for the GUI test: $$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; \
+	else \
+		echo "note: the GUI test needs: apt-get install --no-install-recommends $$missing"; \
+	fi
