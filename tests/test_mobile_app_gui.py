@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_mobile_app_logic import ANSWER, QUESTION, REASONING, BundleServer, demo_int4_bundle, scripted_tool_bundle
+from test_mobile_app_logic import (
+    ANSWER,
+    QUESTION,
+    REASONING,
+    BundleServer,
+    demo_int4_bundle,
+    scripted_tool_bundle,
+    talker_bundle,
+)
 
 from lfm_edge.mobile_app.app.chat import ChatController
 
@@ -85,13 +93,19 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
         {"shot": str(SHOTS / "chat.png")},
         {"reasoning": 1},
         {"shot": str(SHOTS / "chat-reasoning.png")},
+        {"state": str(tmp_path / "tool-turn.json")},
+        {"load": str(talker_bundle(tmp_path / "talker"))},
+        {"send": "Talk until I stop you."},
+        {"cancel_after": 5},  # pressed by the UI thread while the worker generates
+        {"shot": str(SHOTS / "chat-cancelled.png")},
         {"state": str(state_file)},
         {"quit": True},
     ]
     (tmp_path / "steps.json").write_text(json.dumps(steps))
     env = dict(os.environ, DISPLAY=display, KIVY_HOME=str(tmp_path / "kivy-home"), OMP_NUM_THREADS="1")
     try:
-        result = subprocess.run([sys.executable, "-m", "lfm_edge.mobile_app.app", "--threads", "1", "--downloads",
+        result = subprocess.run([sys.executable, "-m", "lfm_edge.mobile_app.app", "--threads", "1",
+                                 "--max-new-tokens", "1200", "--downloads",
                                  str(tmp_path / "downloads"), "--autopilot", str(tmp_path / "steps.json")],
                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     finally:
@@ -102,11 +116,16 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
         f"exit {result.returncode}, autopilot: {state.get('autopilot_errors')}\n{result.stderr[-4000:]}")
 
     # chat: the question, reasoning kept apart, the calculator's card with its result, the answer
-    user, thought, card, answer = state["chat"]["items"]
+    tool_turn = json.loads((tmp_path / "tool-turn.json").read_text())
+    user, thought, card, answer = tool_turn["chat"]["items"]
     assert user["text"] == QUESTION and thought["reasoning"] == REASONING and thought["show_reasoning"]
     assert card["kind"] == "ToolCard" and card["name"] == "calculator" and card["arguments"] == {"expression": "2+3"}
     assert card["result"] == {"result": 5}
-    assert answer["text"].strip() == ANSWER and state["chat"]["state"] == "idle"
+    assert answer["text"].strip() == ANSWER and tool_turn["chat"]["state"] == "idle"
+    # cancel: the endless answer stopped early, by the button, and the chat is ready again
+    _, talk = state["chat"]["items"]
+    assert talk["footer"].endswith("cancelled") and 5 <= talk["text"].count("la") < 1200
+    assert state["chat"]["state"] == "idle"
     # benchmark: a report on the demo bundle and its verdict line
     bench = state["bench"]
     assert bench["report"]["bundle"] == str(demo_int4) and bench["report"]["decode_tps"] > 0
@@ -114,9 +133,9 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
     # model: the download was verified and installed where the app was told
     assert state["model"]["download_status"] == f"downloaded and verified: {tmp_path / 'downloads' / 'bundle'}"
     assert (tmp_path / "downloads" / "bundle" / "manifest.json").is_file()
-    assert state["model"]["loaded"] == str(scripted)
+    assert tool_turn["model"]["loaded"] == str(scripted)
 
-    for name in ("chat", "chat-reasoning", "benchmark", "model"):
+    for name in ("chat", "chat-reasoning", "chat-cancelled", "benchmark", "model"):
         path = SHOTS / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert _non_trivial(path) > 50, name

@@ -64,6 +64,14 @@ def scripted_tool_bundle(folder: Path, controller: ChatController, question: str
     return write_bundle(folder / "scripted", DEMO, script, vocab, eos)
 
 
+def talker_bundle(folder: Path) -> Path:
+    """A real ONNX bundle that says " la" at every position: an answer only max_new_tokens or Cancel ends."""
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    word = tok.encode(" la", add_special_tokens=False).ids[0]
+    return write_bundle(folder, DEMO, dict.fromkeys(range(2048), word), tok.get_vocab_size(),
+                        tok.token_to_id("<|im_end|>"))
+
+
 @pytest.fixture(scope="session")
 def demo_int4(tmp_path_factory):
     return demo_int4_bundle(tmp_path_factory.getbasetemp())
@@ -158,13 +166,9 @@ def test_chat_turn_streams_reasoning_runs_the_tool_and_answers(tmp_path):
 
 
 def test_cancel_stops_a_long_answer_and_the_chat_goes_on(tmp_path):
-    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
-    eos = tok.token_to_id("<|im_end|>")
-    word = tok.encode(" la", add_special_tokens=False).ids[0]
     ui = UiQueue()
     chat = ChatController(ui.post, tools={}, max_new_tokens=1500)
-    chat.set_model(load_model(write_bundle(tmp_path / "talker", DEMO, {p: word for p in range(2048)},
-                                           tok.get_vocab_size(), eos), threads=1))
+    chat.set_model(load_model(talker_bundle(tmp_path / "talker"), threads=1))
     assert chat.send("talk") is None
     ui.run_until(lambda: chat.tokens >= 3)
     chat.cancel()

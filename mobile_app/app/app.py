@@ -31,18 +31,19 @@ class LfmApp(App):
     title = "LFM Edge"
 
     def __init__(self, bundle: Path | None = None, threads: int | None = None, downloads: Path | None = None,
-                 autopilot: list[dict] | None = None, **kwargs: Any):
+                 autopilot: list[dict] | None = None, max_new_tokens: int = 512, **kwargs: Any):
         super().__init__(**kwargs)
         self.start_bundle, self.threads = bundle, threads
         self.downloads_dir = downloads
         self.autopilot_steps = autopilot
+        self.max_new_tokens = max_new_tokens
         self.exit_code = 0
         self.model = None
 
     def build(self):
         Window.clearcolor = BACKGROUND
         downloads = self.downloads_dir or Path(self.user_data_dir) / "bundles"
-        self.chat = ChatController(post)
+        self.chat = ChatController(post, max_new_tokens=self.max_new_tokens)
         self.chat_screen = ChatScreen(self.chat, busy=lambda: self.busy("chat"))
         self.bench_screen = BenchScreen(post, bundle=lambda: self.model_screen.loaded, busy=lambda: self.busy("bench"))
         self.model_screen = ModelScreen(post, self._model_loaded, busy=lambda: self.busy("model"),

@@ -5,6 +5,8 @@ Steps (JSON objects, run in order, each after the previous one's work has finish
     {"load": "path/to/bundle"}          type the folder on the Model screen and press Load
     {"screen": "chat"|"benchmark"|"model"}
     {"chat": "What is 2+3?"}            type into the chat and press Send; waits for the whole turn
+    {"send": "Talk"}                    the same without waiting
+    {"cancel_after": 5}                 once the running turn has 5 tokens, press Cancel; waits until it stops
     {"reasoning": 1}                    tap the reasoning toggle of transcript item 1
     {"bench": "quick"}                  pick the preset, press Run; waits for the report
     {"download": "http://..."}          type the URL on the Model screen and press Download; waits
@@ -85,11 +87,24 @@ class Autopilot:
         elif kind == "screen":
             app.show(value)
             self._pause(SETTLE)
-        elif kind == "chat":
+        elif kind in ("chat", "send"):
             app.show("chat")
             app.chat_screen.input.text = value
             app.chat_screen.send_button.trigger_action(0)
-            self._wait(lambda: app.chat.state == IDLE, self.timeout)
+            if kind == "chat":
+                self._wait(lambda: app.chat.state == IDLE, self.timeout)
+        elif kind == "cancel_after":
+            if app.chat.state == IDLE:
+                raise RuntimeError("cancel_after: no chat turn is running")
+
+            def press() -> bool:  # runs on the UI thread while the model generates: the UI is responsive
+                if app.chat.state != IDLE and app.chat.tokens < int(value):
+                    return False
+                app.chat_screen.cancel_button.trigger_action(0)
+                self._wait(lambda: app.chat.state == IDLE, self.timeout)
+                return False  # the new wait replaces this one
+
+            self._wait(press, self.timeout)
         elif kind == "reasoning":
             app.chat.toggle_reasoning(int(value))
             self._pause(SETTLE)

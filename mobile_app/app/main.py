@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lfm-app", description=__doc__)
     parser.add_argument("bundle", nargs="?", help="bundle folder to load at start")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads for chat (default: its own)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest answer per chat round")
     parser.add_argument("--downloads", type=Path, default=None, help="where downloaded bundles go "
                         "(default: the app's data folder)")
     parser.add_argument("--size", default="480x900", help="window size on a desktop, WIDTHxHEIGHT")
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import LfmApp
 
-    app = LfmApp(bundle=bundle, threads=args.threads, downloads=args.downloads, autopilot=steps)
+    app = LfmApp(bundle=bundle, threads=args.threads, downloads=args.downloads, autopilot=steps,
+                 max_new_tokens=args.max_new_tokens)
     app.run()
     return app.exit_code
 
