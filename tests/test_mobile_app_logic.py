@@ -219,9 +219,26 @@ def test_model_folder_checks_and_info(demo_int4, tmp_path):
     assert info.quant == "int4" and info.model_type == "lfm2_moe" and 1 < info.megabytes < 10
     assert "int4" in info.summary()
     assert default_bundle(tmp_path) is None
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    shutil.copytree(demo_int4, downloads / ".half.download")  # unfinished: never offered
+    (downloads / "junk").mkdir()
+    assert default_bundle(tmp_path, downloads) is None
+    shutil.copytree(demo_int4, downloads / "fetched")
+    assert default_bundle(tmp_path, downloads) == downloads / "fetched"
     (tmp_path / "build").mkdir()
     shutil.copytree(demo_int4, tmp_path / "build" / "demo_model-int4-contrib")
-    assert default_bundle(tmp_path) == tmp_path / "build" / "demo_model-int4-contrib"
+    assert default_bundle(tmp_path, downloads) == tmp_path / "build" / "demo_model-int4-contrib"
+
+
+def test_lfm_app_refuses_a_folder_that_is_not_a_bundle(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lfm_edge.mobile_app.app", str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"lfm-app: error: {tmp_path}: not a bundle (no genai_config.json, tokenizer.json)")
 
 
 # --- benchmark --------------------------------------------------------------------------------------------------

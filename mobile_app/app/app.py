@@ -14,6 +14,7 @@ from kivy.uix.label import Label
 from kivy.uix.screenmanager import NoTransition, ScreenManager
 
 from .chat import IDLE, ChatController
+from .model import default_bundle
 from .screen_bench import BenchScreen
 from .screen_chat import ChatScreen
 from .screen_model import ModelScreen
@@ -75,6 +76,8 @@ class LfmApp(App):
         return root
 
     def on_start(self) -> None:
+        if self.start_bundle is None:
+            self.start_bundle = default_bundle(downloads=self.model_screen.downloads)
         if self.start_bundle is not None:
             self.model_screen.path.text = str(self.start_bundle)
             self.model_screen.load()

@@ -1,7 +1,7 @@
 """`lfm-app [BUNDLE]`: the demo app (chat with tools, on-device benchmark, model download).
 
 Without BUNDLE it loads the demo bundle `lfm-export --target android` (or `make export`) wrote under
-build/, if there is one, and otherwise opens on the Model screen.
+build/, else the newest bundle it downloaded before, and otherwise opens on the Model screen.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autopilot", type=Path, default=None, help="JSON list of steps to run (see autopilot.py)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from .model import check_folder, default_bundle
+    from .model import check_folder
 
-    bundle = Path(args.bundle) if args.bundle else default_bundle()
-    if args.bundle and (problem := check_folder(bundle)):
+    if args.bundle and (problem := check_folder(args.bundle)):
         print(f"lfm-app: error: {problem}", file=sys.stderr)
         return 2
     steps = json.loads(args.autopilot.read_text()) if args.autopilot else None
@@ -47,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import LfmApp
 
-    app = LfmApp(bundle=bundle, threads=args.threads, downloads=args.downloads, autopilot=steps,
-                 max_new_tokens=args.max_new_tokens)
+    app = LfmApp(bundle=Path(args.bundle) if args.bundle else None, threads=args.threads, downloads=args.downloads,
+                 autopilot=steps, max_new_tokens=args.max_new_tokens)
     app.run()
     return app.exit_code
 

@@ -13,11 +13,18 @@ from lfm_edge.runtime.engine import LfmModel
 DEFAULT_BUNDLES = ("build/demo_model-int4-contrib", "build/demo_model-fp32-contrib")
 
 
-def default_bundle(cwd: Path | None = None) -> Path | None:
+def default_bundle(cwd: Path | None = None, downloads: Path | None = None) -> Path | None:
+    """The demo bundle under `cwd`/build, else the newest complete bundle downloaded earlier (a phone's
+    second start must not ask for the model again)."""
     base = cwd or Path.cwd()
     for candidate in DEFAULT_BUNDLES:
         if (base / candidate / "genai_config.json").is_file():
             return base / candidate
+    if downloads is not None and downloads.is_dir():
+        # hidden folders are unfinished downloads (see download.py): never offered
+        done = [p for p in downloads.iterdir() if not p.name.startswith(".") and check_folder(p) is None]
+        if done:
+            return max(done, key=lambda p: p.stat().st_mtime)
     return None
 
 
