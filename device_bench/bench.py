@@ -12,14 +12,20 @@ import gc
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 QUIET_WAIT_SHARE = 0.05  # a run whose threads waited for a CPU more than 5% of the time is disturbed
+
+
+class Cancelled(Exception):
+    """`run` stopped because its `cancel` event was set; no metrics are returned."""
 
 
 @dataclass
@@ -85,12 +91,36 @@ def device_info(threads: int) -> dict:
             **hugepages.describe()}
 
 
-def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decode: list[int], runs: int,
-        progress: Callable[[str], None] = lambda m: None, seed: int = 0) -> dict[str, Metric]:
-    """Measure `runs` times after one warm-up; returns metrics keyed 'load', 'ttft', 'prefill/P',
-    'decode/N@D' (N tokens decoded after D tokens of context)."""
-    from ..runtime.generate import current_rss_mb, peak_rss_mb
+def _lfm_session(bundle: Path, threads: int) -> Any:
     from ..runtime.session import LfmSession
+
+    return LfmSession(bundle, threads=threads, verify="none")
+
+
+def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decode: list[int], runs: int,
+        progress: Callable[[str], None] = lambda m: None, seed: int = 0, *,
+        open_session: Callable[[Path, int], Any] | None = None,
+        cancel: threading.Event | None = None) -> dict[str, Metric]:
+    """Measure `runs` times after one warm-up; returns metrics keyed 'load', 'ttft', 'prefill/P',
+    'decode/N@D' (N tokens decoded after D tokens of context).
+
+    `open_session(bundle, threads)` loads the bundle (default: LfmSession with onnxruntime's Python binding,
+    no file check); an app passes `lfm_edge.mobile_app.backends.open_session` to run on a phone's Java or
+    Objective-C backend. A set `cancel` raises `Cancelled` (no partial metrics: a half-measured run would
+    be misread as a result) before each stage, before and after each prefill step (one step of the model
+    cannot be interrupted), and before each decode step, so a cancel set mid-decode stops within one step."""
+    from ..runtime.generate import current_rss_mb, peak_rss_mb
+
+    open_session = open_session or _lfm_session
+
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("benchmark cancelled")
+
+    def stage(message: str) -> None:
+        check()
+        progress(message)
+        check()  # the progress callback may have set it
 
     rng = np.random.default_rng(seed)
     metrics: dict[str, Metric] = {"load": Metric("s"), "ttft": Metric("s"), "peak_rss": Metric("MB"),
@@ -99,7 +129,7 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
 
     def load():
         nonlocal session
-        session = LfmSession(bundle, threads=threads, verify="none")
+        session = open_session(bundle, threads)
 
     vocab_hi = 0
 
@@ -109,30 +139,34 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
     for r in range(runs + 1):
         decoding_rss = 0.0  # resident memory right after each decode measurement, the largest of this run
         label = "warm-up" if r == 0 else f"run {r}/{runs}"
-        progress(f"{label}: load")
+        stage(f"{label}: load")
         wall, wait, la = timed(load, threads)
+        check()
         vocab_hi = vocab_hi or min(session.vocab_size, 30000)
         if r:
             metrics["load"].samples.append(Sample(wall, wall, wait, la))
         for p in prompts:
-            progress(f"{label}: prefill {p}")
+            stage(f"{label}: prefill {p}")
             cache = session.new_cache(1, p + 1)
             prompt = ids(p)
             wall, wait, la = timed(lambda c=cache, x=prompt: c.step(x), threads)
+            check()
             if r:
                 metrics.setdefault(f"prefill/{p}", Metric("tok/s")).samples.append(Sample(p / wall, wall, wait, la))
                 if p == min(prompts):
                     metrics["ttft"].samples.append(Sample(wall, wall, wait, la))
         for d in depths:
             for n in decode:
-                progress(f"{label}: decode {n} at depth {d}")
+                stage(f"{label}: decode {n} at depth {d}")
                 cache = session.new_cache(1, d + n + 1)
                 if d:
                     cache.step(ids(d))
+                    check()
                 steps = ids(n)
 
                 def decode_loop(c=cache, s=steps):
                     for i in range(s.shape[1]):
+                        check()
                         c.step(s[:, i:i + 1])
 
                 wall, wait, la = timed(decode_loop, threads)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from lfm_edge.device_bench import roofline
+from lfm_edge.device_bench import bench, roofline
 from lfm_edge.device_bench.cli import adb_commands, main, ratios
 from lfm_edge.device_bench.llama_cpp_peer import llama_decode_in_subprocess
 from lfm_edge.export.cli import demo_model_path
@@ -43,6 +44,67 @@ def test_bench_writes_json_markdown_and_plot(demo_int4, tmp_path):
     assert 0 < result["memory"]["rss_decoding_mb"] <= result["memory"]["peak_rss_mb"] + 1
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "Roofline:" in (out / "bench.md").read_text()
+
+
+class CountingSession:
+    """Wraps a real session; counts single-token steps and runs `on_decode(count)` after each."""
+
+    def __init__(self, session, on_decode=lambda n: None):
+        self.session, self.on_decode, self.decode_steps = session, on_decode, 0
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def new_cache(self, *args, **kwargs):
+        cache, outer = self.session.new_cache(*args, **kwargs), self
+
+        class Cache:
+            def step(self, ids, *rest):
+                out = cache.step(ids, *rest)
+                if ids.shape[1] == 1:
+                    outer.decode_steps += 1
+                    outer.on_decode(outer.decode_steps)
+                return out
+
+        return Cache()
+
+
+def test_bench_uses_the_given_open_session_and_cancel_stops_within_one_decode_step(demo_int4):
+    """The app passes its backend's open_session; Cancel pressed mid-decode (here: after the 3rd step) stops
+    the run before the next step, with `Cancelled`."""
+    from lfm_edge.runtime.session import LfmSession
+
+    cancel, opened, sessions = threading.Event(), [], []
+
+    def open_session(bundle, threads):
+        opened.append((bundle, threads))
+        sessions.append(CountingSession(LfmSession(bundle, threads=threads),
+                                        on_decode=lambda n: n == 3 and cancel.set()))
+        return sessions[-1]
+
+    with pytest.raises(bench.Cancelled):
+        bench.run(demo_int4, 1, [16], [0], [64], 1, open_session=open_session, cancel=cancel)
+    assert opened == [(demo_int4, 1)] and sessions[0].decode_steps == 3
+
+
+def test_bench_cancel_set_by_the_progress_callback_stops_before_the_next_step(demo_int4):
+    from lfm_edge.runtime.session import LfmSession
+
+    cancel, messages, sessions = threading.Event(), [], []
+
+    def progress(message):
+        messages.append(message)
+        if "decode" in message:
+            cancel.set()
+
+    def open_session(bundle, threads):
+        sessions.append(CountingSession(LfmSession(bundle, threads=threads)))
+        return sessions[-1]
+
+    with pytest.raises(bench.Cancelled, match="cancelled"):
+        bench.run(demo_int4, 1, [16], [0], [64], 1, progress=progress, open_session=open_session, cancel=cancel)
+    assert messages == ["warm-up: load", "warm-up: prefill 16", "warm-up: decode 64 at depth 0"]
+    assert sessions[0].decode_steps == 0
 
 
 def test_ratios_compare_like_for_like():

@@ -283,6 +283,43 @@ def test_benchmark_cancel_stops_at_the_next_stage(demo_int4):
     assert messages[-1] == "warm-up: load"
 
 
+def test_benchmark_loads_through_the_backends_and_cancels_mid_decode(demo_int4, monkeypatch):
+    """The bundle is opened with backends.open_session (a phone's Java or Objective-C backend); a cancel set
+    while decoding stops the run inside bench.run's decode loop, not after the workload."""
+    from lfm_edge.mobile_app import backends
+
+    cancel, opened, messages = threading.Event(), [], []
+    real_open = backends.open_session
+
+    def open_session(bundle, threads):
+        opened.append((bundle, threads))
+        session = real_open(bundle, threads)
+        new_cache = session.new_cache
+
+        def cancelling_cache(*args, **kwargs):  # Cancel pressed after the first decode step
+            cache = new_cache(*args, **kwargs)
+            step = cache.step
+
+            def step_then_cancel(ids, *rest):
+                out = step(ids, *rest)
+                if "decode" in messages[-1]:
+                    cancel.set()
+                return out
+
+            cache.step = step_then_cancel
+            return cache
+
+        session.new_cache = cancelling_cache
+        return session
+
+    monkeypatch.setattr(backends, "open_session", open_session)
+    preset = bench.PRESETS["quick"]
+    with pytest.raises(bench.Cancelled):
+        bench.run_benchmark(demo_int4, preset, progress=lambda d, t, m: messages.append(m), cancel=cancel)
+    assert opened == [(demo_int4, preset.threads)]
+    assert messages[-1] == "warm-up: decode 8 at depth 0"
+
+
 # --- download ---------------------------------------------------------------------------------------------------
 
 class BundleServer(http.server.ThreadingHTTPServer):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lfm_edge.device_bench import bench, roofline
+from lfm_edge.mobile_app import backends
 
 TARGET = roofline.TARGET_TOKENS_PER_SECOND
 
@@ -36,8 +37,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-class Cancelled(Exception):
-    """Raised through the benchmark's progress callback: its only way out between stages."""
+Cancelled = bench.Cancelled  # what a cancelled `run_benchmark` raises
 
 
 @dataclass
@@ -138,20 +138,22 @@ def stage_count(preset: Preset) -> int:
 def run_benchmark(bundle: Path, preset: Preset, progress: Callable[[int, int, str], None] = lambda *a: None,
                   cancel: threading.Event | None = None) -> BenchReport:
     """Blocking; call it from a worker thread. `progress(done, total, message)`; a set `cancel` stops the run
-    at the next stage with `Cancelled`."""
+    with `Cancelled` within one model step. The bundle is loaded through `backends.open_session`, so a phone
+    build without onnxruntime's Python binding runs it on its Java or Objective-C backend."""
     bundle = Path(bundle)
     total, done = stage_count(preset), 0
 
     def step(message: str) -> None:
         nonlocal done
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("benchmark cancelled")
         progress(done, total, message)
         done += 1
 
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("benchmark cancelled")
     step("measuring read bandwidth")
     bandwidth = roofline.read_bandwidth(gib=preset.bandwidth_gib)
     metrics = bench.run(bundle, preset.threads, list(preset.prompts), list(preset.depths), list(preset.decode),
-                        preset.runs, progress=step)
+                        preset.runs, progress=step, open_session=backends.open_session,
+                        cancel=cancel)
     progress(total, total, "done")
     return add_roofline(summarize(metrics, bundle, preset), bundle, bandwidth)
