@@ -3,6 +3,8 @@
 
 Bytes per token come from the bundle itself (each initializer's stored size; routed experts count at
 top_k / num_experts of their size; the embedding table counts once, as the LM head that reads all of it).
+`lfm-export` records them in manifest.json, so a phone build without the onnx package reads them there;
+other bundles (onnxruntime-genai's builder) are parsed with onnx.
 Bandwidth is measured here, or taken from a phone SoC table.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +41,40 @@ class TokenBytes:
     stored: int  # bytes of all weights in the bundle
 
 
+MANIFEST_KEY = "bytes_per_token"  # manifest.json's entry: TokenBytes as a dict
+
+
 def bytes_per_token(bundle: Path) -> TokenBytes:
+    """From manifest.json when the exporter recorded it (no onnx needed), else from the graph (needs onnx)."""
+    bundle = Path(bundle)
+    return recorded_bytes_per_token(bundle) or graph_bytes_per_token(bundle)
+
+
+def recorded_bytes_per_token(bundle: Path) -> TokenBytes | None:
+    """What the exporter recorded in manifest.json; None when there is none, or when the graph file is no
+    longer the one the manifest describes (a different size)."""
+    try:
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+        entry = manifest[MANIFEST_KEY]
+        model = manifest.get("model", "model.onnx")
+        listed = manifest.get("files", {}).get(model, {}).get("bytes")
+        if listed is not None and (Path(bundle) / model).stat().st_size != listed:
+            return None
+        return TokenBytes(entry["total"], dict(entry["by_kind"]), entry["stored"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def manifest_entry(tokens: TokenBytes) -> dict:
+    """What the exporter writes under MANIFEST_KEY; `recorded_bytes_per_token` reads it back unchanged."""
+    return asdict(tokens)
+
+
+def graph_bytes_per_token(bundle: Path) -> TokenBytes:
+    """Parsed from model.onnx's initializers (headers only: external data is not loaded)."""
     import onnx
+
+    bundle = Path(bundle)
 
     model = onnx.load(bundle / "model.onnx", load_external_data=False)
     config = json.loads((bundle / "config.json").read_text()) if (bundle / "config.json").is_file() else {}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..device_bench import roofline
 from ..quant.policy import POLICIES, Policy, get_policy
 from ..runtime.bundle import sampled_sha256, sha256
 from .checkpoint import Checkpoint, CheckpointError, resolve
@@ -186,6 +187,8 @@ def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **setting
         "layer_types": list(cfg.layer_types),
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
+        # the roofline's input, so a phone without the onnx package can compute it (device_bench/roofline.py)
+        roofline.MANIFEST_KEY: roofline.manifest_entry(roofline.graph_bytes_per_token(folder)),
         "versions": {"lfm_edge": __version__, "onnx": onnx.__version__},
         "files": files,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -136,6 +137,42 @@ def test_bytes_per_token_counts_routed_experts_at_top_k(demo_int4):
     assert tb.total < tb.stored
     phones = roofline.phone_predictions(tb.total, 0.5)
     assert all(p["predicted_tps"] == pytest.approx(p["ceiling_tps"] * 0.5, rel=0.01) for p in phones)
+
+
+BLOCK_ONNX = ("import sys\n"
+              "class Block:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name.split('.')[0] == 'onnx': raise ImportError('blocked: ' + name, name=name)\n"
+              "sys.meta_path.insert(0, Block())\n")
+
+
+def test_bytes_per_token_from_the_manifest_equals_the_graphs(demo_int4, tmp_path):
+    """lfm-export records the roofline's input in manifest.json; reading it back gives the very numbers the
+    graph gives, and a bundle without the entry (onnxruntime-genai's builder) is parsed instead."""
+    recorded = roofline.recorded_bytes_per_token(demo_int4)
+    parsed = roofline.graph_bytes_per_token(demo_int4)
+    assert recorded is not None and recorded == parsed and roofline.bytes_per_token(demo_int4) == parsed
+    manifest = json.loads((demo_int4 / "manifest.json").read_text())
+    assert manifest["bytes_per_token"] == {"total": parsed.total, "by_kind": parsed.by_kind, "stored": parsed.stored}
+
+    bare = tmp_path / "bare"
+    shutil.copytree(demo_int4, bare)
+    del manifest["bytes_per_token"]
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    assert roofline.recorded_bytes_per_token(bare) is None and roofline.bytes_per_token(bare) == parsed
+
+
+def test_bytes_per_token_needs_no_onnx_for_an_exported_bundle(demo_int4):
+    code = BLOCK_ONNX + (
+        "import json, dataclasses\n"
+        "from lfm_edge.device_bench import roofline\n"
+        f"tokens = roofline.bytes_per_token({str(demo_int4)!r})\n"
+        "assert 'onnx' not in sys.modules\n"
+        "print(json.dumps(dataclasses.asdict(tokens)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tokens = roofline.TokenBytes(**json.loads(out.stdout))
+    assert tokens == roofline.graph_bytes_per_token(demo_int4)
 
 
 def test_adb_commands_push_run_and_pull(tmp_path):

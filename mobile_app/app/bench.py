@@ -117,11 +117,13 @@ def summarize(metrics: dict[str, bench.Metric], bundle: Path, preset: Preset) ->
 
 
 def add_roofline(report: BenchReport, bundle: Path, bandwidth_gbs: float) -> BenchReport:
-    """Bytes per token from the bundle's graph (needs the onnx package, which a phone build may lack)."""
+    """Bytes per token from the bundle's manifest.json (lfm-export records them, so a phone build without the
+    onnx package has them), else from its graph, which needs onnx (bundles from onnxruntime-genai's builder)."""
     try:
         tokens = roofline.bytes_per_token(bundle)
     except ImportError as e:
-        report.roofline_error = f"{e.name or 'onnx'} is not installed"
+        report.roofline_error = (f"{e.name or 'onnx'} is not installed and the bundle's manifest.json does not "
+                                 "record bytes per token (a bundle from lfm-export does)")
         return report
     report.bandwidth_gbs, report.bytes_per_token = bandwidth_gbs, tokens.total
     report.ceiling_tps = roofline.ceiling(bandwidth_gbs, tokens.total)
