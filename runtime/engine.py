@@ -191,6 +191,7 @@ class LfmModel:
         """The tool loop: the model calls, the app's function runs, its result goes back as a tool message,
         and generation continues until the model answers without calling (or max_rounds is reached).
         A call to an unknown tool, or one that raises, goes back to the model as an error message.
+        A round that ends cancelled (the `cancel` event) ends the loop: its calls are not run.
         `on_event` sees every streamed event and every (call, result) as it happens."""
         from .chat import function_schema
 
@@ -204,8 +205,8 @@ class LfmModel:
             done = event
             history.append({"role": "assistant", "content": done.raw})
             run.answer = done
-            if not done.tool_calls:
-                return run
+            if not done.tool_calls or done.stats.stopped == "cancelled":
+                return run  # a cancelled round's calls do not run, and no round follows it
             for call in done.tool_calls:
                 fn = tools.get(call.name)
                 try:

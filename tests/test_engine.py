@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,6 +101,32 @@ def test_unknown_or_failing_tools_are_reported_to_the_model(scripted):
     run = model.run_tools(messages, {"boom": boom}, schemas=[], max_rounds=1)
     assert run.calls[0][1] == {"error": "unknown tool 'nope'"}
     assert run.calls[1][1] == {"error": "RuntimeError: sensor offline"}
+
+
+def test_a_cancelled_round_runs_no_tools_and_ends_the_loop(scripted):
+    """Cancel pressed as a call streams in: the call is not run and no further round starts."""
+    make, tokenize = scripted
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    schemas = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    probe = make({})
+    call_text = "<|tool_call_start|>[get_weather(city='Paris')]<|tool_call_end|> and more"
+    first = len(probe.prompt_ids(messages, schemas))
+    model = make(_script(first, tokenize(call_text)))
+    cancel, ran, events = threading.Event(), [], []
+
+    def on_event(event):
+        events.append(event)
+        if isinstance(event, ToolCallEvent):
+            cancel.set()
+
+    run = model.run_tools(messages, {"get_weather": lambda city: ran.append(city) or {}}, schemas=schemas,
+                          cancel=cancel, on_event=on_event)
+    assert run.answer.stats.stopped == "cancelled"
+    assert run.answer.tool_calls == [ToolCall("get_weather", {"city": "Paris"})]
+    assert ran == [] and run.calls == []
+    assert [m["role"] for m in run.messages] == ["user", "assistant"]
+    assert sum(isinstance(e, Done) for e in events) == 1 and not any(isinstance(e, tuple) for e in events)
 
 
 def test_stop_strings(scripted):
