@@ -39,6 +39,7 @@ def test_spec_identity_and_target(spec):
 def test_spec_requirements_and_onnxruntime_aar(spec):
     reqs = {re.split("[=<>]", r)[0] for r in listed(spec["requirements"])}
     assert {"python3", "kivy", "numpy", "pyjnius", "jinja2", "tokenizers"} <= reqs
+    assert "plyer" in reqs  # the battery tool (mobile_app/app/tools.py) reads the phone's battery through it
     assert "onnxruntime" not in reqs  # no p4a recipe: the Java backend reaches the AAR instead
     deps = listed(spec["android.gradle_dependencies"])
     aar = [d for d in deps if d.startswith("com.microsoft.onnxruntime:onnxruntime-android:")]
