@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import BundleError, read_json, sampled_sha256, sha256, verify_bundle  # noqa: F401 (re-exported)
+from .pages import release_clean_pages
 from .providers import ProviderList, choose
 
 
@@ -59,6 +60,8 @@ class LfmSession:
         options.enable_cpu_mem_arena = False
         self.provider_choice = choose(model_file, providers, options)
         self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
+        data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
+        self.released_bytes = release_clean_pages(data_files)  # see pages.py
         self.state = _state_spec(self.session, decoder)
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
 
