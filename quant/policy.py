@@ -79,15 +79,22 @@ def scale_dtype(weight_name: str) -> type:
     return np.float16 if ".experts." in weight_name else np.float32
 
 
-# MSE clipping search over RTN, chosen by measurement on the demo model's held-out text (quant/README.md):
-# KL to fp32 0.047 vs 0.067, perplexity 114.2 vs 117.3 (fp32 113.4); decode speed unchanged.
-INT4 = QuantSpec(4, 32, "mse")
+# Block size is decode speed: onnxruntime repacks 4-bit weights at load into its kernels' layout, which adds
+# a scale and a block sum per block, so at block 32 decode streams ~1.5x the stored bytes and at block 128
+# ~1.1x. Full LFM2.5-8B-A1B geometry, 2 threads (device_bench/RESULTS.md): block 128 decodes 30.4 tok/s and
+# holds 1.16x its weights in RSS while decoding; block 32 23.7 tok/s and 1.52x. The vocabulary stays at block
+# 32: on the demo model's held-out text it is where 4-bit error costs most (quant/README.md). The MSE clipping
+# search beats RTN at every block size (KL to fp32 0.063 vs 0.092 at block 128).
+INT4 = QuantSpec(4, 128, "mse")
+INT4_VOCAB = QuantSpec(4, 32, "mse")
 INT8 = QuantSpec(8, 32, "rtn")
 POLICIES: dict[str, Policy] = {
     "fp32": Policy("fp32", None, None, None),
-    "int4": Policy("int4", experts=INT4, linears=INT4, embedding=INT4),
-    # 8 bits where a 4-bit error costs the most per byte: the embedding/LM head (every logit reads it)
-    "int4-hq": Policy("int4-hq", experts=INT4, linears=INT4, embedding=INT8),
+    "int4": Policy("int4", experts=INT4, linears=INT4, embedding=INT4_VOCAB),
+    # closer to fp32 for ~1.2x the bytes per token: smaller blocks, and 8 bits for the vocabulary (every logit
+    # reads it); on the demo model as close to fp32 as llama.cpp's Q4_0 with its Q6_K vocabulary
+    "int4-hq": Policy("int4-hq", experts=QuantSpec(4, 64, "mse"), linears=QuantSpec(4, 64, "mse"),
+                      embedding=QuantSpec(8, 128, "rtn")),
     "int8": Policy("int8", experts=INT8, linears=INT8, embedding=INT8),
 }
 

@@ -41,10 +41,9 @@ def default_variants() -> list[Variant]:
     """Policies, block sizes 32/64/128 and RTN against the MSE search, as the issue asks to compare."""
     int4 = get_policy("int4")
     out = [Variant(f"int4 rtn b{b}", int4.with_overrides(block_size=b, method="rtn")) for b in (32, 64, 128)]
-    out += [Variant("int4 rtn-asym b32", int4.with_overrides(method="rtn-asym")),
-            Variant("int4 mse b32", int4.with_overrides(method="mse")),
-            Variant("int4 mse b64", int4.with_overrides(block_size=64, method="mse")),
-            Variant("int4 mse b128", int4.with_overrides(block_size=128, method="mse")),
+    out += [Variant("int4 rtn-asym b32", int4.with_overrides(block_size=32, method="rtn-asym"))]
+    out += [Variant(f"int4 mse b{b}", int4.with_overrides(block_size=b, method="mse")) for b in (32, 64, 128)]
+    out += [Variant("int4 (default: mse, b128, vocabulary b32)", int4),
             Variant("int4-hq", get_policy("int4-hq")),
             Variant("int8", get_policy("int8"))]
     return out
