@@ -32,6 +32,10 @@ from .random_weights import RandomCheckpoint
 OP_SETS = {"contrib": ContribOps, "portable": PortableOps}
 QUANTS = tuple(POLICIES)
 TARGETS = ("desktop", "android", "ios")
+# Decode threads a target's runtime starts with (genai_config's session_options; LfmSession reads it too):
+# phones decode fastest on their big cores only (4 on current Snapdragon/Dimensity/Tensor parts, Apple's 2
+# performance cores); on a desktop onnxruntime's default, one thread per physical core, is right.
+TARGET_THREADS = {"desktop": None, "android": 4, "ios": 2}
 MODEL_FILE, DATA_FILE, MANIFEST = "model.onnx", "model.onnx.data", "manifest.json"
 CHECKPOINT_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                     "special_tokens_map.json", "chat_template.jinja", "config.json")
@@ -98,8 +102,10 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
         for name in CHECKPOINT_FILES:
             if (ckpt.folder / name).is_file():
                 shutil.copyfile(ckpt.folder / name, tmp / name)
-        (tmp / "genai_config.json").write_text(
-            json.dumps(genai_config(ckpt, share_buffer=backend.share_buffer), indent=2))
+        config = genai_config(ckpt, share_buffer=backend.share_buffer)
+        if TARGET_THREADS[target]:
+            config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = TARGET_THREADS[target]
+        (tmp / "genai_config.json").write_text(json.dumps(config, indent=2))
         if eval_text and quantized and not random_weights:
             from ..quant.quality import measure_bundle, write_report
 

@@ -10,6 +10,7 @@ State lives in OrtValues allocated once per generation and bound with IOBinding:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class LfmSession:
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos])
         self.pad_token_id = int(genai.get("model", {}).get("pad_token_id", 0))
         options = ort.SessionOptions()
+        # the bundle's target default (export/exporter.py TARGET_THREADS), never more than this machine's CPUs
+        threads = threads or min(int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)),
+                                 os.cpu_count() or 1)
         if threads:
             options.intra_op_num_threads = threads
         # The CPU arena keeps the largest buffers any run needed (a 512-token prefill's logits alone are

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnxruntime as ort
@@ -36,3 +37,14 @@ def test_android_bundle_has_usability_report_and_ort_format(tmp_path):
     got = ort.InferenceSession(str(bundle / "model.ort"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert generate(session, [[1, 6, 40]], 4, eos_token_ids=[])
+    # the target's thread count reaches genai and our runtime (capped at this machine's CPUs)
+    genai = json.loads((bundle / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 4
+    assert session.session.get_session_options().intra_op_num_threads == min(4, os.cpu_count())
+
+
+def test_targets_set_threads_for_their_cores(tmp_path):
+    for target, threads in (("ios", 2), ("desktop", None)):
+        bundle = export(demo_model_path(), tmp_path / target, quant="int4", target=target).bundle
+        options = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+        assert options.get("intra_op_num_threads") == threads
