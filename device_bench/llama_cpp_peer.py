@@ -31,6 +31,22 @@ def quantize_q4_0(src: str | Path, dst: str | Path, threads: int = 2, pure: bool
     return Path(dst)
 
 
+def window_logits(gguf_path: str | Path, windows: list[list[int]], threads: int = 2) -> list[np.ndarray]:
+    """llama.cpp's logits for every position of each window (each from an empty context), as float32."""
+    import llama_cpp
+
+    longest = max(len(w) for w in windows)
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=longest + 8, n_batch=longest, n_ubatch=longest,
+                          n_threads=threads, logits_all=True, verbose=False)
+    out = []
+    for w in windows:
+        llm.reset()
+        llm.eval(list(w))
+        out.append(np.array(llm.scores[:len(w)], dtype=np.float32))
+    llm.close()
+    return out
+
+
 def _peak_rss_mb() -> float:
     import resource
 

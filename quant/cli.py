@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="build/quality", help="report folder")
     parser.add_argument("--window", type=int, default=128, help="tokens per evaluation window")
     parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="also llama.cpp's Q4_0 of the same checkpoint (needs the [llama] extra)")
     args = parser.parse_args(argv)
 
     from ..export.cli import demo_model_path
@@ -25,9 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     if not text_file.is_file():
         print(f"lfm-quant-report: error: --text {text_file}: no such file", file=sys.stderr)
         return 2
+    if args.llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("lfm-quant-report: error: --llama-cpp needs llama-cpp-python (pip install 'lfm-edge[llama]')",
+                  file=sys.stderr)
+            return 2
     try:
         results = evaluate(checkpoint, text_file.read_text(), default_variants(), args.window, args.max_tokens,
-                           progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+                           progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
+                           llama_cpp=args.llama_cpp)
     except ValueError as e:
         print(f"lfm-quant-report: error: {e}", file=sys.stderr)
         return 2

@@ -108,8 +108,25 @@ def measure_bundle(checkpoint: str | Path, bundle: Path, text: str, label: str, 
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _llama_cpp_rows(checkpoint: str | Path, windows: list[list[int]], reference: list[np.ndarray],
+                    work: Path) -> list[Quality]:
+    """llama.cpp's own Q4_0 of the same checkpoint (its default, vocabulary in Q6_K, and pure), measured on the
+    same windows: the quality a llama.cpp user gets at the size ours is compared with."""
+    from ..device_bench.gguf_writer import write_gguf
+    from ..device_bench.llama_cpp_peer import quantize_q4_0, window_logits
+    from ..export.checkpoint import Checkpoint
+
+    f32 = write_gguf(Checkpoint(checkpoint), work / "f32.gguf", f16=False)
+    rows = []
+    for label, pure in (("llama.cpp Q4_0", False), ("llama.cpp Q4_0 pure", True)):
+        gguf = quantize_q4_0(f32, work / f"q4_0{'_pure' if pure else ''}.gguf", pure=pure)
+        rows.append(Quality(label, "llama.cpp", round(gguf.stat().st_size / 1e6, 3),
+                            **compare(reference, window_logits(gguf, windows), windows)))
+    return rows
+
+
 def evaluate(checkpoint: str | Path, text: str, variants: Sequence[Variant], window: int = 128,
-             max_tokens: int = 4096, progress: Callable[[str], None] = print) -> list[Quality]:
+             max_tokens: int = 4096, progress: Callable[[str], None] = print, llama_cpp: bool = False) -> list[Quality]:
     from ..export.exporter import export
 
     work = Path(tempfile.mkdtemp(prefix="lfm-quality-"))
@@ -122,6 +139,9 @@ def evaluate(checkpoint: str | Path, text: str, variants: Sequence[Variant], win
             bundle = export(checkpoint, work / "variant", quant=v.policy).bundle
             results.append(_measure(v.label, v.policy.name, bundle, windows, reference))
             shutil.rmtree(bundle)
+        if llama_cpp:
+            progress("llama.cpp Q4_0 of the same checkpoint")
+            results += _llama_cpp_rows(checkpoint, windows, reference, work)
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -46,3 +46,15 @@ def test_llama_cpp_logits_match_our_export(demo_gguf, tmp_path):
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])
     np.testing.assert_allclose(theirs, ours, atol=1e-3, rtol=0)
+
+
+def test_quality_report_measures_llama_cpps_own_q4_0(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
+    from lfm_edge.quant.quality import _fp32_reference, _llama_cpp_rows
+
+    checkpoint = demo_model_path()
+    text = (checkpoint / "heldout.txt").read_text()[:3000]
+    windows, reference = _fp32_reference(checkpoint, text, 64, 512, tmp_path)
+    default, pure = _llama_cpp_rows(checkpoint, windows, reference, tmp_path)
+    assert 0 < default.kl < pure.kl < 1 and default.tokens == pure.tokens > 100
+    assert pure.bundle_mb < default.bundle_mb  # the default keeps the vocabulary at more bits
