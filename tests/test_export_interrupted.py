@@ -7,6 +7,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,9 +22,12 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def _start_export(out: Path, **popen) -> subprocess.Popen:
-    # int4 with its quality section: long enough (seconds) to be caught mid-write
+    # int4 with a quality section over four copies of the held-out text: seconds of work after the data file
+    # appears, so the signal lands mid-export even on a fast or a busy machine
+    text = Path(tempfile.gettempdir()) / "lfm-edge-heldout-x4.txt"
+    text.write_text((demo_model_path() / "heldout.txt").read_text() * 4)
     return subprocess.Popen([sys.executable, "-m", "lfm_edge.export.cli", str(demo_model_path()), "--quant", "int4",
-                             "--eval-text", str(demo_model_path() / "heldout.txt"), "--out", str(out), "--quiet"],
+                             "--eval-text", str(text), "--out", str(out), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
