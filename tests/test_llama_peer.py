@@ -58,3 +58,16 @@ def test_quality_report_measures_llama_cpps_own_q4_0(tmp_path):
     default, pure = _llama_cpp_rows(checkpoint, windows, reference, tmp_path)
     assert 0 < default.kl < pure.kl < 1 and default.tokens == pure.tokens > 100
     assert pure.bundle_mb < default.bundle_mb  # the default keeps the vocabulary at more bits
+
+
+def test_alternated_ab_measures_both_on_the_same_tokens(tmp_path, demo_gguf):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
+    from lfm_edge.device_bench.ab import alternate
+    from lfm_edge.export.exporter import export
+
+    bundle = export(demo_model_path(), tmp_path / "int4", quant="int4").bundle
+    result = alternate(bundle, demo_gguf, threads=1, prompt=16, decode=8, rounds=2)
+    assert len(result["rounds"]) == 2
+    assert all(v > 0 for row in result["rounds"] for v in row.values())
+    ratios = [r["ours_decode"] / r["llama_decode"] for r in result["rounds"]]
+    assert result["decode_ratio_per_round"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
