@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import __version__
 from ..device_bench import roofline
 from ..quant.policy import POLICIES, Policy, get_policy
-from ..runtime.bundle import sampled_sha256, sha256
+from ..runtime.bundle import install_folder, sampled_sha256, sha256
 from .checkpoint import Checkpoint, CheckpointError, resolve
 from .genai_config import genai_config
 from .graph import Graph
@@ -114,7 +114,7 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
         extras = phone_extras(tmp, MODEL_FILE, DATA_FILE) if target in ("android", "ios") else {}
         files = _write_manifest(tmp, ckpt, ops=ops, quant=policy.name, quant_policy=policy.describe(),
                                 target=target, **extras)
-        _replace(tmp, out)
+        install_folder(tmp, out)
     except OSError as e:  # a full disk, a quota, a file-size limit: nothing was replaced
         shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(f"--out {out}: writing the bundle failed ({e.strerror or e}); the previous bundle, if "
@@ -127,7 +127,7 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
 
 def _recover_interrupted(out: Path) -> None:
     """Clean up after an export that was killed (SIGKILL leaves no chance to clean up): remove its partial
-    folders, and if it died between the two renames of `_replace`, put the previous bundle back."""
+    folders, and if it died between the two renames of `install_folder`, put the previous bundle back."""
     for leftover in out.parent.glob(f".{out.name}.*-*"):
         kind, _, rest = leftover.name[len(out.name) + 2:].partition("-")
         pid = rest.split("-")[0]
@@ -160,22 +160,6 @@ def _writable_parent(out: Path) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"--out {out}: the folder {parent} is not writable")
     return parent
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished bundle into place; an old bundle is kept aside until the new one is there."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **settings) -> dict[str, int]:

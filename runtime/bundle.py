@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 
 class BundleError(ValueError):
     """A bundle that cannot be loaded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """What the graph's inputs say about its state: layer index -> kind and fixed dims."""
+
+    conv: dict[int, tuple[int, int]]  # layer -> (H, K-1)
+    kv: dict[int, tuple[int, int]]  # layer -> (Hkv, D)
 
 
 VERIFY_MODES = ("none", "size", "sampled", "sha256")
@@ -69,3 +80,21 @@ def read_json(path: Path) -> dict:
         raise BundleError(f"{path}: missing (is this a bundle folder?)") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: unreadable ({e})") from None
+
+
+def install_folder(new: Path, dest: Path) -> None:
+    """Move the finished folder `new` to `dest`. A previous `dest` is kept aside as `.NAME.old-PID` until the
+    new one is in place and put back if the move fails, so a bundle is never half-written where a user or an
+    app expects a complete one (export/exporter.py recovers the aside copy after a kill between the renames)."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -11,23 +11,21 @@ State lives in OrtValues allocated once per generation and bound with IOBinding:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import BundleError, read_json, sampled_sha256, sha256, verify_bundle  # noqa: F401 (re-exported)
+from .bundle import (  # noqa: F401 (re-exported)
+    BundleError,
+    StateSpec,
+    read_json,
+    sampled_sha256,
+    sha256,
+    verify_bundle,
+)
 from .pages import release_clean_pages
 from .providers import ProviderList, choose
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """What the graph's inputs say about its state: layer index -> kind and fixed dims."""
-
-    conv: dict[int, tuple[int, int]]  # layer -> (H, K-1)
-    kv: dict[int, tuple[int, int]]  # layer -> (Hkv, D)
 
 
 class LfmSession:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
 import threading
 import urllib.error
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lfm_edge.runtime.bundle import sha256  # not runtime.session: that imports onnxruntime
+from lfm_edge.runtime.bundle import install_folder, sha256  # not runtime.session: that imports onnxruntime
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 16
@@ -196,17 +195,4 @@ def _check(path: Path, name: str, size: int, digest: str) -> None:
 def _install(work: Path, dest: Path) -> None:
     """Replace `dest` with the checked folder; a previous bundle is put back if the swap fails."""
     (work / (".expected-" + MANIFEST)).unlink(missing_ok=True)
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dest, old)
-    try:
-        os.replace(work, dest)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    install_folder(work, dest)

@@ -14,24 +14,12 @@ back as the next past.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class BundleError(ValueError):
-    """A bundle that cannot be loaded; the message names the file. (runtime.session has the same class, but
-    importing it needs onnxruntime's Python binding, which phone builds do not have.)"""
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """Same fields as lfm_edge.runtime.session.StateSpec: layer index -> fixed dims."""
-
-    conv: dict[int, tuple[int, int]]  # layer -> (H, K-1)
-    kv: dict[int, tuple[int, int]]  # layer -> (Hkv, D)
+from lfm_edge.runtime.bundle import BundleError, StateSpec, read_json, verify_bundle  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -74,15 +62,8 @@ def read_bundle(folder: str | Path, verify: str = "size") -> BundleConfig:
         raise BundleError(f"{folder}: not a bundle folder")
     if verify not in ("none", "size"):
         raise ValueError(f"verify {verify!r}: expected 'none' or 'size'")
-    manifest = _read_json(folder / "manifest.json") if (folder / "manifest.json").is_file() else {}
-    if verify == "size":
-        for name, info in manifest.get("files", {}).items():
-            file = folder / name
-            if not file.is_file():
-                raise BundleError(f"{file}: listed in manifest.json but missing")
-            if file.stat().st_size != info["bytes"]:
-                raise BundleError(f"{file}: {file.stat().st_size} bytes, manifest.json says {info['bytes']}")
-    genai = _read_json(folder / "genai_config.json")
+    manifest = verify_bundle(folder, verify)
+    genai = read_json(folder / "genai_config.json")
     model = genai.get("model", {})
     decoder = model.get("decoder", {})
     model_file = folder / decoder.get("filename", "model.onnx")
@@ -182,12 +163,3 @@ def initial_shapes(state: StateSpec, batch: int, max_length: int, share_buffer: 
 def check_step(length: int, new: int, max_length: int) -> None:
     if length + new > max_length:
         raise ValueError(f"{length} + {new} tokens exceed this generation's max_length {max_length}")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing (is this a bundle folder?)") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: unreadable ({e})") from None
