@@ -15,6 +15,7 @@ from lfm_edge.device_bench.cli import adb_commands, main, ratios
 from lfm_edge.device_bench.llama_cpp_peer import llama_decode_in_subprocess
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
+from without_module import run_without
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +140,6 @@ def test_bytes_per_token_counts_routed_experts_at_top_k(demo_int4):
     assert all(p["predicted_tps"] == pytest.approx(p["ceiling_tps"] * 0.5, rel=0.01) for p in phones)
 
 
-BLOCK_ONNX = ("import sys\n"
-              "class Block:\n"
-              "    def find_spec(self, name, path=None, target=None):\n"
-              "        if name.split('.')[0] == 'onnx': raise ImportError('blocked: ' + name, name=name)\n"
-              "sys.meta_path.insert(0, Block())\n")
-
-
 def test_bytes_per_token_from_the_manifest_equals_the_graphs(demo_int4, tmp_path):
     """lfm-export records the roofline's input in manifest.json; reading it back gives the very numbers the
     graph gives, and a bundle without the entry (onnxruntime-genai's builder) is parsed instead."""
@@ -163,13 +157,13 @@ def test_bytes_per_token_from_the_manifest_equals_the_graphs(demo_int4, tmp_path
 
 
 def test_bytes_per_token_needs_no_onnx_for_an_exported_bundle(demo_int4):
-    code = BLOCK_ONNX + (
+    code = (
         "import json, dataclasses\n"
         "from lfm_edge.device_bench import roofline\n"
         f"tokens = roofline.bytes_per_token({str(demo_int4)!r})\n"
         "assert 'onnx' not in sys.modules\n"
         "print(json.dumps(dataclasses.asdict(tokens)))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = run_without("onnx", code)
     assert out.returncode == 0, out.stderr[-2000:]
     tokens = roofline.TokenBytes(**json.loads(out.stdout))
     assert tokens == roofline.graph_bytes_per_token(demo_int4)

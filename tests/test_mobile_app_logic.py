@@ -27,6 +27,7 @@ from lfm_edge.mobile_app.app.model import bundle_info, check_folder, default_bun
 from lfm_edge.mobile_app.app.tools import DEMO_TOOLS, _sysfs_battery, battery
 from lfm_edge.runtime.engine import LfmModel
 from scripted_model import write_bundle
+from without_module import run_without
 
 DEMO = demo_model_path()
 QUESTION = "What is 2+3?"
@@ -266,20 +267,13 @@ def test_quick_benchmark_on_the_demo_bundle_gives_a_verdict(demo_int4):
 
 def test_roofline_without_the_onnx_package(demo_int4):
     """A phone build has no onnx: an lfm-export bundle's manifest.json gives the bytes per token."""
-    import subprocess
-    import sys
 
-    code = ("import sys\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] == 'onnx': raise ImportError('blocked: ' + name, name=name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "from lfm_edge.mobile_app.app import bench\n"
+    code = ("from lfm_edge.mobile_app.app import bench\n"
             "report = bench.BenchReport('b', 'quick', 1, 100.0, 16, 40.0, 0.1, 0.5, 300.0, 250.0, False)\n"
             f"report = bench.add_roofline(report, {str(demo_int4)!r}, 30.0)\n"
             "assert 'onnx' not in sys.modules\n"
             "print(report.roofline_text())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = run_without("onnx", code)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("Roofline: ") and "at 30.0 GB/s" in out.stdout
 
