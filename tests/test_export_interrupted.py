@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import signal
@@ -17,18 +18,28 @@ from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+def _snapshot(folder: Path) -> dict[str, str]:
+    # digests, not bytes: a failing comparison of megabytes would spend minutes in pytest's diff
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def _start_export(out: Path, **popen) -> subprocess.Popen:
+def _start_export(out: Path, preexec_fn=None) -> subprocess.Popen:
     # int4 with a quality section over four copies of the held-out text: seconds of work after the data file
     # appears, so the signal lands mid-export even on a fast or a busy machine
     text = Path(tempfile.gettempdir()) / "lfm-edge-heldout-x4.txt"
     text.write_text((demo_model_path() / "heldout.txt").read_text() * 4)
     return subprocess.Popen([sys.executable, "-m", "lfm_edge.export.cli", str(demo_model_path()), "--quant", "int4",
                              "--eval-text", str(text), "--out", str(out), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: _child_setup(preexec_fn))
+
+
+def _child_setup(then) -> None:
+    # A shell running the tests in the background ignores SIGINT for its children, and Python then keeps
+    # ignoring it: give the export the default disposition so SIGINT interrupts it as it would a user's.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if then:
+        then()
 
 
 def _wait_for_partial(parent: Path, proc: subprocess.Popen) -> None:
