@@ -20,8 +20,10 @@ HIDDEN = 4
 
 
 def write_bundle(folder: Path, tokenizer_folder: Path, script: dict[int, int], vocab: int, eos: int,
-                 max_positions: int = 2048) -> Path:
-    """`script` maps an absolute position to the token the model emits there."""
+                 max_positions: int = 2048, step_work: int = 0) -> Path:
+    """`script` maps an absolute position to the token the model emits there. `step_work` n > 0 adds an
+    n x n matrix product to every step, computed from the input so it cannot be folded away and added to
+    the logits times zero: a model that takes real time per token, for tests that must act mid-answer."""
     folder.mkdir(parents=True, exist_ok=True)
     table = np.full((max_positions + 1, vocab), -10.0, np.float32)
     table[:, eos] = 10.0
@@ -43,12 +45,24 @@ def write_bundle(folder: Path, tokenizer_folder: Path, script: dict[int, int], v
         helper.make_node("Gather", ["ids_shape", "zero"], ["b"], axis=0),
         helper.make_node("Unsqueeze", ["b", "zero_axis"], ["b1"]),
         helper.make_node("Concat", ["b1", "ones2"], ["expand_shape"], axis=0),
-        helper.make_node("Expand", ["rows3", "expand_shape"], ["logits"]),
+        helper.make_node("Expand", ["rows3", "expand_shape"], ["scripted_logits"]),
         helper.make_node("Identity", ["past.0.conv"], ["present.0.conv"]),
     ]
     inits = [numpy_helper.from_array(table, "table"), i64(1), i64(0), i64([0]), i64([1, 1])]
     for init, name in zip(inits[1:], ("one", "zero", "zero_axis", "ones2"), strict=True):
         init.name = name
+    if step_work:
+        work = numpy_helper.from_array(np.random.default_rng(0).standard_normal((step_work, step_work)).astype(
+            np.float32) / step_work, "work")
+        inits += [work, numpy_helper.from_array(np.array(0.0, np.float32), "nothing")]
+        nodes += [helper.make_node("Cast", ["t"], ["t_float"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["work", "t_float"], ["scaled"]),
+                  helper.make_node("MatMul", ["scaled", "work"], ["product"]),
+                  helper.make_node("ReduceSum", ["product"], ["total"], keepdims=0),
+                  helper.make_node("Mul", ["total", "nothing"], ["zero_total"]),
+                  helper.make_node("Add", ["scripted_logits", "zero_total"], ["logits"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["scripted_logits"], ["logits"]))
     graph = helper.make_graph(
         nodes, "scripted",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
