@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class BundleError(ValueError):
@@ -21,6 +23,21 @@ class StateSpec:
 
     conv: dict[int, tuple[int, int]]  # layer -> (H, K-1)
     kv: dict[int, tuple[int, int]]  # layer -> (Hkv, D)
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """What genai_config.json and manifest.json say, as every backend reads them (read_bundle)."""
+
+    folder: Path
+    manifest: dict
+    model_file: Path
+    decoder: dict
+    share_buffer: bool
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    vocab_size: int | None  # genai_config's model.vocab_size; the graph's logits shape wins where static
 
 
 VERIFY_MODES = ("none", "size", "sampled", "sha256")
@@ -98,3 +115,58 @@ def install_folder(new: Path, dest: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_bundle(folder: str | Path, verify: str = "sampled") -> BundleConfig:
+    """genai_config.json and manifest.json of `folder`, the files checked as `verify` says (verify_bundle):
+    what every backend reads before it touches a runtime."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: not a bundle folder")
+    manifest = verify_bundle(folder, verify)
+    genai = read_json(folder / "genai_config.json")
+    model = genai.get("model", {})
+    decoder = model.get("decoder", {})
+    model_file = folder / decoder.get("filename", "model.onnx")
+    if not model_file.is_file():
+        raise BundleError(f"{model_file}: missing (genai_config.json names it as the model)")
+    eos = model.get("eos_token_id", [])
+    return BundleConfig(
+        folder=folder, manifest=manifest, model_file=model_file, decoder=decoder,
+        share_buffer=bool(genai.get("search", {}).get("past_present_share_buffer", False)),
+        context_length=int(model.get("context_length", 4096)),
+        eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
+        pad_token_id=int(model.get("pad_token_id", 0)),
+        vocab_size=int(model["vocab_size"]) if "vocab_size" in model else None)
+
+
+def _static(d: Any) -> int | None:
+    """A dimension as the runtimes report it: int (Python), -1 (Java's TensorInfo.getShape), or a name/None."""
+    return int(d) if isinstance(d, int) and d >= 0 else None
+
+
+def state_spec(inputs: Iterable[tuple[str, Sequence[Any]]], decoder: dict) -> StateSpec:
+    """State dims from the graph's (input name, shape) pairs, as any runtime reports them;
+    a symbolic KV head count or head size (the genai builder leaves the head size so) comes from
+    genai_config.json's decoder section."""
+    fallback = {1: decoder.get("num_key_value_heads"), 3: decoder.get("head_size")}
+    conv, kv = {}, {}
+    for name, shape in inputs:
+        parts = name.split(".")
+        if name.startswith("past.") and parts[-1] == "conv":
+            h, k = _static(shape[1]), _static(shape[2])
+            if h is None or k is None:
+                raise BundleError(f"{name}: conv state dims must be static, the graph says {list(shape)}")
+            conv[int(parts[1])] = (h, k)
+        elif name.startswith("past_key_values.") and parts[-1] == "key":
+            dims = []
+            for axis in (1, 3):
+                d = _static(shape[axis])
+                if d is None:
+                    if fallback[axis] is None:
+                        raise BundleError(f"{name}: dimension {axis} is symbolic and genai_config.json gives no "
+                                          f"{'num_key_value_heads' if axis == 1 else 'head_size'}")
+                    d = int(fallback[axis])
+                dims.append(d)
+            kv[int(parts[1])] = (dims[0], dims[1])
+    return StateSpec(conv, kv)

@@ -19,9 +19,10 @@ import onnxruntime as ort
 from .bundle import (  # noqa: F401 (re-exported)
     BundleError,
     StateSpec,
-    read_json,
+    read_bundle,
     sampled_sha256,
     sha256,
+    state_spec,
     verify_bundle,
 )
 from .pages import release_clean_pages
@@ -36,20 +37,10 @@ class LfmSession:
 
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: str | ProviderList = "auto",
                  verify: str = "sampled"):
-        self.folder = Path(bundle)
-        if not self.folder.is_dir():
-            raise BundleError(f"{self.folder}: not a bundle folder")
-        self.manifest = verify_bundle(self.folder, verify)
-        genai = read_json(self.folder / "genai_config.json")
-        decoder = genai.get("model", {}).get("decoder", {})
-        model_file = self.folder / decoder.get("filename", "model.onnx")
-        if not model_file.is_file():
-            raise BundleError(f"{model_file}: missing (genai_config.json names it as the model)")
-        self.share_buffer = bool(genai.get("search", {}).get("past_present_share_buffer", False))
-        self.context_length = int(genai.get("model", {}).get("context_length", 4096))
-        eos = genai.get("model", {}).get("eos_token_id", [])
-        self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos])
-        self.pad_token_id = int(genai.get("model", {}).get("pad_token_id", 0))
+        cfg = read_bundle(bundle, verify)
+        self.folder, self.manifest, decoder, model_file = cfg.folder, cfg.manifest, cfg.decoder, cfg.model_file
+        self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
+        self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
         options = ort.SessionOptions()
         # the bundle's target default (export/exporter.py TARGET_THREADS), never more than this machine's CPUs
         threads = threads or min(int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)),
@@ -64,7 +55,7 @@ class LfmSession:
         self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
         data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
         self.released_bytes = release_clean_pages(data_files)  # see pages.py
-        self.state = _state_spec(self.session, decoder)
+        self.state = state_spec(((i.name, i.shape) for i in self.session.get_inputs()), decoder)
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
 
     @property
@@ -137,27 +128,3 @@ class Cache:
             for n, i in enumerate(grown):
                 self.kv[i] = [kv_outputs[2 * n], kv_outputs[2 * n + 1]]
         return outputs[-1].numpy()
-
-
-def _state_spec(session: ort.InferenceSession, decoder: dict) -> StateSpec:
-    """State dims from the graph's inputs; where a dim is symbolic (the genai builder leaves the head size
-    so), from genai_config.json's decoder section."""
-    fallback = {"kv_heads": decoder.get("num_key_value_heads"), "head_dim": decoder.get("head_size")}
-
-    def dim(value, axis: int, key: str) -> int:
-        d = value.shape[axis]
-        if isinstance(d, int):
-            return d
-        if fallback.get(key) is None:
-            raise BundleError(f"{value.name}: dimension {axis} is symbolic ({d!r}) and genai_config.json "
-                              f"gives no {key}")
-        return int(fallback[key])
-
-    conv, kv = {}, {}
-    for value in session.get_inputs():
-        parts = value.name.split(".")
-        if value.name.startswith("past.") and parts[-1] == "conv":
-            conv[int(parts[1])] = (int(value.shape[1]), int(value.shape[2]))
-        elif value.name.startswith("past_key_values.") and parts[-1] == "key":
-            kv[int(parts[1])] = (dim(value, 1, "kv_heads"), dim(value, 3, "head_dim"))
-    return StateSpec(conv, kv)
