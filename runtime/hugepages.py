@@ -42,7 +42,7 @@ def wanted() -> bool:
 
 def reexec_with_hugepages() -> None:
     """Restart this command with the tunable set, when it helps and is not set yet; otherwise return."""
-    if not wanted() or malloc_hugepages() or "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
+    if not wanted() or "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):  # set either way
         return
     current = os.environ.get("GLIBC_TUNABLES", "")
     env = dict(os.environ, GLIBC_TUNABLES=f"{current}:{TUNABLE}" if current else TUNABLE)
