@@ -155,12 +155,13 @@ class Conversation:
     `snapshot_every`: a conv snapshot every so many tokens of a long prefill (beside the ones at each prompt's
     end and each answer's end); `max_snapshots`/`snapshot_bytes` bound the ring. `context_policy`: "error"
     (ContextFull when the conversation and max_new_tokens exceed the context) or "drop_oldest" (the oldest
-    turns after the system message are dropped from `messages` until it fits)."""
+    turns after the system message are dropped from `messages` until it fits). `prefill_chunk` as in Generation."""
 
     def __init__(self, model: LfmModel, system: str | None = None,
                  tools: Mapping[str, Callable[..., Any]] | Sequence[Any] | None = None, *,
                  snapshot_every: int = 512, max_snapshots: int = 32, snapshot_bytes: int = 16 << 20,
-                 context_policy: str = "error", template_vars: Mapping[str, Any] | None = None):
+                 context_policy: str = "error", prefill_chunk: int = 512,
+                 template_vars: Mapping[str, Any] | None = None):
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every {snapshot_every}: expected >= 1")
         if context_policy not in CONTEXT_POLICIES:
@@ -168,7 +169,7 @@ class Conversation:
         self.model = model
         self.functions, self.schemas = _tools(tools)
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-        self.snapshot_every, self.context_policy = snapshot_every, context_policy
+        self.snapshot_every, self.context_policy, self.prefill_chunk = snapshot_every, context_policy, prefill_chunk
         self.template_vars = dict(template_vars or {})
         self.snapshots = Snapshots(max_snapshots, snapshot_bytes)
         self.stats: list[GenerationStats] = []  # one per generation, in order
@@ -300,7 +301,7 @@ class Conversation:
     def _answer(self, sampling, max_new_tokens, stop, cancel, allow_special_tokens) -> Iterator[Event]:
         model = self.model
         prompt = self._render(max_new_tokens, allow_special_tokens)
-        prefix = self._shared_prefix(prompt, allow_special_tokens)
+        prefix = self._shared_prefix(prompt, allow_special_tokens) if model.prefix_cache.max_bytes else 0
         self._restore(prompt, max_new_tokens)
         wanted = set(range(self.snapshot_every, len(prompt), self.snapshot_every)) | {len(prompt)}
         if prefix:
@@ -314,7 +315,8 @@ class Conversation:
                 model.prefix_cache.store(PrefixEntry(tuple(prompt[:n]), cache.kv_rows(), cache.conv_state()))
 
         generation = Generation(model.session, [prompt], max_new_tokens, sampling or model.default_sampling(),
-                                cancel=cancel, cache=self._cache, cuts=wanted, on_prefill=on_prefill)
+                                prefill_chunk=self.prefill_chunk, cancel=cancel, cache=self._cache, cuts=wanted,
+                                on_prefill=on_prefill)
         self._tokens = list(prompt[:self._cache.length])
         done = None
         try:
@@ -340,9 +342,16 @@ class Conversation:
         head = [m for m in self.messages[:1] if m.get("role") == "system"]
         if not head and not self.schemas:
             return 0
-        ids = self.model.prompt_ids(head, self.schemas or None, allow_special_tokens, add_generation_prompt=False,
-                                    **self.template_vars)
-        return len(ids) if 0 < len(ids) < len(prompt) and prompt[:len(ids)] == ids else 0
+        # rendered before an empty user turn (a template may not render tools without a message): the tokens
+        # any conversation with this system prompt and these tools starts with
+        ids = self.model.prompt_ids([*head, {"role": "user", "content": ""}], self.schemas or None,
+                                    allow_special_tokens, add_generation_prompt=False, **self.template_vars)
+        n = 0
+        for a, b in zip(ids, prompt, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n if n < len(prompt) else 0
 
     def _restore(self, prompt: list[int], max_new_tokens: int) -> None:
         """Bring the state to the longest usable prefix of `prompt`: kept rows, a snapshot, or the prefix cache."""
@@ -360,6 +369,8 @@ class Conversation:
         self.snapshots.drop_after(limit)
         snapshot = self.snapshots.newest_at_or_before(limit)
         keep = snapshot.length if snapshot else 0
+        if keep < cache.length <= limit:  # the live state is a snapshot at its own length
+            keep = cache.length
         prefixes = self.model.prefix_cache
         entry = prefixes.lookup(prompt, len(prompt) - 1, keep) if prefixes is not None else None
         if entry is not None:

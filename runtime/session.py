@@ -171,8 +171,9 @@ class Cache:
                 self.kv[i] = grown
 
     def conv_state(self) -> dict[int, np.ndarray]:
-        """A copy of each conv layer's state after the last token ([B, H, K-1])."""
-        return {i: pair[0].numpy() for i, pair in self.conv.items()}
+        """A copy of each conv layer's state after the last token ([B, H, K-1]). (OrtValue.numpy() is a view
+        of the buffer, which the step after next overwrites.)"""
+        return {i: pair[0].numpy().copy() for i, pair in self.conv.items()}
 
     def set_conv_state(self, state: dict[int, np.ndarray]) -> None:
         for i, pair in self.conv.items():
