@@ -331,3 +331,24 @@ def test_threads_share_the_prefix_cache_safely(demo):
     assert all(tokens == fresh.tokens for tokens, _ in results)
     again = model.conversation(system=SYSTEM).say(QUESTIONS[1], max_new_tokens=6)
     assert again.stats.reused_tokens > 0 and model.prefix_cache.hits >= 1
+
+
+def test_lfm_chat_keeps_one_conversation_and_continues_a_session(demo, tmp_path):
+    import re
+
+    cmd = [sys.executable, "-m", "lfm_edge.runtime.chat_cli", str(demo["int4"]), "-n", "8", "--no-tools"]
+    session = tmp_path / "chat.safetensors"
+    first = subprocess.run(cmd + ["--session", str(session)], input="What is a list?\nAnd a tuple?\n/quit\n",
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    turns = [tuple(map(int, m)) for m in re.findall(r"state (\d+) tokens, (\d+) reused, (\d+) prefilled", first.stderr)]
+    assert len(turns) == 2 and turns[0][1] == 0 and turns[1][1] > 0 and turns[1][2] < turns[1][1]
+    again = subprocess.run(cmd + ["--session", str(session)], input="And a set?\n/save " + str(tmp_path / "b.st")
+                           + "\n/load " + str(tmp_path / "nope") + "\n/quit\n", capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "continuing" in again.stderr and "(2 turns" in again.stderr
+    (turn,) = [tuple(map(int, m)) for m in re.findall(r"state (\d+) tokens, (\d+) reused, (\d+) prefilled",
+                                                      again.stderr)]
+    assert turn[1] > turns[1][0] - 16  # the saved state was reused, not re-prefilled
+    assert "(saved 3 turns" in again.stdout and "cannot read" in again.stderr
