@@ -155,12 +155,14 @@ class Conversation:
     `snapshot_every`: a conv snapshot every so many tokens of a long prefill (beside the ones at each prompt's
     end and each answer's end); `max_snapshots`/`snapshot_bytes` bound the ring. `context_policy`: "error"
     (ContextFull when the conversation and max_new_tokens exceed the context) or "drop_oldest" (the oldest
-    turns after the system message are dropped from `messages` until it fits). `prefill_chunk` as in Generation."""
+    turns after the system message are dropped from `messages` until it fits). `prefill_chunk` as in Generation.
+    `reserve`: KV rows allocated up front (no copy when the conversation grows within them); by default the
+    buffers start at the first turn's need and double."""
 
     def __init__(self, model: LfmModel, system: str | None = None,
                  tools: Mapping[str, Callable[..., Any]] | Sequence[Any] | None = None, *,
                  snapshot_every: int = 512, max_snapshots: int = 32, snapshot_bytes: int = 16 << 20,
-                 context_policy: str = "error", prefill_chunk: int = 512,
+                 context_policy: str = "error", prefill_chunk: int = 512, reserve: int = 0,
                  template_vars: Mapping[str, Any] | None = None):
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every {snapshot_every}: expected >= 1")
@@ -170,6 +172,9 @@ class Conversation:
         self.functions, self.schemas = _tools(tools)
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.snapshot_every, self.context_policy, self.prefill_chunk = snapshot_every, context_policy, prefill_chunk
+        if not 0 <= reserve <= model.session.context_length:
+            raise ValueError(f"reserve {reserve}: expected 0..{model.session.context_length} (the context length)")
+        self.reserve = reserve
         self.template_vars = dict(template_vars or {})
         self.snapshots = Snapshots(max_snapshots, snapshot_bytes)
         self.stats: list[GenerationStats] = []  # one per generation, in order
@@ -357,8 +362,8 @@ class Conversation:
         """Bring the state to the longest usable prefix of `prompt`: kept rows, a snapshot, or the prefix cache."""
         session = self.model.session
         if self._cache is None:
-            self._cache = session.new_cache(1, min(session.context_length,
-                                                   1 << (len(prompt) + max_new_tokens - 1).bit_length()))
+            need = 1 << (len(prompt) + max_new_tokens - 1).bit_length()
+            self._cache = session.new_cache(1, min(session.context_length, max(need, self.reserve)))
         cache = self._cache
         common = 0
         for a, b in zip(self._tokens, prompt, strict=False):

@@ -43,7 +43,7 @@ def save_conversation(conv: Conversation, path: Path) -> int:
         "snapshots": [s.length for s in conv.snapshots.items] if cache is not None else [],
         "settings": {"snapshot_every": conv.snapshot_every, "max_snapshots": conv.snapshots.max_count,
                      "snapshot_bytes": conv.snapshots.max_bytes, "context_policy": conv.context_policy,
-                     "prefill_chunk": conv.prefill_chunk},
+                     "prefill_chunk": conv.prefill_chunk, "reserve": conv.reserve},
     }
     try:
         json.dumps(document)
@@ -80,7 +80,7 @@ def load_conversation(model: LfmModel, path: Path, tools: Mapping[str, Callable[
         raise StateFileError(f"{path}: {len(tokens)} token ids for a state of {length} tokens, or ids outside the "
                              f"vocabulary of {model.session.vocab_size}")
     session = model.session
-    cache = session.new_cache(1, min(session.context_length, 1 << max(length, 1).bit_length()))
+    cache = session.new_cache(1, min(session.context_length, max(1 << max(length, 1).bit_length(), conv.reserve)))
     state = session.state
 
     def tensor(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:

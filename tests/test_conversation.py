@@ -314,6 +314,22 @@ def test_snapshot_ring_is_bounded_in_count_and_bytes(demo):
     assert conv2.state_bytes > conv2.snapshots.nbytes
 
 
+def test_kv_buffers_double_by_need_or_stay_at_a_reservation(demo):
+    model = LfmModel(demo["int4"], prefix_cache_bytes=0)
+    grows = model.conversation(system=SYSTEM)
+    capacities = []
+    for q in QUESTIONS:
+        grows.say(q, max_new_tokens=24)
+        capacities.append(grows._cache.capacity)
+    assert capacities[0] < capacities[-1] and all(c & (c - 1) == 0 for c in capacities)  # powers of two
+    assert capacities[-1] < 2 * (grows.stats[-1].state_tokens + 24)
+    reserved = model.conversation(system=SYSTEM, reserve=1024)
+    _check_continuations(model, reserved, QUESTIONS, max_new_tokens=24)
+    assert reserved._cache.capacity == 1024
+    with pytest.raises(ValueError, match="reserve 99999"):
+        model.conversation(reserve=99999)
+
+
 def test_threads_share_the_prefix_cache_safely(demo):
     model = LfmModel(demo["fp32"])
     barrier = threading.Barrier(3)
