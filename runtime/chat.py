@@ -104,16 +104,20 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         *,
         documents: Sequence[Mapping[str, Any]] | None = None,
+        now: datetime | None = None,
         **extra: Any,
     ) -> str:
         """The prompt text for `messages`. `tools` are JSON-schema dicts (or documented, type-hinted functions,
-        see `function_schema`); `extra` become template variables (e.g. `keep_past_thinking=True`).
+        see `function_schema`); `extra` become template variables (e.g. `keep_past_thinking=True`); `now` pins
+        the template's `strftime_now` (a conversation renders the date it started on, every turn).
         Unlike transformers, `add_generation_prompt` defaults to True: here a prompt is rendered to generate."""
         chat = _check_messages(messages)
         schemas = None if tools is None else [_tool_schema(tool, i) for i, tool in enumerate(tools)]
         if documents is not None and not all(isinstance(d, Mapping) for d in documents):
             raise ValueError("documents must be a list of dicts (with 'title' and 'text' keys)")
         variables = _plain({**self.special_tokens, **extra})
+        if now is not None:
+            variables["strftime_now"] = now.strftime  # shadows the global that reads the clock
         template = _compile(self._pick(tools is not None))
         return template.render(
             messages=chat,

@@ -16,6 +16,7 @@ a rewind, or a template that drops earlier reasoning (LFM2.5) costs a short re-p
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -176,6 +177,9 @@ class Conversation:
             raise ValueError(f"reserve {reserve}: expected 0..{model.session.context_length} (the context length)")
         self.reserve = reserve
         self.template_vars = dict(template_vars or {})
+        # The templates' strftime_now (LFM2.5: "Today's date") reads this moment, not the clock: a conversation
+        # continued the next day renders as it did, instead of diverging at its first tokens.
+        self.started = time.time()
         self.snapshots = Snapshots(max_snapshots, snapshot_bytes)
         self.stats: list[GenerationStats] = []  # one per generation, in order
         self._cache: Any = None
@@ -268,6 +272,12 @@ class Conversation:
         kv = sum(k.nbytes + v.nbytes for k, v in self._cache.kv_rows().values()) if self._cache.kv else 0
         return kv + self.snapshots.nbytes
 
+    def template_context(self) -> dict[str, Any]:
+        """The template variables every turn renders with: `template_vars` and the moment it started (`now`)."""
+        from datetime import datetime
+
+        return {"now": datetime.fromtimestamp(self.started), **self.template_vars}
+
     # --- how a turn runs -----------------------------------------------------------------------------------
 
     def _busy(self):
@@ -290,7 +300,7 @@ class Conversation:
             raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in the context length {limit}")
         while True:
             prompt = self.model.prompt_ids(self.messages, self.schemas or None, allow_special_tokens,
-                                           **self.template_vars)
+                                           **self.template_context())
             if len(prompt) + max_new_tokens <= limit:
                 return prompt
             first = next((i for i, m in enumerate(self.messages) if m.get("role") != "system"), None)
@@ -350,7 +360,7 @@ class Conversation:
         # rendered before an empty user turn (a template may not render tools without a message): the tokens
         # any conversation with this system prompt and these tools starts with
         ids = self.model.prompt_ids([*head, {"role": "user", "content": ""}], self.schemas or None,
-                                    allow_special_tokens, add_generation_prompt=False, **self.template_vars)
+                                    allow_special_tokens, add_generation_prompt=False, **self.template_context())
         n = 0
         for a, b in zip(ids, prompt, strict=False):
             if a != b:

@@ -39,7 +39,7 @@ def save_conversation(conv: Conversation, path: Path) -> int:
     document = {
         "format": FORMAT, "version": VERSION, "bundle": conv.model.identity,
         "messages": conv.messages, "tools": conv.schemas, "template_vars": conv.template_vars,
-        "tokens": conv.tokens, "length": length,
+        "tokens": conv.tokens, "length": length, "started": conv.started,
         "snapshots": [s.length for s in conv.snapshots.items] if cache is not None else [],
         "settings": {"snapshot_every": conv.snapshot_every, "max_snapshots": conv.snapshots.max_count,
                      "snapshot_bytes": conv.snapshots.max_bytes, "context_policy": conv.context_policy,
@@ -74,6 +74,7 @@ def load_conversation(model: LfmModel, path: Path, tools: Mapping[str, Callable[
     conv = Conversation(model, None, tools if tools is not None else schemas,
                         template_vars=doc.get("template_vars") or {}, **settings)
     conv.messages, conv.schemas = messages, schemas  # as saved: the rendering must be the same
+    conv.started = float(doc.get("started", conv.started))
     if length == 0:
         return conv
     if len(tokens) != length or not all(0 <= t < model.session.vocab_size for t in tokens):

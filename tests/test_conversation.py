@@ -47,7 +47,7 @@ def _check_continuations(model: LfmModel, conv, questions, max_new_tokens=12) ->
     for q in questions:
         done = conv.say(q, max_new_tokens=max_new_tokens)
         fresh = model.chat(conv.messages[:-1], conv.schemas or None, max_new_tokens=max_new_tokens,
-                           **conv.template_vars)
+                           **conv.template_context())
         assert done.tokens == fresh.tokens, f"turn {q!r} diverged from a fresh generation"
         stats.append(done.stats)
     return stats
@@ -300,6 +300,29 @@ def test_lfm25_template_dropping_reasoning_reprefills_one_answer(tmp_path):
     second = conv.say("How are you?", max_new_tokens=4)
     assert second.stats.reused_tokens == at1  # rolled back to the answer's start, not to zero
     assert second.stats.prefilled_tokens == len(model.prompt_ids(conv.messages[:-1])) - at1
+
+
+def test_a_conversation_continued_another_day_renders_its_own_date(tmp_path):
+    """LFM2.5's template writes today's date into the system prompt: the conversation keeps the date it
+    started on, so continuing it the next day (or after a save) reuses its state instead of re-prefilling."""
+    import time
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(DEMO / "tokenizer.json", folder)
+    cfg = json.loads((DEMO / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": LFM25_MOE_TEMPLATE}))
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    model = LfmModel(write_bundle(tmp_path / "b", folder, {}, tok.get_vocab_size(), tok.token_to_id("<|im_end|>")))
+    conv = model.conversation(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    conv.started = time.time() - 3 * 86400
+    conv.say("Hi", max_new_tokens=3)
+    then = time.strftime("%Y-%m-%d", time.localtime(conv.started))
+    assert f"Today's date: {then}" in tok.decode(conv.tokens, skip_special_tokens=False)
+    conv.save(tmp_path / "c.safetensors")
+    again = model.load_conversation(tmp_path / "c.safetensors")
+    assert again.started == conv.started
+    assert again.say("Still there?", max_new_tokens=3).stats.reused_tokens >= len(conv.tokens) - 3
 
 
 def test_snapshot_ring_is_bounded_in_count_and_bytes(demo):
