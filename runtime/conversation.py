@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .generate import Generation, GenerationStats
+from .prefixcache import PrefixEntry
 from .sampling import Sampling
 
 if TYPE_CHECKING:
@@ -79,63 +79,6 @@ class Snapshots:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.items)
-
-
-@dataclass
-class PrefixEntry:
-    tokens: tuple[int, ...]
-    kv: dict[int, tuple[np.ndarray, np.ndarray]]
-    conv: dict[int, np.ndarray]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.kv.values()) + sum(a.nbytes for a in self.conv.values())
-
-
-class PrefixCache:
-    """The state after shared prefixes (system prompt and tool schemas), in RAM, least recently used first
-    out when `max_bytes` is exceeded. A budget of 0 keeps nothing (every conversation prefills its prefix)."""
-
-    def __init__(self, max_bytes: int = 64 << 20):
-        if max_bytes < 0:
-            raise ValueError(f"prefix cache max_bytes {max_bytes}: expected >= 0")
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[int, ...], PrefixEntry] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def lookup(self, prompt: Sequence[int], limit: int, longer_than: int = 0) -> PrefixEntry | None:
-        """The longest stored prefix of `prompt` of more than `longer_than` and at most `limit` tokens."""
-        with self._lock:
-            best = None
-            for key, entry in self._entries.items():
-                n = len(key)
-                if longer_than < n <= limit and (best is None or n > len(best.tokens)) and tuple(prompt[:n]) == key:
-                    best = entry
-            if best is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-            self._entries.move_to_end(best.tokens)
-            return best
-
-    def __contains__(self, tokens: Sequence[int]) -> bool:
-        with self._lock:
-            return tuple(tokens) in self._entries
-
-    def store(self, entry: PrefixEntry) -> None:
-        with self._lock:
-            if entry.nbytes > self.max_bytes:
-                return
-            self._entries[entry.tokens] = entry
-            self._entries.move_to_end(entry.tokens)
-            while sum(e.nbytes for e in self._entries.values()) > self.max_bytes:
-                self._entries.popitem(last=False)
-
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return sum(e.nbytes for e in self._entries.values())
 
 
 def _tools(tools: Mapping[str, Callable[..., Any]] | Sequence[Any] | None) -> tuple[dict, list]:
@@ -316,7 +259,8 @@ class Conversation:
     def _answer(self, sampling, max_new_tokens, stop, cancel, allow_special_tokens) -> Iterator[Event]:
         model = self.model
         prompt = self._render(max_new_tokens, allow_special_tokens)
-        prefix = self._shared_prefix(prompt, allow_special_tokens) if model.prefix_cache.max_bytes else 0
+        keeps = model.prefix_cache is not None and (model.prefix_cache.max_bytes or model.prefix_cache.folder)
+        prefix = self._shared_prefix(prompt, allow_special_tokens) if keeps else 0
         self._restore(prompt, max_new_tokens)
         wanted = set(range(self.snapshot_every, len(prompt), self.snapshot_every)) | {len(prompt)}
         if prefix:

@@ -21,9 +21,10 @@ from typing import Any
 
 from .bundle import BundleError, bundle_identity
 from .chat import ChatTemplate
-from .conversation import Conversation, PrefixCache
+from .conversation import Conversation
 from .detokenize import IncrementalDecoder
 from .generate import Generation, GenerationStats
+from .prefixcache import PrefixCache
 from .sampling import Sampling
 from .toolcalls import ReasoningDelta, StreamParser, TextDelta, ToolCall, ToolCallEvent
 
@@ -73,10 +74,12 @@ class ToolRun:
 
 class LfmModel:
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: Any = "auto",
-                 verify: str = "sampled", session: Any = None, prefix_cache_bytes: int = 64 << 20):
+                 verify: str = "sampled", session: Any = None, prefix_cache_bytes: int = 64 << 20,
+                 prefix_cache_dir: str | Path | None = None):
         """`session`: an already-loaded LfmSession, or another backend with its surface (see
         LfmSession.new_cache); by default the bundle is loaded with onnxruntime's Python binding.
-        `prefix_cache_bytes`: RAM for the state after shared conversation prefixes (0: none)."""
+        `prefix_cache_bytes`: RAM for the state after shared conversation prefixes (0: none);
+        `prefix_cache_dir`: also keep them in files there, across restarts (prefixcache.py)."""
         from tokenizers import Tokenizer
 
         self.folder = Path(bundle)
@@ -96,8 +99,9 @@ class LfmModel:
         self._specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
                                 key=len, reverse=True)
         self.template = ChatTemplate.from_folder(self.folder)
-        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._identity: str | None = None
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_cache_dir,
+                                        self.identity if prefix_cache_dir is not None else None)
         path = self.folder / "generation_config.json"
         self.generation_config = json.loads(path.read_text()) if path.is_file() else {}
 

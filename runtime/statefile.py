@@ -97,3 +97,18 @@ def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if end != len(body) or digest.hexdigest() != document.get("data_sha256"):
         raise StateFileError(f"{path}: the data does not match its checksum (truncated or altered)")
     return tensors, document
+
+
+def read_document(path: str | Path) -> dict[str, Any]:
+    """The JSON document alone (the header), without reading or checking the tensors: for indexing files."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(MAX_HEADER, path.stat().st_size - 8):
+                raise StateFileError(f"{path}: header of {n} bytes does not fit in the file")
+            return json.loads(json.loads(f.read(n))["__metadata__"][KEY])
+    except StateFileError:
+        raise
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
+        raise StateFileError(f"{path}: not a saved state of lfm-edge ({e})") from None

@@ -391,3 +391,23 @@ def test_lfm_chat_keeps_one_conversation_and_continues_a_session(demo, tmp_path)
                                                       again.stderr)]
     assert turn[1] > turns[1][0] - 16  # the saved state was reused, not re-prefilled
     assert "(saved 3 turns" in again.stdout and "cannot read" in again.stderr
+
+
+def test_the_prefix_cache_on_disk_serves_the_next_start(demo, tmp_path):
+    """A new process (a new LfmModel over the same folder) finds the system prompt's state on disk; a damaged
+    file is a miss, and a file of another bundle is never used."""
+    first = LfmModel(demo["fp32"], prefix_cache_dir=tmp_path / "prefixes")
+    first.conversation(system=SYSTEM).say(QUESTIONS[0], max_new_tokens=4)
+    (saved,) = (tmp_path / "prefixes").glob("prefix-*.safetensors")
+    restarted = LfmModel(demo["fp32"], prefix_cache_dir=tmp_path / "prefixes")
+    conv = restarted.conversation(system=SYSTEM)
+    (stats,) = _check_continuations(restarted, conv, QUESTIONS[1:2])
+    assert stats.reused_tokens > 0 and restarted.prefix_cache.disk_hits == 1
+    other = LfmModel(demo["int4"], prefix_cache_dir=tmp_path / "prefixes")
+    assert other.conversation(system=SYSTEM).say(QUESTIONS[1], max_new_tokens=4).stats.reused_tokens == 0
+    saved.write_bytes(saved.read_bytes()[:-10])  # damaged after it was indexed
+    damaged = LfmModel(demo["fp32"], prefix_cache_dir=tmp_path / "prefixes")
+    saved.write_bytes(saved.read_bytes()[:-10])
+    (stats,) = _check_continuations(damaged, damaged.conversation(system=SYSTEM), QUESTIONS[1:2])
+    assert stats.reused_tokens == 0 and damaged.prefix_cache.disk_hits == 0
+    statefile.read(saved)  # the damaged file was dropped, and written again whole from the new prefill
