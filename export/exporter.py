@@ -26,6 +26,7 @@ from .graph import Graph
 from .lfm2 import Lfm2Model
 from .mobile import phone_extras
 from .onnx_ops import ContribOps, PortableOps, WeightTransform
+from .provenance import checkpoint_source
 from .quant_ops import QuantizedOps
 from .random_weights import RandomCheckpoint
 
@@ -77,8 +78,10 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
             ckpt = RandomCheckpoint(random_weights)
         except ValueError as e:
             raise ExportError(str(e)) from None
+        source = {"random_weights": random_weights}
     else:
         ckpt = Checkpoint(resolve(checkpoint))
+        source = checkpoint_source(checkpoint, ckpt.folder)
     model = Lfm2Model(ckpt.config)
     for w in model.weights():  # headers only: a missing or misshapen tensor fails before any tracing
         ckpt.check(w.name, w.shape)
@@ -112,7 +115,7 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
             write_report([measure_bundle(ckpt.folder, tmp, eval_text, policy.name)], tmp,
                          f"{policy.name} against fp32, {ckpt.folder.name}")
         extras = phone_extras(tmp, MODEL_FILE, DATA_FILE) if target in ("android", "ios") else {}
-        files = _write_manifest(tmp, ckpt, ops=ops, quant=policy.name, quant_policy=policy.describe(),
+        files = _write_manifest(tmp, ckpt, source=source, ops=ops, quant=policy.name, quant_policy=policy.describe(),
                                 target=target, **extras)
         install_folder(tmp, out)
     except OSError as e:  # a full disk, a quota, a file-size limit: nothing was replaced
@@ -162,7 +165,8 @@ def _writable_parent(out: Path) -> Path:
     return parent
 
 
-def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **settings) -> dict[str, int]:
+def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, source: dict,
+                    **settings) -> dict[str, int]:
     import onnx
 
     cfg = ckpt.config
@@ -171,7 +175,7 @@ def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **setting
     manifest = {
         "format": "lfm-edge-bundle/1",
         "model_type": cfg.model_type,
-        "source": str(ckpt.folder),
+        "source": source,  # never a local path: see provenance.py
         **settings,
         "model": MODEL_FILE,
         "layer_types": list(cfg.layer_types),
