@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import __version__
 from ..device_bench import roofline
 from ..quant.policy import POLICIES, Policy, get_policy
-from ..runtime.bundle import install_folder, sampled_sha256, sha256
+from ..runtime.bundle import MIN_ONNXRUNTIME, install_folder, sampled_sha256, sha256
 from .checkpoint import Checkpoint, CheckpointError, resolve
 from .genai_config import genai_config
 from .graph import Graph
@@ -165,6 +165,15 @@ def _writable_parent(out: Path) -> Path:
     return parent
 
 
+def _installed(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, source: dict,
                     **settings) -> dict[str, int]:
     import onnx
@@ -183,7 +192,9 @@ def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, source: d
         "max_position_embeddings": cfg.max_position_embeddings,
         # the roofline's input, so a phone without the onnx package can compute it (device_bench/roofline.py)
         roofline.MANIFEST_KEY: roofline.manifest_entry(roofline.graph_bytes_per_token(folder)),
-        "versions": {"lfm_edge": __version__, "onnx": onnx.__version__},
+        # the runtime refuses the bundle on an older onnxruntime (runtime/bundle.py check_onnxruntime)
+        "requires": {"onnxruntime": MIN_ONNXRUNTIME},
+        "versions": {"lfm_edge": __version__, "onnx": onnx.__version__, "onnxruntime": _installed("onnxruntime")},
         "files": files,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -109,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         if not line:
             continue
         messages.append({"role": "user", "content": line})
-        messages, last = _turn(model, messages, tools, sampling, args.max_new_tokens)
+        try:
+            messages, last = _turn(model, messages, tools, sampling, args.max_new_tokens)
+        except ValueError as e:  # e.g. -n larger than the bundle's context: say so, not a traceback
+            messages.pop()
+            print(f"\nlfm-chat: error: {e}", file=sys.stderr)
+            if args.prompt is not None:
+                return 2
+            continue
         if args.prompt is not None:
             return 0
 

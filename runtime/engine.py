@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bundle import BundleError
+from .bundle import BundleError, read_generation_config
 from .chat import ChatTemplate
 from .detokenize import IncrementalDecoder
 from .generate import Generation, GenerationStats
@@ -93,8 +93,7 @@ class LfmModel:
         self._specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
                                 key=len, reverse=True)
         self.template = ChatTemplate.from_folder(self.folder)
-        path = self.folder / "generation_config.json"
-        self.generation_config = json.loads(path.read_text()) if path.is_file() else {}
+        self.generation_config = read_generation_config(self.folder)
 
     def default_sampling(self, **overrides: Any) -> Sampling:
         """The checkpoint's recommended sampling (generation_config.json), with overrides."""
