@@ -28,6 +28,7 @@ from .mobile import phone_extras
 from .onnx_ops import ContribOps, PortableOps, WeightTransform
 from .provenance import checkpoint_source
 from .quant_ops import QuantizedOps
+from .random_tokenizer import NOTE, random_tokenizer_files
 from .random_weights import RandomCheckpoint
 
 OP_SETS = {"contrib": ContribOps, "portable": PortableOps}
@@ -102,6 +103,9 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
                    metadata={"lfm_edge.ops": ops, "lfm_edge.quant": policy.name})
         if random_weights:
             (tmp / "config.json").write_text(json.dumps(ckpt.raw_config, indent=2))
+            # without a tokenizer no tool of ours could open the bundle (see random_tokenizer.py)
+            for name, text in random_tokenizer_files(ckpt.raw_config).items():
+                (tmp / name).write_text(text, encoding="utf-8")
         for name in CHECKPOINT_FILES:
             if (ckpt.folder / name).is_file():
                 shutil.copyfile(ckpt.folder / name, tmp / name)
@@ -115,6 +119,8 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
             write_report([measure_bundle(ckpt.folder, tmp, eval_text, policy.name)], tmp,
                          f"{policy.name} against fp32, {ckpt.folder.name}")
         extras = phone_extras(tmp, MODEL_FILE, DATA_FILE) if target in ("android", "ios") else {}
+        if random_weights:
+            extras["tokenizer"] = NOTE
         files = _write_manifest(tmp, ckpt, source=source, ops=ops, quant=policy.name, quant_policy=policy.describe(),
                                 target=target, **extras)
         install_folder(tmp, out)
