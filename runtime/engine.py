@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bundle import BundleError, read_generation_config
+from .bundle import BundleError, bundle_identity, read_generation_config
 from .chat import ChatTemplate
+from .conversation import Conversation, PrefixCache
 from .detokenize import IncrementalDecoder
 from .generate import Generation, GenerationStats
 from .sampling import Sampling
@@ -55,6 +56,7 @@ class Done:
     tool_calls: list[ToolCall]
     raw: str  # everything the model wrote, markers included (what goes back into the conversation)
     stats: GenerationStats
+    tokens: list[int] = field(default_factory=list)  # the token ids sampled, an end-of-turn token included
 
 
 Event = TextDelta | ReasoningDelta | ToolCallEvent | Done
@@ -71,9 +73,10 @@ class ToolRun:
 
 class LfmModel:
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: Any = "auto",
-                 verify: str = "sampled", session: Any = None):
+                 verify: str = "sampled", session: Any = None, prefix_cache_bytes: int = 64 << 20):
         """`session`: an already-loaded LfmSession, or another backend with its surface (see
-        LfmSession.new_cache); by default the bundle is loaded with onnxruntime's Python binding."""
+        LfmSession.new_cache); by default the bundle is loaded with onnxruntime's Python binding.
+        `prefix_cache_bytes`: RAM for the state after shared conversation prefixes (0: none)."""
         from tokenizers import Tokenizer
 
         self.folder = Path(bundle)
@@ -93,6 +96,8 @@ class LfmModel:
         self._specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
                                 key=len, reverse=True)
         self.template = ChatTemplate.from_folder(self.folder)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._identity: str | None = None
         self.generation_config = read_generation_config(self.folder)
 
     def default_sampling(self, **overrides: Any) -> Sampling:
@@ -100,12 +105,14 @@ class LfmModel:
         return Sampling.from_generation_config(self.generation_config, **overrides)
 
     def prompt_ids(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None,
-                   allow_special_tokens: bool = False, **template_vars: Any) -> list[int]:
+                   allow_special_tokens: bool = False, add_generation_prompt: bool = True,
+                   **template_vars: Any) -> list[int]:
         """Token ids of the rendered conversation. Special-token strings inside user and tool messages stay
         text (a user typing "<|im_end|>" must not end the turn) unless `allow_special_tokens`."""
         _check_text(messages)
+        template_vars["add_generation_prompt"] = add_generation_prompt
         if allow_special_tokens:
-            text = self.template.render(messages, tools=tools, add_generation_prompt=True, **template_vars)
+            text = self.template.render(messages, tools=tools, **template_vars)
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         literals: list[str] = []
 
@@ -123,7 +130,7 @@ class LfmModel:
 
         shielded = [dict(m, content=shield(m.get("content"))) if m.get("role") in ("user", "tool") else m
                     for m in messages]
-        text = self.template.render(shielded, tools=tools, add_generation_prompt=True, **template_vars)
+        text = self.template.render(shielded, tools=tools, **template_vars)
         ids: list[int] = []
         for i, piece in enumerate(_SENTINEL_RE.split(text)):
             if i % 2:  # a literal the user typed
@@ -137,19 +144,28 @@ class LfmModel:
                cancel: threading.Event | None = None, overflow: str = "error", allow_special_tokens: bool = False,
                **template_vars: Any) -> Iterator[Event]:
         """Typed events as the answer is generated; the last one is Done. Special-token strings typed into
-        user or tool messages stay text unless `allow_special_tokens`; `overflow` as in Generation."""
+        user or tool messages stay text unless `allow_special_tokens`; `overflow` as in Generation.
+        Stateless: the whole conversation is prefilled (see `conversation()` for one that keeps its state)."""
         prompt = self.prompt_ids(messages, tools, allow_special_tokens, **template_vars)
-        # Templates that open the reasoning block in the prompt (LFM2.5) leave the model inside it.
-        in_reasoning = self.tokenizer.decode(prompt[-4:], skip_special_tokens=False).rstrip().endswith(THINK_START)
         generation = Generation(self.session, [prompt], max_new_tokens, sampling or self.default_sampling(),
                                 cancel=cancel, overflow=overflow)
+        yield from self.events(generation, prompt, stop)
+
+    def events(self, generation: Generation, prompt: Sequence[int], stop: Sequence[str] = ()) -> Iterator[Event]:
+        """Run `generation` over `prompt`, as typed events; the last one is Done."""
+        # Templates that open the reasoning block in the prompt (LFM2.5) leave the model inside it.
+        in_reasoning = self.tokenizer.decode(list(prompt[-4:]), skip_special_tokens=False).rstrip().endswith(
+            THINK_START)
         parser = StreamParser(start_in_reasoning=in_reasoning)
         decoder = IncrementalDecoder(self.tokenizer)
-        text, reasoning, calls = [], [], []
+        text, reasoning, calls, tokens = [], [], [], []
         eos = set(self.session.eos_token_ids)
         stopped_by_string = False
         for (token,) in generation:
-            if token is None or token in eos:
+            if token is None:
+                continue
+            tokens.append(token)
+            if token in eos:
                 continue
             delta = decoder.add(token)
             if not delta:
@@ -166,7 +182,7 @@ class LfmModel:
         answer = "".join(text)
         for s in stop:
             answer = answer.split(s)[0] if s in answer else answer
-        yield Done(answer, "".join(reasoning).strip(), calls, decoder.text, generation.stats)
+        yield Done(answer, "".join(reasoning).strip(), calls, decoder.text, generation.stats, tokens)
 
     @staticmethod
     def _record(event, text: list, reasoning: list, calls: list) -> Iterator[Event]:
@@ -206,14 +222,43 @@ class LfmModel:
             run.answer = done
             if not done.tool_calls or done.stats.stopped == "cancelled":
                 return run  # a cancelled round's calls do not run, and no round follows it
-            for call in done.tool_calls:
-                fn = tools.get(call.name)
-                try:
-                    result = fn(**call.arguments) if fn else {"error": f"unknown tool {call.name!r}"}
-                except Exception as e:  # the app's tool failed: the model is told, the loop goes on
-                    result = {"error": f"{type(e).__name__}: {e}"}
-                run.calls.append((call, result))
-                if on_event:
-                    on_event((call, result))
-                history.append({"role": "tool", "content": result if isinstance(result, str) else json.dumps(result)})
+            for result in run_calls(done.tool_calls, tools, run.calls, on_event):
+                history.append({"role": "tool", "content": result})
         return run
+
+    def conversation(self, system: str | None = None,
+                     tools: Mapping[str, Callable[..., Any]] | Sequence[Any] | None = None,
+                     **options: Any) -> Conversation:
+        """A conversation that keeps its state between turns (runtime/conversation.py)."""
+        return Conversation(self, system, tools, **options)
+
+    def load_conversation(self, path: str | Path, tools: Mapping[str, Callable[..., Any]] | None = None,
+                          **options: Any) -> Conversation:
+        """A conversation saved with Conversation.save, continued exactly where it stopped. Refused with
+        StateFileError when the file is damaged, from another bundle, or from a newer lfm-edge."""
+        from .persist import load_conversation
+
+        return load_conversation(self, Path(path), tools, **options)
+
+    @property
+    def identity(self) -> str:
+        """The bundle's fingerprint (bundle.bundle_identity), computed once."""
+        if self._identity is None:
+            self._identity = bundle_identity(self.session.folder)
+        return self._identity
+
+
+def run_calls(calls: Sequence[ToolCall], tools: Mapping[str, Callable[..., Any]], record: list,
+              on_event: Callable[[Any], None] | None = None) -> Iterator[str]:
+    """Run each call with the app's function; yields each result as a tool message's content. An unknown
+    tool, or one that raises, becomes an error the model reads."""
+    for call in calls:
+        fn = tools.get(call.name)
+        try:
+            result = fn(**call.arguments) if fn else {"error": f"unknown tool {call.name!r}"}
+        except Exception as e:  # the app's tool failed: the model is told, the loop goes on
+            result = {"error": f"{type(e).__name__}: {e}"}
+        record.append((call, result))
+        if on_event:
+            on_event((call, result))
+        yield result if isinstance(result, str) else json.dumps(result)

@@ -159,4 +159,5 @@ def test_context_smaller_than_the_request_is_one_line(demo, tmp_path, capsys):
     _set("genai_config.json", "model", "context_length", 8)(bundle)
     _rehash(bundle)
     code = chat_main([str(bundle), "-p", "hi", "-n", "16"])
-    assert code == 2 and "lfm-chat: error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "lfm-chat: " in err and "context length 8" in err
