@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from ..quant.blocks import METHODS
 from ..quant.policy import get_policy
@@ -21,6 +24,39 @@ def demo_model_path() -> Path:
     from importlib.resources import files
 
     return Path(str(files("lfm_edge.demo_model")))
+
+
+class Progress:
+    """Tensor-by-tensor progress on stderr. A terminal gets one line redrawn in place; a pipe or a file (CI, a
+    log, an app reading the output) gets one plain line per stage (the embedding, each layer, the final norm),
+    since carriage returns there pile up as one unreadable line."""
+
+    _LAYER = re.compile(r"\blayers\.(\d+)\.")
+
+    def __init__(self, stream: TextIO, quiet: bool = False):
+        self.stream, self.quiet = stream, quiet
+        self.tty = stream.isatty()
+        self.count = 0
+        self.stage: str | None = None
+
+    def __call__(self, tensor: str) -> None:
+        self.count += 1
+        if self.quiet:
+            return
+        if self.tty:
+            width = max(20, shutil.get_terminal_size().columns - 10)  # never wider than the terminal: no wrap
+            print(f"\r  [{self.count:4d}] {tensor[:width]:<{width}}", end="", file=self.stream, flush=True)
+            return
+        match = self._LAYER.search(tensor)
+        stage = f"layer {match.group(1)}" if match else tensor.removesuffix(".T").removesuffix(".weight")
+        if stage != self.stage:
+            self.stage = stage
+            print(f"  [{self.count:4d}] {stage}", file=self.stream, flush=True)
+
+    def end(self) -> None:
+        """Finish the redrawn line, if there is one, so what follows starts on a line of its own."""
+        if self.tty and self.count and not self.quiet:
+            print(file=self.stream, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,24 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         name = Path(str(checkpoint).rstrip("/")).name or "model"
     out = Path(args.out) if args.out else Path("build") / f"{name}-{args.quant}-{args.ops}"
 
-    count = 0
-
-    def progress(tensor: str) -> None:
-        nonlocal count
-        count += 1
-        if not args.quiet:
-            print(f"\r  [{count:4d}] {tensor[:90]:<90}", end="", file=sys.stderr, flush=True)
-
+    progress = Progress(sys.stderr, args.quiet)
     try:
         policy = get_policy(args.quant).with_overrides(args.block_size, args.quant_method, args.accuracy_level)
         eval_text = Path(args.eval_text).read_text() if args.eval_text else None
         result = export(checkpoint, out, ops=args.ops, quant=policy, random_weights=args.random_weights,
                         target=args.target, eval_text=eval_text, progress=progress)
     except (ExportError, CheckpointError, ConfigError, ValueError, OSError) as e:
-        print(("\n" if count and not args.quiet else "") + f"lfm-export: error: {e}", file=sys.stderr)
+        progress.end()
+        print(f"lfm-export: error: {e}", file=sys.stderr)
         return 2
-    if not args.quiet:
-        print(file=sys.stderr)
+    progress.end()
     size = sum(result.files.values())
     print(f"Wrote {result.bundle} ({size / 1e6:.1f} MB, {len(result.files)} files) in {result.seconds:.2f} s.")
     return 0

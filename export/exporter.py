@@ -19,14 +19,16 @@ from pathlib import Path
 from .. import __version__
 from ..device_bench import roofline
 from ..quant.policy import POLICIES, Policy, get_policy
-from ..runtime.bundle import install_folder, sampled_sha256, sha256
+from ..runtime.bundle import MIN_ONNXRUNTIME, install_folder, sampled_sha256, sha256
 from .checkpoint import Checkpoint, CheckpointError, resolve
 from .genai_config import genai_config
 from .graph import Graph
 from .lfm2 import Lfm2Model
 from .mobile import phone_extras
 from .onnx_ops import ContribOps, PortableOps, WeightTransform
+from .provenance import checkpoint_source
 from .quant_ops import QuantizedOps
+from .random_tokenizer import NOTE, random_tokenizer_files
 from .random_weights import RandomCheckpoint
 
 OP_SETS = {"contrib": ContribOps, "portable": PortableOps}
@@ -77,8 +79,10 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
             ckpt = RandomCheckpoint(random_weights)
         except ValueError as e:
             raise ExportError(str(e)) from None
+        source = {"random_weights": random_weights}
     else:
         ckpt = Checkpoint(resolve(checkpoint))
+        source = checkpoint_source(checkpoint, ckpt.folder)
     model = Lfm2Model(ckpt.config)
     for w in model.weights():  # headers only: a missing or misshapen tensor fails before any tracing
         ckpt.check(w.name, w.shape)
@@ -99,6 +103,9 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
                    metadata={"lfm_edge.ops": ops, "lfm_edge.quant": policy.name})
         if random_weights:
             (tmp / "config.json").write_text(json.dumps(ckpt.raw_config, indent=2))
+            # without a tokenizer no tool of ours could open the bundle (see random_tokenizer.py)
+            for name, text in random_tokenizer_files(ckpt.raw_config).items():
+                (tmp / name).write_text(text, encoding="utf-8")
         for name in CHECKPOINT_FILES:
             if (ckpt.folder / name).is_file():
                 shutil.copyfile(ckpt.folder / name, tmp / name)
@@ -112,7 +119,9 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
             write_report([measure_bundle(ckpt.folder, tmp, eval_text, policy.name)], tmp,
                          f"{policy.name} against fp32, {ckpt.folder.name}")
         extras = phone_extras(tmp, MODEL_FILE, DATA_FILE) if target in ("android", "ios") else {}
-        files = _write_manifest(tmp, ckpt, ops=ops, quant=policy.name, quant_policy=policy.describe(),
+        if random_weights:
+            extras["tokenizer"] = NOTE
+        files = _write_manifest(tmp, ckpt, source=source, ops=ops, quant=policy.name, quant_policy=policy.describe(),
                                 target=target, **extras)
         install_folder(tmp, out)
     except OSError as e:  # a full disk, a quota, a file-size limit: nothing was replaced
@@ -162,7 +171,17 @@ def _writable_parent(out: Path) -> Path:
     return parent
 
 
-def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **settings) -> dict[str, int]:
+def _installed(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, source: dict,
+                    **settings) -> dict[str, int]:
     import onnx
 
     cfg = ckpt.config
@@ -171,7 +190,7 @@ def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **setting
     manifest = {
         "format": "lfm-edge-bundle/1",
         "model_type": cfg.model_type,
-        "source": str(ckpt.folder),
+        "source": source,  # never a local path: see provenance.py
         **settings,
         "model": MODEL_FILE,
         "layer_types": list(cfg.layer_types),
@@ -179,7 +198,9 @@ def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **setting
         "max_position_embeddings": cfg.max_position_embeddings,
         # the roofline's input, so a phone without the onnx package can compute it (device_bench/roofline.py)
         roofline.MANIFEST_KEY: roofline.manifest_entry(roofline.graph_bytes_per_token(folder)),
-        "versions": {"lfm_edge": __version__, "onnx": onnx.__version__},
+        # the runtime refuses the bundle on an older onnxruntime (runtime/bundle.py check_onnxruntime)
+        "requires": {"onnxruntime": MIN_ONNXRUNTIME},
+        "versions": {"lfm_edge": __version__, "onnx": onnx.__version__, "onnxruntime": _installed("onnxruntime")},
         "files": files,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -40,6 +40,8 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .bundle import BundleError
+
 __all__ = ["ChatTemplate", "function_schema"]
 
 # The named special tokens transformers hands to every template (its SPECIAL_TOKENS_ATTRIBUTES).
@@ -69,16 +71,27 @@ class ChatTemplate:
         config_path, jinja_path = folder / "tokenizer_config.json", folder / "chat_template.jinja"
         config = _read_json(config_path)
         templates: dict[str, str] = {}
+        where: dict[str, str] = {}  # template name -> its file (and field), for errors
         if jinja_path.is_file():
-            templates["default"] = jinja_path.read_text(encoding="utf-8")
+            templates["default"], where["default"] = jinja_path.read_text(encoding="utf-8"), str(jinja_path)
         extra_dir = folder / "chat_templates"
         if extra_dir.is_dir():
             for path in sorted(extra_dir.glob("*.jinja")):
-                templates[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
+                name = path.name.removesuffix(".jinja")
+                templates[name], where[name] = path.read_text(encoding="utf-8"), str(path)
         if not templates:
             templates = _templates_from_config(config.get("chat_template"), config_path)
+            field = "chat_template" if isinstance(config.get("chat_template"), str) else "chat_template[{!r}]"
+            where = {name: f"{config_path}: {field.format(name)}" for name in templates}
         if not templates:
             raise ValueError(f"no chat template: {config_path} has no 'chat_template' and there is no {jinja_path}")
+        for name, source in templates.items():  # a broken template fails at load, not at the first message
+            if not isinstance(source, str):
+                raise BundleError(f"{where[name]}: must be a Jinja string, found {type(source).__name__}")
+            try:
+                _compile(source)
+            except jinja2.TemplateSyntaxError as e:
+                raise BundleError(f"{where[name]}: Jinja syntax error at line {e.lineno}: {e.message}") from None
         # Legacy checkpoints keep some special tokens in special_tokens_map.json; tokenizer_config.json wins.
         legacy = _read_json(folder / "special_tokens_map.json")
         special = {}

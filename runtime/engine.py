@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bundle import BundleError, bundle_identity
+from .bundle import BundleError, bundle_identity, read_generation_config
 from .chat import ChatTemplate
 from .conversation import Conversation
 from .detokenize import IncrementalDecoder
@@ -102,8 +102,7 @@ class LfmModel:
         self._identity: str | None = None
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_cache_dir,
                                         self.identity if prefix_cache_dir is not None else None)
-        path = self.folder / "generation_config.json"
-        self.generation_config = json.loads(path.read_text()) if path.is_file() else {}
+        self.generation_config = read_generation_config(self.folder)
 
     def default_sampling(self, **overrides: Any) -> Sampling:
         """The checkpoint's recommended sampling (generation_config.json), with overrides."""

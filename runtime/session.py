@@ -28,6 +28,9 @@ from .bundle import (  # noqa: F401 (re-exported)
 from .pages import release_clean_pages
 from .providers import ProviderList, choose
 
+_ORT = ort.capi.onnxruntime_pybind11_state
+_LOAD_ERRORS = (_ORT.Fail, _ORT.InvalidArgument, _ORT.NoSuchFile, _ORT.InvalidProtobuf, _ORT.InvalidGraph,
+                _ORT.NotImplemented, _ORT.RuntimeException)
 
 class LfmSession:
     """One loaded bundle. `providers`: "auto" (an accelerator only if it runs every heavy node, see
@@ -37,7 +40,7 @@ class LfmSession:
 
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: str | ProviderList = "auto",
                  verify: str = "sampled"):
-        cfg = read_bundle(bundle, verify)
+        cfg = read_bundle(bundle, verify, onnxruntime_version=ort.__version__)
         self.folder, self.manifest, decoder, model_file = cfg.folder, cfg.manifest, cfg.decoder, cfg.model_file
         self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
         self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
@@ -51,8 +54,12 @@ class LfmSession:
         # 512 x vocab floats) for the session's life; without it they go back after the run. 6 layers at full
         # width: RSS while decoding after a 512-token prefill 1616 -> 1315 MB, decode speed unchanged.
         options.enable_cpu_mem_arena = False
-        self.provider_choice = choose(model_file, providers, options)
-        self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
+        try:
+            self.provider_choice = choose(model_file, providers, options)
+            self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
+        except _LOAD_ERRORS as e:  # a damaged or foreign graph: say which file, not where onnxruntime failed
+            raise BundleError(f"{model_file}: onnxruntime {ort.__version__} cannot load it "
+                              f"({str(e).strip().splitlines()[0][:300]})") from None
         data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
         self.released_bytes = release_clean_pages(data_files)  # see pages.py
         self.state = state_spec(((i.name, i.shape) for i in self.session.get_inputs()), decoder)
