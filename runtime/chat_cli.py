@@ -82,8 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tools", action="store_true", help="do not offer the demo tools")
     parser.add_argument("--session", help="a saved conversation to continue (if the file exists), saved after "
                                           "every turn")
+    parser.add_argument("--json-schema", help="a JSON schema file: every answer is a JSON document of it "
+                                              "(constrained decoding), printed as one line of JSON")
+    parser.add_argument("--reasoning-budget", type=int, default=None, help="thinking tokens allowed per answer "
+                        "(0: answer without thinking); default: no limit")
     args = parser.parse_args(argv)
     tools = {} if args.no_tools else DEMO_TOOLS
+    schema = None
+    if args.json_schema:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+        except (OSError, ValueError) as e:
+            print(f"lfm-chat: error: {args.json_schema}: not a readable JSON schema ({e})", file=sys.stderr)
+            return 2
     try:
         model = LfmModel(args.bundle, threads=args.threads)
         sampling = model.default_sampling(temperature=args.temperature, seed=args.seed)
@@ -126,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         if not line:
             continue
         try:
-            last = _turn(conversation, line, sampling, args.max_new_tokens)
-        except ValueError as e:  # e.g. the context is full
+            last = _turn(conversation, line, sampling, args.max_new_tokens, response_format=schema,
+                         reasoning_budget=args.reasoning_budget)
+        except ValueError as e:  # e.g. the context is full, or the schema does not compile
             print(f"lfm-chat: {e}", file=sys.stderr)
             if args.prompt is not None:
                 return 2
@@ -153,7 +165,7 @@ def _save_or_load(model: LfmModel, conversation: Conversation, line: str, tools:
         return conversation
 
 
-def _turn(conversation: Conversation, line: str, sampling, max_new_tokens: int) -> Done:
+def _turn(conversation: Conversation, line: str, sampling, max_new_tokens: int, **held: Any) -> Done:
     def show(event) -> None:
         if isinstance(event, ReasoningDelta):
             print(f"\033[2m{event.text}\033[0m", end="", flush=True)
@@ -165,9 +177,16 @@ def _turn(conversation: Conversation, line: str, sampling, max_new_tokens: int) 
             print(f"[{event[0].name} -> {json.dumps(event[1])}]", flush=True)
 
     first = len(conversation.stats)
-    run = conversation.run_tools(line, on_event=show, sampling=sampling, max_new_tokens=max_new_tokens)
+    run = conversation.run_tools(line, on_event=show, sampling=sampling, max_new_tokens=max_new_tokens, **held)
     rounds = conversation.stats[first:]
     stats = run.answer.stats
+    if held.get("response_format") is not None:
+        print()
+        print(json.dumps(run.answer.parsed) if stats.constraint_satisfied else
+              "(the answer did not complete its schema within --max-new-tokens)")
+    if stats.reasoning_forced:
+        print(f"\n\033[2m(thinking ended after {stats.thinking_tokens} tokens: {stats.reasoning_forced})\033[0m",
+              file=sys.stderr)
     print(f"\n\033[2m({stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s, "
           f"first token {rounds[0].time_to_first_token * 1000:.0f} ms; state {stats.state_tokens} tokens, "
           f"{sum(r.reused_tokens for r in rounds)} reused, {sum(r.prefilled_tokens for r in rounds)} prefilled)"

@@ -142,9 +142,11 @@ class Conversation:
 
     def send(self, content: str | Mapping[str, Any] | None = None, *, sampling: Sampling | None = None,
              max_new_tokens: int = 512, stop: Sequence[str] = (), cancel: threading.Event | None = None,
-             allow_special_tokens: bool = False) -> Iterator[Event]:
+             allow_special_tokens: bool = False, response_format: Any = None, reasoning_budget: int | None = None,
+             constrain_tools: bool | None = None) -> Iterator[Event]:
         """Add a user message (a str) or any message (a dict; None adds nothing), then stream the answer as
-        LfmModel.stream does; the answer joins `messages`. Runs when iterated."""
+        LfmModel.stream does (response_format, reasoning_budget, constrain_tools as there); the answer joins
+        `messages`. Runs when iterated."""
         if not self._lock.acquire(blocking=False):
             raise ConversationBusy("this conversation is generating: one send at a time (wait for its Done, "
                                    "or set its cancel event)")
@@ -152,7 +154,8 @@ class Conversation:
             if content is not None:
                 self.messages.append({"role": "user", "content": content} if isinstance(content, str)
                                      else dict(content))
-            done = yield from self._answer(sampling, max_new_tokens, stop, cancel, allow_special_tokens)
+            done = yield from self._answer(sampling, max_new_tokens, stop, cancel, allow_special_tokens,
+                                           (response_format, reasoning_budget, constrain_tools))
             self.messages.append({"role": "assistant", "content": done.raw})
         finally:
             self._lock.release()
@@ -256,9 +259,12 @@ class Conversation:
                                       if self.context_policy == "error" else "; nothing older is left to drop"))
             del self.messages[first:nxt]
 
-    def _answer(self, sampling, max_new_tokens, stop, cancel, allow_special_tokens) -> Iterator[Event]:
+    def _answer(self, sampling, max_new_tokens, stop, cancel, allow_special_tokens, held) -> Iterator[Event]:
         model = self.model
         prompt = self._render(max_new_tokens, allow_special_tokens)
+        response_format, reasoning_budget, constrain_tools = held
+        constraint = model.constraint(prompt, self.schemas or None, response_format, reasoning_budget,
+                                      constrain_tools)
         keeps = model.prefix_cache is not None and (model.prefix_cache.max_bytes or model.prefix_cache.folder)
         prefix = self._shared_prefix(prompt, allow_special_tokens) if keeps else 0
         self._restore(prompt, max_new_tokens)
@@ -275,11 +281,11 @@ class Conversation:
 
         generation = Generation(model.session, [prompt], max_new_tokens, sampling or model.default_sampling(),
                                 prefill_chunk=self.prefill_chunk, cancel=cancel, cache=self._cache, cuts=wanted,
-                                on_prefill=on_prefill)
+                                on_prefill=on_prefill, constraints=[constraint])
         self._tokens = list(prompt[:self._cache.length])
         done = None
         try:
-            for event in model.events(generation, prompt, stop):
+            for event in model.events(generation, prompt, stop, response_format):
                 done = event
                 yield event
         except GeneratorExit:  # the caller stopped listening: the state stays what was fed

@@ -58,6 +58,7 @@ class Done:
     raw: str  # everything the model wrote, markers included (what goes back into the conversation)
     stats: GenerationStats
     tokens: list[int] = field(default_factory=list)  # the token ids sampled, an end-of-turn token included
+    parsed: Any = None  # with response_format: the answer as data (None when it did not complete)
 
 
 Event = TextDelta | ReasoningDelta | ToolCallEvent | Done
@@ -146,21 +147,38 @@ class LfmModel:
     def stream(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None, *,
                sampling: Sampling | None = None, max_new_tokens: int = 512, stop: Sequence[str] = (),
                cancel: threading.Event | None = None, overflow: str = "error", allow_special_tokens: bool = False,
-               **template_vars: Any) -> Iterator[Event]:
+               response_format: Any = None, reasoning_budget: int | None = None,
+               constrain_tools: bool | None = None, **template_vars: Any) -> Iterator[Event]:
         """Typed events as the answer is generated; the last one is Done. Special-token strings typed into
         user or tool messages stay text unless `allow_special_tokens`; `overflow` as in Generation.
+        `response_format` (a JSON schema, Pydantic model, dataclass, {"regex": ...} or {"lark": ...}) holds the
+        answer to it and returns it as Done.parsed; tool calls are held to the offered tools' signatures
+        (`constrain_tools`: None when llguidance is installed, True always, False never); `reasoning_budget`
+        caps thinking tokens (0: answer at once); a reasoning trace that loops is ended. See constrain.py.
         Stateless: the whole conversation is prefilled (see `conversation()` for one that keeps its state)."""
         prompt = self.prompt_ids(messages, tools, allow_special_tokens, **template_vars)
+        constraint = self.constraint(prompt, tools, response_format, reasoning_budget, constrain_tools)
         generation = Generation(self.session, [prompt], max_new_tokens, sampling or self.default_sampling(),
-                                cancel=cancel, overflow=overflow)
-        yield from self.events(generation, prompt, stop)
+                                cancel=cancel, overflow=overflow, constraints=[constraint])
+        yield from self.events(generation, prompt, stop, response_format)
 
-    def events(self, generation: Generation, prompt: Sequence[int], stop: Sequence[str] = ()) -> Iterator[Event]:
+    def in_reasoning(self, prompt: Sequence[int]) -> bool:
+        """Whether the prompt leaves the model inside a reasoning block (LFM2.5's templates open it)."""
+        return self.tokenizer.decode(list(prompt[-4:]), skip_special_tokens=False).rstrip().endswith(THINK_START)
+
+    def constraint(self, prompt: Sequence[int], tools: Sequence[Any] | None, response_format: Any = None,
+                   reasoning_budget: int | None = None, constrain_tools: bool | None = None) -> Any:
+        """What one generation over `prompt` is held to (runtime/constrain.py), or None."""
+        from .chat import _tool_schema
+        from .constrain import build
+
+        schemas = [_tool_schema(t, i) for i, t in enumerate(tools)] if tools else None
+        return build(self, self.in_reasoning(prompt), schemas, response_format, reasoning_budget, constrain_tools)
+
+    def events(self, generation: Generation, prompt: Sequence[int], stop: Sequence[str] = (),
+               response_format: Any = None) -> Iterator[Event]:
         """Run `generation` over `prompt`, as typed events; the last one is Done."""
-        # Templates that open the reasoning block in the prompt (LFM2.5) leave the model inside it.
-        in_reasoning = self.tokenizer.decode(list(prompt[-4:]), skip_special_tokens=False).rstrip().endswith(
-            THINK_START)
-        parser = StreamParser(start_in_reasoning=in_reasoning)
+        parser = StreamParser(start_in_reasoning=self.in_reasoning(prompt))
         decoder = IncrementalDecoder(self.tokenizer)
         text, reasoning, calls, tokens = [], [], [], []
         eos = set(self.session.eos_token_ids)
@@ -186,7 +204,26 @@ class LfmModel:
         answer = "".join(text)
         for s in stop:
             answer = answer.split(s)[0] if s in answer else answer
-        yield Done(answer, "".join(reasoning).strip(), calls, decoder.text, generation.stats, tokens)
+        done = Done(answer, "".join(reasoning).strip(), calls, decoder.text, generation.stats, tokens)
+        self._report(generation, done, response_format)
+        yield done
+
+    @staticmethod
+    def _report(generation: Generation, done: Done, response_format: Any) -> None:
+        """Reasoning numbers in the stats; the parsed answer when it completed its response_format."""
+        from .constrain import AfterReasoning, ReasoningControl
+        from .constrain import response_format as to_format
+
+        constraint = (generation.constraints or [None])[0]
+        if constraint is None:
+            return
+        control = constraint.find(ReasoningControl)
+        if control is not None:
+            done.stats.thinking_tokens, done.stats.reasoning_forced = control.thinking_tokens, control.forced
+        gate = constraint.find(AfterReasoning)
+        if gate is not None:
+            done.stats.constraint_satisfied = gate.inner.satisfied
+            done.parsed = to_format(response_format).parse(done.text) if gate.inner.satisfied else None
 
     @staticmethod
     def _record(event, text: list, reasoning: list, calls: list) -> Iterator[Event]:

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,10 @@ class GenerationStats:
     peak_rss_mb: float = 0.0
     provider: str = ""
     stopped: str = ""  # "eos", "length", "cancelled" or "stop" (set by a caller's stop condition)
+    thinking_tokens: int = 0  # reasoning tokens, when the caller controls reasoning (reasoning_budget)
+    reasoning_forced: str = ""  # "budget" or "repetition": why </think> was forced, if it was
+    constraint_satisfied: bool | None = None  # with a response_format: whether the answer completed its grammar
+    mask_seconds: list[float] = field(default_factory=list, repr=False)  # per constrained step
     timings: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
@@ -48,13 +52,14 @@ class Generation:
     `cache` continues a state that already holds the first `cache.length` tokens of the (single) prompt: only
     the rest is prefilled, and the cache keeps every token fed to it (the last sampled token is not fed).
     Prefill chunks end at multiples of `prefill_chunk` and at each position in `cuts`; `on_prefill(cache)`
-    runs after each chunk (a conversation snapshots its conv state there)."""
+    runs after each chunk (a conversation snapshots its conv state there). `constraints`: per row, an object
+    with mask() and advance(token) (runtime/constrain.py), or None."""
 
     def __init__(self, model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
                  prefill_chunk: int = 512, cancel: threading.Event | None = None, overflow: str = "error",
                  cache: Cache | None = None, cuts: Iterable[int] = (),
-                 on_prefill: Callable[[Cache], None] | None = None):
+                 on_prefill: Callable[[Cache], None] | None = None, constraints: Sequence[Any] | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected at least one prompt, each with at least one token")
         if max_new_tokens < 0:
@@ -87,6 +92,9 @@ class Generation:
         self.cancel = cancel or threading.Event()
         self.cache, self.cuts, self.on_prefill = cache, sorted(set(cuts)), on_prefill
         self.new_tokens: list[list[int]] = [[] for _ in prompts]  # each row's sampled tokens, as they come
+        if constraints is not None and len(constraints) != len(prompts):
+            raise ValueError(f"constraints: {len(constraints)} for {len(prompts)} prompts")
+        self.constraints = list(constraints) if constraints is not None and any(constraints) else None
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts),
                                      reused_tokens=cache.length if cache is not None else 0,
                                      provider=model.provider)
@@ -126,7 +134,17 @@ class Generation:
             prefill_end = time.perf_counter()
             done = np.zeros(batch, dtype=bool)
             for n in range(self.max_new_tokens):
-                tokens = next_tokens(logits[:, -1], self.sampling, rng, history)
+                allowed = None
+                if self.constraints:
+                    mask_start = time.perf_counter()
+                    allowed = [c.mask() if c is not None and not d else None
+                               for c, d in zip(self.constraints, done, strict=True)]
+                    if any(a is not None for a in allowed):
+                        stats.mask_seconds.append(time.perf_counter() - mask_start)
+                tokens = next_tokens(logits[:, -1], self.sampling, rng, history, allowed)
+                for c, t, d in zip(self.constraints or (), tokens, done, strict=False):
+                    if c is not None and not d:
+                        c.advance(int(t))
                 if n == 0:
                     stats.time_to_first_token = time.perf_counter() - start
                     stats.prefill_tokens_per_second = stats.prefilled_tokens / max(prefill_end - start, 1e-9)
