@@ -28,6 +28,11 @@ BUNDLE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.js
                 "chat_template.jinja", "config.json")
 
 
+def is_gguf(spec: str | Path) -> bool:
+    """A llama.cpp GGUF file (local or `org/name/file.gguf` on the hub) rather than a checkpoint folder."""
+    return str(spec).lower().endswith(".gguf")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be exported; the message names the file or tensor."""
 

@@ -56,6 +56,14 @@ CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
+# Widths of 256: the K-quants' super-block, so GGUF tests can store every matrix in them (not in CONFIGS, which
+# every exactness test runs through).
+WIDE = {"moe_wide_256": (MOE, dict(vocab_size=300, hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
+                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                   layer_types=_types(3, [1]), num_dense_layers=1, num_experts=4,
+                                   num_experts_per_tok=2))}
+
+
 def build(name: str, folder: Path, seed: int = 0, fused_experts: bool = False):
     """Save a random transformers model for CONFIGS[name] into folder; return the model (eval mode).
 
@@ -63,7 +71,7 @@ def build(name: str, folder: Path, seed: int = 0, fused_experts: bool = False):
     expert bias is non-zero (it only changes routing when it is)."""
     from transformers import Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM
 
-    kind, kwargs = CONFIGS[name]
+    kind, kwargs = CONFIGS[name] if name in CONFIGS else WIDE[name]
     torch.manual_seed(seed)
     common = dict(max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if kind == MOE:
