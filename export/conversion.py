@@ -22,7 +22,7 @@ FLOAT32 = "float32"
 
 def kernel_name(q: Quantized, exact: bool) -> str:
     kind = "symmetric" if q.zero_points is None else "zero points"
-    return f"int{q.bits} block {q.block_size} {kind}" + (" (the file's blocks as they are)" if exact else "")
+    return f"int{q.bits} block {q.block_size} {kind}" + (" (the file's values, exactly)" if exact else "")
 
 
 class ConversionLog:

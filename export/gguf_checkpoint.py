@@ -37,6 +37,9 @@ _FLOAT = {Q.F32: np.float32, Q.F16: np.float16, Q.F64: np.float64}
 # Types with a numpy dequantizer in gguf-py: converted (re-quantized by the policy, error measured).
 _DEQUANTIZABLE = {Q(t) for t in gguf.quants._type_traits} | {Q.BF16}  # gguf-py's registry of numpy codecs
 EXACT = {Q.Q4_0: 4, Q.Q8_0: 8}  # types whose blocks are the kernels' symmetric block-32 layout as they are
+# Q6_K's values are d * scale[j] * q on sub-blocks of 16 (q 6-bit signed, scale int8): the int8 kernels' symmetric
+# block 16 with scale d * scale[j] (exact in float32), at 8.5 bits instead of 6.56.
+_Q6_K_SCALES, _Q6_K_D = slice(192, 208), slice(208, 210)
 _SPLIT = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
 _SAMPLING = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
              "penalty_repeat": "repetition_penalty"}
@@ -323,11 +326,13 @@ class GgufCheckpoint:
         return EXACT.get(self._entry(name)[1][1].tensor_type)
 
     def quantized(self, name: str) -> Quantized | None:
-        """Q4_0 / Q8_0 blocks as the kernels' codes and scales, or None for any other type.
+        """Q4_0 / Q8_0 blocks (and Q6_K sub-blocks) as the kernels' codes and scales, or None for any other type.
 
         Q4_0: a block of 32 is an fp16 scale d and 16 bytes whose low nibbles are elements 0-15 and high nibbles
         16-31, value d * (q - 8): the int4 kernels' symmetric block with its implicit zero point 8.
         Q8_0: an fp16 d and 32 int8 q, value d * q: the int8 kernels' code q + 128, zero point 128."""
+        if self._entry(name)[1][1].tensor_type == Q.Q6_K:
+            return self._q6_k(name)
         bits = self.exact_bits(name)
         if bits is None:
             return None
@@ -338,6 +343,20 @@ class GgufCheckpoint:
         q = blocks[..., 2:]
         codes = np.concatenate([q & 0x0F, q >> 4], axis=-1) if bits == 4 else q ^ 0x80
         return Quantized(codes.astype(np.uint8), scales, None, bits, codes.shape[1] * codes.shape[2])
+
+
+    def _q6_k(self, name: str) -> Quantized:
+        """Q6_K as int8 block 16: the scales d * scale[j] from the blocks, the codes from gguf-py's values
+        (value = fl(s * q) with |q| <= 32, so rint(value / s) is q exactly; llama.cpp multiplies in the same
+        order, so the kernel's (code - 128) * s is the file's value bit for bit)."""
+        raw, _ = self._raw(name)
+        n = raw.shape[0]
+        blocks = raw.reshape(n, -1, gguf.GGML_QUANT_SIZES[Q.Q6_K][1])
+        d = blocks[..., _Q6_K_D].copy().view(np.float16).astype(np.float32)  # [n, nb, 1]
+        scales = (d * blocks[..., _Q6_K_SCALES].view(np.int8).astype(np.float32)).reshape(n, -1)  # [n, K/16]
+        values = gguf.quants.dequantize(raw, Q.Q6_K).reshape(n, -1, 16)
+        q = np.rint(np.divide(values, scales[..., None], out=np.zeros_like(values), where=scales[..., None] != 0))
+        return Quantized((q + 128).astype(np.uint8), scales, None, 8, values.shape[1] * 16)
 
 
 def _f32(value: float) -> float:

@@ -154,7 +154,7 @@ class QuantizedOps(ContribOps):
     def native_expert_bits(self, moe: SparseMoe) -> int | None:
         """The bits of the checkpoint's own blocks when gate, up and down are all in one kernel layout (QMoE
         takes one bit width and block size for both matrices)."""
-        exact = getattr(self.ckpt, "exact_bits", None)
+        exact = getattr(self.ckpt, "exact_bits", None)  # block-32 types only: QMoE's scales are fp16
         if exact is None or self.transform is not None:
             return None
         bits = {exact(getattr(moe.experts[0], k).weight.name) for k in ("w1", "w3", "w2")}
