@@ -358,3 +358,17 @@ def test_failed_gguf_export_leaves_the_previous_bundle(tiny_q4, tiny, tmp_path):
     with pytest.raises(CheckpointError, match="past the end"):
         export(broken, out, quant="int4", tokenizer=tiny)
     assert (out / "manifest.json").read_bytes() == before
+
+
+def test_ab_benchmark_exports_its_bundle_from_the_gguf_it_compares_with(tiny_q4, tiny, tmp_path, monkeypatch):
+    from lfm_edge.device_bench import ab
+
+    shutil.copyfile(tiny / "tokenizer.json", tmp_path / "tokenizer.json")
+    gguf_copy = tmp_path / "m.gguf"
+    shutil.copyfile(tiny_q4, gguf_copy)
+    with pytest.raises(CheckpointError, match="--tokenizer"):  # the tiny file has no vocabulary of its own
+        ab.bundle_for(gguf_copy, tmp_path / "b")
+    bundle = export(gguf_copy, tmp_path / "b", quant="int4", tokenizer=tmp_path).bundle
+    assert ab.exported_from(bundle) == gguf_copy.resolve()
+    assert ab.bundle_for(gguf_copy, bundle) == bundle  # reused, not exported again
+    assert ab.exported_from(tmp_path) is None
