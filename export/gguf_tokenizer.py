@@ -15,7 +15,8 @@ from typing import Any
 
 # llama.cpp's pre-tokenizer names -> the tokenizer.json pre_tokenizer that splits the same way.
 # `gpt-2`: the byte-level regex of GPT-2 (tokenizers' ByteLevel with use_regex). `lfm2`: the LFM2 models'
-# own split (case-insensitive contractions, letters, 1-3 digits, punctuation, newlines, spaces).
+# own split (case-insensitive contractions, letters, 1-3 digits, punctuation, newlines, spaces), which llama.cpp
+# runs as its llama3 pre-tokenizer, with whole-word vocabulary hits before merges and BOS added by default.
 LFM2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
@@ -25,6 +26,10 @@ PRE_TOKENIZERS: dict[str, dict] = {
         {"type": "Split", "pattern": {"Regex": LFM2_REGEX}, "behavior": "Isolated", "invert": False},
         {**_BYTE_LEVEL, "use_regex": False}]},
 }
+PRE_TOKENIZERS["llama-bpe"] = PRE_TOKENIZERS["llama3"] = PRE_TOKENIZERS["lfm2"]
+# llama.cpp's defaults for these names: `ignore_merges` (a pre-token found whole in the vocabulary is one token)
+# and adding BOS when the file has no tokenizer.ggml.add_bos_token
+LLAMA3_STYLE = ("lfm2", "llama-bpe", "llama3")
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 
@@ -34,7 +39,7 @@ class TokenizerMetadataError(ValueError):
 
 def pre_tokenizer_name(pre: Any) -> str | None:
     """The llama.cpp name of a tokenizer.json pre_tokenizer, or None when it is not one we can name."""
-    for name, known in PRE_TOKENIZERS.items():
+    for name, known in PRE_TOKENIZERS.items():  # the first name of a split wins: gpt-2, then lfm2
         if _same(pre, known):
             return name
     return None
@@ -95,13 +100,15 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str) -> dict:
             added.append({"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": kind == CONTROL})
     merges = [m.split(" ", 1) for m in meta.get("merges", [])]
+    if "add_bos_token" not in meta:
+        meta = {**meta, "add_bos_token": pre in LLAMA3_STYLE}
     post = _post_processor(meta, tokens)
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
             "pre_tokenizer": PRE_TOKENIZERS[pre], "post_processor": post,
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": False, "vocab": vocab, "merges": merges}}
+                      "ignore_merges": pre in LLAMA3_STYLE, "vocab": vocab, "merges": merges}}
 
 
 def _post_processor(meta: dict[str, Any], tokens: list[str]) -> dict | None:

@@ -23,7 +23,7 @@ from lfm_edge.export.gguf_checkpoint import GgufCheckpoint, resolve_gguf
 from lfm_edge.export.reference import TorchReference
 from lfm_edge.quant.policy import get_policy
 from lfm_edge.runtime.session import Cache, LfmSession
-from tiny_models import build
+from tiny_models import build, write_lfm2_tokenizer
 
 Q = gguf.GGMLQuantizationType
 PROMPT = list(range(7, 20))
@@ -219,6 +219,24 @@ def test_demo_gguf_brings_its_tokenizer_template_and_tokens(demo_gguf, tmp_path)
 
     reply = LfmModel(bundle).chat([{"role": "user", "content": "What is a list?"}], max_new_tokens=4)
     assert isinstance(reply.text, str)
+
+
+def test_lfm2_split_tokenizer_survives_the_gguf(tmp_path):
+    """LFM2's own pre-tokenizer (llama.cpp's `lfm2`: llama3 split, whole words first, BOS added)."""
+    from tokenizers import Tokenizer
+
+    build("dense_mixed", tmp_path / "ckpt", seed=4)
+    write_lfm2_tokenizer(tmp_path / "ckpt", 300, (demo_model_path() / "heldout.txt").read_text()[:20000])
+    path = write_gguf(Checkpoint(tmp_path / "ckpt"), tmp_path / "m.gguf", f16=False)
+    meta = GgufCheckpoint(path).meta
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", "lfm2")
+    bundle = export(path, tmp_path / "b").bundle  # dense, f32, everything from the file
+    original = Tokenizer.from_file(str(tmp_path / "ckpt" / "tokenizer.json"))
+    rebuilt = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    for text in TEXTS:
+        assert rebuilt.encode(text).ids == [1] + original.encode(text).ids, text  # + the BOS llama.cpp adds
+    config = json.loads((bundle / "tokenizer_config.json").read_text())
+    assert config["chat_template"].startswith("{{ bos_token }}") and config["eos_token"] == "<|im_end|>"
 
 
 def test_sampling_defaults_come_from_the_file(tmp_path, tiny):

@@ -113,6 +113,29 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
         "pad_token": "<|pad|>"}))
 
 
+def write_lfm2_tokenizer(folder: Path, vocab_size: int, text: str) -> None:
+    """A byte-level BPE with LFM2's split (Split regex + ByteLevel, whole-word hits first) trained on `text` to
+    exactly `vocab_size` tokens: what a GGUF vocabulary can hold, unlike the word-level one."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lfm_edge.export.gguf_tokenizer import LFM2_REGEX
+
+    specials = ["<|pad|>", "<|startoftext|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LFM2_REGEX), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|startoftext|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|pad|>", "add_bos_token": True, "chat_template": "{{ bos_token }}{% for m in messages %}"
+        "{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"}))
+
+
 def _fuse_experts(path: Path) -> None:
     """Rewrite per-expert tensors into transformers' in-memory fused layout, the other layout on the hub."""
     tensors = load_file(path)
