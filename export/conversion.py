@@ -66,7 +66,8 @@ class ConversionLog:
                          "relative_rms_error": rel, "max_abs_error": row["max_abs_error"]})
         return rows
 
-    def write(self, folder: Path, weight_names: list[str], source: str) -> None:
+    def write(self, folder: Path, weight_names: list[str], source: str) -> dict[str, Any]:
+        """conversion.json and conversion.md; returns the summary the manifest records."""
         rows = self.report(weight_names)
         (folder / "conversion.json").write_text(json.dumps({"source": source, "tensors": rows}, indent=2))
         lines = [f"# Conversion from {Path(source).name}", "",
@@ -75,3 +76,8 @@ class ConversionLog:
         lines += [f"| {r['tensor']} | {r['type']} | {r['kernel']} | {r['relative_rms_error']:.3g} | "
                   f"{r['max_abs_error']:.3g} |" for r in rows]
         (folder / "conversion.md").write_text("\n".join(lines) + "\n")
+        converted = [r for r in rows if r["relative_rms_error"] > 0]
+        worst = max(converted, key=lambda r: r["relative_rms_error"], default=None)
+        return {"tensors": len(rows), "exact": len(rows) - len(converted), "converted": len(converted),
+                "worst": None if worst is None else {k: worst[k] for k in ("tensor", "type", "relative_rms_error")},
+                "types": sorted({r["type"] for r in rows})}

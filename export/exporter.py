@@ -111,8 +111,7 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
         for name, data in side_files.items():
             (tmp / name).write_bytes(data)
         log = getattr(backend, "conversions", None) or ConversionLog(ckpt)
-        if log.active:
-            log.write(tmp, [w.name for w in model.weights()], str(ckpt.folder))
+        conversion = log.write(tmp, [w.name for w in model.weights()], str(ckpt.folder)) if log.active else None
         config = genai_config(ckpt, share_buffer=backend.share_buffer)
         if TARGET_THREADS[target]:
             config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = TARGET_THREADS[target]
@@ -123,6 +122,8 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
             write_report([measure_bundle(ckpt.folder, tmp, eval_text, policy.name)], tmp,
                          f"{policy.name} against fp32, {ckpt.folder.name}")
         extras = phone_extras(tmp, MODEL_FILE, DATA_FILE) if target in ("android", "ios") else {}
+        if conversion is not None:
+            extras["conversion"] = conversion  # from a GGUF: how many tensors are the file's values exactly
         files = _write_manifest(tmp, ckpt, ops=ops, quant=policy.name, quant_policy=policy.describe(),
                                 target=target, **extras)
         install_folder(tmp, out)

@@ -105,6 +105,8 @@ def test_q4_0_blocks_reach_the_kernels_bit_for_bit(tiny_q4, tiny, tmp_path):
     report = json.loads((bundle / "conversion.json").read_text())["tensors"]
     q4 = [r for r in report if r["type"] == "Q4_0"]
     assert q4 and all(r["relative_rms_error"] == 0 and "exactly" in r["kernel"] for r in q4)
+    summary = json.loads((bundle / "manifest.json").read_text())["conversion"]
+    assert summary["converted"] == 0 and summary["exact"] == summary["tensors"] == len(report)
 
 
 def test_q4_0_bundle_computes_the_files_model(tiny_q4, tiny, tmp_path):
