@@ -27,6 +27,7 @@ import gguf
 import numpy as np
 
 from ..quant.blocks import Quantized
+from ..quant.policy import QuantSpec
 from .checkpoint import CheckpointError
 from .config import ConfigError, Lfm2Config
 from .gguf_tokenizer import TokenizerMetadataError, tokenizer_config, tokenizer_from_metadata
@@ -40,6 +41,11 @@ EXACT = {Q.Q4_0: 4, Q.Q8_0: 8}  # types whose blocks are the kernels' symmetric 
 # Q6_K's values are d * scale[j] * q on sub-blocks of 16 (q 6-bit signed, scale int8): the int8 kernels' symmetric
 # block 16 with scale d * scale[j] (exact in float32), at 8.5 bits instead of 6.56.
 _Q6_K_SCALES, _Q6_K_D = slice(192, 208), slice(208, 210)
+# Block types re-quantized on the way in get the kernels' layout closest to theirs (`closest_spec`): their bits
+# rounded up to 4 or 8, their (sub-)block of 16 or 32, zero points with the clipping search; error measured.
+_FOUR_BITS = {Q.Q4_1, Q.Q4_K, Q.Q3_K, Q.Q2_K, Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_XXS, Q.IQ3_S, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S,
+              Q.IQ1_S, Q.IQ1_M, Q.TQ1_0, Q.TQ2_0, Q.MXFP4}
+_SUB_BLOCK_16 = {Q.Q2_K, Q.Q3_K, Q.Q6_K, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_S}
 _SPLIT = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
 _SAMPLING = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
              "penalty_repeat": "repetition_penalty"}
@@ -320,6 +326,15 @@ class GgufCheckpoint:
         else:
             out = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32, copy=False)
         return out.reshape(self.shape(name))
+
+    def closest_spec(self, name: str, min_block: int = 16) -> QuantSpec | None:
+        """For a block type that is re-quantized: the kernel layout closest to it (None for floats, which take
+        the policy as from safetensors, and for types kept exactly)."""
+        qtype = self._entry(name)[1][1].tensor_type
+        if qtype in _FLOAT or qtype == Q.BF16 or qtype in EXACT:
+            return None
+        block = max(min_block, 16 if qtype in _SUB_BLOCK_16 else 32)
+        return QuantSpec(4 if qtype in _FOUR_BITS else 8, block, "mse")
 
     def exact_bits(self, name: str) -> int | None:
         """4 or 8 when the weight is stored in blocks the kernels read as they are (Q4_0, Q8_0), else None."""

@@ -40,10 +40,20 @@ class QuantizedOps(ContribOps):
         read = getattr(self.ckpt, "quantized", None)
         return read(name) if read is not None and self.transform is None else None
 
+    def closest(self, names: list[str], spec: QuantSpec, min_block: int = 16) -> QuantSpec:
+        """The checkpoint's layout for weights it stores in another block type (a GGUF's K-quants: their bits and
+        sub-block), else the policy's: re-quantizing a 4-bit K-quant into blocks of 128 would add needless error."""
+        find = getattr(self.ckpt, "closest_spec", None)
+        specs = [s for s in (find(n, min_block) for n in names) if s is not None] if find else []
+        if not specs:
+            return spec
+        return QuantSpec(max(s.bits for s in specs), min(s.block_size for s in specs), "mse")
+
     def packed(self, weight: Weight, spec: QuantSpec) -> tuple[Quantized, str]:
         """Quantize one 2-D weight once; its packed codes are one initializer whoever reads them."""
         if weight.name not in self._quantized:
             self.progress(weight.name)
+            spec = self.closest([weight.name], spec)
             q = self.native(weight.name)
             if q is not None:
                 self.conversions.exact(weight.name, kernel_name(q, exact=True))
@@ -101,6 +111,8 @@ class QuantizedOps(ContribOps):
         g = self.g
         h, i = moe.hidden_size, moe.width
         native = self.native_expert_bits(moe)
+        if not native:  # QMoE is run at blocks of 32 and more
+            spec = self.closest([getattr(moe.experts[0], k).weight.name for k in ("w1", "w3", "w2")], spec, 32)
         bits, bs = (native, 32) if native else (spec.bits, spec.block_size)
         h_pad, i_pad = -(-h // bs) * bs, -(-i // bs) * bs
         log = self.conversions
