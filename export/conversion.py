@@ -22,6 +22,8 @@ FLOAT32 = "float32"
 
 def kernel_name(q: Quantized, exact: bool) -> str:
     kind = "symmetric" if q.zero_points is None else "zero points"
+    if q.zero_points is not None and q.zero_points.dtype == np.float32:
+        kind = "float zero points"
     return f"int{q.bits} block {q.block_size} {kind}" + (" (the file's values, exactly)" if exact else "")
 
 

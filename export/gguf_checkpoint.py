@@ -340,14 +340,18 @@ class GgufCheckpoint:
         """4 or 8 when the weight is stored in blocks the kernels read as they are (Q4_0, Q8_0), else None."""
         return EXACT.get(self._entry(name)[1][1].tensor_type)
 
-    def quantized(self, name: str) -> Quantized | None:
+    def quantized(self, name: str, float_zero_points: bool = False) -> Quantized | None:
         """Q4_0 / Q8_0 blocks (and Q6_K sub-blocks) as the kernels' codes and scales, or None for any other type.
+        With `float_zero_points` (MatMulNBits takes them at 4 bits; QMoE and GatherBlockQuantized do not), also Q4_K.
 
         Q4_0: a block of 32 is an fp16 scale d and 16 bytes whose low nibbles are elements 0-15 and high nibbles
         16-31, value d * (q - 8): the int4 kernels' symmetric block with its implicit zero point 8.
         Q8_0: an fp16 d and 32 int8 q, value d * q: the int8 kernels' code q + 128, zero point 128."""
-        if self._entry(name)[1][1].tensor_type == Q.Q6_K:
+        qtype = self._entry(name)[1][1].tensor_type
+        if qtype == Q.Q6_K:
             return self._q6_k(name)
+        if qtype == Q.Q4_K and float_zero_points:  # (Q5_K would need 8 bits, where MatMulNBits refuses them)
+            return self._qk_offset(name, qtype)
         bits = self.exact_bits(name)
         if bits is None:
             return None
@@ -372,6 +376,31 @@ class GgufCheckpoint:
         values = gguf.quants.dequantize(raw, Q.Q6_K).reshape(n, -1, 16)
         q = np.rint(np.divide(values, scales[..., None], out=np.zeros_like(values), where=scales[..., None] != 0))
         return Quantized((q + 128).astype(np.uint8), scales, None, 8, values.shape[1] * 16)
+
+
+    def _qk_offset(self, name: str, qtype: Q) -> Quantized:
+        """Q4_K (Q5_K: same layout, 5-bit q; unused while 8-bit MatMulNBits refuses float zero points) as blocks
+        of 32 with float zero points. A sub-block's values are
+        s * q - o (s = d * scale_j, o = dmin * min_j, 6-bit scale and min packed in 12 bytes, q 4 or 5 bits):
+        the kernel's (q - o / s) * s, equal to the file's value up to float rounding (measured: conversion.md)."""
+        raw, _ = self._raw(name)
+        n = raw.shape[0]
+        blocks = raw.reshape(n, -1, gguf.GGML_QUANT_SIZES[qtype][1])
+        d, dmin = (blocks[..., i:i + 2].copy().view(np.float16).astype(np.float32) for i in (0, 2))  # [n, nb, 1]
+        packed = blocks[..., 4:16].astype(np.uint8)
+        low, high = packed[..., 0:4], packed[..., 4:8]  # sub-blocks 0-3: 6 bits each in bytes 0-3 / 4-7
+        extra = packed[..., 8:12]  # sub-blocks 4-7: 4 low bits here, 2 high bits on top of bytes 0-3 / 4-7
+        sc = np.concatenate([low & 63, (extra & 0x0F) | ((low >> 6) << 4)], axis=-1).astype(np.float32)
+        mn = np.concatenate([high & 63, (extra >> 4) | ((high >> 6) << 4)], axis=-1).astype(np.float32)
+        s, o = (d * sc).reshape(n, -1), (dmin * mn).reshape(n, -1)  # [n, K/32]
+        values = gguf.quants.dequantize(raw, qtype).reshape(n, -1, 32)
+        top = 15 if qtype == Q.Q4_K else 31
+        flat = s == 0  # every value is -o: code 0, zero point 1, scale o
+        safe = np.where(flat, 1, s)
+        q = np.where(flat[..., None], 0, np.clip(np.rint((values + o[..., None]) / safe[..., None]), 0, top))
+        zero = np.where(flat, 1, o / safe).astype(np.float32)
+        scales = np.where(flat, o, s).astype(np.float32)
+        return Quantized(q.astype(np.uint8), scales, zero, 4 if qtype == Q.Q4_K else 8, values.shape[1] * 32)
 
 
 def _f32(value: float) -> float:

@@ -34,11 +34,13 @@ class QuantizedOps(ContribOps):
         self._quantized: dict[str, tuple[Quantized, str]] = {}
         self.conversions = ConversionLog(checkpoint)
 
-    def native(self, name: str) -> Quantized | None:
+    def native(self, name: str, float_zero_points: bool = False) -> Quantized | None:
         """The checkpoint's own blocks when it stores this weight in a kernel layout (and no test transform
         rewrites weights)."""
         read = getattr(self.ckpt, "quantized", None)
-        return read(name) if read is not None and self.transform is None else None
+        if read is None or self.transform is not None:
+            return None
+        return read(name, float_zero_points) if float_zero_points else read(name)
 
     def closest(self, names: list[str], spec: QuantSpec, min_block: int = 16) -> QuantSpec:
         """The checkpoint's layout for weights it stores in another block type (a GGUF's K-quants: their bits and
@@ -49,13 +51,17 @@ class QuantizedOps(ContribOps):
             return spec
         return QuantSpec(max(s.bits for s in specs), min(s.block_size for s in specs), "mse")
 
-    def packed(self, weight: Weight, spec: QuantSpec) -> tuple[Quantized, str]:
-        """Quantize one 2-D weight once; its packed codes are one initializer whoever reads them."""
+    def packed(self, weight: Weight, spec: QuantSpec, float_zero_points: bool = False) -> tuple[Quantized, str]:
+        """Quantize one 2-D weight once; its packed codes are one initializer whoever reads them.
+        `float_zero_points`: the reader takes them (4-bit MatMulNBits), so a GGUF's Q4_K comes in near exactly."""
         if weight.name not in self._quantized:
             self.progress(weight.name)
             spec = self.closest([weight.name], spec)
-            q = self.native(weight.name)
-            if q is not None:
+            q = self.native(weight.name, float_zero_points)
+            if q is not None and q.zero_points is not None:  # float zero points: equal up to float rounding
+                self.conversions.measured(weight.name, self.ckpt.tensor(weight.name), q.dequantize(),
+                                          kernel_name(q, exact=False))
+            elif q is not None:
                 self.conversions.exact(weight.name, kernel_name(q, exact=True))
             else:
                 array = self.ckpt.tensor(weight.name, weight.shape)
@@ -70,10 +76,13 @@ class QuantizedOps(ContribOps):
         spec = self.policy.spec(layer.weight.name)
         if spec is None:
             return super().linear(x, layer)
-        q, codes = self.packed(layer.weight, spec)
+        q, codes = self.packed(layer.weight, spec, float_zero_points=True)
         name = layer.weight.name
         scales = self.g.weight(name + ".scales", q.scales)
-        zp = None if q.zero_points is None else self.g.weight(name + ".zp", q.packed_zero_points())
+        zp = None
+        if q.zero_points is not None:  # float zero points go unpacked, shaped as the scales
+            floats = q.zero_points.dtype == np.float32
+            zp = self.g.weight(name + ".zp", q.zero_points if floats else q.packed_zero_points())
         y = self.g.op("MatMulNBits", x, codes, scales, zp, domain=MS, K=layer.in_features,
                       N=layer.out_features, bits=q.bits, block_size=q.block_size,
                       accuracy_level=self.policy.accuracy_level)

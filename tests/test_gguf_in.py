@@ -174,11 +174,15 @@ def test_k_quants_are_converted_with_their_error_reported(qtype, wide, tmp_path)
     assert qtype.name in (bundle / "conversion.md").read_text()
     exact = {name for name, r in rows.items() if r["relative_rms_error"] == 0}
     # the closest layout: the type's bits (rounded up to 4 or 8) and sub-block, not the policy's block of 128
+    # (Q4_K linears: block 32 with float zero points)
     bits, block = (8 if qtype in (Q.Q5_K, Q.Q6_K) else 4), (16 if qtype in (Q.Q6_K, Q.Q3_K, Q.Q2_K) else 32)
     for r in converted:
         # Q6_K's sub-blocks of 16 are int8 blocks of 16 as they are (not for QMoE, whose scales are fp16)
+        linear = "_exps" not in r["tensor"] and r["tensor"] != "token_embd.weight"
         if qtype == Q.Q6_K and "_exps" not in r["tensor"]:
             assert r["tensor"] in exact and r["kernel"].startswith("int8 block 16"), r
+        elif qtype == Q.Q4_K and linear:  # MatMulNBits takes float zero points: s * q - o as it is
+            assert r["kernel"].endswith("float zero points") and r["relative_rms_error"] < 1e-6, r
         else:
             assert 0 < r["relative_rms_error"] < (0.01 if bits == 8 else 0.15), r
     assert rows["blk.0.shortconv.in_proj.weight"]["kernel"].startswith(f"int{bits} block {block}")
@@ -187,7 +191,8 @@ def test_k_quants_are_converted_with_their_error_reported(qtype, wide, tmp_path)
     g = GgufCheckpoint(path, tokenizer=wide)
 
     def transform(name: str, array: np.ndarray) -> np.ndarray:
-        if g.gguf_tensor(name) in exact or policy.spec(name) is None:
+        row = rows[g.gguf_tensor(name)]
+        if row["relative_rms_error"] < 1e-6 or policy.spec(name) is None:
             return array
         spec = g.closest_spec(name, 32 if ".experts." in name else 16)
         return quantize(array, spec.bits, spec.block_size, spec.method, scale_dtype=scale_dtype(name)).dequantize()
