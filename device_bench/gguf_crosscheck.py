@@ -57,7 +57,7 @@ def crosscheck(gguf_path: Path, text: str, work: Path, window: int = 128, max_to
     result = compare(reference, our_logits(bundle, windows), windows)
     conversion = json.loads((bundle / "conversion.json").read_text())["tensors"]
     return {"gguf": str(gguf_path), "quant": quant, "window": window, "windows": len(windows),
-            "tokenization_identical": f"{sum(same)}/{len(same)} texts", "kl_llama_vs_ours": result["kl"],
+            "texts_tokenized_identically": sum(same), "texts": len(same), "kl_llama_vs_ours": result["kl"],
             "greedy_agreement": result["top1"], "ppl_ours": result["ppl"], "ppl_llama": result["ppl_fp32"],
             "tokens": result["tokens"], "exact_tensors": sum(r["relative_rms_error"] == 0 for r in conversion),
             "tensors": len(conversion)}
