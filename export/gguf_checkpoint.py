@@ -30,22 +30,11 @@ from ..quant.blocks import Quantized
 from ..quant.policy import QuantSpec
 from .checkpoint import CheckpointError
 from .config import ConfigError, Lfm2Config
+from .gguf_blocks import DEQUANTIZABLE, EXACT, FLOATS, closest_spec, decode
 from .gguf_tokenizer import TokenizerMetadataError, tokenizer_config, tokenizer_from_metadata
 
 Q = gguf.GGMLQuantizationType
 ARCHS = {"lfm2": "lfm2", "lfm2moe": "lfm2_moe"}  # GGUF architecture -> transformers model_type
-_FLOAT = {Q.F32: np.float32, Q.F16: np.float16, Q.F64: np.float64}
-# Types with a numpy dequantizer in gguf-py: converted (re-quantized by the policy, error measured).
-_DEQUANTIZABLE = {Q(t) for t in gguf.quants._type_traits} | {Q.BF16}  # gguf-py's registry of numpy codecs
-EXACT = {Q.Q4_0: 4, Q.Q8_0: 8}  # types whose blocks are the kernels' symmetric block-32 layout as they are
-# Q6_K's values are d * scale[j] * q on sub-blocks of 16 (q 6-bit signed, scale int8): the int8 kernels' symmetric
-# block 16 with scale d * scale[j] (exact in float32), at 8.5 bits instead of 6.56.
-_Q6_K_SCALES, _Q6_K_D = slice(192, 208), slice(208, 210)
-# Block types re-quantized on the way in get the kernels' layout closest to theirs (`closest_spec`): their bits
-# rounded up to 4 or 8, their (sub-)block of 16 or 32, zero points with the clipping search; error measured.
-_FOUR_BITS = {Q.Q4_1, Q.Q4_K, Q.Q3_K, Q.Q2_K, Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_XXS, Q.IQ3_S, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S,
-              Q.IQ1_S, Q.IQ1_M, Q.TQ1_0, Q.TQ2_0, Q.MXFP4}
-_SUB_BLOCK_16 = {Q.Q2_K, Q.Q3_K, Q.Q6_K, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_S}
 _SPLIT = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
 _SAMPLING = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
              "penalty_repeat": "repetition_penalty"}
@@ -53,7 +42,7 @@ _SAMPLING = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p":
 
 def stores_quantized(path: str | Path) -> bool:
     """Whether any tensor of the GGUF is in a block type (reads the header only)."""
-    return any(t.tensor_type not in _FLOAT and t.tensor_type != Q.BF16 for t in _open(Path(path)).tensors)
+    return any(t.tensor_type not in FLOATS and t.tensor_type != Q.BF16 for t in _open(Path(path)).tensors)
 
 
 class _Reader(gguf.GGUFReader):
@@ -284,7 +273,7 @@ class GgufCheckpoint:
 
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         (gname, expert), (_, t) = self._entry(name)
-        if t.tensor_type not in _FLOAT and t.tensor_type not in _DEQUANTIZABLE:
+        if t.tensor_type not in FLOATS and t.tensor_type not in DEQUANTIZABLE:
             raise CheckpointError(f"{self.path}: tensor {gname!r} has type {t.tensor_type.name}, which no path here "
                                   "converts (supported: float types, Q4_0/Q8_0 exactly, and the types gguf-py "
                                   "dequantizes)")
@@ -321,86 +310,27 @@ class GgufCheckpoint:
         if shape is not None:
             self.check(name, shape)
         raw, t = self._raw(name)
-        if t.tensor_type in _FLOAT:
-            out = raw.view(_FLOAT[t.tensor_type]).astype(np.float32)
+        if t.tensor_type in FLOATS:
+            out = raw.view(FLOATS[t.tensor_type]).astype(np.float32)
         else:
             out = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32, copy=False)
         return out.reshape(self.shape(name))
 
     def closest_spec(self, name: str, min_block: int = 16) -> QuantSpec | None:
-        """For a block type that is re-quantized: the kernel layout closest to it (None for floats, which take
-        the policy as from safetensors, and for types kept exactly)."""
-        qtype = self._entry(name)[1][1].tensor_type
-        if qtype in _FLOAT or qtype == Q.BF16 or qtype in EXACT:
-            return None
-        block = max(min_block, 16 if qtype in _SUB_BLOCK_16 else 32)
-        return QuantSpec(4 if qtype in _FOUR_BITS else 8, block, "mse")
+        """For a weight stored in a block type that is re-quantized: the kernel layout closest to it."""
+        return closest_spec(self._entry(name)[1][1].tensor_type, min_block)
 
     def exact_bits(self, name: str) -> int | None:
-        """4 or 8 when the weight is stored in blocks the kernels read as they are (Q4_0, Q8_0), else None."""
+        """4 or 8 when the weight is stored in blocks of 32 the kernels read as they are (Q4_0, Q8_0)."""
         return EXACT.get(self._entry(name)[1][1].tensor_type)
 
     def quantized(self, name: str, float_zero_points: bool = False) -> Quantized | None:
-        """Q4_0 / Q8_0 blocks (and Q6_K sub-blocks) as the kernels' codes and scales, or None for any other type.
-        With `float_zero_points` (MatMulNBits takes them at 4 bits; QMoE and GatherBlockQuantized do not), also Q4_K.
-
-        Q4_0: a block of 32 is an fp16 scale d and 16 bytes whose low nibbles are elements 0-15 and high nibbles
-        16-31, value d * (q - 8): the int4 kernels' symmetric block with its implicit zero point 8.
-        Q8_0: an fp16 d and 32 int8 q, value d * q: the int8 kernels' code q + 128, zero point 128."""
+        """The weight's blocks as the kernels' codes and scales when the file stores it exactly in one of their
+        layouts (gguf_blocks.py), else None; `float_zero_points` when the reader takes them (4-bit MatMulNBits)."""
         qtype = self._entry(name)[1][1].tensor_type
-        if qtype == Q.Q6_K:
-            return self._q6_k(name)
-        if qtype == Q.Q4_K and float_zero_points:  # (Q5_K would need 8 bits, where MatMulNBits refuses them)
-            return self._qk_offset(name, qtype)
-        bits = self.exact_bits(name)
-        if bits is None:
+        if qtype not in EXACT and qtype not in (Q.Q6_K, Q.Q4_K):
             return None
-        raw, _ = self._raw(name)
-        n = raw.shape[0]
-        blocks = raw.reshape(n, -1, 2 + 32 * bits // 8)
-        scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        q = blocks[..., 2:]
-        codes = np.concatenate([q & 0x0F, q >> 4], axis=-1) if bits == 4 else q ^ 0x80
-        return Quantized(codes.astype(np.uint8), scales, None, bits, codes.shape[1] * codes.shape[2])
-
-
-    def _q6_k(self, name: str) -> Quantized:
-        """Q6_K as int8 block 16: the scales d * scale[j] from the blocks, the codes from gguf-py's values
-        (value = fl(s * q) with |q| <= 32, so rint(value / s) is q exactly; llama.cpp multiplies in the same
-        order, so the kernel's (code - 128) * s is the file's value bit for bit)."""
-        raw, _ = self._raw(name)
-        n = raw.shape[0]
-        blocks = raw.reshape(n, -1, gguf.GGML_QUANT_SIZES[Q.Q6_K][1])
-        d = blocks[..., _Q6_K_D].copy().view(np.float16).astype(np.float32)  # [n, nb, 1]
-        scales = (d * blocks[..., _Q6_K_SCALES].view(np.int8).astype(np.float32)).reshape(n, -1)  # [n, K/16]
-        values = gguf.quants.dequantize(raw, Q.Q6_K).reshape(n, -1, 16)
-        q = np.rint(np.divide(values, scales[..., None], out=np.zeros_like(values), where=scales[..., None] != 0))
-        return Quantized((q + 128).astype(np.uint8), scales, None, 8, values.shape[1] * 16)
-
-
-    def _qk_offset(self, name: str, qtype: Q) -> Quantized:
-        """Q4_K (Q5_K: same layout, 5-bit q; unused while 8-bit MatMulNBits refuses float zero points) as blocks
-        of 32 with float zero points. A sub-block's values are
-        s * q - o (s = d * scale_j, o = dmin * min_j, 6-bit scale and min packed in 12 bytes, q 4 or 5 bits):
-        the kernel's (q - o / s) * s, equal to the file's value up to float rounding (measured: conversion.md)."""
-        raw, _ = self._raw(name)
-        n = raw.shape[0]
-        blocks = raw.reshape(n, -1, gguf.GGML_QUANT_SIZES[qtype][1])
-        d, dmin = (blocks[..., i:i + 2].copy().view(np.float16).astype(np.float32) for i in (0, 2))  # [n, nb, 1]
-        packed = blocks[..., 4:16].astype(np.uint8)
-        low, high = packed[..., 0:4], packed[..., 4:8]  # sub-blocks 0-3: 6 bits each in bytes 0-3 / 4-7
-        extra = packed[..., 8:12]  # sub-blocks 4-7: 4 low bits here, 2 high bits on top of bytes 0-3 / 4-7
-        sc = np.concatenate([low & 63, (extra & 0x0F) | ((low >> 6) << 4)], axis=-1).astype(np.float32)
-        mn = np.concatenate([high & 63, (extra >> 4) | ((high >> 6) << 4)], axis=-1).astype(np.float32)
-        s, o = (d * sc).reshape(n, -1), (dmin * mn).reshape(n, -1)  # [n, K/32]
-        values = gguf.quants.dequantize(raw, qtype).reshape(n, -1, 32)
-        top = 15 if qtype == Q.Q4_K else 31
-        flat = s == 0  # every value is -o: code 0, zero point 1, scale o
-        safe = np.where(flat, 1, s)
-        q = np.where(flat[..., None], 0, np.clip(np.rint((values + o[..., None]) / safe[..., None]), 0, top))
-        zero = np.where(flat, 1, o / safe).astype(np.float32)
-        scales = np.where(flat, o, s).astype(np.float32)
-        return Quantized(q.astype(np.uint8), scales, zero, 4 if qtype == Q.Q4_K else 8, values.shape[1] * 32)
+        return decode(self._raw(name)[0], qtype, float_zero_points)
 
 
 def _f32(value: float) -> float:
