@@ -132,6 +132,16 @@ def test_q8_0_stays_8_bit_and_exact(tiny, tmp_path):
     np.testing.assert_array_equal(dequantized, GgufCheckpoint(path, tokenizer=tiny).tensor(name))
 
 
+def test_f16_tensors_take_the_policy_as_from_safetensors(tiny, tmp_path):
+    path = write_gguf(Checkpoint(tiny), tmp_path / "f16.gguf", f16=True)
+    bundle = export(path, tmp_path / "b", quant="int4", tokenizer=tiny).bundle
+    rows = {r["tensor"]: r for r in json.loads((bundle / "conversion.json").read_text())["tensors"]}
+    assert rows["blk.1.attn_q.weight"]["type"] == "F16"
+    assert rows["blk.1.attn_q.weight"]["kernel"] == "int4 block 128 zero points"  # the int4 policy's linears
+    assert rows["token_embd.weight"]["kernel"] == "int4 block 32 zero points"  # and its vocabulary
+    assert rows["blk.1.ffn_gate_inp.weight"]["kernel"] == "float32"  # the router stays float
+
+
 # ---- K-quants: converted, error measured -------------------------------------------------------------------
 
 # (offset of d, offset of dmin or None, d, dmin) in each type's block, for values of a weight's size
