@@ -29,6 +29,18 @@ _Q6_K_SCALES, _Q6_K_D = slice(192, 208), slice(208, 210)
 _FOUR_BITS = {Q.Q4_1, Q.Q4_K, Q.Q3_K, Q.Q2_K, Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_XXS, Q.IQ3_S, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S,
               Q.IQ1_S, Q.IQ1_M, Q.TQ1_0, Q.TQ2_0, Q.MXFP4}
 _SUB_BLOCK_16 = {Q.Q2_K, Q.Q3_K, Q.Q6_K, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_S}
+# gguf-py's numpy codecs hold several float32 copies of what they decode: rows go through them in slices so
+# that a 128K-row vocabulary costs its output, not 4x it in temporaries (the 8B export's peak RSS).
+ROWS_PER_SLICE = 2048
+
+
+def dequantize(raw: np.ndarray, qtype: Q) -> np.ndarray:
+    """float32 [rows, K] of raw blocks [rows, bytes per row], slice by slice."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.empty((raw.shape[0], raw.shape[1] // size * block), np.float32)
+    for i in range(0, raw.shape[0], ROWS_PER_SLICE):
+        out[i:i + ROWS_PER_SLICE] = gguf.quants.dequantize(raw[i:i + ROWS_PER_SLICE], qtype)
+    return out
 
 
 def closest_spec(qtype: Q, min_block: int = 16) -> QuantSpec | None:
@@ -42,6 +54,14 @@ def closest_spec(qtype: Q, min_block: int = 16) -> QuantSpec | None:
 
 def decode(raw: np.ndarray, qtype: Q, float_zero_points: bool = False) -> Quantized | None:
     """The kernels' codes and scales for raw blocks stored exactly (see the module doc), else None."""
+    if raw.shape[0] > ROWS_PER_SLICE:
+        parts = [decode(raw[i:i + ROWS_PER_SLICE], qtype, float_zero_points)
+                 for i in range(0, raw.shape[0], ROWS_PER_SLICE)]
+        if parts[0] is None:
+            return None
+        zero = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
+        return Quantized(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]), zero,
+                         parts[0].bits, parts[0].k)
     if qtype == Q.Q6_K:
         return _q6_k(raw)
     if qtype == Q.Q4_K and float_zero_points:  # (Q5_K would need 8 bits, where MatMulNBits refuses them)

@@ -30,7 +30,7 @@ from ..quant.blocks import Quantized
 from ..quant.policy import QuantSpec
 from .checkpoint import CheckpointError
 from .config import ConfigError, Lfm2Config
-from .gguf_blocks import DEQUANTIZABLE, EXACT, FLOATS, closest_spec, decode
+from .gguf_blocks import DEQUANTIZABLE, EXACT, FLOATS, closest_spec, decode, dequantize
 from .gguf_tokenizer import TokenizerMetadataError, tokenizer_config, tokenizer_from_metadata
 
 Q = gguf.GGMLQuantizationType
@@ -313,7 +313,7 @@ class GgufCheckpoint:
         if t.tensor_type in FLOATS:
             out = raw.view(FLOATS[t.tensor_type]).astype(np.float32)
         else:
-            out = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32, copy=False)
+            out = dequantize(raw, t.tensor_type)
         return out.reshape(self.shape(name))
 
     def closest_spec(self, name: str, min_block: int = 16) -> QuantSpec | None:
