@@ -1,4 +1,4 @@
-"""`lfm-export`: a checkpoint folder or hub id -> an ONNX bundle."""
+"""`lfm-export`: a checkpoint folder, hub id or llama.cpp GGUF file -> an ONNX bundle."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TextIO
 
 from ..quant.blocks import METHODS
 from ..quant.policy import get_policy
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, is_gguf
 from .config import ConfigError
 from .exporter import OP_SETS, QUANTS, ExportError, export
 
@@ -61,7 +61,8 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lfm-export", description=__doc__)
-    parser.add_argument("checkpoint", nargs="?", help="checkpoint folder or hub id (default: the bundled demo model)")
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint folder or hub id, or a .gguf file (local, or "
+                        "org/name/file.gguf on the hub) (default: the bundled demo model)")
     parser.add_argument("--out", default=None, help="bundle folder to write (default: build/<checkpoint name>)")
     parser.add_argument("--ops", choices=sorted(OP_SETS), default="contrib",
                         help="contrib: onnxruntime's fused CPU kernels; portable: standard ONNX ops only")
@@ -81,11 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-text", metavar="FILE", default=None,
                         help="held-out text: measure the quantized bundle against fp32 (quality.md in the bundle); "
                              "the demo model uses its own heldout.txt")
+    parser.add_argument("--tokenizer", metavar="PATH", default=None,
+                        help="for a GGUF without usable tokenizer metadata: the model's tokenizer.json (or its folder)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
+    checkpoint = args.checkpoint
+    try:
+        if checkpoint is not None and is_gguf(checkpoint) and not args.random_weights:
+            from .gguf_checkpoint import resolve_gguf, stores_quantized
+
+            checkpoint = resolve_gguf(checkpoint)
+            # A quantized GGUF keeps its blocks by default (int4: Q4_0/Q8_0 as they are), even on a desktop.
+            if args.quant is None and stores_quantized(checkpoint):
+                args.quant = "int4"
+    except (CheckpointError, OSError) as e:
+        print(f"lfm-export: error: {e}", file=sys.stderr)
+        return 2
     args.quant = args.quant or TARGET_QUANT[args.target]
 
-    checkpoint = args.checkpoint
     if args.random_weights:
         checkpoint = None
         name = "random-" + args.random_weights.replace(":", "-")
@@ -96,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             args.eval_text = str(checkpoint / "heldout.txt")
     if checkpoint is not None:
         name = Path(str(checkpoint).rstrip("/")).name or "model"
+        name = name[:-len(".gguf")] if is_gguf(name) else name
     out = Path(args.out) if args.out else Path("build") / f"{name}-{args.quant}-{args.ops}"
 
     progress = Progress(sys.stderr, args.quiet)
@@ -103,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         policy = get_policy(args.quant).with_overrides(args.block_size, args.quant_method, args.accuracy_level)
         eval_text = Path(args.eval_text).read_text() if args.eval_text else None
         result = export(checkpoint, out, ops=args.ops, quant=policy, random_weights=args.random_weights,
-                        target=args.target, eval_text=eval_text, progress=progress)
+                        target=args.target, eval_text=eval_text, progress=progress, tokenizer=args.tokenizer)
     except (ExportError, CheckpointError, ConfigError, ValueError, OSError) as e:
         progress.end()
         print(f"lfm-export: error: {e}", file=sys.stderr)

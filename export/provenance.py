@@ -16,6 +16,7 @@ from ..runtime.bundle import sha256
 # huggingface_hub's cache keeps each LFS file as blobs/<sha256 of its content>; snapshots/<commit>/ links there.
 _SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 _HUB_SNAPSHOT = re.compile(r"[0-9a-f]{40}")
+_SPLIT = re.compile(r"(.+)-\d{5}-of-(\d{5})\.gguf")
 
 
 def file_sha256(path: Path) -> str:
@@ -30,6 +31,12 @@ def file_sha256(path: Path) -> str:
 def checkpoint_source(spec: str | Path, folder: Path) -> dict[str, Any]:
     """The manifest's "source": `hub_id` (and the snapshot's `revision`) when `spec` named the hub, else the
     folder's `name`; then `config_sha256` and the sha256 of each safetensors file."""
+    if folder.is_file():  # a GGUF file (the first of a split's parts): the file is the checkpoint
+        source = {"hub_id": str(spec)} if not Path(spec).exists() else {"name": folder.name}
+        split = _SPLIT.fullmatch(folder.name)
+        parts = sorted(folder.parent.glob(f"{split.group(1)}-*-of-{split.group(2)}.gguf")) if split else [folder]
+        source["gguf_sha256"] = {p.name: file_sha256(p) for p in parts}
+        return source
     if not Path(spec).exists():  # resolve() downloaded it: spec is the hub id
         source: dict[str, Any] = {"hub_id": str(spec)}
         if _HUB_SNAPSHOT.fullmatch(folder.name) and folder.parent.name == "snapshots":
