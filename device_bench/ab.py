@@ -60,23 +60,27 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
         if r:
             rows.append({"ours_prefill": o[0], "ours_decode": o[1], "llama_prefill": t[0], "llama_decode": t[1]})
     med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
-    return {"bundle": str(bundle), "gguf": str(gguf), "same_weights": exported_from(bundle) == Path(gguf).resolve(),
+    return {"bundle": str(bundle), "gguf": str(gguf), "same_weights": exported_from(bundle, Path(gguf)),
             "threads": threads, "prompt": prompt, "decode": decode, "rounds": rows, "median": med,
             "decode_ratio_per_round": statistics.median(r["ours_decode"] / r["llama_decode"] for r in rows),
             "prefill_ratio_per_round": statistics.median(r["ours_prefill"] / r["llama_prefill"] for r in rows)}
 
 
-def exported_from(bundle: Path) -> Path | None:
-    """The source a bundle's manifest names (a GGUF file, for bundles exported from one)."""
+def exported_from(bundle: Path, gguf: Path) -> bool:
+    """Whether the bundle's manifest names this very GGUF file (by name and sha256, export/provenance.py)."""
+    from ..export.provenance import file_sha256
+
     try:
-        return Path(json.loads((Path(bundle) / "manifest.json").read_text())["source"]).resolve()
-    except (OSError, KeyError, ValueError):
-        return None
+        source = json.loads((Path(bundle) / "manifest.json").read_text())["source"]
+        recorded = source["gguf_sha256"][Path(gguf).name]
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
+    return recorded == file_sha256(Path(gguf))
 
 
 def bundle_for(gguf: Path, folder: Path, quant: str = "int4") -> Path:
     """The bundle of `gguf` in `folder`, exported unless one from this very file is there already."""
-    if exported_from(folder) == gguf.resolve() and (folder / "model.onnx").is_file():
+    if (folder / "model.onnx").is_file() and exported_from(folder, gguf):
         return folder
     from ..export.exporter import export
 

@@ -23,6 +23,7 @@ from lfm_edge.export.gguf_checkpoint import GgufCheckpoint, resolve_gguf
 from lfm_edge.export.reference import TorchReference
 from lfm_edge.quant.blocks import quantize
 from lfm_edge.quant.policy import get_policy, scale_dtype
+from lfm_edge.runtime.bundle import sha256
 from lfm_edge.runtime.session import Cache, LfmSession
 from tiny_models import build, write_lfm2_tokenizer
 
@@ -339,7 +340,10 @@ def test_hub_gguf_file_is_downloaded_by_name(monkeypatch, tiny_q4):
 def test_cli_keeps_a_quantized_gguf_quantized_on_desktop(tiny_q4, tiny, tmp_path):
     assert cli_main([str(tiny_q4), "--tokenizer", str(tiny), "--out", str(tmp_path / "b"), "--quiet"]) == 0
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["quant"] == "int4" and manifest["source"] == str(tiny_q4)
+    assert manifest["quant"] == "int4" and manifest["source"]["name"] == tiny_q4.name
+    assert manifest["source"]["gguf_sha256"] == {tiny_q4.name: sha256(tiny_q4)}
+    for file in (tmp_path / "b").iterdir():  # the exporting machine's paths stay on it (conversion.md too)
+        assert str(tiny_q4.parent).encode() not in file.read_bytes(), file.name
 
 
 # ---- bad input: refused before heavy work, file and tensor named, nothing written ---------------------------
@@ -415,6 +419,12 @@ def test_ab_benchmark_exports_its_bundle_from_the_gguf_it_compares_with(tiny_q4,
     with pytest.raises(CheckpointError, match="--tokenizer"):  # the tiny file has no vocabulary of its own
         ab.bundle_for(gguf_copy, tmp_path / "b")
     bundle = export(gguf_copy, tmp_path / "b", quant="int4", tokenizer=tmp_path).bundle
-    assert ab.exported_from(bundle) == gguf_copy.resolve()
+    assert ab.exported_from(bundle, gguf_copy)  # recognised by name and sha256, not by a local path
     assert ab.bundle_for(gguf_copy, bundle) == bundle  # reused, not exported again
-    assert ab.exported_from(tmp_path) is None
+    assert not ab.exported_from(tmp_path, gguf_copy)
+    with open(gguf_copy, "r+b") as f:  # another file under the same name is not "the same weights"
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert not ab.exported_from(bundle, gguf_copy)
