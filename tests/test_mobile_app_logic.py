@@ -489,3 +489,23 @@ def test_bad_addresses_and_manifests_are_clear_errors(server, tmp_path):
         download.fetch_bundle(server.url, tmp_path / "x")
     assert download.default_name("https://host/models/lfm2-int4/manifest.json") == "lfm2-int4"
     assert download.default_name("https://host/") == "bundle"
+
+
+def test_the_think_setting_caps_reasoning_and_the_footer_says_so(tmp_path):
+    ui = UiQueue()
+    chat = ChatController(ui.post, tools={}, max_new_tokens=200)
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    eos, vocab = tok.token_to_id("<|im_end|>"), tok.get_vocab_size()
+    probe = load_model(write_bundle(tmp_path / "probe", DEMO, {}, vocab, eos), threads=1)
+    at = len(probe.prompt_ids(chat.conversation_for("Why?")))
+    thinking = tok.encode("<think>" + "".join(f" step {i}" for i in range(150)), add_special_tokens=False).ids
+    chat.set_model(load_model(write_bundle(tmp_path / "thinker", DEMO, {at + i: t for i, t in enumerate(thinking)},
+                                           vocab, eos), threads=1))
+    assert [chat.cycle_thinking() for _ in range(4)] == ["Think: 256", "Think: 64", "Think: off", "Think: full"]
+    chat.cycle_thinking()
+    chat.cycle_thinking()  # 64
+    assert chat.send("Why?") is None
+    ui.run_until(lambda: chat.state == IDLE)
+    answer = chat.items[-1]
+    assert "thinking ended after 64 (budget)" in answer.footer
+    assert chat.conversation.stats[-1].thinking_tokens == 64

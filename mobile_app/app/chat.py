@@ -63,6 +63,9 @@ class ToolCard:
 Item = Bubble | ToolCard
 
 IDLE, GENERATING, CANCELLING = "idle", "generating", "cancelling"
+# The chat's thinking setting, in the order the Think button cycles: no limit, then budgets in tokens (0: off).
+# On a phone a long reasoning trace is seconds of battery before the answer starts.
+THINKING = (None, 256, 64, 0)
 
 
 class ChatController:
@@ -73,6 +76,7 @@ class ChatController:
         self.schemas = [function_schema(f) for f in self.tools.values()]
         self.max_new_tokens = max_new_tokens
         self.system = system
+        self.reasoning_budget: int | None = None  # one of THINKING
         self.model: LfmModel | None = None
         self.conversation: Conversation | None = None  # the messages and the state that matches them
         self.items: list[Item] = []
@@ -155,6 +159,11 @@ class ChatController:
         self._thread.start()
         return None
 
+    def cycle_thinking(self) -> str:
+        """The next reasoning budget of THINKING; returns its label ("Think: full", "Think: 64", "Think: off")."""
+        self.reasoning_budget = THINKING[(THINKING.index(self.reasoning_budget) + 1) % len(THINKING)]
+        return thinking_label(self.reasoning_budget)
+
     def cancel(self) -> None:
         if self.state == GENERATING:
             self.state = CANCELLING
@@ -179,6 +188,7 @@ class ChatController:
     def _work(self, conversation: Conversation, text: str, cancel: threading.Event) -> None:
         try:
             run = conversation.run_tools(text, self.tools, cancel=cancel, max_new_tokens=self.max_new_tokens,
+                                         reasoning_budget=self.reasoning_budget,
                                          on_event=lambda event: self.post(lambda: self._apply(event)))
         except Exception as e:  # a failed turn is shown in the transcript; the app keeps running
             error = f"{type(e).__name__}: {e}"
@@ -223,7 +233,9 @@ class ChatController:
                 self.items[self._current].footer = (
                     f"{s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s, "
                     f"first token {s.time_to_first_token * 1000:.0f} ms, {s.reused_tokens} reused, "
-                    f"{s.prefilled_tokens} prefilled, {s.stopped}")
+                    f"{s.prefilled_tokens} prefilled, "
+                    + (f"thinking ended after {s.thinking_tokens} ({s.reasoning_forced}), " if s.reasoning_forced
+                       else "") + s.stopped)
                 self._changed(self._current)
             self._current = None
 
@@ -243,6 +255,10 @@ class ChatController:
     def _changed(self, index: int | None) -> None:
         for listener in self.listeners:
             listener(index)
+
+
+def thinking_label(budget: int | None) -> str:
+    return "Think: full" if budget is None else "Think: off" if budget == 0 else f"Think: {budget}"
 
 
 def transcript(messages: list[dict[str, Any]]) -> list[Item]:
