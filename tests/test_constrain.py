@@ -224,3 +224,17 @@ def test_lfm_chat_json_schema_and_reasoning_budget(demo, tmp_path):
     bad.write_text("{not json")
     refused = subprocess.run(cmd + ["--json-schema", str(bad), "-p", "x"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and str(bad) in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_mask_cost_benchmark_measures_masks_against_decode_steps(demo, tmp_path):
+    from lfm_edge.device_bench.constrained import measure
+
+    result = measure(demo.folder, tokens=12, runs=1, threads=1)
+    assert result["vocab"] == demo.session.vocab_size and result["masked_steps"] >= 6
+    assert 0 < result["mask_median_us"] <= result["mask_p99_us"] and result["decode_step_ms"] > 0
+    assert result["mask_share_of_step"] > 0 and result["tokenizer"] == "the bundle's"
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_bytes((DEMO / "tokenizer.json").read_bytes())
+    other = measure(demo.folder, tokens=8, runs=1, threads=1, tokenizer=tmp_path / "tok" / "tokenizer.json")
+    assert other["tokenizer"].endswith("tokenizer.json") and other["masked_steps"] > 0
+    assert (demo.folder / "tokenizer.json").is_file()  # the bundle itself is untouched
