@@ -64,8 +64,6 @@ class LfmSession:
         self.released_bytes = release_clean_pages(data_files)  # see pages.py
         self.state = state_spec(((i.name, i.shape) for i in self.session.get_inputs()), decoder)
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
-        # query heads: what an attention chunk's score buffer scales with (Generation bounds it by depth)
-        self.attention_heads = int(decoder.get("num_attention_heads", 0)) if self.state.kv else 0
 
     @property
     def provider(self) -> str:

@@ -101,7 +101,6 @@ class JavaSession:
         if not self.vocab_size:
             raise BundleError(f"{cfg.model_file}: vocabulary size unknown (symbolic logits, no vocab_size)")
         self.pinned = _has_pinned_run(self.session) if pinned is None else pinned
-        self.attention_heads = int(cfg.decoder.get("num_attention_heads", 0)) if self.state.kv else 0
 
     @property
     def provider(self) -> str:

@@ -85,7 +85,6 @@ class ObjcSession:
         if not cfg.vocab_size:
             raise BundleError(f"{cfg.folder / 'genai_config.json'}: model.vocab_size is needed by this backend")
         self.vocab_size = cfg.vocab_size
-        self.attention_heads = int(cfg.decoder.get("num_attention_heads", 0)) if self.state.kv else 0
 
     @property
     def provider(self) -> str:
