@@ -25,6 +25,7 @@ from .bundle import (  # noqa: F401 (re-exported)
     state_spec,
     verify_bundle,
 )
+from .growth import capacity_for, check_rows, check_truncate, grown_mask, padded
 from .pages import release_clean_pages
 from .providers import ProviderList, choose
 
@@ -147,8 +148,7 @@ class Cache:
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens' KV rows: the mask hides the rest and the next step overwrites them.
         The conv state is not touched: restore it from a snapshot taken at `length` (set_conv_state)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"truncate({length}): the cache holds {self.length} tokens")
+        check_truncate(length, self.length)
         self.mask[:, length:] = 0
         if not self.model.share_buffer and length < self.length:
             for i, pair in self.kv.items():
@@ -158,24 +158,13 @@ class Cache:
     def reserve(self, rows: int) -> None:
         """Make room for `rows` tokens: the buffers grow to the next power of two >= rows (at most the
         context length), and the rows in use are copied over."""
-        if rows <= self.max_length:
+        new = capacity_for(rows, self.max_length, self.model.context_length)
+        if new == self.max_length:
             return
-        limit = self.model.context_length
-        if rows > limit:
-            raise ValueError(f"{rows} tokens exceed the model's context length {limit}")
-        new = min(limit, 1 << (rows - 1).bit_length())
-        mask = np.zeros((self.batch, new), dtype=np.int64)
-        mask[:, :self.length] = self.mask[:, :self.length]
-        self.mask, self.max_length = mask, new
+        self.mask, self.max_length = grown_mask(self.mask, self.length, new), new
         if self.model.share_buffer:
             for i, pair in self.kv.items():
-                grown = []
-                for v in pair:
-                    b, h, _, d = v.shape()
-                    array = np.zeros((b, h, new, d), self.kv_dtype[i])
-                    array[:, :, :self.length] = v.numpy()[:, :, :self.length]
-                    grown.append(_from_array(array))
-                self.kv[i] = grown
+                self.kv[i] = [_from_array(padded(v.numpy()[:, :, :self.length], new, self.kv_dtype[i])) for v in pair]
 
     def conv_state(self) -> dict[int, np.ndarray]:
         """A copy of each conv layer's state after the last token ([B, H, K-1]). (OrtValue.numpy() is a view
@@ -196,16 +185,9 @@ class Cache:
         self.length = 0
         self.reserve(length)
         for i in self.kv:
-            pair = []
-            for array in rows[i]:
-                if array.shape[2] != length:
-                    raise ValueError(f"KV rows of layer {i}: {array.shape[2]} rows, expected {length}")
-                if self.model.share_buffer:
-                    full = np.zeros((*array.shape[:2], self.max_length, array.shape[3]), self.kv_dtype[i])
-                    full[:, :, :length] = array
-                    array = full
-                pair.append(_from_array(np.ascontiguousarray(array, dtype=self.kv_dtype[i])))
-            self.kv[i] = pair
+            check_rows(i, list(rows[i]), length)
+            self.kv[i] = [_from_array(padded(a, self.max_length, self.kv_dtype[i]) if self.model.share_buffer
+                                      else np.ascontiguousarray(a, dtype=self.kv_dtype[i])) for a in rows[i]]
         self.mask[:] = 0
         self.mask[:, :length] = 1
         self.length = length

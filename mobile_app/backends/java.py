@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from lfm_edge.runtime.growth import capacity_for, check_rows, check_truncate, grown_mask, padded
+
 from .plan import BundleError, StateSpec, check_step, read_bundle, state_spec, step_names
 
 LITTLE = sys.byteorder == "little"
@@ -238,8 +240,7 @@ class JavaCache:
 
     def truncate(self, length: int) -> None:
         """KV rolls back by length (a concatenating graph's rows are copied once); conv: set_conv_state."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"truncate({length}): the cache holds {self.length} tokens")
+        check_truncate(length, self.length)
         if not self.model.share_buffer and length < self.length:
             for i in self.kv:
                 shape = self._kv_shape(i)
@@ -248,19 +249,15 @@ class JavaCache:
         self.length = length
 
     def reserve(self, rows: int) -> None:
-        if rows <= self.max_length:
+        new = capacity_for(rows, self.max_length, self.model.context_length)
+        if new == self.max_length:
             return
-        if rows > self.model.context_length:
-            raise ValueError(f"{rows} tokens exceed the model's context length {self.model.context_length}")
-        new = min(self.model.context_length, 1 << (rows - 1).bit_length())
         kept = {i: [self._read(t, self._kv_shape(i))[:, :, :self.length] for t in pair] for i, pair in self.kv.items()}
-        mask = np.zeros((self.batch, new), dtype=np.int64)
-        mask[:, :self.length] = self.mask[:, :self.length]
-        self.mask, self.max_length = mask, new
+        self.mask, self.max_length = grown_mask(self.mask, self.length, new), new
         self._ids, self._mask = _Direct(self.J, self.batch * new * 8), _Direct(self.J, self.batch * new * 8)
         if self.model.share_buffer:
             for i, arrays in kept.items():
-                self._set_kv(i, [_pad(a, new) for a in arrays])
+                self._set_kv(i, [padded(a, new) for a in arrays])
 
     def conv_state(self) -> dict[int, np.ndarray]:
         return {i: self._read(pair[0], (self.batch, *self.model.state.conv[i])) for i, pair in self.conv.items()}
@@ -282,9 +279,8 @@ class JavaCache:
         self.reserve(length)
         for i in self.kv:
             arrays = [np.asarray(a, np.float32) for a in rows[i]]
-            if any(a.shape[2] != length for a in arrays):
-                raise ValueError(f"KV rows of layer {i}: expected {length} rows")
-            self._set_kv(i, [_pad(a, self.max_length) if self.model.share_buffer else a for a in arrays])
+            check_rows(i, arrays, length)
+            self._set_kv(i, [padded(a, self.max_length) if self.model.share_buffer else a for a in arrays])
         self.mask[:] = 0
         self.mask[:, :length] = 1
         self.length = length
@@ -394,13 +390,6 @@ class JavaCache:
 
     def close(self) -> None:
         self._finalizer()
-
-
-def _pad(rows: np.ndarray, capacity: int) -> np.ndarray:
-    """[B, H, n, D] rows in a [B, H, capacity, D] buffer."""
-    full = np.zeros((*rows.shape[:2], capacity, rows.shape[3]), np.float32)
-    full[:, :, :rows.shape[2]] = rows
-    return full
 
 
 def _close_all(res: SimpleNamespace) -> None:

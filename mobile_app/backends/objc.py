@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from lfm_edge.runtime.growth import capacity_for, check_rows, check_truncate, grown_mask, padded
+
 from .plan import BundleError, StateSpec, check_step, read_bundle, state_from_config, step_names
 
 # ort_enums.h: ORTTensorElementDataType {Undefined, Float, Int8, UInt8, Int32, UInt32, Int64, ...}
@@ -118,25 +120,20 @@ class ObjcCache:
         return self.max_length
 
     def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"truncate({length}): the cache holds {self.length} tokens")
+        check_truncate(length, self.length)
         if not self.model.share_buffer:
             self.kv = {i: [self._value(a[:, :, :length].copy()) for _, a in pair] for i, pair in self.kv.items()}
         self.mask[:, length:] = 0
         self.length = length
 
     def reserve(self, rows: int) -> None:
-        if rows <= self.max_length:
+        new = capacity_for(rows, self.max_length, self.model.context_length)
+        if new == self.max_length:
             return
-        if rows > self.model.context_length:
-            raise ValueError(f"{rows} tokens exceed the model's context length {self.model.context_length}")
-        new = min(self.model.context_length, 1 << (rows - 1).bit_length())
-        mask = np.zeros((self.batch, new), dtype=np.int64)
-        mask[:, :self.length] = self.mask[:, :self.length]
-        self.mask, self.max_length = mask, new
+        self.mask, self.max_length = grown_mask(self.mask, self.length, new), new
         self._ids = np.zeros(self.batch * new, dtype=np.int64)
         if self.model.share_buffer:
-            self.kv = {i: [self._value(_pad(a[:, :, :self.length], new)) for _, a in pair]
+            self.kv = {i: [self._value(padded(a[:, :, :self.length], new)) for _, a in pair]
                        for i, pair in self.kv.items()}
 
     def conv_state(self) -> dict[int, np.ndarray]:
@@ -154,9 +151,8 @@ class ObjcCache:
         self.reserve(length)
         for i in self.kv:
             arrays = [np.array(a, np.float32) for a in rows[i]]
-            if any(a.shape[2] != length for a in arrays):
-                raise ValueError(f"KV rows of layer {i}: expected {length} rows")
-            self.kv[i] = [self._value(_pad(a, self.max_length) if self.model.share_buffer else a) for a in arrays]
+            check_rows(i, arrays, length)
+            self.kv[i] = [self._value(padded(a, self.max_length) if self.model.share_buffer else a) for a in arrays]
         self.mask[:] = 0
         self.mask[:, :length] = 1
         self.length = length
@@ -217,9 +213,3 @@ class ObjcCache:
         self.kv.update(grown)
         return logits[:, -1:].copy()
 
-
-def _pad(rows: np.ndarray, capacity: int) -> np.ndarray:
-    """[B, H, n, D] rows in a zeroed [B, H, capacity, D] buffer."""
-    full = np.zeros((*rows.shape[:2], capacity, rows.shape[3]), np.float32)
-    full[:, :, :rows.shape[2]] = rows
-    return full
