@@ -96,7 +96,7 @@ class Generation:
                 if self.cancel.is_set():
                     stats.stopped = "cancelled"
                     return
-                logits = cache.step(ids[:, s:s + chunk], mask[:, s:s + chunk])
+                logits = cache.step(ids[:, s:s + chunk], mask[:, s:s + chunk], last=1)  # only the last row is used
             prefill_end = time.perf_counter()
             done = np.zeros(batch, dtype=bool)
             for n in range(self.max_new_tokens):
@@ -119,7 +119,7 @@ class Generation:
                     return
                 if self.sampling.repetition_penalty != 1.0:
                     history = np.concatenate([history, tokens[:, None]], axis=1)
-                logits = cache.step(tokens[:, None])
+                logits = cache.step(tokens[:, None], last=1)
                 stats.decode_tokens_per_second = (n + 1) / max(time.perf_counter() - decode_start, 1e-9)
         finally:
             stats.stopped = stats.stopped or "stop"
