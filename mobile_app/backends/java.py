@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .plan import BundleError, StateSpec, check_step, read_bundle, state_spec, step_names
+from .plan import BundleError, StateSpec, check_step, kv_cache_type, read_bundle, state_spec, step_names
 
 LITTLE = sys.byteorder == "little"
 
@@ -56,6 +56,7 @@ def java_classes() -> SimpleNamespace:
         OrtEnvironment=autoclass("ai.onnxruntime.OrtEnvironment"),
         SessionOptions=autoclass("ai.onnxruntime.OrtSession$SessionOptions"),
         OnnxTensor=autoclass("ai.onnxruntime.OnnxTensor"),
+        OnnxJavaType=autoclass("ai.onnxruntime.OnnxJavaType"),
         ByteBuffer=autoclass("java.nio.ByteBuffer"),
         ByteOrder=autoclass("java.nio.ByteOrder"),
         HashMap=autoclass("java.util.HashMap"),
@@ -70,6 +71,7 @@ class JavaSession:
     def __init__(self, bundle: str | Path, threads: int | None = None, classes: Any = None,
                  pinned: bool | None = None, verify: str = "size"):
         cfg = read_bundle(bundle, verify)
+        self.kv_dtype, _ = kv_cache_type(cfg, "Java")  # the graph's KV dims already count packed bytes
         self.folder, self.manifest = cfg.folder, cfg.manifest
         self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
         self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
@@ -148,6 +150,12 @@ class _Direct:
         b.limit(count * 4)
         return b.asFloatBuffer()  # a direct FloatBuffer over [0, count) in native order
 
+    def raw(self, count: int) -> Any:
+        b = self.bytes
+        b.clear()
+        b.limit(count)
+        return b  # the direct ByteBuffer over [0, count), for int8/uint8 tensors
+
     def longs(self, count: int) -> Any:
         b = self.bytes
         b.clear()
@@ -179,18 +187,23 @@ class JavaCache:
         capacity = max_length if model.share_buffer else 0
         for i, _, _, _, _ in names.kv:
             heads, dim = state.kv[i]
-            self.kv[i] = [self._tensor((batch, heads, capacity, dim)) for _ in range(2)]
+            self.kv[i] = [self._tensor((batch, heads, capacity, dim), model.kv_dtype) for _ in range(2)]
         self._finalizer = weakref.finalize(self, _close_all, self._res)
 
-    def _tensor(self, shape: tuple[int, ...]) -> Any:
-        """A zero-filled float tensor over its own direct buffer (allocateDirect zero-fills)."""
+    def _tensor(self, shape: tuple[int, ...], dtype: type = np.float32) -> Any:
+        """A zero-filled tensor over its own direct buffer (allocateDirect zero-fills): float32, or int8/uint8
+        (an int8/int4 KV cache) through createTensor(env, ByteBuffer, long[], OnnxJavaType)."""
         count = int(np.prod(shape))
-        buf = _Direct(self.J, count * 4)
-        t = self.J.OnnxTensor.createTensor(self.env, buf.floats(count), list(shape))
+        buf = _Direct(self.J, count * np.dtype(dtype).itemsize)
+        if np.dtype(dtype) == np.float32:
+            t = self.J.OnnxTensor.createTensor(self.env, buf.floats(count), list(shape))
+        else:
+            kind = self.J.OnnxJavaType.INT8 if np.dtype(dtype) == np.int8 else self.J.OnnxJavaType.UINT8
+            t = self.J.OnnxTensor.createTensor(self.env, buf.raw(count), list(shape), kind)
         self._res.tensors.append(t)  # the OnnxTensor keeps a Java reference to its buffer
         return t
 
-    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None, last: int | None = 1) -> np.ndarray:
         """Run input_ids [B, S] (mask [B, S] marks padding); returns the logits of the last position,
         [B, 1, V] (the generation loop reads logits[:, -1]; the other rows never leave the Java side)."""
         b, s = input_ids.shape
