@@ -173,3 +173,15 @@ def test_phone_target_bundle_with_int8_cache_converts_to_ort_format(tmp_path):
     assert manifest["ort_format"]["file"] == "model.ort" and manifest["kv_cache"]["bits"] == 8
     session = ort.InferenceSession(str(bundle / "model.ort"), providers=["CPUExecutionProvider"])
     assert {i.name: i.type for i in session.get_inputs()}["past_key_values.2.key"] == "tensor(int8)"
+
+
+def test_kv_quality_tooling_measures_the_difference(tmp_path):
+    """lfm-quant-report --kv-cache: the fp32 cache against itself is exact, int4 costs more than int8."""
+    from lfm_edge.quant.cli import main
+
+    assert main(["--kv-cache", "int8", "int4", "--depths", "300", "--decode", "16", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "kv_cache.md").read_text()
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines()[2:]}
+    assert set(rows) == {"int8 margin 1.25", "int4 margin 1.25"}
+    kl = {label: float(cells[3]) for label, cells in rows.items()}
+    assert 0 < kl["int8 margin 1.25"] < kl["int4 margin 1.25"]
