@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", type=int, nargs="+", default=[1024, 4096, 16384], help="with --kv-cache")
     parser.add_argument("--decode", type=int, default=256, help="with --kv-cache: greedy tokens after each prompt")
     parser.add_argument("--weights", default="fp32", help="with --kv-cache: the weights' quantization policy")
+    parser.add_argument("--reference-weights", default=None,
+                        help="with --kv-cache: compare against this policy's export with the fp32 cache (default: "
+                             "--weights), e.g. fp32 to see a quantized cache next to the weights' own cost")
     args = parser.parse_args(argv)
 
     from ..export.cli import demo_model_path
@@ -47,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         variants = [(f"{kv} margin {m}", kv, m) for kv in args.kv_cache for m in args.kv_margins]
         try:
             kv_results = evaluate_kv_cache(checkpoint, text_file.read_text(), variants, args.depths, args.weights,
-                                           args.decode, progress=lambda msg: print(f"  {msg}", file=sys.stderr,
-                                                                                   flush=True))
+                                           args.decode, args.reference_weights,
+                                           progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
         except ValueError as e:
             print(f"lfm-quant-report: error: {e}", file=sys.stderr)
             return 2

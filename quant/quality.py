@@ -265,19 +265,24 @@ def kv_cache_quality(reference: Path, candidates: dict[str, Path], ids: Sequence
 
 
 def evaluate_kv_cache(checkpoint: str | Path, heldout: str, variants: Sequence[tuple[str, str, float]],
-                      depths: Sequence[int], quant: str = "fp32", decode: int = 256,
+                      depths: Sequence[int], quant: str = "fp32", decode: int = 256, reference_quant: str | None = None,
                       progress: Callable[[str], None] = print) -> list[KvQuality]:
-    """(label, kv_cache, margin) variants of one checkpoint's export (weights `quant`) against its fp32 cache."""
+    """(label, kv_cache, margin) variants of one checkpoint's export (weights `quant`) against its fp32 cache, or,
+    with `reference_quant` (e.g. "fp32" for int4 weights), against that export, the fp32 cache with `quant`
+    weights then measured too."""
     from ..export.exporter import export
 
     work = Path(tempfile.mkdtemp(prefix="lfm-kv-quality-"))
     try:
-        progress(f"exporting {quant} weights with the fp32 cache")
-        reference = export(checkpoint, work / "fp32", quant=quant).bundle
+        reference_quant = reference_quant or quant
+        progress(f"exporting {reference_quant} weights with the fp32 cache")
+        reference = export(checkpoint, work / "reference", quant=reference_quant).bundle
         candidates = {}
+        if reference_quant != quant:
+            variants = [(f"{quant} weights, fp32 cache", "fp32", 1.0), *variants]
         for label, kv, margin in variants:
             progress(f"exporting {label}")
-            candidates[label] = export(checkpoint, work / label.replace(" ", "_"), quant=quant, kv_cache=kv,
+            candidates[label] = export(checkpoint, work / f"variant{len(candidates)}", quant=quant, kv_cache=kv,
                                        kv_margin=margin).bundle
         ids = kv_eval_ids(reference / "tokenizer.json", heldout)
         return kv_cache_quality(reference, candidates, ids, depths, decode=decode, progress=progress)
@@ -288,6 +293,9 @@ def evaluate_kv_cache(checkpoint: str | Path, heldout: str, variants: Sequence[t
 def kv_quality_table(results: Sequence[KvQuality]) -> str:
     lines = ["| KV cache | depth | KL prompt | KL decode (forced) | top-1 decode (forced) | free greedy equal | "
              "first difference |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.label} | {r.depth} | {r.prompt_kl:.5f} | {r.forced_kl:.5f} | {r.forced_top1:.1%} | "
+    def kl(x: float) -> str:
+        return f"{x:.5f}" if x >= 1e-4 else f"{x:.1e}"
+
+    lines += [f"| {r.label} | {r.depth} | {kl(r.prompt_kl)} | {kl(r.forced_kl)} | {r.forced_top1:.1%} | "
               f"{r.free_equal:.1%} | {r.free_prefix if r.free_prefix < r.decoded else 'none'} |" for r in results]
     return "\n".join(lines) + "\n"

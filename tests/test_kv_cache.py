@@ -185,3 +185,22 @@ def test_kv_quality_tooling_measures_the_difference(tmp_path):
     assert set(rows) == {"int8 margin 1.25", "int4 margin 1.25"}
     kl = {label: float(cells[3]) for label, cells in rows.items()}
     assert 0 < kl["int8 margin 1.25"] < kl["int4 margin 1.25"]
+
+
+@pytest.mark.parametrize("args,kv", [(["--target", "android"], "int8"), (["--target", "ios"], "int8"),
+                                     ([], "fp32"), (["--target", "android", "--kv-cache", "fp32"], "fp32"),
+                                     (["--ops", "portable"], "fp32"), (["--kv-cache", "int4"], "int4")])
+def test_cli_kv_cache_defaults_by_target(monkeypatch, tmp_path, args, kv):
+    """Phones default to the int8 cache (quant/README.md has the measurements behind it), the desktop and the
+    portable op set to fp32; an explicit --kv-cache wins."""
+    from lfm_edge.export import cli
+
+    seen = {}
+
+    def fake_export(checkpoint, out, **kwargs):
+        seen.update(kwargs)
+        raise ExportError("stop here")
+
+    monkeypatch.setattr(cli, "export", fake_export)
+    assert cli.main([str(demo_model_path()), "--out", str(tmp_path / "b"), *args]) == 2
+    assert seen["kv_cache"] == kv
