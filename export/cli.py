@@ -87,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         policy = get_policy(args.quant).with_overrides(args.block_size, args.quant_method, args.accuracy_level)
         eval_text = Path(args.eval_text).read_text() if args.eval_text else None
-        calibration = Path(args.kv_calibration).read_text() if args.kv_calibration else None
+        calibration = None
+        if args.kv_calibration:
+            if not Path(args.kv_calibration).is_file():
+                raise ExportError(f"--kv-calibration {args.kv_calibration}: no such file")
+            calibration = Path(args.kv_calibration).read_text()
         result = export(checkpoint, out, ops=args.ops, quant=policy, random_weights=args.random_weights,
                         target=args.target, eval_text=eval_text, progress=progress, kv_cache=args.kv_cache,
                         kv_calibration_text=calibration, kv_margin=args.kv_margin)

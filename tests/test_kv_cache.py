@@ -157,12 +157,17 @@ def test_bad_kv_cache_choices_name_the_argument(root, tmp_path):
         export(demo_model_path(), tmp_path / "x", ops="portable", kv_cache="int8")
     with pytest.raises(ExportError, match="--kv-margin 0"):
         export(demo_model_path(), tmp_path / "x", kv_cache="int8", kv_margin=0)
+    with pytest.raises(ExportError, match=r"--kv-calibration: the text gives \d+ tokens, \d+ distinct.*at least 64"):
+        export(demo_model_path(), tmp_path / "x", kv_cache="int8", kv_calibration_text="the")
     assert not (tmp_path / "x").exists()
     cli = [sys.executable, "-m", "lfm_edge.export.cli", "--out", str(tmp_path / "y")]
     result = subprocess.run([*cli, "--kv-cache", "int3"], capture_output=True, text=True)
     assert result.returncode == 2 and "--kv-cache: invalid choice: 'int3'" in result.stderr
     result = subprocess.run([*cli, "--ops", "portable", "--kv-cache", "int8"], capture_output=True, text=True)
     assert result.returncode == 2 and "--kv-cache int8 needs --ops contrib" in result.stderr
+    result = subprocess.run([*cli, "--kv-cache", "int8", "--kv-calibration", str(tmp_path / "none.txt")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and f"--kv-calibration {tmp_path / 'none.txt'}: no such file" in result.stderr
     assert "Traceback" not in result.stderr
 
 
