@@ -5,6 +5,10 @@ CPU wait: two systems measured minutes apart can differ by 20% for that alone. H
 both, in alternating order, on the same prompt and the same decoded token ids (random ids, so routing varies
 as in real text; neither side samples, both compute full logits every step), and the ratio is taken per
 round. `python -m lfm_edge.device_bench.ab BUNDLE GGUF [--rounds N]` prints and writes JSON.
+
+`python -m lfm_edge.device_bench.ab FILE.gguf` compares llama.cpp with a bundle exported from that very file
+(`lfm-export FILE.gguf`: its Q4_0 blocks as they are), so both run the same weights, not two quantizations of
+one checkpoint; the JSON says which (`same_weights`).
 """
 
 from __future__ import annotations
@@ -56,22 +60,51 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
         if r:
             rows.append({"ours_prefill": o[0], "ours_decode": o[1], "llama_prefill": t[0], "llama_decode": t[1]})
     med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
-    return {"bundle": str(bundle), "gguf": str(gguf), "threads": threads, "prompt": prompt, "decode": decode,
-            "rounds": rows, "median": med,
+    return {"bundle": str(bundle), "gguf": str(gguf), "same_weights": exported_from(bundle, Path(gguf)),
+            "threads": threads, "prompt": prompt, "decode": decode, "rounds": rows, "median": med,
             "decode_ratio_per_round": statistics.median(r["ours_decode"] / r["llama_decode"] for r in rows),
             "prefill_ratio_per_round": statistics.median(r["ours_prefill"] / r["llama_prefill"] for r in rows)}
 
 
+def exported_from(bundle: Path, gguf: Path) -> bool:
+    """Whether the bundle's manifest names this very GGUF file (by name and sha256, export/provenance.py)."""
+    from ..export.provenance import file_sha256
+
+    try:
+        source = json.loads((Path(bundle) / "manifest.json").read_text())["source"]
+        recorded = source["gguf_sha256"][Path(gguf).name]
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
+    return recorded == file_sha256(Path(gguf))
+
+
+def bundle_for(gguf: Path, folder: Path, quant: str = "int4") -> Path:
+    """The bundle of `gguf` in `folder`, exported unless one from this very file is there already."""
+    if (folder / "model.onnx").is_file() and exported_from(folder, gguf):
+        return folder
+    from ..export.exporter import export
+
+    return export(gguf, folder, quant=quant).bundle
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.ab", description=__doc__)
-    parser.add_argument("bundle")
-    parser.add_argument("gguf")
+    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.ab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", help="our bundle, or a .gguf to export and compare with itself")
+    parser.add_argument("gguf", nargs="?", help="llama.cpp's file (omit when the first argument is one)")
+    parser.add_argument("--bundle-dir", default=None, help="where a GGUF's bundle is exported (default: beside --out)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--decode", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--out", default="build/bench/ab.json")
     args = parser.parse_args(argv)
+    if args.gguf is None:
+        if not args.bundle.lower().endswith(".gguf"):
+            parser.error("give BUNDLE GGUF, or one .gguf to compare with a bundle exported from it")
+        args.gguf = args.bundle
+        folder = Path(args.bundle_dir or Path(args.out).parent / (Path(args.gguf).stem + "-bundle"))
+        args.bundle = str(bundle_for(Path(args.gguf), folder))
     if argv is None:
         from ..runtime.hugepages import reexec_with_hugepages
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..runtime.bundle import BundleError, read_bundle
 from ..runtime.hugepages import reexec_with_hugepages
 from . import roofline
 from .bench import device_info, run
@@ -57,10 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     def progress(message: str) -> None:
         print(f"  {message}", file=sys.stderr, flush=True)
 
-    progress("measuring read bandwidth")
-    bandwidth = args.bandwidth or roofline.read_bandwidth()
-    tokens = roofline.bytes_per_token(bundle)
-    metrics = run(bundle, args.threads, args.prompts, args.depths, args.decode, args.runs, progress)
+    import onnxruntime as ort
+
+    try:  # a bad bundle is one line naming the file and field, before minutes of measuring
+        read_bundle(bundle, onnxruntime_version=ort.__version__)
+        progress("measuring read bandwidth")
+        bandwidth = args.bandwidth or roofline.read_bandwidth()
+        tokens = roofline.bytes_per_token(bundle)
+        metrics = run(bundle, args.threads, args.prompts, args.depths, args.decode, args.runs, progress)
+    except BundleError as e:
+        print(f"lfm-bench: error: {e}", file=sys.stderr)
+        return 2
     summary = {k: m.summary() for k, m in metrics.items()}
     peers = {}
     if args.peer in ("genai", "all"):
@@ -144,6 +152,8 @@ def _manifest(bundle: Path) -> dict:
     if not path.is_file():
         return {}
     manifest = json.loads(path.read_text())
+    if not isinstance(manifest, dict):
+        return {}
     return {k: manifest.get(k) for k in ("model_type", "ops", "quant", "quant_policy", "target", "versions")}
 
 

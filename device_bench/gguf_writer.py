@@ -1,8 +1,8 @@
-"""An `lfm2moe` GGUF for llama.cpp, written from a checkpoint read with our own reader (no torch).
+"""An `lfm2moe` or `lfm2` GGUF for llama.cpp, written from a checkpoint read with our own reader (no torch).
 
-llama.cpp is the peer the benchmark holds our bundles against, on the same weights. The metadata and
-tensor names follow llama.cpp's converter (`LFM2MoeModel` in convert_hf_to_gguf / conversion/lfm2.py, and
-gguf-py's LFM2MOE tensor map):
+llama.cpp is the peer the benchmark holds our bundles against, on the same weights, and the tests make the
+GGUFs `lfm-export` reads with it (export/gguf_checkpoint.py). The metadata and tensor names follow llama.cpp's
+converter (`LFM2Model` / `LFM2MoeModel` in convert_hf_to_gguf, and gguf-py's LFM2 / LFM2MOE tensor maps):
 
     model.embed_tokens                      token_embd              (tied: also the LM head)
     model.embedding_norm                    token_embd_norm         (the final norm)
@@ -15,8 +15,12 @@ gguf-py's LFM2MOE tensor map):
     layers.i.feed_forward.expert_bias       blk.i.exp_probs_b.bias
     layers.i.feed_forward.experts.j.w1/3/2  blk.i.ffn_{gate,up,down}_exps             (stacked [E, ...])
 
-The tokenizer section is llama.cpp's `no_vocab` model with `vocab_size` dummy tokens: the benchmark feeds
-token ids, and llama.cpp needs no more to evaluate them.
+The tokenizer: a byte-level BPE tokenizer.json (GPT-2 or LFM2 split) is written as llama.cpp's `gpt2` model
+(tokens, types, merges, BOS/EOS/pad, the chat template); any other (the tests' word-level one) as llama.cpp's
+`no_vocab` model with `vocab_size` dummy tokens, which is all the benchmark needs to evaluate token ids.
+
+`types(gguf_name, shape)` may choose a block type per tensor (Q4_0, Q8_0, ... as gguf-py quantizes them in
+numpy; `encoders` supplies bytes for types it cannot quantize, such as the K-quants).
 
 Tensors are streamed: all tensor infos first (shapes come from the config), then one tensor at a time;
 at most one stacked expert tensor (one layer's gate, up or down) is in memory at once.
@@ -24,6 +28,7 @@ at most one stacked expert tensor (one layer's gate, up or down) is in memory at
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +38,14 @@ import gguf
 import numpy as np
 
 from ..export.config import Lfm2Config
+from ..export.gguf_tokenizer import metadata_from_tokenizer
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LFM2MOE]  # "lfm2moe"
+ARCHS = {"lfm2_moe": ARCH, "lfm2": gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LFM2]}
 T = gguf.MODEL_TENSOR
+Q = gguf.GGMLQuantizationType
+TypeChooser = Callable[[str, tuple[int, ...]], "gguf.GGMLQuantizationType | None"]
+Encoder = Callable[[np.ndarray], np.ndarray]  # float32 [rows, K] -> uint8 [rows, bytes per row]
 
 
 class CheckpointLike(Protocol):
@@ -62,13 +72,13 @@ def _name(kind: gguf.MODEL_TENSOR, bid: int | None = None, suffix: str = "weight
 def _check_supported(cfg: Lfm2Config) -> None:
     """Refuse what llama.cpp's lfm2moe graph cannot express rather than write a GGUF that computes
     something else."""
-    if cfg.model_type != "lfm2_moe":
-        raise ValueError(f"model_type {cfg.model_type!r}: this writer makes lfm2moe GGUFs only")
+    if cfg.model_type not in ARCHS:
+        raise ValueError(f"model_type {cfg.model_type!r}: this writer makes lfm2 and lfm2moe GGUFs only")
     if cfg.conv_bias:
-        raise ValueError("conv_bias: llama.cpp's lfm2moe has no short-conv biases")
-    if not cfg.norm_topk_prob:
+        raise ValueError("conv_bias: llama.cpp's lfm2 / lfm2moe have no short-conv biases")
+    if cfg.is_moe and not cfg.norm_topk_prob:
         raise ValueError("norm_topk_prob false: llama.cpp's lfm2moe always renormalises the top-k weights")
-    if cfg.routed_scaling_factor != 1.0:
+    if cfg.is_moe and cfg.routed_scaling_factor != 1.0:
         raise ValueError(f"routed_scaling_factor {cfg.routed_scaling_factor}: llama.cpp's lfm2moe reads no scale")
     if not cfg.tie_word_embeddings:
         raise ValueError("untied LM head: not written here (the LFM2 models tie it)")
@@ -156,7 +166,7 @@ def _fused_source(ck: CheckpointLike, prefix: str, which: str) -> np.ndarray | N
 
 
 def _add_metadata(w: gguf.GGUFWriter, cfg: Lfm2Config, f16: bool, name: str) -> None:
-    """The keys llama.cpp's converter writes for Lfm2MoeForCausalLM (TextModel's, then LFM2MoeModel's)."""
+    """The keys llama.cpp's converter writes for Lfm2(Moe)ForCausalLM (TextModel's, then LFM2(Moe)Model's)."""
     w.add_name(name)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -172,16 +182,15 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: Lfm2Config, f16: bool, name: str) -> 
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
-    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    w.add_leading_dense_block_count(cfg.num_dense_layers)
-    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    # Not written by the converter and not read by llama.cpp's lfm2moe (it always renormalises); recorded
-    # so the file says what it computes.
-    w.add_expert_weights_norm(cfg.norm_topk_prob)
+    if cfg.is_moe:
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_leading_dense_block_count(cfg.num_dense_layers)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        # Not written by the converter and not read by llama.cpp's lfm2moe (it always renormalises); recorded
+        # so the file says what it computes.
+        w.add_expert_weights_norm(cfg.norm_topk_prob)
     w.add_vocab_size(cfg.vocab_size)
     w.add_shortconv_l_cache(cfg.conv_L_cache)
-    # tokenizer: ids only (llama.cpp adds vocab_size dummy tokens)
-    w.add_tokenizer_model("none")
     if cfg.bos_token_id is not None:
         w.add_bos_token_id(cfg.bos_token_id)
     if cfg.eos_token_id:
@@ -190,19 +199,59 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: Lfm2Config, f16: bool, name: str) -> 
         w.add_pad_token_id(cfg.pad_token_id)
 
 
-def write_gguf(checkpoint: CheckpointLike, out_path: str | Path, f16: bool = True) -> Path:
-    """Write `checkpoint` as an lfm2moe GGUF (f16 matrices when `f16`, else all f32); returns the path."""
+def _add_tokenizer(w: gguf.GGUFWriter, cfg: Lfm2Config, folder: Path | None) -> None:
+    """The checkpoint's byte-level BPE as llama.cpp's `gpt2` vocabulary, with its chat template; otherwise
+    ids only (`none`: llama.cpp adds vocab_size dummy tokens)."""
+    tok_path = folder / "tokenizer.json" if folder is not None else None
+    meta = None
+    settings: dict = {}
+    if tok_path is not None and tok_path.is_file():
+        config_path = folder / "tokenizer_config.json"
+        settings = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        meta = metadata_from_tokenizer(json.loads(tok_path.read_text()), cfg.vocab_size,
+                                       bool(settings.get("add_bos_token", False)))
+    if meta is None:
+        w.add_tokenizer_model("none")
+        return
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(meta["pre"])
+    w.add_token_list(meta["tokens"])
+    w.add_token_types(meta["types"])
+    w.add_token_merges(meta["merges"])
+    w.add_add_bos_token(meta["add_bos"])
+    w.add_add_eos_token(bool(settings.get("add_eos_token", False)))
+    template = settings.get("chat_template")
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    if isinstance(template, str):
+        w.add_chat_template(template)
+
+
+def write_gguf(checkpoint: CheckpointLike, out_path: str | Path, f16: bool = True, types: TypeChooser | None = None,
+               encoders: dict[gguf.GGMLQuantizationType, Encoder] | None = None, split_max_tensors: int = 0) -> Path:
+    """Write `checkpoint` as an lfm2moe / lfm2 GGUF (f16 matrices when `f16`, else all f32, or the block type
+    `types` picks per tensor); returns the path (the first part's, when `split_max_tensors` splits the file
+    into NAME-0000i-of-0000n.gguf as llama.cpp's gguf-split does)."""
     cfg = checkpoint.config
     _check_supported(cfg)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     entries = list(_entries(checkpoint, f16))
-    writer = gguf.GGUFWriter(out_path, ARCH)
+    chosen = {e.name: types(e.name, e.shape) if types else None for e in entries}
+    writer = gguf.GGUFWriter(out_path, ARCHS[cfg.model_type], split_max_tensors=split_max_tensors)
+    folder = getattr(checkpoint, "folder", None)
     try:
-        _add_metadata(writer, cfg, f16, Path(str(getattr(checkpoint, "folder", "lfm2moe"))).name)
+        _add_metadata(writer, cfg, f16, Path(str(folder or "lfm2moe")).name)
+        _add_tokenizer(writer, cfg, folder if isinstance(folder, Path) and folder.is_dir() else None)
         for e in entries:
-            itemsize = np.dtype(e.dtype).itemsize
-            writer.add_tensor_info(e.name, e.shape, np.dtype(e.dtype), int(np.prod(e.shape)) * itemsize)
+            qtype = chosen[e.name]
+            if qtype is None:
+                nbytes = int(np.prod(e.shape)) * np.dtype(e.dtype).itemsize
+                writer.add_tensor_info(e.name, e.shape, np.dtype(e.dtype), nbytes)
+            else:
+                block, size = gguf.GGML_QUANT_SIZES[qtype]
+                writer.add_tensor_info(e.name, e.shape, np.dtype(np.float32), int(np.prod(e.shape)) // block * size,
+                                       raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -210,8 +259,15 @@ def write_gguf(checkpoint: CheckpointLike, out_path: str | Path, f16: bool = Tru
             data = e.load()
             if data.shape != e.shape:
                 raise ValueError(f"{e.name}: got shape {data.shape}, expected {e.shape}")
-            writer.write_tensor_data(np.ascontiguousarray(data, dtype=e.dtype))
+            qtype = chosen[e.name]
+            if qtype is None:
+                writer.write_tensor_data(np.ascontiguousarray(data, dtype=e.dtype))
+            else:
+                encode = (encoders or {}).get(qtype, lambda a, t=qtype: gguf.quants.quantize(a, t))
+                rows = data.reshape(-1, e.shape[-1]).astype(np.float32)
+                writer.write_tensor_data(np.ascontiguousarray(encode(rows)))
             del data
+        parts = writer.format_shard_names(out_path)
     finally:
         writer.close()
-    return out_path
+    return parts[0]

@@ -20,7 +20,7 @@ import numpy as np
 TARGET_TOKENS_PER_SECOND = 30.0
 
 # Peak LPDDR bandwidth (GB/s) of phone SoCs; `achievable` is the share the best CPU decoders reach
-# (REFERENCE.md section 5: about 55% on phones).
+# (about 55% on phones; docs/design.md, "Speed").
 PHONE_SOCS: dict[str, float] = {
     "Snapdragon 8 Gen 2 (LPDDR5X-8400)": 67.0,
     "Snapdragon 8 Gen 3 (LPDDR5X-9600)": 76.8,

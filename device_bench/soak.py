@@ -3,7 +3,9 @@
     python -m lfm_edge.device_bench.soak BUNDLE [--threads 8 --per-thread 50 --generations 1000]
 
 Checks that concurrent generations give exactly the serial results and that resident memory stays flat
-over many generations (bounded growth after a warm-up); prints a JSON summary, exits 1 on a failure.
+over many generations (bounded growth after a warm-up); then the same for conversations that keep their
+state (`--conversations`: many multi-turn conversations over one model, from many threads, saved and
+loaded midway). Prints a JSON summary, exits 1 on a failure.
 """
 
 from __future__ import annotations
@@ -51,6 +53,44 @@ def soak(bundle: Path, threads: int = 8, per_thread: int = 50, generations: int 
             "seconds": round(time.perf_counter() - start, 1)}
 
 
+def soak_conversations(bundle: Path, threads: int = 4, conversations: int = 40, turns: int = 4,
+                       new_tokens: int = 6, seed: int = 0, save_to: Path | None = None) -> dict:
+    """Multi-turn conversations (state kept, an edit midway, saved and reloaded when `save_to` is a folder)
+    over one LfmModel from `threads` threads: identical to serial runs, resident memory flat."""
+    from ..runtime.engine import LfmModel
+
+    model = LfmModel(bundle, threads=1)
+    rng = np.random.default_rng(seed)
+    words = ["list", "tuple", "set", "dict", "loop", "class", "file", "string", "number", "module", "error"]
+    scripts = [[f"What is a {w}?" for w in rng.choice(words, turns)] for _ in range(conversations)]
+
+    def talk(n: int) -> list[list[int]]:
+        conv = model.conversation(system="You answer briefly." if n % 2 else None, snapshot_every=8)
+        said = []
+        for t, question in enumerate(scripts[n]):
+            said.append(conv.say(question, max_new_tokens=new_tokens).tokens)
+            if t == turns // 2:
+                conv.messages[-1]["content"] = conv.messages[-1]["content"][:4]  # an edited answer: rollback
+                if save_to is not None:
+                    conv.save(save_to / f"conv{n}.safetensors")
+                    conv = model.load_conversation(save_to / f"conv{n}.safetensors")
+        return said
+
+    start = time.perf_counter()
+    serial = [talk(n) for n in range(conversations)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        parallel = list(pool.map(talk, range(conversations)))
+    samples = []
+    for n in range(conversations):
+        talk(n)
+        samples.append(round(rss_mb(), 1))
+    warm = samples[min(len(samples) - 1, 4)]
+    return {"threads": threads, "conversations": conversations, "turns": turns,
+            "mismatches": sum(a != b for a, b in zip(serial, parallel, strict=True)),
+            "rss_mb": samples[::max(1, len(samples) // 10)], "growth_after_warmup_mb": round(samples[-1] - warm, 1),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="soak", description=__doc__)
     parser.add_argument("bundle")
@@ -58,10 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-thread", type=int, default=50)
     parser.add_argument("--generations", type=int, default=1000)
     parser.add_argument("--max-growth-mb", type=float, default=50.0)
+    parser.add_argument("--conversations", type=int, default=0, help="also soak this many multi-turn "
+                        "conversations (the bundle needs its tokenizer and chat template)")
     args = parser.parse_args(argv)
-    result = soak(Path(args.bundle), args.threads, args.per_thread, args.generations)
-    print(json.dumps(result, indent=2))
-    return 0 if result["mismatches"] == 0 and result["growth_after_warmup_mb"] <= args.max_growth_mb else 1
+    results = [soak(Path(args.bundle), args.threads, args.per_thread, args.generations)]
+    if args.conversations:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            results.append(soak_conversations(Path(args.bundle), args.threads, args.conversations,
+                                              save_to=Path(folder)))
+    print(json.dumps(results, indent=2))
+    return 0 if all(r["mismatches"] == 0 and r["growth_after_warmup_mb"] <= args.max_growth_mb
+                    for r in results) else 1
 
 
 if __name__ == "__main__":

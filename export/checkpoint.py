@@ -23,6 +23,14 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.fl
 # transformers 5 saves experts fused: gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I].
 _EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(w1|w3|w2)\.weight")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt", "*.model"]
+# what a bundle carries from the checkpoint besides the weights
+BUNDLE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                "chat_template.jinja", "config.json")
+
+
+def is_gguf(spec: str | Path) -> bool:
+    """A llama.cpp GGUF file (local or `org/name/file.gguf` on the hub) rather than a checkpoint folder."""
+    return str(spec).lower().endswith(".gguf")
 
 
 class CheckpointError(ValueError):
@@ -103,6 +111,10 @@ class Checkpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self._index or self._fused(name) is not None
+
+    def files(self) -> dict[str, bytes]:
+        """The tokenizer and config files a bundle carries, as the folder has them."""
+        return {n: (self.folder / n).read_bytes() for n in BUNDLE_FILES if (self.folder / n).is_file()}
 
     def names(self) -> Iterator[str]:
         return iter(self._index)

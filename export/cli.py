@@ -1,14 +1,17 @@
-"""`lfm-export`: a checkpoint folder or hub id -> an ONNX bundle."""
+"""`lfm-export`: a checkpoint folder, hub id or llama.cpp GGUF file -> an ONNX bundle."""
 
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from ..quant.blocks import METHODS
 from ..quant.policy import get_policy
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, is_gguf
 from .config import ConfigError
 from .exporter import OP_SETS, QUANTS, ExportError, export
 from .kv_cache import DEFAULT_MARGIN, KV_CACHES
@@ -27,9 +30,43 @@ def demo_model_path() -> Path:
     return Path(str(files("lfm_edge.demo_model")))
 
 
+class Progress:
+    """Tensor-by-tensor progress on stderr. A terminal gets one line redrawn in place; a pipe or a file (CI, a
+    log, an app reading the output) gets one plain line per stage (the embedding, each layer, the final norm),
+    since carriage returns there pile up as one unreadable line."""
+
+    _LAYER = re.compile(r"\blayers\.(\d+)\.")
+
+    def __init__(self, stream: TextIO, quiet: bool = False):
+        self.stream, self.quiet = stream, quiet
+        self.tty = stream.isatty()
+        self.count = 0
+        self.stage: str | None = None
+
+    def __call__(self, tensor: str) -> None:
+        self.count += 1
+        if self.quiet:
+            return
+        if self.tty:
+            width = max(20, shutil.get_terminal_size().columns - 10)  # never wider than the terminal: no wrap
+            print(f"\r  [{self.count:4d}] {tensor[:width]:<{width}}", end="", file=self.stream, flush=True)
+            return
+        match = self._LAYER.search(tensor)
+        stage = f"layer {match.group(1)}" if match else tensor.removesuffix(".T").removesuffix(".weight")
+        if stage != self.stage:
+            self.stage = stage
+            print(f"  [{self.count:4d}] {stage}", file=self.stream, flush=True)
+
+    def end(self) -> None:
+        """Finish the redrawn line, if there is one, so what follows starts on a line of its own."""
+        if self.tty and self.count and not self.quiet:
+            print(file=self.stream, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lfm-export", description=__doc__)
-    parser.add_argument("checkpoint", nargs="?", help="checkpoint folder or hub id (default: the bundled demo model)")
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint folder or hub id, or a .gguf file (local, or "
+                        "org/name/file.gguf on the hub) (default: the bundled demo model)")
     parser.add_argument("--out", default=None, help="bundle folder to write (default: build/<checkpoint name>)")
     parser.add_argument("--ops", choices=sorted(OP_SETS), default="contrib",
                         help="contrib: onnxruntime's fused CPU kernels; portable: standard ONNX ops only")
@@ -57,13 +94,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-text", metavar="FILE", default=None,
                         help="held-out text: measure the quantized bundle against fp32 (quality.md in the bundle); "
                              "the demo model uses its own heldout.txt")
+    parser.add_argument("--tokenizer", metavar="PATH", default=None,
+                        help="for a GGUF without usable tokenizer metadata: the model's tokenizer.json (or its folder)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
+    checkpoint = args.checkpoint
+    try:
+        if checkpoint is not None and is_gguf(checkpoint) and not args.random_weights:
+            from .gguf_checkpoint import resolve_gguf, stores_quantized
+
+            checkpoint = resolve_gguf(checkpoint)
+            # A quantized GGUF keeps its blocks by default (int4: Q4_0/Q8_0 as they are), even on a desktop.
+            if args.quant is None and stores_quantized(checkpoint):
+                args.quant = "int4"
+    except (CheckpointError, OSError) as e:
+        print(f"lfm-export: error: {e}", file=sys.stderr)
+        return 2
     args.quant = args.quant or TARGET_QUANT[args.target]
     if args.kv_cache is None:  # the portable op set has only the fp32 cache (export() says why if asked)
         args.kv_cache = "fp32" if args.ops == "portable" else TARGET_KV_CACHE[args.target]
 
-    checkpoint = args.checkpoint
     if args.random_weights:
         checkpoint = None
         name = "random-" + args.random_weights.replace(":", "-")
@@ -74,16 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             args.eval_text = str(checkpoint / "heldout.txt")
     if checkpoint is not None:
         name = Path(str(checkpoint).rstrip("/")).name or "model"
+        name = name[:-len(".gguf")] if is_gguf(name) else name
     out = Path(args.out) if args.out else Path("build") / f"{name}-{args.quant}-{args.ops}"
 
-    count = 0
-
-    def progress(tensor: str) -> None:
-        nonlocal count
-        count += 1
-        if not args.quiet:
-            print(f"\r  [{count:4d}] {tensor[:90]:<90}", end="", file=sys.stderr, flush=True)
-
+    progress = Progress(sys.stderr, args.quiet)
     try:
         policy = get_policy(args.quant).with_overrides(args.block_size, args.quant_method, args.accuracy_level)
         eval_text = Path(args.eval_text).read_text() if args.eval_text else None
@@ -93,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise ExportError(f"--kv-calibration {args.kv_calibration}: no such file")
             calibration = Path(args.kv_calibration).read_text()
         result = export(checkpoint, out, ops=args.ops, quant=policy, random_weights=args.random_weights,
-                        target=args.target, eval_text=eval_text, progress=progress, kv_cache=args.kv_cache,
-                        kv_calibration_text=calibration, kv_margin=args.kv_margin)
+                        target=args.target, eval_text=eval_text, progress=progress, tokenizer=args.tokenizer,
+                        kv_cache=args.kv_cache, kv_calibration_text=calibration, kv_margin=args.kv_margin)
     except (ExportError, CheckpointError, ConfigError, ValueError, OSError) as e:
-        print(("\n" if count and not args.quiet else "") + f"lfm-export: error: {e}", file=sys.stderr)
+        progress.end()
+        print(f"lfm-export: error: {e}", file=sys.stderr)
         return 2
-    if not args.quiet:
-        print(file=sys.stderr)
+    progress.end()
     size = sum(result.files.values())
     print(f"Wrote {result.bundle} ({size / 1e6:.1f} MB, {len(result.files)} files) in {result.seconds:.2f} s.")
     return 0

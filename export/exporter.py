@@ -15,20 +15,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..device_bench import roofline
 from ..quant.policy import POLICIES, Policy, get_policy
-from ..runtime.bundle import install_folder, sampled_sha256, sha256
-from .checkpoint import Checkpoint, CheckpointError, resolve
+from ..runtime.bundle import MIN_ONNXRUNTIME, install_folder, sampled_sha256, sha256
+from .checkpoint import BUNDLE_FILES, Checkpoint, CheckpointError, is_gguf, resolve
+from .conversion import ConversionLog
 from .genai_config import genai_config
 from .graph import Graph
 from .kv_cache import DEFAULT_MARGIN, KV_CACHES, kv_cache_for
 from .lfm2 import Lfm2Model
 from .mobile import phone_extras
 from .onnx_ops import ContribOps, PortableOps, WeightTransform
+from .provenance import checkpoint_source
 from .quant_ops import QuantizedOps
+from .random_tokenizer import NOTE, random_tokenizer_files
 from .random_weights import RandomCheckpoint
+
+if TYPE_CHECKING:
+    from .gguf_checkpoint import GgufCheckpoint
 
 OP_SETS = {"contrib": ContribOps, "portable": PortableOps}
 QUANTS = tuple(POLICIES)
@@ -38,8 +45,7 @@ TARGETS = ("desktop", "android", "ios")
 # performance cores); on a desktop onnxruntime's default, one thread per physical core, is right.
 TARGET_THREADS = {"desktop": None, "android": 4, "ios": 2}
 MODEL_FILE, DATA_FILE, MANIFEST = "model.onnx", "model.onnx.data", "manifest.json"
-CHECKPOINT_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                    "special_tokens_map.json", "chat_template.jinja", "config.json")
+CHECKPOINT_FILES = BUNDLE_FILES
 
 
 class ExportError(ValueError):
@@ -55,13 +61,17 @@ class ExportResult:
 
 def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contrib", quant: str | Policy = "fp32",
            target: str = "desktop", transform: WeightTransform | None = None, random_weights: str | None = None,
-           eval_text: str | None = None, progress: Callable[[str], None] | None = None, kv_cache: str = "fp32",
-           kv_calibration_text: str | None = None, kv_margin: float = DEFAULT_MARGIN) -> ExportResult:
+           eval_text: str | None = None, progress: Callable[[str], None] | None = None,
+           tokenizer: str | Path | None = None, kv_cache: str = "fp32", kv_calibration_text: str | None = None,
+           kv_margin: float = DEFAULT_MARGIN) -> ExportResult:
     """Export `checkpoint` to the bundle folder `out`. `quant` names a policy (quant/policy.py) or is one;
     `transform` rewrites each float weight as it is read (tests use it for fake quantization);
     `random_weights` (a preset of random_weights.py) replaces the checkpoint for benchmarks;
     `eval_text` adds a quantization quality report (quality.json/.md/.png) measured against fp32;
-    `kv_cache` is the KV cache precision (kv_cache.py), its scales calibrated on `kv_calibration_text`."""
+    `kv_cache` is the KV cache precision (kv_cache.py), its scales calibrated on `kv_calibration_text`.
+    A `.gguf` checkpoint (or `org/name/file.gguf` on the hub) brings its own config and tokenizer, or takes
+    the tokenizer from `tokenizer` (a tokenizer.json or its folder); conversion.json/.md say per tensor what
+    its stored type became and at what error."""
     start = time.perf_counter()
     if target not in TARGETS:
         raise ExportError(f"--target {target!r}: expected one of {TARGETS}")
@@ -86,12 +96,15 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
             ckpt = RandomCheckpoint(random_weights)
         except ValueError as e:
             raise ExportError(str(e)) from None
+        source = {"random_weights": random_weights}
     else:
-        ckpt = Checkpoint(resolve(checkpoint))
+        ckpt = open_checkpoint(checkpoint, tokenizer)
+        source = checkpoint_source(checkpoint, ckpt.folder)
     model = Lfm2Model(ckpt.config)
     for w in model.weights():  # headers only: a missing or misshapen tensor fails before any tracing
         ckpt.check(w.name, w.shape)
-    if not random_weights and not (ckpt.folder / "tokenizer.json").is_file():
+    side_files = ckpt.files()
+    if not random_weights and "tokenizer.json" not in side_files:
         raise CheckpointError(f"{ckpt.folder}: no tokenizer.json (the bundle needs the tokenizer)")
     try:
         kv = kv_cache_for(kv_cache, ckpt, kv_calibration_text, kv_margin)
@@ -114,20 +127,29 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
                    metadata={"lfm_edge.ops": ops, "lfm_edge.quant": policy.name, "lfm_edge.kv_cache": kv.name})
         if random_weights:
             (tmp / "config.json").write_text(json.dumps(ckpt.raw_config, indent=2))
-        for name in CHECKPOINT_FILES:
-            if (ckpt.folder / name).is_file():
-                shutil.copyfile(ckpt.folder / name, tmp / name)
+            # without a tokenizer no tool of ours could open the bundle (see random_tokenizer.py)
+            for name, text in random_tokenizer_files(ckpt.raw_config).items():
+                (tmp / name).write_text(text, encoding="utf-8")
+        for name, data in side_files.items():
+            (tmp / name).write_bytes(data)
+        log = getattr(backend, "conversions", None) or ConversionLog(ckpt)
+        named = source.get("hub_id") or source.get("name") or "checkpoint"  # never a local path (provenance.py)
+        conversion = log.write(tmp, [w.name for w in model.weights()], named) if log.active else None
         config = genai_config(ckpt, share_buffer=backend.share_buffer)
         if TARGET_THREADS[target]:
             config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = TARGET_THREADS[target]
         (tmp / "genai_config.json").write_text(json.dumps(config, indent=2))
-        if eval_text and quantized and not random_weights:
+        if eval_text and quantized and isinstance(ckpt, Checkpoint):  # needs a float checkpoint folder
             from ..quant.quality import measure_bundle, write_report
 
             write_report([measure_bundle(ckpt.folder, tmp, eval_text, policy.name)], tmp,
                          f"{policy.name} against fp32, {ckpt.folder.name}")
         extras = phone_extras(tmp, MODEL_FILE, DATA_FILE) if target in ("android", "ios") else {}
-        files = _write_manifest(tmp, ckpt, ops=ops, quant=policy.name, quant_policy=policy.describe(),
+        if random_weights:
+            extras["tokenizer"] = NOTE
+        if conversion is not None:
+            extras["conversion"] = conversion  # from a GGUF: how many tensors are the file's values exactly
+        files = _write_manifest(tmp, ckpt, source=source, ops=ops, quant=policy.name, quant_policy=policy.describe(),
                                 kv_cache=kv.describe(), target=target, **extras)
         install_folder(tmp, out)
     except OSError as e:  # a full disk, a quota, a file-size limit: nothing was replaced
@@ -138,6 +160,17 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out, time.perf_counter() - start, files)
+
+
+def open_checkpoint(spec: str | Path, tokenizer: str | Path | None = None) -> Checkpoint | GgufCheckpoint:
+    """A checkpoint folder or hub id, or a GGUF file (local, or `org/name/file.gguf` on the hub)."""
+    if is_gguf(spec):  # gguf-py is imported only for GGUF input
+        from .gguf_checkpoint import GgufCheckpoint, resolve_gguf
+
+        return GgufCheckpoint(resolve_gguf(str(spec)), tokenizer=tokenizer)
+    if tokenizer is not None:
+        raise ExportError("--tokenizer is for GGUF files; a checkpoint folder brings its own tokenizer.json")
+    return Checkpoint(resolve(spec))
 
 
 def _recover_interrupted(out: Path) -> None:
@@ -177,7 +210,17 @@ def _writable_parent(out: Path) -> Path:
     return parent
 
 
-def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **settings) -> dict[str, int]:
+def _installed(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, source: dict,
+                    **settings) -> dict[str, int]:
     import onnx
 
     cfg = ckpt.config
@@ -186,7 +229,7 @@ def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **setting
     manifest = {
         "format": "lfm-edge-bundle/1",
         "model_type": cfg.model_type,
-        "source": str(ckpt.folder),
+        "source": source,  # never a local path: see provenance.py
         **settings,
         "model": MODEL_FILE,
         "layer_types": list(cfg.layer_types),
@@ -194,7 +237,9 @@ def _write_manifest(folder: Path, ckpt: Checkpoint | RandomCheckpoint, **setting
         "max_position_embeddings": cfg.max_position_embeddings,
         # the roofline's input, so a phone without the onnx package can compute it (device_bench/roofline.py)
         roofline.MANIFEST_KEY: roofline.manifest_entry(roofline.graph_bytes_per_token(folder)),
-        "versions": {"lfm_edge": __version__, "onnx": onnx.__version__},
+        # the runtime refuses the bundle on an older onnxruntime (runtime/bundle.py check_onnxruntime)
+        "requires": {"onnxruntime": MIN_ONNXRUNTIME},
+        "versions": {"lfm_edge": __version__, "onnx": onnx.__version__, "onnxruntime": _installed("onnxruntime")},
         "files": files,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))

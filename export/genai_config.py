@@ -20,10 +20,10 @@ _SEARCH_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p"
 
 
 def generation_settings(ckpt: Checkpoint) -> dict[str, Any]:
-    path = ckpt.folder / "generation_config.json"
+    """generation_config.json as the checkpoint has it (a folder's file, or a GGUF's sampling metadata)."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return json.loads(ckpt.files().get("generation_config.json", b"{}"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
 
 

@@ -25,7 +25,8 @@ def phone_extras(folder: Path, model_file: str, data_file: str) -> dict:
     weights = (folder / data_file).stat().st_size if (folder / data_file).is_file() else 0
     report: dict = {}
     if weights <= CHECK_LIMIT:
-        result = _run(["-m", "onnxruntime.tools.check_onnx_model_mobile_usability", str(folder / model_file)])
+        # run beside the model: the checker prints the path it was given, and the report goes into the bundle
+        result = _run(["-m", "onnxruntime.tools.check_onnx_model_mobile_usability", model_file], cwd=folder)
         (folder / "mobile_usability.txt").write_text(result.stdout + result.stderr)
         verdict = [line.split("INFO:", 1)[-1].strip() for line in (result.stdout + result.stderr).splitlines()
                    if "For optimal performance" in line or "not recommended" in line]
@@ -58,5 +59,5 @@ def phone_extras(folder: Path, model_file: str, data_file: str) -> dict:
     return report
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=3600)
+def _run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=3600, cwd=cwd)

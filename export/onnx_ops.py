@@ -4,7 +4,7 @@
 com.microsoft kernels. `ContribOps` swaps in the fused CPU kernels where they are exact: RMSNorm,
 causal conv with state, grouped-query attention on a shared KV buffer, and the MoE op.
 
-Graph I/O follows onnxruntime-genai 0.18 (DESIGN.md, "The state contract"):
+Graph I/O follows onnxruntime-genai 0.18 (docs/design.md, "The state contract"):
   inputs   input_ids [B, S], attention_mask [B, T] (int64; T = past + S),
            past_key_values.{i}.key/value [B, Hkv, P, D] (attention layers), past.{i}.conv [B, H, K-1] (conv layers)
   optional logits_to_keep [1] int64 (default 0 = every row; n = the last n rows; genai never feeds it)

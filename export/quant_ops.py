@@ -5,6 +5,10 @@
 - embedding and LM head -> one packed table [V, nb, blob] read by GatherBlockQuantized (rows) and
   MatMulNBits (logits): no float copy of the vocabulary in the bundle
 Weights the policy leaves alone (router gate, expert bias, norms, conv kernels) stay float32.
+
+A checkpoint that already holds a weight in a kernel's block layout (a GGUF's Q4_0 / Q8_0, `quantized()`)
+gives its blocks as they are, whatever the policy's bits and block size: re-quantizing them could only add
+error. What is converted otherwise is logged with its error against the source (conversion.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 from ..quant.blocks import Quantized, quantize
 from ..quant.policy import Policy, QuantSpec
 from .checkpoint import Checkpoint
+from .conversion import ConversionLog, kernel_name
 from .graph import MS, Graph
 from .kv_cache import KvCache
 from .lfm2 import Linear, SparseMoe, Weight
@@ -29,15 +34,43 @@ class QuantizedOps(ContribOps):
         super().__init__(graph, checkpoint, transform, progress, kv_cache)
         self.policy = policy
         self._quantized: dict[str, tuple[Quantized, str]] = {}
+        self.conversions = ConversionLog(checkpoint)
 
-    def packed(self, weight: Weight, spec: QuantSpec) -> tuple[Quantized, str]:
-        """Quantize one 2-D weight once; its packed codes are one initializer whoever reads them."""
+    def native(self, name: str, float_zero_points: bool = False) -> Quantized | None:
+        """The checkpoint's own blocks when it stores this weight in a kernel layout (and no test transform
+        rewrites weights)."""
+        read = getattr(self.ckpt, "quantized", None)
+        if read is None or self.transform is not None:
+            return None
+        return read(name, float_zero_points) if float_zero_points else read(name)
+
+    def closest(self, names: list[str], spec: QuantSpec, min_block: int = 16) -> QuantSpec:
+        """The checkpoint's layout for weights it stores in another block type (a GGUF's K-quants: their bits and
+        sub-block), else the policy's: re-quantizing a 4-bit K-quant into blocks of 128 would add needless error."""
+        find = getattr(self.ckpt, "closest_spec", None)
+        specs = [s for s in (find(n, min_block) for n in names) if s is not None] if find else []
+        if not specs:
+            return spec
+        return QuantSpec(max(s.bits for s in specs), min(s.block_size for s in specs), "mse")
+
+    def packed(self, weight: Weight, spec: QuantSpec, float_zero_points: bool = False) -> tuple[Quantized, str]:
+        """Quantize one 2-D weight once; its packed codes are one initializer whoever reads them.
+        `float_zero_points`: the reader takes them (4-bit MatMulNBits), so a GGUF's Q4_K comes in near exactly."""
         if weight.name not in self._quantized:
             self.progress(weight.name)
-            array = self.ckpt.tensor(weight.name, weight.shape)
-            if self.transform is not None:
-                array = self.transform(weight.name, array)
-            q = quantize(array, spec.bits, spec.block_size, spec.method)
+            spec = self.closest([weight.name], spec)
+            q = self.native(weight.name, float_zero_points)
+            if q is not None and q.zero_points is not None:  # float zero points: equal up to float rounding
+                self.conversions.measured(weight.name, self.ckpt.tensor(weight.name), q.dequantize(),
+                                          kernel_name(q, exact=False))
+            elif q is not None:
+                self.conversions.exact(weight.name, kernel_name(q, exact=True))
+            else:
+                array = self.ckpt.tensor(weight.name, weight.shape)
+                if self.transform is not None:
+                    array = self.transform(weight.name, array)
+                q = quantize(array, spec.bits, spec.block_size, spec.method)
+                self.conversions.measured(weight.name, array, q.dequantize(), kernel_name(q, exact=False))
             self._quantized[weight.name] = (q, self.g.weight(weight.name + ".q", q.packed_codes()))
         return self._quantized[weight.name]
 
@@ -45,12 +78,15 @@ class QuantizedOps(ContribOps):
         spec = self.policy.spec(layer.weight.name)
         if spec is None:
             return super().linear(x, layer)
-        q, codes = self.packed(layer.weight, spec)
+        q, codes = self.packed(layer.weight, spec, float_zero_points=True)
         name = layer.weight.name
         scales = self.g.weight(name + ".scales", q.scales)
-        zp = None if q.zero_points is None else self.g.weight(name + ".zp", q.packed_zero_points())
+        zp = None
+        if q.zero_points is not None:  # float zero points go unpacked, shaped as the scales
+            floats = q.zero_points.dtype == np.float32
+            zp = self.g.weight(name + ".zp", q.zero_points if floats else q.packed_zero_points())
         y = self.g.op("MatMulNBits", x, codes, scales, zp, domain=MS, K=layer.in_features,
-                      N=layer.out_features, bits=spec.bits, block_size=spec.block_size,
+                      N=layer.out_features, bits=q.bits, block_size=q.block_size,
                       accuracy_level=self.policy.accuracy_level)
         if layer.bias:
             y = self.g.op("Add", y, self.w(Weight(f"{layer.prefix}.bias", (layer.out_features,))))
@@ -65,9 +101,9 @@ class QuantizedOps(ContribOps):
         # the same codes as the LM head's MatMulNBits; per-block scales shaped [V, nb, 1] for this op
         scales = g.weight(table.name + ".scales3", q.scales[..., None])
         zp = None if q.zero_points is None else g.weight(table.name + ".zp3", q.zero_points[..., None])
-        rows = g.op("GatherBlockQuantized", codes, ids, scales, zp, domain=MS, bits=spec.bits,
-                    block_size=spec.block_size, gather_axis=0, quantize_axis=2)  # [B, S, nb, bs]
-        padded = q.scales.shape[1] * spec.block_size
+        rows = g.op("GatherBlockQuantized", codes, ids, scales, zp, domain=MS, bits=q.bits,
+                    block_size=q.block_size, gather_axis=0, quantize_axis=2)  # [B, S, nb, bs]
+        padded = q.scales.shape[1] * q.block_size
         rows = g.op("Reshape", rows, g.const([0, 0, padded]))
         if padded != q.k:
             rows = g.op("Slice", rows, g.const([0]), g.const([q.k]), g.const([-1]))
@@ -81,37 +117,73 @@ class QuantizedOps(ContribOps):
 
     def qmoe(self, flat: str, probs: str, moe: SparseMoe, spec: QuantSpec) -> str:
         """QMoE over [N, H'] inputs (H' = H padded to whole blocks); K of both matrices must be whole blocks,
-        so padding rows and columns are zeros (a zero unit adds silu(0) * 0 = 0)."""
-        g, bs = self.g, spec.block_size
+        so padding rows and columns are zeros (a zero unit adds silu(0) * 0 = 0). Experts the checkpoint holds
+        in one kernel layout (GGUF Q4_0 or Q8_0 for all three projections) keep their blocks of 32."""
+        g = self.g
         h, i = moe.hidden_size, moe.width
+        native = self.native_expert_bits(moe)
+        if not native:  # QMoE is run at blocks of 32 and more
+            spec = self.closest([getattr(moe.experts[0], k).weight.name for k in ("w1", "w3", "w2")], spec, 32)
+        bits, bs = (native, 32) if native else (spec.bits, spec.block_size)
         h_pad, i_pad = -(-h // bs) * bs, -(-i // bs) * bs
+        log = self.conversions
 
-        def fc1(e: dict) -> np.ndarray:
+        def names(j: int) -> dict[str, str]:
+            return {k: getattr(moe.experts[j], k).weight.name for k in ("w1", "w3", "w2")}
+
+        def fc1(j: int) -> Quantized:
+            n = names(j)
+            if native:
+                q = _interleave_rows(self.native(n["w1"]), self.native(n["w3"]))
+                log.exact(n["w1"], kernel_name(q, True))
+                log.exact(n["w3"], kernel_name(q, True))
+                return q
+            e = self.expert(moe, j)
             w = np.zeros((2 * i_pad, h_pad), np.float32)
             w[0:2 * i:2, :h], w[1:2 * i:2, :h] = e["w1"], e["w3"]  # interleaved gate/up rows
-            return w
+            q = quantize(w, bits, bs, spec.method, scale_dtype=np.float16)
+            if log.active:
+                deq = q.dequantize()
+                log.measured(n["w1"], e["w1"], deq[0:2 * i:2, :h], kernel_name(q, False))
+                log.measured(n["w3"], e["w3"], deq[1:2 * i:2, :h], kernel_name(q, False))
+            return q
 
-        def fc2(e: dict) -> np.ndarray:
+        def fc2(j: int) -> Quantized:
+            n = names(j)["w2"]
+            if native:
+                q = self.native(n)
+                log.exact(n, kernel_name(q, True))
+                return q
+            e = self.expert(moe, j)
             w = np.zeros((h_pad, i_pad), np.float32)
             w[:h, :i] = e["w2"]
-            return w
+            q = quantize(w, bits, bs, spec.method, scale_dtype=np.float16)
+            if log.active:
+                log.measured(n, e["w2"], q.dequantize()[:h, :i], kernel_name(q, False))
+            return q
 
-        names = {}
-        for which, layout in (("fc1", fc1), ("fc2", fc2)):
-            names[which] = self.quantized_experts(moe, which, layout, spec)
+        out = {which: self.quantized_experts(moe, which, make) for which, make in (("fc1", fc1), ("fc2", fc2))}
         if h_pad != h:
             flat = g.op("Pad", flat, g.const([0, 0, 0, h_pad - h]))
-        y = g.op("QMoE", flat, probs, names["fc1"]["q"], names["fc1"]["scales"], None, names["fc2"]["q"],
-                 names["fc2"]["scales"], None, None, None, None, names["fc1"]["zp"], names["fc2"]["zp"], domain=MS,
+        y = g.op("QMoE", flat, probs, out["fc1"]["q"], out["fc1"]["scales"], None, out["fc2"]["q"],
+                 out["fc2"]["scales"], None, None, None, None, out["fc1"]["zp"], out["fc2"]["zp"], domain=MS,
                  k=moe.top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                 normalize_routing_weights=1, expert_weight_bits=spec.bits, block_size=bs,
+                 normalize_routing_weights=1, expert_weight_bits=bits, block_size=bs,
                  accuracy_level=self.policy.accuracy_level)
         if h_pad != h:
             y = g.op("Slice", y, g.const([0]), g.const([h]), g.const([-1]))
         return y
 
-    def quantized_experts(self, moe: SparseMoe, which: str, layout: Callable[[dict], np.ndarray],
-                          spec: QuantSpec) -> dict[str, str | None]:
+    def native_expert_bits(self, moe: SparseMoe) -> int | None:
+        """The bits of the checkpoint's own blocks when gate, up and down are all in one kernel layout (QMoE
+        takes one bit width and block size for both matrices)."""
+        exact = getattr(self.ckpt, "exact_bits", None)  # block-32 types only: QMoE's scales are fp16
+        if exact is None or self.transform is not None:
+            return None
+        bits = {exact(getattr(moe.experts[0], k).weight.name) for k in ("w1", "w3", "w2")}
+        return bits.pop() if len(bits) == 1 and None not in bits else None
+
+    def quantized_experts(self, moe: SparseMoe, which: str, make: Callable[[int], Quantized]) -> dict[str, str | None]:
         """[E, rows, K*bits/8] codes, [E, rows, K/bs] fp16 scales (and packed zero points), streamed expert by
         expert into the external data so the export never holds a layer's experts in float."""
         prefix = f"{moe.prefix}.experts.{which}"
@@ -121,8 +193,7 @@ class QuantizedOps(ContribOps):
 
         def codes() -> Iterator[np.ndarray]:
             for j in range(moe.num_experts):
-                q = quantize(layout(self.expert(moe, j)), spec.bits, spec.block_size, spec.method,
-                             scale_dtype=np.float16)
+                q = make(j)
                 scales.append(q.scales.astype(np.float16))
                 zero_points.append(q.packed_zero_points())
                 packed = q.packed_codes()
@@ -132,3 +203,10 @@ class QuantizedOps(ContribOps):
         names["scales"] = self.g.weight(prefix + ".scales", np.stack(scales))
         names["zp"] = None if zero_points[0] is None else self.g.weight(prefix + ".zp", np.stack(zero_points))
         return names
+
+
+def _interleave_rows(gate: Quantized, up: Quantized) -> Quantized:
+    """fc1's rows gate0, up0, gate1, up1, ... (SwiGLU fusion 1), from two blocks-as-stored weights."""
+    codes = np.stack([gate.codes, up.codes], axis=1).reshape(-1, *gate.codes.shape[1:])
+    scales = np.stack([gate.scales, up.scales], axis=1).reshape(-1, gate.scales.shape[1])
+    return Quantized(codes, scales, None, gate.bits, gate.k)

@@ -58,6 +58,9 @@ class RandomCheckpoint:
     def __contains__(self, name: str) -> bool:
         return True
 
+    def files(self) -> dict[str, bytes]:
+        return {}  # no tokenizer; the exporter writes config.json from raw_config
+
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         return None
 

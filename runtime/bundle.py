@@ -1,20 +1,30 @@
 """What a bundle folder must hold, checked without onnxruntime (a phone build may reach onnxruntime through
-Java or Objective-C instead of its Python binding, see mobile_app/backends)."""
+Java or Objective-C instead of its Python binding, see mobile_app/backends).
+
+Every field a runtime reads from a bundle is checked here, so a bad bundle is one BundleError naming the file
+and the field rather than a traceback from deep inside a generation.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The oldest onnxruntime the bundles and the runtime are tested with; pyproject.toml's floor says the same
+# (tests/test_bundle_version.py holds them together). Exports record it in manifest.json's "requires".
+MIN_ONNXRUNTIME = "1.32"
+
 
 class BundleError(ValueError):
-    """A bundle that cannot be loaded; the message names the file."""
+    """A bundle that cannot be loaded; the message names the file (and the field)."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +63,11 @@ def verify_bundle(folder: Path, mode: str = "sampled") -> dict:
     path = folder / "manifest.json"
     if not path.is_file():
         return {}
-    manifest = read_json(path)
+    manifest = read_object(path)
+    files = _files(path, manifest.get("files", {}))
     if mode == "none":
         return manifest
-    for name, info in manifest.get("files", {}).items():
+    for name, info in files.items():
         file = folder / name
         if not file.is_file():
             raise BundleError(f"{file}: listed in manifest.json but missing")
@@ -90,13 +101,90 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise BundleError(f"{path}: missing (is this a bundle folder?)") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: unreadable ({e})") from None
+
+
+def read_object(path: Path) -> dict:
+    """A JSON file that must hold an object (every bundle JSON file does)."""
+    return _object(path, "the file", read_json(path))
+
+
+# --- field checks: each names the file and the field ---------------------------------------------------------
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__)
+
+
+def _object(path: Path, field: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        shown = f" ({value!r:.60})" if value is not None else ""
+        raise BundleError(f"{path}: {field} must be a JSON object, found {_kind(value)}{shown}")
+    return value
+
+
+def _int(path: Path, field: str, value: Any, minimum: int = 0) -> int:
+    # bool is an int in Python, and "1" is not a number in JSON: both mean a broken file
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BundleError(f"{path}: {field} must be an integer >= {minimum}, found {value!r:.60}")
+    return value
+
+
+def _number(path: Path, field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BundleError(f"{path}: {field} must be a number, found {value!r:.60}")
+    return float(value)
+
+
+def _bool(path: Path, field: str, value: Any) -> bool:
+    if not isinstance(value, bool):  # bool("false") is True: a string here would silently flip the setting
+        raise BundleError(f"{path}: {field} must be true or false, found {value!r:.60}")
+    return value
+
+
+def _inside(path: Path, field: str, name: Any) -> str:
+    """A file name the bundle refers to: relative and inside the folder (never `../x` or `/etc/x`)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise BundleError(f"{path}: {field} must name a file inside the bundle, found {name!r:.60}")
+    return name
+
+
+def _files(path: Path, files: Any) -> dict[str, dict]:
+    for name, info in _object(path, "files", files).items():
+        _inside(path, f"files[{name!r}]", name)
+        _object(path, f"files[{name!r}]", info)
+        _int(path, f"files[{name!r}].bytes", info.get("bytes"))
+        for key in ("sha256", "sampled_sha256"):
+            if key in info and not (isinstance(info[key], str) and re.fullmatch(r"[0-9a-f]{64}", info[key])):
+                raise BundleError(f"{path}: files[{name!r}].{key} must be 64 hex digits, found {info[key]!r:.60}")
+    return files
+
+
+def _version(text: str) -> tuple[int, ...]:
+    match = re.match(r"\d+(\.\d+)*", text)
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def check_onnxruntime(manifest: dict, installed: str, folder: Path) -> None:
+    """Refuse a bundle whose manifest asks for a newer onnxruntime than `installed` (its graph may use ops or
+    attributes an older one rejects, or worse, runs differently)."""
+    path = folder / "manifest.json"
+    requires = _object(path, "requires", manifest.get("requires", {}))
+    needed = requires.get("onnxruntime")
+    if needed is None:
+        return
+    if not isinstance(needed, str) or not _version(needed):
+        raise BundleError(f"{path}: requires.onnxruntime must be a version such as \"1.32\", found {needed!r:.60}")
+    if _version(installed) < _version(needed):
+        raise BundleError(f"{folder}: needs onnxruntime >= {needed} (manifest.json requires.onnxruntime), "
+                          f"this is onnxruntime {installed}; upgrade it: pip install 'onnxruntime>={needed}'")
 
 
 def install_folder(new: Path, dest: Path) -> None:
@@ -117,27 +205,74 @@ def install_folder(new: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_bundle(folder: str | Path, verify: str = "sampled") -> BundleConfig:
+def read_bundle(folder: str | Path, verify: str = "sampled", onnxruntime_version: str | None = None
+                ) -> BundleConfig:
     """genai_config.json and manifest.json of `folder`, the files checked as `verify` says (verify_bundle):
-    what every backend reads before it touches a runtime."""
+    what every backend reads before it touches a runtime. `onnxruntime_version`: the runtime's version, checked
+    against the manifest's requires.onnxruntime."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BundleError(f"{folder}: not a bundle folder")
     manifest = verify_bundle(folder, verify)
-    genai = read_json(folder / "genai_config.json")
-    model = genai.get("model", {})
-    decoder = model.get("decoder", {})
-    model_file = folder / decoder.get("filename", "model.onnx")
+    if onnxruntime_version is not None:
+        check_onnxruntime(manifest, onnxruntime_version, folder)
+    path = folder / "genai_config.json"
+    genai = read_object(path)
+    model = _object(path, "model", genai.get("model", {}))
+    decoder = _object(path, "model.decoder", model.get("decoder", {}))
+    model_file = folder / _inside(path, "model.decoder.filename", decoder.get("filename", "model.onnx"))
     if not model_file.is_file():
         raise BundleError(f"{model_file}: missing (genai_config.json names it as the model)")
+    for key in ("head_size", "hidden_size", "num_key_value_heads", "conv_cache_size"):
+        if key in decoder:  # state dims where the graph leaves them symbolic (state_spec, plan.py)
+            _int(path, f"model.decoder.{key}", decoder[key], minimum=1)
+    if "layer_types" in decoder and not (isinstance(decoder["layer_types"], list)
+                                         and all(isinstance(k, str) for k in decoder["layer_types"])):
+        raise BundleError(f"{path}: model.decoder.layer_types must be a list of strings")
+    options = _object(path, "model.decoder.session_options", decoder.get("session_options", {}))
+    if "intra_op_num_threads" in options:
+        _int(path, "model.decoder.session_options.intra_op_num_threads", options["intra_op_num_threads"])
+    search = _object(path, "search", genai.get("search", {}))
     eos = model.get("eos_token_id", [])
+    eos_ids = eos if isinstance(eos, list) else [eos]
     return BundleConfig(
         folder=folder, manifest=manifest, model_file=model_file, decoder=decoder,
-        share_buffer=bool(genai.get("search", {}).get("past_present_share_buffer", False)),
-        context_length=int(model.get("context_length", 4096)),
-        eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
-        pad_token_id=int(model.get("pad_token_id", 0)),
-        vocab_size=int(model["vocab_size"]) if "vocab_size" in model else None)
+        share_buffer=_bool(path, "search.past_present_share_buffer", search.get("past_present_share_buffer", False)),
+        # a generation needs room for its prompt and at least one new token
+        context_length=_int(path, "model.context_length", model.get("context_length", 4096), minimum=2),
+        eos_token_ids=tuple(_int(path, "model.eos_token_id", e) for e in eos_ids),
+        pad_token_id=_int(path, "model.pad_token_id", model.get("pad_token_id", 0)),
+        vocab_size=_int(path, "model.vocab_size", model["vocab_size"], minimum=1) if "vocab_size" in model else None)
+
+
+# generation_config.json fields the runtime reads (Sampling.from_generation_config) and what they must be
+_GENERATION_NUMBERS = ("temperature", "top_p", "min_p", "repetition_penalty")
+_GENERATION_INTS = ("top_k", "seed")
+
+
+def read_generation_config(folder: str | Path) -> dict:
+    """The checkpoint's sampling defaults (generation_config.json, optional), checked field by field."""
+    from .sampling import Sampling
+
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = read_object(path)
+    for key in _GENERATION_NUMBERS + _GENERATION_INTS + ("do_sample",):
+        value = config.get(key)
+        if value is None:
+            continue
+        if key == "do_sample":
+            _bool(path, key, value)
+        elif key in _GENERATION_INTS:
+            _int(path, key, value)
+        else:
+            _number(path, key, value)
+    try:
+        Sampling.from_generation_config(config)
+    except ValueError as e:  # a value out of range, e.g. "top_p 1.5: expected 0 < top_p <= 1"
+        raise BundleError(f"{path}: {e}") from None
+    return config
 
 
 def _static(d: Any) -> int | None:
@@ -170,3 +305,15 @@ def state_spec(inputs: Iterable[tuple[str, Sequence[Any]]], decoder: dict) -> St
                 dims.append(d)
             kv[int(parts[1])] = (dims[0], dims[1])
     return StateSpec(conv, kv)
+
+
+def bundle_identity(folder: str | Path) -> str:
+    """A fingerprint of the bundle's graph and weights (sampled hashes of model.onnx and its data files): what a
+    saved conversation's KV rows and conv state are only valid with. Milliseconds, even for a 5 GB bundle."""
+    folder = Path(folder)
+    genai = read_object(folder / "genai_config.json")
+    name = genai.get("model", {}).get("decoder", {}).get("filename", "model.onnx")
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.name.startswith(name) and p.is_file()):
+        h.update(f"{path.name}:{sampled_sha256(path)};".encode())
+    return h.hexdigest()

@@ -40,6 +40,8 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .bundle import BundleError
+
 __all__ = ["ChatTemplate", "function_schema"]
 
 # The named special tokens transformers hands to every template (its SPECIAL_TOKENS_ATTRIBUTES).
@@ -69,16 +71,27 @@ class ChatTemplate:
         config_path, jinja_path = folder / "tokenizer_config.json", folder / "chat_template.jinja"
         config = _read_json(config_path)
         templates: dict[str, str] = {}
+        where: dict[str, str] = {}  # template name -> its file (and field), for errors
         if jinja_path.is_file():
-            templates["default"] = jinja_path.read_text(encoding="utf-8")
+            templates["default"], where["default"] = jinja_path.read_text(encoding="utf-8"), str(jinja_path)
         extra_dir = folder / "chat_templates"
         if extra_dir.is_dir():
             for path in sorted(extra_dir.glob("*.jinja")):
-                templates[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
+                name = path.name.removesuffix(".jinja")
+                templates[name], where[name] = path.read_text(encoding="utf-8"), str(path)
         if not templates:
             templates = _templates_from_config(config.get("chat_template"), config_path)
+            field = "chat_template" if isinstance(config.get("chat_template"), str) else "chat_template[{!r}]"
+            where = {name: f"{config_path}: {field.format(name)}" for name in templates}
         if not templates:
             raise ValueError(f"no chat template: {config_path} has no 'chat_template' and there is no {jinja_path}")
+        for name, source in templates.items():  # a broken template fails at load, not at the first message
+            if not isinstance(source, str):
+                raise BundleError(f"{where[name]}: must be a Jinja string, found {type(source).__name__}")
+            try:
+                _compile(source)
+            except jinja2.TemplateSyntaxError as e:
+                raise BundleError(f"{where[name]}: Jinja syntax error at line {e.lineno}: {e.message}") from None
         # Legacy checkpoints keep some special tokens in special_tokens_map.json; tokenizer_config.json wins.
         legacy = _read_json(folder / "special_tokens_map.json")
         special = {}
@@ -104,16 +117,20 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         *,
         documents: Sequence[Mapping[str, Any]] | None = None,
+        now: datetime | None = None,
         **extra: Any,
     ) -> str:
         """The prompt text for `messages`. `tools` are JSON-schema dicts (or documented, type-hinted functions,
-        see `function_schema`); `extra` become template variables (e.g. `keep_past_thinking=True`).
+        see `function_schema`); `extra` become template variables (e.g. `keep_past_thinking=True`); `now` pins
+        the template's `strftime_now` (a conversation renders the date it started on, every turn).
         Unlike transformers, `add_generation_prompt` defaults to True: here a prompt is rendered to generate."""
         chat = _check_messages(messages)
         schemas = None if tools is None else [_tool_schema(tool, i) for i, tool in enumerate(tools)]
         if documents is not None and not all(isinstance(d, Mapping) for d in documents):
             raise ValueError("documents must be a list of dicts (with 'title' and 'text' keys)")
         variables = _plain({**self.special_tokens, **extra})
+        if now is not None:
+            variables["strftime_now"] = now.strftime  # shadows the global that reads the clock
         template = _compile(self._pick(tools is not None))
         return template.render(
             messages=chat,

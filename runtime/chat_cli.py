@@ -1,7 +1,12 @@
 """`lfm-chat BUNDLE`: chat in the terminal, streaming; `-p "..."` answers one prompt and exits.
 
-Commands in the interactive chat: /reset clears the conversation, /tools lists the demo tools (the model
-may call them; calls and results are shown), /stats shows the last generation's numbers, /quit leaves.
+The chat is one Conversation (runtime/conversation.py): each turn prefills only what is new, and the numbers
+after each answer say how many tokens were reused and how many prefilled. `--session FILE` continues a saved
+conversation and saves it after every turn.
+
+Commands in the interactive chat: /reset starts a fresh conversation, /tools lists the demo tools (the model
+may call them; calls and results are shown), /stats shows the last generation's numbers, /save FILE and
+/load FILE keep a conversation for later, /quit leaves.
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ import datetime
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .bundle import BundleError
+from .conversation import Conversation
 from .engine import Done, LfmModel
 from .hugepages import reexec_with_hugepages
+from .statefile import StateFileError
 from .toolcalls import ReasoningDelta, TextDelta, ToolCallEvent
 
 
@@ -72,16 +80,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-tools", action="store_true", help="do not offer the demo tools")
+    parser.add_argument("--session", help="a saved conversation to continue (if the file exists), saved after "
+                                          "every turn")
+    parser.add_argument("--json-schema", help="a JSON schema file: every answer is a JSON document of it "
+                                              "(constrained decoding), printed as one line of JSON")
+    parser.add_argument("--reasoning-budget", type=int, default=None, help="thinking tokens allowed per answer "
+                        "(0: answer without thinking); default: no limit")
     args = parser.parse_args(argv)
+    tools = {} if args.no_tools else DEMO_TOOLS
+    schema = None
+    if args.json_schema:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+        except (OSError, ValueError) as e:
+            print(f"lfm-chat: error: {args.json_schema}: not a readable JSON schema ({e})", file=sys.stderr)
+            return 2
     try:
         model = LfmModel(args.bundle, threads=args.threads)
         sampling = model.default_sampling(temperature=args.temperature, seed=args.seed)
-    except (BundleError, ValueError, OSError) as e:
+        if args.session and Path(args.session).is_file():
+            conversation = model.load_conversation(args.session, tools)
+            print(f"lfm-chat: continuing {args.session} ({conversation.turns} turns, {len(conversation.tokens)} "
+                  "tokens of state)", file=sys.stderr)
+        else:
+            conversation = model.conversation(args.system, tools)
+    except (BundleError, StateFileError, ValueError, OSError) as e:
         print(f"lfm-chat: error: {e}", file=sys.stderr)
         return 2
-    tools = {} if args.no_tools else DEMO_TOOLS
-    base = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(base)
     print(f"lfm-chat: {args.bundle} on {model.session.provider_choice.providers[0]} "
           f"({model.session.provider_choice.reason})", file=sys.stderr)
     last: Done | None = None
@@ -96,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         if line in ("/quit", "/exit"):
             return 0
         if line == "/reset":
-            messages = list(base)
+            conversation.reset()
             print("(conversation cleared)")
+            continue
+        if line.startswith(("/save ", "/load ")):
+            conversation = _save_or_load(model, conversation, line, tools)
             continue
         if line == "/tools":
             for name, fn in tools.items():
@@ -108,13 +136,36 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if not line:
             continue
-        messages.append({"role": "user", "content": line})
-        messages, last = _turn(model, messages, tools, sampling, args.max_new_tokens)
+        try:
+            last = _turn(conversation, line, sampling, args.max_new_tokens, response_format=schema,
+                         reasoning_budget=args.reasoning_budget)
+        except ValueError as e:  # e.g. the context is full, or the schema does not compile
+            print(f"lfm-chat: {e}", file=sys.stderr)
+            if args.prompt is not None:
+                return 2
+            continue
+        if args.session:
+            conversation.save(args.session)
         if args.prompt is not None:
             return 0
 
 
-def _turn(model: LfmModel, messages: list, tools: dict, sampling, max_new_tokens: int) -> tuple[list, Done]:
+def _save_or_load(model: LfmModel, conversation: Conversation, line: str, tools: dict) -> Conversation:
+    command, path = line.split(maxsplit=1)
+    try:
+        if command == "/save":
+            size = conversation.save(path)
+            print(f"(saved {conversation.turns} turns, {size / 1e6:.1f} MB, to {path})")
+            return conversation
+        loaded = model.load_conversation(path, tools)
+        print(f"(loaded {loaded.turns} turns, {len(loaded.tokens)} tokens of state, from {path})")
+        return loaded
+    except (StateFileError, ValueError, OSError) as e:
+        print(f"lfm-chat: {e}", file=sys.stderr)
+        return conversation
+
+
+def _turn(conversation: Conversation, line: str, sampling, max_new_tokens: int, **held: Any) -> Done:
     def show(event) -> None:
         if isinstance(event, ReasoningDelta):
             print(f"\033[2m{event.text}\033[0m", end="", flush=True)
@@ -125,11 +176,22 @@ def _turn(model: LfmModel, messages: list, tools: dict, sampling, max_new_tokens
         elif isinstance(event, tuple):
             print(f"[{event[0].name} -> {json.dumps(event[1])}]", flush=True)
 
-    run = model.run_tools(messages, tools, on_event=show, sampling=sampling, max_new_tokens=max_new_tokens)
+    first = len(conversation.stats)
+    run = conversation.run_tools(line, on_event=show, sampling=sampling, max_new_tokens=max_new_tokens, **held)
+    rounds = conversation.stats[first:]
     stats = run.answer.stats
+    if held.get("response_format") is not None:
+        print()
+        print(json.dumps(run.answer.parsed) if stats.constraint_satisfied else
+              "(the answer did not complete its schema within --max-new-tokens)")
+    if stats.reasoning_forced:
+        print(f"\n\033[2m(thinking ended after {stats.thinking_tokens} tokens: {stats.reasoning_forced})\033[0m",
+              file=sys.stderr)
     print(f"\n\033[2m({stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s, "
-          f"first token {stats.time_to_first_token * 1000:.0f} ms)\033[0m", file=sys.stderr)
-    return run.messages, run.answer
+          f"first token {rounds[0].time_to_first_token * 1000:.0f} ms; state {stats.state_tokens} tokens, "
+          f"{sum(r.reused_tokens for r in rounds)} reused, {sum(r.prefilled_tokens for r in rounds)} prefilled)"
+          "\033[0m", file=sys.stderr)
+    return run.answer
 
 
 if __name__ == "__main__":

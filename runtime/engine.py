@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bundle import BundleError
+from .bundle import BundleError, bundle_identity, read_generation_config
 from .chat import ChatTemplate
+from .conversation import Conversation
 from .detokenize import IncrementalDecoder
 from .generate import Generation, GenerationStats
+from .prefixcache import PrefixCache
 from .sampling import Sampling
 from .toolcalls import ReasoningDelta, StreamParser, TextDelta, ToolCall, ToolCallEvent
 
@@ -55,6 +57,8 @@ class Done:
     tool_calls: list[ToolCall]
     raw: str  # everything the model wrote, markers included (what goes back into the conversation)
     stats: GenerationStats
+    tokens: list[int] = field(default_factory=list)  # the token ids sampled, an end-of-turn token included
+    parsed: Any = None  # with response_format: the answer as data (None when it did not complete)
 
 
 Event = TextDelta | ReasoningDelta | ToolCallEvent | Done
@@ -71,9 +75,12 @@ class ToolRun:
 
 class LfmModel:
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: Any = "auto",
-                 verify: str = "sampled", session: Any = None):
+                 verify: str = "sampled", session: Any = None, prefix_cache_bytes: int = 64 << 20,
+                 prefix_cache_dir: str | Path | None = None):
         """`session`: an already-loaded LfmSession, or another backend with its surface (see
-        LfmSession.new_cache); by default the bundle is loaded with onnxruntime's Python binding."""
+        LfmSession.new_cache); by default the bundle is loaded with onnxruntime's Python binding.
+        `prefix_cache_bytes`: RAM for the state after shared conversation prefixes (0: none);
+        `prefix_cache_dir`: also keep them in files there, across restarts (prefixcache.py)."""
         from tokenizers import Tokenizer
 
         self.folder = Path(bundle)
@@ -93,20 +100,24 @@ class LfmModel:
         self._specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
                                 key=len, reverse=True)
         self.template = ChatTemplate.from_folder(self.folder)
-        path = self.folder / "generation_config.json"
-        self.generation_config = json.loads(path.read_text()) if path.is_file() else {}
+        self._identity: str | None = None
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_cache_dir,
+                                        self.identity if prefix_cache_dir is not None else None)
+        self.generation_config = read_generation_config(self.folder)
 
     def default_sampling(self, **overrides: Any) -> Sampling:
         """The checkpoint's recommended sampling (generation_config.json), with overrides."""
         return Sampling.from_generation_config(self.generation_config, **overrides)
 
     def prompt_ids(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None,
-                   allow_special_tokens: bool = False, **template_vars: Any) -> list[int]:
+                   allow_special_tokens: bool = False, add_generation_prompt: bool = True,
+                   **template_vars: Any) -> list[int]:
         """Token ids of the rendered conversation. Special-token strings inside user and tool messages stay
         text (a user typing "<|im_end|>" must not end the turn) unless `allow_special_tokens`."""
         _check_text(messages)
+        template_vars["add_generation_prompt"] = add_generation_prompt
         if allow_special_tokens:
-            text = self.template.render(messages, tools=tools, add_generation_prompt=True, **template_vars)
+            text = self.template.render(messages, tools=tools, **template_vars)
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         literals: list[str] = []
 
@@ -124,7 +135,7 @@ class LfmModel:
 
         shielded = [dict(m, content=shield(m.get("content"))) if m.get("role") in ("user", "tool") else m
                     for m in messages]
-        text = self.template.render(shielded, tools=tools, add_generation_prompt=True, **template_vars)
+        text = self.template.render(shielded, tools=tools, **template_vars)
         ids: list[int] = []
         for i, piece in enumerate(_SENTINEL_RE.split(text)):
             if i % 2:  # a literal the user typed
@@ -136,21 +147,47 @@ class LfmModel:
     def stream(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None, *,
                sampling: Sampling | None = None, max_new_tokens: int = 512, stop: Sequence[str] = (),
                cancel: threading.Event | None = None, overflow: str = "error", allow_special_tokens: bool = False,
-               **template_vars: Any) -> Iterator[Event]:
+               response_format: Any = None, reasoning_budget: int | None = None,
+               constrain_tools: bool | None = None, **template_vars: Any) -> Iterator[Event]:
         """Typed events as the answer is generated; the last one is Done. Special-token strings typed into
-        user or tool messages stay text unless `allow_special_tokens`; `overflow` as in Generation."""
+        user or tool messages stay text unless `allow_special_tokens`; `overflow` as in Generation.
+        `response_format` (a JSON schema, Pydantic model, dataclass, {"regex": ...} or {"lark": ...}) holds the
+        answer to it and returns it as Done.parsed; tool calls are held to the offered tools' signatures
+        (`constrain_tools`: None when llguidance is installed, True always, False never); `reasoning_budget`
+        caps thinking tokens (0: answer at once); a reasoning trace that loops is ended. See constrain.py.
+        Stateless: the whole conversation is prefilled (see `conversation()` for one that keeps its state)."""
         prompt = self.prompt_ids(messages, tools, allow_special_tokens, **template_vars)
-        # Templates that open the reasoning block in the prompt (LFM2.5) leave the model inside it.
-        in_reasoning = self.tokenizer.decode(prompt[-4:], skip_special_tokens=False).rstrip().endswith(THINK_START)
+        constraint = self.constraint(prompt, tools, response_format, reasoning_budget, constrain_tools)
         generation = Generation(self.session, [prompt], max_new_tokens, sampling or self.default_sampling(),
-                                cancel=cancel, overflow=overflow)
-        parser = StreamParser(start_in_reasoning=in_reasoning)
+                                cancel=cancel, overflow=overflow, constraints=[constraint])
+        yield from self.events(generation, prompt, stop, response_format)
+
+    def in_reasoning(self, prompt: Sequence[int]) -> bool:
+        """Whether the prompt leaves the model inside a reasoning block (LFM2.5's templates open it)."""
+        return self.tokenizer.decode(list(prompt[-4:]), skip_special_tokens=False).rstrip().endswith(THINK_START)
+
+    def constraint(self, prompt: Sequence[int], tools: Sequence[Any] | None, response_format: Any = None,
+                   reasoning_budget: int | None = None, constrain_tools: bool | None = None) -> Any:
+        """What one generation over `prompt` is held to (runtime/constrain.py), or None."""
+        from .chat import _tool_schema
+        from .constrain import build
+
+        schemas = [_tool_schema(t, i) for i, t in enumerate(tools)] if tools else None
+        return build(self, self.in_reasoning(prompt), schemas, response_format, reasoning_budget, constrain_tools)
+
+    def events(self, generation: Generation, prompt: Sequence[int], stop: Sequence[str] = (),
+               response_format: Any = None) -> Iterator[Event]:
+        """Run `generation` over `prompt`, as typed events; the last one is Done."""
+        parser = StreamParser(start_in_reasoning=self.in_reasoning(prompt))
         decoder = IncrementalDecoder(self.tokenizer)
-        text, reasoning, calls = [], [], []
+        text, reasoning, calls, tokens = [], [], [], []
         eos = set(self.session.eos_token_ids)
         stopped_by_string = False
         for (token,) in generation:
-            if token is None or token in eos:
+            if token is None:
+                continue
+            tokens.append(token)
+            if token in eos:
                 continue
             delta = decoder.add(token)
             if not delta:
@@ -167,7 +204,26 @@ class LfmModel:
         answer = "".join(text)
         for s in stop:
             answer = answer.split(s)[0] if s in answer else answer
-        yield Done(answer, "".join(reasoning).strip(), calls, decoder.text, generation.stats)
+        done = Done(answer, "".join(reasoning).strip(), calls, decoder.text, generation.stats, tokens)
+        self._report(generation, done, response_format)
+        yield done
+
+    @staticmethod
+    def _report(generation: Generation, done: Done, response_format: Any) -> None:
+        """Reasoning numbers in the stats; the parsed answer when it completed its response_format."""
+        from .constrain import AfterReasoning, ReasoningControl
+        from .constrain import response_format as to_format
+
+        constraint = (generation.constraints or [None])[0]
+        if constraint is None:
+            return
+        control = constraint.find(ReasoningControl)
+        if control is not None:
+            done.stats.thinking_tokens, done.stats.reasoning_forced = control.thinking_tokens, control.forced
+        gate = constraint.find(AfterReasoning)
+        if gate is not None:
+            done.stats.constraint_satisfied = gate.inner.satisfied
+            done.parsed = to_format(response_format).parse(done.text) if gate.inner.satisfied else None
 
     @staticmethod
     def _record(event, text: list, reasoning: list, calls: list) -> Iterator[Event]:
@@ -207,14 +263,43 @@ class LfmModel:
             run.answer = done
             if not done.tool_calls or done.stats.stopped == "cancelled":
                 return run  # a cancelled round's calls do not run, and no round follows it
-            for call in done.tool_calls:
-                fn = tools.get(call.name)
-                try:
-                    result = fn(**call.arguments) if fn else {"error": f"unknown tool {call.name!r}"}
-                except Exception as e:  # the app's tool failed: the model is told, the loop goes on
-                    result = {"error": f"{type(e).__name__}: {e}"}
-                run.calls.append((call, result))
-                if on_event:
-                    on_event((call, result))
-                history.append({"role": "tool", "content": result if isinstance(result, str) else json.dumps(result)})
+            for result in run_calls(done.tool_calls, tools, run.calls, on_event):
+                history.append({"role": "tool", "content": result})
         return run
+
+    def conversation(self, system: str | None = None,
+                     tools: Mapping[str, Callable[..., Any]] | Sequence[Any] | None = None,
+                     **options: Any) -> Conversation:
+        """A conversation that keeps its state between turns (runtime/conversation.py)."""
+        return Conversation(self, system, tools, **options)
+
+    def load_conversation(self, path: str | Path, tools: Mapping[str, Callable[..., Any]] | None = None,
+                          **options: Any) -> Conversation:
+        """A conversation saved with Conversation.save, continued exactly where it stopped. Refused with
+        StateFileError when the file is damaged, from another bundle, or from a newer lfm-edge."""
+        from .persist import load_conversation
+
+        return load_conversation(self, Path(path), tools, **options)
+
+    @property
+    def identity(self) -> str:
+        """The bundle's fingerprint (bundle.bundle_identity), computed once."""
+        if self._identity is None:
+            self._identity = bundle_identity(self.session.folder)
+        return self._identity
+
+
+def run_calls(calls: Sequence[ToolCall], tools: Mapping[str, Callable[..., Any]], record: list,
+              on_event: Callable[[Any], None] | None = None) -> Iterator[str]:
+    """Run each call with the app's function; yields each result as a tool message's content. An unknown
+    tool, or one that raises, becomes an error the model reads."""
+    for call in calls:
+        fn = tools.get(call.name)
+        try:
+            result = fn(**call.arguments) if fn else {"error": f"unknown tool {call.name!r}"}
+        except Exception as e:  # the app's tool failed: the model is told, the loop goes on
+            result = {"error": f"{type(e).__name__}: {e}"}
+        record.append((call, result))
+        if on_event:
+            on_event((call, result))
+        yield result if isinstance(result, str) else json.dumps(result)

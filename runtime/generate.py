@@ -7,21 +7,23 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .sampling import Sampling, next_tokens
 
 if TYPE_CHECKING:  # any backend with LfmSession's surface will do; onnxruntime's binding may be absent
-    from .session import LfmSession
+    from .session import Cache, LfmSession
 
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0  # per row, padding excluded, summed over the batch
+    reused_tokens: int = 0  # prompt tokens whose state was already there (a conversation's kept state)
+    state_tokens: int = 0  # tokens in the state when the generation ended
     generated_tokens: int = 0
     time_to_first_token: float = 0.0  # seconds from the call to the first sampled token
     prefill_tokens_per_second: float = 0.0
@@ -29,18 +31,35 @@ class GenerationStats:
     peak_rss_mb: float = 0.0
     provider: str = ""
     stopped: str = ""  # "eos", "length", "cancelled" or "stop" (set by a caller's stop condition)
+    thinking_tokens: int = 0  # reasoning tokens, when the caller controls reasoning (reasoning_budget)
+    reasoning_forced: str = ""  # "budget" or "repetition": why </think> was forced, if it was
+    constraint_satisfied: bool | None = None  # with a response_format: whether the answer completed its grammar
+    mask_seconds: list[float] = field(default_factory=list, repr=False)  # per constrained step
     timings: dict[str, float] = field(default_factory=dict, repr=False)
+
+    @property
+    def prefilled_tokens(self) -> int:
+        """Prompt tokens computed by this generation."""
+        return self.prompt_tokens - self.reused_tokens
 
 
 class Generation:
     """An iterable generation: each step yields every row's new token (None once a row has finished).
     `stats` is complete when iteration ends; `cancel` (a threading.Event) stops it from another thread.
     `overflow` is the caller's policy when prompt + max_new_tokens exceed the context: "error" (default)
-    refuses before running; "truncate" drops the oldest prompt tokens until they fit."""
+    refuses before running; "truncate" drops the oldest prompt tokens until they fit.
+
+    `cache` continues a state that already holds the first `cache.length` tokens of the (single) prompt: only
+    the rest is prefilled, and the cache keeps every token fed to it (the last sampled token is not fed).
+    Prefill chunks end at multiples of `prefill_chunk` and at each position in `cuts`; `on_prefill(cache)`
+    runs after each chunk (a conversation snapshots its conv state there). `constraints`: per row, an object
+    with mask() and advance(token) (runtime/constrain.py), or None."""
 
     def __init__(self, model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
-                 prefill_chunk: int = 512, cancel: threading.Event | None = None, overflow: str = "error"):
+                 prefill_chunk: int = 512, cancel: threading.Event | None = None, overflow: str = "error",
+                 cache: Cache | None = None, cuts: Iterable[int] = (),
+                 on_prefill: Callable[[Cache], None] | None = None, constraints: Sequence[Any] | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected at least one prompt, each with at least one token")
         if max_new_tokens < 0:
@@ -49,6 +68,9 @@ class Generation:
             raise ValueError(f"prefill_chunk {prefill_chunk}: expected >= 1")
         if overflow not in ("error", "truncate"):
             raise ValueError(f"overflow {overflow!r}: expected 'error' or 'truncate'")
+        if cache is not None and (len(prompts) != 1 or overflow != "error" or cache.length >= len(prompts[0])):
+            raise ValueError("a cache continues one prompt that extends its state by at least one token "
+                             f"(overflow='error'); got {len(prompts)} prompts, the state holds {cache.length}")
         if max_new_tokens >= model.context_length:
             raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in the context length "
                              f"{model.context_length}")
@@ -68,7 +90,13 @@ class Generation:
         self.eos = set(model.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.prefill_chunk = prefill_chunk
         self.cancel = cancel or threading.Event()
+        self.cache, self.cuts, self.on_prefill = cache, sorted(set(cuts)), on_prefill
+        self.new_tokens: list[list[int]] = [[] for _ in prompts]  # each row's sampled tokens, as they come
+        if constraints is not None and len(constraints) != len(prompts):
+            raise ValueError(f"constraints: {len(constraints)} for {len(prompts)} prompts")
+        self.constraints = list(constraints) if constraints is not None and any(constraints) else None
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts),
+                                     reused_tokens=cache.length if cache is not None else 0,
                                      provider=model.provider)
 
     def __iter__(self) -> Iterator[list[int | None]]:
@@ -80,7 +108,11 @@ class Generation:
         for r, p in enumerate(prompts):
             ids[r, width - len(p):] = p
             mask[r, width - len(p):] = 1
-        cache = model.new_cache(batch, width + self.max_new_tokens)
+        cache = self.cache
+        if cache is None:
+            cache = model.new_cache(batch, width + self.max_new_tokens)
+        else:
+            cache.reserve(width + self.max_new_tokens)
         rng = np.random.default_rng(self.sampling.seed)
         chunk = self.prefill_chunk
         if model.share_buffer and batch > 1:
@@ -92,20 +124,35 @@ class Generation:
             if self.max_new_tokens == 0:
                 stats.stopped = "length"
                 return
-            for s in range(0, width, chunk):
+            for s, e in _chunks(cache.length, width, chunk, self.cuts):
                 if self.cancel.is_set():
                     stats.stopped = "cancelled"
                     return
-                logits = cache.step(ids[:, s:s + chunk], mask[:, s:s + chunk], last=1)  # only the last row is used
+                logits = cache.step(ids[:, s:e], mask[:, s:e], last=1)  # only the last row is sampled
+                if self.on_prefill:
+                    self.on_prefill(cache)
             prefill_end = time.perf_counter()
             done = np.zeros(batch, dtype=bool)
             for n in range(self.max_new_tokens):
-                tokens = next_tokens(logits[:, -1], self.sampling, rng, history)
+                allowed = None
+                if self.constraints:
+                    mask_start = time.perf_counter()
+                    allowed = [c.mask() if c is not None and not d else None
+                               for c, d in zip(self.constraints, done, strict=True)]
+                    if any(a is not None for a in allowed):
+                        stats.mask_seconds.append(time.perf_counter() - mask_start)
+                tokens = next_tokens(logits[:, -1], self.sampling, rng, history, allowed)
+                for c, t, d in zip(self.constraints or (), tokens, done, strict=False):
+                    if c is not None and not d:
+                        c.advance(int(t))
                 if n == 0:
                     stats.time_to_first_token = time.perf_counter() - start
-                    stats.prefill_tokens_per_second = stats.prompt_tokens / max(prefill_end - start, 1e-9)
+                    stats.prefill_tokens_per_second = stats.prefilled_tokens / max(prefill_end - start, 1e-9)
                     decode_start = time.perf_counter()
                 stats.generated_tokens += int((~done).sum())
+                for row, (t, d) in enumerate(zip(tokens, done, strict=True)):
+                    if not d:
+                        self.new_tokens[row].append(int(t))
                 yield [None if d else int(t) for t, d in zip(tokens, done, strict=True)]
                 done |= np.isin(tokens, list(self.eos))
                 if done.all():
@@ -123,8 +170,19 @@ class Generation:
                 stats.decode_tokens_per_second = (n + 1) / max(time.perf_counter() - decode_start, 1e-9)
         finally:
             stats.stopped = stats.stopped or "stop"
+            stats.state_tokens = cache.length
             stats.peak_rss_mb = peak_rss_mb()
             stats.timings["total"] = time.perf_counter() - start
+
+
+def _chunks(start: int, end: int, size: int, cuts: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """[s, e) prefill ranges from start to end: at most `size` long, ending at multiples of `size` (so a
+    continued prefill cuts where a fresh one would) and at every cut inside the range."""
+    stops = sorted({c for c in cuts if start < c < end} | set(range((start // size + 1) * size, end, size)) | {end})
+    s = start
+    for e in stops:
+        yield s, e
+        s = e
 
 
 def peak_rss_mb() -> float:

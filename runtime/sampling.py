@@ -3,6 +3,7 @@ and a repetition penalty, with the semantics of transformers' logits processors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -49,9 +50,15 @@ class Sampling:
 
 
 def next_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator,
-                history: np.ndarray | None = None) -> np.ndarray:
-    """logits [B, V] -> token ids [B]; `history` [B, T] (the context so far) feeds the repetition penalty."""
+                history: np.ndarray | None = None, allowed: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
+    """logits [B, V] -> token ids [B]; `history` [B, T] (the context so far) feeds the repetition penalty;
+    `allowed` (per row: a bool mask over the vocabulary, or None) is applied first, greedy and sampled alike
+    (runtime/constrain.py)."""
     logits = logits.astype(np.float64)
+    for row, mask in zip(logits, allowed or (), strict=False):
+        if mask is not None:
+            row[:len(mask)][~mask] = -np.inf
+            row[len(mask):] = -np.inf
     if sampling.repetition_penalty != 1.0 and history is not None and history.size:
         for row, seen in zip(logits, history, strict=True):
             ids = np.unique(seen[seen >= 0])

@@ -28,9 +28,9 @@ from .bundle import (  # noqa: F401 (re-exported)
 from .pages import release_clean_pages
 from .providers import ProviderList, choose
 
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
-                "tensor(uint8)": np.uint8}
-
+_ORT = ort.capi.onnxruntime_pybind11_state
+_LOAD_ERRORS = (_ORT.Fail, _ORT.InvalidArgument, _ORT.NoSuchFile, _ORT.InvalidProtobuf, _ORT.InvalidGraph,
+                _ORT.NotImplemented, _ORT.RuntimeException)
 
 class LfmSession:
     """One loaded bundle. `providers`: "auto" (an accelerator only if it runs every heavy node, see
@@ -40,7 +40,7 @@ class LfmSession:
 
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: str | ProviderList = "auto",
                  verify: str = "sampled"):
-        cfg = read_bundle(bundle, verify)
+        cfg = read_bundle(bundle, verify, onnxruntime_version=ort.__version__)
         self.folder, self.manifest, decoder, model_file = cfg.folder, cfg.manifest, cfg.decoder, cfg.model_file
         self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
         self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
@@ -57,13 +57,15 @@ class LfmSession:
         # errors only: onnxruntime warns at every load that the optional input logits_to_keep (an initializer that
         # is also an input, the way a graph input gets a default) is not constant-folded, which is its purpose
         options.log_severity_level = 3
-        self.provider_choice = choose(model_file, providers, options)
-        self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
+        try:
+            self.provider_choice = choose(model_file, providers, options)
+            self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
+        except _LOAD_ERRORS as e:  # a damaged or foreign graph: say which file, not where onnxruntime failed
+            raise BundleError(f"{model_file}: onnxruntime {ort.__version__} cannot load it "
+                              f"({str(e).strip().splitlines()[0][:300]})") from None
         data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
         self.released_bytes = release_clean_pages(data_files)  # see pages.py
         self.state = state_spec(((i.name, i.shape) for i in self.session.get_inputs()), decoder)
-        # state tensors take the graph's element type (an int8 KV cache is an export choice, export/kv_cache.py)
-        self.state_dtypes = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         # graphs from our exporter take an optional logits_to_keep (default 0: every row); older ones do not
         self.logits_to_keep = "logits_to_keep" in {i.name for i in self.session.get_overridable_initializers()}
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
@@ -79,43 +81,44 @@ class LfmSession:
         return Cache(self, batch, max_length)
 
 
+ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+                 "tensor(uint8)": np.uint8}
+
+
 class Cache:
-    """Per-generation state buffers bound to an IOBinding; `step` runs one forward pass."""
+    """One token sequence's state buffers, bound to an IOBinding; `step` runs one forward pass.
+
+    Beyond a single generation (runtime/README.md, "State that outlives a generation"): `truncate` rolls the
+    KV rows back by length, `reserve` grows the buffers, `conv_state`/`set_conv_state` and
+    `kv_rows`/`set_kv_rows` read and write the state as arrays (snapshots, saved conversations, the prefix
+    cache)."""
 
     def __init__(self, model: LfmSession, batch: int, max_length: int):
         self.model, self.batch, self.max_length = model, batch, max_length
         self.binding = model.session.io_binding()
         self.mask = np.zeros((batch, max_length), dtype=np.int64)
         self.length = 0
-        new = ort.OrtValue.ortvalue_from_shape_and_type
-        self.conv = {i: [new((batch, h, k), np.float32) for _ in range(2)] for i, (h, k) in model.state.conv.items()}
-        for a, _ in self.conv.values():
-            a.update_inplace(np.zeros(a.shape(), np.float32))
+        types = {i.name: ELEMENT_TYPES.get(i.type, np.float32) for i in model.session.get_inputs()}
+        self.conv_dtype = {i: types.get(f"past.{i}.conv", np.float32) for i in model.state.conv}
+        self.kv_dtype = {i: types.get(f"past_key_values.{i}.key", np.float32) for i in model.state.kv}
+        self.conv = {i: [_zeros((batch, h, k), self.conv_dtype[i]) for _ in range(2)]
+                     for i, (h, k) in model.state.conv.items()}
         capacity = max_length if model.share_buffer else 0
-        self.kv = {}
-        for i, (heads, dim) in model.state.kv.items():
-            pair = []
-            for _ in range(2):
-                dtype = model.state_dtypes.get(f"past_key_values.{i}.key", np.float32)
-                value = new((batch, heads, capacity, dim), dtype)
-                if capacity:
-                    value.update_inplace(np.zeros(value.shape(), dtype))
-                pair.append(value)
-            self.kv[i] = pair
+        self.kv = {i: [_zeros((batch, heads, capacity, dim), self.kv_dtype[i]) for _ in range(2)]
+                   for i, (heads, dim) in model.state.kv.items()}
 
     def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None, last: int | None = None) -> np.ndarray:
         """Run input_ids [B, S] (mask [B, S] marks padding); returns logits [B, S, V], or with `last` = n the
         last n rows [B, n, V] (the graph then computes only those, where it has the logits_to_keep input)."""
         b, s = input_ids.shape
         if self.length + s > self.max_length:
-            raise ValueError(f"{self.length} + {s} tokens exceed this generation's max_length {self.max_length}")
+            raise ValueError(f"{self.length} + {s} tokens exceed this cache's max_length {self.max_length}")
         self.mask[:, self.length:self.length + s] = 1 if mask is None else mask
-        self.length += s
         io = self.binding
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, :self.length]))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, :self.length + s]))
         if self.model.logits_to_keep:
             # (bind_cpu_input looks the name up among required inputs only; an OrtValue binds an overridable one)
             io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array([last or 0],
@@ -136,6 +139,7 @@ class Cache:
                 grown.append(i)
         io.bind_output("logits")
         self.model.session.run_with_iobinding(io)
+        self.length += s  # only once the step ran: a failed run leaves the state as it was before it
         outputs = io.get_outputs()  # in binding order: conv, kv, logits
         for i in self.conv:
             self.conv[i].reverse()
@@ -145,3 +149,89 @@ class Cache:
                 self.kv[i] = [kv_outputs[2 * n], kv_outputs[2 * n + 1]]
         logits = outputs[-1].numpy()
         return logits if last is None else logits[:, -last:]
+
+    @property
+    def capacity(self) -> int:
+        """KV rows the buffers hold without growing (a concatenating graph grows by itself)."""
+        return self.max_length
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens' KV rows: the mask hides the rest and the next step overwrites them.
+        The conv state is not touched: restore it from a snapshot taken at `length` (set_conv_state)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate({length}): the cache holds {self.length} tokens")
+        self.mask[:, length:] = 0
+        if not self.model.share_buffer and length < self.length:
+            for i, pair in self.kv.items():
+                self.kv[i] = [_from_array(v.numpy()[:, :, :length]) for v in pair]
+        self.length = length
+
+    def reserve(self, rows: int) -> None:
+        """Make room for `rows` tokens: the buffers grow to the next power of two >= rows (at most the
+        context length), and the rows in use are copied over."""
+        if rows <= self.max_length:
+            return
+        limit = self.model.context_length
+        if rows > limit:
+            raise ValueError(f"{rows} tokens exceed the model's context length {limit}")
+        new = min(limit, 1 << (rows - 1).bit_length())
+        mask = np.zeros((self.batch, new), dtype=np.int64)
+        mask[:, :self.length] = self.mask[:, :self.length]
+        self.mask, self.max_length = mask, new
+        if self.model.share_buffer:
+            for i, pair in self.kv.items():
+                grown = []
+                for v in pair:
+                    b, h, _, d = v.shape()
+                    array = np.zeros((b, h, new, d), self.kv_dtype[i])
+                    array[:, :, :self.length] = v.numpy()[:, :, :self.length]
+                    grown.append(_from_array(array))
+                self.kv[i] = grown
+
+    def conv_state(self) -> dict[int, np.ndarray]:
+        """A copy of each conv layer's state after the last token ([B, H, K-1]). (OrtValue.numpy() is a view
+        of the buffer, which the step after next overwrites.)"""
+        return {i: pair[0].numpy().copy() for i, pair in self.conv.items()}
+
+    def set_conv_state(self, state: dict[int, np.ndarray]) -> None:
+        for i, pair in self.conv.items():
+            pair[0].update_inplace(np.ascontiguousarray(state[i], dtype=self.conv_dtype[i]))
+
+    def kv_rows(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """A copy of each attention layer's key and value rows in use, [B, Hkv, length, D]."""
+        return {i: (k.numpy()[:, :, :self.length].copy(), v.numpy()[:, :, :self.length].copy())
+                for i, (k, v) in self.kv.items()}
+
+    def set_kv_rows(self, rows: dict[int, tuple[np.ndarray, np.ndarray]], length: int) -> None:
+        """Replace the state's KV rows and length (the conv state is set apart: set_conv_state)."""
+        self.length = 0
+        self.reserve(length)
+        for i in self.kv:
+            pair = []
+            for array in rows[i]:
+                if array.shape[2] != length:
+                    raise ValueError(f"KV rows of layer {i}: {array.shape[2]} rows, expected {length}")
+                if self.model.share_buffer:
+                    full = np.zeros((*array.shape[:2], self.max_length, array.shape[3]), self.kv_dtype[i])
+                    full[:, :, :length] = array
+                    array = full
+                pair.append(_from_array(np.ascontiguousarray(array, dtype=self.kv_dtype[i])))
+            self.kv[i] = pair
+        self.mask[:] = 0
+        self.mask[:, :length] = 1
+        self.length = length
+
+
+def _zeros(shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
+    value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype)
+    if int(np.prod(shape)):
+        value.update_inplace(np.zeros(shape, dtype))
+    return value
+
+
+def _from_array(array: np.ndarray) -> ort.OrtValue:
+    """An OrtValue that owns a copy of `array` (a numpy-backed OrtValue would depend on the array's life)."""
+    value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype)
+    if array.size:
+        value.update_inplace(np.ascontiguousarray(array))
+    return value

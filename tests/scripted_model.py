@@ -20,16 +20,20 @@ HIDDEN = 4
 
 
 def write_bundle(folder: Path, tokenizer_folder: Path, script: dict[int, int], vocab: int, eos: int,
-                 max_positions: int = 2048, step_work: int = 0) -> Path:
+                 max_positions: int = 2048, step_work: int = 0, second_choices: dict[int, float] | None = None) -> Path:
     """`script` maps an absolute position to the token the model emits there. `step_work` n > 0 adds an
     n x n matrix product to every step, computed from the input so it cannot be folded away and added to
-    the logits times zero: a model that takes real time per token, for tests that must act mid-answer."""
+    the logits times zero: a model that takes real time per token, for tests that must act mid-answer.
+    `second_choices` {token: logit} (below the scripted 10): what the model picks at every position where a
+    constraint forbids its first choice."""
     folder.mkdir(parents=True, exist_ok=True)
     table = np.full((max_positions + 1, vocab), -10.0, np.float32)
     table[:, eos] = 10.0
     for position, token in script.items():
         table[position] = -10.0
         table[position, token] = 10.0
+    for token, logit in (second_choices or {}).items():
+        table[:, token] = np.maximum(table[:, token], logit)
     i64 = lambda v: numpy_helper.from_array(np.array(v, np.int64))  # noqa: E731
     nodes = [
         helper.make_node("Shape", ["input_ids"], ["ids_shape"]),

@@ -65,8 +65,8 @@ def test_int8_cache_is_recorded_and_typed_in_the_graph(root):
 def test_int4_cache_packs_two_values_a_byte(root):
     bundle = demo_bundle(root, "int4")
     session = LfmSession(bundle)
-    assert session.state.kv[2] == (2, 16) and session.state_dtypes["past_key_values.2.key"] == np.uint8
     cache = Cache(session, 1, 16)
+    assert session.state.kv[2] == (2, 16) and cache.kv_dtype[2] == np.uint8
     cache.step(np.array([PROMPT]))
     assert cache.kv[2][0].data_type() == "tensor(uint8)"
 

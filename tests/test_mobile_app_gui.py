@@ -106,7 +106,8 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
     try:
         result = subprocess.run([sys.executable, "-m", "lfm_edge.mobile_app.app", "--threads", "1",
                                  "--max-new-tokens", "1200", "--downloads",
-                                 str(tmp_path / "downloads"), "--autopilot", str(tmp_path / "steps.json")],
+                                 str(tmp_path / "downloads"), "--autopilot", str(tmp_path / "steps.json"),
+                                 "--conversation-file", str(tmp_path / "chat.safetensors")],
                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     finally:
         server.shutdown()
@@ -134,6 +135,18 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
     assert state["model"]["download_status"] == f"downloaded and verified: {tmp_path / 'downloads' / 'bundle'}"
     assert (tmp_path / "downloads" / "bundle" / "manifest.json").is_file()
     assert tool_turn["model"]["loaded"] == str(scripted)
+
+    # closed with the talker's chat on screen: it was saved, and the next start with that bundle shows it again
+    assert (tmp_path / "chat.safetensors").is_file()
+    (tmp_path / "again.json").write_text(json.dumps([{"state": str(tmp_path / "restored.json")}, {"quit": True}]))
+    again = subprocess.run([sys.executable, "-m", "lfm_edge.mobile_app.app", str(tmp_path / "talker"), "--threads",
+                            "1", "--autopilot", str(tmp_path / "again.json"), "--conversation-file",
+                            str(tmp_path / "chat.safetensors")], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    restored = json.loads((tmp_path / "restored.json").read_text())
+    assert again.returncode == 0 and not restored.get("autopilot_errors"), again.stderr[-2000:]
+    user, talk_again = restored["chat"]["items"]
+    assert user["text"] == "Talk until I stop you." and talk_again["text"] == talk["text"].strip()
 
     for name in ("chat", "chat-reasoning", "chat-cancelled", "benchmark", "model"):
         path = SHOTS / f"{name}.png"

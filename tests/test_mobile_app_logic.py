@@ -162,10 +162,28 @@ def test_chat_turn_streams_reasoning_runs_the_tool_and_answers(tmp_path):
     assert answer.role == "assistant" and answer.text.strip() == ANSWER
     assert [m["role"] for m in chat.history] == ["user", "assistant", "tool", "assistant"]
     assert None in changes and len(changes) > 5
+    first_round, second_round = chat.conversation.stats
+    assert second_round.reused_tokens == first_round.state_tokens  # the tool round prefilled only what was new
+    assert f"{second_round.reused_tokens} reused" in answer.footer
     chat.toggle_reasoning(1)
     assert chat.items[1].show_reasoning
+
+    # the app saves when paused or closed and restores at its next start: same transcript, same state
+    assert chat.save(tmp_path / "chat.safetensors")
+    again = ChatController(ui.post)
+    assert again.restore(tmp_path / "chat.safetensors") == "no model loaded, or a turn is running"
+    again.set_model(load_model(tmp_path / "scripted", threads=1))
+    assert again.restore(tmp_path / "missing.safetensors") == "nothing saved"
+    assert again.restore(tmp_path / "chat.safetensors") is None
+    def shown(items):  # what a restart may change: footers (no speed to show) and opened reasoning
+        return [{k: v for k, v in vars(i).items() if k not in ("footer", "show_reasoning")} for i in items]
+
+    assert shown(again.items) == shown(chat.items) and len(again.items) == 4
+    assert again.history == chat.history and again.conversation.tokens == chat.conversation.tokens
+    (tmp_path / "torn.safetensors").write_bytes((tmp_path / "chat.safetensors").read_bytes()[:100])
+    assert "truncated" in again.restore(tmp_path / "torn.safetensors")
     chat.reset()
-    assert chat.items == [] and chat.history == []
+    assert chat.items == [] and chat.history == [] and not chat.save(tmp_path / "empty.safetensors")
 
 
 def test_cancel_stops_a_long_answer_and_the_chat_goes_on(tmp_path):
@@ -471,3 +489,23 @@ def test_bad_addresses_and_manifests_are_clear_errors(server, tmp_path):
         download.fetch_bundle(server.url, tmp_path / "x")
     assert download.default_name("https://host/models/lfm2-int4/manifest.json") == "lfm2-int4"
     assert download.default_name("https://host/") == "bundle"
+
+
+def test_the_think_setting_caps_reasoning_and_the_footer_says_so(tmp_path):
+    ui = UiQueue()
+    chat = ChatController(ui.post, tools={}, max_new_tokens=200)
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    eos, vocab = tok.token_to_id("<|im_end|>"), tok.get_vocab_size()
+    probe = load_model(write_bundle(tmp_path / "probe", DEMO, {}, vocab, eos), threads=1)
+    at = len(probe.prompt_ids(chat.conversation_for("Why?")))
+    thinking = tok.encode("<think>" + "".join(f" step {i}" for i in range(150)), add_special_tokens=False).ids
+    chat.set_model(load_model(write_bundle(tmp_path / "thinker", DEMO, {at + i: t for i, t in enumerate(thinking)},
+                                           vocab, eos), threads=1))
+    assert [chat.cycle_thinking() for _ in range(4)] == ["Think: 256", "Think: 64", "Think: off", "Think: full"]
+    chat.cycle_thinking()
+    chat.cycle_thinking()  # 64
+    assert chat.send("Why?") is None
+    ui.run_until(lambda: chat.state == IDLE)
+    answer = chat.items[-1]
+    assert "thinking ended after 64 (budget)" in answer.footer
+    assert chat.conversation.stats[-1].thinking_tokens == 64

@@ -536,3 +536,36 @@ def test_backends_import_without_onnxruntime():
             "assert 'python' not in backends.available()\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+# --- conversation state on every backend ------------------------------------------------------------------------
+
+def _conversation_tokens(model, save_to: Path | None = None, load_from: Path | None = None) -> list[list[int]]:
+    """A conversation with an edit (rolls back through a snapshot), saved or loaded midway."""
+    conv = model.load_conversation(load_from) if load_from else model.conversation(system="Be brief.",
+                                                                                   snapshot_every=8)
+    said = []
+    if load_from is None:
+        said += [conv.say(q, max_new_tokens=6).tokens for q in ("What is a list?", "And a tuple?")]
+        conv.messages[2]["content"] = conv.messages[2]["content"][:6]
+        if save_to:
+            conv.save(save_to)
+    said += [conv.say(q, max_new_tokens=6).tokens for q in ("And a set?", "Thanks.")]
+    assert conv.stats[-1].reused_tokens > 0
+    return said
+
+
+@pytest.mark.parametrize("backend", ["java-pinned", "java-result-fallback", "objc"])
+def test_mock_conversations_on_phone_backends_match_lfm_session(demo, backend, tmp_path):
+    from lfm_edge.runtime.engine import LfmModel
+
+    if backend.startswith("java"):
+        pinned = backend == "java-pinned"
+        session = JavaSession(demo, threads=1, classes=java_stand_ins(pinned_api=pinned), pinned=pinned)
+    else:
+        session = ObjcSession(demo, threads=1, classes=objc_stand_ins())
+    phone, python = LfmModel(demo, session=session), LfmModel(demo, threads=1)
+    assert _conversation_tokens(phone, save_to=tmp_path / "phone.st") == _conversation_tokens(python)
+    # a conversation saved on the phone's backend continues on the Python one, and the other way round
+    assert _conversation_tokens(python, load_from=tmp_path / "phone.st") == \
+           _conversation_tokens(phone, load_from=tmp_path / "phone.st")

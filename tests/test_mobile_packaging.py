@@ -38,7 +38,7 @@ def test_spec_identity_and_target(spec):
 
 def test_spec_requirements_and_onnxruntime_aar(spec):
     reqs = {re.split("[=<>]", r)[0] for r in listed(spec["requirements"])}
-    assert {"python3", "kivy", "numpy", "pyjnius", "jinja2", "tokenizers"} <= reqs
+    assert {"python3", "kivy", "numpy", "pyjnius", "jinja2", "tokenizers", "llguidance"} <= reqs
     assert "plyer" in reqs  # the battery tool (mobile_app/app/tools.py) reads the phone's battery through it
     assert "onnxruntime" not in reqs  # no p4a recipe: the Java backend reaches the AAR instead
     deps = listed(spec["android.gradle_dependencies"])
@@ -58,10 +58,14 @@ def test_spec_permissions(spec):
 
 def test_spec_local_recipe_exists_and_compiles(spec):
     recipes = (MOBILE / spec["p4a.local_recipes"]).resolve()
-    recipe = recipes / "tokenizers" / "__init__.py"
-    py_compile.compile(str(recipe), doraise=True)
-    text = recipe.read_text()
-    assert "RustCompiledComponentsRecipe" in text and 'name = "tokenizers"' in text
+    for name in ("tokenizers", "llguidance"):
+        recipe = recipes / name / "__init__.py"
+        py_compile.compile(str(recipe), doraise=True)
+        text = recipe.read_text()
+        assert "RustCompiledComponentsRecipe" in text and f'name = "{name}"' in text
+        from importlib.metadata import version
+
+        assert f'version = "{version(name)}"' in text  # the phone builds what the desktop tests
 
 
 def test_spec_source_dir_is_the_staged_tree_with_the_app(spec, tmp_path):

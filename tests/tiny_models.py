@@ -56,6 +56,14 @@ CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
+# Widths of 256: the K-quants' super-block, so GGUF tests can store every matrix in them (not in CONFIGS, which
+# every exactness test runs through).
+WIDE = {"moe_wide_256": (MOE, dict(vocab_size=300, hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
+                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                   layer_types=_types(3, [1]), num_dense_layers=1, num_experts=4,
+                                   num_experts_per_tok=2))}
+
+
 def build(name: str, folder: Path, seed: int = 0, fused_experts: bool = False):
     """Save a random transformers model for CONFIGS[name] into folder; return the model (eval mode).
 
@@ -63,7 +71,7 @@ def build(name: str, folder: Path, seed: int = 0, fused_experts: bool = False):
     expert bias is non-zero (it only changes routing when it is)."""
     from transformers import Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM
 
-    kind, kwargs = CONFIGS[name]
+    kind, kwargs = CONFIGS[name] if name in CONFIGS else WIDE[name]
     torch.manual_seed(seed)
     common = dict(max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if kind == MOE:
@@ -103,6 +111,29 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|startoftext|>", "eos_token": "<|im_end|>",
         "pad_token": "<|pad|>"}))
+
+
+def write_lfm2_tokenizer(folder: Path, vocab_size: int, text: str) -> None:
+    """A byte-level BPE with LFM2's split (Split regex + ByteLevel, whole-word hits first) trained on `text` to
+    exactly `vocab_size` tokens: what a GGUF vocabulary can hold, unlike the word-level one."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lfm_edge.export.gguf_tokenizer import LFM2_REGEX
+
+    specials = ["<|pad|>", "<|startoftext|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LFM2_REGEX), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|startoftext|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|pad|>", "add_bos_token": True, "chat_template": "{{ bos_token }}{% for m in messages %}"
+        "{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"}))
 
 
 def _fuse_experts(path: Path) -> None:

@@ -32,8 +32,10 @@ class LfmApp(App):
     title = "LFM Edge"
 
     def __init__(self, bundle: Path | None = None, threads: int | None = None, downloads: Path | None = None,
-                 autopilot: list[dict] | None = None, max_new_tokens: int = 512, **kwargs: Any):
+                 autopilot: list[dict] | None = None, max_new_tokens: int = 512,
+                 conversation_file: Path | None = None, **kwargs: Any):
         super().__init__(**kwargs)
+        self.conversation_file = conversation_file  # default: conversation.safetensors in user_data_dir
         self.start_bundle, self.threads = bundle, threads
         self.downloads_dir = downloads
         self.autopilot_steps = autopilot
@@ -44,6 +46,7 @@ class LfmApp(App):
     def build(self):
         Window.clearcolor = BACKGROUND
         downloads = self.downloads_dir or Path(self.user_data_dir) / "bundles"
+        self.conversation_file = self.conversation_file or Path(self.user_data_dir) / "conversation.safetensors"
         self.chat = ChatController(post, max_new_tokens=self.max_new_tokens)
         self.chat_screen = ChatScreen(self.chat, busy=lambda: self.busy("chat"))
         self.bench_screen = BenchScreen(post, bundle=lambda: self.model_screen.loaded, busy=lambda: self.busy("bench"))
@@ -109,6 +112,19 @@ class LfmApp(App):
         self.model = model
         self.chat.set_model(model)
         self.model_label.text = folder.name
+        # the conversation the app had when it was last paused or closed, if it belongs to this bundle
+        self.restored = self.chat.restore(self.conversation_file)
+
+    def save_conversation(self) -> None:
+        """Keep the chat for the next start: Android may kill a paused app without another callback."""
+        try:
+            self.chat.save(self.conversation_file)
+        except (OSError, ValueError) as e:  # a full disk must not crash the app on its way out
+            print(f"lfm-app: conversation not saved: {e}")
+
+    def on_pause(self) -> bool:
+        self.save_conversation()
+        return True  # stay alive in the background
 
     def snapshot(self) -> dict:
         """What the app shows, as data (the GUI test reads it)."""
@@ -121,5 +137,7 @@ class LfmApp(App):
 
     def on_stop(self) -> None:
         self.chat.cancel()
+        if self.chat.wait(5):
+            self.save_conversation()
         self.bench_screen.job.stop()
         self.model_screen.fetcher.stop()

@@ -1,8 +1,10 @@
 """One chat turn as a state machine, without any widget: idle -> generating (-> cancelling) -> idle.
 
-The model runs on a worker thread (`LfmModel.run_tools`, so tool calls loop back to the model); every
-event it streams is handed to `post`, which the app points at Kivy's clock so that the transcript is only
-ever changed on the UI thread. Tests pass a poster that queues, and drain the queue themselves.
+The model runs on a worker thread (`Conversation.run_tools`, so tool calls loop back to the model and each
+turn prefills only what is new); every event it streams is handed to `post`, which the app points at Kivy's
+clock so that the transcript is only ever changed on the UI thread. Tests pass a poster that queues, and
+drain the queue themselves. `save`/`restore` keep the conversation across app restarts (Android kills apps
+in the background): the transcript is rebuilt from the saved messages.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import json
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lfm_edge.runtime.chat import function_schema
+from lfm_edge.runtime.conversation import Conversation
 from lfm_edge.runtime.engine import Done, LfmModel, ToolRun
-from lfm_edge.runtime.toolcalls import ReasoningDelta, TextDelta, ToolCall, ToolCallEvent
+from lfm_edge.runtime.toolcalls import ReasoningDelta, StreamParser, TextDelta, ToolCall, ToolCallEvent
 
 from .tools import DEMO_TOOLS
 
@@ -59,6 +63,9 @@ class ToolCard:
 Item = Bubble | ToolCard
 
 IDLE, GENERATING, CANCELLING = "idle", "generating", "cancelling"
+# The chat's thinking setting, in the order the Think button cycles: no limit, then budgets in tokens (0: off).
+# On a phone a long reasoning trace is seconds of battery before the answer starts.
+THINKING = (None, 256, 64, 0)
 
 
 class ChatController:
@@ -69,9 +76,10 @@ class ChatController:
         self.schemas = [function_schema(f) for f in self.tools.values()]
         self.max_new_tokens = max_new_tokens
         self.system = system
+        self.reasoning_budget: int | None = None  # one of THINKING
         self.model: LfmModel | None = None
+        self.conversation: Conversation | None = None  # the messages and the state that matches them
         self.items: list[Item] = []
-        self.history: list[dict[str, Any]] = []  # the conversation as the model sees it
         self.state = IDLE
         self.tokens = 0  # generated in the current turn, for the status line
         self.listeners: list[Callable[[int | None], None]] = []  # index of the changed item; None: everything
@@ -89,11 +97,43 @@ class ChatController:
         self.reset()
 
     def reset(self) -> None:
+        """A fresh conversation ("New"): the old one's state is freed."""
         if self.state != IDLE:
             raise RuntimeError("a chat turn is running: cancel it first")
         self.items.clear()
-        self.history = [{"role": "system", "content": self.system}] if self.system else []
+        self.conversation = self.model.conversation(self.system, self.tools) if self.model is not None else None
         self._changed(None)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The conversation as the model sees it."""
+        if self.conversation is not None:
+            return self.conversation.messages
+        return [{"role": "system", "content": self.system}] if self.system else []
+
+    def save(self, path: Path) -> bool:
+        """Save the conversation (between turns only); False when there is nothing to save or a turn runs."""
+        if self.conversation is None or self.state != IDLE or not self.conversation.turns:
+            return False
+        self.conversation.save(path)
+        return True
+
+    def restore(self, path: Path) -> str | None:
+        """Continue the conversation saved at `path` with the loaded model; returns why not, or None. A file
+        from another bundle or a damaged one is left alone and the chat starts fresh."""
+        from lfm_edge.runtime.statefile import StateFileError
+
+        if self.model is None or self.state != IDLE:
+            return "no model loaded, or a turn is running"
+        if not Path(path).is_file():
+            return "nothing saved"
+        try:
+            self.conversation = self.model.load_conversation(path, self.tools)
+        except (StateFileError, ValueError) as e:
+            return str(e)
+        self.items = transcript(self.conversation.messages)
+        self._changed(None)
+        return None
 
     def conversation_for(self, text: str) -> list[dict[str, Any]]:
         """The messages the model is given when `text` is sent now."""
@@ -108,15 +148,21 @@ class ChatController:
             return "no model loaded: pick one on the Model screen"
         if self.state != IDLE:
             return "the model is still answering"
-        messages = self.conversation_for(text)
+        if self.conversation is None:
+            self.reset()
         self.items.append(Bubble("user", text))
         self._changed(len(self.items) - 1)
         self.state, self.tokens, self._current = GENERATING, 0, None
         self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(self.model, messages, self._cancel),
+        self._thread = threading.Thread(target=self._work, args=(self.conversation, text, self._cancel),
                                         name="chat-turn", daemon=True)
         self._thread.start()
         return None
+
+    def cycle_thinking(self) -> str:
+        """The next reasoning budget of THINKING; returns its label ("Think: full", "Think: 64", "Think: off")."""
+        self.reasoning_budget = THINKING[(THINKING.index(self.reasoning_budget) + 1) % len(THINKING)]
+        return thinking_label(self.reasoning_budget)
 
     def cancel(self) -> None:
         if self.state == GENERATING:
@@ -139,11 +185,11 @@ class ChatController:
 
     # --- the worker thread: only reads its arguments and posts ----------------------------------------------
 
-    def _work(self, model: LfmModel, messages: list[dict[str, Any]], cancel: threading.Event) -> None:
+    def _work(self, conversation: Conversation, text: str, cancel: threading.Event) -> None:
         try:
-            run = model.run_tools(messages, self.tools, schemas=self.schemas, cancel=cancel,
-                                  max_new_tokens=self.max_new_tokens,
-                                  on_event=lambda event: self.post(lambda: self._apply(event)))
+            run = conversation.run_tools(text, self.tools, cancel=cancel, max_new_tokens=self.max_new_tokens,
+                                         reasoning_budget=self.reasoning_budget,
+                                         on_event=lambda event: self.post(lambda: self._apply(event)))
         except Exception as e:  # a failed turn is shown in the transcript; the app keeps running
             error = f"{type(e).__name__}: {e}"
             self.post(lambda: self._finish(None, error))
@@ -186,7 +232,10 @@ class ChatController:
                 s = event.stats
                 self.items[self._current].footer = (
                     f"{s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s, "
-                    f"first token {s.time_to_first_token * 1000:.0f} ms, {s.stopped}")
+                    f"first token {s.time_to_first_token * 1000:.0f} ms, {s.reused_tokens} reused, "
+                    f"{s.prefilled_tokens} prefilled, "
+                    + (f"thinking ended after {s.thinking_tokens} ({s.reasoning_forced}), " if s.reasoning_forced
+                       else "") + s.stopped)
                 self._changed(self._current)
             self._current = None
 
@@ -199,8 +248,6 @@ class ChatController:
 
     def _finish(self, run: ToolRun | None, error: str) -> None:
         self.state = IDLE
-        if run is not None:
-            self.history = run.messages
         if error:
             self.items.append(Bubble("error", error))
         self._changed(None)
@@ -208,3 +255,37 @@ class ChatController:
     def _changed(self, index: int | None) -> None:
         for listener in self.listeners:
             listener(index)
+
+
+def thinking_label(budget: int | None) -> str:
+    return "Think: full" if budget is None else "Think: off" if budget == 0 else f"Think: {budget}"
+
+
+def transcript(messages: list[dict[str, Any]]) -> list[Item]:
+    """The bubbles and tool cards a saved conversation's messages show, in the order they streamed: an
+    answer's reasoning and text, then the calls it made, each with its tool's result."""
+    items: list[Item] = []
+    for message in messages:
+        role, content = message.get("role"), message.get("content")
+        if role == "user":
+            items.append(Bubble("user", str(content)))
+        elif role == "assistant":
+            bubble, cards = Bubble("assistant"), []
+            parser = StreamParser()
+            for event in [*parser.feed(str(content)), *parser.close()]:
+                if isinstance(event, TextDelta):
+                    bubble.text += event.text
+                elif isinstance(event, ReasoningDelta):
+                    bubble.reasoning += event.text
+                elif isinstance(event, ToolCallEvent):
+                    cards += [ToolCard(c.name, dict(c.arguments)) for c in event.calls]
+            bubble.text, bubble.reasoning = bubble.text.strip(), bubble.reasoning.strip()
+            items += ([bubble] if bubble.text or bubble.reasoning else []) + cards
+        elif role == "tool":
+            card = next((i for i in items if isinstance(i, ToolCard) and i.result is None and not i.error), None)
+            if card is not None:
+                try:
+                    card.result = json.loads(content) if isinstance(content, str) else content
+                except ValueError:
+                    card.result = content
+    return items

@@ -68,6 +68,8 @@ def bundle_info(folder: str | Path) -> BundleInfo:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         manifest = {}  # bundles from onnxruntime-genai's builder have none
+    if not isinstance(manifest, dict):  # a damaged one: the load says why (read_bundle), the summary stays blank
+        manifest = {}
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     return BundleInfo(folder, size / 1e6, str(manifest.get("quant", "")), str(manifest.get("target", "") or ""),
                       str(manifest.get("model_type", "")))

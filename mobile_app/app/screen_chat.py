@@ -13,7 +13,7 @@ from kivy.uix.scrollview import ScrollView
 from kivy.uix.textinput import TextInput
 from kivy.uix.widget import Widget
 
-from .chat import IDLE, Bubble, ChatController, ToolCard
+from .chat import IDLE, Bubble, ChatController, ToolCard, thinking_label
 from .widgets import ACCENT, ERROR, MONO, MUTED, SURFACE, TEXT, TOOL, TOOL_EDGE, USER, Panel, Text, button, row
 
 ROLE_COLORS = {"user": USER, "assistant": SURFACE, "error": ERROR}
@@ -89,8 +89,10 @@ class ChatScreen(Screen):
         self.send_button = button("Send", self.send, width=dp(72))
         self.cancel_button = button("Cancel", self.chat.cancel, color=ERROR, width=dp(72))
         self.new_button = button("New", self.new_chat, color=SURFACE, width=dp(60))
+        self.think_button = button(thinking_label(chat.reasoning_budget), self.cycle_thinking, color=SURFACE,
+                                   width=dp(110))
         layout.add_widget(self.scroll)
-        layout.add_widget(self.status)
+        layout.add_widget(row(self.status, self.think_button, height=dp(36)))
         layout.add_widget(row(self.input, self.send_button, self.cancel_button, self.new_button))
         self.add_widget(layout)
         chat.listeners.append(self.on_change)
@@ -102,6 +104,9 @@ class ChatScreen(Screen):
             self.status.text = reason
         else:
             self.input.text = ""
+
+    def cycle_thinking(self) -> None:
+        self.think_button.text = self.chat.cycle_thinking()
 
     def new_chat(self) -> None:
         if self.chat.state == IDLE:

@@ -28,6 +28,11 @@ OrtEpDevice, i.e. 1.22 or later). An AAR without that overload cannot keep past 
 runtime `pinned=False` feeds every output back through the Result (correct, but a shared-buffer graph then
 copies its whole KV buffer each step inside GroupQueryAttention, and conv states are reallocated).
 
+Conversation state (runtime/README.md, "State that outlives a generation"): `truncate`, `reserve`,
+`conv_state`/`set_conv_state` and `kv_rows`/`set_kv_rows` read a tensor through a heap ByteBuffer (its direct
+buffer, or `OnnxTensor.getByteBuffer()` for a Result's output) and write new state into direct buffers of
+the cache's own; they run at turn boundaries, never per step.
+
 Lifetimes: `JavaCache.close()` (also called when a cache is garbage-collected) closes every OnnxTensor and
 the held Result; the per-step input tensors are closed right after their run. Each Python thread that used
 pyjnius must call `jnius.detach()` before it ends (backends.release_thread() does it).
@@ -174,7 +179,7 @@ class JavaCache:
         self.mask = np.zeros((batch, max_length), dtype=np.int64)
         # every long-lived OnnxTensor, and the last Result (its outputs are this step's past when they are not
         # pinned); close() or garbage collection closes them
-        self._res = SimpleNamespace(tensors=[], held=None)
+        self._res = SimpleNamespace(tensors=[], held=None, direct={})  # direct: id(tensor) -> (_Direct, shape)
         self._ids = _Direct(J, batch * max_length * 8)
         self._mask = _Direct(J, batch * max_length * 8)
         self._logits: _Direct | None = None
@@ -187,21 +192,116 @@ class JavaCache:
         capacity = max_length if model.share_buffer else 0
         for i, _, _, _, _ in names.kv:
             heads, dim = state.kv[i]
-            self.kv[i] = [self._tensor((batch, heads, capacity, dim), model.kv_dtype) for _ in range(2)]
+            self.kv[i] = [self._tensor((batch, heads, capacity, dim), dtype=model.kv_dtype) for _ in range(2)]
+        self.conv_dtype = dict.fromkeys(self.conv, np.float32)
+        self.kv_dtype = dict.fromkeys(self.kv, model.kv_dtype)  # float32, or int8/uint8 (manifest kv_cache)
         self._finalizer = weakref.finalize(self, _close_all, self._res)
 
-    def _tensor(self, shape: tuple[int, ...], dtype: type = np.float32) -> Any:
-        """A zero-filled tensor over its own direct buffer (allocateDirect zero-fills): float32, or int8/uint8
-        (an int8/int4 KV cache) through createTensor(env, ByteBuffer, long[], OnnxJavaType)."""
-        count = int(np.prod(shape))
-        buf = _Direct(self.J, count * np.dtype(dtype).itemsize)
-        if np.dtype(dtype) == np.float32:
+    def _tensor(self, shape: tuple[int, ...], data: np.ndarray | None = None, dtype: type = np.float32) -> Any:
+        """A tensor over its own direct buffer: zero-filled (allocateDirect zero-fills), or `data`. float32, or
+        int8/uint8 (an int8/int4 KV cache) through createTensor(env, ByteBuffer, long[], OnnxJavaType)."""
+        count, dtype = int(np.prod(shape)), np.dtype(dtype)
+        buf = _Direct(self.J, count * dtype.itemsize)
+        if data is not None and count:
+            buf.write(np.ascontiguousarray(data, dtype=dtype).tobytes())
+        if dtype == np.float32:
             t = self.J.OnnxTensor.createTensor(self.env, buf.floats(count), list(shape))
         else:
-            kind = self.J.OnnxJavaType.INT8 if np.dtype(dtype) == np.int8 else self.J.OnnxJavaType.UINT8
+            kind = self.J.OnnxJavaType.INT8 if dtype == np.int8 else self.J.OnnxJavaType.UINT8
             t = self.J.OnnxTensor.createTensor(self.env, buf.raw(count), list(shape), kind)
         self._res.tensors.append(t)  # the OnnxTensor keeps a Java reference to its buffer
+        self._res.direct[id(t)] = (buf, tuple(shape))
         return t
+
+    def _read(self, tensor: Any, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+        """A copy of a tensor's data: from its direct buffer, or a Result output's getByteBuffer()."""
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if not n:
+            return np.zeros(shape, dtype)
+        own = self._res.direct.get(id(tensor))
+        src = own[0].bytes.duplicate() if own else tensor.getByteBuffer()
+        src.position(0)
+        src.limit(n)
+        heap = self.J.ByteBuffer.allocate(n)
+        heap.put(src)
+        data = heap.array()
+        raw = data.tostring() if hasattr(data, "tostring") else bytes(data)
+        return np.frombuffer(raw[:n], dtype=dtype).reshape(shape).copy()
+
+    def _replace(self, old: Any) -> None:
+        """Close a tensor of the cache's own that the state no longer uses (a Result's own close with it)."""
+        if id(old) in self._res.direct:
+            del self._res.direct[id(old)]
+            self._res.tensors = [t for t in self._res.tensors if t is not old]
+            old.close()
+
+    def _kv_shape(self, i: int) -> tuple[int, int, int, int]:
+        heads, dim = self.model.state.kv[i]
+        return (self.batch, heads, self.max_length if self.model.share_buffer else self.length, dim)
+
+    def _set_kv(self, i: int, arrays: list[np.ndarray]) -> None:
+        old = self.kv[i]
+        self.kv[i] = [self._tensor(a.shape, a, self.kv_dtype[i]) for a in arrays]
+        for t in old:
+            self._replace(t)
+
+    @property
+    def capacity(self) -> int:
+        return self.max_length
+
+    def truncate(self, length: int) -> None:
+        """KV rolls back by length (a concatenating graph's rows are copied once); conv: set_conv_state."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate({length}): the cache holds {self.length} tokens")
+        if not self.model.share_buffer and length < self.length:
+            for i in self.kv:
+                shape = self._kv_shape(i)
+                self._set_kv(i, [self._read(t, shape, self.kv_dtype[i])[:, :, :length] for t in self.kv[i]])
+        self.mask[:, length:] = 0
+        self.length = length
+
+    def reserve(self, rows: int) -> None:
+        if rows <= self.max_length:
+            return
+        if rows > self.model.context_length:
+            raise ValueError(f"{rows} tokens exceed the model's context length {self.model.context_length}")
+        new = min(self.model.context_length, 1 << (rows - 1).bit_length())
+        kept = {i: [self._read(t, self._kv_shape(i), self.kv_dtype[i])[:, :, :self.length] for t in pair]
+                for i, pair in self.kv.items()}
+        mask = np.zeros((self.batch, new), dtype=np.int64)
+        mask[:, :self.length] = self.mask[:, :self.length]
+        self.mask, self.max_length = mask, new
+        self._ids, self._mask = _Direct(self.J, self.batch * new * 8), _Direct(self.J, self.batch * new * 8)
+        if self.model.share_buffer:
+            for i, arrays in kept.items():
+                self._set_kv(i, [_pad(a, new) for a in arrays])
+
+    def conv_state(self) -> dict[int, np.ndarray]:
+        return {i: self._read(pair[0], (self.batch, *self.model.state.conv[i])) for i, pair in self.conv.items()}
+
+    def set_conv_state(self, state: dict[int, np.ndarray]) -> None:
+        for i, pair in self.conv.items():
+            own = self._res.direct.get(id(pair[0]))
+            if own is not None:
+                own[0].write(np.ascontiguousarray(state[i], dtype=np.float32).tobytes())
+            else:  # a Result's output (no pinned outputs): the next step reads a tensor of our own instead
+                pair[0] = self._tensor(state[i].shape, state[i])
+
+    def kv_rows(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        return {i: tuple(self._read(t, self._kv_shape(i), self.kv_dtype[i])[:, :, :self.length] for t in pair)
+                for i, pair in self.kv.items()}
+
+    def set_kv_rows(self, rows: dict[int, tuple[np.ndarray, np.ndarray]], length: int) -> None:
+        self.length = 0
+        self.reserve(length)
+        for i in self.kv:
+            arrays = [np.asarray(a, self.kv_dtype[i]) for a in rows[i]]
+            if any(a.shape[2] != length for a in arrays):
+                raise ValueError(f"KV rows of layer {i}: expected {length} rows")
+            self._set_kv(i, [_pad(a, self.max_length) if self.model.share_buffer else a for a in arrays])
+        self.mask[:] = 0
+        self.mask[:, :length] = 1
+        self.length = length
 
     def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None, last: int | None = 1) -> np.ndarray:
         """Run input_ids [B, S] (mask [B, S] marks padding); returns the logits of the last position,
@@ -310,6 +410,13 @@ class JavaCache:
         self._finalizer()
 
 
+def _pad(rows: np.ndarray, capacity: int) -> np.ndarray:
+    """[B, H, n, D] rows in a [B, H, capacity, D] buffer."""
+    full = np.zeros((*rows.shape[:2], capacity, rows.shape[3]), rows.dtype)
+    full[:, :, :rows.shape[2]] = rows
+    return full
+
+
 def _close_all(res: SimpleNamespace) -> None:
     if res.held is not None:
         res.held.close()
@@ -317,3 +424,4 @@ def _close_all(res: SimpleNamespace) -> None:
     for t in res.tensors:
         t.close()
     res.tensors.clear()
+    res.direct.clear()

@@ -111,6 +111,58 @@ class ObjcCache:
         capacity = max_length if model.share_buffer else 0
         self.kv = {i: [self._value(np.zeros((batch, state.kv[i][0], capacity, state.kv[i][1]), model.kv_dtype))
                        for _ in range(2)] for i, _, _, _, _ in names.kv}
+        self.conv_dtype = dict.fromkeys(self.conv, np.float32)
+        self.kv_dtype = dict.fromkeys(self.kv, model.kv_dtype)  # float32, or int8/uint8 (manifest kv_cache)
+
+    # conversation state (runtime/README.md): the arrays under the ORTValues are read and replaced directly
+
+    @property
+    def capacity(self) -> int:
+        return self.max_length
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate({length}): the cache holds {self.length} tokens")
+        if not self.model.share_buffer:
+            self.kv = {i: [self._value(a[:, :, :length].copy()) for _, a in pair] for i, pair in self.kv.items()}
+        self.mask[:, length:] = 0
+        self.length = length
+
+    def reserve(self, rows: int) -> None:
+        if rows <= self.max_length:
+            return
+        if rows > self.model.context_length:
+            raise ValueError(f"{rows} tokens exceed the model's context length {self.model.context_length}")
+        new = min(self.model.context_length, 1 << (rows - 1).bit_length())
+        mask = np.zeros((self.batch, new), dtype=np.int64)
+        mask[:, :self.length] = self.mask[:, :self.length]
+        self.mask, self.max_length = mask, new
+        self._ids = np.zeros(self.batch * new, dtype=np.int64)
+        if self.model.share_buffer:
+            self.kv = {i: [self._value(_pad(a[:, :, :self.length], new)) for _, a in pair]
+                       for i, pair in self.kv.items()}
+
+    def conv_state(self) -> dict[int, np.ndarray]:
+        return {i: pair[0][1].copy() for i, pair in self.conv.items()}
+
+    def set_conv_state(self, state: dict[int, np.ndarray]) -> None:
+        for i, pair in self.conv.items():
+            pair[0][1][...] = state[i]  # the ORTValue reads this memory: no new value needed
+
+    def kv_rows(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        return {i: tuple(a[:, :, :self.length].copy() for _, a in pair) for i, pair in self.kv.items()}
+
+    def set_kv_rows(self, rows: dict[int, tuple[np.ndarray, np.ndarray]], length: int) -> None:
+        self.length = 0
+        self.reserve(length)
+        for i in self.kv:
+            arrays = [np.array(a, self.kv_dtype[i]) for a in rows[i]]
+            if any(a.shape[2] != length for a in arrays):
+                raise ValueError(f"KV rows of layer {i}: expected {length} rows")
+            self.kv[i] = [self._value(_pad(a, self.max_length) if self.model.share_buffer else a) for a in arrays]
+        self.mask[:] = 0
+        self.mask[:, :length] = 1
+        self.length = length
 
     def _value(self, array: np.ndarray) -> tuple[Any, np.ndarray]:
         """(ORTValue over `array`'s memory, array). The array must stay referenced while the value is used."""
@@ -167,3 +219,10 @@ class ObjcCache:
             self.conv[i].reverse()
         self.kv.update(grown)
         return logits[:, -1:].copy()
+
+
+def _pad(rows: np.ndarray, capacity: int) -> np.ndarray:
+    """[B, H, n, D] rows in a zeroed [B, H, capacity, D] buffer."""
+    full = np.zeros((*rows.shape[:2], capacity, rows.shape[3]), rows.dtype)
+    full[:, :, :rows.shape[2]] = rows
+    return full

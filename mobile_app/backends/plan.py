@@ -3,7 +3,7 @@ state the graph carries and the name of each tensor a step binds. Pure Python (j
 the Java and Objective-C backends use it on phones without onnxruntime's Python binding, and tests check it
 against LfmSession here.
 
-The contract (DESIGN.md, "The state contract"): inputs `input_ids [B,S]`, `attention_mask [B,P+S]`,
+The contract (docs/design.md, "The state contract"): inputs `input_ids [B,S]`, `attention_mask [B,P+S]`,
 `past.{i}.conv [B,H,K-1]` on conv layers, `past_key_values.{i}.key/value [B,Hkv,P,D]` on attention layers;
 outputs `logits [B,S,V]`, `present.{i}.conv`, `present.{i}.key/value`. With
 `search.past_present_share_buffer` (GroupQueryAttention graphs) past and present KV are one

@@ -1,0 +1,401 @@
+"""Constrained decoding: a mask of allowed tokens, applied by the sampler before it picks (sampling.next_tokens).
+
+Grammars are llguidance's (JSON schema, regex, Lark), compiled against the bundle's own tokenizer; this file
+only decides *when* a grammar applies:
+- `response_format`: the answer after any reasoning is a JSON document of a schema (or a regex / Lark match);
+- `ToolCalls`: free text stays free; once the model opens `<|tool_call_start|>`, what follows is a Pythonic
+  list of calls to the offered functions with arguments of their schemas' types, then `<|tool_call_end|>`;
+- `ReasoningControl`: thinking ends (`</think>` is forced) when its token budget is spent or it repeats itself.
+A constraint's `mask()` is None while it does not apply (no cost), else a bool array over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class ConstraintError(ValueError):
+    """A schema, regex or grammar that cannot be compiled; the message names what is wrong."""
+
+
+class Constraint(Protocol):
+    def mask(self) -> np.ndarray | None: ...  # allowed tokens [V] (bool), or None: anything goes
+
+    def advance(self, token: int) -> None: ...  # the token that was picked
+
+
+class Vocabulary:
+    """llguidance's view of a bundle's tokenizer (built once per model: ~0.5 s at 65K tokens, ~2 s at 128K)."""
+
+    def __init__(self, tokenizer_json: str, size: int, eos: int, specials: Mapping[str, int]):
+        import llguidance
+
+        self.llg, self.size, self.eos, self.specials = llguidance, size, eos, dict(specials)
+        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=size, eos_token=eos)
+
+    def matcher(self, grammar: str) -> Any:
+        m = self.llg.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if m.is_error():
+            raise ConstraintError(_first_line(m.get_error()))
+        return m
+
+    def only(self, token: int) -> np.ndarray:
+        allowed = np.zeros(self.size, dtype=bool)
+        allowed[token] = True
+        return allowed
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "the grammar does not compile"
+
+
+class Grammar:
+    """An llguidance grammar from the first token on (after the EOS it ends with, nothing more is allowed)."""
+
+    def __init__(self, vocab: Vocabulary, grammar: str):
+        self.vocab, self.matcher = vocab, vocab.matcher(grammar)
+        self.mask_seconds: list[float] = []
+
+    def mask(self) -> np.ndarray:
+        start = time.perf_counter()
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little")[:self.vocab.size].astype(bool)
+        self.mask_seconds.append(time.perf_counter() - start)
+        if not allowed.any():  # the grammar is complete (or stuck): end the answer
+            return self.vocab.only(self.vocab.eos)
+        return allowed
+
+    def advance(self, token: int) -> None:
+        if not self.matcher.is_stopped() and not self.matcher.consume_token(token):
+            raise ConstraintError(f"token {token} broke the grammar: {self.matcher.get_error()}")
+
+    @property
+    def satisfied(self) -> bool:
+        return self.matcher.is_accepting()
+
+
+class AfterReasoning:
+    """`inner` applies once reasoning is over: at once, or after `</think>` when the prompt opened it."""
+
+    def __init__(self, inner: Grammar, think_end: int | None, in_reasoning: bool):
+        self.inner, self.think_end, self.waiting = inner, think_end, in_reasoning and think_end is not None
+
+    def mask(self) -> np.ndarray | None:
+        return None if self.waiting else self.inner.mask()
+
+    def advance(self, token: int) -> None:
+        if self.waiting:
+            self.waiting = token != self.think_end
+        else:
+            self.inner.advance(token)
+
+
+class ToolCalls:
+    """Free text until `<|tool_call_start|>`; then the call grammar of the offered tools up to
+    `<|tool_call_end|>`; then free again (several blocks are fine)."""
+
+    def __init__(self, vocab: Vocabulary, schemas: Sequence[Mapping[str, Any]], start: int, end_marker: str):
+        self.vocab, self.start = vocab, start
+        self.grammar = pythonic_calls_grammar(schemas, end_marker)
+        vocab.matcher(self.grammar)  # compile now: a schema llguidance refuses fails before generating
+        self.active: Grammar | None = None
+        self.mask_seconds: list[float] = []
+
+    def mask(self) -> np.ndarray | None:
+        if self.active is None:
+            return None
+        allowed = self.active.mask()
+        self.mask_seconds.append(self.active.mask_seconds[-1])
+        return allowed
+
+    def advance(self, token: int) -> None:
+        if self.active is not None:
+            self.active.advance(token)
+            if self.active.satisfied:  # the grammar ends with the end marker: the block is closed
+                self.active = None
+        elif token == self.start:
+            self.active = Grammar(self.vocab, self.grammar)
+
+
+class ReasoningControl:
+    """Ends thinking by forcing `</think>` once `budget` thinking tokens are spent (None: no budget; 0: answer
+    at once) or when the trace repeats one span `repeats` times in a row (a stuck loop)."""
+
+    def __init__(self, size: int, think_start: int, think_end: int, in_reasoning: bool,
+                 budget: int | None, repeats: int = 4, min_span: int = 24):
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"reasoning_budget {budget!r}: expected an int >= 0 (tokens; 0 answers without "
+                             "thinking) or None")
+        self.size, self.think_start, self.think_end = size, think_start, think_end
+        self.thinking, self.budget, self.repeats, self.min_span = in_reasoning, budget, repeats, min_span
+        self.thinking_tokens, self.forced, self.history = 0, "", []
+
+    def mask(self) -> np.ndarray | None:
+        if not self.thinking:
+            return None
+        if self.budget is not None and self.thinking_tokens >= self.budget:
+            self.forced = "budget"
+        elif _repeating(self.history, self.repeats, self.min_span):
+            self.forced = "repetition"
+        else:
+            return None
+        allowed = np.zeros(self.size, dtype=bool)
+        allowed[self.think_end] = True
+        return allowed
+
+    def advance(self, token: int) -> None:
+        if token == self.think_start and not self.thinking:
+            self.thinking, self.history = True, []
+        elif token == self.think_end:
+            self.thinking = False
+        elif self.thinking:
+            self.thinking_tokens += 1
+            self.history = (self.history + [token])[-256:]
+
+
+def _repeating(history: list[int], repeats: int, min_span: int) -> bool:
+    """Whether the last tokens are one span of 1..64 tokens repeated `repeats` times (at least min_span long)."""
+    n = len(history)
+    for period in range(1, 65):
+        span = period * repeats
+        if span > n:
+            return False
+        if span >= min_span and history[-1] == history[-1 - period] and \
+                history[-span:] == history[-period:] * repeats:
+            return True
+    return False
+
+
+class All:
+    """Several constraints on one row: a token must satisfy every one that applies."""
+
+    def __init__(self, parts: Sequence[Any]):
+        self.parts = [p for p in parts if p is not None]
+
+    def mask(self) -> np.ndarray | None:
+        masks = [m for m in (p.mask() for p in self.parts) if m is not None]
+        if not masks:
+            return None
+        allowed = masks[0]
+        for m in masks[1:]:
+            allowed = allowed & m
+        return allowed
+
+    def advance(self, token: int) -> None:
+        for p in self.parts:
+            p.advance(token)
+
+    def find(self, kind: type) -> Any:
+        return next((p for p in self.parts if isinstance(p, kind)), None)
+
+
+# --- what users pass ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ResponseFormat:
+    """`json_schema` (a dict), `regex` or `lark`: one of them. `parse` turns the answer into the object returned
+    as Done.parsed (json.loads, then the Pydantic model or dataclass the schema came from)."""
+
+    json_schema: Mapping[str, Any] | None = None
+    regex: str | None = None
+    lark: str | None = None
+    target: Any = None  # a Pydantic model class or a dataclass
+
+    def grammar(self, llg: Any) -> str:
+        try:
+            if self.json_schema is not None:
+                # compact separators, no free whitespace: a small model held to flexible JSON can loop on
+                # newlines inside an object until max_new_tokens (seen on the demo model)
+                return llg.LLMatcher.grammar_from_json_schema(
+                    json.dumps(self.json_schema),
+                    defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+            if self.regex is not None:
+                return llg.LLMatcher.grammar_from_regex(self.regex)
+            return llg.LLMatcher.grammar_from_lark(self.lark)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ConstraintError(f"response_format: {_first_line(str(e))}") from None
+
+    def parse(self, text: str) -> Any:
+        if self.json_schema is None:
+            return text
+        data = json.loads(text)
+        if self.target is None:
+            return data
+        if hasattr(self.target, "model_validate"):
+            return self.target.model_validate(data)
+        return self.target(**data)
+
+
+def response_format(spec: Any) -> ResponseFormat:
+    """A ResponseFormat from what users pass: one, a JSON schema dict, {"type": "json_schema", "json_schema":
+    {"schema": ...}} (OpenAI's shape), {"regex": ...}, {"lark": ...}, a Pydantic model class or a dataclass."""
+    if isinstance(spec, ResponseFormat):
+        return spec
+    if isinstance(spec, type) and hasattr(spec, "model_json_schema"):
+        return ResponseFormat(json_schema=spec.model_json_schema(), target=spec)
+    if isinstance(spec, type) and dataclasses.is_dataclass(spec):
+        return ResponseFormat(json_schema=dataclass_schema(spec), target=spec)
+    if isinstance(spec, Mapping):
+        if spec.get("type") == "json_schema" and isinstance(spec.get("json_schema"), Mapping):
+            return ResponseFormat(json_schema=spec["json_schema"].get("schema", {}))
+        if set(spec) == {"regex"}:
+            return ResponseFormat(regex=str(spec["regex"]))
+        if set(spec) == {"lark"}:
+            return ResponseFormat(lark=str(spec["lark"]))
+        return ResponseFormat(json_schema=dict(spec))
+    raise ConstraintError(f"response_format: expected a JSON schema dict, {{'regex': ...}}, {{'lark': ...}}, a "
+                          f"Pydantic model or a dataclass, got {type(spec).__name__}")
+
+
+def dataclass_schema(cls: type) -> dict[str, Any]:
+    from .chat import _hint_schema
+
+    hints = __import__("typing").get_type_hints(cls)
+    props, required = {}, []
+    for f in dataclasses.fields(cls):
+        props[f.name] = _hint_schema(hints[f.name], cls.__name__)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.append(f.name)
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+
+
+# --- the Pythonic tool-call grammar ------------------------------------------------------------------------------
+
+_VALUE_RULES = r'''
+str_value: /'([^'\\\n]|\\.)*'/ | /"([^"\\\n]|\\.)*"/
+int_value: /-?(0|[1-9][0-9]*)/
+num_value: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/
+bool_value: "True" | "False"
+none_value: "None"
+any_value: str_value | num_value | bool_value | none_value | any_list | any_dict
+any_list: "[" (any_value (", " any_value)*)? "]"
+any_dict: "{" (str_value ": " any_value (", " str_value ": " any_value)*)? "}"
+'''
+
+
+def pythonic_calls_grammar(schemas: Sequence[Mapping[str, Any]], end_marker: str) -> str:
+    """A Lark grammar for `[f(a=1, b='x'), g()]` followed by the end marker: each call one of `schemas`'
+    functions, required arguments first then optional ones, in the schema's order, values of their types."""
+    rules, calls = [], []
+    for n, schema in enumerate(schemas):
+        fn = schema.get("function", schema)
+        name = fn.get("name")
+        if not isinstance(name, str) or not name.replace("_", "a").replace(".", "a").isalnum():
+            raise ConstraintError(f"tool {name!r}: a Pythonic call needs a name of letters, digits, _ and .")
+        params = fn.get("parameters") or {}
+        props = params.get("properties") or {}
+        required = [p for p in params.get("required", []) if p in props]
+        order = required + [p for p in props if p not in required]
+        for p in order:
+            if not p.isidentifier():
+                raise ConstraintError(f"tool {name!r}: argument {p!r} is not a Python identifier")
+        args = []
+        for k, p in enumerate(order):
+            rules.append(f"t{n}_v{k}: {_value(props[p], rules, f't{n}_v{k}')}")
+            args.append((f'"{p}=" t{n}_v{k}', p in required))
+        rules += _argument_rules(f"t{n}", args)
+        rules.append(f't{n}: "{name}(" t{n}_first0 ")"')
+        calls.append(f"t{n}")
+    if not calls:
+        raise ConstraintError("no tools to constrain calls to")
+    head = f'start: "[" call (", " call)* "]" {end_marker}\ncall: {" | ".join(calls)}'
+    return "\n".join([head, *rules, _VALUE_RULES])
+
+
+def _argument_rules(prefix: str, args: list[tuple[str, bool]]) -> list[str]:
+    """first_k: arguments k.. when none was written yet; more_k: after one was (so a comma goes first)."""
+    rules = [f'{prefix}_first{len(args)}: ""', f'{prefix}_more{len(args)}: ""']
+    for k in range(len(args) - 1, -1, -1):
+        arg, needed = args[k]
+        first = f"{arg} {prefix}_more{k + 1}"
+        more = f'", " {arg} {prefix}_more{k + 1}'
+        rules.append(f"{prefix}_first{k}: {first}" + ("" if needed else f" | {prefix}_first{k + 1}"))
+        rules.append(f"{prefix}_more{k}: {more}" + ("" if needed else f" | {prefix}_more{k + 1}"))
+    return rules
+
+
+def _value(schema: Mapping[str, Any], rules: list[str], name: str) -> str:
+    if "enum" in schema:
+        return " | ".join(_literal(v) for v in schema["enum"]) or "none_value"
+    if "const" in schema:
+        return _literal(schema["const"])
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            alts = []
+            for i, sub in enumerate(schema[key]):
+                rules.append(f"{name}_{i}: {_value(sub, rules, f'{name}_{i}')}")
+                alts.append(f"{name}_{i}")
+            return " | ".join(alts)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return " | ".join(_value(dict(schema, type=k), rules, f"{name}_{k}") for k in kind)
+    if kind == "array" and isinstance(schema.get("items"), Mapping):
+        rules.append(f"{name}_item: {_value(schema['items'], rules, f'{name}_item')}")
+        return f'"[" ({name}_item (", " {name}_item)*)? "]"'
+    return {"string": "str_value", "integer": "int_value", "number": "num_value", "boolean": "bool_value",
+            "null": "none_value", "array": "any_list", "object": "any_dict"}.get(kind, "any_value")
+
+
+def _literal(value: Any) -> str:
+    python = repr(value)
+    return json.dumps(python)  # a Lark string literal of the Python spelling
+
+
+# --- per generation -----------------------------------------------------------------------------------------------
+
+def build(model: Any, prompt_in_reasoning: bool, schemas: Sequence[Mapping[str, Any]] | None,
+          response_format_spec: Any = None, reasoning_budget: int | None = None,
+          constrain_tools: bool | None = None, reasoning_guard: bool = True) -> All | None:
+    """The constraints of one generation, or None. Tool calls are constrained when tools are offered (and no
+    response_format asks for something else): `constrain_tools` None does so when llguidance is installed,
+    True requires it, False never. llguidance's tokenizer is built only when a grammar is needed."""
+    specials = {t.content: i for i, t in model.tokenizer.get_added_tokens_decoder().items()}
+    parts: list[Any] = []
+    think_start, think_end = specials.get("<think>"), specials.get("</think>")
+    if think_start is not None and think_end is not None and (reasoning_budget is not None or reasoning_guard):
+        parts.append(ReasoningControl(model.session.vocab_size, think_start, think_end, prompt_in_reasoning,
+                                      reasoning_budget))
+    elif reasoning_budget is not None:
+        raise ConstraintError("reasoning_budget: this tokenizer has no <think> / </think> tokens")
+    if response_format_spec is not None:
+        fmt = response_format(response_format_spec)
+        vocab = vocabulary(model)
+        parts.append(AfterReasoning(Grammar(vocab, fmt.grammar(vocab.llg)), think_end, prompt_in_reasoning))
+    elif schemas and constrain_tools is not False and "<|tool_call_start|>" in specials and \
+            "<|tool_call_end|>" in specials and (constrain_tools or available()):
+        parts.append(ToolCalls(vocabulary(model), schemas, specials["<|tool_call_start|>"], "<|tool_call_end|>"))
+    return All(parts) if parts else None
+
+
+# --- per model ---------------------------------------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+
+
+def available() -> bool:
+    """Whether llguidance can be imported (a phone build may lack it: then tool calls are parsed, not held)."""
+    import importlib.util
+
+    return importlib.util.find_spec("llguidance") is not None
+
+
+def vocabulary(model: Any) -> Vocabulary:
+    """The model's Vocabulary, built on first use and kept on the model."""
+    with _LOCK:
+        if getattr(model, "_vocabulary", None) is None:
+            try:
+                import llguidance  # noqa: F401
+            except ImportError:
+                raise ConstraintError("constrained decoding needs llguidance (pip install llguidance)") from None
+            specials = {t.content: i for i, t in model.tokenizer.get_added_tokens_decoder().items()}
+            eos = model.session.eos_token_ids[0] if model.session.eos_token_ids else specials.get("<|im_end|>", 0)
+            text = (model.folder / "tokenizer.json").read_text()
+            model._vocabulary = Vocabulary(text, model.session.vocab_size, int(eos), specials)
+        return model._vocabulary

@@ -1,0 +1,354 @@
+"""A conversation that keeps its state: each turn prefills only what is new.
+
+    chat = model.conversation(system="You are brief.", tools={"get_weather": get_weather})
+    for event in chat.send("Weather in Paris?"):
+        ...                                     # the same typed events as LfmModel.stream
+    chat.run_tools("And in Rome?")              # the tool loop, on the same state
+    chat.save("chat.safetensors")               # later, in another process:
+    chat = model.load_conversation("chat.safetensors", tools={"get_weather": get_weather})
+
+Every turn renders the whole conversation with the checkpoint's chat template, exactly as a stateless call
+would, and compares its token ids with those already in the state. The KV rows roll back by length; the conv
+state rolls back to a snapshot (runtime/README.md, "State that outlives a generation"). So an edited history,
+a rewind, or a template that drops earlier reasoning (LFM2.5) costs a short re-prefill, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .generate import Generation, GenerationStats
+from .prefixcache import PrefixEntry
+from .sampling import Sampling
+
+if TYPE_CHECKING:
+    from .engine import Done, Event, LfmModel, ToolRun
+
+FORMAT, VERSION = "lfm-edge conversation", 1
+CONTEXT_POLICIES = ("error", "drop_oldest")
+
+
+class ConversationBusy(RuntimeError):
+    """A second send on a conversation while its generation runs."""
+
+
+class ContextFull(ValueError):
+    """The conversation and the answer it asks for do not fit in the model's context."""
+
+
+@dataclass
+class Snapshot:
+    """The conv state after `length` tokens (KV rows need none: they roll back by length)."""
+
+    length: int
+    conv: dict[int, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.conv.values())
+
+
+class Snapshots:
+    """A ring of snapshots ordered by length, bounded in count and bytes (the oldest go first)."""
+
+    def __init__(self, max_count: int = 32, max_bytes: int = 16 << 20):
+        if max_count < 0 or max_bytes < 0:
+            raise ValueError(f"snapshot limits must be >= 0, got max_count={max_count}, max_bytes={max_bytes}")
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.items: list[Snapshot] = []
+
+    def add(self, snapshot: Snapshot) -> None:
+        self.items = [s for s in self.items if s.length != snapshot.length] + [snapshot]
+        self.items.sort(key=lambda s: s.length)
+        while self.items and (len(self.items) > self.max_count or self.nbytes > self.max_bytes):
+            self.items.pop(0)
+
+    def newest_at_or_before(self, length: int) -> Snapshot | None:
+        return next((s for s in reversed(self.items) if s.length <= length), None)
+
+    def drop_after(self, length: int) -> None:
+        self.items = [s for s in self.items if s.length <= length]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.items)
+
+
+def _tools(tools: Mapping[str, Callable[..., Any]] | Sequence[Any] | None) -> tuple[dict, list]:
+    """(functions by name, JSON schemas) from a mapping of functions or a list of schemas / functions."""
+    from .chat import function_schema
+
+    if tools is None:
+        return {}, []
+    if isinstance(tools, Mapping):
+        return dict(tools), [function_schema(f) for f in tools.values()]
+    return {}, [t if isinstance(t, Mapping) else function_schema(t) for t in tools]
+
+
+class Conversation:
+    """Messages and the model state that matches them. One generation at a time (a second `send` while one
+    runs raises ConversationBusy); any number of conversations share one LfmModel, from any threads.
+
+    `snapshot_every`: a conv snapshot every so many tokens of a long prefill (beside the ones at each prompt's
+    end and each answer's end); `max_snapshots`/`snapshot_bytes` bound the ring. `context_policy`: "error"
+    (ContextFull when the conversation and max_new_tokens exceed the context) or "drop_oldest" (the oldest
+    turns after the system message are dropped from `messages` until it fits). `prefill_chunk` as in Generation.
+    `reserve`: KV rows allocated up front (no copy when the conversation grows within them); by default the
+    buffers start at the first turn's need and double."""
+
+    def __init__(self, model: LfmModel, system: str | None = None,
+                 tools: Mapping[str, Callable[..., Any]] | Sequence[Any] | None = None, *,
+                 snapshot_every: int = 512, max_snapshots: int = 32, snapshot_bytes: int = 16 << 20,
+                 context_policy: str = "error", prefill_chunk: int = 512, reserve: int = 0,
+                 template_vars: Mapping[str, Any] | None = None):
+        if snapshot_every < 1:
+            raise ValueError(f"snapshot_every {snapshot_every}: expected >= 1")
+        if context_policy not in CONTEXT_POLICIES:
+            raise ValueError(f"context_policy {context_policy!r}: expected one of {CONTEXT_POLICIES}")
+        self.model = model
+        self.functions, self.schemas = _tools(tools)
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        self.snapshot_every, self.context_policy, self.prefill_chunk = snapshot_every, context_policy, prefill_chunk
+        if not 0 <= reserve <= model.session.context_length:
+            raise ValueError(f"reserve {reserve}: expected 0..{model.session.context_length} (the context length)")
+        self.reserve = reserve
+        self.template_vars = dict(template_vars or {})
+        # The templates' strftime_now (LFM2.5: "Today's date") reads this moment, not the clock: a conversation
+        # continued the next day renders as it did, instead of diverging at its first tokens.
+        self.started = time.time()
+        self.snapshots = Snapshots(max_snapshots, snapshot_bytes)
+        self.stats: list[GenerationStats] = []  # one per generation, in order
+        self._cache: Any = None
+        self._tokens: list[int] = []  # the token ids whose state the cache holds
+        self._lock = threading.Lock()
+
+    # --- what the app calls --------------------------------------------------------------------------------
+
+    @property
+    def tokens(self) -> list[int]:
+        """Token ids in the state (a copy)."""
+        return list(self._tokens)
+
+    @property
+    def turns(self) -> int:
+        return sum(1 for m in self.messages if m.get("role") == "user")
+
+    def send(self, content: str | Mapping[str, Any] | None = None, *, sampling: Sampling | None = None,
+             max_new_tokens: int = 512, stop: Sequence[str] = (), cancel: threading.Event | None = None,
+             allow_special_tokens: bool = False, response_format: Any = None, reasoning_budget: int | None = None,
+             constrain_tools: bool | None = None) -> Iterator[Event]:
+        """Add a user message (a str) or any message (a dict; None adds nothing), then stream the answer as
+        LfmModel.stream does (response_format, reasoning_budget, constrain_tools as there); the answer joins
+        `messages`. Runs when iterated."""
+        if not self._lock.acquire(blocking=False):
+            raise ConversationBusy("this conversation is generating: one send at a time (wait for its Done, "
+                                   "or set its cancel event)")
+        try:
+            if content is not None:
+                self.messages.append({"role": "user", "content": content} if isinstance(content, str)
+                                     else dict(content))
+            done = yield from self._answer(sampling, max_new_tokens, stop, cancel, allow_special_tokens,
+                                           (response_format, reasoning_budget, constrain_tools))
+            self.messages.append({"role": "assistant", "content": done.raw})
+        finally:
+            self._lock.release()
+
+    def say(self, content: str | Mapping[str, Any] | None = None, **kwargs: Any) -> Done:
+        """`send`, returning the Done at once."""
+        *_, done = self.send(content, **kwargs)
+        return done
+
+    def run_tools(self, content: str | Mapping[str, Any] | None = None,
+                  tools: Mapping[str, Callable[..., Any]] | None = None, max_rounds: int = 4,
+                  on_event: Callable[[Any], None] | None = None, **kwargs: Any) -> ToolRun:
+        """The tool loop of LfmModel.run_tools on this conversation's state: each round prefills only the
+        tool results and what follows. `tools` defaults to the functions the conversation was made with."""
+        from .engine import ToolRun, run_calls
+
+        functions = dict(tools) if tools is not None else self.functions
+        run = ToolRun(self.messages, None)  # type: ignore[arg-type]
+        for round_ in range(max_rounds):
+            for event in self.send(content if round_ == 0 else None, **kwargs):
+                if on_event:
+                    on_event(event)
+            done = event
+            run.answer = done
+            if not done.tool_calls or done.stats.stopped == "cancelled":
+                break
+            for result in run_calls(done.tool_calls, functions, run.calls, on_event):
+                self.messages.append({"role": "tool", "content": result})
+        return run
+
+    def rewind(self, to_turn: int) -> None:
+        """Keep the turns before user turn `to_turn` (0: none, only the system message). The state rolls back
+        at the next send."""
+        users = [i for i, m in enumerate(self.messages) if m.get("role") == "user"]
+        if not 0 <= to_turn <= len(users):
+            raise ValueError(f"rewind({to_turn}): this conversation has turns 0..{len(users)}")
+        with self._busy():
+            if to_turn < len(users):
+                del self.messages[users[to_turn]:]
+
+    def reset(self) -> None:
+        """Forget every turn (the system message stays) and free the state."""
+        with self._busy():
+            self.messages = [m for m in self.messages[:1] if m.get("role") == "system"]
+            self._drop_state()
+
+    def save(self, path: str | Path) -> int:
+        """Write messages, token ids, the KV rows in use and the conv snapshots to `path` (safetensors, atomic).
+        Returns the file's size in bytes."""
+        from .persist import save_conversation
+
+        with self._busy():
+            return save_conversation(self, Path(path))
+
+    @property
+    def state_bytes(self) -> int:
+        """Memory the state holds: KV rows in use and snapshots."""
+        if self._cache is None:
+            return 0
+        kv = sum(k.nbytes + v.nbytes for k, v in self._cache.kv_rows().values()) if self._cache.kv else 0
+        return kv + self.snapshots.nbytes
+
+    def template_context(self) -> dict[str, Any]:
+        """The template variables every turn renders with: `template_vars` and the moment it started (`now`)."""
+        from datetime import datetime
+
+        return {"now": datetime.fromtimestamp(self.started), **self.template_vars}
+
+    # --- how a turn runs -----------------------------------------------------------------------------------
+
+    def _busy(self):
+        if not self._lock.acquire(blocking=False):
+            raise ConversationBusy("this conversation is generating; wait for its Done or cancel it first")
+        lock = self._lock
+
+        class _Held:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                lock.release()
+
+        return _Held()
+
+    def _render(self, max_new_tokens: int, allow_special_tokens: bool) -> list[int]:
+        limit = self.model.session.context_length
+        if max_new_tokens >= limit:
+            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in the context length {limit}")
+        while True:
+            prompt = self.model.prompt_ids(self.messages, self.schemas or None, allow_special_tokens,
+                                           **self.template_context())
+            if len(prompt) + max_new_tokens <= limit:
+                return prompt
+            first = next((i for i, m in enumerate(self.messages) if m.get("role") != "system"), None)
+            nxt = next((i for i, m in enumerate(self.messages) if first is not None and i > first
+                        and m.get("role") == "user"), None)
+            if self.context_policy == "error" or nxt is None:
+                raise ContextFull(f"the conversation ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                                  f"exceed the context length {limit}" + (
+                                      "; context_policy='drop_oldest' drops the oldest turns"
+                                      if self.context_policy == "error" else "; nothing older is left to drop"))
+            del self.messages[first:nxt]
+
+    def _answer(self, sampling, max_new_tokens, stop, cancel, allow_special_tokens, held) -> Iterator[Event]:
+        model = self.model
+        prompt = self._render(max_new_tokens, allow_special_tokens)
+        response_format, reasoning_budget, constrain_tools = held
+        constraint = model.constraint(prompt, self.schemas or None, response_format, reasoning_budget,
+                                      constrain_tools)
+        keeps = model.prefix_cache is not None and (model.prefix_cache.max_bytes or model.prefix_cache.folder)
+        prefix = self._shared_prefix(prompt, allow_special_tokens) if keeps else 0
+        self._restore(prompt, max_new_tokens)
+        wanted = set(range(self.snapshot_every, len(prompt), self.snapshot_every)) | {len(prompt)}
+        if prefix:
+            wanted.add(prefix)
+
+        def on_prefill(cache: Any) -> None:
+            n = cache.length
+            if n in wanted:
+                self.snapshots.add(Snapshot(n, cache.conv_state()))
+            if n == prefix and model.prefix_cache is not None and prompt[:n] not in model.prefix_cache:
+                model.prefix_cache.store(PrefixEntry(tuple(prompt[:n]), cache.kv_rows(), cache.conv_state()))
+
+        generation = Generation(model.session, [prompt], max_new_tokens, sampling or model.default_sampling(),
+                                prefill_chunk=self.prefill_chunk, cancel=cancel, cache=self._cache, cuts=wanted,
+                                on_prefill=on_prefill, constraints=[constraint])
+        self._tokens = list(prompt[:self._cache.length])
+        done = None
+        try:
+            for event in model.events(generation, prompt, stop, response_format):
+                done = event
+                yield event
+        except GeneratorExit:  # the caller stopped listening: the state stays what was fed
+            raise
+        except BaseException:
+            self._drop_state()  # a step that failed may have left the buffers half-written
+            raise
+        finally:
+            if self._cache is not None:
+                fed = list(prompt) + generation.new_tokens[0]
+                self._tokens = fed[:self._cache.length]
+                self.snapshots.add(Snapshot(self._cache.length, self._cache.conv_state()))
+                self.stats.append(generation.stats)
+        return done
+
+    def _shared_prefix(self, prompt: list[int], allow_special_tokens: bool) -> int:
+        """Tokens of the leading system message and tool schemas, when the prompt starts with them and
+        more follows: the part many conversations share, kept in the model's prefix cache."""
+        head = [m for m in self.messages[:1] if m.get("role") == "system"]
+        if not head and not self.schemas:
+            return 0
+        # rendered before an empty user turn (a template may not render tools without a message): the tokens
+        # any conversation with this system prompt and these tools starts with
+        ids = self.model.prompt_ids([*head, {"role": "user", "content": ""}], self.schemas or None,
+                                    allow_special_tokens, add_generation_prompt=False, **self.template_context())
+        n = 0
+        for a, b in zip(ids, prompt, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n if n < len(prompt) else 0
+
+    def _restore(self, prompt: list[int], max_new_tokens: int) -> None:
+        """Bring the state to the longest usable prefix of `prompt`: kept rows, a snapshot, or the prefix cache."""
+        session = self.model.session
+        if self._cache is None:
+            need = 1 << (len(prompt) + max_new_tokens - 1).bit_length()
+            self._cache = session.new_cache(1, min(session.context_length, max(need, self.reserve)))
+        cache = self._cache
+        common = 0
+        for a, b in zip(self._tokens, prompt, strict=False):
+            if a != b:
+                break
+            common += 1
+        limit = min(common, len(prompt) - 1)  # at least one token is fed: its logits start the answer
+        self.snapshots.drop_after(limit)
+        snapshot = self.snapshots.newest_at_or_before(limit)
+        keep = snapshot.length if snapshot else 0
+        if keep < cache.length <= limit:  # the live state is a snapshot at its own length
+            keep = cache.length
+        prefixes = self.model.prefix_cache
+        entry = prefixes.lookup(prompt, len(prompt) - 1, keep) if prefixes is not None else None
+        if entry is not None:
+            cache.set_kv_rows(entry.kv, len(entry.tokens))
+            cache.set_conv_state(entry.conv)
+            self.snapshots.drop_after(min(limit, len(entry.tokens)))
+            self.snapshots.add(Snapshot(len(entry.tokens), {i: a.copy() for i, a in entry.conv.items()}))
+        elif keep != cache.length:
+            cache.truncate(keep)
+            cache.set_conv_state(snapshot.conv if snapshot else
+                                 {i: np.zeros_like(a) for i, a in cache.conv_state().items()})
+        self._tokens = list(prompt[:cache.length])
+
+    def _drop_state(self) -> None:
+        self._cache, self._tokens = None, []
+        self.snapshots.items.clear()

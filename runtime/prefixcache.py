@@ -1,0 +1,143 @@
+"""The state after shared conversation prefixes (system prompt and tool schemas), for new conversations.
+
+A RAM tier bounded by bytes (least recently used out) and, with a folder, a disk tier in the saved-state
+format (statefile.py) that survives restarts: an app's first conversation after a start prefills only what
+follows its system prompt. Disk entries are tied to the bundle's fingerprint; a damaged or foreign file is a
+miss (the damaged one is removed), never a wrong continuation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import statefile
+from .statefile import StateFileError
+
+FORMAT, VERSION = "lfm-edge prefix", 1
+
+
+@dataclass
+class PrefixEntry:
+    tokens: tuple[int, ...]
+    kv: dict[int, tuple[np.ndarray, np.ndarray]]
+    conv: dict[int, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv.values()) + sum(a.nbytes for a in self.conv.values())
+
+
+class PrefixCache:
+    """`max_bytes` of RAM (0 keeps nothing: every conversation prefills its prefix); with `folder`, also up to
+    `max_disk_bytes` of files there, valid for the bundle whose fingerprint is `identity`."""
+
+    def __init__(self, max_bytes: int = 64 << 20, folder: str | Path | None = None, identity: str | None = None,
+                 max_disk_bytes: int = 512 << 20):
+        if max_bytes < 0 or max_disk_bytes < 0:
+            raise ValueError(f"prefix cache budgets must be >= 0, got {max_bytes} and {max_disk_bytes} bytes")
+        if folder is not None and not identity:
+            raise ValueError("a prefix cache folder needs the bundle's identity (its entries are valid only there)")
+        self.max_bytes, self.max_disk_bytes, self.identity = max_bytes, max_disk_bytes, identity
+        self.folder = Path(folder) if folder is not None else None
+        self._entries: OrderedDict[tuple[int, ...], PrefixEntry] = OrderedDict()
+        self._disk: dict[tuple[int, ...], Path] = {}
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.disk_hits = 0
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for path in self.folder.glob("prefix-*.safetensors"):
+                try:
+                    doc = statefile.read_document(path)
+                except StateFileError:
+                    continue
+                if doc.get("format") == FORMAT and doc.get("version") == VERSION and doc.get("bundle") == identity:
+                    self._disk[tuple(int(t) for t in doc["tokens"])] = path
+
+    def lookup(self, prompt: Sequence[int], limit: int, longer_than: int = 0) -> PrefixEntry | None:
+        """The longest stored prefix of `prompt` of more than `longer_than` and at most `limit` tokens."""
+        with self._lock:
+            best = _longest(self._entries, prompt, limit, longer_than)
+            on_disk = _longest(self._disk, prompt, limit, len(best) if best else longer_than)
+            if on_disk is not None:
+                entry = self._load(on_disk)
+                if entry is not None:
+                    self.disk_hits += 1
+                    self._remember(entry)
+                    best = on_disk
+            if best is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._entries.move_to_end(best)
+            return self._entries[best]
+
+    def __contains__(self, tokens: Sequence[int]) -> bool:
+        with self._lock:
+            return tuple(tokens) in self._entries
+
+    def store(self, entry: PrefixEntry) -> None:
+        with self._lock:
+            self._remember(entry)
+            if self.folder is not None and entry.tokens not in self._disk and self.max_disk_bytes:
+                self._write(entry)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+    def _remember(self, entry: PrefixEntry) -> None:
+        if entry.nbytes > self.max_bytes:
+            return
+        self._entries[entry.tokens] = entry
+        self._entries.move_to_end(entry.tokens)
+        while sum(e.nbytes for e in self._entries.values()) > self.max_bytes:
+            self._entries.popitem(last=False)
+
+    def _write(self, entry: PrefixEntry) -> None:
+        name = hashlib.sha256(np.array(entry.tokens, np.int64).tobytes()).hexdigest()[:24]
+        path = self.folder / f"prefix-{name}.safetensors"
+        tensors = {f"conv.{i}": a for i, a in entry.conv.items()}
+        for i, (k, v) in entry.kv.items():
+            tensors[f"kv.{i}.key"], tensors[f"kv.{i}.value"] = k, v
+        try:
+            statefile.write(path, tensors, {"format": FORMAT, "version": VERSION, "bundle": self.identity,
+                                            "tokens": list(entry.tokens)})
+        except OSError:  # a full or read-only disk: the RAM tier still serves
+            return
+        self._disk[entry.tokens] = path
+        files = sorted((p for p in self._disk.values() if p.exists()), key=lambda p: p.stat().st_mtime)
+        while files and sum(p.stat().st_size for p in files) > self.max_disk_bytes:
+            old = files.pop(0)
+            old.unlink(missing_ok=True)
+            self._disk = {t: p for t, p in self._disk.items() if p != old}
+
+    def _load(self, tokens: tuple[int, ...]) -> PrefixEntry | None:
+        path = self._disk[tokens]
+        try:
+            tensors, doc = statefile.read(path)
+            if doc.get("bundle") != self.identity or tuple(doc.get("tokens", ())) != tokens:
+                raise StateFileError(f"{path}: not this prefix")
+        except StateFileError:
+            del self._disk[tokens]
+            path.unlink(missing_ok=True)  # damaged: a miss now, and not read again
+            return None
+        kv = {int(n.split(".")[1]): (tensors[n], tensors[n[:-3] + "value"]) for n in tensors if n.endswith(".key")}
+        conv = {int(n.split(".")[1]): tensors[n].copy() for n in tensors if n.startswith("conv.")}
+        return PrefixEntry(tokens, kv, conv)
+
+
+def _longest(keys, prompt: Sequence[int], limit: int, longer_than: int) -> tuple[int, ...] | None:
+    best = None
+    for key in keys:
+        n = len(key)
+        if longer_than < n <= limit and (best is None or n > len(best)) and tuple(prompt[:n]) == key:
+            best = key
+    return best
