@@ -128,7 +128,7 @@ class Generation:
                 if self.cancel.is_set():
                     stats.stopped = "cancelled"
                     return
-                logits = cache.step(ids[:, s:e], mask[:, s:e])
+                logits = cache.step(ids[:, s:e], mask[:, s:e], last=1)  # only the last row is sampled
                 if self.on_prefill:
                     self.on_prefill(cache)
             prefill_end = time.perf_counter()
@@ -166,7 +166,7 @@ class Generation:
                     return
                 if self.sampling.repetition_penalty != 1.0:
                     history = np.concatenate([history, tokens[:, None]], axis=1)
-                logits = cache.step(tokens[:, None])
+                logits = cache.step(tokens[:, None], last=1)
                 stats.decode_tokens_per_second = (n + 1) / max(time.perf_counter() - decode_start, 1e-9)
         finally:
             stats.stopped = stats.stopped or "stop"

@@ -23,9 +23,9 @@ def grown_mask(mask: np.ndarray, length: int, capacity: int) -> np.ndarray:
     return out
 
 
-def padded(rows: np.ndarray, capacity: int, dtype: type = np.float32) -> np.ndarray:
-    """[B, H, n, D] KV rows at the start of a zeroed [B, H, capacity, D] buffer."""
-    full = np.zeros((*rows.shape[:2], capacity, rows.shape[3]), dtype)
+def padded(rows: np.ndarray, capacity: int, dtype: type | None = None) -> np.ndarray:
+    """[B, H, n, D] KV rows at the start of a zeroed [B, H, capacity, D] buffer (of the rows' dtype, or `dtype`)."""
+    full = np.zeros((*rows.shape[:2], capacity, rows.shape[3]), dtype or rows.dtype)
     full[:, :, :rows.shape[2]] = rows
     return full
 

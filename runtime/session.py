@@ -55,6 +55,9 @@ class LfmSession:
         # 512 x vocab floats) for the session's life; without it they go back after the run. 6 layers at full
         # width: RSS while decoding after a 512-token prefill 1616 -> 1315 MB, decode speed unchanged.
         options.enable_cpu_mem_arena = False
+        # errors only: onnxruntime warns at every load that the optional input logits_to_keep (an initializer that
+        # is also an input, the way a graph input gets a default) is not constant-folded, which is its purpose
+        options.log_severity_level = 3
         try:
             self.provider_choice = choose(model_file, providers, options)
             self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
@@ -64,6 +67,8 @@ class LfmSession:
         data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
         self.released_bytes = release_clean_pages(data_files)  # see pages.py
         self.state = state_spec(((i.name, i.shape) for i in self.session.get_inputs()), decoder)
+        # graphs from our exporter take an optional logits_to_keep (default 0: every row); older ones do not
+        self.logits_to_keep = "logits_to_keep" in {i.name for i in self.session.get_overridable_initializers()}
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
 
     @property
@@ -103,8 +108,9 @@ class Cache:
         self.kv = {i: [_zeros((batch, heads, capacity, dim), self.kv_dtype[i]) for _ in range(2)]
                    for i, (heads, dim) in model.state.kv.items()}
 
-    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        """Run input_ids [B, S] (mask [B, S] marks padding); returns logits [B, S, V]."""
+    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None, last: int | None = None) -> np.ndarray:
+        """Run input_ids [B, S] (mask [B, S] marks padding); returns logits [B, S, V], or with `last` = n the
+        last n rows [B, n, V] (the graph then computes only those, where it has the logits_to_keep input)."""
         b, s = input_ids.shape
         if self.length + s > self.max_length:
             raise ValueError(f"{self.length} + {s} tokens exceed this cache's max_length {self.max_length}")
@@ -114,6 +120,10 @@ class Cache:
         io.clear_binding_outputs()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, :self.length + s]))
+        if self.model.logits_to_keep:
+            # (bind_cpu_input looks the name up among required inputs only; an OrtValue binds an overridable one)
+            io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array([last or 0],
+                                                                                             dtype=np.int64)))
         for i, (cur, nxt) in self.conv.items():
             io.bind_ortvalue_input(f"past.{i}.conv", cur)
             io.bind_ortvalue_output(f"present.{i}.conv", nxt)
@@ -138,7 +148,8 @@ class Cache:
             kv_outputs = outputs[len(self.conv):len(self.conv) + 2 * len(self.kv)]
             for n, i in enumerate(grown):
                 self.kv[i] = [kv_outputs[2 * n], kv_outputs[2 * n + 1]]
-        return outputs[-1].numpy()
+        logits = outputs[-1].numpy()
+        return logits if last is None else logits[:, -last:]
 
     @property
     def capacity(self) -> int:
