@@ -53,13 +53,20 @@ class Generation:
     the rest is prefilled, and the cache keeps every token fed to it (the last sampled token is not fed).
     Prefill chunks end at multiples of `prefill_chunk` and at each position in `cuts`; `on_prefill(cache)`
     runs after each chunk (a conversation snapshots its conv state there). `constraints`: per row, an object
-    with mask() and advance(token) (runtime/constrain.py), or None."""
+    with mask() and advance(token) (runtime/constrain.py), or None.
+
+    `prefill_budget` bounds what a prefill chunk costs in memory deep in a long context: graphs with attention
+    build their causal + padding bias as [B, 1, chunk, depth] tensors, about 32 bytes per (position, depth)
+    pair measured on the contrib graph (a 16K-deep 6-layer LFM2.5 prefill peaked 257 MB above the loaded
+    model with 512-token chunks, 22 MB with 64). Chunks halve as the depth grows (down to 16 tokens) so that
+    chunk x depth x 32 bytes stays within the budget."""
 
     def __init__(self, model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
                  prefill_chunk: int = 512, cancel: threading.Event | None = None, overflow: str = "error",
                  cache: Cache | None = None, cuts: Iterable[int] = (),
-                 on_prefill: Callable[[Cache], None] | None = None, constraints: Sequence[Any] | None = None):
+                 on_prefill: Callable[[Cache], None] | None = None, constraints: Sequence[Any] | None = None,
+                 prefill_budget: int = 256 << 20):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected at least one prompt, each with at least one token")
         if max_new_tokens < 0:
@@ -91,6 +98,7 @@ class Generation:
         self.prefill_chunk = prefill_chunk
         self.cancel = cancel or threading.Event()
         self.cache, self.cuts, self.on_prefill = cache, sorted(set(cuts)), on_prefill
+        self.prefill_budget = prefill_budget
         self.new_tokens: list[list[int]] = [[] for _ in prompts]  # each row's sampled tokens, as they come
         if constraints is not None and len(constraints) != len(prompts):
             raise ValueError(f"constraints: {len(constraints)} for {len(prompts)} prompts")
@@ -124,7 +132,8 @@ class Generation:
             if self.max_new_tokens == 0:
                 stats.stopped = "length"
                 return
-            for s, e in _chunks(cache.length, width, chunk, self.cuts):
+            per_pair = BIAS_BYTES_PER_PAIR * batch if model.state.kv else 0
+            for s, e in _chunks(cache.length, width, chunk, self.cuts, per_pair, self.prefill_budget):
                 if self.cancel.is_set():
                     stats.stopped = "cancelled"
                     return
@@ -175,12 +184,22 @@ class Generation:
             stats.timings["total"] = time.perf_counter() - start
 
 
-def _chunks(start: int, end: int, size: int, cuts: Sequence[int]) -> Iterator[tuple[int, int]]:
-    """[s, e) prefill ranges from start to end: at most `size` long, ending at multiples of `size` (so a
-    continued prefill cuts where a fresh one would) and at every cut inside the range."""
-    stops = sorted({c for c in cuts if start < c < end} | set(range((start // size + 1) * size, end, size)) | {end})
+BIAS_BYTES_PER_PAIR = 32  # measured: see Generation's prefill_budget
+
+
+def _chunks(start: int, end: int, size: int, cuts: Sequence[int], bytes_per_pair: int = 0,
+            budget: int = 0) -> Iterator[tuple[int, int]]:
+    """[s, e) prefill ranges from start to end: at most `size` long, ending at multiples of the chunk length
+    (so a continued prefill cuts where a fresh one would) and at every cut inside the range. With
+    `bytes_per_pair`, a chunk ending at depth T costs bytes_per_pair x chunk x T: the chunk length halves
+    until that fits `budget` (down to 16)."""
+    cuts = sorted(c for c in cuts if start < c < end)
     s = start
-    for e in stops:
+    while s < end:
+        length = size
+        while bytes_per_pair and length > 16 and bytes_per_pair * length * (s + length) > budget:
+            length //= 2
+        e = min(end, (s // length + 1) * length, *(c for c in cuts if c > s))
         yield s, e
         s = e
 
