@@ -122,12 +122,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def memory(summary: dict, weights_bytes: int) -> dict:
-    """Peak RSS (prefill's transient buffers included) and RSS while decoding, against the bundle's weights."""
+    """Peak RSS (prefill's transient buffers included), RSS while decoding, and resident memory split into
+    anonymous (the process's own copies) and file-backed (mapped bundle pages), against the bundle's weights.
+    The RSS figures are MiB (the kernel's unit), so a ratio converts them with 2**20, not 1e6."""
     out = {"weights_mb": weights_bytes / 1e6}
-    for key in ("peak_rss", "rss_decoding"):
+    for key in ("peak_rss", "rss_decoding", "anon_after_load", "file_after_load", "anon_decoding", "file_decoding"):
         if key in summary:
             out[f"{key}_mb"] = summary[key]["median"]
-            out[f"{key}_over_weights"] = summary[key]["median"] * 1e6 / weights_bytes
+            out[f"{key}_over_weights"] = summary[key]["median"] * (1 << 20) / weights_bytes
     return out
 
 
