@@ -10,7 +10,10 @@ State lives in OrtValues allocated once per generation and bound with IOBinding:
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,24 @@ from .providers import ProviderList, choose
 _ORT = ort.capi.onnxruntime_pybind11_state
 _LOAD_ERRORS = (_ORT.Fail, _ORT.InvalidArgument, _ORT.NoSuchFile, _ORT.InvalidProtobuf, _ORT.InvalidGraph,
                 _ORT.NotImplemented, _ORT.RuntimeException)
+
+# Every LfmSession this process opened, and those still alive, by bundle folder: the app holds a model in
+# memory once, and tests hold it to that (sessions_opened / live_sessions).
+_opened: Counter[str] = Counter()
+_live: weakref.WeakSet[LfmSession] = weakref.WeakSet()
+
+
+def sessions_opened() -> dict[str, int]:
+    """How many sessions this process has created per bundle folder."""
+    return dict(_opened)
+
+
+def live_sessions() -> dict[str, int]:
+    """Sessions per bundle folder that are still alive (after a collection: a dropped session in a
+    reference cycle would otherwise still count)."""
+    gc.collect()
+    return dict(Counter(str(s.folder) for s in _live))
+
 
 class LfmSession:
     """One loaded bundle. `providers`: "auto" (an accelerator only if it runs every heavy node, see
@@ -66,6 +87,9 @@ class LfmSession:
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
         # query heads: what an attention chunk's score buffer scales with (Generation bounds it by depth)
         self.attention_heads = int(decoder.get("num_attention_heads", 0)) if self.state.kv else 0
+        self.threads = threads or 0  # 0: onnxruntime's own choice
+        _opened[str(self.folder)] += 1
+        _live.add(self)
 
     @property
     def provider(self) -> str:
