@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import prepack
 from .bundle import (  # noqa: F401 (re-exported)
     BundleError,
     StateSpec,
@@ -60,36 +61,134 @@ class LfmSession:
     `provider_choice`. `verify`: see verify_bundle ("sampled" by default)."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: str | ProviderList = "auto",
-                 verify: str = "sampled"):
+                 verify: str = "sampled", prepack_cache: str = "off"):
+        """`prepack_cache` (prepack.py): "off"; "use" (map a valid cache next to the bundle if there is one);
+        "auto" (the same, and write one when there is none, the folder is writable and has room). What
+        happened and why is in `prepack` (a PrepackStatus); a cache never stops a bundle from loading."""
+        if prepack_cache not in ("off", "use", "auto"):
+            raise ValueError(f"prepack_cache {prepack_cache!r}: expected 'off', 'use' or 'auto'")
         cfg = read_bundle(bundle, verify, onnxruntime_version=ort.__version__)
         self.folder, self.manifest, decoder, model_file = cfg.folder, cfg.manifest, cfg.decoder, cfg.model_file
         self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
         self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
-        options = ort.SessionOptions()
         # the bundle's target default (export/exporter.py TARGET_THREADS), never more than this machine's CPUs
         threads = threads or min(int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)),
                                  os.cpu_count() or 1)
-        if threads:
-            options.intra_op_num_threads = threads
-        # The CPU arena keeps the largest buffers any run needed (a 512-token prefill's logits alone are
-        # 512 x vocab floats) for the session's life; without it they go back after the run. 6 layers at full
-        # width: RSS while decoding after a 512-token prefill 1616 -> 1315 MB, decode speed unchanged.
-        options.enable_cpu_mem_arena = False
+
+        def session_options() -> ort.SessionOptions:
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            # The CPU arena keeps the largest buffers any run needed (a 512-token prefill's logits alone are
+            # 512 x vocab floats) for the session's life; without it they go back after the run. 6 layers at
+            # full width: RSS while decoding after a 512-token prefill 1616 -> 1315 MB, decode speed unchanged.
+            options.enable_cpu_mem_arena = False
+            return options
+
+        def open_graph(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+            try:
+                return ort.InferenceSession(str(path), options, providers=self.provider_choice.providers)
+            except _LOAD_ERRORS as e:  # a damaged or foreign graph: say which file, not where onnxruntime failed
+                raise BundleError(f"{path}: onnxruntime {ort.__version__} cannot load it "
+                                  f"({str(e).strip().splitlines()[0][:300]})") from None
+
+        options = session_options()
         try:
             self.provider_choice = choose(model_file, providers, options)
-            self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
-        except _LOAD_ERRORS as e:  # a damaged or foreign graph: say which file, not where onnxruntime failed
+        except _LOAD_ERRORS as e:
             raise BundleError(f"{model_file}: onnxruntime {ort.__version__} cannot load it "
                               f"({str(e).strip().splitlines()[0][:300]})") from None
-        data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
-        self.released_bytes = release_clean_pages(data_files)  # see pages.py
+        self.prepack, cached, writer = self._prepack_plan(prepack_cache, model_file, options, verify)
+        if writer is not None:
+            writer.configure(options)
+        self.session = None
+        if cached is not None:
+            try:
+                self.session = open_graph(cached, options)
+            except BundleError as e:  # refused like any mismatch: the bundle itself still loads
+                self.prepack = prepack.PrepackStatus("refused", str(e), cached.parent)
+        if self.session is None:
+            try:
+                self.session = open_graph(model_file, options)
+            except BundleError as e:
+                if writer is None:
+                    raise
+                # onnxruntime may fail while saving (a full disk): the bundle must load without a cache
+                writer.abandon(f"onnxruntime failed while writing it ({e})")
+                self.prepack, writer = writer.status, None
+                self.session = open_graph(model_file, session_options())
         self.state = state_spec(((i.name, i.shape) for i in self.session.get_inputs()), decoder)
+        if writer is not None:
+            self._finish_cache(writer, lambda path: open_graph(path, session_options()))
+        if not self.prepack.mapped:
+            # the mapped cache is read every token: only the bundle's own mapping has pages to give back
+            data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
+            self.released_bytes = release_clean_pages(data_files)  # see pages.py
+        else:
+            self.released_bytes = 0
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
         # query heads: what an attention chunk's score buffer scales with (Generation bounds it by depth)
         self.attention_heads = int(decoder.get("num_attention_heads", 0)) if self.state.kv else 0
         self.threads = threads or 0  # 0: onnxruntime's own choice
         _opened[str(self.folder)] += 1
         _live.add(self)
+
+    def _prepack_plan(self, mode: str, model_file: Path, options: ort.SessionOptions, verify: str
+                      ) -> tuple[prepack.PrepackStatus, Path | None, prepack.Writer | None]:
+        """(status so far, a valid cache's model file to load, or a Writer to make one while loading)."""
+        if mode == "off":
+            return prepack.PrepackStatus("off"), None, None
+        if self.provider_choice.providers != ["CPUExecutionProvider"]:
+            return prepack.PrepackStatus("not written", "a cache is for onnxruntime's CPU provider only, "
+                                         f"this session uses {self.provider_choice.providers}"), None, None
+        key = prepack.cache_key(model_file, self.manifest, ort.__version__,
+                                f"graph_optimization_level={int(options.graph_optimization_level)}")
+        writable = mode == "auto"
+        if writable:
+            prepack.remove_stale(self.folder)
+        cached, refused = prepack.find(self.folder, key, verify)
+        if cached is not None:
+            return prepack.PrepackStatus("mapped", "", cached.parent, prepack.disk_bytes(cached.parent)), cached, None
+        if not writable:
+            return refused or prepack.PrepackStatus("not written", "prepack_cache='use' never writes one"), None, None
+        data_bytes = sum(p.stat().st_size for p in self.folder.iterdir()
+                         if p.name.startswith(model_file.name) and p != model_file)
+        made = prepack.writer(self.folder, key, data_bytes)
+        if isinstance(made, prepack.PrepackStatus):  # cannot write here: say so, and why any old one was refused
+            if refused is not None:
+                made = prepack.PrepackStatus("refused", f"{refused.reason}; not rewritten: {made.reason}",
+                                             refused.folder)
+            return made, None, None
+        if refused is not None:
+            made.status = prepack.PrepackStatus("not written", f"replacing a refused cache: {refused.reason}")
+        return made.status, None, made
+
+    def _finish_cache(self, writer: prepack.Writer, open_cached) -> None:
+        """The session was created from the bundle and onnxruntime wrote the cache meanwhile: check it, map it,
+        and keep the mapped session only if it answers a probe exactly as the one that repacked in memory
+        (same kernels, same packed bytes: bit-identical logits), then drop the in-memory copy."""
+        cached = writer.finish()
+        if cached is None:
+            self.prepack = writer.status
+            return
+        try:
+            mapped = open_cached(cached)
+        except BundleError as e:
+            prepack.remove(self.folder)
+            self.prepack = prepack.PrepackStatus("not written", f"the written cache did not load: {e}")
+            return
+        probe = np.arange(100, 104, dtype=np.int64)[None, :]
+        expected = Cache(self, 1, 8).step(probe)
+        repacked, self.session = self.session, mapped
+        if not np.array_equal(Cache(self, 1, 8).step(probe), expected):
+            self.session = repacked
+            prepack.remove(self.folder)
+            self.prepack = prepack.PrepackStatus("not written", "the written cache's output differed from the "
+                                                 "bundle's (removed)")
+            return
+        self.prepack = writer.status
+        del repacked
+        gc.collect()
 
     @property
     def provider(self) -> str:

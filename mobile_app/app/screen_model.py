@@ -132,7 +132,10 @@ class ModelScreen(Screen):
         self.chooser.path = str(folder.parent)  # browsing starts next to the bundle in use
         info = bundle_info(folder)
         provider = model.session.provider_choice.providers[0] if hasattr(model.session, "provider_choice") else ""
-        self.current.text = f"{folder}\n{info.summary()}" + (f", {provider}" if provider else "")
+        cache = getattr(model.session, "prepack", None)  # where the weights live: mapped file or repacked copy
+        cache_text = f"\n{cache.message()}" + (f", {cache.disk_bytes / 1e9:.2f} GB on disk" if cache.mapped else "") \
+            if cache is not None else ""
+        self.current.text = f"{folder}\n{info.summary()}" + (f", {provider}" if provider else "") + cache_text
         self.current.color = TEXT
         self._status(f"loaded {folder.name} in {seconds:.1f} s", GOOD)
         self.on_loaded(folder, model)
