@@ -57,6 +57,19 @@ def test_bench_writes_json_markdown_and_plot(demo_int4, tmp_path):
     assert "Roofline:" in (out / "bench.md").read_text()
 
 
+def test_bench_with_the_prepack_cache_reports_its_disk_and_memory(demo_int4, tmp_path, capsys):
+    bundle = shutil.copytree(demo_int4, tmp_path / "bundle")
+    out = tmp_path / "out"
+    assert main([str(bundle), "--runs", "1", "--prompts", "16", "--depths", "0", "--decode", "8", "--threads", "1",
+                 "--bandwidth", "30", "--peer", "none", "--prepack-cache", "auto", "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    err = capsys.readouterr().err
+    assert "prepack cache written and mapped" in err and "weights mapped from the prepack cache" in err
+    assert result["settings"]["prepack_cache"] == "auto" and (bundle / "prepacked" / "cache.json").is_file()
+    assert 1.5 < result["memory"]["prepack_cache_over_weights"] < 3
+    assert result["memory"]["file_decoding_mb"] > 0 and result["memory"]["anon_decoding_mb"] > 0
+
+
 class CountingSession:
     """Wraps a real session; counts single-token steps and runs `on_decode(count)` after each."""
 
