@@ -282,6 +282,13 @@ def external_data(model: bytes) -> list[dict[str, str]]:
     return out
 
 
+def raw_ranges(model_file: Path) -> list[tuple[int, int]]:
+    """(offset, end) in the data file of every initializer's raw bytes, as opposed to the packed buffers
+    (`prepacked_*` entries) the kernels read every token."""
+    return [(int(e["offset"]), int(e["offset"]) + int(e.get("length", 0)))
+            for e in external_data(model_file.read_bytes()) if "offset" in e]
+
+
 def _varint(buf: memoryview, i: int) -> tuple[int, int]:
     value = shift = 0
     while True:

@@ -121,11 +121,13 @@ class LfmSession:
         if writer is not None:
             self._finish_cache(writer, lambda path: open_graph(path, session_options()))
         if not self.prepack.mapped:
-            # the mapped cache is read every token: only the bundle's own mapping has pages to give back
             data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
             self.released_bytes = release_clean_pages(data_files)  # see pages.py
         else:
-            self.released_bytes = 0
+            # the packed buffers are what every token reads: only raw weights' pages go (the vocabulary codes the
+            # embedding gathers a few rows of, pages read while onnxruntime repacked to find its buffers)
+            cache = self.prepack.folder
+            self.released_bytes = release_clean_pages([cache / prepack.DATA], prepack.raw_ranges(cache / prepack.MODEL))
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
         # query heads: what an attention chunk's score buffer scales with (Generation bounds it by depth)
         self.attention_heads = int(decoder.get("num_attention_heads", 0)) if self.state.kv else 0
