@@ -128,7 +128,8 @@ class ModelScreen(Screen):
         self.load_button.disabled = False
         self.loaded, self.loading = folder, None
         self.load_seconds, self.memory_after_load = seconds, memory
-        self.load_times.put(folder, seconds)
+        if getattr(getattr(model.session, "prepack", None), "state", "") != "written":  # a one-off: not the scale
+            self.load_times.put(folder, seconds)
         self.chooser.path = str(folder.parent)  # browsing starts next to the bundle in use
         info = bundle_info(folder)
         provider = model.session.provider_choice.providers[0] if hasattr(model.session, "provider_choice") else ""
