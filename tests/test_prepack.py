@@ -220,3 +220,16 @@ def test_the_graph_reader_needs_no_onnx_package(bundle):
     assert prepack.external_data(model.read_bytes()) == [
         {e.key: e.value for e in t.external_data} for t in graph.graph.initializer]
     assert any(k.startswith("prepacked_") for entries in prepack.external_data(model.read_bytes()) for k in entries)
+
+
+def test_the_cold_start_ab_alternates_fresh_processes_and_reports_both_sides(bundle, capsys):
+    from lfm_edge.device_bench import coldstart
+
+    assert coldstart.main([str(bundle), "--rounds", "2", "--decode", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{\"mode\"")]
+    assert [row["mode"] for row in lines] == ["off", "use", "use", "off"]  # the order swaps each round
+    assert {row["state"] for row in lines} == {"off", "mapped"}
+    summary = json.loads(out[out.index("{\n"):])
+    assert summary["rounds"] == 2 and summary["use"]["anon_after_load"] < summary["off"]["anon_after_load"]
+    assert summary["load_s_ratio_use_over_off"] > 0 and summary["use"]["file_after_load"] > 0
