@@ -138,6 +138,11 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
     report = after_bench["bench"]["report"]
     assert report["load_measured"] == "app" and report["load_s"] == after_bench["model"]["load_seconds"] > 0
     assert report["anon_decoding_mb"] > 0 and report["file_decoding_mb"] > 0 and report["threads"] == 1
+    # the app maps its weights from a prepack cache (written by its first load of the bundle, here or in the
+    # logic tests that share the bundle), and says so
+    current = after_bench["model"]["current"]
+    assert "prepack cache" in current and "mapped" in current and "GB on disk" in current
+    assert (demo_int4 / "prepacked" / "cache.json").is_file()
     # each bundle loaded once; a load drops the model before it, so only the last one is alive
     downloaded = str(tmp_path / "downloads" / "bundle")
     loaded = [str(demo_int4), downloaded, str(scripted), str(tmp_path / "talker")]
