@@ -54,18 +54,13 @@ class Generation:
     the rest is prefilled, and the cache keeps every token fed to it (the last sampled token is not fed).
     Prefill chunks end at multiples of `prefill_chunk` and at each position in `cuts`; `on_prefill(cache)`
     runs after each chunk (a conversation snapshots its conv state there). `constraints`: per row, an object
-    with mask() and advance(token) (runtime/constrain.py), or None.
-
-    `attention_budget` bounds the attention scores a prefill chunk needs (4 bytes x query heads x chunk x
-    depth, what GroupQueryAttention's CPU kernel holds): deep in a long context chunks shrink (powers of two,
-    at least 16 tokens) so that prefill memory stays flat instead of growing with S x T."""
+    with mask() and advance(token) (runtime/constrain.py), or None."""
 
     def __init__(self, model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
                  prefill_chunk: int = 512, cancel: threading.Event | None = None, overflow: str = "error",
                  cache: Cache | None = None, cuts: Iterable[int] = (),
-                 on_prefill: Callable[[Cache], None] | None = None, constraints: Sequence[Any] | None = None,
-                 attention_budget: int = 256 << 20):
+                 on_prefill: Callable[[Cache], None] | None = None, constraints: Sequence[Any] | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected at least one prompt, each with at least one token")
         if max_new_tokens < 0:
@@ -97,7 +92,6 @@ class Generation:
         self.prefill_chunk = prefill_chunk
         self.cancel = cancel or threading.Event()
         self.cache, self.cuts, self.on_prefill = cache, sorted(set(cuts)), on_prefill
-        self.attention_budget = attention_budget
         self.new_tokens: list[list[int]] = [[] for _ in prompts]  # each row's sampled tokens, as they come
         if constraints is not None and len(constraints) != len(prompts):
             raise ValueError(f"constraints: {len(constraints)} for {len(prompts)} prompts")
@@ -131,12 +125,11 @@ class Generation:
             if self.max_new_tokens == 0:
                 stats.stopped = "length"
                 return
-            bytes_per_row = 4 * getattr(model, "attention_heads", 0) * batch
-            for s, e in _chunks(cache.length, width, chunk, self.cuts, bytes_per_row, self.attention_budget):
+            for s, e in _chunks(cache.length, width, chunk, self.cuts):
                 if self.cancel.is_set():
                     stats.stopped = "cancelled"
                     return
-                logits = cache.step(ids[:, s:e], mask[:, s:e])
+                logits = cache.step(ids[:, s:e], mask[:, s:e], last=1)  # only the last row is sampled
                 if self.on_prefill:
                     self.on_prefill(cache)
             prefill_end = time.perf_counter()
@@ -174,7 +167,7 @@ class Generation:
                     return
                 if self.sampling.repetition_penalty != 1.0:
                     history = np.concatenate([history, tokens[:, None]], axis=1)
-                logits = cache.step(tokens[:, None])
+                logits = cache.step(tokens[:, None], last=1)
                 stats.decode_tokens_per_second = (n + 1) / max(time.perf_counter() - decode_start, 1e-9)
         finally:
             stats.stopped = stats.stopped or "stop"
@@ -183,19 +176,12 @@ class Generation:
             stats.timings["total"] = time.perf_counter() - start
 
 
-def _chunks(start: int, end: int, size: int, cuts: Sequence[int], bytes_per_score: int = 0,
-            budget: int = 0) -> Iterator[tuple[int, int]]:
-    """[s, e) prefill ranges from start to end: at most `size` long, ending at multiples of the chunk length
-    (so a continued prefill cuts where a fresh one would) and at every cut inside the range. With
-    `bytes_per_score` (4 x heads x batch), a chunk ending at depth T holds at most `budget` bytes of scores:
-    the chunk length halves as the depth grows, down to 16."""
-    cuts = sorted(c for c in cuts if start < c < end)
+def _chunks(start: int, end: int, size: int, cuts: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """[s, e) prefill ranges from start to end: at most `size` long, ending at multiples of `size` (so a
+    continued prefill cuts where a fresh one would) and at every cut inside the range."""
+    stops = sorted({c for c in cuts if start < c < end} | set(range((start // size + 1) * size, end, size)) | {end})
     s = start
-    while s < end:
-        length = size
-        while bytes_per_score and length > 16 and bytes_per_score * length * (s + length) > budget:
-            length //= 2
-        e = min(end, (s // length + 1) * length, *(c for c in cuts if c > s))
+    for e in stops:
         yield s, e
         s = e
 

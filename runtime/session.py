@@ -29,6 +29,7 @@ from .bundle import (  # noqa: F401 (re-exported)
     state_spec,
     verify_bundle,
 )
+from .growth import capacity_for, check_rows, check_truncate, grown_mask, padded
 from .pages import release_clean_pages
 from .providers import ProviderList, choose
 
@@ -83,6 +84,9 @@ class LfmSession:
             # 512 x vocab floats) for the session's life; without it they go back after the run. 6 layers at
             # full width: RSS while decoding after a 512-token prefill 1616 -> 1315 MB, decode speed unchanged.
             options.enable_cpu_mem_arena = False
+            # errors only: onnxruntime warns at every load that the optional input logits_to_keep (an initializer
+            # that is also an input, the way a graph input gets a default) is not constant-folded, its purpose
+            options.log_severity_level = 3
             return options
 
         def open_graph(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
@@ -118,6 +122,7 @@ class LfmSession:
                 self.prepack, writer = writer.status, None
                 self.session = open_graph(model_file, session_options())
         self.state = state_spec(((i.name, i.shape) for i in self.session.get_inputs()), decoder)
+        self._detect_logits_to_keep()
         if writer is not None:
             self._finish_cache(writer, lambda path: open_graph(path, session_options()))
         if not self.prepack.mapped:
@@ -129,11 +134,13 @@ class LfmSession:
             cache = self.prepack.folder
             self.released_bytes = release_clean_pages([cache / prepack.DATA], prepack.raw_ranges(cache / prepack.MODEL))
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
-        # query heads: what an attention chunk's score buffer scales with (Generation bounds it by depth)
-        self.attention_heads = int(decoder.get("num_attention_heads", 0)) if self.state.kv else 0
         self.threads = threads or 0  # 0: onnxruntime's own choice
         _opened[str(self.folder)] += 1
         _live.add(self)
+
+    def _detect_logits_to_keep(self) -> None:
+        # graphs from our exporter take an optional logits_to_keep (default 0: every row); older ones do not
+        self.logits_to_keep = "logits_to_keep" in {i.name for i in self.session.get_overridable_initializers()}
 
     def _prepack_plan(self, mode: str, model_file: Path, options: ort.SessionOptions, verify: str
                       ) -> tuple[prepack.PrepackStatus, Path | None, prepack.Writer | None]:
@@ -183,8 +190,10 @@ class LfmSession:
         probe = (np.arange(4, dtype=np.int64) + min(100, max(vocab - 4, 0)))[None, :]  # any 4 valid token ids
         expected = Cache(self, 1, 8).step(probe)
         repacked, self.session = self.session, mapped
+        self._detect_logits_to_keep()
         if not np.array_equal(Cache(self, 1, 8).step(probe), expected):
             self.session = repacked
+            self._detect_logits_to_keep()
             prepack.remove(self.folder)
             self.prepack = prepack.PrepackStatus("not written", "the written cache's output differed from the "
                                                  "bundle's (removed)")
@@ -230,8 +239,9 @@ class Cache:
         self.kv = {i: [_zeros((batch, heads, capacity, dim), self.kv_dtype[i]) for _ in range(2)]
                    for i, (heads, dim) in model.state.kv.items()}
 
-    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        """Run input_ids [B, S] (mask [B, S] marks padding); returns logits [B, S, V]."""
+    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None, last: int | None = None) -> np.ndarray:
+        """Run input_ids [B, S] (mask [B, S] marks padding); returns logits [B, S, V], or with `last` = n the
+        last n rows [B, n, V] (the graph then computes only those, where it has the logits_to_keep input)."""
         b, s = input_ids.shape
         if self.length + s > self.max_length:
             raise ValueError(f"{self.length} + {s} tokens exceed this cache's max_length {self.max_length}")
@@ -241,6 +251,10 @@ class Cache:
         io.clear_binding_outputs()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, :self.length + s]))
+        if self.model.logits_to_keep:
+            # (bind_cpu_input looks the name up among required inputs only; an OrtValue binds an overridable one)
+            io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array([last or 0],
+                                                                                             dtype=np.int64)))
         for i, (cur, nxt) in self.conv.items():
             io.bind_ortvalue_input(f"past.{i}.conv", cur)
             io.bind_ortvalue_output(f"present.{i}.conv", nxt)
@@ -265,7 +279,8 @@ class Cache:
             kv_outputs = outputs[len(self.conv):len(self.conv) + 2 * len(self.kv)]
             for n, i in enumerate(grown):
                 self.kv[i] = [kv_outputs[2 * n], kv_outputs[2 * n + 1]]
-        return outputs[-1].numpy()
+        logits = outputs[-1].numpy()
+        return logits if last is None else logits[:, -last:]
 
     @property
     def capacity(self) -> int:
@@ -275,8 +290,7 @@ class Cache:
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens' KV rows: the mask hides the rest and the next step overwrites them.
         The conv state is not touched: restore it from a snapshot taken at `length` (set_conv_state)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"truncate({length}): the cache holds {self.length} tokens")
+        check_truncate(length, self.length)
         self.mask[:, length:] = 0
         if not self.model.share_buffer and length < self.length:
             for i, pair in self.kv.items():
@@ -286,24 +300,13 @@ class Cache:
     def reserve(self, rows: int) -> None:
         """Make room for `rows` tokens: the buffers grow to the next power of two >= rows (at most the
         context length), and the rows in use are copied over."""
-        if rows <= self.max_length:
+        new = capacity_for(rows, self.max_length, self.model.context_length)
+        if new == self.max_length:
             return
-        limit = self.model.context_length
-        if rows > limit:
-            raise ValueError(f"{rows} tokens exceed the model's context length {limit}")
-        new = min(limit, 1 << (rows - 1).bit_length())
-        mask = np.zeros((self.batch, new), dtype=np.int64)
-        mask[:, :self.length] = self.mask[:, :self.length]
-        self.mask, self.max_length = mask, new
+        self.mask, self.max_length = grown_mask(self.mask, self.length, new), new
         if self.model.share_buffer:
             for i, pair in self.kv.items():
-                grown = []
-                for v in pair:
-                    b, h, _, d = v.shape()
-                    array = np.zeros((b, h, new, d), self.kv_dtype[i])
-                    array[:, :, :self.length] = v.numpy()[:, :, :self.length]
-                    grown.append(_from_array(array))
-                self.kv[i] = grown
+                self.kv[i] = [_from_array(padded(v.numpy()[:, :, :self.length], new, self.kv_dtype[i])) for v in pair]
 
     def conv_state(self) -> dict[int, np.ndarray]:
         """A copy of each conv layer's state after the last token ([B, H, K-1]). (OrtValue.numpy() is a view
@@ -324,16 +327,9 @@ class Cache:
         self.length = 0
         self.reserve(length)
         for i in self.kv:
-            pair = []
-            for array in rows[i]:
-                if array.shape[2] != length:
-                    raise ValueError(f"KV rows of layer {i}: {array.shape[2]} rows, expected {length}")
-                if self.model.share_buffer:
-                    full = np.zeros((*array.shape[:2], self.max_length, array.shape[3]), self.kv_dtype[i])
-                    full[:, :, :length] = array
-                    array = full
-                pair.append(_from_array(np.ascontiguousarray(array, dtype=self.kv_dtype[i])))
-            self.kv[i] = pair
+            check_rows(i, list(rows[i]), length)
+            self.kv[i] = [_from_array(padded(a, self.max_length, self.kv_dtype[i]) if self.model.share_buffer
+                                      else np.ascontiguousarray(a, dtype=self.kv_dtype[i])) for a in rows[i]]
         self.mask[:] = 0
         self.mask[:, :length] = 1
         self.length = length

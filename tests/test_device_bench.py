@@ -83,8 +83,8 @@ class CountingSession:
         cache, outer = self.session.new_cache(*args, **kwargs), self
 
         class Cache:
-            def step(self, ids, *rest):
-                out = cache.step(ids, *rest)
+            def step(self, ids, *rest, **kwargs):
+                out = cache.step(ids, *rest, **kwargs)
                 if ids.shape[1] == 1:
                     outer.decode_steps += 1
                     outer.on_decode(outer.decode_steps)

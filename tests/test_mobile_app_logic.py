@@ -380,8 +380,8 @@ def test_benchmark_loads_through_the_backends_and_cancels_mid_decode(demo_int4, 
             cache = new_cache(*args, **kwargs)
             step = cache.step
 
-            def step_then_cancel(ids, *rest):
-                out = step(ids, *rest)
+            def step_then_cancel(ids, *rest, **kwargs):
+                out = step(ids, *rest, **kwargs)
                 if "decode" in messages[-1]:
                     cancel.set()
                 return out
