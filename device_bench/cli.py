@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run onnxruntime-genai on the same bundle, and/or llama.cpp on --gguf")
     parser.add_argument("--gguf", help="llama.cpp peer: a GGUF of the same weights (device_bench/gguf_writer.py, "
                                        "then llama_cpp_peer.quantize_q4_0)")
+    parser.add_argument("--prepack-cache", choices=["off", "use", "auto"], default="off",
+                        help="map onnxruntime's repacked weights from BUNDLE/prepacked/ (runtime/prepack.py); "
+                             "'auto' writes it at the warm-up load if missing")
     parser.add_argument("--out", default="build/bench", help="folder for bench.json / .md / .png")
     parser.add_argument("--adb", metavar="SERIAL", help="run on an Android device over adb (Termux python)")
     args = parser.parse_args(argv)
@@ -65,7 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         progress("measuring read bandwidth")
         bandwidth = args.bandwidth or roofline.read_bandwidth()
         tokens = roofline.bytes_per_token(bundle)
-        metrics = run(bundle, args.threads, args.prompts, args.depths, args.decode, args.runs, progress)
+        def open_session(folder: Path, threads: int):
+            from ..runtime.session import LfmSession
+
+            session = LfmSession(folder, threads=threads, verify="none", prepack_cache=args.prepack_cache)
+            progress(session.prepack.message())
+            return session
+
+        metrics = run(bundle, args.threads, args.prompts, args.depths, args.decode, args.runs, progress,
+                      open_session=open_session)
     except BundleError as e:
         print(f"lfm-bench: error: {e}", file=sys.stderr)
         return 2
@@ -106,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                      "target_tps": roofline.TARGET_TOKENS_PER_SECOND,
                      "phones": roofline.phone_predictions(tokens.total, best_decode / ceiling if ceiling else None)},
         "results": summary,
-        "memory": memory(summary, tokens.stored),
+        "memory": memory(summary, tokens.stored) | prepack_disk(bundle, args.prepack_cache),
         "peers": peers,
         "ratios": {name: ratios(summary, peer) for name, peer in peers.items() if peer.get("decode_tps")},
         "settings": {"threads": args.threads, "runs": args.runs, "prompts": args.prompts, "depths": args.depths,
-                     "decode": args.decode},
+                     "decode": args.decode, "prepack_cache": args.prepack_cache},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,13 +133,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def memory(summary: dict, weights_bytes: int) -> dict:
-    """Peak RSS (prefill's transient buffers included) and RSS while decoding, against the bundle's weights."""
+    """Peak RSS (prefill's transient buffers included), RSS while decoding, and resident memory split into
+    anonymous (the process's own copies) and file-backed (mapped bundle pages), against the bundle's weights.
+    The RSS figures are MiB (the kernel's unit), so a ratio converts them with 2**20, not 1e6."""
     out = {"weights_mb": weights_bytes / 1e6}
-    for key in ("peak_rss", "rss_decoding"):
+    for key in ("peak_rss", "rss_decoding", "anon_after_load", "file_after_load", "anon_decoding", "file_decoding"):
         if key in summary:
             out[f"{key}_mb"] = summary[key]["median"]
-            out[f"{key}_over_weights"] = summary[key]["median"] * 1e6 / weights_bytes
+            out[f"{key}_over_weights"] = summary[key]["median"] * (1 << 20) / weights_bytes
     return out
+
+
+def prepack_disk(bundle: Path, mode: str) -> dict:
+    """The prepack cache's size on disk, against the bundle's weights, when the run used one."""
+    from ..runtime import prepack
+
+    folder = bundle / prepack.FOLDER
+    if mode == "off" or not folder.is_dir():
+        return {}
+    weights = sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx"))
+    disk = prepack.disk_bytes(folder)
+    return {"prepack_cache_disk_mb": disk / 1e6, "prepack_cache_over_weights": disk / weights if weights else 0.0}
 
 
 def ratios(summary: dict, peer: dict) -> dict:

@@ -28,6 +28,11 @@ def write_markdown(result: dict, path: Path) -> None:
                     if "rss_decoding_mb" in mem else "")
         lines += ["", f"Peak RSS {mem['peak_rss_mb']:.0f} MB = {mem['peak_rss_over_weights']:.2f}x the bundle's "
                   f"weights ({mem['weights_mb']:.0f} MB){decoding}."]
+        for when in ("after_load", "decoding"):
+            if f"anon_{when}_mb" in mem:
+                lines += ["", f"{'After load' if when == 'after_load' else 'While decoding'}: anonymous "
+                          f"{mem[f'anon_{when}_mb']:.0f} MB ({mem[f'anon_{when}_over_weights']:.2f}x the weights), "
+                          f"file-backed {mem[f'file_{when}_mb']:.0f} MB."]
     for name, peer in result.get("peers", {}).items():
         if not peer.get("decode_tps"):
             lines += ["", f"Peer {name}: {peer.get('error', 'no result')}"]

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -216,6 +217,28 @@ def current_rss_mb() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
     except (OSError, ValueError, IndexError):
         return peak_rss_mb()
+
+
+def resident_mb() -> dict[str, float]:
+    """Resident memory now, split: {"rss", "anonymous", "file"} in MB (MiB, as the other RSS figures).
+
+    Anonymous pages are this process's own copies (malloc, onnxruntime's repacked weights, pages written
+    through a private file mapping); file-backed pages are the kernel's page cache mapped in, which it can
+    drop and read again under pressure, and which every process mapping the same file shares. A phone's
+    low-memory killer and the "copied, not mapped" question are about the anonymous part. From
+    /proc/self/smaps_rollup (Linux 4.14+, Android 8+); elsewhere all of it counts as anonymous."""
+    try:
+        fields = {}
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                fields[key] = int(parts[0]) / 1024
+        rss, anonymous = fields["Rss"], fields["Anonymous"]
+    except (OSError, KeyError, ValueError):
+        rss = current_rss_mb()
+        return {"rss": rss, "anonymous": rss, "file": 0.0}
+    return {"rss": rss, "anonymous": anonymous, "file": max(rss - anonymous, 0.0)}
 
 
 def generate(model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,

@@ -10,12 +10,16 @@ State lives in OrtValues allocated once per generation and bound with IOBinding:
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from . import prepack
 from .bundle import (  # noqa: F401 (re-exported)
     BundleError,
     StateSpec,
@@ -33,6 +37,24 @@ _ORT = ort.capi.onnxruntime_pybind11_state
 _LOAD_ERRORS = (_ORT.Fail, _ORT.InvalidArgument, _ORT.NoSuchFile, _ORT.InvalidProtobuf, _ORT.InvalidGraph,
                 _ORT.NotImplemented, _ORT.RuntimeException)
 
+# Every LfmSession this process opened, and those still alive, by bundle folder: the app holds a model in
+# memory once, and tests hold it to that (sessions_opened / live_sessions).
+_opened: Counter[str] = Counter()
+_live: weakref.WeakSet[LfmSession] = weakref.WeakSet()
+
+
+def sessions_opened() -> dict[str, int]:
+    """How many sessions this process has created per bundle folder."""
+    return dict(_opened)
+
+
+def live_sessions() -> dict[str, int]:
+    """Sessions per bundle folder that are still alive (after a collection: a dropped session in a
+    reference cycle would otherwise still count)."""
+    gc.collect()
+    return dict(Counter(str(s.folder) for s in _live))
+
+
 class LfmSession:
     """One loaded bundle. `providers`: "auto" (an accelerator only if it runs every heavy node, see
     providers.py), "cpu", or an explicit onnxruntime list such as [("XnnpackExecutionProvider",
@@ -40,36 +62,145 @@ class LfmSession:
     `provider_choice`. `verify`: see verify_bundle ("sampled" by default)."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: str | ProviderList = "auto",
-                 verify: str = "sampled"):
+                 verify: str = "sampled", prepack_cache: str = "off"):
+        """`prepack_cache` (prepack.py): "off"; "use" (map a valid cache next to the bundle if there is one);
+        "auto" (the same, and write one when there is none, the folder is writable and has room). What
+        happened and why is in `prepack` (a PrepackStatus); a cache never stops a bundle from loading."""
+        if prepack_cache not in ("off", "use", "auto"):
+            raise ValueError(f"prepack_cache {prepack_cache!r}: expected 'off', 'use' or 'auto'")
         cfg = read_bundle(bundle, verify, onnxruntime_version=ort.__version__)
         self.folder, self.manifest, decoder, model_file = cfg.folder, cfg.manifest, cfg.decoder, cfg.model_file
         self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
         self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
-        options = ort.SessionOptions()
         # the bundle's target default (export/exporter.py TARGET_THREADS), never more than this machine's CPUs
         threads = threads or min(int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)),
                                  os.cpu_count() or 1)
-        if threads:
-            options.intra_op_num_threads = threads
-        # The CPU arena keeps the largest buffers any run needed (a 512-token prefill's logits alone are
-        # 512 x vocab floats) for the session's life; without it they go back after the run. 6 layers at full
-        # width: RSS while decoding after a 512-token prefill 1616 -> 1315 MB, decode speed unchanged.
-        options.enable_cpu_mem_arena = False
-        # errors only: onnxruntime warns at every load that the optional input logits_to_keep (an initializer that
-        # is also an input, the way a graph input gets a default) is not constant-folded, which is its purpose
-        options.log_severity_level = 3
+
+        def session_options() -> ort.SessionOptions:
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            # The CPU arena keeps the largest buffers any run needed (a 512-token prefill's logits alone are
+            # 512 x vocab floats) for the session's life; without it they go back after the run. 6 layers at
+            # full width: RSS while decoding after a 512-token prefill 1616 -> 1315 MB, decode speed unchanged.
+            options.enable_cpu_mem_arena = False
+            # errors only: onnxruntime warns at every load that the optional input logits_to_keep (an initializer
+            # that is also an input, the way a graph input gets a default) is not constant-folded, its purpose
+            options.log_severity_level = 3
+            return options
+
+        def open_graph(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+            try:
+                return ort.InferenceSession(str(path), options, providers=self.provider_choice.providers)
+            except _LOAD_ERRORS as e:  # a damaged or foreign graph: say which file, not where onnxruntime failed
+                raise BundleError(f"{path}: onnxruntime {ort.__version__} cannot load it "
+                                  f"({str(e).strip().splitlines()[0][:300]})") from None
+
+        options = session_options()
         try:
             self.provider_choice = choose(model_file, providers, options)
-            self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
-        except _LOAD_ERRORS as e:  # a damaged or foreign graph: say which file, not where onnxruntime failed
+        except _LOAD_ERRORS as e:
             raise BundleError(f"{model_file}: onnxruntime {ort.__version__} cannot load it "
                               f"({str(e).strip().splitlines()[0][:300]})") from None
-        data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
-        self.released_bytes = release_clean_pages(data_files)  # see pages.py
+        self.prepack, cached, writer = self._prepack_plan(prepack_cache, model_file, options, verify)
+        if writer is not None:
+            writer.configure(options)
+        self.session = None
+        if cached is not None:
+            try:
+                self.session = open_graph(cached, options)
+            except BundleError as e:  # refused like any mismatch: the bundle itself still loads
+                self.prepack = prepack.PrepackStatus("refused", str(e), cached.parent)
+        if self.session is None:
+            try:
+                self.session = open_graph(model_file, options)
+            except BundleError as e:
+                if writer is None:
+                    raise
+                # onnxruntime may fail while saving (a full disk): the bundle must load without a cache
+                writer.abandon(f"onnxruntime failed while writing it ({e})")
+                self.prepack, writer = writer.status, None
+                self.session = open_graph(model_file, session_options())
         self.state = state_spec(((i.name, i.shape) for i in self.session.get_inputs()), decoder)
+        self._detect_logits_to_keep()
+        if writer is not None:
+            self._finish_cache(writer, lambda path: open_graph(path, session_options()))
+        if not self.prepack.mapped:
+            data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
+            self.released_bytes = release_clean_pages(data_files)  # see pages.py
+        else:
+            # the packed buffers are what every token reads: only raw weights' pages go (the vocabulary codes the
+            # embedding gathers a few rows of, pages read while onnxruntime repacked to find its buffers)
+            cache = self.prepack.folder
+            self.released_bytes = release_clean_pages([cache / prepack.DATA], prepack.raw_ranges(cache / prepack.MODEL))
+        self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
+        self.threads = threads or 0  # 0: onnxruntime's own choice
+        _opened[str(self.folder)] += 1
+        _live.add(self)
+
+    def _detect_logits_to_keep(self) -> None:
         # graphs from our exporter take an optional logits_to_keep (default 0: every row); older ones do not
         self.logits_to_keep = "logits_to_keep" in {i.name for i in self.session.get_overridable_initializers()}
-        self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
+
+    def _prepack_plan(self, mode: str, model_file: Path, options: ort.SessionOptions, verify: str
+                      ) -> tuple[prepack.PrepackStatus, Path | None, prepack.Writer | None]:
+        """(status so far, a valid cache's model file to load, or a Writer to make one while loading)."""
+        if mode == "off":
+            return prepack.PrepackStatus("off"), None, None
+        if self.provider_choice.providers != ["CPUExecutionProvider"]:
+            return prepack.PrepackStatus("not written", "a cache is for onnxruntime's CPU provider only, "
+                                         f"this session uses {self.provider_choice.providers}"), None, None
+        key = prepack.cache_key(model_file, self.manifest, ort.__version__,
+                                f"graph_optimization_level={int(options.graph_optimization_level)}")
+        writable = mode == "auto"
+        if writable:
+            prepack.remove_stale(self.folder)
+        cached, refused = prepack.find(self.folder, key, verify)
+        if cached is not None:
+            return prepack.PrepackStatus("mapped", "", cached.parent, prepack.disk_bytes(cached.parent)), cached, None
+        if not writable:
+            return refused or prepack.PrepackStatus("not written", "prepack_cache='use' never writes one"), None, None
+        data_bytes = sum(p.stat().st_size for p in self.folder.iterdir()
+                         if p.name.startswith(model_file.name) and p != model_file)
+        made = prepack.writer(self.folder, key, data_bytes)
+        if isinstance(made, prepack.PrepackStatus):  # cannot write here: say so, and why any old one was refused
+            if refused is not None:
+                made = prepack.PrepackStatus("refused", f"{refused.reason}; not rewritten: {made.reason}",
+                                             refused.folder)
+            return made, None, None
+        if refused is not None:
+            made.status = prepack.PrepackStatus("not written", f"replacing a refused cache: {refused.reason}")
+        return made.status, None, made
+
+    def _finish_cache(self, writer: prepack.Writer, open_cached) -> None:
+        """The session was created from the bundle and onnxruntime wrote the cache meanwhile: check it, map it,
+        and keep the mapped session only if it answers a probe exactly as the one that repacked in memory
+        (same kernels, same packed bytes: bit-identical logits), then drop the in-memory copy."""
+        cached = writer.finish()
+        if cached is None:
+            self.prepack = writer.status
+            return
+        try:
+            mapped = open_cached(cached)
+        except BundleError as e:
+            prepack.remove(self.folder)
+            self.prepack = prepack.PrepackStatus("not written", f"the written cache did not load: {e}")
+            return
+        vocab = int(self.session.get_outputs()[0].shape[-1])
+        probe = (np.arange(4, dtype=np.int64) + min(100, max(vocab - 4, 0)))[None, :]  # any 4 valid token ids
+        expected = Cache(self, 1, 8).step(probe)
+        repacked, self.session = self.session, mapped
+        self._detect_logits_to_keep()
+        if not np.array_equal(Cache(self, 1, 8).step(probe), expected):
+            self.session = repacked
+            self._detect_logits_to_keep()
+            prepack.remove(self.folder)
+            self.prepack = prepack.PrepackStatus("not written", "the written cache's output differed from the "
+                                                 "bundle's (removed)")
+            return
+        self.prepack = writer.status
+        del repacked
+        gc.collect()
 
     @property
     def provider(self) -> str:

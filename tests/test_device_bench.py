@@ -41,11 +41,33 @@ def test_bench_writes_json_markdown_and_plot(demo_int4, tmp_path):
     assert result["peers"]["onnxruntime-genai"]["decode_tps"] > 0
     genai_ratio = result["ratios"]["onnxruntime-genai"]["decode"]
     assert genai_ratio == pytest.approx(decode["median"] / result["peers"]["onnxruntime-genai"]["decode_tps"])
-    assert result["memory"]["peak_rss_over_weights"] == pytest.approx(
-        result["results"]["peak_rss"]["median"] * 1e6 / result["bundle"]["weights_bytes"])
+    assert result["memory"]["peak_rss_over_weights"] == pytest.approx(  # RSS in MiB, weights in bytes
+        result["results"]["peak_rss"]["median"] * (1 << 20) / result["bundle"]["weights_bytes"])
     assert 0 < result["memory"]["rss_decoding_mb"] <= result["memory"]["peak_rss_mb"] + 1
+    # resident memory split: the int4 demo's repacked weights are anonymous, its mapped bundle file-backed;
+    # the parts add up to what the process holds
+    mem = result["memory"]
+    for when in ("after_load", "decoding"):
+        assert mem[f"anon_{when}_mb"] > 0 and mem[f"file_{when}_mb"] > 0
+        assert mem[f"anon_{when}_mb"] + mem[f"file_{when}_mb"] <= mem["peak_rss_mb"] + 1
+    assert mem["anon_decoding_over_weights"] == pytest.approx(mem["anon_decoding_mb"] * (1 << 20)
+                                                              / result["bundle"]["weights_bytes"])
+    assert "While decoding: anonymous" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "Roofline:" in (out / "bench.md").read_text()
+
+
+def test_bench_with_the_prepack_cache_reports_its_disk_and_memory(demo_int4, tmp_path, capsys):
+    bundle = shutil.copytree(demo_int4, tmp_path / "bundle")
+    out = tmp_path / "out"
+    assert main([str(bundle), "--runs", "1", "--prompts", "16", "--depths", "0", "--decode", "8", "--threads", "1",
+                 "--bandwidth", "30", "--peer", "none", "--prepack-cache", "auto", "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    err = capsys.readouterr().err
+    assert "prepack cache written and mapped" in err and "weights mapped from the prepack cache" in err
+    assert result["settings"]["prepack_cache"] == "auto" and (bundle / "prepacked" / "cache.json").is_file()
+    assert 1.5 < result["memory"]["prepack_cache_over_weights"] < 3
+    assert result["memory"]["file_decoding_mb"] > 0 and result["memory"]["anon_decoding_mb"] > 0
 
 
 class CountingSession:
