@@ -108,7 +108,8 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
         result = subprocess.run([sys.executable, "-m", "lfm_edge.mobile_app.app", "--threads", "1",
                                  "--max-new-tokens", "1200", "--downloads",
                                  str(tmp_path / "downloads"), "--autopilot", str(tmp_path / "steps.json"),
-                                 "--conversation-file", str(tmp_path / "chat.safetensors")],
+                                 "--conversation-file", str(tmp_path / "chat.safetensors"),
+                                 "--prepack-cache", "auto"],  # the opt-in path, tested in the app
                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     finally:
         server.shutdown()

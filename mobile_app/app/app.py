@@ -42,8 +42,9 @@ class LfmApp(App):
 
     def __init__(self, bundle: Path | None = None, threads: int | None = None, downloads: Path | None = None,
                  autopilot: list[dict] | None = None, max_new_tokens: int = 512,
-                 conversation_file: Path | None = None, **kwargs: Any):
+                 conversation_file: Path | None = None, prepack_cache: str = "off", **kwargs: Any):
         super().__init__(**kwargs)
+        self.prepack_cache = prepack_cache  # runtime/prepack.py; see model.load_model for why it is off
         self.conversation_file = conversation_file  # default: conversation.safetensors in user_data_dir
         self.start_bundle, self.threads = bundle, threads
         self.downloads_dir = downloads
@@ -63,7 +64,8 @@ class LfmApp(App):
         self.bench_screen = BenchScreen(post, loaded=self._loaded_model, busy=lambda: self.busy("bench"))
         self.model_screen = ModelScreen(post, self._model_loaded, busy=lambda: self.busy("model"),
                                         downloads=downloads, threads=self.threads, on_unload=self._release_model,
-                                        load_times=LoadTimes(Path(self.user_data_dir) / "load_times.json"))
+                                        load_times=LoadTimes(Path(self.user_data_dir) / "load_times.json"),
+                                        prepack_cache=self.prepack_cache)
         self.screens = ScreenManager(transition=NoTransition())
         for screen in (self.chat_screen, self.bench_screen, self.model_screen):
             self.screens.add_widget(screen)

@@ -43,15 +43,16 @@ def check_folder(folder: str | Path) -> str | None:
 
 
 def load_model(folder: str | Path, threads: int | None = None,
-               progress: Callable[[str], None] = lambda stage: None, prepack_cache: str = "auto") -> LfmModel:
+               progress: Callable[[str], None] = lambda stage: None, prepack_cache: str = "off") -> LfmModel:
     """Blocking (seconds for a large bundle): call it from a worker thread. The session comes from
     `backends.open_session`, so a phone build without onnxruntime's Python binding plugs in its own.
     `progress(stage)` names each stage as it starts (onnxruntime gives no progress inside a session's
     creation, which is most of the time)."""
     folder = Path(folder).expanduser()
     progress("preparing the weights")
-    # the weights mapped from a prepack cache next to the bundle, written at the first load where there is
-    # room (runtime/prepack.py): the app's memory is then mostly file pages the system can reclaim
+    # prepack_cache "auto" maps the weights from a cache next to the bundle (runtime/prepack.py): the app's
+    # memory is then mostly file pages the system can reclaim, but the cache costs 2.1x the bundle on disk,
+    # its first load a minute on the 8B, and decode ran at 0.85x (RESULTS.md): off unless memory is the limit
     session = open_session(folder, threads, prepack_cache=prepack_cache)
     progress("reading the tokenizer")
     return LfmModel(folder, session=session)

@@ -28,12 +28,12 @@ def field(hint: str, text: str = "") -> TextInput:
 
 class ModelScreen(Screen):
     def __init__(self, post: Post, on_loaded, busy, downloads: Path, threads: int | None,
-                 on_unload=lambda: None, load_times: LoadTimes | None = None, **kwargs):
+                 on_unload=lambda: None, load_times: LoadTimes | None = None, prepack_cache: str = "off", **kwargs):
         """`on_loaded(folder, model)` hands a loaded model to the app; `on_unload()` makes the app drop the
         model it holds before another loads (two would be in memory at once); `busy()`: why not now, or None."""
         super().__init__(name="model", **kwargs)
         self.post, self.on_loaded, self.on_unload, self.busy = post, on_loaded, on_unload, busy
-        self.downloads, self.threads = downloads, threads
+        self.downloads, self.threads, self.prepack_cache = downloads, threads, prepack_cache
         self.load_times = load_times or LoadTimes(None)
         self.loader, self.fetcher = Job(post, "load-model"), Job(post, "download")
         self.loaded: Path | None = None
@@ -102,7 +102,8 @@ class ModelScreen(Screen):
 
         def work(cancel):
             started = time.perf_counter()
-            model = load_model(folder, self.threads, progress=lambda stage: self.post(lambda: self._stage(stage)))
+            model = load_model(folder, self.threads, progress=lambda stage: self.post(lambda: self._stage(stage)),
+                               prepack_cache=self.prepack_cache)
             return model, time.perf_counter() - started, resident_mb()
 
         if self.loader.start(work, lambda result: self._loaded(folder, *result), self._load_failed):
