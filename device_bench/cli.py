@@ -44,6 +44,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run onnxruntime-genai on the same bundle, and/or llama.cpp on --gguf")
     parser.add_argument("--gguf", help="llama.cpp peer: a GGUF of the same weights (device_bench/gguf_writer.py, "
                                        "then llama_cpp_peer.quantize_q4_0)")
+    parser.add_argument("--conversation", metavar="TURNS:USER:ANSWER",
+                        help="instead of the speed workload: time to first token per turn of a scripted conversation "
+                             "(e.g. 10:400:128), state kept vs re-prefilled vs llama.cpp (--peer llama --gguf); "
+                             "--runs conversations")
+    parser.add_argument("--reasoning", type=int, default=0, metavar="R",
+                        help="--conversation: each answer is a <think> block of R tokens, then the rest")
+    parser.add_argument("--restore-tokens", type=int, default=0, metavar="N",
+                        help="--conversation: also save a conversation of N tokens, then restore and continue it "
+                             "against re-prefilling it")
+    parser.add_argument("--restore-follow", type=int, default=16, metavar="N",
+                        help="--restore-tokens: tokens of the user message that continues the restored conversation")
     parser.add_argument("--out", default="build/bench", help="folder for bench.json / .md / .png")
     parser.add_argument("--adb", metavar="SERIAL", help="run on an Android device over adb (Termux python)")
     args = parser.parse_args(argv)
@@ -57,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     def progress(message: str) -> None:
         print(f"  {message}", file=sys.stderr, flush=True)
 
+    if args.conversation:
+        return conversation_main(args, bundle, progress)
     progress("measuring read bandwidth")
     bandwidth = args.bandwidth or roofline.read_bandwidth()
     tokens = roofline.bytes_per_token(bundle)
@@ -109,6 +122,43 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, out / "bench.md")
     write_plot(result, out / "bench.png")
+    print((out / "bench.md").read_text())
+    return 0
+
+
+def conversation_main(args: argparse.Namespace, bundle: Path, progress) -> int:
+    """`--conversation`: bench.json with the `conversation` section instead of the speed workload's."""
+    from . import convbench
+    from .report import write_conversation_markdown, write_conversation_plot
+
+    try:
+        convbench.parse_spec(args.conversation)
+    except ValueError as e:
+        print(f"lfm-bench: error: {e}", file=sys.stderr)
+        return 2
+    gguf = None
+    if args.peer in ("llama", "all"):
+        if not args.gguf:
+            print("lfm-bench: error: --peer llama needs --gguf FILE", file=sys.stderr)
+            return 2
+        gguf = args.gguf
+    section = convbench.run(bundle, args.conversation, args.threads, args.runs, args.reasoning, gguf,
+                            args.restore_tokens, args.restore_follow, progress=progress)
+    result = {
+        "schema": SCHEMA,
+        "device": device_info(args.threads),
+        "bundle": {"path": str(bundle), "manifest": _manifest(bundle),
+                   "weights_bytes": section["memory"]["weights_bytes"]},
+        "conversation": section,
+        "settings": {"threads": args.threads, "runs": args.runs, "conversation": args.conversation,
+                     "reasoning": args.reasoning, "restore_tokens": args.restore_tokens,
+                     "restore_follow": args.restore_follow, "peer": args.peer, "gguf": args.gguf},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    write_conversation_markdown(result, out / "bench.md")
+    write_conversation_plot(result, out / "bench.png")
     print((out / "bench.md").read_text())
     return 0
 
