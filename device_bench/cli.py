@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                              "against re-prefilling it")
     parser.add_argument("--restore-follow", type=int, default=16, metavar="N",
                         help="--restore-tokens: tokens of the user message that continues the restored conversation")
+    parser.add_argument("--llama-rollback", type=int, default=0, metavar="N",
+                        help="--conversation with --peer llama: llama.cpp keeps N recurrent-state snapshots per "
+                             "sequence (n_rs_seq, experimental) so it can roll back up to N tokens instead of "
+                             "re-evaluating the whole history; default 0, llama-cpp-python's default")
     parser.add_argument("--out", default="build/bench", help="folder for bench.json / .md / .png")
     parser.add_argument("--adb", metavar="SERIAL", help="run on an Android device over adb (Termux python)")
     args = parser.parse_args(argv)
@@ -143,7 +147,8 @@ def conversation_main(args: argparse.Namespace, bundle: Path, progress) -> int:
             return 2
         gguf = args.gguf
     section = convbench.run(bundle, args.conversation, args.threads, args.runs, args.reasoning, gguf,
-                            args.restore_tokens, args.restore_follow, progress=progress)
+                            args.restore_tokens, args.restore_follow, llama_rollback=args.llama_rollback,
+                            progress=progress)
     result = {
         "schema": SCHEMA,
         "device": device_info(args.threads),
@@ -152,7 +157,8 @@ def conversation_main(args: argparse.Namespace, bundle: Path, progress) -> int:
         "conversation": section,
         "settings": {"threads": args.threads, "runs": args.runs, "conversation": args.conversation,
                      "reasoning": args.reasoning, "restore_tokens": args.restore_tokens,
-                     "restore_follow": args.restore_follow, "peer": args.peer, "gguf": args.gguf},
+                     "restore_follow": args.restore_follow, "peer": args.peer, "gguf": args.gguf,
+                     "llama_rollback": args.llama_rollback},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -206,12 +206,23 @@ def llama_server(spec: dict) -> None:
     runs Llama.generate over the whole history (its own prefix reuse decides what to evaluate), forced to the
     scripted answer, and reports the time to the first token."""
     import llama_cpp
+    import llama_cpp.llama_cpp as api
 
+    if spec.get("n_rs_seq"):  # recurrent-state snapshots for rollback: llama.Llama takes no argument for it
+        default_params = api.llama_context_default_params
+
+        def params() -> Any:
+            p = default_params()
+            p.n_rs_seq = spec["n_rs_seq"]
+            return p
+
+        api.llama_context_default_params = params
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=spec["gguf"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
                           n_ctx=spec["n_ctx"], n_batch=512, n_ubatch=512, verbose=False)
     print(json.dumps({"ready": True, "load_s": time.perf_counter() - t0, "version": llama_cpp.__version__,
-                      "file_bytes": Path(spec["gguf"]).stat().st_size}), flush=True)
+                      "file_bytes": Path(spec["gguf"]).stat().st_size, "n_rs_seq": api.llama_n_rs_seq(llm.ctx)}),
+          flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         prompt, answer = cmd["prompt"], cmd["answer"]
@@ -248,8 +259,8 @@ def llama_server(spec: dict) -> None:
 class LlamaPeer:
     """The llama.cpp server above, as a subprocess of this one."""
 
-    def __init__(self, gguf: str | Path, threads: int, n_ctx: int):
-        spec = json.dumps({"gguf": str(gguf), "threads": threads, "n_ctx": n_ctx})
+    def __init__(self, gguf: str | Path, threads: int, n_ctx: int, n_rs_seq: int = 0):
+        spec = json.dumps({"gguf": str(gguf), "threads": threads, "n_ctx": n_ctx, "n_rs_seq": n_rs_seq})
         self.proc = subprocess.Popen([sys.executable, "-m", "lfm_edge.device_bench.convbench", spec],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.info = self._read()
@@ -432,7 +443,7 @@ def run_restore(model: Any, scripted: ScriptedSession, script: Script, tokens: i
 
 
 def run(bundle: Path, spec: str, threads: int = 2, rounds: int = 2, reasoning: int = 0, gguf: str | None = None,
-        restore_tokens: int = 0, restore_follow: int = 16, restore_runs: int = 2,
+        restore_tokens: int = 0, restore_follow: int = 16, restore_runs: int = 2, llama_rollback: int = 0,
         progress: Callable[[str], None] = lambda m: None, seed: int = 0) -> dict:
     """The whole conversation benchmark; returns bench.json's "conversation" section."""
     from ..runtime.engine import LfmModel
@@ -453,7 +464,7 @@ def run(bundle: Path, spec: str, threads: int = 2, rounds: int = 2, reasoning: i
         peer, peer_info = None, None
         if gguf:
             progress("llama.cpp: loading the GGUF in its own process")
-            peer = LlamaPeer(gguf, threads, n_ctx=longest + answer + 64)
+            peer = LlamaPeer(gguf, threads, n_ctx=longest + answer + 64, n_rs_seq=llama_rollback)
             peer_info = dict(peer.info, gguf=str(gguf))
         try:
             per_turn, conversations = run_turns(model, scripted, script, answer, rounds, threads, peer, progress)
