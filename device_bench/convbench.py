@@ -223,8 +223,17 @@ def llama_server(spec: dict) -> None:
     print(json.dumps({"ready": True, "load_s": time.perf_counter() - t0, "version": llama_cpp.__version__,
                       "file_bytes": Path(spec["gguf"]).stat().st_size, "n_rs_seq": api.llama_n_rs_seq(llm.ctx)}),
           flush=True)
+    evaluated: list[int] = []  # tokens of each eval call: the first one of a turn is what it prefilled
+    real_eval = llm.eval
+
+    def counting_eval(tokens: Sequence[int]) -> None:
+        evaluated.append(len(tokens))
+        real_eval(tokens)
+
+    llm.eval = counting_eval
     for line in sys.stdin:
         cmd = json.loads(line)
+        evaluated.clear()
         prompt, answer = cmd["prompt"], cmd["answer"]
         if cmd.get("reset"):
             llm.reset()
@@ -252,7 +261,7 @@ def llama_server(spec: dict) -> None:
                 break
         print(json.dumps({"ttft": first, "cpu_wait_share": wait_first / max(first * spec["threads"], 1e-9),
                           "loadavg": loadavg(), "held": len(held), "common": common,
-                          "prefilled": len(prompt) - min(common, len(prompt) - 1),
+                          "prefilled": evaluated[0] if evaluated else 0,
                           "as_scripted": out == list(answer)}), flush=True)
 
 

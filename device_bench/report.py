@@ -120,9 +120,10 @@ def write_conversation_markdown(result: dict, path: Path) -> None:
             lines += ["", f"Restoring is {r['speedup']:.1f}x faster than re-prefilling."]
     mem = c["memory"]
     lines += ["", f"Memory: snapshots {mem['snapshots_bytes'] / 1e6:.1f} MB at most ({mem['snapshots']} at the end, "
-              f"{mem['one_snapshot_bytes'] / 1e3:.0f} kB each; ring limit {mem['snapshot_bytes_limit'] / 1e6:.0f} MB), "
+              f"{mem['one_snapshot_bytes'] / 1e3:.0f} kB each; ring limit "
+              f"{mem['snapshot_bytes_limit'] / 2**20:.0f} MiB), "
               f"state {mem['state_bytes'] / 1e6:.1f} MB, prefix cache budget "
-              f"{mem['prefix_cache_budget_bytes'] / 1e6:.0f} MB: snapshots + prefix budget = "
+              f"{mem['prefix_cache_budget_bytes'] / 2**20:.0f} MiB: snapshots + prefix budget = "
               f"{mem['snapshots_and_prefix_budget_over_weights']:.2%} of the weights "
               f"({mem['weights_bytes'] / 1e9:.2f} GB); both limits {mem['limits_over_weights']:.2%}."]
     peer = c.get("peer")

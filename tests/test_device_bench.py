@@ -264,3 +264,34 @@ def test_conversation_bench_template_is_the_published_one():
     from lfm_edge.device_bench.chat_templates import LFM25_MOE_TEMPLATE as copy
 
     assert copy == LFM25_MOE_TEMPLATE
+
+
+def test_conversation_bench_llama_cpp_peer_reuses_its_prefix(demo_int4, tmp_path):
+    """llama.cpp on the same token script: it reuses its prefix where the history only grows; where LFM2.5's
+    template drops past reasoning, it re-evaluates everything by default (a hybrid model's recurrent state
+    cannot be cut back) and rolls back with --llama-rollback."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
+    from lfm_edge.device_bench import convbench
+    from lfm_edge.device_bench.gguf_writer import write_gguf
+    from lfm_edge.export.checkpoint import Checkpoint
+
+    gguf = write_gguf(Checkpoint(demo_model_path()), tmp_path / "demo.gguf", f16=False)
+    grows = convbench.run(demo_int4, "3:20:8", threads=1, rounds=1, gguf=str(gguf))
+    bare = tmp_path / "bare"
+    shutil.copytree(demo_int4, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    dropped = convbench.run(bare, "3:20:8", threads=1, rounds=1, reasoning=4, gguf=str(gguf))
+    rolled = convbench.run(bare, "3:20:8", threads=1, rounds=1, reasoning=4, gguf=str(gguf), llama_rollback=16)
+    assert rolled["peer"]["n_rs_seq"] == 16 and dropped["peer"]["n_rs_seq"] == 0
+    for c in (grows, dropped, rolled):
+        for row in c["turns"]:
+            (llama,) = row["llama.cpp"]["detail"]
+            (kept,) = row["kept"]["detail"]
+            assert llama["as_scripted"] and llama["prompt"] == row["prompt_tokens"]
+            if row["turn"] == 1:
+                assert llama["prefilled"] == llama["prompt"]
+            elif c is dropped:
+                assert llama["prefilled"] == llama["prompt"]  # everything again
+            else:
+                assert llama["prefilled"] == kept["prefilled"]  # what is new since the common prefix, as ours
