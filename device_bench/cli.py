@@ -55,10 +55,17 @@ def main(argv: list[str] | None = None) -> int:
                              "against re-prefilling it")
     parser.add_argument("--restore-follow", type=int, default=16, metavar="N",
                         help="--restore-tokens: tokens of the user message that continues the restored conversation")
+    parser.add_argument("--compare-turns", type=_ints, default=None, metavar="LIST",
+                        help="--conversation: turns at which the re-prefilled and llama.cpp systems run (their cost "
+                             "grows with the history; the first and last always); default every turn")
+    parser.add_argument("--restore-runs", type=int, default=2, metavar="N",
+                        help="--restore-tokens: restores measured after one warm-up (re-prefills: N after the first "
+                             "one, which builds the conversation)")
     parser.add_argument("--llama-rollback", type=int, default=0, metavar="N",
                         help="--conversation with --peer llama: llama.cpp keeps N recurrent-state snapshots per "
                              "sequence (n_rs_seq, experimental) so it can roll back up to N tokens instead of "
-                             "re-evaluating the whole history; default 0, llama-cpp-python's default")
+                             "re-evaluating the whole history; default 0, llama-cpp-python's default. "
+                             "llama-cpp-python 0.3.36 aborts at LFM2.5-8B-A1B's full depth with any N > 0")
     parser.add_argument("--out", default="build/bench", help="folder for bench.json / .md / .png")
     parser.add_argument("--adb", metavar="SERIAL", help="run on an Android device over adb (Termux python)")
     args = parser.parse_args(argv)
@@ -147,7 +154,8 @@ def conversation_main(args: argparse.Namespace, bundle: Path, progress) -> int:
             return 2
         gguf = args.gguf
     section = convbench.run(bundle, args.conversation, args.threads, args.runs, args.reasoning, gguf,
-                            args.restore_tokens, args.restore_follow, llama_rollback=args.llama_rollback,
+                            args.restore_tokens, args.restore_follow, args.restore_runs,
+                            llama_rollback=args.llama_rollback, compare_turns=args.compare_turns,
                             progress=progress)
     result = {
         "schema": SCHEMA,
@@ -158,7 +166,8 @@ def conversation_main(args: argparse.Namespace, bundle: Path, progress) -> int:
         "settings": {"threads": args.threads, "runs": args.runs, "conversation": args.conversation,
                      "reasoning": args.reasoning, "restore_tokens": args.restore_tokens,
                      "restore_follow": args.restore_follow, "peer": args.peer, "gguf": args.gguf,
-                     "llama_rollback": args.llama_rollback},
+                     "llama_rollback": args.llama_rollback, "compare_turns": args.compare_turns,
+                     "restore_runs": args.restore_runs},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

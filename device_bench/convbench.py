@@ -275,11 +275,11 @@ class LlamaPeer:
         self.info = self._read()
 
     def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            tail = self.proc.stderr.read().strip().splitlines()[-3:]
-            raise RuntimeError(f"llama.cpp peer failed (exit {self.proc.wait()}): {' / '.join(tail)}")
-        return json.loads(line)
+        for line in self.proc.stdout:  # a crash may print a debugger's backtrace here before it exits
+            if line.startswith("{"):
+                return json.loads(line)
+        tail = [t for t in self.proc.stderr.read().strip().splitlines() if "GGML" in t or "error" in t.lower()][-3:]
+        raise RuntimeError(f"llama.cpp peer failed (exit {self.proc.wait()}): {' / '.join(tail)}")
 
     def turn(self, prompt: Sequence[int], answer: Sequence[int], reset: bool = False) -> dict:
         self.proc.stdin.write(json.dumps({"prompt": list(prompt), "answer": list(answer), "reset": reset}) + "\n")
@@ -320,26 +320,37 @@ def _ours(model: Any, scripted: ScriptedSession, messages: list[dict], answer: l
 
 def run_turns(model: Any, scripted: ScriptedSession, script: Script, answer_tokens: int, rounds: int, threads: int,
               peer: LlamaPeer | None, progress: Callable[[str], None] = lambda m: None,
-              conversation_options: dict | None = None) -> tuple[list[dict], list[Any]]:
+              conversation_options: dict | None = None, compare: set[int] | None = None,
+              ) -> tuple[list[dict], list[Any]]:
     """Each round a fresh conversation of len(script.users) turns; at each turn the systems run in rotating order.
-    Returns one dict per turn (metrics and token counts) and each round's kept Conversation."""
+    The kept conversation runs every turn (its state carries over); the re-prefilled one and llama.cpp only at
+    the turns in `compare` (1-based; default all), their cost growing with the history. One short warm-up
+    generation on each system first. Returns one dict per turn and each round's kept Conversation."""
     from ..runtime.sampling import Sampling
 
     greedy = Sampling()
     turns = len(script.users)
+    compare = set(range(1, turns + 1)) if compare is None else compare
     systems = [s for s in SYSTEMS if s != "llama.cpp" or peer is not None]
     per_turn = [{"turn": k + 1, "user_tokens": script.user_tokens[k], **{s: Metric("s") for s in systems},
                  "detail": {s: [] for s in systems}} for k in range(turns)]
+    warm = [{"role": "user", "content": model.tokenizer.decode(script.filler[:32]).strip()}]
+    _ours(model, scripted, warm, script.answers[0], threads,
+          lambda: model.chat(warm, max_new_tokens=2, sampling=greedy))
+    if peer is not None:
+        peer.turn(model.prompt_ids(warm), script.answers[0][:2], reset=True)
     conversations = []
     for r in range(rounds):
         conv = model.conversation(**(conversation_options or {}))
         history: list[dict] = []
+        llama_fresh = True
         for k in range(turns):
             user = {"role": "user", "content": script.users[k]}
             answer = script.answers[k]
             prompt = model.prompt_ids([*history, user])
-            shift = (r * turns + k) % len(systems)
-            order = systems[shift:] + systems[:shift]
+            present = [s for s in systems if s == "kept" or k + 1 in compare]
+            shift = (r * turns + k) % len(present)
+            order = present[shift:] + present[:shift]
             raw = None
             for system in order:
                 if system == "kept":
@@ -360,7 +371,8 @@ def run_turns(model: Any, scripted: ScriptedSession, script: Script, answer_toke
                     extra = {"reused": s.reused_tokens, "prefilled": s.prefilled_tokens, "prompt": s.prompt_tokens,
                              "ttft_generation": s.time_to_first_token}
                 else:
-                    got = peer.turn(prompt, answer, reset=(k == 0))
+                    got = peer.turn(prompt, answer, reset=llama_fresh)
+                    llama_fresh = False
                     sample = Sample(got["ttft"], got["ttft"], got["cpu_wait_share"], got["loadavg"][0])
                     extra = {"reused": len(prompt) - got["prefilled"], "prefilled": got["prefilled"],
                              "prompt": len(prompt), "as_scripted": got["as_scripted"]}
@@ -370,7 +382,7 @@ def run_turns(model: Any, scripted: ScriptedSession, script: Script, answer_toke
             history += [user, {"role": "assistant", "content": raw}]
             if conv.messages != history:
                 raise RuntimeError(f"turn {k + 1}: the kept conversation's messages differ from the script's history")
-            line = ", ".join(f"{s} {per_turn[k][s].samples[-1].value:.2f}s" for s in systems)
+            line = ", ".join(f"{s} {per_turn[k][s].samples[-1].value:.2f}s" for s in order)
             progress(f"round {r + 1}/{rounds} turn {k + 1}/{turns} ({len(prompt)} tokens): {line}; "
                      f"load {loadavg()[0]}")
         conversations.append(conv)
@@ -379,7 +391,8 @@ def run_turns(model: Any, scripted: ScriptedSession, script: Script, answer_toke
         row = {"turn": t["turn"], "user_tokens": t["user_tokens"],
                "prompt_tokens": t["detail"]["kept"][0]["prompt"]}
         for s in systems:
-            row[s] = t[s].summary() | {"detail": t["detail"][s]}
+            if t[s].samples:
+                row[s] = t[s].summary() | {"detail": t["detail"][s]}
         out.append(row)
     return out, conversations
 
@@ -453,6 +466,7 @@ def run_restore(model: Any, scripted: ScriptedSession, script: Script, tokens: i
 
 def run(bundle: Path, spec: str, threads: int = 2, rounds: int = 2, reasoning: int = 0, gguf: str | None = None,
         restore_tokens: int = 0, restore_follow: int = 16, restore_runs: int = 2, llama_rollback: int = 0,
+        compare_turns: Sequence[int] | None = None,
         progress: Callable[[str], None] = lambda m: None, seed: int = 0) -> dict:
     """The whole conversation benchmark; returns bench.json's "conversation" section."""
     from ..runtime.engine import LfmModel
@@ -476,7 +490,9 @@ def run(bundle: Path, spec: str, threads: int = 2, rounds: int = 2, reasoning: i
             peer = LlamaPeer(gguf, threads, n_ctx=longest + answer + 64, n_rs_seq=llama_rollback)
             peer_info = dict(peer.info, gguf=str(gguf))
         try:
-            per_turn, conversations = run_turns(model, scripted, script, answer, rounds, threads, peer, progress)
+            compare = None if compare_turns is None else {1, turns} | set(compare_turns)  # first and last always
+            per_turn, conversations = run_turns(model, scripted, script, answer, rounds, threads, peer, progress,
+                                                compare=compare)
         finally:
             if peer is not None:
                 peer_info["peak_rss_mb"] = peer.peak_rss_mb()
@@ -510,6 +526,7 @@ def run(bundle: Path, spec: str, threads: int = 2, rounds: int = 2, reasoning: i
         summary["last_kept_over_llama_per_round"] = statistics.median(
             a.value / b.value for a, b in zip(_samples(last, "kept"), _samples(last, "llama.cpp"), strict=True))
     return {"spec": {"turns": turns, "user": user, "answer": answer, "reasoning": reasoning}, **source,
+            "compared_turns": sorted(compare) if compare is not None else list(range(1, turns + 1)),
             "rounds": rounds, "threads": threads, "load_s": load_s, "turns": per_turn, "summary": summary,
             "restore": restore, "memory": memory, "peer": peer_info}
 

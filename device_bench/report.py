@@ -93,10 +93,13 @@ def write_conversation_markdown(result: dict, path: Path) -> None:
     for row in c["turns"]:
         cells = []
         for s in systems:
+            if s not in row:
+                cells.append("")
+                continue
             m = row[s]
             prefilled = statistics.median(d["prefilled"] for d in m["detail"])
             cells.append(f"{m['median']:.2f} [{m['min']:.2f}-{m['max']:.2f}] ({prefilled:.0f})")
-        loads = [d["loadavg"][0] for s in systems for d in row[s]["detail"]]
+        loads = [d["loadavg"][0] for s in systems if s in row for d in row[s]["detail"]]
         lines.append(f"| {row['turn']} | {row['prompt_tokens']} | " + " | ".join(cells)
                      + f" | {min(loads):.1f}-{max(loads):.1f} |")
     s = c["summary"]
@@ -145,10 +148,11 @@ def write_conversation_plot(result: dict, path: Path) -> None:
     for system, label in CONVERSATION_LABELS.items():
         if system not in c["turns"][0]:
             continue
-        turns = [row["turn"] for row in c["turns"]]
-        med = [row[system]["median"] for row in c["turns"]]
-        low = [m - row[system]["min"] for m, row in zip(med, c["turns"], strict=True)]
-        high = [row[system]["max"] - m for m, row in zip(med, c["turns"], strict=True)]
+        rows = [row for row in c["turns"] if system in row]
+        turns = [row["turn"] for row in rows]
+        med = [row[system]["median"] for row in rows]
+        low = [m - row[system]["min"] for m, row in zip(med, rows, strict=True)]
+        high = [row[system]["max"] - m for m, row in zip(med, rows, strict=True)]
         ax.errorbar(turns, med, yerr=[low, high], marker="o", capsize=3, label=label)
     spec = c["spec"]
     ax.set(xlabel="turn", ylabel="time to first token (s)",
