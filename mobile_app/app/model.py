@@ -52,7 +52,8 @@ def load_model(folder: str | Path, threads: int | None = None,
     progress("preparing the weights")
     # prepack_cache "auto" maps the weights from a cache next to the bundle (runtime/prepack.py): the app's
     # memory is then mostly file pages the system can reclaim, but the cache costs 2.1x the bundle on disk,
-    # its first load a minute on the 8B, and decode ran at 0.85x (RESULTS.md): off unless memory is the limit
+    # its first load a minute on the 8B, and decode ran at 0.85x (device_bench/RESULTS.md): off unless memory
+    # is the limit
     session = open_session(folder, threads, prepack_cache=prepack_cache)
     progress("reading the tokenizer")
     return LfmModel(folder, session=session)
