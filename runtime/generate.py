@@ -51,7 +51,8 @@ class Generation:
     refuses before running; "truncate" drops the oldest prompt tokens until they fit.
 
     `cache` continues a state that already holds the first `cache.length` tokens of the (single) prompt: only
-    the rest is prefilled, and the cache keeps every token fed to it (the last sampled token is not fed).
+    the rest is prefilled, and the cache keeps every token fed to it (the last sampled token is not fed);
+    with `max_new_tokens=0` it only prefills.
     Prefill chunks end at multiples of `prefill_chunk` and at each position in `cuts`; `on_prefill(cache)`
     runs after each chunk (a conversation snapshots its conv state there). `constraints`: per row, an object
     with mask() and advance(token) (runtime/constrain.py), or None.
@@ -130,7 +131,7 @@ class Generation:
             chunk = width
         history = np.where(mask == 1, ids, -1)  # context for the repetition penalty
         try:
-            if self.max_new_tokens == 0:
+            if self.max_new_tokens == 0 and self.cache is None:
                 stats.stopped = "length"
                 return
             per_pair = BIAS_BYTES_PER_PAIR * batch if model.state.kv else 0
@@ -142,6 +143,10 @@ class Generation:
                 if self.on_prefill:
                     self.on_prefill(cache)
             prefill_end = time.perf_counter()
+            if self.max_new_tokens == 0:  # a cache's prefill only (a conversation preparing its next turn)
+                stats.stopped = "length"
+                stats.prefill_tokens_per_second = stats.prefilled_tokens / max(prefill_end - start, 1e-9)
+                return
             done = np.zeros(batch, dtype=bool)
             for n in range(self.max_new_tokens):
                 allowed = None
