@@ -81,6 +81,21 @@ class Snapshots:
         return sum(s.nbytes for s in self.items)
 
 
+def _distinct_texts(tokenizer: Any) -> tuple[str, str] | None:
+    """Two short texts whose first tokens differ (a word-level vocabulary may map both of "a", "b" to its
+    unknown token): rendered as the next message, they share exactly what every next turn starts with."""
+    words = ("a", "b", "1", "2", "?", "The", "I", "x", "Hello", "Yes", "no")
+    own = (tokenizer.decode([i]).strip() for i in range(100, min(400, tokenizer.get_vocab_size())))
+    firsts: dict[int, str] = {}
+    for text in (*words, *own):  # then single tokens of the vocabulary itself, decoded
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        if ids and ids[0] not in firsts:
+            firsts[ids[0]] = text
+            if len(firsts) == 2:
+                return tuple(firsts.values())  # type: ignore[return-value]
+    return None
+
+
 def _tools(tools: Mapping[str, Callable[..., Any]] | Sequence[Any] | None) -> tuple[dict, list]:
     """(functions by name, JSON schemas) from a mapping of functions or a list of schemas / functions."""
     from .chat import function_schema
@@ -311,9 +326,12 @@ class Conversation:
     def _prepare(self, allow_special_tokens: bool) -> None:
         """Bring the state to the tokens every next user turn starts with: rendered with two different user
         messages, the conversation shares them up to where the message begins."""
+        probes = _distinct_texts(self.model.tokenizer)
+        if probes is None:
+            return
         try:
             a, b = (self.model.prompt_ids([*self.messages, {"role": "user", "content": text}], self.schemas or None,
-                                          allow_special_tokens, **self.template_context()) for text in ("a", "b"))
+                                          allow_special_tokens, **self.template_context()) for text in probes)
         except ValueError:
             return  # a template that refuses a user turn here: the next turn pays, as it would anyway
         stable = 0

@@ -64,7 +64,8 @@ def test_turns_prefill_only_what_is_new_and_equal_fresh_generation(demo, kind):
     assert stats[0].reused_tokens == 0
     for ready, now in zip(prepared, stats[1:], strict=False):
         # the answer's end prepared what every next turn starts with: a turn prefills only its new message
-        assert now.reused_tokens == ready.state_tokens and now.prefilled_tokens == now.prompt_tokens - ready.state_tokens
+        assert now.reused_tokens == ready.state_tokens
+        assert now.prefilled_tokens == now.prompt_tokens - ready.state_tokens
         assert now.prefilled_tokens < 20
     last = stats[-1]
     assert last.state_tokens == last.prompt_tokens + last.generated_tokens - 1  # the EOS is not fed
@@ -140,6 +141,7 @@ def test_tiny_configs_continue_exactly(tmp_path, name, ops, quant):
     assert stats[-1].reused_tokens > 0
     conv.messages[2]["content"] = "w40 w41"  # an earlier answer edited
     _check_continuations(model, conv, ["w50 w51 w52"], max_new_tokens=7)
+    assert conv.prepared is not None and conv.prepared.prefilled_tokens > 0  # "a"/"b" are unknown words here
     other = model.conversation(system="w10 w11 w12 w13 w14 w15 w16 w17")  # the prefix cache serves it
     (stats,) = _check_continuations(model, other, questions[:1], max_new_tokens=7)
     system = model.prompt_ids(other.messages[:1], add_generation_prompt=False)
