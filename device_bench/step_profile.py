@@ -1,0 +1,138 @@
+"""What one decode step runs: nodes by op type and where the time goes, from onnxruntime's own profiler.
+
+Decode reads every active weight once per token, so QMoE and MatMulNBits should be nearly all of a step;
+every other node (routing, norms, reshapes, casts) is overhead that does not move weights. The profiler
+records the nodes of the graph onnxruntime actually runs, after its own fusions, so its per-step node
+counts are the optimized graph's. `--save-optimized DIR` also writes that graph (optimized_model_filepath,
+weights to an external file in DIR) and counts its nodes statically.
+
+    python -m lfm_edge.device_bench.step_profile BUNDLE [--steps 64] [--prompt 64] [--threads 2]
+
+Kernel times include the profiler's own cost (a few microseconds per node), so the overhead share is an
+upper bound; compare bundles measured the same way, alternated, with the load average printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+WEIGHT_OPS = ("QMoE", "MatMulNBits")  # the kernels that stream weights; the rest is overhead
+
+
+def profile_decode(bundle: Path, steps: int = 64, prompt: int = 64, threads: int = 2, seed: int = 0) -> dict:
+    """Prefill `prompt` random ids, then `steps` single-token steps, profiled; the prefill and the first decode
+    step (warm-up) are left out."""
+    import onnxruntime as ort
+
+    from ..runtime.session import LfmSession
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "step")
+        session = LfmSession(bundle, threads=threads, providers="cpu", verify="none", session_options=opts)
+        rng = np.random.default_rng(seed)
+        high = min(session.vocab_size, 30000)
+        cache = session.new_cache(1, prompt + steps + 1)
+        cache.step(rng.integers(100, high, (1, prompt)))
+        for _ in range(steps):
+            cache.step(rng.integers(100, high, (1, 1)))
+        events = json.loads(Path(session.session.end_profiling()).read_text())
+    return summarize(events, skip_runs=2)
+
+
+def summarize(events: list[dict], skip_runs: int = 2) -> dict:
+    """Per op type: nodes per step and microseconds per step (median over the steps kept)."""
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[skip_runs:]
+    per_run: list[dict[str, list[float]]] = [defaultdict(lambda: [0, 0.0]) for _ in runs]
+    starts = [r[0] for r in runs]
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
+        if i < 0 or e["ts"] > runs[i][1]:
+            continue
+        slot = per_run[i][e.get("args", {}).get("op_name", "?")]
+        slot[0] += 1
+        slot[1] += e["dur"]
+    ops = sorted({op for run in per_run for op in run})
+    table = {op: {"nodes": statistics.median(run[op][0] for run in per_run),
+                  "us": statistics.median(run[op][1] for run in per_run)} for op in ops}
+    kernel_us = [sum(v[1] for v in run.values()) for run in per_run]
+    step_us = [b - a for a, b in runs]
+    # everything but the weight kernels: other nodes' kernels and the executor's time between nodes
+    overhead_us = [s - sum(v[1] for op, v in run.items() if op in WEIGHT_OPS) for s, run in zip(step_us, per_run,
+                                                                                                 strict=True)]
+    return {"steps": len(runs), "ops": table, "nodes_per_step": sum(t["nodes"] for t in table.values()),
+            "step_us": statistics.median(step_us), "kernel_us": statistics.median(kernel_us),
+            "overhead_us": statistics.median(overhead_us),
+            "overhead_share_of_step": statistics.median(o / s for o, s in zip(overhead_us, step_us, strict=True)),
+            "loadavg": os.getloadavg()}
+
+
+def optimized_graph_counts(bundle: Path, out_dir: Path, threads: int = 2) -> dict[str, dict[str, int]]:
+    """Node counts by op type of the bundle's graph as stored and as onnxruntime optimizes it for the CPU."""
+    import onnx
+    import onnxruntime as ort
+
+    model_file = Path(bundle) / "model.onnx"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.optimized_model_filepath = str(out_dir / "optimized.onnx")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
+    stored = onnx.load(model_file, load_external_data=False).graph.node
+    optimized = onnx.load(out_dir / "optimized.onnx", load_external_data=False).graph.node
+    return {"stored": dict(Counter(n.op_type for n in stored)),
+            "optimized": dict(Counter(n.op_type for n in optimized))}
+
+
+def format_table(result: dict) -> str:
+    step = result["step_us"]
+    lines = [f"{'op':28s} {'nodes/step':>10s} {'us/step':>9s} {'share':>6s}"]
+    for op, t in sorted(result["ops"].items(), key=lambda kv: -kv[1]["us"]):
+        lines.append(f"{op:28s} {t['nodes']:10.0f} {t['us']:9.0f} {t['us'] / step:6.1%}")
+    lines.append(f"{result['nodes_per_step']:.0f} nodes per step; step {step / 1000:.2f} ms (kernels "
+                 f"{result['kernel_us'] / 1000:.2f} ms); outside {' and '.join(WEIGHT_OPS)} "
+                 f"(other kernels and the executor): "
+                 f"{result['overhead_us'] / 1000:.2f} ms = {result['overhead_share_of_step']:.1%} of a step; "
+                 f"{result['steps']} steps; loadavg {' '.join(f'{x:.2f}' for x in result['loadavg'])}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.step_profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-optimized", metavar="DIR", help="also write onnxruntime's optimized graph here")
+    parser.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    args = parser.parse_args(argv)
+    result = profile_decode(Path(args.bundle), args.steps, args.prompt, args.threads)
+    print(format_table(result))
+    if args.save_optimized:
+        counts = optimized_graph_counts(Path(args.bundle), Path(args.save_optimized), args.threads)
+        result["graph_nodes"] = counts
+        for which, c in counts.items():
+            print(f"{which} graph: {sum(c.values())} nodes: " + ", ".join(f"{k} {v}" for k, v in
+                                                                          sorted(c.items(), key=lambda kv: -kv[1])))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
