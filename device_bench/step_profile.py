@@ -7,6 +7,7 @@ counts are the optimized graph's. `--save-optimized DIR` also writes that graph 
 weights to an external file in DIR) and counts its nodes statically.
 
     python -m lfm_edge.device_bench.step_profile BUNDLE [--steps 64] [--prompt 64] [--threads 2]
+    python -m lfm_edge.device_bench.step_profile A B --rounds 8      # decode step time, A and B alternated
 
 Kernel times include the profiler's own cost (a few microseconds per node), so the overhead share is an
 upper bound; compare bundles measured the same way, alternated, with the load average printed.
@@ -79,6 +80,39 @@ def summarize(events: list[dict], skip_runs: int = 2) -> dict:
             "loadavg": os.getloadavg()}
 
 
+def alternate(bundles: list[Path], rounds: int = 8, steps: int = 64, prompt: int = 64, threads: int = 2,
+              seed: int = 0, progress=lambda m: None) -> dict:
+    """Decode step time of each bundle, all loaded, measured in turns (the order alternates every round) on the
+    same prompt and token ids; the shared machine's memory speed drifts, so only per-round ratios are fair."""
+    from ..runtime.session import LfmSession
+    from .bench import timed
+
+    sessions = [LfmSession(b, threads=threads, providers="cpu", verify="none") for b in bundles]
+    rng = np.random.default_rng(seed)
+    high = min(min(s.vocab_size for s in sessions), 30000)
+    rows = []
+    for r in range(rounds + 1):  # round 0 warms up
+        ids, tokens = rng.integers(100, high, (1, prompt)), rng.integers(100, high, steps)
+        order = list(range(len(sessions)))[:: 1 if r % 2 else -1]
+        row: dict[int, dict] = {}
+        for i in order:
+            cache = sessions[i].new_cache(1, prompt + steps)
+            cache.step(ids)
+            wall, wait, load = timed(lambda c=cache, ts=tokens: [c.step(np.array([[t]])) for t in ts], threads)
+            row[i] = {"step_ms": wall / steps * 1000, "cpu_wait_share": wait, "loadavg": load}
+        progress(f"round {r}/{rounds}{' (warm-up)' if r == 0 else ''}: " +
+                 ", ".join(f"{Path(bundles[i]).name} {row[i]['step_ms']:.2f} ms" for i in range(len(bundles))))
+        if r:
+            rows.append(row)
+    out = {"bundles": [str(b) for b in bundles], "rounds": rows, "threads": threads, "steps": steps, "prompt": prompt}
+    out["median_step_ms"] = [statistics.median(row[i]["step_ms"] for row in rows) for i in range(len(bundles))]
+    out["ratio_to_first_per_round"] = [statistics.median(row[i]["step_ms"] / row[0]["step_ms"] for row in rows)
+                                       for i in range(len(bundles))]
+    out["loadavg_range"] = [min(row[i]["loadavg"] for row in rows for i in row),
+                            max(row[i]["loadavg"] for row in rows for i in row)]
+    return out
+
+
 def optimized_graph_counts(bundle: Path, out_dir: Path, threads: int = 2) -> dict[str, dict[str, int]]:
     """Node counts by op type of the bundle's graph as stored and as onnxruntime optimizes it for the CPU."""
     import onnx
@@ -114,13 +148,29 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.step_profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bundle")
+    parser.add_argument("bundle", nargs="+", help="one bundle to profile, or several to time alternated")
+    parser.add_argument("--rounds", type=int, default=8, help="with several bundles: alternated rounds")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-optimized", metavar="DIR", help="also write onnxruntime's optimized graph here")
     parser.add_argument("--json", metavar="FILE", help="write the result as JSON")
     args = parser.parse_args(argv)
+    if argv is None:
+        from ..runtime.hugepages import reexec_with_hugepages
+
+        reexec_with_hugepages()  # as lfm-bench and ab.py measure
+    if len(args.bundle) > 1:
+        result = alternate([Path(b) for b in args.bundle], args.rounds, args.steps, args.prompt, args.threads,
+                           progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+        for b, ms, ratio in zip(args.bundle, result["median_step_ms"], result["ratio_to_first_per_round"],
+                                strict=True):
+            print(f"{b}: decode step {ms:.2f} ms (median of {args.rounds} rounds), {ratio:.3f}x the first per round")
+        print(f"loadavg (1 min) {result['loadavg_range'][0]:.2f}-{result['loadavg_range'][1]:.2f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
+    args.bundle = args.bundle[0]
     result = profile_decode(Path(args.bundle), args.steps, args.prompt, args.threads)
     print(format_table(result))
     if args.save_optimized:
