@@ -100,7 +100,7 @@ POLICIES: dict[str, Policy] = {
     "int4-hq": Policy("int4-hq", experts=QuantSpec(4, 64, "mse"), linears=QuantSpec(4, 64, "mse"),
                       embedding=QuantSpec(8, 128, "rtn")),
     "int8": Policy("int8", experts=INT8, linears=INT8, embedding=INT8),
-    # Experts are ~60% of the bytes a token reads at LFM2.5-8B-A1B geometry, so they are where fewer bits pay.
+    # Experts are 55% of the bytes a token reads at LFM2.5-8B-A1B geometry (int4), so they are where fewer bits pay.
     # QMoE on onnxruntime 1.32's CPU: 2 bits runs on the int8-activation path, faster per token than 4 bits;
     # 3 bits runs only with fp16 activations and unprepacked weights (a dequantizing path, measured 2.6x slower
     # per layer than 4 bits: quant/README.md), and takes no zero points, hence the symmetric search.
