@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -81,13 +82,25 @@ def summarize(events: list[dict], skip_runs: int = 2) -> dict:
 
 
 def alternate(bundles: list[Path], rounds: int = 8, steps: int = 64, prompt: int = 64, threads: int = 2,
-              seed: int = 0, progress=lambda m: None) -> dict:
+              seed: int = 0, spin: bool = True, progress=lambda m: None) -> dict:
     """Decode step time of each bundle, all loaded, measured in turns (the order alternates every round) on the
-    same prompt and token ids; the shared machine's memory speed drifts, so only per-round ratios are fair."""
+    same prompt and token ids; the shared machine's memory speed drifts, so only per-round ratios are fair.
+    Each step also records the process's CPU time: when other tenants keep our threads waiting for a CPU
+    (cpu_wait_share), wall time says little and CPU time, with `spin=False` (onnxruntime's pool threads
+    sleep instead of spinning between nodes, so CPU time is work), is the steadier comparison."""
+    import onnxruntime as ort
+
     from ..runtime.session import LfmSession
     from .bench import timed
 
-    sessions = [LfmSession(b, threads=threads, providers="cpu", verify="none") for b in bundles]
+    def options() -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
+
+    sessions = [LfmSession(b, threads=threads, providers="cpu", verify="none", session_options=options())
+                for b in bundles]
     rng = np.random.default_rng(seed)
     high = min(min(s.vocab_size for s in sessions), 30000)
     rows = []
@@ -98,16 +111,21 @@ def alternate(bundles: list[Path], rounds: int = 8, steps: int = 64, prompt: int
         for i in order:
             cache = sessions[i].new_cache(1, prompt + steps)
             cache.step(ids)
+            cpu = time.process_time()
             wall, wait, load = timed(lambda c=cache, ts=tokens: [c.step(np.array([[t]])) for t in ts], threads)
-            row[i] = {"step_ms": wall / steps * 1000, "cpu_wait_share": wait, "loadavg": load}
+            row[i] = {"step_ms": wall / steps * 1000, "cpu_ms": (time.process_time() - cpu) / steps * 1000,
+                      "cpu_wait_share": wait, "loadavg": load}
         progress(f"round {r}/{rounds}{' (warm-up)' if r == 0 else ''}: " +
                  ", ".join(f"{Path(bundles[i]).name} {row[i]['step_ms']:.2f} ms" for i in range(len(bundles))))
         if r:
             rows.append(row)
     out = {"bundles": [str(b) for b in bundles], "rounds": rows, "threads": threads, "steps": steps, "prompt": prompt}
-    out["median_step_ms"] = [statistics.median(row[i]["step_ms"] for row in rows) for i in range(len(bundles))]
-    out["ratio_to_first_per_round"] = [statistics.median(row[i]["step_ms"] / row[0]["step_ms"] for row in rows)
-                                       for i in range(len(bundles))]
+    for key in ("step_ms", "cpu_ms"):
+        out[f"median_{key}"] = [statistics.median(row[i][key] for row in rows) for i in range(len(bundles))]
+        out[f"{key}_ratio_to_first_per_round"] = [statistics.median(row[i][key] / row[0][key] for row in rows)
+                                                  for i in range(len(bundles))]
+    out["median_cpu_wait_share"] = [statistics.median(row[i]["cpu_wait_share"] for row in rows)
+                                    for i in range(len(bundles))]
     out["loadavg_range"] = [min(row[i]["loadavg"] for row in rows for i in row),
                             max(row[i]["loadavg"] for row in rows for i in row)]
     return out
@@ -150,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", nargs="+", help="one bundle to profile, or several to time alternated")
     parser.add_argument("--rounds", type=int, default=8, help="with several bundles: alternated rounds")
+    parser.add_argument("--no-spin", action="store_true", help="with several bundles: pool threads sleep between "
+                        "nodes, so CPU time per step is work (for a machine where others keep us waiting)")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -162,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         reexec_with_hugepages()  # as lfm-bench and ab.py measure
     if len(args.bundle) > 1:
         result = alternate([Path(b) for b in args.bundle], args.rounds, args.steps, args.prompt, args.threads,
-                           progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
-        for b, ms, ratio in zip(args.bundle, result["median_step_ms"], result["ratio_to_first_per_round"],
-                                strict=True):
-            print(f"{b}: decode step {ms:.2f} ms (median of {args.rounds} rounds), {ratio:.3f}x the first per round")
+                           spin=not args.no_spin, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+        for i, b in enumerate(args.bundle):
+            print(f"{b}: decode step {result['median_step_ms'][i]:.2f} ms wall, "
+                  f"{result['step_ms_ratio_to_first_per_round'][i]:.3f}x the first per round; CPU "
+                  f"{result['median_cpu_ms'][i]:.2f} ms, {result['cpu_ms_ratio_to_first_per_round'][i]:.3f}x; "
+                  f"waiting for a CPU {result['median_cpu_wait_share'][i]:.0%} (medians of {args.rounds} rounds)")
         print(f"loadavg (1 min) {result['loadavg_range'][0]:.2f}-{result['loadavg_range'][1]:.2f}")
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
