@@ -295,10 +295,17 @@ class ContribOps(PortableOps):
                 if value.name.startswith(f"past_key_values.{i}."):
                     value.type.tensor_type.shape.dim[2].dim_param = "max_sequence_length"
 
+    # Off: the fused norm sums its squares in another order (within 4e-6), which is exact by the tests'
+    # measure but flips a near-tie in the int4 demo model's greedy text, and tests/test_constrain.py's pydantic
+    # case then writes on to its token limit. On, it saves 2 nodes per layer and decoded token (device_bench/
+    # RESULTS.md, 2026-11-29); turning it on needs that test to stop depending on one greedy path.
+    fuse_norms = False
+
     def trace(self, model: Lfm2Model) -> None:
         self._residual_sums: set[str] = set()
         super().trace(model)
-        self.fuse_residual_norms()
+        if self.fuse_norms:
+            self.fuse_residual_norms()
 
     def add(self, a: str, b: str) -> str:
         out = super().add(a, b)

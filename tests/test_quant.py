@@ -252,3 +252,24 @@ def test_bytes_per_token_of_the_policies():
     mb = {name: bytes_per_token(get_policy(name), cfg) / 1e6 for name in ("int4", "int3-experts", "int2-experts")}
     assert 915 < mb["int4"] < 925  # device_bench/RESULTS.md: 920 MB read per token
     assert mb["int2-experts"] < mb["int3-experts"] < mb["int4"]
+
+
+def test_fused_residual_norms_stay_exact(tmp_path, monkeypatch):
+    """ContribOps.fuse_norms (off by default, see onnx_ops.py): Add + norm as SkipSimplifiedLayerNormalization,
+    2 nodes fewer per layer, still within the fp32 exactness bound against transformers."""
+    from lfm_edge.export.onnx_ops import ContribOps
+
+    model = build("moe_mixed", tmp_path / "ckpt", seed=5)
+    plain = export(tmp_path / "ckpt", tmp_path / "plain").bundle
+    monkeypatch.setattr(ContribOps, "fuse_norms", True)
+    fused = export(tmp_path / "ckpt", tmp_path / "fused").bundle
+    count = {b: [n.op_type for n in onnx.load(b / "model.onnx", load_external_data=False).graph.node]
+             for b in (plain, fused)}
+    layers = model.config.num_hidden_layers
+    assert count[fused].count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert len(count[plain]) - len(count[fused]) == 2 * layers
+    prompt = list(range(5, 18))
+    with torch.no_grad():
+        want = model(torch.tensor([prompt]), use_cache=False).logits.numpy()
+    got = Cache(LfmSession(fused), 1, len(prompt)).step(np.array([prompt]))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
