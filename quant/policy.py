@@ -101,8 +101,8 @@ POLICIES: dict[str, Policy] = {
                       embedding=QuantSpec(8, 128, "rtn")),
     "int8": Policy("int8", experts=INT8, linears=INT8, embedding=INT8),
     # Experts are 55% of the bytes a token reads at LFM2.5-8B-A1B geometry (int4), so they are where fewer bits pay.
-    # QMoE on onnxruntime 1.32's CPU: 2 bits runs on the int8-activation path, faster per token than 4 bits;
-    # 3 bits runs only with fp16 activations and unprepacked weights (a dequantizing path, measured 2.6x slower
+    # QMoE on onnxruntime 1.32's CPU: 2 bits runs on int8 activations, 0.86x the time of 4 bits per layer;
+    # 3 bits runs only with fp16 activations and unprepacked weights (a dequantizing path, measured 4-7x slower
     # per layer than 4 bits: quant/README.md), and takes no zero points, hence the symmetric search.
     "int3-experts": Policy("int3-experts", experts=QuantSpec(3, 64, "mse-sym"), linears=INT4, embedding=INT4_VOCAB),
     "int2-experts": Policy("int2-experts", experts=QuantSpec(2, 64, "mse"), linears=INT4, embedding=INT4_VOCAB),
