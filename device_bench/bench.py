@@ -100,16 +100,23 @@ def _lfm_session(bundle: Path, threads: int) -> Any:
 def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decode: list[int], runs: int,
         progress: Callable[[str], None] = lambda m: None, seed: int = 0, *,
         open_session: Callable[[Path, int], Any] | None = None,
-        cancel: threading.Event | None = None) -> dict[str, Metric]:
+        cancel: threading.Event | None = None, session: Any = None) -> dict[str, Metric]:
     """Measure `runs` times after one warm-up; returns metrics keyed 'load', 'ttft', 'prefill/P',
-    'decode/N@D' (N tokens decoded after D tokens of context).
+    'decode/N@D' (N tokens decoded after D tokens of context), and memory: 'peak_rss', 'rss_decoding' and
+    resident memory split into anonymous and file-backed pages (runtime/generate.py resident_mb) right after
+    load ('anon_after_load', 'file_after_load') and right after each decode measurement ('anon_decoding',
+    'file_decoding', the largest of the run).
+
+    `session`: an already loaded session to measure instead of loading the bundle each run (the app passes
+    the one its chat uses, so the model is in memory once); then there is no 'load' metric and the
+    "after load" memory is what the process holds before the warm-up.
 
     `open_session(bundle, threads)` loads the bundle (default: LfmSession with onnxruntime's Python binding,
     no file check); an app passes `lfm_edge.mobile_app.backends.open_session` to run on a phone's Java or
     Objective-C backend. A set `cancel` raises `Cancelled` (no partial metrics: a half-measured run would
     be misread as a result) before each stage, before and after each prefill step (one step of the model
     cannot be interrupted), and before each decode step, so a cancel set mid-decode stops within one step."""
-    from ..runtime.generate import current_rss_mb, peak_rss_mb
+    from ..runtime.generate import current_rss_mb, peak_rss_mb, resident_mb
 
     open_session = open_session or _lfm_session
 
@@ -125,11 +132,19 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
     rng = np.random.default_rng(seed)
     metrics: dict[str, Metric] = {"load": Metric("s"), "ttft": Metric("s"), "peak_rss": Metric("MB"),
                                   "rss_decoding": Metric("MB")}
-    session = None
+    for key in ("anon_after_load", "file_after_load", "anon_decoding", "file_decoding"):
+        metrics[key] = Metric("MB")
+    given = session
 
     def load():
         nonlocal session
         session = open_session(bundle, threads)
+
+    def memory(prefix: str) -> None:
+        now = resident_mb()
+        for kind in ("anon", "file"):
+            metrics[f"{kind}_{prefix}"].samples.append(
+                Sample(now["anonymous" if kind == "anon" else "file"], 0.0, 0.0, os.getloadavg()[0]))
 
     vocab_hi = 0
 
@@ -138,18 +153,24 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
 
     for r in range(runs + 1):
         decoding_rss = 0.0  # resident memory right after each decode measurement, the largest of this run
+        decoding_memory = {"anonymous": 0.0, "file": 0.0}
         label = "warm-up" if r == 0 else f"run {r}/{runs}"
-        stage(f"{label}: load")
-        wall, wait, la = timed(load, threads)
-        check()
+        if given is None:
+            stage(f"{label}: load")
+            wall, wait, la = timed(load, threads)
+            check()
+            if r:
+                metrics["load"].samples.append(Sample(wall, wall, wait, la))
+                memory("after_load")
+        elif r == 0:
+            memory("after_load")
         vocab_hi = vocab_hi or min(session.vocab_size, 30000)
-        if r:
-            metrics["load"].samples.append(Sample(wall, wall, wait, la))
         for p in prompts:
             stage(f"{label}: prefill {p}")
             cache = session.new_cache(1, p + 1)
             prompt = ids(p)
-            wall, wait, la = timed(lambda c=cache, x=prompt: c.step(x), threads)
+            # as a generation prefills: logits for the last row only (where the graph can skip the others)
+            wall, wait, la = timed(lambda c=cache, x=prompt: c.step(x, last=1), threads)
             check()
             if r:
                 metrics.setdefault(f"prefill/{p}", Metric("tok/s")).samples.append(Sample(p / wall, wall, wait, la))
@@ -160,7 +181,7 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
                 stage(f"{label}: decode {n} at depth {d}")
                 cache = session.new_cache(1, d + n + 1)
                 if d:
-                    cache.step(ids(d))
+                    cache.step(ids(d), last=1)
                     check()
                 steps = ids(n)
 
@@ -174,12 +195,18 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
                     sample = Sample(n / wall, wall, wait, la)
                     metrics.setdefault(f"decode/{n}@{d}", Metric("tok/s")).samples.append(sample)
                     decoding_rss = max(decoding_rss, current_rss_mb())
+                    now = resident_mb()
+                    decoding_memory = {k: max(v, now[k]) for k, v in decoding_memory.items()}
         if r:
             rss = peak_rss_mb()
             metrics["peak_rss"].samples.append(Sample(rss, 0.0, 0.0, os.getloadavg()[0]))
             if decoding_rss:
                 metrics["rss_decoding"].samples.append(Sample(decoding_rss, 0.0, 0.0, os.getloadavg()[0]))
+                for kind, key in (("anon", "anonymous"), ("file", "file")):
+                    metrics[f"{kind}_decoding"].samples.append(
+                        Sample(decoding_memory[key], 0.0, 0.0, os.getloadavg()[0]))
         # drop every reference to this run's session before the next load, or two would coexist
-        session = cache = decode_loop = None  # noqa: F841
+        cache = decode_loop = None  # noqa: F841
+        session = given
         gc.collect()
     return {k: m for k, m in metrics.items() if m.samples}

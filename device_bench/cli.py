@@ -45,6 +45,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run onnxruntime-genai on the same bundle, and/or llama.cpp on --gguf")
     parser.add_argument("--gguf", help="llama.cpp peer: a GGUF of the same weights (device_bench/gguf_writer.py, "
                                        "then llama_cpp_peer.quantize_q4_0)")
+    parser.add_argument("--prepack-cache", choices=["off", "use", "auto"], default="off",
+                        help="map onnxruntime's repacked weights from BUNDLE/prepacked/ (runtime/prepack.py); "
+                             "'auto' writes it at the warm-up load if missing")
+    parser.add_argument("--conversation", metavar="TURNS:USER:ANSWER",
+                        help="instead of the speed workload: time to first token per turn of a scripted conversation "
+                             "(e.g. 10:400:128), state kept vs re-prefilled vs llama.cpp (--peer llama --gguf); "
+                             "--runs conversations")
+    parser.add_argument("--reasoning", type=int, default=0, metavar="R",
+                        help="--conversation: each answer is a <think> block of R tokens, then the rest")
+    parser.add_argument("--restore-tokens", type=int, default=0, metavar="N",
+                        help="--conversation: also save a conversation of N tokens, then restore and continue it "
+                             "against re-prefilling it")
+    parser.add_argument("--restore-follow", type=int, default=16, metavar="N",
+                        help="--restore-tokens: tokens of the user message that continues the restored conversation")
+    parser.add_argument("--compare-turns", type=_ints, default=None, metavar="LIST",
+                        help="--conversation: turns at which the re-prefilled and llama.cpp systems run (their cost "
+                             "grows with the history; the first and last always); default every turn")
+    parser.add_argument("--restore-runs", type=int, default=2, metavar="N",
+                        help="--restore-tokens: restores measured after one warm-up (re-prefills: N after the first "
+                             "one, which builds the conversation)")
+    parser.add_argument("--llama-rollback", type=int, default=0, metavar="N",
+                        help="--conversation with --peer llama: llama.cpp keeps N recurrent-state snapshots per "
+                             "sequence (n_rs_seq, experimental) so it can roll back up to N tokens instead of "
+                             "re-evaluating the whole history; default 0, llama-cpp-python's default. "
+                             "llama-cpp-python 0.3.36 aborts at LFM2.5-8B-A1B's full depth with any N > 0")
     parser.add_argument("--out", default="build/bench", help="folder for bench.json / .md / .png")
     parser.add_argument("--adb", metavar="SERIAL", help="run on an Android device over adb (Termux python)")
     args = parser.parse_args(argv)
@@ -62,10 +87,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # a bad bundle is one line naming the file and field, before minutes of measuring
         read_bundle(bundle, onnxruntime_version=ort.__version__)
+        if args.conversation:
+            return conversation_main(args, bundle, progress)
         progress("measuring read bandwidth")
         bandwidth = args.bandwidth or roofline.read_bandwidth()
         tokens = roofline.bytes_per_token(bundle)
-        metrics = run(bundle, args.threads, args.prompts, args.depths, args.decode, args.runs, progress)
+        def open_session(folder: Path, threads: int):
+            from ..runtime.session import LfmSession
+
+            session = LfmSession(folder, threads=threads, verify="none", prepack_cache=args.prepack_cache)
+            progress(session.prepack.message())
+            return session
+
+        metrics = run(bundle, args.threads, args.prompts, args.depths, args.decode, args.runs, progress,
+                      open_session=open_session)
     except BundleError as e:
         print(f"lfm-bench: error: {e}", file=sys.stderr)
         return 2
@@ -106,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                      "target_tps": roofline.TARGET_TOKENS_PER_SECOND,
                      "phones": roofline.phone_predictions(tokens.total, best_decode / ceiling if ceiling else None)},
         "results": summary,
-        "memory": memory(summary, tokens.stored),
+        "memory": memory(summary, tokens.stored) | prepack_disk(bundle, args.prepack_cache),
         "peers": peers,
         "ratios": {name: ratios(summary, peer) for name, peer in peers.items() if peer.get("decode_tps")},
         "settings": {"threads": args.threads, "runs": args.runs, "prompts": args.prompts, "depths": args.depths,
-                     "decode": args.decode},
+                     "decode": args.decode, "prepack_cache": args.prepack_cache},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,14 +156,69 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def conversation_main(args: argparse.Namespace, bundle: Path, progress) -> int:
+    """`--conversation`: bench.json with the `conversation` section instead of the speed workload's."""
+    from . import convbench
+    from .report import write_conversation_markdown, write_conversation_plot
+
+    try:
+        convbench.parse_spec(args.conversation)
+    except ValueError as e:
+        print(f"lfm-bench: error: {e}", file=sys.stderr)
+        return 2
+    gguf = None
+    if args.peer in ("llama", "all"):
+        if not args.gguf:
+            print("lfm-bench: error: --peer llama needs --gguf FILE", file=sys.stderr)
+            return 2
+        gguf = args.gguf
+    section = convbench.run(bundle, args.conversation, args.threads, args.runs, args.reasoning, gguf,
+                            args.restore_tokens, args.restore_follow, args.restore_runs,
+                            llama_rollback=args.llama_rollback, compare_turns=args.compare_turns,
+                            progress=progress)
+    result = {
+        "schema": SCHEMA,
+        "device": device_info(args.threads),
+        "bundle": {"path": str(bundle), "manifest": _manifest(bundle),
+                   "weights_bytes": section["memory"]["weights_bytes"]},
+        "conversation": section,
+        "settings": {"threads": args.threads, "runs": args.runs, "conversation": args.conversation,
+                     "reasoning": args.reasoning, "restore_tokens": args.restore_tokens,
+                     "restore_follow": args.restore_follow, "peer": args.peer, "gguf": args.gguf,
+                     "llama_rollback": args.llama_rollback, "compare_turns": args.compare_turns,
+                     "restore_runs": args.restore_runs},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    write_conversation_markdown(result, out / "bench.md")
+    write_conversation_plot(result, out / "bench.png")
+    print((out / "bench.md").read_text())
+    return 0
+
+
 def memory(summary: dict, weights_bytes: int) -> dict:
-    """Peak RSS (prefill's transient buffers included) and RSS while decoding, against the bundle's weights."""
+    """Peak RSS (prefill's transient buffers included), RSS while decoding, and resident memory split into
+    anonymous (the process's own copies) and file-backed (mapped bundle pages), against the bundle's weights.
+    The RSS figures are MiB (the kernel's unit), so a ratio converts them with 2**20, not 1e6."""
     out = {"weights_mb": weights_bytes / 1e6}
-    for key in ("peak_rss", "rss_decoding"):
+    for key in ("peak_rss", "rss_decoding", "anon_after_load", "file_after_load", "anon_decoding", "file_decoding"):
         if key in summary:
             out[f"{key}_mb"] = summary[key]["median"]
-            out[f"{key}_over_weights"] = summary[key]["median"] * 1e6 / weights_bytes
+            out[f"{key}_over_weights"] = summary[key]["median"] * (1 << 20) / weights_bytes
     return out
+
+
+def prepack_disk(bundle: Path, mode: str) -> dict:
+    """The prepack cache's size on disk, against the bundle's weights, when the run used one."""
+    from ..runtime import prepack
+
+    folder = bundle / prepack.FOLDER
+    if mode == "off" or not folder.is_dir():
+        return {}
+    weights = sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx"))
+    disk = prepack.disk_bytes(folder)
+    return {"prepack_cache_disk_mb": disk / 1e6, "prepack_cache_over_weights": disk / weights if weights else 0.0}
 
 
 def ratios(summary: dict, peer: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 
@@ -28,6 +29,11 @@ def write_markdown(result: dict, path: Path) -> None:
                     if "rss_decoding_mb" in mem else "")
         lines += ["", f"Peak RSS {mem['peak_rss_mb']:.0f} MB = {mem['peak_rss_over_weights']:.2f}x the bundle's "
                   f"weights ({mem['weights_mb']:.0f} MB){decoding}."]
+        for when in ("after_load", "decoding"):
+            if f"anon_{when}_mb" in mem:
+                lines += ["", f"{'After load' if when == 'after_load' else 'While decoding'}: anonymous "
+                          f"{mem[f'anon_{when}_mb']:.0f} MB ({mem[f'anon_{when}_over_weights']:.2f}x the weights), "
+                          f"file-backed {mem[f'file_{when}_mb']:.0f} MB."]
     for name, peer in result.get("peers", {}).items():
         if not peer.get("decode_tps"):
             lines += ["", f"Peer {name}: {peer.get('error', 'no result')}"]
@@ -63,6 +69,100 @@ def write_plot(result: dict, path: Path) -> None:
         if peer.get("decode_tps"):
             ax.axhline(peer["decode_tps"], color="tab:green", linestyle="-.", label=f"{name} {peer['decode_tps']:.0f}")
     ax.set(xlabel="context depth (tokens)", ylabel="tokens / s", title=Path(result["bundle"]["path"]).name)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+CONVERSATION_LABELS = {"kept": "ours, state kept (Conversation)", "reprefilled": "ours, re-prefilled (LfmModel.chat)",
+                       "llama.cpp": "llama.cpp (its prefix reuse)"}
+
+
+def write_conversation_markdown(result: dict, path: Path) -> None:
+    """`--conversation`: time to first token per turn for each system, save and restore, memory."""
+    c, dev = result["conversation"], result["device"]
+    spec = c["spec"]
+    systems = [s for s in CONVERSATION_LABELS if s in c["turns"][0]]
+    lines = [f"# lfm-bench --conversation {spec['turns']}:{spec['user']}:{spec['answer']}: "
+             f"{Path(result['bundle']['path']).name}", "",
+             f"{dev['cpu_model']}, {dev['threads']} threads, onnxruntime {dev['onnxruntime']}; quant "
+             f"{result['bundle']['manifest'].get('quant', '?')}; {c['rounds']} conversation(s), systems in rotating "
+             f"order each turn; answers of {spec['answer']} tokens"
+             + (f" opening with a {spec['reasoning']}-token <think> block" if spec["reasoning"] else "")
+             + f"; tokenizer: {c['tokenizer']}, template: {c['template']}.", "",
+             "Time to first token, median [min-max] s (tokens prefilled, median):", "",
+             "| turn | prompt tokens | " + " | ".join(CONVERSATION_LABELS[s] for s in systems) + " | load avg |",
+             "|---" * (len(systems) + 3) + "|"]
+    for row in c["turns"]:
+        cells = []
+        for s in systems:
+            if s not in row:
+                cells.append("")
+                continue
+            m = row[s]
+            prefilled = statistics.median(d["prefilled"] for d in m["detail"])
+            cells.append(f"{m['median']:.2f} [{m['min']:.2f}-{m['max']:.2f}] ({prefilled:.0f})")
+        loads = [d["loadavg"][0] for s in systems if s in row for d in row[s]["detail"]]
+        lines.append(f"| {row['turn']} | {row['prompt_tokens']} | " + " | ".join(cells)
+                     + f" | {min(loads):.1f}-{max(loads):.1f} |")
+    s = c["summary"]
+    lines += ["", f"Turn {spec['turns']} / turn 1, state kept: {s['last_over_first_kept']:.2f}x; turn {spec['turns']} "
+              f"kept / re-prefilled: {s['last_kept_over_reprefilled']:.2f}x"
+              + (f"; kept / llama.cpp: {s['last_kept_over_llama']:.2f}x (per-round median "
+                 f"{s['last_kept_over_llama_per_round']:.2f}x)" if "last_kept_over_llama" in s else "") + "."]
+    r = c.get("restore")
+    if r:
+        m = r["metrics"]
+        lines += ["", f"Saved conversation of {r['state_tokens']} tokens: file {r['file_bytes'] / 1e6:.1f} MB, "
+                  f"saved in {r['save_s']:.2f} s ({r['snapshots']} snapshots, {r['snapshots_bytes'] / 1e6:.1f} MB). "
+                  f"Continued with a {r['follow_tokens']}-token message, median [min-max] of {r['runs']}:", "",
+                  "| | s |", "|---|---|"]
+        for key, label in (("load", "load_conversation"), ("restored_ttft", "then the first new token"),
+                           ("restored_total", "restored: load + first token"),
+                           ("reprefilled_ttft", "re-prefilled: first new token")):
+            if key in m:
+                lines.append(f"| {label} | {m[key]['median']:.2f} [{m[key]['min']:.2f}-{m[key]['max']:.2f}] |")
+        if r.get("speedup"):
+            lines += ["", f"Restoring is {r['speedup']:.1f}x faster than re-prefilling."]
+    mem = c["memory"]
+    lines += ["", f"Memory: snapshots {mem['snapshots_bytes'] / 1e6:.1f} MB at most ({mem['snapshots']} at the end, "
+              f"{mem['one_snapshot_bytes'] / 1e3:.0f} kB each; ring limit "
+              f"{mem['snapshot_bytes_limit'] / 2**20:.0f} MiB), "
+              f"state {mem['state_bytes'] / 1e6:.1f} MB, prefix cache budget "
+              f"{mem['prefix_cache_budget_bytes'] / 2**20:.0f} MiB: snapshots + prefix budget = "
+              f"{mem['snapshots_and_prefix_budget_over_weights']:.2%} of the weights "
+              f"({mem['weights_bytes'] / 1e9:.2f} GB); both limits {mem['limits_over_weights']:.2%}."]
+    peer = c.get("peer")
+    if peer:
+        lines += ["", f"llama.cpp: llama-cpp-python {peer.get('version')}, {Path(peer['gguf']).name} "
+                  f"({peer.get('file_bytes', 0) / 1e9:.2f} GB), load {peer.get('load_s', 0):.2f} s, peak RSS "
+                  f"{peer.get('peak_rss_mb', 0):.0f} MB (its own process)."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_conversation_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = result["conversation"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for system, label in CONVERSATION_LABELS.items():
+        if system not in c["turns"][0]:
+            continue
+        rows = [row for row in c["turns"] if system in row]
+        turns = [row["turn"] for row in rows]
+        med = [row[system]["median"] for row in rows]
+        low = [m - row[system]["min"] for m, row in zip(med, rows, strict=True)]
+        high = [row[system]["max"] - m for m, row in zip(med, rows, strict=True)]
+        ax.errorbar(turns, med, yerr=[low, high], marker="o", capsize=3, label=label)
+    spec = c["spec"]
+    ax.set(xlabel="turn", ylabel="time to first token (s)",
+           title=f"{Path(result['bundle']['path']).name}: {spec['turns']} turns of {spec['user']} + {spec['answer']} "
+                 f"tokens" + (f" (<think> {spec['reasoning']})" if spec["reasoning"] else ""))
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -38,10 +38,11 @@ def profile_decode(bundle: Path, steps: int = 64, prompt: int = 64, threads: int
     from ..runtime.session import LfmSession
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "step")
-        session = LfmSession(bundle, threads=threads, providers="cpu", verify="none", session_options=opts)
+        def profiled(opts: ort.SessionOptions) -> None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = os.path.join(tmp, "step")
+
+        session = LfmSession(bundle, threads=threads, providers="cpu", verify="none", configure=profiled)
         rng = np.random.default_rng(seed)
         high = min(session.vocab_size, 30000)
         cache = session.new_cache(1, prompt + steps + 1)
@@ -93,13 +94,10 @@ def alternate(bundles: list[Path], rounds: int = 8, steps: int = 64, prompt: int
     from ..runtime.session import LfmSession
     from .bench import timed
 
-    def options() -> ort.SessionOptions:
-        opts = ort.SessionOptions()
-        if not spin:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return opts
+    def no_spin(opts: ort.SessionOptions) -> None:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
-    sessions = [LfmSession(b, threads=threads, providers="cpu", verify="none", session_options=options())
+    sessions = [LfmSession(b, threads=threads, providers="cpu", verify="none", configure=None if spin else no_spin)
                 for b in bundles]
     rng = np.random.default_rng(seed)
     high = min(min(s.vocab_size for s in sessions), 30000)

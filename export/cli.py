@@ -14,9 +14,13 @@ from ..quant.policy import get_policy
 from .checkpoint import CheckpointError, is_gguf
 from .config import ConfigError
 from .exporter import OP_SETS, QUANTS, ExportError, export
+from .kv_cache import DEFAULT_MARGIN, KV_CACHES
 
 # Phones decode at the speed of memory: every bit per weight is speed there.
 TARGET_QUANT = {"desktop": "fp32", "android": "int4", "ios": "int4"}
+# ... and long context lives in the KV cache: int8 holds 4x the context of fp32 in the same memory, at the
+# measured cost in quant/README.md ("KV cache precision"). Desktop keeps the exact fp32 cache.
+TARGET_KV_CACHE = {"desktop": "fp32", "android": "int8", "ios": "int8"}
 
 
 def demo_model_path() -> Path:
@@ -76,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="rtn (symmetric), rtn-asym, or mse (clipping searched per block)")
     parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
                         help="MatMulNBits/QMoE activation precision: 4 = int8 (fastest), 0 = fp32")
+    parser.add_argument("--kv-cache", choices=KV_CACHES, default=None,
+                        help="KV cache precision (default by --target: desktop fp32, phones int8); int8/int4 need "
+                             "--ops contrib")
+    parser.add_argument("--kv-margin", type=float, default=DEFAULT_MARGIN,
+                        help="int8/int4 cache: scale = calibrated max x this margin / qmax")
+    parser.add_argument("--kv-calibration", metavar="FILE", default=None,
+                        help="int8/int4 cache: text to calibrate the scales on (default: CPython's documentation "
+                             "topics, without the demo model's held-out ones)")
     parser.add_argument("--random-weights", metavar="PRESET[:LAYERS]", default=None,
                         help="random weights of a real geometry instead of a checkpoint: "
                              "lfm2.5-8b-a1b or lfm2-8b-a1b (:LAYERS cuts the depth)")
@@ -99,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfm-export: error: {e}", file=sys.stderr)
         return 2
     args.quant = args.quant or TARGET_QUANT[args.target]
+    if args.kv_cache is None:  # the portable op set has only the fp32 cache (export() says why if asked)
+        args.kv_cache = "fp32" if args.ops == "portable" else TARGET_KV_CACHE[args.target]
 
     if args.random_weights:
         checkpoint = None
@@ -117,8 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         policy = get_policy(args.quant).with_overrides(args.block_size, args.quant_method, args.accuracy_level)
         eval_text = Path(args.eval_text).read_text() if args.eval_text else None
+        calibration = None
+        if args.kv_calibration:
+            if not Path(args.kv_calibration).is_file():
+                raise ExportError(f"--kv-calibration {args.kv_calibration}: no such file")
+            calibration = Path(args.kv_calibration).read_text()
         result = export(checkpoint, out, ops=args.ops, quant=policy, random_weights=args.random_weights,
-                        target=args.target, eval_text=eval_text, progress=progress, tokenizer=args.tokenizer)
+                        target=args.target, eval_text=eval_text, progress=progress, tokenizer=args.tokenizer,
+                        kv_cache=args.kv_cache, kv_calibration_text=calibration, kv_margin=args.kv_margin)
     except (ExportError, CheckpointError, ConfigError, ValueError, OSError) as e:
         progress.end()
         print(f"lfm-export: error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ from .conversion import ConversionLog
 from .genai_config import genai_config
 from .graph import Graph
 from .kernel_support import check_policy
+from .kv_cache import DEFAULT_MARGIN, KV_CACHES, kv_cache_for
 from .lfm2 import Lfm2Model
 from .mobile import phone_extras
 from .onnx_ops import ContribOps, PortableOps, WeightTransform
@@ -62,11 +63,13 @@ class ExportResult:
 def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contrib", quant: str | Policy = "fp32",
            target: str = "desktop", transform: WeightTransform | None = None, random_weights: str | None = None,
            eval_text: str | None = None, progress: Callable[[str], None] | None = None,
-           tokenizer: str | Path | None = None) -> ExportResult:
+           tokenizer: str | Path | None = None, kv_cache: str = "fp32", kv_calibration_text: str | None = None,
+           kv_margin: float = DEFAULT_MARGIN) -> ExportResult:
     """Export `checkpoint` to the bundle folder `out`. `quant` names a policy (quant/policy.py) or is one;
     `transform` rewrites each float weight as it is read (tests use it for fake quantization);
     `random_weights` (a preset of random_weights.py) replaces the checkpoint for benchmarks;
-    `eval_text` adds a quantization quality report (quality.json/.md/.png) measured against fp32.
+    `eval_text` adds a quantization quality report (quality.json/.md/.png) measured against fp32;
+    `kv_cache` is the KV cache precision (kv_cache.py), its scales calibrated on `kv_calibration_text`.
     A `.gguf` checkpoint (or `org/name/file.gguf` on the hub) brings its own config and tokenizer, or takes
     the tokenizer from `tokenizer` (a tokenizer.json or its folder); conversion.json/.md say per tensor what
     its stored type became and at what error."""
@@ -87,6 +90,12 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
             check_policy(policy)
         except ValueError as e:
             raise ExportError(str(e)) from None
+    if kv_cache not in KV_CACHES:
+        raise ExportError(f"--kv-cache {kv_cache!r}: expected one of {KV_CACHES}")
+    if kv_cache != "fp32" and ops != "contrib":
+        raise ExportError(f"--kv-cache {kv_cache} needs --ops contrib: the quantized cache is GroupQueryAttention's "
+                          "(com.microsoft); the portable op set has no standard op that attends over an int8 cache, "
+                          "so it keeps --kv-cache fp32")
     out = Path(out)
     if random_weights:
         try:
@@ -103,6 +112,10 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
     side_files = ckpt.files()
     if not random_weights and "tokenizer.json" not in side_files:
         raise CheckpointError(f"{ckpt.folder}: no tokenizer.json (the bundle needs the tokenizer)")
+    try:
+        kv = kv_cache_for(kv_cache, ckpt, kv_calibration_text, kv_margin)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     parent = _writable_parent(out)
     _recover_interrupted(out)
 
@@ -110,12 +123,14 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
     try:
         graph = Graph(tmp / DATA_FILE)
         if quantized:
-            backend = QuantizedOps(graph, ckpt, policy, transform=transform, progress=progress)
+            backend = QuantizedOps(graph, ckpt, policy, transform=transform, progress=progress, kv_cache=kv)
+        elif ops == "contrib":
+            backend = ContribOps(graph, ckpt, transform=transform, progress=progress, kv_cache=kv)
         else:
-            backend = OP_SETS[ops](graph, ckpt, transform=transform, progress=progress)
+            backend = PortableOps(graph, ckpt, transform=transform, progress=progress)
         backend.trace(model)
         graph.save(tmp / MODEL_FILE, producer=f"lfm-edge {__version__}",
-                   metadata={"lfm_edge.ops": ops, "lfm_edge.quant": policy.name})
+                   metadata={"lfm_edge.ops": ops, "lfm_edge.quant": policy.name, "lfm_edge.kv_cache": kv.name})
         if random_weights:
             (tmp / "config.json").write_text(json.dumps(ckpt.raw_config, indent=2))
             # without a tokenizer no tool of ours could open the bundle (see random_tokenizer.py)
@@ -141,7 +156,7 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
         if conversion is not None:
             extras["conversion"] = conversion  # from a GGUF: how many tensors are the file's values exactly
         files = _write_manifest(tmp, ckpt, source=source, ops=ops, quant=policy.name, quant_policy=policy.describe(),
-                                target=target, **extras)
+                                kv_cache=kv.describe(), target=target, **extras)
         install_folder(tmp, out)
     except OSError as e:  # a full disk, a quota, a file-size limit: nothing was replaced
         shutil.rmtree(tmp, ignore_errors=True)

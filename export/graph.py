@@ -110,6 +110,14 @@ class Graph:
         self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
         return name
 
+    def optional_input(self, name: str, default: np.ndarray) -> str:
+        """A graph input with a default value (an initializer of the same name): runtimes that do not feed it,
+        such as onnxruntime-genai, get the default; onnxruntime lists it among the overridable initializers."""
+        self.inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(default.dtype),
+                                                         list(default.shape)))
+        self.initializers.append(numpy_helper.from_array(default, name))
+        return name
+
     def output(self, value: str, name: str, dtype: int, shape: list) -> None:
         """Expose `value` as graph output `name` (renaming the producing node's output)."""
         for node in self.nodes:

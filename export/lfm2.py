@@ -204,4 +204,5 @@ class Lfm2Model:
         x = ops.embed(input_ids, self.embed_tokens)
         for layer in self.layers:
             x = layer(ops, x)
-        return self.lm_head(ops, self.norm(ops, x))
+        # only the rows whose logits the caller wants reach the LM head (prefill needs the last one)
+        return self.lm_head(ops, self.norm(ops, ops.logit_rows(x)))

@@ -7,7 +7,11 @@ causal conv with state, grouped-query attention on a shared KV buffer, and the M
 Graph I/O follows onnxruntime-genai 0.18 (docs/design.md, "The state contract"):
   inputs   input_ids [B, S], attention_mask [B, T] (int64; T = past + S),
            past_key_values.{i}.key/value [B, Hkv, P, D] (attention layers), past.{i}.conv [B, H, K-1] (conv layers)
-  outputs  logits [B, S, V], present.{i}.key/value, present.{i}.conv
+  optional logits_to_keep [1] int64 (default 0 = every row; n = the last n rows; genai never feeds it)
+  outputs  logits [B, S or n, V], present.{i}.key/value, present.{i}.conv
+
+ContribOps can keep the KV cache in int8 (or int4 packed two to a byte): past/present KV tensors are then of
+that type and the per-channel scales are constants in the graph (export/kv_cache.py chooses them).
 """
 
 from __future__ import annotations
@@ -20,15 +24,19 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .checkpoint import Checkpoint
 from .graph import MS, Graph
+from .kv_cache import KvCache
 from .lfm2 import Attention, Lfm2Model, Linear, RMSNorm, ShortConv, SparseMoe, Weight
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+LOGITS_TO_KEEP = "logits_to_keep"
 NEG = -1e9  # masked attention score: finite, so a padding row (which sees no key) stays finite
 WeightTransform = Callable[[str, np.ndarray], np.ndarray]
 
 
 class PortableOps:
     share_buffer = False  # present KV grows by concatenation; genai must not share past/present
+
+    kv_type, kv_pack = F32, 1  # KV cache element type, and values per element along head_dim
 
     def __init__(self, graph: Graph, checkpoint: Checkpoint, transform: WeightTransform | None = None,
                  progress: Callable[[str], None] | None = None):
@@ -39,14 +47,15 @@ class PortableOps:
         cfg, g = self.cfg, graph
         self.input_ids = g.input("input_ids", I64, ["batch_size", "sequence_length"])
         self.attention_mask = g.input("attention_mask", I64, ["batch_size", "total_sequence_length"])
+        self.logits_to_keep = g.optional_input(LOGITS_TO_KEEP, np.zeros(1, np.int64))
         self.past: dict[int, tuple[str, ...]] = {}
         for i, kind in enumerate(cfg.layer_types):
             if kind == "conv":
                 self.past[i] = (g.input(f"past.{i}.conv", F32, ["batch_size", cfg.hidden_size, cfg.conv_L_cache - 1]),)
             else:
-                shape = ["batch_size", cfg.num_key_value_heads, "past_sequence_length", cfg.head_dim]
-                self.past[i] = (g.input(f"past_key_values.{i}.key", F32, shape),
-                                g.input(f"past_key_values.{i}.value", F32, shape))
+                shape = ["batch_size", cfg.num_key_value_heads, "past_sequence_length", cfg.head_dim // self.kv_pack]
+                self.past[i] = (g.input(f"past_key_values.{i}.key", self.kv_type, shape),
+                                g.input(f"past_key_values.{i}.value", self.kv_type, shape))
         self.present: dict[int, tuple[str, ...]] = {}
 
     # ---- tracing entry point -------------------------------------------------------------------------
@@ -54,15 +63,15 @@ class PortableOps:
     def trace(self, model: Lfm2Model) -> None:
         cfg, g = self.cfg, self.g
         logits = model(self, self.input_ids)
-        g.output(logits, "logits", F32, ["batch_size", "sequence_length", cfg.vocab_size])
-        kv_shape = ["batch_size", cfg.num_key_value_heads, self.present_length, cfg.head_dim]
+        g.output(logits, "logits", F32, ["batch_size", "logits_length", cfg.vocab_size])
+        kv_shape = ["batch_size", cfg.num_key_value_heads, self.present_length, cfg.head_dim // self.kv_pack]
         for i in sorted(self.present):
             if cfg.layer_types[i] == "conv":
                 g.output(self.present[i][0], f"present.{i}.conv", F32,
                          ["batch_size", cfg.hidden_size, cfg.conv_L_cache - 1])
             else:
-                g.output(self.present[i][0], f"present.{i}.key", F32, kv_shape)
-                g.output(self.present[i][1], f"present.{i}.value", F32, kv_shape)
+                g.output(self.present[i][0], f"present.{i}.key", self.kv_type, kv_shape)
+                g.output(self.present[i][1], f"present.{i}.value", self.kv_type, kv_shape)
 
     present_length = "total_sequence_length"
 
@@ -219,6 +228,11 @@ class PortableOps:
         out = g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3])
         return g.op("Reshape", out, g.const([0, 0, attn.num_heads * d]))
 
+    def logit_rows(self, x: str) -> str:
+        """x[:, -n:] for logits_to_keep = n; n = 0 (the default) slices from 0, i.e. keeps every row."""
+        g = self.g
+        return g.op("Slice", x, g.op("Neg", self.logits_to_keep), g.const([np.iinfo(np.int64).max]), g.const([1]))
+
     def routing(self, router_logits: str, moe: SparseMoe, raw: bool = False) -> tuple[str, str]:
         """(expert indices [N, k] int64, their weights [N, k]) under LFM2's rule; `raw` keeps the chosen
         sigmoids as they are (no renormalisation, no scaling)."""
@@ -284,10 +298,13 @@ class ContribOps(PortableOps):
     present_length = "max_sequence_length"
 
     def __init__(self, graph: Graph, checkpoint: Checkpoint, transform: WeightTransform | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, kv_cache: KvCache | None = None):
         if self.cfg_needs_portable(checkpoint):
             raise ValueError(f"{checkpoint.folder / 'config.json'}: head_dim {checkpoint.config.head_dim} is not a "
                              "multiple of 8, which GroupQueryAttention requires; export with --ops portable")
+        self.kv_cache = kv_cache
+        if kv_cache is not None and kv_cache.bits:  # int8: one value a byte; int4: two a byte, as uint8
+            self.kv_type, self.kv_pack = (TensorProto.INT8, 1) if kv_cache.bits == 8 else (TensorProto.UINT8, 2)
         super().__init__(graph, checkpoint, transform, progress)
         # With a shared buffer the past input is the whole max-length buffer, not just the past.
         for i in self.cfg.attention_layers:
@@ -365,10 +382,17 @@ class ContribOps(PortableOps):
         past_k, past_v = self.past[attn.layer]
         q = g.op("Reshape", self.rope(q, attn), g.const([0, 0, attn.num_heads * d]))
         k = g.op("Reshape", self.rope(k, attn), g.const([0, 0, attn.num_kv_heads * d]))
+        scales, quant = [], {}
+        if self.kv_type != F32:  # per-channel symmetric scales [1, Hkv, 1, D], constants of the graph
+            k_scale, v_scale = self.kv_cache.scales[attn.layer]
+            prefix = f"model.layers.{attn.layer}.self_attn"
+            scales = [None] + [g.weight(f"{prefix}.{kv}_cache_scale", s.reshape(1, attn.num_kv_heads, 1, d).astype(
+                np.float32)) for kv, s in (("k", k_scale), ("v", v_scale))]
+            quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=self.kv_cache.bits)
         out, present_k, present_v = g.op(
             "GroupQueryAttention", q, k, v, past_k, past_v, *self.gqa_lengths(), None, None, None,
-            self.attention_bias(), domain=MS, outputs=3, num_heads=attn.num_heads, kv_num_heads=attn.num_kv_heads,
-            scale=d**-0.5)
+            self.attention_bias(), *scales, domain=MS, outputs=3, num_heads=attn.num_heads,
+            kv_num_heads=attn.num_kv_heads, scale=d**-0.5, **quant)
         self.present[attn.layer] = (present_k, present_v)
         return out
 

@@ -49,6 +49,10 @@ class Ops(Protocol):
         rotary at each token's position (count of unpadded tokens before it), then causal grouped-query
         attention over the layer's cache plus these tokens, padding keys masked, scale D^-0.5."""
 
+    def logit_rows(self, x: Tensor) -> Tensor:
+        """x [B, S, H] -> the rows logits are computed for: all of them, or (graphs with the `logits_to_keep`
+        input) the last n when the caller asks for n."""
+
     def moe(self, x: Tensor, router_logits: Tensor, moe: SparseMoe) -> Tensor:
         """LFM2 routing (lfm2.py's docstring) over router_logits [B, S, E], then the weighted sum of the
         chosen experts' SwiGLU outputs."""

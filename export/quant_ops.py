@@ -23,14 +23,16 @@ from ..quant.policy import Policy, QuantSpec
 from .checkpoint import Checkpoint
 from .conversion import ConversionLog, kernel_name
 from .graph import MS, Graph
+from .kv_cache import KvCache
 from .lfm2 import Linear, SparseMoe, Weight
 from .onnx_ops import ContribOps, WeightTransform
 
 
 class QuantizedOps(ContribOps):
     def __init__(self, graph: Graph, checkpoint: Checkpoint, policy: Policy,
-                 transform: WeightTransform | None = None, progress: Callable[[str], None] | None = None):
-        super().__init__(graph, checkpoint, transform, progress)
+                 transform: WeightTransform | None = None, progress: Callable[[str], None] | None = None,
+                 kv_cache: KvCache | None = None):
+        super().__init__(graph, checkpoint, transform, progress, kv_cache)
         self.policy = policy
         self._quantized: dict[str, tuple[Quantized, str]] = {}
         self.conversions = ConversionLog(checkpoint)

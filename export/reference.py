@@ -143,6 +143,9 @@ class _TorchOps:
         out = scores.softmax(-1) @ v
         return out.transpose(1, 2).reshape(b, s, attn.num_heads * d)
 
+    def logit_rows(self, x):
+        return x
+
     def moe(self, x, router_logits, moe: SparseMoe):
         shape = x.shape
         x, scores = x.reshape(-1, shape[-1]), router_logits.reshape(-1, moe.num_experts).sigmoid()

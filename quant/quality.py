@@ -176,3 +176,126 @@ def write_report(results: Sequence[Quality], out: Path, title: str) -> list[Path
     fig.savefig(out / "quality.png", dpi=110)
     plt.close(fig)
     return [out / "quality.json", out / "quality.md", out / "quality.png"]
+
+
+# ---- KV cache precision: the same bundle's graph with an int8/int4 cache against the fp32 cache at depth ------
+
+@dataclass
+class KvQuality:
+    label: str
+    depth: int
+    prompt_kl: float  # mean KL(fp32 cache || quantized cache) over the last `prompt_rows` prompt positions
+    forced_kl: float  # ... over the decoded positions, both fed the fp32 cache's greedy tokens
+    forced_top1: float  # same next token as the fp32 cache there
+    free_equal: float  # free-running greedy: share of positions with the fp32 cache's token
+    free_prefix: int  # tokens decoded before the first difference
+    decoded: int
+
+
+def kv_eval_ids(tokenizer_file: Path, heldout: str) -> list[int]:
+    """Held-out text first, then CPython's documentation topics in reverse sorted order (kv_cache.py calibrates
+    on the first tokens in sorted order, so depths up to ~100K tokens never meet calibration text)."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    rest = [topics[k] for i, k in enumerate(sorted(topics)) if i % 20 != 0][::-1]
+    return tok.encode(heldout).ids + tok.encode("\n\n".join(rest)).ids
+
+
+def _kl_top1(ref: np.ndarray, cand: np.ndarray) -> tuple[float, int]:
+    ref, cand = ref.astype(np.float64), cand.astype(np.float64)
+    lp_ref = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+    lp_cand = cand - np.logaddexp.reduce(cand, axis=-1, keepdims=True)
+    return float((np.exp(lp_ref) * (lp_ref - lp_cand)).sum()), int((ref.argmax(-1) == cand.argmax(-1)).sum())
+
+
+def _prefill(session, prompt: list[int], capacity: int, rows: int, chunk: int = 512):
+    from ..runtime.session import Cache
+
+    cache = Cache(session, 1, capacity)
+    ids = np.array([prompt])
+    for s in range(0, len(prompt), chunk):
+        final = s + chunk >= len(prompt)
+        logits = cache.step(ids[:, s:s + chunk], last=min(rows, ids[:, s:s + chunk].shape[1]) if final else 1)
+    return cache, logits[0]
+
+
+def _decode(cache, first: int, n: int, forced: list[int] | None = None) -> tuple[list[int], list[np.ndarray]]:
+    tokens, rows, token = [], [], first
+    for i in range(n):
+        tokens.append(token)
+        row = cache.step(np.array([[token]]))[0, -1]
+        rows.append(row)
+        token = forced[i + 1] if forced is not None and i + 1 < len(forced) else int(row.argmax())
+    return tokens, rows
+
+
+def kv_cache_quality(reference: Path, candidates: dict[str, Path], ids: Sequence[int], depths: Sequence[int],
+                     decode: int = 256, prompt_rows: int = 256,
+                     progress: Callable[[str], None] = print) -> list[KvQuality]:
+    """Each candidate bundle (same weights, another KV cache) against `reference` (fp32 cache): a prompt of
+    `depth` tokens of `ids`, prefilled in 512-token chunks, then `decode` greedy tokens."""
+    from ..runtime.session import LfmSession
+
+    ref_session = LfmSession(reference)
+    sessions = {label: LfmSession(b) for label, b in candidates.items()}
+    out = []
+    for depth in depths:
+        if depth > len(ids):
+            raise ValueError(f"depth {depth}: the evaluation text has only {len(ids)} tokens")
+        prompt, capacity = list(ids[:depth]), depth + decode + 1
+        progress(f"depth {depth}: fp32 cache")
+        cache, ref_prompt = _prefill(ref_session, prompt, capacity, prompt_rows)
+        ref_tokens, ref_rows = _decode(cache, int(ref_prompt[-1].argmax()), decode)
+        for label, session in sessions.items():
+            progress(f"depth {depth}: {label}")
+            cache, cand_prompt = _prefill(session, prompt, capacity, prompt_rows)
+            prompt_kl, _ = _kl_top1(ref_prompt, cand_prompt)
+            free, _ = _decode(cache, int(cand_prompt[-1].argmax()), decode)
+            cache, _ = _prefill(session, prompt, capacity, 1)
+            _, forced_rows = _decode(cache, ref_tokens[0], decode, forced=ref_tokens)
+            kl, agree = _kl_top1(np.array(ref_rows), np.array(forced_rows))
+            equal = [a == b for a, b in zip(ref_tokens, free, strict=True)]
+            prefix = equal.index(False) if False in equal else len(equal)
+            out.append(KvQuality(label, depth, prompt_kl / len(ref_prompt), kl / decode, agree / decode,
+                                 sum(equal) / decode, prefix, decode))
+    return out
+
+
+def evaluate_kv_cache(checkpoint: str | Path, heldout: str, variants: Sequence[tuple[str, str, float]],
+                      depths: Sequence[int], quant: str = "fp32", decode: int = 256, reference_quant: str | None = None,
+                      progress: Callable[[str], None] = print) -> list[KvQuality]:
+    """(label, kv_cache, margin) variants of one checkpoint's export (weights `quant`) against its fp32 cache, or,
+    with `reference_quant` (e.g. "fp32" for int4 weights), against that export, the fp32 cache with `quant`
+    weights then measured too."""
+    from ..export.exporter import export
+
+    work = Path(tempfile.mkdtemp(prefix="lfm-kv-quality-"))
+    try:
+        reference_quant = reference_quant or quant
+        progress(f"exporting {reference_quant} weights with the fp32 cache")
+        reference = export(checkpoint, work / "reference", quant=reference_quant).bundle
+        candidates = {}
+        if reference_quant != quant:
+            variants = [(f"{quant} weights, fp32 cache", "fp32", 1.0), *variants]
+        for label, kv, margin in variants:
+            progress(f"exporting {label}")
+            candidates[label] = export(checkpoint, work / f"variant{len(candidates)}", quant=quant, kv_cache=kv,
+                                       kv_margin=margin).bundle
+        ids = kv_eval_ids(reference / "tokenizer.json", heldout)
+        return kv_cache_quality(reference, candidates, ids, depths, decode=decode, progress=progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def kv_quality_table(results: Sequence[KvQuality]) -> str:
+    lines = ["| KV cache | depth | KL prompt | KL decode (forced) | top-1 decode (forced) | free greedy equal | "
+             "first difference |", "|---|---|---|---|---|---|---|"]
+    def kl(x: float) -> str:
+        return f"{x:.5f}" if x >= 1e-4 else f"{x:.1e}"
+
+    lines += [f"| {r.label} | {r.depth} | {kl(r.prompt_kl)} | {kl(r.forced_kl)} | {r.forced_top1:.1%} | "
+              f"{r.free_equal:.1%} | {r.free_prefix if r.free_prefix < r.decoded else 'none'} |" for r in results]
+    return "\n".join(lines) + "\n"

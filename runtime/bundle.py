@@ -223,7 +223,7 @@ def read_bundle(folder: str | Path, verify: str = "sampled", onnxruntime_version
     model_file = folder / _inside(path, "model.decoder.filename", decoder.get("filename", "model.onnx"))
     if not model_file.is_file():
         raise BundleError(f"{model_file}: missing (genai_config.json names it as the model)")
-    for key in ("head_size", "hidden_size", "num_key_value_heads", "num_attention_heads", "conv_cache_size"):
+    for key in ("head_size", "hidden_size", "num_key_value_heads", "conv_cache_size"):
         if key in decoder:  # state dims where the graph leaves them symbolic (state_spec, plan.py)
             _int(path, f"model.decoder.{key}", decoder[key], minimum=1)
     if "layer_types" in decoder and not (isinstance(decoder["layer_types"], list)

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prepack-cache", choices=["off", "use", "auto"], default="off",
+                        help="map the repacked weights from BUNDLE/prepacked/ instead of holding a copy in memory; "
+                             "'auto' writes it at this load if missing (~2x the weights on disk; runtime/README.md)")
     parser.add_argument("--no-tools", action="store_true", help="do not offer the demo tools")
     parser.add_argument("--session", help="a saved conversation to continue (if the file exists), saved after "
                                           "every turn")
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lfm-chat: error: {args.json_schema}: not a readable JSON schema ({e})", file=sys.stderr)
             return 2
     try:
-        model = LfmModel(args.bundle, threads=args.threads)
+        model = LfmModel(args.bundle, threads=args.threads, prepack_cache=args.prepack_cache)
         sampling = model.default_sampling(temperature=args.temperature, seed=args.seed)
         if args.session and Path(args.session).is_file():
             conversation = model.load_conversation(args.session, tools)
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfm-chat: error: {e}", file=sys.stderr)
         return 2
     print(f"lfm-chat: {args.bundle} on {model.session.provider_choice.providers[0]} "
-          f"({model.session.provider_choice.reason})", file=sys.stderr)
+          f"({model.session.provider_choice.reason}); {model.session.prepack.message()}", file=sys.stderr)
     last: Done | None = None
     while True:
         if args.prompt is not None:

@@ -4,7 +4,8 @@ Grammars are llguidance's (JSON schema, regex, Lark), compiled against the bundl
 only decides *when* a grammar applies:
 - `response_format`: the answer after any reasoning is a JSON document of a schema (or a regex / Lark match);
 - `ToolCalls`: free text stays free; once the model opens `<|tool_call_start|>`, what follows is a Pythonic
-  list of calls to the offered functions with arguments of their schemas' types, then `<|tool_call_end|>`;
+  (or JSON) list of calls to the offered functions with arguments of their schemas' types, then
+  `<|tool_call_end|>`;
 - `ReasoningControl`: thinking ends (`</think>` is forced) when its token budget is spent or it repeats itself.
 A constraint's `mask()` is None while it does not apply (no cost), else a bool array over the vocabulary.
 """
@@ -281,8 +282,9 @@ any_dict: "{" (str_value ": " any_value (", " str_value ": " any_value)*)? "}"
 
 
 def pythonic_calls_grammar(schemas: Sequence[Mapping[str, Any]], end_marker: str) -> str:
-    """A Lark grammar for `[f(a=1, b='x'), g()]` followed by the end marker: each call one of `schemas`'
-    functions, required arguments first then optional ones, in the schema's order, values of their types."""
+    """A Lark grammar for `[f(a=1, b='x'), g()]` (or the same calls in JSON) followed by the end marker: each
+    call one of `schemas`' functions, required arguments first then optional ones, in the schema's order, values
+    of their types."""
     rules, calls = [], []
     for n, schema in enumerate(schemas):
         fn = schema.get("function", schema)
@@ -305,8 +307,22 @@ def pythonic_calls_grammar(schemas: Sequence[Mapping[str, Any]], end_marker: str
         calls.append(f"t{n}")
     if not calls:
         raise ConstraintError("no tools to constrain calls to")
-    head = f'start: "[" call (", " call)* "]" {end_marker}\ncall: {" | ".join(calls)}'
+    # the same calls as JSON ({"name", "arguments"} objects), which templates asking for JSON calls get and
+    # the parser reads inside the same markers (toolcalls.parse_call_list)
+    as_json = {"type": "array", "minItems": 1, "items": {"anyOf": [
+        {"type": "object", "properties": {"name": {"const": fn.get("name")}, "arguments": _arguments_schema(fn)},
+         "required": ["name", "arguments"], "additionalProperties": False}
+        for fn in (schema.get("function", schema) for schema in schemas)]}}
+    head = (f'start: (py_calls | json_calls) {end_marker}\npy_calls: "[" call (", " call)* "]"\n'
+            f'json_calls: %json {json.dumps(as_json)}\ncall: {" | ".join(calls)}')
     return "\n".join([head, *rules, _VALUE_RULES])
+
+
+def _arguments_schema(fn: Mapping[str, Any]) -> dict[str, Any]:
+    params = dict(fn.get("parameters") or {"type": "object", "properties": {}})
+    params.setdefault("type", "object")
+    params.setdefault("additionalProperties", False)
+    return params
 
 
 def _argument_rules(prefix: str, args: list[tuple[str, bool]]) -> list[str]:

@@ -101,13 +101,16 @@ class Conversation:
     (ContextFull when the conversation and max_new_tokens exceed the context) or "drop_oldest" (the oldest
     turns after the system message are dropped from `messages` until it fits). `prefill_chunk` as in Generation.
     `reserve`: KV rows allocated up front (no copy when the conversation grows within them); by default the
-    buffers start at the first turn's need and double."""
+    buffers start at the first turn's need and double. `prepare_next`: when an answer ends (without tool
+    calls), prefill what every next user turn starts with (the answer as the template renders it once a
+    message follows, e.g. without its reasoning, and the next turn's header), so the next turn, or a restore of
+    a saved conversation, prefills only the new message; `prepared` holds that prefill's numbers."""
 
     def __init__(self, model: LfmModel, system: str | None = None,
                  tools: Mapping[str, Callable[..., Any]] | Sequence[Any] | None = None, *,
                  snapshot_every: int = 512, max_snapshots: int = 32, snapshot_bytes: int = 16 << 20,
                  context_policy: str = "error", prefill_chunk: int = 512, reserve: int = 0,
-                 template_vars: Mapping[str, Any] | None = None):
+                 prepare_next: bool = True, template_vars: Mapping[str, Any] | None = None):
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every {snapshot_every}: expected >= 1")
         if context_policy not in CONTEXT_POLICIES:
@@ -125,6 +128,8 @@ class Conversation:
         self.started = time.time()
         self.snapshots = Snapshots(max_snapshots, snapshot_bytes)
         self.stats: list[GenerationStats] = []  # one per generation, in order
+        self.prepare_next = prepare_next
+        self.prepared: GenerationStats | None = None  # the last preparation of a next turn
         self._cache: Any = None
         self._tokens: list[int] = []  # the token ids whose state the cache holds
         self._lock = threading.Lock()
@@ -157,6 +162,8 @@ class Conversation:
             done = yield from self._answer(sampling, max_new_tokens, stop, cancel, allow_special_tokens,
                                            (response_format, reasoning_budget, constrain_tools))
             self.messages.append({"role": "assistant", "content": done.raw})
+            if self.prepare_next and not done.tool_calls and done.stats.stopped != "cancelled":
+                self._prepare(allow_special_tokens)  # after Done reached the caller: off the next turn's path
         finally:
             self._lock.release()
 
@@ -300,6 +307,41 @@ class Conversation:
                 self.snapshots.add(Snapshot(self._cache.length, self._cache.conv_state()))
                 self.stats.append(generation.stats)
         return done
+
+    def _prepare(self, allow_special_tokens: bool) -> None:
+        """Bring the state to the tokens every next user turn starts with: rendered with two different user
+        messages, the conversation shares them up to where the message begins."""
+        try:
+            a, b = (self.model.prompt_ids([*self.messages, {"role": "user", "content": text}], self.schemas or None,
+                                          allow_special_tokens, **self.template_context()) for text in ("a", "b"))
+        except ValueError:
+            return  # a template that refuses a user turn here: the next turn pays, as it would anyway
+        stable = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
+            stable += 1
+        target = a[:stable]
+        if self._cache is None or not target or stable >= self.model.session.context_length or \
+                target[:self._cache.length] == self._tokens and len(target) == self._cache.length:
+            return
+        self._restore(target, 0)
+        wanted = set(range(self.snapshot_every, len(target), self.snapshot_every)) | {len(target)}
+
+        def on_prefill(cache: Any) -> None:
+            if cache.length in wanted:
+                self.snapshots.add(Snapshot(cache.length, cache.conv_state()))
+
+        generation = Generation(self.model.session, [target], 0, prefill_chunk=self.prefill_chunk, cache=self._cache,
+                                cuts=wanted, on_prefill=on_prefill)
+        try:
+            for _ in generation:
+                pass
+        except BaseException:
+            self._drop_state()
+            raise
+        self._tokens = list(target[:self._cache.length])
+        self.prepared = generation.stats
 
     def _shared_prefix(self, prompt: list[int], allow_special_tokens: bool) -> int:
         """Tokens of the leading system message and tool schemas, when the prompt starts with them and

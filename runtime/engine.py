@@ -76,9 +76,10 @@ class ToolRun:
 class LfmModel:
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: Any = "auto",
                  verify: str = "sampled", session: Any = None, prefix_cache_bytes: int = 64 << 20,
-                 prefix_cache_dir: str | Path | None = None):
+                 prefix_cache_dir: str | Path | None = None, prepack_cache: str = "off"):
         """`session`: an already-loaded LfmSession, or another backend with its surface (see
-        LfmSession.new_cache); by default the bundle is loaded with onnxruntime's Python binding.
+        LfmSession.new_cache); by default the bundle is loaded with onnxruntime's Python binding
+        (`prepack_cache`: see LfmSession and prepack.py).
         `prefix_cache_bytes`: RAM for the state after shared conversation prefixes (0: none);
         `prefix_cache_dir`: also keep them in files there, across restarts (prefixcache.py)."""
         from tokenizers import Tokenizer
@@ -87,7 +88,8 @@ class LfmModel:
         if session is None:
             from .session import LfmSession  # onnxruntime's Python binding, imported only when it is used
 
-            session = LfmSession(bundle, threads=threads, providers=providers, verify=verify)
+            session = LfmSession(bundle, threads=threads, providers=providers, verify=verify,
+                                 prepack_cache=prepack_cache)
         self.session = session
         try:
             self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))

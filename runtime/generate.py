@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,21 +51,24 @@ class Generation:
     refuses before running; "truncate" drops the oldest prompt tokens until they fit.
 
     `cache` continues a state that already holds the first `cache.length` tokens of the (single) prompt: only
-    the rest is prefilled, and the cache keeps every token fed to it (the last sampled token is not fed).
+    the rest is prefilled, and the cache keeps every token fed to it (the last sampled token is not fed);
+    with `max_new_tokens=0` it only prefills.
     Prefill chunks end at multiples of `prefill_chunk` and at each position in `cuts`; `on_prefill(cache)`
     runs after each chunk (a conversation snapshots its conv state there). `constraints`: per row, an object
     with mask() and advance(token) (runtime/constrain.py), or None.
 
-    `attention_budget` bounds the attention scores a prefill chunk needs (4 bytes x query heads x chunk x
-    depth, what GroupQueryAttention's CPU kernel holds): deep in a long context chunks shrink (powers of two,
-    at least 16 tokens) so that prefill memory stays flat instead of growing with S x T."""
+    `prefill_budget` bounds what a prefill chunk costs in memory deep in a long context: graphs with attention
+    build their causal + padding bias as [B, 1, chunk, depth] tensors, about 32 bytes per (position, depth)
+    pair measured on the contrib graph (a 16K-deep 6-layer LFM2.5 prefill peaked 257 MB above the loaded
+    model with 512-token chunks, 22 MB with 64). Chunks halve as the depth grows (down to 16 tokens) so that
+    chunk x depth x 32 bytes stays within the budget."""
 
     def __init__(self, model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
                  prefill_chunk: int = 512, cancel: threading.Event | None = None, overflow: str = "error",
                  cache: Cache | None = None, cuts: Iterable[int] = (),
                  on_prefill: Callable[[Cache], None] | None = None, constraints: Sequence[Any] | None = None,
-                 attention_budget: int = 256 << 20):
+                 prefill_budget: int = 256 << 20):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected at least one prompt, each with at least one token")
         if max_new_tokens < 0:
@@ -96,7 +100,7 @@ class Generation:
         self.prefill_chunk = prefill_chunk
         self.cancel = cancel or threading.Event()
         self.cache, self.cuts, self.on_prefill = cache, sorted(set(cuts)), on_prefill
-        self.attention_budget = attention_budget
+        self.prefill_budget = prefill_budget
         self.new_tokens: list[list[int]] = [[] for _ in prompts]  # each row's sampled tokens, as they come
         if constraints is not None and len(constraints) != len(prompts):
             raise ValueError(f"constraints: {len(constraints)} for {len(prompts)} prompts")
@@ -127,18 +131,22 @@ class Generation:
             chunk = width
         history = np.where(mask == 1, ids, -1)  # context for the repetition penalty
         try:
-            if self.max_new_tokens == 0:
+            if self.max_new_tokens == 0 and self.cache is None:
                 stats.stopped = "length"
                 return
-            bytes_per_row = 4 * getattr(model, "attention_heads", 0) * batch
-            for s, e in _chunks(cache.length, width, chunk, self.cuts, bytes_per_row, self.attention_budget):
+            per_pair = BIAS_BYTES_PER_PAIR * batch if model.state.kv else 0
+            for s, e in _chunks(cache.length, width, chunk, self.cuts, per_pair, self.prefill_budget):
                 if self.cancel.is_set():
                     stats.stopped = "cancelled"
                     return
-                logits = cache.step(ids[:, s:e], mask[:, s:e])
+                logits = cache.step(ids[:, s:e], mask[:, s:e], last=1)  # only the last row is sampled
                 if self.on_prefill:
                     self.on_prefill(cache)
             prefill_end = time.perf_counter()
+            if self.max_new_tokens == 0:  # a cache's prefill only (a conversation preparing its next turn)
+                stats.stopped = "length"
+                stats.prefill_tokens_per_second = stats.prefilled_tokens / max(prefill_end - start, 1e-9)
+                return
             done = np.zeros(batch, dtype=bool)
             for n in range(self.max_new_tokens):
                 allowed = None
@@ -173,7 +181,7 @@ class Generation:
                     return
                 if self.sampling.repetition_penalty != 1.0:
                     history = np.concatenate([history, tokens[:, None]], axis=1)
-                logits = cache.step(tokens[:, None])
+                logits = cache.step(tokens[:, None], last=1)
                 stats.decode_tokens_per_second = (n + 1) / max(time.perf_counter() - decode_start, 1e-9)
         finally:
             stats.stopped = stats.stopped or "stop"
@@ -182,17 +190,20 @@ class Generation:
             stats.timings["total"] = time.perf_counter() - start
 
 
-def _chunks(start: int, end: int, size: int, cuts: Sequence[int], bytes_per_score: int = 0,
+BIAS_BYTES_PER_PAIR = 32  # measured: see Generation's prefill_budget
+
+
+def _chunks(start: int, end: int, size: int, cuts: Sequence[int], bytes_per_pair: int = 0,
             budget: int = 0) -> Iterator[tuple[int, int]]:
     """[s, e) prefill ranges from start to end: at most `size` long, ending at multiples of the chunk length
     (so a continued prefill cuts where a fresh one would) and at every cut inside the range. With
-    `bytes_per_score` (4 x heads x batch), a chunk ending at depth T holds at most `budget` bytes of scores:
-    the chunk length halves as the depth grows, down to 16."""
+    `bytes_per_pair`, a chunk ending at depth T costs bytes_per_pair x chunk x T: the chunk length halves
+    until that fits `budget` (down to 16)."""
     cuts = sorted(c for c in cuts if start < c < end)
     s = start
     while s < end:
         length = size
-        while bytes_per_score and length > 16 and bytes_per_score * length * (s + length) > budget:
+        while bytes_per_pair and length > 16 and bytes_per_pair * length * (s + length) > budget:
             length //= 2
         e = min(end, (s // length + 1) * length, *(c for c in cuts if c > s))
         yield s, e
@@ -211,6 +222,28 @@ def current_rss_mb() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
     except (OSError, ValueError, IndexError):
         return peak_rss_mb()
+
+
+def resident_mb() -> dict[str, float]:
+    """Resident memory now, split: {"rss", "anonymous", "file"} in MB (MiB, as the other RSS figures).
+
+    Anonymous pages are this process's own copies (malloc, onnxruntime's repacked weights, pages written
+    through a private file mapping); file-backed pages are the kernel's page cache mapped in, which it can
+    drop and read again under pressure, and which every process mapping the same file shares. A phone's
+    low-memory killer and the "copied, not mapped" question are about the anonymous part. From
+    /proc/self/smaps_rollup (Linux 4.14+, Android 8+); elsewhere all of it counts as anonymous."""
+    try:
+        fields = {}
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                fields[key] = int(parts[0]) / 1024
+        rss, anonymous = fields["Rss"], fields["Anonymous"]
+    except (OSError, KeyError, ValueError):
+        rss = current_rss_mb()
+        return {"rss": rss, "anonymous": rss, "file": 0.0}
+    return {"rss": rss, "anonymous": anonymous, "file": max(rss - anonymous, 0.0)}
 
 
 def generate(model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,

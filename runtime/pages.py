@@ -17,11 +17,13 @@ import sys
 from pathlib import Path
 
 MADV_DONTNEED = 4
-_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s*(.*)$")
+_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) \S+ \S+\s*(.*)$")
 
 
-def clean_file_mappings(files: set[str]) -> list[tuple[int, int, int]]:
-    """(start, length, resident bytes) of this process's mappings of `files` that hold no written page."""
+def clean_file_mappings(files: set[str], ranges: list[tuple[int, int]] | None = None
+                        ) -> list[tuple[int, int, int]]:
+    """(start, length, resident bytes) of this process's mappings of `files` that hold no written page; with
+    `ranges` ([(file offset, end)]), only mappings that lie inside one of them."""
     out, current, fields = [], None, {}
     lines = Path("/proc/self/smaps").read_text().splitlines() + ["0-0 x 0 0 0 "]
     for line in lines:
@@ -29,8 +31,9 @@ def clean_file_mappings(files: set[str]) -> list[tuple[int, int, int]]:
         if header:
             if current and fields.get("Anonymous", 1) == 0 and fields.get("Rss", 0) > 0:
                 out.append((current[0], current[1] - current[0], fields["Rss"]))
-            start, end, name = int(header[1], 16), int(header[2], 16), header[3]
-            current, fields = ((start, end) if name in files else None), {}
+            start, end, offset, name = int(header[1], 16), int(header[2], 16), int(header[3], 16), header[4]
+            inside = ranges is None or any(lo <= offset and offset + end - start <= hi for lo, hi in ranges)
+            current, fields = ((start, end) if name in files and inside else None), {}
         elif current and ":" in line:
             key, _, value = line.partition(":")
             parts = value.split()
@@ -39,12 +42,13 @@ def clean_file_mappings(files: set[str]) -> list[tuple[int, int, int]]:
     return out
 
 
-def release_clean_pages(files: list[Path]) -> int:
-    """Drop resident, never-written pages of mappings of `files`; returns the bytes released (0 off Linux)."""
+def release_clean_pages(files: list[Path], ranges: list[tuple[int, int]] | None = None) -> int:
+    """Drop resident, never-written pages of mappings of `files` (with `ranges`: only of those that map a part
+    of the file inside one of them); returns the bytes released (0 off Linux)."""
     if not sys.platform.startswith("linux"):
         return 0
     try:
-        mappings = clean_file_mappings({str(f.resolve()) for f in files})
+        mappings = clean_file_mappings({str(f.resolve()) for f in files}, ranges)
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return 0

@@ -43,7 +43,8 @@ def save_conversation(conv: Conversation, path: Path) -> int:
         "snapshots": [s.length for s in conv.snapshots.items] if cache is not None else [],
         "settings": {"snapshot_every": conv.snapshot_every, "max_snapshots": conv.snapshots.max_count,
                      "snapshot_bytes": conv.snapshots.max_bytes, "context_policy": conv.context_policy,
-                     "prefill_chunk": conv.prefill_chunk, "reserve": conv.reserve},
+                     "prefill_chunk": conv.prefill_chunk, "reserve": conv.reserve,
+                     "prepare_next": conv.prepare_next},
     }
     try:
         json.dumps(document)

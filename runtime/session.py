@@ -10,12 +10,17 @@ State lives in OrtValues allocated once per generation and bound with IOBinding:
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from . import prepack
 from .bundle import (  # noqa: F401 (re-exported)
     BundleError,
     StateSpec,
@@ -25,12 +30,31 @@ from .bundle import (  # noqa: F401 (re-exported)
     state_spec,
     verify_bundle,
 )
+from .growth import capacity_for, check_rows, check_truncate, grown_mask, padded
 from .pages import release_clean_pages
 from .providers import ProviderList, choose
 
 _ORT = ort.capi.onnxruntime_pybind11_state
 _LOAD_ERRORS = (_ORT.Fail, _ORT.InvalidArgument, _ORT.NoSuchFile, _ORT.InvalidProtobuf, _ORT.InvalidGraph,
                 _ORT.NotImplemented, _ORT.RuntimeException)
+
+# Every LfmSession this process opened, and those still alive, by bundle folder: the app holds a model in
+# memory once, and tests hold it to that (sessions_opened / live_sessions).
+_opened: Counter[str] = Counter()
+_live: weakref.WeakSet[LfmSession] = weakref.WeakSet()
+
+
+def sessions_opened() -> dict[str, int]:
+    """How many sessions this process has created per bundle folder."""
+    return dict(_opened)
+
+
+def live_sessions() -> dict[str, int]:
+    """Sessions per bundle folder that are still alive (after a collection: a dropped session in a
+    reference cycle would otherwise still count)."""
+    gc.collect()
+    return dict(Counter(str(s.folder) for s in _live))
+
 
 class LfmSession:
     """One loaded bundle. `providers`: "auto" (an accelerator only if it runs every heavy node, see
@@ -39,34 +63,150 @@ class LfmSession:
     `provider_choice`. `verify`: see verify_bundle ("sampled" by default)."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: str | ProviderList = "auto",
-                 verify: str = "sampled", session_options: ort.SessionOptions | None = None):
+                 verify: str = "sampled", prepack_cache: str = "off",
+                 configure: Callable[[ort.SessionOptions], None] | None = None):
+        """`prepack_cache` (prepack.py): "off"; "use" (map a valid cache next to the bundle if there is one);
+        "auto" (the same, and write one when there is none, the folder is writable and has room). What
+        happened and why is in `prepack` (a PrepackStatus); a cache never stops a bundle from loading.
+        `configure`: a caller's extra settings on every SessionOptions made here (device_bench/step_profile.py
+        turns on profiling)."""
+        if prepack_cache not in ("off", "use", "auto"):
+            raise ValueError(f"prepack_cache {prepack_cache!r}: expected 'off', 'use' or 'auto'")
         cfg = read_bundle(bundle, verify, onnxruntime_version=ort.__version__)
         self.folder, self.manifest, decoder, model_file = cfg.folder, cfg.manifest, cfg.decoder, cfg.model_file
         self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
         self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
-        # session_options: a caller's extra settings (device_bench/step_profile.py turns on profiling)
-        options = session_options or ort.SessionOptions()
         # the bundle's target default (export/exporter.py TARGET_THREADS), never more than this machine's CPUs
         threads = threads or min(int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)),
                                  os.cpu_count() or 1)
-        if threads:
-            options.intra_op_num_threads = threads
-        # The CPU arena keeps the largest buffers any run needed (a 512-token prefill's logits alone are
-        # 512 x vocab floats) for the session's life; without it they go back after the run. 6 layers at full
-        # width: RSS while decoding after a 512-token prefill 1616 -> 1315 MB, decode speed unchanged.
-        options.enable_cpu_mem_arena = False
+
+        def session_options() -> ort.SessionOptions:
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            # The CPU arena keeps the largest buffers any run needed (a 512-token prefill's logits alone are
+            # 512 x vocab floats) for the session's life; without it they go back after the run. 6 layers at
+            # full width: RSS while decoding after a 512-token prefill 1616 -> 1315 MB, decode speed unchanged.
+            options.enable_cpu_mem_arena = False
+            # errors only: onnxruntime warns at every load that the optional input logits_to_keep (an initializer
+            # that is also an input, the way a graph input gets a default) is not constant-folded, its purpose
+            options.log_severity_level = 3
+            if configure is not None:
+                configure(options)
+            return options
+
+        def open_graph(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+            try:
+                return ort.InferenceSession(str(path), options, providers=self.provider_choice.providers)
+            except _LOAD_ERRORS as e:  # a damaged or foreign graph: say which file, not where onnxruntime failed
+                raise BundleError(f"{path}: onnxruntime {ort.__version__} cannot load it "
+                                  f"({str(e).strip().splitlines()[0][:300]})") from None
+
+        options = session_options()
         try:
             self.provider_choice = choose(model_file, providers, options)
-            self.session = ort.InferenceSession(str(model_file), options, providers=self.provider_choice.providers)
-        except _LOAD_ERRORS as e:  # a damaged or foreign graph: say which file, not where onnxruntime failed
+        except _LOAD_ERRORS as e:
             raise BundleError(f"{model_file}: onnxruntime {ort.__version__} cannot load it "
                               f"({str(e).strip().splitlines()[0][:300]})") from None
-        data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
-        self.released_bytes = release_clean_pages(data_files)  # see pages.py
+        self.prepack, cached, writer = self._prepack_plan(prepack_cache, model_file, options, verify)
+        if writer is not None:
+            writer.configure(options)
+        self.session = None
+        if cached is not None:
+            try:
+                self.session = open_graph(cached, options)
+            except BundleError as e:  # refused like any mismatch: the bundle itself still loads
+                self.prepack = prepack.PrepackStatus("refused", str(e), cached.parent)
+        if self.session is None:
+            try:
+                self.session = open_graph(model_file, options)
+            except BundleError as e:
+                if writer is None:
+                    raise
+                # onnxruntime may fail while saving (a full disk): the bundle must load without a cache
+                writer.abandon(f"onnxruntime failed while writing it ({e})")
+                self.prepack, writer = writer.status, None
+                self.session = open_graph(model_file, session_options())
         self.state = state_spec(((i.name, i.shape) for i in self.session.get_inputs()), decoder)
+        self._detect_logits_to_keep()
+        if writer is not None:
+            self._finish_cache(writer, lambda path: open_graph(path, session_options()))
+        if not self.prepack.mapped:
+            data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
+            self.released_bytes = release_clean_pages(data_files)  # see pages.py
+        else:
+            # the packed buffers are what every token reads: only raw weights' pages go (the vocabulary codes the
+            # embedding gathers a few rows of, pages read while onnxruntime repacked to find its buffers)
+            cache = self.prepack.folder
+            self.released_bytes = release_clean_pages([cache / prepack.DATA], prepack.raw_ranges(cache / prepack.MODEL))
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
-        # query heads: what an attention chunk's score buffer scales with (Generation bounds it by depth)
-        self.attention_heads = int(decoder.get("num_attention_heads", 0)) if self.state.kv else 0
+        self.threads = threads or 0  # 0: onnxruntime's own choice
+        _opened[str(self.folder)] += 1
+        _live.add(self)
+
+    def _detect_logits_to_keep(self) -> None:
+        # graphs from our exporter take an optional logits_to_keep (default 0: every row); older ones do not
+        self.logits_to_keep = "logits_to_keep" in {i.name for i in self.session.get_overridable_initializers()}
+
+    def _prepack_plan(self, mode: str, model_file: Path, options: ort.SessionOptions, verify: str
+                      ) -> tuple[prepack.PrepackStatus, Path | None, prepack.Writer | None]:
+        """(status so far, a valid cache's model file to load, or a Writer to make one while loading)."""
+        if mode == "off":
+            return prepack.PrepackStatus("off"), None, None
+        if self.provider_choice.providers != ["CPUExecutionProvider"]:
+            return prepack.PrepackStatus("not written", "a cache is for onnxruntime's CPU provider only, "
+                                         f"this session uses {self.provider_choice.providers}"), None, None
+        key = prepack.cache_key(model_file, self.manifest, ort.__version__,
+                                f"graph_optimization_level={int(options.graph_optimization_level)}")
+        writable = mode == "auto"
+        if writable:
+            prepack.remove_stale(self.folder)
+        cached, refused = prepack.find(self.folder, key, verify)
+        if cached is not None:
+            return prepack.PrepackStatus("mapped", "", cached.parent, prepack.disk_bytes(cached.parent)), cached, None
+        if not writable:
+            return refused or prepack.PrepackStatus("not written", "prepack_cache='use' never writes one"), None, None
+        data_bytes = sum(p.stat().st_size for p in self.folder.iterdir()
+                         if p.name.startswith(model_file.name) and p != model_file)
+        made = prepack.writer(self.folder, key, data_bytes)
+        if isinstance(made, prepack.PrepackStatus):  # cannot write here: say so, and why any old one was refused
+            if refused is not None:
+                made = prepack.PrepackStatus("refused", f"{refused.reason}; not rewritten: {made.reason}",
+                                             refused.folder)
+            return made, None, None
+        if refused is not None:
+            made.status = prepack.PrepackStatus("not written", f"replacing a refused cache: {refused.reason}")
+        return made.status, None, made
+
+    def _finish_cache(self, writer: prepack.Writer, open_cached) -> None:
+        """The session was created from the bundle and onnxruntime wrote the cache meanwhile: check it, map it,
+        and keep the mapped session only if it answers a probe exactly as the one that repacked in memory
+        (same kernels, same packed bytes: bit-identical logits), then drop the in-memory copy."""
+        cached = writer.finish()
+        if cached is None:
+            self.prepack = writer.status
+            return
+        try:
+            mapped = open_cached(cached)
+        except BundleError as e:
+            prepack.remove(self.folder)
+            self.prepack = prepack.PrepackStatus("not written", f"the written cache did not load: {e}")
+            return
+        vocab = int(self.session.get_outputs()[0].shape[-1])
+        probe = (np.arange(4, dtype=np.int64) + min(100, max(vocab - 4, 0)))[None, :]  # any 4 valid token ids
+        expected = Cache(self, 1, 8).step(probe)
+        repacked, self.session = self.session, mapped
+        self._detect_logits_to_keep()
+        if not np.array_equal(Cache(self, 1, 8).step(probe), expected):
+            self.session = repacked
+            self._detect_logits_to_keep()
+            prepack.remove(self.folder)
+            self.prepack = prepack.PrepackStatus("not written", "the written cache's output differed from the "
+                                                 "bundle's (removed)")
+            return
+        self.prepack = writer.status
+        del repacked
+        gc.collect()
 
     @property
     def provider(self) -> str:
@@ -105,8 +245,9 @@ class Cache:
         self.kv = {i: [_zeros((batch, heads, capacity, dim), self.kv_dtype[i]) for _ in range(2)]
                    for i, (heads, dim) in model.state.kv.items()}
 
-    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        """Run input_ids [B, S] (mask [B, S] marks padding); returns logits [B, S, V]."""
+    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None, last: int | None = None) -> np.ndarray:
+        """Run input_ids [B, S] (mask [B, S] marks padding); returns logits [B, S, V], or with `last` = n the
+        last n rows [B, n, V] (the graph then computes only those, where it has the logits_to_keep input)."""
         b, s = input_ids.shape
         if self.length + s > self.max_length:
             raise ValueError(f"{self.length} + {s} tokens exceed this cache's max_length {self.max_length}")
@@ -116,6 +257,10 @@ class Cache:
         io.clear_binding_outputs()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, :self.length + s]))
+        if self.model.logits_to_keep:
+            # (bind_cpu_input looks the name up among required inputs only; an OrtValue binds an overridable one)
+            io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array([last or 0],
+                                                                                             dtype=np.int64)))
         for i, (cur, nxt) in self.conv.items():
             io.bind_ortvalue_input(f"past.{i}.conv", cur)
             io.bind_ortvalue_output(f"present.{i}.conv", nxt)
@@ -140,7 +285,8 @@ class Cache:
             kv_outputs = outputs[len(self.conv):len(self.conv) + 2 * len(self.kv)]
             for n, i in enumerate(grown):
                 self.kv[i] = [kv_outputs[2 * n], kv_outputs[2 * n + 1]]
-        return outputs[-1].numpy()
+        logits = outputs[-1].numpy()
+        return logits if last is None else logits[:, -last:]
 
     @property
     def capacity(self) -> int:
@@ -150,8 +296,7 @@ class Cache:
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens' KV rows: the mask hides the rest and the next step overwrites them.
         The conv state is not touched: restore it from a snapshot taken at `length` (set_conv_state)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"truncate({length}): the cache holds {self.length} tokens")
+        check_truncate(length, self.length)
         self.mask[:, length:] = 0
         if not self.model.share_buffer and length < self.length:
             for i, pair in self.kv.items():
@@ -161,24 +306,13 @@ class Cache:
     def reserve(self, rows: int) -> None:
         """Make room for `rows` tokens: the buffers grow to the next power of two >= rows (at most the
         context length), and the rows in use are copied over."""
-        if rows <= self.max_length:
+        new = capacity_for(rows, self.max_length, self.model.context_length)
+        if new == self.max_length:
             return
-        limit = self.model.context_length
-        if rows > limit:
-            raise ValueError(f"{rows} tokens exceed the model's context length {limit}")
-        new = min(limit, 1 << (rows - 1).bit_length())
-        mask = np.zeros((self.batch, new), dtype=np.int64)
-        mask[:, :self.length] = self.mask[:, :self.length]
-        self.mask, self.max_length = mask, new
+        self.mask, self.max_length = grown_mask(self.mask, self.length, new), new
         if self.model.share_buffer:
             for i, pair in self.kv.items():
-                grown = []
-                for v in pair:
-                    b, h, _, d = v.shape()
-                    array = np.zeros((b, h, new, d), self.kv_dtype[i])
-                    array[:, :, :self.length] = v.numpy()[:, :, :self.length]
-                    grown.append(_from_array(array))
-                self.kv[i] = grown
+                self.kv[i] = [_from_array(padded(v.numpy()[:, :, :self.length], new, self.kv_dtype[i])) for v in pair]
 
     def conv_state(self) -> dict[int, np.ndarray]:
         """A copy of each conv layer's state after the last token ([B, H, K-1]). (OrtValue.numpy() is a view
@@ -199,16 +333,9 @@ class Cache:
         self.length = 0
         self.reserve(length)
         for i in self.kv:
-            pair = []
-            for array in rows[i]:
-                if array.shape[2] != length:
-                    raise ValueError(f"KV rows of layer {i}: {array.shape[2]} rows, expected {length}")
-                if self.model.share_buffer:
-                    full = np.zeros((*array.shape[:2], self.max_length, array.shape[3]), self.kv_dtype[i])
-                    full[:, :, :length] = array
-                    array = full
-                pair.append(_from_array(np.ascontiguousarray(array, dtype=self.kv_dtype[i])))
-            self.kv[i] = pair
+            check_rows(i, list(rows[i]), length)
+            self.kv[i] = [_from_array(padded(a, self.max_length, self.kv_dtype[i]) if self.model.share_buffer
+                                      else np.ascontiguousarray(a, dtype=self.kv_dtype[i])) for a in rows[i]]
         self.mask[:] = 0
         self.mask[:, :length] = 1
         self.length = length

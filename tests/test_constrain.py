@@ -56,6 +56,9 @@ def scripted(folder: Path, at: int, said: str, second_choices: dict[str, float] 
     ("[get_wether(city='Paris')]<|tool_call_end|>", False),  # no such tool
     ("[get_weather(city='Paris', unit='k')]<|tool_call_end|>", False),  # not in the enum
     ("[get_weather(city='Paris')<|tool_call_end|>", False),  # unclosed
+    ('[{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}]<|tool_call_end|>', True),  # JSON
+    ('[{"name": "get_weather", "arguments": {"days": 2}}]<|tool_call_end|>', False),  # JSON, city missing
+    ('[{"name": "get_wether", "arguments": {"city": "Paris"}}]<|tool_call_end|>', False),  # JSON, no such tool
 ])
 def test_call_grammar_accepts_valid_calls_only(demo, text, ok):
     vocab = vocabulary(demo)

@@ -57,14 +57,18 @@ def _check_continuations(model: LfmModel, conv, questions, max_new_tokens=12) ->
 def test_turns_prefill_only_what_is_new_and_equal_fresh_generation(demo, kind):
     model = LfmModel(demo[kind], prefix_cache_bytes=0)
     conv = model.conversation(system=SYSTEM)
-    stats = _check_continuations(model, conv, QUESTIONS)
+    stats, prepared = [], []
+    for q in QUESTIONS:
+        stats += _check_continuations(model, conv, [q])
+        prepared.append(conv.prepared)
     assert stats[0].reused_tokens == 0
-    for before, now in zip(stats, stats[1:], strict=False):
-        # the whole previous state is reused unless the answer re-tokenizes differently (then: from its start)
-        assert now.reused_tokens >= before.prompt_tokens
-        assert now.prefilled_tokens < now.prompt_tokens
+    for ready, now in zip(prepared, stats[1:], strict=False):
+        # the answer's end prepared what every next turn starts with: a turn prefills only its new message
+        assert now.reused_tokens == ready.state_tokens and now.prefilled_tokens == now.prompt_tokens - ready.state_tokens
+        assert now.prefilled_tokens < 20
     last = stats[-1]
-    assert len(conv.tokens) == last.state_tokens == last.prompt_tokens + last.generated_tokens - 1  # EOS not fed
+    assert last.state_tokens == last.prompt_tokens + last.generated_tokens - 1  # the EOS is not fed
+    assert len(conv.tokens) == prepared[-1].state_tokens > last.state_tokens  # and the next turn's header is in
 
 
 def test_an_edited_history_rolls_back_and_stays_exact(demo):
@@ -89,10 +93,14 @@ def test_an_edited_history_rolls_back_and_stays_exact(demo):
 def test_chunk_boundaries_on_and_next_to_snapshot_points(demo, chunk, every):
     model = LfmModel(demo["fp32"], prefix_cache_bytes=0)
     conv = model.conversation(system=SYSTEM, snapshot_every=every, prefill_chunk=chunk)
-    _check_continuations(model, conv, QUESTIONS[:2], max_new_tokens=6)
+    prepared = set()
+    for q in QUESTIONS[:2]:
+        _check_continuations(model, conv, [q], max_new_tokens=6)
+        prepared.add(conv.prepared.state_tokens)
     conv.messages[2]["content"] = conv.messages[2]["content"][:5]
     _check_continuations(model, conv, QUESTIONS[2:3], max_new_tokens=6)
-    boundaries = {n for s in conv.stats for n in (s.prompt_tokens, s.state_tokens)}
+    prepared.add(conv.prepared.state_tokens)
+    boundaries = {n for s in conv.stats for n in (s.prompt_tokens, s.state_tokens)} | prepared
     assert conv.snapshots.items and all(s.length % every == 0 or s.length in boundaries
                                         for s in conv.snapshots.items)
 
@@ -297,9 +305,16 @@ def test_lfm25_template_dropping_reasoning_reprefills_one_answer(tmp_path):
     conv = model.conversation()
     first = conv.say("Hi", max_new_tokens=40)
     assert first.reasoning == "The user greets me; I greet back." and first.text == "Hello there."
+    # the answer's end prepared the next turn: rolled back to the answer's start (not to zero) and prefilled
+    # the answer as the template renders it from now on, without its reasoning
+    assert conv.prepared.reused_tokens == at1
+    stripped = model.prompt_ids([*conv.messages, {"role": "user", "content": "x"}])
+    assert conv.tokens == stripped[:len(conv.tokens)] and "<think>" not in tok.decode(conv.tokens[at1:],
+                                                                                       skip_special_tokens=False)
+    ready = conv.prepared.state_tokens
     second = conv.say("How are you?", max_new_tokens=4)
-    assert second.stats.reused_tokens == at1  # rolled back to the answer's start, not to zero
-    assert second.stats.prefilled_tokens == len(model.prompt_ids(conv.messages[:-1])) - at1
+    assert second.stats.reused_tokens == ready  # the next turn prefills its message and the answer's header only
+    assert second.stats.prefilled_tokens == second.stats.prompt_tokens - ready < 16
 
 
 def test_a_conversation_continued_another_day_renders_its_own_date(tmp_path):

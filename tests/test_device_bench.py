@@ -41,11 +41,33 @@ def test_bench_writes_json_markdown_and_plot(demo_int4, tmp_path):
     assert result["peers"]["onnxruntime-genai"]["decode_tps"] > 0
     genai_ratio = result["ratios"]["onnxruntime-genai"]["decode"]
     assert genai_ratio == pytest.approx(decode["median"] / result["peers"]["onnxruntime-genai"]["decode_tps"])
-    assert result["memory"]["peak_rss_over_weights"] == pytest.approx(
-        result["results"]["peak_rss"]["median"] * 1e6 / result["bundle"]["weights_bytes"])
+    assert result["memory"]["peak_rss_over_weights"] == pytest.approx(  # RSS in MiB, weights in bytes
+        result["results"]["peak_rss"]["median"] * (1 << 20) / result["bundle"]["weights_bytes"])
     assert 0 < result["memory"]["rss_decoding_mb"] <= result["memory"]["peak_rss_mb"] + 1
+    # resident memory split: the int4 demo's repacked weights are anonymous, its mapped bundle file-backed;
+    # the parts add up to what the process holds
+    mem = result["memory"]
+    for when in ("after_load", "decoding"):
+        assert mem[f"anon_{when}_mb"] > 0 and mem[f"file_{when}_mb"] > 0
+        assert mem[f"anon_{when}_mb"] + mem[f"file_{when}_mb"] <= mem["peak_rss_mb"] + 1
+    assert mem["anon_decoding_over_weights"] == pytest.approx(mem["anon_decoding_mb"] * (1 << 20)
+                                                              / result["bundle"]["weights_bytes"])
+    assert "While decoding: anonymous" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "Roofline:" in (out / "bench.md").read_text()
+
+
+def test_bench_with_the_prepack_cache_reports_its_disk_and_memory(demo_int4, tmp_path, capsys):
+    bundle = shutil.copytree(demo_int4, tmp_path / "bundle")
+    out = tmp_path / "out"
+    assert main([str(bundle), "--runs", "1", "--prompts", "16", "--depths", "0", "--decode", "8", "--threads", "1",
+                 "--bandwidth", "30", "--peer", "none", "--prepack-cache", "auto", "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    err = capsys.readouterr().err
+    assert "prepack cache written and mapped" in err and "weights mapped from the prepack cache" in err
+    assert result["settings"]["prepack_cache"] == "auto" and (bundle / "prepacked" / "cache.json").is_file()
+    assert 1.5 < result["memory"]["prepack_cache_over_weights"] < 3
+    assert result["memory"]["file_decoding_mb"] > 0 and result["memory"]["anon_decoding_mb"] > 0
 
 
 class CountingSession:
@@ -61,8 +83,8 @@ class CountingSession:
         cache, outer = self.session.new_cache(*args, **kwargs), self
 
         class Cache:
-            def step(self, ids, *rest):
-                out = cache.step(ids, *rest)
+            def step(self, ids, *rest, **kwargs):
+                out = cache.step(ids, *rest, **kwargs)
                 if ids.shape[1] == 1:
                     outer.decode_steps += 1
                     outer.on_decode(outer.decode_steps)
@@ -185,3 +207,113 @@ def test_adb_without_a_phone_fails_clearly(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "needs the Android platform tools (adb)" in result.stderr or "no such device attached" in result.stderr
+
+
+def _conversation_checks(c: dict, turns: int, answer: int) -> None:
+    """What must hold of any --conversation result, whatever the timings."""
+    assert [row["turn"] for row in c["turns"]] == list(range(1, turns + 1))
+    for row in c["turns"]:
+        for system in ("kept", "reprefilled"):
+            m = row[system]
+            assert m["runs"] == c["rounds"] and m["min"] <= m["median"] <= m["max"] and m["min"] > 0
+            assert all("cpu_wait_share" in s and "loadavg" in s for s in m["samples"])
+            assert all(len(d["loadavg"]) == 3 for d in m["detail"])
+        for kept, fresh in zip(row["kept"]["detail"], row["reprefilled"]["detail"], strict=True):
+            assert kept["as_scripted"] and kept["generated"] == answer  # forced answers, never cut short by EOS
+            assert kept["prompt"] == fresh["prompt"] == row["prompt_tokens"]  # the same conversation, rendered alike
+            assert fresh["reused"] == 0 and fresh["prefilled"] == fresh["prompt"]
+            if row["turn"] == 1:
+                assert kept["reused"] == 0
+            else:
+                assert 0 < kept["reused"] and kept["prefilled"] < fresh["prefilled"]
+    prompts = [row["prompt_tokens"] for row in c["turns"]]
+    assert prompts == sorted(prompts) and len(set(prompts)) == turns
+    mem = c["memory"]
+    assert 0 < mem["snapshots_bytes"] <= mem["snapshot_bytes_limit"]
+    assert mem["snapshots_and_prefix_budget_over_weights"] == pytest.approx(
+        (mem["snapshots_bytes"] + mem["prefix_cache_budget_bytes"]) / mem["weights_bytes"])
+
+
+def test_conversation_bench_keeps_state_and_restores(demo_int4, tmp_path):
+    """--conversation on the demo bundle (its own tokenizer and template): kept-state turns prefill only what is
+    new, a re-prefilled turn all of it; a saved conversation restores with its whole state reused."""
+    out = tmp_path / "conv"
+    code = main([str(demo_int4), "--conversation", "3:24:8", "--runs", "2", "--threads", "1", "--peer", "none",
+                 "--restore-tokens", "150", "--restore-follow", "6", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["schema"] == "lfm-bench/1" and "results" not in result
+    c = result["conversation"]
+    assert c["spec"] == {"turns": 3, "user": 24, "answer": 8, "reasoning": 0} and c["tokenizer"] == "the bundle's"
+    _conversation_checks(c, 3, 8)
+    for row in c["turns"][1:]:  # no reasoning to drop: everything before the new user message is reused
+        assert all(d["reused"] >= prev["prompt_tokens"] for d in row["kept"]["detail"]
+                   for prev in c["turns"][:row["turn"] - 1])
+    r = c["restore"]
+    assert r["state_tokens"] >= 150 and r["file_bytes"] > 0 and r["runs"] == 2
+    assert all(d["reused"] == r["state_tokens"] and d["prefilled"] > 0 for d in r["restored_detail"])
+    assert {"load", "restored_ttft", "restored_total", "reprefilled_ttft"} <= set(r["metrics"])
+    assert r["speedup"] == pytest.approx(r["metrics"]["reprefilled_ttft"]["median"] /
+                                         r["metrics"]["restored_total"]["median"])
+    assert c["summary"]["last_over_first_kept"] == pytest.approx(
+        c["turns"][-1]["kept"]["median"] / c["turns"][0]["kept"]["median"])
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 3 |" in (out / "bench.md").read_text()
+
+
+def test_conversation_bench_without_a_tokenizer_drops_past_reasoning(demo_int4, tmp_path):
+    """A bundle with no tokenizer (as random-weight exports are) gets a word-level one and LFM2.5-8B-A1B's
+    template; with <think> blocks in the answers, each turn rolls back to the previous answer's start."""
+    from lfm_edge.device_bench import convbench
+
+    bare = tmp_path / "bare"
+    shutil.copytree(demo_int4, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    c = convbench.run(bare, "3:20:10", threads=1, rounds=1, reasoning=4)
+    assert c["tokenizer"].startswith("synthetic") and c["template"].startswith("lfm2.5-8b-a1b")
+    _conversation_checks(c, 3, 10)
+    for prev, row in zip(c["turns"], c["turns"][1:], strict=False):
+        (kept,) = row["kept"]["detail"]
+        assert kept["reused"] == prev["prompt_tokens"]  # the answer's <think> block is gone from the history
+    with pytest.raises(ValueError, match="TURNS:USER:ANSWER"):
+        convbench.parse_spec("10:400")
+
+
+def test_conversation_bench_template_is_the_published_one():
+    from test_chat import LFM25_MOE_TEMPLATE
+
+    from lfm_edge.device_bench.chat_templates import LFM25_MOE_TEMPLATE as copy
+
+    assert copy == LFM25_MOE_TEMPLATE
+
+
+def test_conversation_bench_llama_cpp_peer_reuses_its_prefix(demo_int4, tmp_path):
+    """llama.cpp on the same token script: it reuses its prefix where the history only grows; where LFM2.5's
+    template drops past reasoning, it re-evaluates everything by default (a hybrid model's recurrent state
+    cannot be cut back) and rolls back with --llama-rollback."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
+    from lfm_edge.device_bench import convbench
+    from lfm_edge.device_bench.gguf_writer import write_gguf
+    from lfm_edge.export.checkpoint import Checkpoint
+
+    gguf = write_gguf(Checkpoint(demo_model_path()), tmp_path / "demo.gguf", f16=False)
+    grows = convbench.run(demo_int4, "3:20:8", threads=1, rounds=1, gguf=str(gguf))
+    bare = tmp_path / "bare"
+    shutil.copytree(demo_int4, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    dropped = convbench.run(bare, "3:20:8", threads=1, rounds=1, reasoning=4, gguf=str(gguf))
+    rolled = convbench.run(bare, "3:20:8", threads=1, rounds=1, reasoning=4, gguf=str(gguf), llama_rollback=16)
+    assert rolled["peer"]["n_rs_seq"] == 16 and dropped["peer"]["n_rs_seq"] == 0
+    for c in (grows, dropped, rolled):
+        for row in c["turns"]:
+            (llama,) = row["llama.cpp"]["detail"]
+            (kept,) = row["kept"]["detail"]
+            assert llama["as_scripted"] and llama["prompt"] == row["prompt_tokens"]
+            if row["turn"] == 1:
+                assert llama["prefilled"] == llama["prompt"]
+            elif c is dropped:
+                assert llama["prefilled"] == llama["prompt"]  # everything again
+            else:
+                assert llama["prefilled"] == kept["prefilled"]  # what is new since the common prefix, as ours

@@ -166,6 +166,11 @@ def test_lfm_chat_one_shot_and_interactive_commands(scripted):
     one = subprocess.run(cmd + ["-p", "hello there"], capture_output=True, text=True, timeout=60)
     assert one.returncode == 0 and "General Kenobi." in one.stdout
     assert "CPUExecutionProvider" in one.stderr and "tok/s" in one.stderr
+    assert "prepack cache off: weights repacked into memory" in one.stderr
+    mapped = subprocess.run(cmd + ["-p", "hello there", "--prepack-cache", "auto"], capture_output=True, text=True,
+                            timeout=60)
+    assert mapped.returncode == 0 and "General Kenobi." in mapped.stdout
+    assert "prepack cache written and mapped" in mapped.stderr
     chat = subprocess.run(cmd, input="/tools\nhello there\n/stats\n/reset\n/quit\n", capture_output=True,
                           text=True, timeout=60)
     assert chat.returncode == 0

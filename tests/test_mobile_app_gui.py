@@ -85,6 +85,7 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
     steps = [
         {"load": str(demo_int4)},
         {"bench": "quick"},
+        {"state": str(tmp_path / "after-bench.json")},
         {"shot": str(SHOTS / "benchmark.png")},
         {"download": server.url},  # installs into --downloads, then loads it
         {"shot": str(SHOTS / "model.png")},
@@ -107,7 +108,8 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
         result = subprocess.run([sys.executable, "-m", "lfm_edge.mobile_app.app", "--threads", "1",
                                  "--max-new-tokens", "1200", "--downloads",
                                  str(tmp_path / "downloads"), "--autopilot", str(tmp_path / "steps.json"),
-                                 "--conversation-file", str(tmp_path / "chat.safetensors")],
+                                 "--conversation-file", str(tmp_path / "chat.safetensors"),
+                                 "--prepack-cache", "auto"],  # the opt-in path, tested in the app
                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     finally:
         server.shutdown()
@@ -127,10 +129,25 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
     _, talk = state["chat"]["items"]
     assert talk["footer"].endswith("cancelled") and 5 <= talk["text"].count("la") < 1200
     assert state["chat"]["state"] == "idle"
-    # benchmark: a report on the demo bundle and its verdict line
+    # benchmark: a report on the demo bundle and its verdict line, measured on the chat's own session: the
+    # app opened the bundle once and never held two sessions of it
     bench = state["bench"]
     assert bench["report"]["bundle"] == str(demo_int4) and bench["report"]["decode_tps"] > 0
     assert bench["verdict"].endswith(("reaches 30 tok/s", "below the 30 tok/s target"))
+    after_bench = json.loads((tmp_path / "after-bench.json").read_text())
+    assert after_bench["sessions"] == {"opened": {str(demo_int4): 1}, "live": {str(demo_int4): 1}}
+    report = after_bench["bench"]["report"]
+    assert report["load_measured"] == "app" and report["load_s"] == after_bench["model"]["load_seconds"] > 0
+    assert report["anon_decoding_mb"] > 0 and report["file_decoding_mb"] > 0 and report["threads"] == 1
+    # the app maps its weights from a prepack cache (written by its first load of the bundle, here or in the
+    # logic tests that share the bundle), and says so
+    current = after_bench["model"]["current"]
+    assert "prepack cache" in current and "mapped" in current and "GB on disk" in current
+    assert (demo_int4 / "prepacked" / "cache.json").is_file()
+    # each bundle loaded once; a load drops the model before it, so only the last one is alive
+    downloaded = str(tmp_path / "downloads" / "bundle")
+    loaded = [str(demo_int4), downloaded, str(scripted), str(tmp_path / "talker")]
+    assert state["sessions"] == {"opened": dict.fromkeys(loaded, 1), "live": {str(tmp_path / "talker"): 1}}
     # model: the download was verified and installed where the app was told
     assert state["model"]["download_status"] == f"downloaded and verified: {tmp_path / 'downloads' / 'bundle'}"
     assert (tmp_path / "downloads" / "bundle" / "manifest.json").is_file()
@@ -145,6 +162,10 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
                            text=True, timeout=120)
     restored = json.loads((tmp_path / "restored.json").read_text())
     assert again.returncode == 0 and not restored.get("autopilot_errors"), again.stderr[-2000:]
+    # the chat screen was up while the model loaded in the background, saying so
+    at_start = restored["at_start"]
+    assert at_start["screen"] == "chat" and at_start["model"]["loading"] == str(tmp_path / "talker")
+    assert at_start["chat"]["status"].startswith("loading talker: ")
     user, talk_again = restored["chat"]["items"]
     assert user["text"] == "Talk until I stop you." and talk_again["text"] == talk["text"].strip()
 

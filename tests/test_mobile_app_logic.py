@@ -144,7 +144,13 @@ def test_chat_turn_streams_reasoning_runs_the_tool_and_answers(tmp_path):
     changes: list[int | None] = []
     chat.listeners.append(changes.append)
     assert chat.send(QUESTION) == "no model loaded: pick one on the Model screen"
-    chat.set_model(load_model(scripted_tool_bundle(tmp_path, chat), threads=1))
+    chat.loading = "loading scripted: preparing the weights (3 s)"  # the app sets it while its model loads
+    assert chat.send(QUESTION) == ("the model is still loading (loading scripted: preparing the weights (3 s)): "
+                                   "send again when it is ready") and chat.items == []
+    stages = []
+    chat.set_model(load_model(scripted_tool_bundle(tmp_path, chat), threads=1, progress=stages.append))
+    assert stages == ["preparing the weights", "reading the tokenizer"]
+    chat.loading = ""
     assert chat.send("   ") == "nothing to send"
 
     assert chat.send(QUESTION) is None
@@ -283,6 +289,46 @@ def test_quick_benchmark_on_the_demo_bundle_gives_a_verdict(demo_int4):
     assert "Roofline:" in report.roofline_text() and "of it." in report.roofline_text()
     labels = [label for label, _ in report.metric_rows()]
     assert labels[:4] == ["Decode", "Prefill (16 tokens)", "Time to first token", "Peak memory (process)"]
+    # resident memory split: the repacked int4 weights are anonymous, the mapped bundle file-backed
+    assert report.anon_after_load_mb > 0 and report.file_after_load_mb > 0 and report.load_measured == "benchmark"
+    assert 0 < report.anon_decoding_mb + report.file_decoding_mb <= report.peak_rss_mb + 1
+    assert {"After load: anon / file", "Decoding: anon / file", "Load"} <= set(labels)
+    assert 0 < report.weights_mb < 10 and "x weights)" in dict(report.metric_rows())["Memory while decoding"]
+
+
+def test_the_benchmark_measures_the_apps_session_and_opens_no_other(demo_int4):
+    """The app's Benchmark screen passes the session its chat holds: no second copy of the model, the load
+    reported is the app's own, and the progress bar has no load stages."""
+    from lfm_edge.runtime.session import live_sessions, sessions_opened
+
+    model = load_model(demo_int4, threads=1)
+    opened = sessions_opened()
+    preset = bench.PRESETS["quick"]
+    seen: list[tuple[int, int, str]] = []
+    report = bench.run_benchmark(demo_int4, preset, progress=lambda d, t, m: seen.append((d, t, m)),
+                                 session=model.session, app_load=(1.25, {"anonymous": 100.0, "file": 50.0}))
+    assert sessions_opened() == opened and live_sessions().get(str(demo_int4)) == 1
+    assert not any("load" in m for _, _, m in seen) and seen[-1][:2] == (bench.stage_count(preset, loads=False),) * 2
+    assert report.load_s == 1.25 and report.load_measured == "app" and report.threads == 1
+    assert (report.anon_after_load_mb, report.file_after_load_mb) == (100.0, 50.0)
+    assert report.decode_tps > 0 and report.anon_decoding_mb > 0 and report.file_decoding_mb > 0
+    assert "Load (the app's)" in dict(report.metric_rows())
+    # the chat goes on with the same model afterwards
+    assert model.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2).stats.generated_tokens >= 1
+
+
+def test_load_times_scale_the_next_loads_progress(tmp_path):
+    from lfm_edge.mobile_app.app.model import LoadTimes
+
+    times = LoadTimes(tmp_path / "data" / "load_times.json")
+    assert times.get(Path("/b")) is None
+    times.put(Path("/b"), 4.321)
+    assert LoadTimes(tmp_path / "data" / "load_times.json").get(Path("/b")) == 4.32
+    (tmp_path / "data" / "load_times.json").write_text("{damaged")
+    assert times.get(Path("/b")) is None
+    times.put(Path("/c"), 1.0)  # a damaged file is replaced, not fatal
+    assert times.get(Path("/c")) == 1.0
+    LoadTimes(None).put(Path("/b"), 1.0)  # no data folder: nothing kept, no error
 
 
 def test_roofline_without_the_onnx_package(demo_int4):
@@ -334,8 +380,8 @@ def test_benchmark_loads_through_the_backends_and_cancels_mid_decode(demo_int4, 
             cache = new_cache(*args, **kwargs)
             step = cache.step
 
-            def step_then_cancel(ids, *rest):
-                out = step(ids, *rest)
+            def step_then_cancel(ids, *rest, **kwargs):
+                out = step(ids, *rest, **kwargs)
                 if "decode" in messages[-1]:
                     cancel.set()
                 return out

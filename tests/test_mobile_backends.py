@@ -28,7 +28,7 @@ from lfm_edge.export.exporter import export
 from lfm_edge.mobile_app import backends
 from lfm_edge.mobile_app.backends import plan
 from lfm_edge.mobile_app.backends.java import JavaSession
-from lfm_edge.mobile_app.backends.objc import ELEMENT_FLOAT, ELEMENT_INT64, ObjcSession
+from lfm_edge.mobile_app.backends.objc import ELEMENT_FLOAT, ELEMENT_INT8, ELEMENT_INT64, ELEMENT_UINT8, ObjcSession
 from lfm_edge.runtime.generate import generate
 from lfm_edge.runtime.session import LfmSession
 
@@ -39,6 +39,8 @@ PROMPTS = [[1, 1055, 2041, 1279, 1067], [1, 2500, 300, 12, 77, 900, 5, 18]]
 def bundle(root: Path, kind: str) -> Path:
     if kind == "int4":  # GroupQueryAttention, shared KV buffer
         return export(demo_model_path(), root / "backend-int4", quant="int4").bundle
+    if kind.startswith("kv-"):  # the same with an int8 / int4 KV cache (int8/uint8 state tensors)
+        return export(demo_model_path(), root / f"backend-{kind}", quant="int4", kv_cache=kind[3:]).bundle
     return export(demo_model_path(), root / "backend-portable", ops="portable").bundle  # concatenating KV
 
 
@@ -169,12 +171,15 @@ class FakeOnnxTensor:
     def __init__(self, cast):
         self.cast = cast
 
-    def createTensor(self, env, buffer, shape):
-        # OnnxTensor.createTensor(env, FloatBuffer|LongBuffer, long[]): a direct buffer is used in place,
-        # from its position, and must hold exactly prod(shape) elements
+    def createTensor(self, env, buffer, shape, java_type=None):
+        # OnnxTensor.createTensor(env, FloatBuffer|LongBuffer, long[]), or (env, ByteBuffer, long[], OnnxJavaType):
+        # a direct buffer is used in place, from its position, and must hold exactly prod(shape) elements
         assert buffer.isDirect()
         kind = buffer.getClass().getName()
         dtype = np.float32 if "Float" in kind else np.int64 if "Long" in kind else None
+        if java_type is not None:
+            assert "Byte" in kind, kind
+            dtype = {"INT8": np.int8, "UINT8": np.uint8}[java_type]
         assert dtype is not None, kind
         assert buffer.remaining() == int(np.prod(shape)), (buffer.remaining(), shape)
         assert buffer.order().toString() == self.J.ByteOrder.nativeOrder().toString()
@@ -279,6 +284,7 @@ def java_stand_ins(pinned_api: bool = True) -> SimpleNamespace:
     tensor.J = FakeTensor.J = J
     J.OrtEnvironment = SimpleNamespace(getEnvironment=lambda: env)
     J.SessionOptions, J.OnnxTensor, J.HashMap, J.HashSet = Options, tensor, Map, Set
+    J.OnnxJavaType = SimpleNamespace(INT8="INT8", UINT8="UINT8")  # the enum's constants
     J.cast = lambda name, value: value  # stand-ins need no cast; real pyjnius objects do
     return J
 
@@ -405,7 +411,8 @@ class ORTValue:
         return cls()
 
     def initWithTensorData_elementType_shape_error_(self, data, kind, shape, error):
-        dtype = {ELEMENT_FLOAT: np.float32, ELEMENT_INT64: np.int64}[kind]
+        dtype = {ELEMENT_FLOAT: np.float32, ELEMENT_INT8: np.int8, ELEMENT_UINT8: np.uint8,
+                 ELEMENT_INT64: np.int64}[kind]
         raw = np.ctypeslib.as_array((ctypes.c_uint8 * max(data.length, 1)).from_address(data.address))[:data.length]
         self.array = raw.view(dtype).reshape([int(d) for d in shape])
         ORTValue.made += 1
@@ -471,6 +478,38 @@ def test_mock_objc_session_matches_lfm_session(demo):
     chunk = 512 if ref.share_buffer else 3
     assert generate(objc, PROMPTS[:1], 12, prefill_chunk=chunk) == reference(demo, PROMPTS[:1], chunk=chunk)
     assert generate(objc, PROMPTS, 10, prefill_chunk=chunk) == reference(demo, PROMPTS, 10, chunk=chunk)
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_mock_objc_runs_a_quantized_kv_cache(tmp_path_factory, kv):
+    folder = bundle(tmp_path_factory.getbasetemp(), f"kv-{kv}")
+    objc = ObjcSession(folder, threads=1, classes=objc_stand_ins())
+    assert objc.kv_dtype == (np.int8 if kv == "int8" else np.uint8)
+    assert objc.new_cache(1, 8).kv[min(objc.state.kv)][0][1].dtype == objc.kv_dtype
+    assert generate(objc, PROMPTS, 10) == reference(folder, PROMPTS, 10)
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_java_session_real_jvm_runs_a_quantized_kv_cache(tmp_path_factory, kv):
+    J = java_stand_ins()
+    folder = bundle(tmp_path_factory.getbasetemp(), f"kv-{kv}")
+    java = JavaSession(folder, threads=1, classes=J, pinned=True)
+    assert dims(java.state) == dims(LfmSession(folder, threads=1).state)  # int4: head_size / 2 bytes
+    assert generate(java, PROMPTS, 10) == reference(folder, PROMPTS, 10)
+
+
+def test_phone_backends_refuse_a_kv_cache_they_cannot_hold(tmp_path, demo):
+    import json
+
+    odd = tmp_path / "odd"
+    shutil.copytree(demo, odd)
+    manifest = json.loads((odd / "manifest.json").read_text())
+    manifest["kv_cache"] = {"dtype": "float8e4m3fn", "bits": 7}
+    (odd / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(plan.BundleError, match=r"manifest.json: kv_cache.bits is 7.*Objective-C backend supports"):
+        ObjcSession(odd, classes=objc_stand_ins(), verify="none")
+    with pytest.raises(plan.BundleError, match=r"manifest.json: kv_cache.bits is 7.*Java backend supports"):
+        JavaSession(odd, classes=SimpleNamespace(), verify="none")  # refused before any Java class is touched
 
 
 def test_mock_objc_refuses_a_graph_that_disagrees_with_genai_config(tmp_path, demo):

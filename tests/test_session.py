@@ -83,3 +83,19 @@ def _swap_manifest(bundle):
     build("moe_mixed", other / "ckpt", seed=7)
     export(other / "ckpt", other / "bundle")
     (bundle / "manifest.json").write_bytes((other / "bundle" / "manifest.json").read_bytes())
+
+
+def test_prefill_chunks_shrink_with_depth_and_tokens_do_not_change(bundle):
+    """Deep in a long context a chunk's [chunk x depth] mask tensors are bounded by prefill_budget; the
+    tokens are those of the default chunking."""
+    from lfm_edge.runtime.generate import Generation, _chunks
+
+    chunks = list(_chunks(0, 140_000, 512, [], 32, 256 << 20))
+    at = {s: e - s for s, e in chunks}
+    assert at[0] == 512 and at[16_384] == 256 and at[32_768] == 128 and at[131_072] == 32
+    assert all(32 * (e - s) * e <= (256 << 20) * 2 for s, e in chunks)  # within the budget (one halving)
+    session = LfmSession(bundle, threads=1)
+    prompt = list(range(3, 200)) * 2
+    default = list(Generation(session, [prompt], 6, eos_token_ids=[]))
+    tight = Generation(session, [prompt], 6, eos_token_ids=[], prefill_budget=32 * 64 * 200)
+    assert list(tight) == default

@@ -14,13 +14,22 @@ from kivy.uix.label import Label
 from kivy.uix.screenmanager import NoTransition, ScreenManager
 
 from .chat import IDLE, ChatController
-from .model import default_bundle
+from .model import LoadTimes, default_bundle
 from .screen_bench import BenchScreen
 from .screen_chat import ChatScreen
 from .screen_model import ModelScreen
 from .widgets import BACKGROUND, MUTED, TEXT, toggle
 
 TABS = (("chat", "Chat"), ("benchmark", "Benchmark"), ("model", "Model"))
+
+
+def sessions() -> dict:
+    """onnxruntime sessions this process opened and still holds, per bundle (empty on a phone backend)."""
+    try:
+        from lfm_edge.runtime.session import live_sessions, sessions_opened
+    except ImportError:
+        return {}
+    return {"opened": sessions_opened(), "live": live_sessions()}
 
 
 def post(fn) -> None:
@@ -33,8 +42,9 @@ class LfmApp(App):
 
     def __init__(self, bundle: Path | None = None, threads: int | None = None, downloads: Path | None = None,
                  autopilot: list[dict] | None = None, max_new_tokens: int = 512,
-                 conversation_file: Path | None = None, **kwargs: Any):
+                 conversation_file: Path | None = None, prepack_cache: str = "off", **kwargs: Any):
         super().__init__(**kwargs)
+        self.prepack_cache = prepack_cache  # runtime/prepack.py; see model.load_model for why it is off
         self.conversation_file = conversation_file  # default: conversation.safetensors in user_data_dir
         self.start_bundle, self.threads = bundle, threads
         self.downloads_dir = downloads
@@ -49,9 +59,13 @@ class LfmApp(App):
         self.conversation_file = self.conversation_file or Path(self.user_data_dir) / "conversation.safetensors"
         self.chat = ChatController(post, max_new_tokens=self.max_new_tokens)
         self.chat_screen = ChatScreen(self.chat, busy=lambda: self.busy("chat"))
-        self.bench_screen = BenchScreen(post, bundle=lambda: self.model_screen.loaded, busy=lambda: self.busy("bench"))
+        # the benchmark measures the model the chat holds: a second session of the same bundle would double
+        # the app's memory (10 GB for LFM2.5-8B-A1B)
+        self.bench_screen = BenchScreen(post, loaded=self._loaded_model, busy=lambda: self.busy("bench"))
         self.model_screen = ModelScreen(post, self._model_loaded, busy=lambda: self.busy("model"),
-                                        downloads=downloads, threads=self.threads)
+                                        downloads=downloads, threads=self.threads, on_unload=self._release_model,
+                                        load_times=LoadTimes(Path(self.user_data_dir) / "load_times.json"),
+                                        prepack_cache=self.prepack_cache)
         self.screens = ScreenManager(transition=NoTransition())
         for screen in (self.chat_screen, self.bench_screen, self.model_screen):
             self.screens.add_widget(screen)
@@ -79,6 +93,8 @@ class LfmApp(App):
         return root
 
     def on_start(self) -> None:
+        # the chat screen is up before the model is ready: it loads on a worker thread, with progress here
+        Clock.schedule_interval(lambda _dt: self._show_loading(), 0.25)
         if self.start_bundle is None:
             self.start_bundle = default_bundle(downloads=self.model_screen.downloads)
         if self.start_bundle is not None:
@@ -86,6 +102,7 @@ class LfmApp(App):
             self.model_screen.load()
         else:
             self.show("model")
+        self._show_loading()
         if self.autopilot_steps is not None:
             from .autopilot import Autopilot
 
@@ -107,6 +124,30 @@ class LfmApp(App):
         if asker != "model" and self.model_screen.loader.running:
             return "a model is loading"
         return None
+
+    def _show_loading(self) -> None:
+        progress = self.model_screen.load_progress()
+        self.chat.loading = progress[1] if progress else ""
+        self.chat_screen.show_loading(progress)
+        if progress:
+            self.model_label.text = progress[1].split(":")[0]
+
+    def _release_model(self) -> None:
+        """Drop the model before another loads (the Model screen only loads when the chat is idle): the chat
+        is saved first, so loading the same bundle again continues it."""
+        if self.model is None:
+            return
+        self.save_conversation()
+        self.chat.set_model(None)
+        self.model = None
+        self.model_label.text = "no model"
+
+    def _loaded_model(self) -> tuple[Path, Any, float, dict] | None:
+        """(folder, model, load seconds, resident memory right after the load) of the app's model, or None."""
+        if self.model is None or self.model_screen.loaded is None:
+            return None
+        return (self.model_screen.loaded, self.model, self.model_screen.load_seconds,
+                self.model_screen.memory_after_load)
 
     def _model_loaded(self, folder: Path, model) -> None:
         self.model = model
@@ -133,7 +174,7 @@ class LfmApp(App):
         return {"screen": self.screens.current, "model": self.model_screen.snapshot(),
                 "chat": {"state": self.chat.state, "status": self.chat_screen.status.text,
                          "items": [{"kind": type(i).__name__, **asdict(i)} for i in self.chat.items]},
-                "bench": self.bench_screen.snapshot()}
+                "bench": self.bench_screen.snapshot(), "sessions": sessions()}
 
     def on_stop(self) -> None:
         self.chat.cancel()

@@ -43,6 +43,7 @@ class Autopilot:
         self._step: dict | None = None
 
     def start(self) -> None:
+        self.at_start = self.app.snapshot()  # what shows before the start bundle is ready (the state file has it)
         self._wait(lambda: not self._app_busy(), self.timeout)  # the start bundle's load, if any
         Clock.schedule_interval(self._tick, 0.05)
 
@@ -166,4 +167,5 @@ class Autopilot:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**self.app.snapshot(), "autopilot_errors": self.errors}, indent=2, default=str))
+        path.write_text(json.dumps({**self.app.snapshot(), "at_start": getattr(self, "at_start", None),
+                                    "autopilot_errors": self.errors}, indent=2, default=str))

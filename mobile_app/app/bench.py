@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lfm_edge.device_bench import bench, roofline
 from lfm_edge.mobile_app import backends
@@ -53,6 +54,14 @@ class BenchReport:
     peak_rss_mb: float
     rss_decoding_mb: float  # resident memory right after decoding (0 from benches that do not record it)
     disturbed: bool  # no quiet run: another process competed for the CPU
+    # resident memory split (runtime/generate.py resident_mb): anonymous = the process's own copies (weights
+    # repacked at load among them), file = mapped bundle pages the kernel can drop and read again
+    anon_after_load_mb: float = 0.0
+    file_after_load_mb: float = 0.0
+    anon_decoding_mb: float = 0.0
+    file_decoding_mb: float = 0.0
+    load_measured: str = "benchmark"  # "benchmark": loaded by each run; "app": the app's own load, measured once
+    weights_mb: float = 0.0  # the bundle's weights (model.onnx*), for the memory ratios
     bandwidth_gbs: float = 0.0
     bytes_per_token: float = 0.0
     ceiling_tps: float = 0.0
@@ -72,14 +81,22 @@ class BenchReport:
     def verdict(self) -> str:
         return verdict(self.decode_tps)
 
+    def over_weights(self, mb: float) -> str:
+        return f" ({mb * (1 << 20) / (self.weights_mb * 1e6):.2f}x weights)" if self.weights_mb else ""
+
     def metric_rows(self) -> list[tuple[str, str]]:
+        split = [(label, f"{anon:.0f} / {file:.0f} MB") for label, anon, file in (
+            ("After load: anon / file", self.anon_after_load_mb, self.file_after_load_mb),
+            ("Decoding: anon / file", self.anon_decoding_mb, self.file_decoding_mb)) if anon or file]
         return [
             ("Decode", f"{self.decode_tps:.1f} tok/s"),
             (f"Prefill ({self.prefill_tokens} tokens)", f"{self.prefill_tps:.0f} tok/s"),
             ("Time to first token", f"{self.ttft_s * 1000:.0f} ms"),
             ("Peak memory (process)", f"{self.peak_rss_mb:.0f} MB"),
-            *([("Memory while decoding", f"{self.rss_decoding_mb:.0f} MB")] if self.rss_decoding_mb else []),
-            ("Load", f"{self.load_s:.2f} s"),
+            *([("Memory while decoding", f"{self.rss_decoding_mb:.0f} MB{self.over_weights(self.rss_decoding_mb)}")]
+              if self.rss_decoding_mb else []),
+            *split,
+            ("Load (the app's)" if self.load_measured == "app" else "Load", f"{self.load_s:.2f} s"),
             ("Threads", str(self.threads)),
         ]
 
@@ -100,20 +117,35 @@ def verdict(decode_tps: float, target: float = TARGET) -> str:
     return f"{decode_tps:.1f} tok/s: below the {target:.0f} tok/s target"
 
 
-def summarize(metrics: dict[str, bench.Metric], bundle: Path, preset: Preset) -> BenchReport:
-    """The report's measured part, from `device_bench.bench.run`'s metrics."""
+def summarize(metrics: dict[str, bench.Metric], bundle: Path, preset: Preset, threads: int | None = None,
+              app_load: tuple[float, dict] | None = None) -> BenchReport:
+    """The report's measured part, from `device_bench.bench.run`'s metrics. `app_load`: (seconds, resident
+    memory right after) of the app's own load, when the benchmark measured the app's session."""
     summary = {k: m.summary() for k, m in metrics.items() if m.samples}
     decode = [v for k, v in summary.items() if k.startswith("decode/")]
     prefill = {int(k.split("/")[1]): v for k, v in summary.items() if k.startswith("prefill/")}
     longest = max(prefill) if prefill else 0
+
+    def median(key: str) -> float:
+        return summary[key]["median"] if key in summary else 0.0
+
+    anon_after, file_after = median("anon_after_load"), median("file_after_load")
+    if app_load is not None and app_load[1]:  # right after the app's load beats "before the warm-up"
+        anon_after, file_after = app_load[1].get("anonymous", 0.0), app_load[1].get("file", 0.0)
+    try:
+        weights = sum(p.stat().st_size for p in Path(bundle).iterdir() if p.name.startswith("model.onnx"))
+    except OSError:
+        weights = 0
     return BenchReport(
-        bundle=str(bundle), preset=preset.name, threads=preset.threads,
+        bundle=str(bundle), preset=preset.name, threads=threads or preset.threads,
         prefill_tps=prefill[longest]["median"] if prefill else 0.0, prefill_tokens=longest,
         decode_tps=max(v["median"] for v in decode) if decode else 0.0,
-        ttft_s=summary["ttft"]["median"] if "ttft" in summary else 0.0,
-        load_s=summary["load"]["median"], peak_rss_mb=summary["peak_rss"]["median"],
-        rss_decoding_mb=summary["rss_decoding"]["median"] if "rss_decoding" in summary else 0.0,
-        disturbed=any(v["quiet_runs"] == 0 for v in decode))
+        ttft_s=median("ttft"), load_s=app_load[0] if app_load is not None else median("load"),
+        peak_rss_mb=median("peak_rss"), rss_decoding_mb=median("rss_decoding"),
+        disturbed=any(v["quiet_runs"] == 0 for v in decode),
+        anon_after_load_mb=anon_after, file_after_load_mb=file_after,
+        anon_decoding_mb=median("anon_decoding"), file_decoding_mb=median("file_decoding"),
+        load_measured="app" if app_load is not None else "benchmark", weights_mb=weights / 1e6)
 
 
 def add_roofline(report: BenchReport, bundle: Path, bandwidth_gbs: float) -> BenchReport:
@@ -131,19 +163,26 @@ def add_roofline(report: BenchReport, bundle: Path, bandwidth_gbs: float) -> Ben
     return report
 
 
-def stage_count(preset: Preset) -> int:
-    """How many progress messages `bench.run` sends, plus the bandwidth probe: the progress bar's length."""
-    per_run = 1 + len(preset.prompts) + len(preset.depths) * len(preset.decode)
+def stage_count(preset: Preset, loads: bool = True) -> int:
+    """How many progress messages `bench.run` sends, plus the bandwidth probe: the progress bar's length.
+    `loads`: whether each run loads the bundle (not when the app's session is measured)."""
+    per_run = int(loads) + len(preset.prompts) + len(preset.depths) * len(preset.decode)
     return 1 + (preset.runs + 1) * per_run
 
 
 def run_benchmark(bundle: Path, preset: Preset, progress: Callable[[int, int, str], None] = lambda *a: None,
-                  cancel: threading.Event | None = None) -> BenchReport:
+                  cancel: threading.Event | None = None, session: Any = None,
+                  app_load: tuple[float, dict] | None = None) -> BenchReport:
     """Blocking; call it from a worker thread. `progress(done, total, message)`; a set `cancel` stops the run
-    with `Cancelled` within one model step. The bundle is loaded through `backends.open_session`, so a phone
-    build without onnxruntime's Python binding runs it on its Java or Objective-C backend."""
+    with `Cancelled` within one model step.
+
+    `session`: the session the app already holds (its chat's), measured as it is: the app then holds one
+    copy of the model, and the thread count is that session's; `app_load` = (seconds, memory right after)
+    of the app's load stands in for the load the benchmark does not repeat. Without `session` each run loads
+    the bundle through `backends.open_session` (a phone build without onnxruntime's Python binding runs it on
+    its Java or Objective-C backend)."""
     bundle = Path(bundle)
-    total, done = stage_count(preset), 0
+    total, done = stage_count(preset, loads=session is None), 0
 
     def step(message: str) -> None:
         nonlocal done
@@ -154,8 +193,10 @@ def run_benchmark(bundle: Path, preset: Preset, progress: Callable[[int, int, st
         raise Cancelled("benchmark cancelled")
     step("measuring read bandwidth")
     bandwidth = roofline.read_bandwidth(gib=preset.bandwidth_gib)
-    metrics = bench.run(bundle, preset.threads, list(preset.prompts), list(preset.depths), list(preset.decode),
-                        preset.runs, progress=step, open_session=backends.open_session,
-                        cancel=cancel)
+    threads = (getattr(session, "threads", 0) or None) if session is not None else None
+    metrics = bench.run(bundle, threads or preset.threads, list(preset.prompts), list(preset.depths),
+                        list(preset.decode), preset.runs, progress=step, open_session=backends.open_session,
+                        cancel=cancel, session=session)
     progress(total, total, "done")
-    return add_roofline(summarize(metrics, bundle, preset), bundle, bandwidth)
+    return add_roofline(summarize(metrics, bundle, preset, threads, app_load if session is not None else None),
+                        bundle, bandwidth)

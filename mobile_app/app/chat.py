@@ -78,6 +78,7 @@ class ChatController:
         self.system = system
         self.reasoning_budget: int | None = None  # one of THINKING
         self.model: LfmModel | None = None
+        self.loading = ""  # what the app says while a model loads in the background ("" when none does)
         self.conversation: Conversation | None = None  # the messages and the state that matches them
         self.items: list[Item] = []
         self.state = IDLE
@@ -145,6 +146,8 @@ class ChatController:
         if not text:
             return "nothing to send"
         if self.model is None:
+            if self.loading:  # the app opened before its model was ready: the text stays in the input
+                return f"the model is still loading ({self.loading}): send again when it is ready"
             return "no model loaded: pick one on the Model screen"
         if self.state != IDLE:
             return "the model is still answering"

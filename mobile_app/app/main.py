@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the app's data folder)")
     parser.add_argument("--size", default="480x900", help="window size on a desktop, WIDTHxHEIGHT")
     parser.add_argument("--autopilot", type=Path, default=None, help="JSON list of steps to run (see autopilot.py)")
+    parser.add_argument("--prepack-cache", choices=["off", "use", "auto"], default="off",
+                        help="map the weights from a prepack cache next to the bundle (runtime/prepack.py): "
+                        "mostly reclaimable memory, at 2.1x the disk and slower decode as measured so far")
     parser.add_argument("--conversation-file", type=Path, default=None, help="where the chat is saved when the app "
                         "is paused or closed, and restored from at start (default: the app's data folder)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from .app import LfmApp
 
     app = LfmApp(bundle=Path(args.bundle) if args.bundle else None, threads=args.threads, downloads=args.downloads,
-                 autopilot=steps, max_new_tokens=args.max_new_tokens, conversation_file=args.conversation_file)
+                 autopilot=steps, max_new_tokens=args.max_new_tokens, conversation_file=args.conversation_file,
+                 prepack_cache=args.prepack_cache)
     app.run()
     return app.exit_code
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +42,51 @@ def check_folder(folder: str | Path) -> str | None:
     return None
 
 
-def load_model(folder: str | Path, threads: int | None = None) -> LfmModel:
+def load_model(folder: str | Path, threads: int | None = None,
+               progress: Callable[[str], None] = lambda stage: None, prepack_cache: str = "off") -> LfmModel:
     """Blocking (seconds for a large bundle): call it from a worker thread. The session comes from
-    `backends.open_session`, so a phone build without onnxruntime's Python binding plugs in its own."""
+    `backends.open_session`, so a phone build without onnxruntime's Python binding plugs in its own.
+    `progress(stage)` names each stage as it starts (onnxruntime gives no progress inside a session's
+    creation, which is most of the time)."""
     folder = Path(folder).expanduser()
-    return LfmModel(folder, session=open_session(folder, threads))
+    progress("preparing the weights")
+    # prepack_cache "auto" maps the weights from a cache next to the bundle (runtime/prepack.py): the app's
+    # memory is then mostly file pages the system can reclaim, but the cache costs 2.1x the bundle on disk,
+    # its first load a minute on the 8B, and decode ran at 0.85x (device_bench/RESULTS.md): off unless memory
+    # is the limit
+    session = open_session(folder, threads, prepack_cache=prepack_cache)
+    progress("reading the tokenizer")
+    return LfmModel(folder, session=session)
+
+
+class LoadTimes:
+    """How long each bundle took to load last time on this device (a JSON file in the app's data folder),
+    so the next load's progress bar has an honest scale. A damaged or unwritable file is ignored."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def _read(self) -> dict[str, float]:
+        try:
+            data = json.loads(self.path.read_text()) if self.path else {}
+        except (OSError, ValueError):
+            return {}
+        return {k: float(v) for k, v in data.items() if isinstance(v, int | float)} if isinstance(data, dict) else {}
+
+    def get(self, folder: Path) -> float | None:
+        return self._read().get(str(folder))
+
+    def put(self, folder: Path, seconds: float) -> None:
+        if self.path is None:
+            return
+        data = self._read() | {str(folder): round(seconds, 2)}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(self.path)
+        except OSError:
+            pass
 
 
 @dataclass

@@ -18,10 +18,11 @@ from .widgets import ERROR, GOOD, MUTED, TEXT, WARN, Panel, Text, button, headin
 
 
 class BenchScreen(Screen):
-    def __init__(self, post: Post, bundle, busy, **kwargs):
-        """`bundle()`: the folder to measure (the loaded model's); `busy()`: why not now, or None."""
+    def __init__(self, post: Post, loaded, busy, **kwargs):
+        """`loaded()`: (folder, model, load seconds, memory after load) of the app's model, which is what is
+        measured (never a second copy), or None; `busy()`: why not now, or None."""
         super().__init__(name="benchmark", **kwargs)
-        self.post, self.bundle, self.busy = post, bundle, busy
+        self.post, self.loaded, self.busy = post, loaded, busy
         self.job = Job(post, "benchmark")
         self.report: bench.BenchReport | None = None
         self.preset = "quick"
@@ -49,25 +50,27 @@ class BenchScreen(Screen):
     def pick(self, name: str) -> None:
         self.preset = name
         if not self.job.running:
-            self.status.text = f"{name.title()}: {self._describe(bench.PRESETS[name])} on the loaded bundle."
+            self.status.text = f"{name.title()}: {self._describe(bench.PRESETS[name])}."
 
     @staticmethod
     def _describe(p: bench.Preset) -> str:
         return (f"decode {max(p.decode)} tokens, prefill {max(p.prompts)}, {p.runs} run{'s' if p.runs > 1 else ''}"
-                f" after a warm-up, {p.threads} threads")
+                " after a warm-up, with the chat's model and threads")
 
     def start(self) -> None:
         reason = self.busy()
-        folder = self.bundle()
-        if reason or folder is None:
+        loaded = self.loaded()
+        if reason or loaded is None:
             self.status.text = reason or "no model loaded: pick one on the Model screen"
             return
+        folder, model, load_seconds, memory = loaded
         preset = bench.PRESETS[self.preset]
 
         def progress(done: int, total: int, message: str) -> None:  # on the worker thread
             self.post(lambda: self._progress(done, total, message))
 
-        self.job.start(lambda cancel: bench.run_benchmark(folder, preset, progress, cancel), self._done, self._failed)
+        self.job.start(lambda cancel: bench.run_benchmark(folder, preset, progress, cancel, session=model.session,
+                                                          app_load=(load_seconds, memory)), self._done, self._failed)
         self.run_button.disabled, self.cancel_button.disabled = True, False
         self.status.text = f"running the {preset.name} workload on {folder.name}..."
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from kivy.clock import Clock
 from kivy.metrics import dp, sp
 from kivy.uix.boxlayout import BoxLayout
+from kivy.uix.progressbar import ProgressBar
 from kivy.uix.screenmanager import Screen
 from kivy.uix.scrollview import ScrollView
 from kivy.uix.textinput import TextInput
@@ -82,6 +83,9 @@ class ChatScreen(Screen):
         self.scroll.add_widget(self.list)
         self.hint = Text(text="Ask something. Demo tools: calculator, current_time, battery.", color=MUTED)
         self.status = Text(color=MUTED, font_size=sp(13))
+        # shown only while a model loads in the background (height 0 otherwise)
+        self.load_bar = ProgressBar(max=1, value=0, size_hint_y=None, height=0, opacity=0)
+        self._was_loading = False
         self.input = TextInput(multiline=False, hint_text="Message", font_size=sp(16), size_hint_y=None,
                                height=dp(44), background_color=SURFACE, foreground_color=TEXT,
                                cursor_color=ACCENT, hint_text_color=MUTED, padding=(dp(10), dp(11)))
@@ -91,12 +95,28 @@ class ChatScreen(Screen):
         self.new_button = button("New", self.new_chat, color=SURFACE, width=dp(60))
         self.think_button = button(thinking_label(chat.reasoning_budget), self.cycle_thinking, color=SURFACE,
                                    width=dp(110))
+        layout.add_widget(self.load_bar)
         layout.add_widget(self.scroll)
         layout.add_widget(row(self.status, self.think_button, height=dp(36)))
         layout.add_widget(row(self.input, self.send_button, self.cancel_button, self.new_button))
         self.add_widget(layout)
         chat.listeners.append(self.on_change)
         self.on_change(None)
+
+    def show_loading(self, progress: tuple[float, str] | None) -> None:
+        """The app's model load: `(fraction, text)` while it runs, None once it is over."""
+        if progress is None:
+            if self._was_loading:
+                self._was_loading = False
+                self.load_bar.height, self.load_bar.opacity = 0, 0
+                if self.status.text.startswith(("loading ", "the model is still loading")):
+                    self.status.text = ""
+            return
+        self._was_loading = True
+        self.load_bar.height, self.load_bar.opacity = dp(6), 1
+        self.load_bar.value = progress[0]
+        if not self.status.text.startswith("the model is still loading"):
+            self.status.text = progress[1]
 
     def send(self) -> None:
         reason = self.busy() or self.chat.send(self.input.text)

@@ -12,9 +12,11 @@ from kivy.uix.progressbar import ProgressBar
 from kivy.uix.screenmanager import Screen
 from kivy.uix.textinput import TextInput
 
+from lfm_edge.runtime.generate import resident_mb
+
 from . import download
 from .jobs import Job, Post
-from .model import bundle_info, check_folder, load_model
+from .model import LoadTimes, bundle_info, check_folder, load_model
 from .widgets import ACCENT, ERROR, GOOD, MUTED, SURFACE, TEXT, WARN, Panel, Text, button, heading, row
 
 
@@ -25,13 +27,21 @@ def field(hint: str, text: str = "") -> TextInput:
 
 
 class ModelScreen(Screen):
-    def __init__(self, post: Post, on_loaded, busy, downloads: Path, threads: int | None, **kwargs):
-        """`on_loaded(folder, model)` hands a loaded model to the app; `busy()`: why not now, or None."""
+    def __init__(self, post: Post, on_loaded, busy, downloads: Path, threads: int | None,
+                 on_unload=lambda: None, load_times: LoadTimes | None = None, prepack_cache: str = "off", **kwargs):
+        """`on_loaded(folder, model)` hands a loaded model to the app; `on_unload()` makes the app drop the
+        model it holds before another loads (two would be in memory at once); `busy()`: why not now, or None."""
         super().__init__(name="model", **kwargs)
-        self.post, self.on_loaded, self.busy = post, on_loaded, busy
-        self.downloads, self.threads = downloads, threads
+        self.post, self.on_loaded, self.on_unload, self.busy = post, on_loaded, on_unload, busy
+        self.downloads, self.threads, self.prepack_cache = downloads, threads, prepack_cache
+        self.load_times = load_times or LoadTimes(None)
         self.loader, self.fetcher = Job(post, "load-model"), Job(post, "download")
         self.loaded: Path | None = None
+        # the load in progress (what the chat screen shows) and the last one's cost (what the benchmark shows)
+        self.loading: Path | None = None
+        self.stage, self.started, self.expected = "", 0.0, None
+        self.load_seconds = 0.0
+        self.memory_after_load: dict[str, float] = {}
         outer = BoxLayout(orientation="vertical", padding=dp(10), spacing=dp(8))
 
         local = Panel()
@@ -87,24 +97,55 @@ class ModelScreen(Screen):
         if problem:
             self._status(problem, WARN)
             return
-        if self.loader.start(lambda cancel: load_model(folder, self.threads), lambda m: self._loaded(folder, m),
-                             self._load_failed):
+        self.on_unload()  # the old model's memory goes before the new one's arrives
+        self.loaded = None
+
+        def work(cancel):
+            started = time.perf_counter()
+            model = load_model(folder, self.threads, progress=lambda stage: self.post(lambda: self._stage(stage)),
+                               prepack_cache=self.prepack_cache)
+            return model, time.perf_counter() - started, resident_mb()
+
+        if self.loader.start(work, lambda result: self._loaded(folder, *result), self._load_failed):
             self.load_button.disabled = True
+            self.loading, self.stage, self.started = folder, "starting", time.monotonic()
+            self.expected = self.load_times.get(folder)
             self._status(f"loading {folder.name}...", MUTED)
 
-    def _loaded(self, folder: Path, model) -> None:
+    def _stage(self, stage: str) -> None:
+        self.stage = stage
+
+    def load_progress(self) -> tuple[float, str] | None:
+        """(fraction, text) of the load in progress, or None: the fraction is the time so far against this
+        bundle's last load here (capped below 1), or unknown (0) the first time."""
+        if self.loading is None:
+            return None
+        elapsed = time.monotonic() - self.started
+        fraction = min(elapsed / self.expected, 0.95) if self.expected else 0.0
+        scale = f" of about {self.expected:.0f} s" if self.expected else ""
+        return fraction, f"loading {self.loading.name}: {self.stage} ({elapsed:.0f} s{scale})"
+
+    def _loaded(self, folder: Path, model, seconds: float, memory: dict[str, float]) -> None:
         self.load_button.disabled = False
-        self.loaded = folder
+        self.loaded, self.loading = folder, None
+        self.load_seconds, self.memory_after_load = seconds, memory
+        if getattr(getattr(model.session, "prepack", None), "state", "") != "written":  # a one-off: not the scale
+            self.load_times.put(folder, seconds)
         self.chooser.path = str(folder.parent)  # browsing starts next to the bundle in use
         info = bundle_info(folder)
         provider = model.session.provider_choice.providers[0] if hasattr(model.session, "provider_choice") else ""
-        self.current.text = f"{folder}\n{info.summary()}" + (f", {provider}" if provider else "")
+        cache = getattr(model.session, "prepack", None)  # where the weights live: mapped file or repacked copy
+        cache_text = f"\n{cache.message()}" + (f", {cache.disk_bytes / 1e9:.2f} GB on disk" if cache.mapped else "") \
+            if cache is not None else ""
+        self.current.text = f"{folder}\n{info.summary()}" + (f", {provider}" if provider else "") + cache_text
         self.current.color = TEXT
-        self._status(f"loaded {folder.name}", GOOD)
+        self._status(f"loaded {folder.name} in {seconds:.1f} s", GOOD)
         self.on_loaded(folder, model)
 
     def _load_failed(self, error: Exception) -> None:
         self.load_button.disabled = False
+        self.loading = None
+        self.current.text, self.current.color = "No model loaded.", MUTED
         self._status(f"cannot load: {error}", WARN)
 
     def _status(self, text: str, color) -> None:
@@ -150,4 +191,6 @@ class ModelScreen(Screen):
     def snapshot(self) -> dict:
         return {"loaded": str(self.loaded) if self.loaded else None, "current": self.current.text,
                 "load_status": self.load_status.text, "download_status": self.download_status.text,
-                "busy": self.loader.running or self.fetcher.running}
+                "busy": self.loader.running or self.fetcher.running,
+                "loading": str(self.loading) if self.loading else None, "load_seconds": self.load_seconds,
+                "memory_after_load": self.memory_after_load}

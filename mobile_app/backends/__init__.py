@@ -50,9 +50,11 @@ def choose(backend: str = "auto") -> str:
     return backend
 
 
-def open_session(bundle: str | Path, threads: int | None = None, backend: str = "auto") -> Any:
+def open_session(bundle: str | Path, threads: int | None = None, backend: str = "auto",
+                 prepack_cache: str = "off") -> Any:
     """Load `bundle` through `backend` ("auto": python if onnxruntime imports, else java if jnius does
-    (Android), else objc if pyobjus does (iOS))."""
+    (Android), else objc if pyobjus does (iOS)). `prepack_cache` (runtime/prepack.py) applies to the python
+    backend; the Java and Objective-C backends do not write or map one yet."""
     backend = choose(backend)
     if backend == "java":
         from .java import JavaSession
@@ -64,7 +66,7 @@ def open_session(bundle: str | Path, threads: int | None = None, backend: str = 
         return ObjcSession(bundle, threads=threads)
     from lfm_edge.runtime.session import LfmSession
 
-    return LfmSession(bundle, threads=threads)
+    return LfmSession(bundle, threads=threads, prepack_cache=prepack_cache)
 
 
 def release_thread() -> None:

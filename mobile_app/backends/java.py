@@ -48,7 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from .plan import BundleError, StateSpec, check_step, read_bundle, state_spec, step_names
+from lfm_edge.runtime.growth import capacity_for, check_rows, check_truncate, grown_mask, padded
+
+from .plan import BundleError, StateSpec, check_step, kv_cache_type, read_bundle, state_spec, step_names
 
 LITTLE = sys.byteorder == "little"
 
@@ -61,6 +63,7 @@ def java_classes() -> SimpleNamespace:
         OrtEnvironment=autoclass("ai.onnxruntime.OrtEnvironment"),
         SessionOptions=autoclass("ai.onnxruntime.OrtSession$SessionOptions"),
         OnnxTensor=autoclass("ai.onnxruntime.OnnxTensor"),
+        OnnxJavaType=autoclass("ai.onnxruntime.OnnxJavaType"),
         ByteBuffer=autoclass("java.nio.ByteBuffer"),
         ByteOrder=autoclass("java.nio.ByteOrder"),
         HashMap=autoclass("java.util.HashMap"),
@@ -75,6 +78,7 @@ class JavaSession:
     def __init__(self, bundle: str | Path, threads: int | None = None, classes: Any = None,
                  pinned: bool | None = None, verify: str = "size"):
         cfg = read_bundle(bundle, verify)
+        self.kv_dtype, _ = kv_cache_type(cfg, "Java")  # the graph's KV dims already count packed bytes
         self.folder, self.manifest = cfg.folder, cfg.manifest
         self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
         self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
@@ -101,7 +105,6 @@ class JavaSession:
         if not self.vocab_size:
             raise BundleError(f"{cfg.model_file}: vocabulary size unknown (symbolic logits, no vocab_size)")
         self.pinned = _has_pinned_run(self.session) if pinned is None else pinned
-        self.attention_heads = int(cfg.decoder.get("num_attention_heads", 0)) if self.state.kv else 0
 
     @property
     def provider(self) -> str:
@@ -154,6 +157,12 @@ class _Direct:
         b.limit(count * 4)
         return b.asFloatBuffer()  # a direct FloatBuffer over [0, count) in native order
 
+    def raw(self, count: int) -> Any:
+        b = self.bytes
+        b.clear()
+        b.limit(count)
+        return b  # the direct ByteBuffer over [0, count), for int8/uint8 tensors
+
     def longs(self, count: int) -> Any:
         b = self.bytes
         b.clear()
@@ -185,27 +194,32 @@ class JavaCache:
         capacity = max_length if model.share_buffer else 0
         for i, _, _, _, _ in names.kv:
             heads, dim = state.kv[i]
-            self.kv[i] = [self._tensor((batch, heads, capacity, dim)) for _ in range(2)]
-        self.conv_dtype = dict.fromkeys(self.conv, np.float32)  # this backend's state is float32 throughout
-        self.kv_dtype = dict.fromkeys(self.kv, np.float32)
+            self.kv[i] = [self._tensor((batch, heads, capacity, dim), dtype=model.kv_dtype) for _ in range(2)]
+        self.conv_dtype = dict.fromkeys(self.conv, np.float32)
+        self.kv_dtype = dict.fromkeys(self.kv, model.kv_dtype)  # float32, or int8/uint8 (manifest kv_cache)
         self._finalizer = weakref.finalize(self, _close_all, self._res)
 
-    def _tensor(self, shape: tuple[int, ...], data: np.ndarray | None = None) -> Any:
-        """A float tensor over its own direct buffer: zero-filled (allocateDirect zero-fills), or `data`."""
-        count = int(np.prod(shape))
-        buf = _Direct(self.J, count * 4)
+    def _tensor(self, shape: tuple[int, ...], data: np.ndarray | None = None, dtype: type = np.float32) -> Any:
+        """A tensor over its own direct buffer: zero-filled (allocateDirect zero-fills), or `data`. float32, or
+        int8/uint8 (an int8/int4 KV cache) through createTensor(env, ByteBuffer, long[], OnnxJavaType)."""
+        count, dtype = int(np.prod(shape)), np.dtype(dtype)
+        buf = _Direct(self.J, count * dtype.itemsize)
         if data is not None and count:
-            buf.write(np.ascontiguousarray(data, dtype=np.float32).tobytes())
-        t = self.J.OnnxTensor.createTensor(self.env, buf.floats(count), list(shape))
+            buf.write(np.ascontiguousarray(data, dtype=dtype).tobytes())
+        if dtype == np.float32:
+            t = self.J.OnnxTensor.createTensor(self.env, buf.floats(count), list(shape))
+        else:
+            kind = self.J.OnnxJavaType.INT8 if dtype == np.int8 else self.J.OnnxJavaType.UINT8
+            t = self.J.OnnxTensor.createTensor(self.env, buf.raw(count), list(shape), kind)
         self._res.tensors.append(t)  # the OnnxTensor keeps a Java reference to its buffer
         self._res.direct[id(t)] = (buf, tuple(shape))
         return t
 
-    def _read(self, tensor: Any, shape: tuple[int, ...]) -> np.ndarray:
-        """A copy of a float tensor's data: from its direct buffer, or a Result output's getByteBuffer()."""
-        n = int(np.prod(shape)) * 4
+    def _read(self, tensor: Any, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+        """A copy of a tensor's data: from its direct buffer, or a Result output's getByteBuffer()."""
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if not n:
-            return np.zeros(shape, np.float32)
+            return np.zeros(shape, dtype)
         own = self._res.direct.get(id(tensor))
         src = own[0].bytes.duplicate() if own else tensor.getByteBuffer()
         src.position(0)
@@ -214,7 +228,7 @@ class JavaCache:
         heap.put(src)
         data = heap.array()
         raw = data.tostring() if hasattr(data, "tostring") else bytes(data)
-        return np.frombuffer(raw[:n], dtype=np.float32).reshape(shape).copy()
+        return np.frombuffer(raw[:n], dtype=dtype).reshape(shape).copy()
 
     def _replace(self, old: Any) -> None:
         """Close a tensor of the cache's own that the state no longer uses (a Result's own close with it)."""
@@ -229,7 +243,7 @@ class JavaCache:
 
     def _set_kv(self, i: int, arrays: list[np.ndarray]) -> None:
         old = self.kv[i]
-        self.kv[i] = [self._tensor(a.shape, a) for a in arrays]
+        self.kv[i] = [self._tensor(a.shape, a, self.kv_dtype[i]) for a in arrays]
         for t in old:
             self._replace(t)
 
@@ -239,29 +253,25 @@ class JavaCache:
 
     def truncate(self, length: int) -> None:
         """KV rolls back by length (a concatenating graph's rows are copied once); conv: set_conv_state."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"truncate({length}): the cache holds {self.length} tokens")
+        check_truncate(length, self.length)
         if not self.model.share_buffer and length < self.length:
             for i in self.kv:
                 shape = self._kv_shape(i)
-                self._set_kv(i, [self._read(t, shape)[:, :, :length] for t in self.kv[i]])
+                self._set_kv(i, [self._read(t, shape, self.kv_dtype[i])[:, :, :length] for t in self.kv[i]])
         self.mask[:, length:] = 0
         self.length = length
 
     def reserve(self, rows: int) -> None:
-        if rows <= self.max_length:
+        new = capacity_for(rows, self.max_length, self.model.context_length)
+        if new == self.max_length:
             return
-        if rows > self.model.context_length:
-            raise ValueError(f"{rows} tokens exceed the model's context length {self.model.context_length}")
-        new = min(self.model.context_length, 1 << (rows - 1).bit_length())
-        kept = {i: [self._read(t, self._kv_shape(i))[:, :, :self.length] for t in pair] for i, pair in self.kv.items()}
-        mask = np.zeros((self.batch, new), dtype=np.int64)
-        mask[:, :self.length] = self.mask[:, :self.length]
-        self.mask, self.max_length = mask, new
+        kept = {i: [self._read(t, self._kv_shape(i), self.kv_dtype[i])[:, :, :self.length] for t in pair]
+                for i, pair in self.kv.items()}
+        self.mask, self.max_length = grown_mask(self.mask, self.length, new), new
         self._ids, self._mask = _Direct(self.J, self.batch * new * 8), _Direct(self.J, self.batch * new * 8)
         if self.model.share_buffer:
             for i, arrays in kept.items():
-                self._set_kv(i, [_pad(a, new) for a in arrays])
+                self._set_kv(i, [padded(a, new) for a in arrays])
 
     def conv_state(self) -> dict[int, np.ndarray]:
         return {i: self._read(pair[0], (self.batch, *self.model.state.conv[i])) for i, pair in self.conv.items()}
@@ -275,22 +285,21 @@ class JavaCache:
                 pair[0] = self._tensor(state[i].shape, state[i])
 
     def kv_rows(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        return {i: tuple(self._read(t, self._kv_shape(i))[:, :, :self.length] for t in pair)
+        return {i: tuple(self._read(t, self._kv_shape(i), self.kv_dtype[i])[:, :, :self.length] for t in pair)
                 for i, pair in self.kv.items()}
 
     def set_kv_rows(self, rows: dict[int, tuple[np.ndarray, np.ndarray]], length: int) -> None:
         self.length = 0
         self.reserve(length)
         for i in self.kv:
-            arrays = [np.asarray(a, np.float32) for a in rows[i]]
-            if any(a.shape[2] != length for a in arrays):
-                raise ValueError(f"KV rows of layer {i}: expected {length} rows")
-            self._set_kv(i, [_pad(a, self.max_length) if self.model.share_buffer else a for a in arrays])
+            arrays = [np.asarray(a, self.kv_dtype[i]) for a in rows[i]]
+            check_rows(i, arrays, length)
+            self._set_kv(i, [padded(a, self.max_length) if self.model.share_buffer else a for a in arrays])
         self.mask[:] = 0
         self.mask[:, :length] = 1
         self.length = length
 
-    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None, last: int | None = 1) -> np.ndarray:
         """Run input_ids [B, S] (mask [B, S] marks padding); returns the logits of the last position,
         [B, 1, V] (the generation loop reads logits[:, -1]; the other rows never leave the Java side)."""
         b, s = input_ids.shape
@@ -395,13 +404,6 @@ class JavaCache:
 
     def close(self) -> None:
         self._finalizer()
-
-
-def _pad(rows: np.ndarray, capacity: int) -> np.ndarray:
-    """[B, H, n, D] rows in a [B, H, capacity, D] buffer."""
-    full = np.zeros((*rows.shape[:2], capacity, rows.shape[3]), np.float32)
-    full[:, :, :rows.shape[2]] = rows
-    return full
 
 
 def _close_all(res: SimpleNamespace) -> None:

@@ -30,10 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from .plan import BundleError, StateSpec, check_step, read_bundle, state_from_config, step_names
+from lfm_edge.runtime.growth import capacity_for, check_rows, check_truncate, grown_mask, padded
+
+from .plan import BundleError, StateSpec, check_step, kv_cache_type, read_bundle, state_from_config, step_names
 
 # ort_enums.h: ORTTensorElementDataType {Undefined, Float, Int8, UInt8, Int32, UInt32, Int64, ...}
-ELEMENT_FLOAT, ELEMENT_INT64 = 1, 6
+ELEMENT_FLOAT, ELEMENT_INT8, ELEMENT_UINT8, ELEMENT_INT64 = 1, 2, 3, 6
+ELEMENT_TYPES = {np.dtype(np.float32): ELEMENT_FLOAT, np.dtype(np.int8): ELEMENT_INT8,
+                 np.dtype(np.uint8): ELEMENT_UINT8, np.dtype(np.int64): ELEMENT_INT64}
 LOGGING_WARNING = 2  # ORTLoggingLevel {Verbose, Info, Warning, Error, Fatal}
 
 
@@ -60,6 +64,7 @@ class ObjcSession:
 
     def __init__(self, bundle: str | Path, threads: int | None = None, classes: Any = None, verify: str = "size"):
         cfg = read_bundle(bundle, verify)
+        self.kv_dtype, kv_pack = kv_cache_type(cfg, "Objective-C")
         self.folder, self.manifest = cfg.folder, cfg.manifest
         self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
         self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
@@ -72,7 +77,7 @@ class ObjcSession:
             self.env, str(cfg.model_file), options, None)
         if self.session is None:
             raise BundleError(f"{cfg.model_file}: onnxruntime (Objective-C) could not load it")
-        self.state: StateSpec = state_from_config(cfg.decoder)
+        self.state: StateSpec = state_from_config(cfg.decoder, kv_pack)
         self.names = step_names(self.state, cfg.decoder)
         inputs = set(_names(self.session.inputNamesWithError_(None)))
         outputs = set(_names(self.session.outputNamesWithError_(None)))
@@ -85,7 +90,6 @@ class ObjcSession:
         if not cfg.vocab_size:
             raise BundleError(f"{cfg.folder / 'genai_config.json'}: model.vocab_size is needed by this backend")
         self.vocab_size = cfg.vocab_size
-        self.attention_heads = int(cfg.decoder.get("num_attention_heads", 0)) if self.state.kv else 0
 
     @property
     def provider(self) -> str:
@@ -107,10 +111,10 @@ class ObjcCache:
         self.conv = {i: [self._value(np.zeros((batch, *state.conv[i]), np.float32)) for _ in range(2)]
                      for i, _, _ in names.conv}
         capacity = max_length if model.share_buffer else 0
-        self.kv = {i: [self._value(np.zeros((batch, state.kv[i][0], capacity, state.kv[i][1]), np.float32))
+        self.kv = {i: [self._value(np.zeros((batch, state.kv[i][0], capacity, state.kv[i][1]), model.kv_dtype))
                        for _ in range(2)] for i, _, _, _, _ in names.kv}
-        self.conv_dtype = dict.fromkeys(self.conv, np.float32)  # this backend's state is float32 throughout
-        self.kv_dtype = dict.fromkeys(self.kv, np.float32)
+        self.conv_dtype = dict.fromkeys(self.conv, np.float32)
+        self.kv_dtype = dict.fromkeys(self.kv, model.kv_dtype)  # float32, or int8/uint8 (manifest kv_cache)
 
     # conversation state (runtime/README.md): the arrays under the ORTValues are read and replaced directly
 
@@ -119,25 +123,20 @@ class ObjcCache:
         return self.max_length
 
     def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"truncate({length}): the cache holds {self.length} tokens")
+        check_truncate(length, self.length)
         if not self.model.share_buffer:
             self.kv = {i: [self._value(a[:, :, :length].copy()) for _, a in pair] for i, pair in self.kv.items()}
         self.mask[:, length:] = 0
         self.length = length
 
     def reserve(self, rows: int) -> None:
-        if rows <= self.max_length:
+        new = capacity_for(rows, self.max_length, self.model.context_length)
+        if new == self.max_length:
             return
-        if rows > self.model.context_length:
-            raise ValueError(f"{rows} tokens exceed the model's context length {self.model.context_length}")
-        new = min(self.model.context_length, 1 << (rows - 1).bit_length())
-        mask = np.zeros((self.batch, new), dtype=np.int64)
-        mask[:, :self.length] = self.mask[:, :self.length]
-        self.mask, self.max_length = mask, new
+        self.mask, self.max_length = grown_mask(self.mask, self.length, new), new
         self._ids = np.zeros(self.batch * new, dtype=np.int64)
         if self.model.share_buffer:
-            self.kv = {i: [self._value(_pad(a[:, :, :self.length], new)) for _, a in pair]
+            self.kv = {i: [self._value(padded(a[:, :, :self.length], new)) for _, a in pair]
                        for i, pair in self.kv.items()}
 
     def conv_state(self) -> dict[int, np.ndarray]:
@@ -154,10 +153,9 @@ class ObjcCache:
         self.length = 0
         self.reserve(length)
         for i in self.kv:
-            arrays = [np.array(a, np.float32) for a in rows[i]]
-            if any(a.shape[2] != length for a in arrays):
-                raise ValueError(f"KV rows of layer {i}: expected {length} rows")
-            self.kv[i] = [self._value(_pad(a, self.max_length) if self.model.share_buffer else a) for a in arrays]
+            arrays = [np.array(a, self.kv_dtype[i]) for a in rows[i]]
+            check_rows(i, arrays, length)
+            self.kv[i] = [self._value(padded(a, self.max_length) if self.model.share_buffer else a) for a in arrays]
         self.mask[:] = 0
         self.mask[:, :length] = 1
         self.length = length
@@ -169,13 +167,13 @@ class ObjcCache:
         shape = C.NSMutableArray.alloc().init()
         for d in array.shape:
             shape.addObject_(C.NSNumber.numberWithLongLong_(int(d)))
-        kind = ELEMENT_FLOAT if array.dtype == np.float32 else ELEMENT_INT64
+        kind = ELEMENT_TYPES[array.dtype]
         value = C.ORTValue.alloc().initWithTensorData_elementType_shape_error_(data, kind, shape, None)
         if value is None:
             raise RuntimeError(f"ORTValue could not wrap a {array.dtype} tensor of shape {array.shape}")
         return value, array
 
-    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None, last: int | None = 1) -> np.ndarray:
         """Run input_ids [B, S]; returns the last position's logits [B, 1, V] (read from the buffer onnxruntime
         wrote, no bridge copy)."""
         b, s = input_ids.shape
@@ -207,7 +205,7 @@ class ObjcCache:
                 outputs.setObject_forKey_(value, qv)
             else:
                 shape = (b, key_arr.shape[1], self.length, key_arr.shape[3])
-                grown[i] = [self._value(np.empty(shape, np.float32)) for _ in range(2)]
+                grown[i] = [self._value(np.empty(shape, key_arr.dtype)) for _ in range(2)]
                 outputs.setObject_forKey_(grown[i][0][0], qk)
                 outputs.setObject_forKey_(grown[i][1][0], qv)
         ok = model.session.runWithInputs_outputs_runOptions_error_(inputs, outputs, None, None)
@@ -218,9 +216,3 @@ class ObjcCache:
         self.kv.update(grown)
         return logits[:, -1:].copy()
 
-
-def _pad(rows: np.ndarray, capacity: int) -> np.ndarray:
-    """[B, H, n, D] rows in a zeroed [B, H, capacity, D] buffer."""
-    full = np.zeros((*rows.shape[:2], capacity, rows.shape[3]), np.float32)
-    full[:, :, :rows.shape[2]] = rows
-    return full

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lfm_edge.runtime import bundle
 from lfm_edge.runtime.bundle import BundleConfig, BundleError, StateSpec, state_spec  # noqa: F401 (re-exported)
 
@@ -48,11 +50,28 @@ def read_bundle(folder: str | Path, verify: str = "size") -> BundleConfig:
     return bundle.read_bundle(folder, verify)
 
 
-def state_from_config(decoder: dict) -> StateSpec:
+KV_BITS = {32: (np.float32, 1), 8: (np.int8, 1), 4: (np.uint8, 2)}  # bits -> element type, values per element
+
+
+def kv_cache_type(cfg: BundleConfig, backend: str, supported: tuple[int, ...] = (32, 8, 4)) -> tuple[type, int]:
+    """The KV cache's element type and packing (values per element along head_size) from manifest.json's
+    `kv_cache` (written by `lfm-export --kv-cache`; no entry: float32). genai_config.json cannot say it:
+    onnxruntime-genai 0.18 rejects unknown fields and reads the element type from the graph, and the
+    Objective-C API reports no input types, so the manifest is the record every backend reads."""
+    kv = cfg.manifest.get("kv_cache") or {}
+    bits = kv.get("bits", 32)
+    if bits not in KV_BITS or bits not in supported:
+        raise BundleError(f"{cfg.folder / 'manifest.json'}: kv_cache.bits is {bits!r} (dtype {kv.get('dtype')!r}): "
+                          f"the {backend} backend supports {', '.join(f'{b}-bit' for b in supported)} KV caches; "
+                          "export with --kv-cache fp32 or int8")
+    return KV_BITS[bits]
+
+
+def state_from_config(decoder: dict, kv_pack: int = 1) -> StateSpec:
     """State dims from genai_config.json alone, for a runtime whose API does not report input shapes
     (onnxruntime-objc's ORTSession gives names only): conv layers carry [hidden_size, conv_cache_size],
-    attention layers [num_key_value_heads, head_size]. Our exporter writes all four fields and
-    `layer_types`."""
+    attention layers [num_key_value_heads, head_size / kv_pack] (an int4 cache packs two values a byte).
+    Our exporter writes all four fields and `layer_types`."""
     missing = [k for k in ("layer_types", "hidden_size", "conv_cache_size", "num_key_value_heads", "head_size")
                if k not in decoder]
     if missing:
@@ -62,7 +81,7 @@ def state_from_config(decoder: dict) -> StateSpec:
         if kind == "conv":
             conv[i] = (int(decoder["hidden_size"]), int(decoder["conv_cache_size"]))
         elif kind in ("full_attention", "attention", "sliding_attention"):
-            kv[i] = (int(decoder["num_key_value_heads"]), int(decoder["head_size"]))
+            kv[i] = (int(decoder["num_key_value_heads"]), int(decoder["head_size"]) // kv_pack)
         else:
             raise BundleError(f"genai_config.json: layer {i} has unknown type {kind!r}")
     return StateSpec(conv, kv)
