@@ -64,7 +64,8 @@ def test_turns_prefill_only_what_is_new_and_equal_fresh_generation(demo, kind):
     assert stats[0].reused_tokens == 0
     for ready, now in zip(prepared, stats[1:], strict=False):
         # the answer's end prepared what every next turn starts with: a turn prefills only its new message
-        assert now.reused_tokens == ready.state_tokens and now.prefilled_tokens == now.prompt_tokens - ready.state_tokens
+        assert now.reused_tokens == ready.state_tokens
+        assert now.prefilled_tokens == now.prompt_tokens - ready.state_tokens
         assert now.prefilled_tokens < 20
     last = stats[-1]
     assert last.state_tokens == last.prompt_tokens + last.generated_tokens - 1  # the EOS is not fed
