@@ -25,6 +25,7 @@ from .checkpoint import BUNDLE_FILES, Checkpoint, CheckpointError, is_gguf, reso
 from .conversion import ConversionLog
 from .genai_config import genai_config
 from .graph import Graph
+from .kernel_support import check_policy
 from .kv_cache import DEFAULT_MARGIN, KV_CACHES, kv_cache_for
 from .lfm2 import Lfm2Model
 from .mobile import phone_extras
@@ -84,6 +85,11 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
     quantized = any((policy.experts, policy.linears, policy.embedding))
     if quantized and ops != "contrib":
         raise ExportError(f"--quant {policy.name} needs --ops contrib (its kernels are onnxruntime contrib ops)")
+    if quantized:
+        try:  # before any tracing: the installed onnxruntime runs every kernel the policy needs
+            check_policy(policy)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
     if kv_cache not in KV_CACHES:
         raise ExportError(f"--kv-cache {kv_cache!r}: expected one of {KV_CACHES}")
     if kv_cache != "fp32" and ops != "contrib":

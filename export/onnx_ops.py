@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .checkpoint import Checkpoint
 from .graph import MS, Graph
@@ -311,6 +311,52 @@ class ContribOps(PortableOps):
             for value in self.g.inputs:
                 if value.name.startswith(f"past_key_values.{i}."):
                     value.type.tensor_type.shape.dim[2].dim_param = "max_sequence_length"
+
+    # Off: the fused norm sums its squares in another order (within 4e-6), which is exact by the tests'
+    # measure but flips a near-tie in the int4 demo model's greedy text, and tests/test_constrain.py's pydantic
+    # case then writes on to its token limit. On, it saves 2 nodes per layer and decoded token
+    # (device_bench/RESULTS.md, 2026-11-29); turning it on needs that test to stop depending on one greedy path.
+    fuse_norms = False
+
+    def trace(self, model: Lfm2Model) -> None:
+        self._residual_sums: set[str] = set()
+        super().trace(model)
+        if self.fuse_norms:
+            self.fuse_residual_norms()
+
+    def add(self, a: str, b: str) -> str:
+        out = super().add(a, b)
+        self._residual_sums.add(out)  # only the decoder's residual adds come through ops.add
+        return out
+
+    def fuse_residual_norms(self) -> None:
+        """Each residual Add whose sum is normed next (every layer's two, and the final norm) becomes one
+        SkipSimplifiedLayerNormalization, which also returns the sum for the next residual: 2 nodes fewer per
+        layer and decoded token (onnxruntime's own SkipLayerNormFusion leaves these graphs alone). The norm
+        then sums its squares in another order: measured within 4e-6 of Add + SimplifiedLayerNormalization."""
+        nodes = self.g.nodes
+        consumers: dict[str, list[Any]] = {}
+        for node in nodes:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        fused: dict[int, Any] = {}
+        dropped: set[int] = set()
+        for add in nodes:
+            if add.op_type != "Add" or add.output[0] not in self._residual_sums:
+                continue
+            norms = [n for n in consumers.get(add.output[0], []) if n.op_type == "SimplifiedLayerNormalization"
+                     and n.input[0] == add.output[0]]
+            if len(norms) != 1:
+                continue
+            norm = norms[0]
+            eps = next(a.f for a in norm.attribute if a.name == "epsilon")
+            # at the Add's place, so every reader of the sum (output 3, the same name) still comes after it
+            fused[id(add)] = helper.make_node("SkipSimplifiedLayerNormalization",
+                                              [add.input[0], add.input[1], norm.input[1]],
+                                              [norm.output[0], "", "", add.output[0]], name=norm.name + "/skip",
+                                              domain=MS, epsilon=eps)
+            dropped.add(id(norm))
+        self.g.nodes[:] = [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
 
     @staticmethod
     def cfg_needs_portable(checkpoint: Checkpoint) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import numpy as np
+from onnx import TensorProto
 
 from ..quant.blocks import Quantized, quantize
 from ..quant.policy import Policy, QuantSpec
@@ -113,18 +114,41 @@ class QuantizedOps(ContribOps):
         spec = self.policy.experts
         if spec is None:
             return super().moe(x, router_logits, moe)
-        return self.routed_experts(x, router_logits, moe, lambda flat, probs: self.qmoe(flat, probs, moe, spec))
+        g = self.g
+        if 3 in (spec.bits, spec.down_bits or spec.bits) and not self.native_expert_bits(moe):
+            # onnxruntime 1.32's 3-bit QMoE (fp16) ignores normalize_routing_weights when given router_weights
+            # (mixes with the raw values), so it keeps the routing this class's parent computes: the choice in
+            # fp32 by TopK, router_probs log(sigmoid) at the chosen experts, the kernel's softmax over them.
+            return self.routed_experts(x, router_logits, moe,
+                                       lambda flat, probs: self.qmoe(flat, probs, None, moe, spec, normalize=True))
+        scores = g.op("Sigmoid", g.op("Reshape", router_logits, g.const([-1, moe.num_experts])))  # [N, E]
+        choice = g.op("Add", scores, self.w(moe.expert_bias)) if moe.expert_bias else scores
+        scale = moe.routed_scaling_factor
+        if moe.norm_topk_prob:
+            y = self.qmoe(x, choice, scores, moe, spec, normalize=True)
+            return y if scale == 1.0 else g.op("Mul", y, g.const(scale, np.float32))
+        mixing = scores if scale == 1.0 else g.op("Mul", scores, g.const(scale, np.float32))
+        return self.qmoe(x, choice, mixing, moe, spec, normalize=False)
 
-    def qmoe(self, flat: str, probs: str, moe: SparseMoe, spec: QuantSpec) -> str:
-        """QMoE over [N, H'] inputs (H' = H padded to whole blocks); K of both matrices must be whole blocks,
-        so padding rows and columns are zeros (a zero unit adds silu(0) * 0 = 0). Experts the checkpoint holds
-        in one kernel layout (GGUF Q4_0 or Q8_0 for all three projections) keep their blocks of 32."""
+    def qmoe(self, x: str, choice: str, mixing: str | None, moe: SparseMoe, spec: QuantSpec, normalize: bool) -> str:
+        """LFM2's routing and the experts in one QMoE node, on x [B, S, H] (QMoE takes 3-D input and returns
+        its shape). With router_weights (input 14) the kernel picks the top k of `choice` (sigmoid + expert
+        bias) and mixes with the values of `mixing` (the sigmoids) there, divided by their sum when `normalize`:
+        transformers' rule up to its + 1e-6 in that sum, a relative 1e-6 / sum(chosen sigmoids) (below fp32
+        rounding unless all k chosen sigmoids are tiny), which replaces ~15 routing nodes per layer (TopK,
+        gathers, scatter, log, sums) by none. Un-normalised routing mixes with the (scaled) sigmoids as they are.
+        `mixing` None: x is [N, H] and `choice` the parent's routed log-probabilities (routed_experts).
+
+        K of both matrices must be whole blocks, so H and I are padded with zero rows and columns (a zero unit
+        adds silu(0) * 0 = 0). Experts the checkpoint holds in one kernel layout (GGUF Q4_0 or Q8_0 for all
+        three projections) keep their blocks of 32."""
         g = self.g
         h, i = moe.hidden_size, moe.width
         native = self.native_expert_bits(moe)
         if not native:  # QMoE is run at blocks of 32 and more
             spec = self.closest([getattr(moe.experts[0], k).weight.name for k in ("w1", "w3", "w2")], spec, 32)
         bits, bs = (native, 32) if native else (spec.bits, spec.block_size)
+        down_bits = bits if native else (spec.down_bits or bits)
         h_pad, i_pad = -(-h // bs) * bs, -(-i // bs) * bs
         log = self.conversions
 
@@ -157,19 +181,28 @@ class QuantizedOps(ContribOps):
             e = self.expert(moe, j)
             w = np.zeros((h_pad, i_pad), np.float32)
             w[:h, :i] = e["w2"]
-            q = quantize(w, bits, bs, spec.method, scale_dtype=np.float16)
+            q = quantize(w, down_bits, bs, spec.method, scale_dtype=np.float16)
             if log.active:
                 log.measured(n, e["w2"], q.dequantize()[:h, :i], kernel_name(q, False))
             return q
 
         out = {which: self.quantized_experts(moe, which, make) for which, make in (("fc1", fc1), ("fc2", fc2))}
         if h_pad != h:
-            flat = g.op("Pad", flat, g.const([0, 0, 0, h_pad - h]))
-        y = g.op("QMoE", flat, probs, out["fc1"]["q"], out["fc1"]["scales"], None, out["fc2"]["q"],
-                 out["fc2"]["scales"], None, None, None, None, out["fc1"]["zp"], out["fc2"]["zp"], domain=MS,
-                 k=moe.top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                 normalize_routing_weights=1, expert_weight_bits=bits, block_size=bs,
-                 accuracy_level=self.policy.accuracy_level)
+            rank = 3 if mixing is not None else 2
+            x = g.op("Pad", x, g.const([0] * (2 * rank - 1) + [h_pad - h]))
+        # onnxruntime 1.32's CPU QMoE runs 3-bit experts only on fp16 activations and raw (unprepacked) weights
+        fp16 = 3 in (bits, down_bits)
+        if fp16:
+            x, choice = (g.op("Cast", t, to=TensorProto.FLOAT16) for t in (x, choice))
+            mixing = None if mixing is None else g.op("Cast", mixing, to=TensorProto.FLOAT16)
+        y = g.op("QMoE", x, choice, out["fc1"]["q"], out["fc1"]["scales"], None, out["fc2"]["q"],
+                 out["fc2"]["scales"], None, None, None, None, out["fc1"]["zp"], out["fc2"]["zp"], None, mixing,
+                 domain=MS, k=moe.top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                 activation_beta=0.0, normalize_routing_weights=int(normalize), expert_weight_bits=bits,
+                 fc2_expert_weight_bits=down_bits if down_bits != bits else None, block_size=bs,
+                 weights_prepacked=0 if fp16 else None, accuracy_level=self.policy.accuracy_level)
+        if fp16:
+            y = g.op("Cast", y, to=TensorProto.FLOAT)
         if h_pad != h:
             y = g.op("Slice", y, g.const([0]), g.const([h]), g.const([-1]))
         return y

@@ -6,12 +6,16 @@ Symmetric blocks use the kernels' implicit zero point 2^(bits-1). K is zero-padd
 
 Packing (MatMulNBits, QMoE, GatherBlockQuantized alike): codes of one row are contiguous along K,
 LSB first (for 4 bits the low nibble holds the even element); zero points pack the same way over blocks.
+2 and 3 bits are the same LSB-first bit stream (QMoE's INT3 profile: row-local, no padding per block; a
+block of 16 or more 3-bit codes is whole bytes, so per-block and per-row streams are the same bytes).
 
 Methods:
 - `rtn`       round to nearest, symmetric (scale = max|w| / (2^(bits-1) - 1))
 - `rtn-asym`  round to nearest over [min, max]
 - `mse`       asymmetric with the clipping range searched per block to minimise squared error
               (the range shrunk towards its centre by a grid of ratios; the best per block is kept)
+- `mse-sym`   symmetric (the kernel's implicit zero point) with the clipping scale searched the same way:
+              for kernels that take no zero points, such as QMoE at 3 bits
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-METHODS = ("rtn", "rtn-asym", "mse")
+METHODS = ("rtn", "rtn-asym", "mse", "mse-sym")
+BITS = (2, 3, 4, 8)
 _MSE_RATIOS = np.linspace(1.0, 0.7, 7, dtype=np.float32)
 
 
@@ -52,20 +57,34 @@ class Quantized:
         """[N, ceil(nb * bits / 8)] uint8, or None for symmetric blocks."""
         if self.zero_points is None:
             return None
-        zp = self.zero_points
-        if zp.shape[-1] * self.bits % 8:
-            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=-1)
-        return pack(zp, self.bits)
+        return pack(self.zero_points, self.bits)
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes along the last axis, LSB first."""
+    """Pack unsigned codes along the last axis, LSB first, into ceil(n * bits / 8) bytes (unused high bits 0)."""
     if bits == 8:
         return codes.astype(np.uint8)
-    if bits != 4:
-        raise ValueError(f"bits {bits}: expected 4 or 8")
-    c = codes.astype(np.uint8)
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+    if bits == 4 and codes.shape[-1] % 2 == 0:
+        c = codes.astype(np.uint8)
+        return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+    if bits not in BITS:
+        raise ValueError(f"bits {bits}: expected one of {BITS}")
+    n = codes.shape[-1]
+    # bit j of code i lands at stream position i * bits + j
+    stream = ((codes.astype(np.uint8)[..., None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(*codes.shape[:-1], -1)
+    pad = -(-n * bits // 8) * 8 - n * bits
+    if pad:
+        stream = np.concatenate([stream, np.zeros((*stream.shape[:-1], pad), np.uint8)], axis=-1)
+    return np.packbits(stream, axis=-1, bitorder="little")
+
+
+def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """The inverse of `pack`: n codes from the last axis."""
+    if bits == 8:
+        return packed[..., :n].astype(np.uint8)
+    stream = np.unpackbits(packed, axis=-1, bitorder="little")[..., : n * bits]
+    weights = (1 << np.arange(bits, dtype=np.uint8)).astype(np.uint8)
+    return (stream.reshape(*packed.shape[:-1], n, bits) * weights).sum(-1).astype(np.uint8)
 
 
 def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32, method: str = "rtn",
@@ -74,8 +93,8 @@ def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32, method: str = "
 
     Scales are rounded to `scale_dtype` (the kernel's storage) before the codes are chosen, so the codes
     are the best for the scales the kernel will actually use."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits {bits}: expected 4 or 8")
+    if bits not in BITS:
+        raise ValueError(f"bits {bits}: expected one of {BITS}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size {block_size}: expected a power of two >= 16")
     if method not in METHODS:
@@ -84,25 +103,41 @@ def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32, method: str = "
     nb = -(-k // block_size)
     codes = np.empty((n, nb, block_size), np.uint8)
     scales = np.empty((n, nb), np.float32)
-    zero_points = None if method == "rtn" else np.empty((n, nb), np.uint8)
+    zero_points = None if method in ("rtn", "mse-sym") else np.empty((n, nb), np.uint8)
     for start in range(0, n, rows_per_chunk):
         rows = slice(start, min(n, start + rows_per_chunk))
         blocks = np.zeros((rows.stop - start, nb * block_size), np.float32)
         blocks[:, :k] = w[rows]
         blocks = blocks.reshape(-1, nb, block_size)
-        if method == "rtn":
-            codes[rows], scales[rows] = _symmetric(blocks, bits, scale_dtype)
+        if method in ("rtn", "mse-sym"):
+            codes[rows], scales[rows] = _symmetric(blocks, bits, scale_dtype, search=method == "mse-sym")
         else:
             codes[rows], scales[rows], zero_points[rows] = _asymmetric(blocks, bits, method == "mse", scale_dtype)
     return Quantized(codes, scales, zero_points, bits, k)
 
 
-def _symmetric(blocks: np.ndarray, bits: int, scale_dtype: type) -> tuple[np.ndarray, np.ndarray]:
+def _symmetric(blocks: np.ndarray, bits: int, scale_dtype: type,
+               search: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Codes q - half in [-half, half - 1]. Without search the scale maps max|w| to half - 1 (at 2 bits: 1, so
+    the levels are -2, -1, 0, 1 times max|w|); the search tries max|w| * ratio / (half - 1/2) for a grid of
+    ratios, which uses the extra negative level, and keeps the least squared error per block."""
     half = 1 << (bits - 1)
-    scale = (np.abs(blocks).max(-1) / (half - 1)).astype(scale_dtype).astype(np.float32)
-    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
-    q = np.clip(np.rint(blocks * inv[..., None]), -half, half - 1) + half
-    return q.astype(np.uint8), scale.astype(np.float32)
+    absmax = np.abs(blocks).max(-1)
+    candidates = [absmax / (half - 1)] if not search else [absmax * r / (half - 0.5) for r in _MSE_RATIOS]
+    best = None
+    for raw in candidates:
+        scale = raw.astype(scale_dtype).astype(np.float32)
+        inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+        q = np.clip(np.rint(blocks * inv[..., None]), -half, half - 1)
+        if not search:
+            return (q + half).astype(np.uint8), scale
+        err = ((q * scale[..., None] - blocks) ** 2).sum(-1)
+        if best is None:
+            best = [q, scale, err]
+        else:
+            better = err < best[2]
+            best[0][better], best[1][better], best[2][better] = q[better], scale[better], err[better]
+    return (best[0] + half).astype(np.uint8), best[1]
 
 
 def _asymmetric(blocks: np.ndarray, bits: int, search: bool,

@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .quality import default_variants, evaluate, write_report
+from .policy import get_policy
+from .quality import Variant, default_variants, evaluate, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--llama-cpp", action="store_true",
                         help="also llama.cpp's Q4_0 of the same checkpoint (needs the [llama] extra)")
+    parser.add_argument("--policies", help="comma-separated policy names to measure instead of the default variants "
+                        "(e.g. int4,int3-experts,int2-experts)")
     parser.add_argument("--kv-cache", nargs="+", choices=("int8", "int4"), default=None,
                         help="measure these KV cache precisions against the fp32 cache (at --depths) instead")
     parser.add_argument("--kv-margins", type=float, nargs="+", default=[1.25], help="with --kv-cache")
@@ -62,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Wrote {Path(args.out) / 'kv_cache.md'}")
         return 0
     try:
-        results = evaluate(checkpoint, text_file.read_text(), default_variants(), args.window, args.max_tokens,
+        variants = default_variants() if not args.policies else \
+            [Variant(name, get_policy(name)) for name in args.policies.split(",") if name]
+        results = evaluate(checkpoint, text_file.read_text(), variants, args.window, args.max_tokens,
                            progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
                            llama_cpp=args.llama_cpp)
     except ValueError as e:

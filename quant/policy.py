@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from .blocks import METHODS, quantize
+from .blocks import BITS, METHODS, quantize
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,12 @@ class QuantSpec:
     bits: int = 4
     block_size: int = 32
     method: str = "rtn"
+    down_bits: int | None = None  # experts only: w2 (QMoE's fc2) at other bits than w1/w3 (fc1)
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
-            raise ValueError(f"bits {self.bits}: expected 4 or 8")
+        for bits in (self.bits, self.down_bits or self.bits):
+            if bits not in BITS:
+                raise ValueError(f"bits {bits}: expected one of {BITS}")
         if self.block_size < 16 or self.block_size > 128 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block size {self.block_size}: expected 16, 32, 64 or 128")
         if self.method not in METHODS:
@@ -45,6 +47,8 @@ class Policy:
         if weight_name.endswith((".feed_forward.gate.weight", ".conv.conv.weight")):
             return None  # router (selection is sensitive) and depthwise conv kernels (tiny)
         if ".experts." in weight_name:
+            if self.experts and self.experts.down_bits and weight_name.endswith(".w2.weight"):
+                return replace(self.experts, bits=self.experts.down_bits, down_bits=None)
             return self.experts
         if weight_name in ("model.embed_tokens.weight", "lm_head.weight"):
             return self.embedding
@@ -96,7 +100,42 @@ POLICIES: dict[str, Policy] = {
     "int4-hq": Policy("int4-hq", experts=QuantSpec(4, 64, "mse"), linears=QuantSpec(4, 64, "mse"),
                       embedding=QuantSpec(8, 128, "rtn")),
     "int8": Policy("int8", experts=INT8, linears=INT8, embedding=INT8),
+    # Experts are 55% of the bytes a token reads at LFM2.5-8B-A1B geometry (int4), so they are where fewer bits pay.
+    # QMoE on onnxruntime 1.32's CPU: 2 bits runs on int8 activations, 0.86x the time of 4 bits per layer;
+    # 3 bits runs only with fp16 activations and unprepacked weights (a dequantizing path, measured 4-7x slower
+    # per layer than 4 bits: quant/README.md), and takes no zero points, hence the symmetric search.
+    "int3-experts": Policy("int3-experts", experts=QuantSpec(3, 64, "mse-sym"), linears=INT4, embedding=INT4_VOCAB),
+    "int2-experts": Policy("int2-experts", experts=QuantSpec(2, 64, "mse"), linears=INT4, embedding=INT4_VOCAB),
+    # w2 (the down projection) at 4 bits, gate/up at 3: onnxruntime 1.32's CPU QMoE refuses mixed widths, so this
+    # is refused at export (export/kernel_support.py) until an onnxruntime runs it
+    "int3-experts-down4": Policy("int3-experts-down4", experts=QuantSpec(3, 64, "mse-sym", down_bits=4),
+                                 linears=INT4, embedding=INT4_VOCAB),
 }
+
+
+def bytes_per_token(policy: Policy, cfg) -> int:
+    """Bytes of weights one decoded token reads under `policy`, as stored (onnxruntime's repacking at load adds
+    per block): routed experts at top_k / num_experts, the vocabulary table once (the LM head reads all of it,
+    the embedding one row), fp32 for what the policy leaves alone. `cfg` is an export.config.Lfm2Config."""
+    from ..export.lfm2 import Lfm2Model
+
+    total = 0.0
+    for w in Lfm2Model(cfg).weights():
+        numel = int(np.prod(w.shape))
+        if w.name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
+            continue  # read a row per token; the untied LM head is counted
+        spec = policy.spec(w.name)
+        if spec is None:
+            size = 4.0 * numel
+        else:
+            blocks = numel / spec.block_size
+            scale_bytes = np.dtype(scale_dtype(w.name)).itemsize
+            zero_point_bits = 0 if spec.method in ("rtn", "mse-sym") else spec.bits
+            size = numel * spec.bits / 8 + blocks * (scale_bytes + zero_point_bits / 8)
+        if ".experts." in w.name:
+            size *= cfg.num_experts_per_tok / cfg.num_experts
+        total += size
+    return int(total)
 
 
 def get_policy(name: str) -> Policy:

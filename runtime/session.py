@@ -14,6 +14,7 @@ import gc
 import os
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +63,13 @@ class LfmSession:
     `provider_choice`. `verify`: see verify_bundle ("sampled" by default)."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: str | ProviderList = "auto",
-                 verify: str = "sampled", prepack_cache: str = "off"):
+                 verify: str = "sampled", prepack_cache: str = "off",
+                 configure: Callable[[ort.SessionOptions], None] | None = None):
         """`prepack_cache` (prepack.py): "off"; "use" (map a valid cache next to the bundle if there is one);
         "auto" (the same, and write one when there is none, the folder is writable and has room). What
-        happened and why is in `prepack` (a PrepackStatus); a cache never stops a bundle from loading."""
+        happened and why is in `prepack` (a PrepackStatus); a cache never stops a bundle from loading.
+        `configure`: a caller's extra settings on every SessionOptions made here (device_bench/step_profile.py
+        turns on profiling)."""
         if prepack_cache not in ("off", "use", "auto"):
             raise ValueError(f"prepack_cache {prepack_cache!r}: expected 'off', 'use' or 'auto'")
         cfg = read_bundle(bundle, verify, onnxruntime_version=ort.__version__)
@@ -87,6 +91,8 @@ class LfmSession:
             # errors only: onnxruntime warns at every load that the optional input logits_to_keep (an initializer
             # that is also an input, the way a graph input gets a default) is not constant-folded, its purpose
             options.log_severity_level = 3
+            if configure is not None:
+                configure(options)
             return options
 
         def open_graph(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
