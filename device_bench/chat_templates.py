@@ -1,4 +1,4 @@
-"""LFM2.5-8B-A1B's chat template (as published; tests/test_chat.py keeps the reference copy), for bundles
+"""LFM2.5-8B-A1B's chat template (as published; tests/test_chat.py renders against it), for bundles
 exported from random weights, which have no tokenizer folder of their own: the conversation benchmark renders
 with it, so past answers' <think> blocks are dropped when re-rendered, as with the real checkpoint."""
 

@@ -289,14 +289,21 @@ def test_tool_rounds_prefill_only_the_tool_result_and_what_follows(tmp_path):
     assert round2.prefilled_tokens == at2 - round1.state_tokens
 
 
-def test_lfm25_template_dropping_reasoning_reprefills_one_answer(tmp_path):
-    """LFM2.5's template drops an earlier answer's <think> block: the state rolls back to that answer's start
-    (the snapshot at the end of its prompt) and prefills the answer without its reasoning, nothing before."""
+def _lfm25_tokenizer_folder(tmp_path: Path) -> Path:
+    """The demo tokenizer with LFM2.5-8B-A1B's chat template (reasoning dropped from past answers, the date in
+    the system prompt)."""
     folder = tmp_path / "tok"
     folder.mkdir()
     shutil.copy(DEMO / "tokenizer.json", folder)
     cfg = json.loads((DEMO / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": LFM25_MOE_TEMPLATE}))
+    return folder
+
+
+def test_lfm25_template_dropping_reasoning_reprefills_one_answer(tmp_path):
+    """LFM2.5's template drops an earlier answer's <think> block: the state rolls back to that answer's start
+    (the snapshot at the end of its prompt) and prefills the answer without its reasoning, nothing before."""
+    folder = _lfm25_tokenizer_folder(tmp_path)
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
     eos = tok.token_to_id("<|im_end|>")
     probe = LfmModel(write_bundle(tmp_path / "probe", folder, {}, tok.get_vocab_size(), eos))
@@ -324,11 +331,7 @@ def test_a_conversation_continued_another_day_renders_its_own_date(tmp_path):
     started on, so continuing it the next day (or after a save) reuses its state instead of re-prefilling."""
     import time
 
-    folder = tmp_path / "tok"
-    folder.mkdir()
-    shutil.copy(DEMO / "tokenizer.json", folder)
-    cfg = json.loads((DEMO / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": LFM25_MOE_TEMPLATE}))
+    folder = _lfm25_tokenizer_folder(tmp_path)
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
     model = LfmModel(write_bundle(tmp_path / "b", folder, {}, tok.get_vocab_size(), tok.token_to_id("<|im_end|>")))
     conv = model.conversation(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])

@@ -282,14 +282,6 @@ def test_conversation_bench_without_a_tokenizer_drops_past_reasoning(demo_int4, 
         convbench.parse_spec("10:400")
 
 
-def test_conversation_bench_template_is_the_published_one():
-    from test_chat import LFM25_MOE_TEMPLATE
-
-    from lfm_edge.device_bench.chat_templates import LFM25_MOE_TEMPLATE as copy
-
-    assert copy == LFM25_MOE_TEMPLATE
-
-
 def test_conversation_bench_llama_cpp_peer_reuses_its_prefix(demo_int4, tmp_path):
     """llama.cpp on the same token script: it reuses its prefix where the history only grows; where LFM2.5's
     template drops past reasoning, it re-evaluates everything by default (a hybrid model's recurrent state
