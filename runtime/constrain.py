@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -62,13 +61,10 @@ class Grammar:
 
     def __init__(self, vocab: Vocabulary, grammar: str):
         self.vocab, self.matcher = vocab, vocab.matcher(grammar)
-        self.mask_seconds: list[float] = []
 
     def mask(self) -> np.ndarray:
-        start = time.perf_counter()
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[:self.vocab.size].astype(bool)
-        self.mask_seconds.append(time.perf_counter() - start)
         if not allowed.any():  # the grammar is complete (or stuck): end the answer
             return self.vocab.only(self.vocab.eos)
         return allowed
@@ -107,14 +103,9 @@ class ToolCalls:
         self.grammar = pythonic_calls_grammar(schemas, end_marker)
         vocab.matcher(self.grammar)  # compile now: a schema llguidance refuses fails before generating
         self.active: Grammar | None = None
-        self.mask_seconds: list[float] = []
 
     def mask(self) -> np.ndarray | None:
-        if self.active is None:
-            return None
-        allowed = self.active.mask()
-        self.mask_seconds.append(self.active.mask_seconds[-1])
-        return allowed
+        return None if self.active is None else self.active.mask()
 
     def advance(self, token: int) -> None:
         if self.active is not None:

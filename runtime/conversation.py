@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .generate import Generation, GenerationStats
+from .growth import capacity_for
 from .prefixcache import PrefixEntry
 from .sampling import Sampling
 
@@ -79,6 +81,16 @@ class Snapshots:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.items)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _distinct_texts(tokenizer: Any) -> tuple[str, str] | None:
@@ -167,10 +179,7 @@ class Conversation:
         """Add a user message (a str) or any message (a dict; None adds nothing), then stream the answer as
         LfmModel.stream does (response_format, reasoning_budget, constrain_tools as there); the answer joins
         `messages`. Runs when iterated."""
-        if not self._lock.acquire(blocking=False):
-            raise ConversationBusy("this conversation is generating: one send at a time (wait for its Done, "
-                                   "or set its cancel event)")
-        try:
+        with self._busy():
             if content is not None:
                 self.messages.append({"role": "user", "content": content} if isinstance(content, str)
                                      else dict(content))
@@ -179,8 +188,6 @@ class Conversation:
             self.messages.append({"role": "assistant", "content": done.raw})
             if self.prepare_next and not done.tool_calls and done.stats.stopped != "cancelled":
                 self._prepare(allow_special_tokens)  # after Done reached the caller: off the next turn's path
-        finally:
-            self._lock.release()
 
     def say(self, content: str | Mapping[str, Any] | None = None, **kwargs: Any) -> Done:
         """`send`, returning the Done at once."""
@@ -237,7 +244,9 @@ class Conversation:
         """Memory the state holds: KV rows in use and snapshots."""
         if self._cache is None:
             return 0
-        kv = sum(k.nbytes + v.nbytes for k, v in self._cache.kv_rows().values()) if self._cache.kv else 0
+        cache = self._cache
+        kv = sum(2 * cache.batch * heads * cache.length * dim * np.dtype(cache.kv_dtype[i]).itemsize
+                 for i, (heads, dim) in self.model.session.state.kv.items())
         return kv + self.snapshots.nbytes
 
     def template_context(self) -> dict[str, Any]:
@@ -248,19 +257,15 @@ class Conversation:
 
     # --- how a turn runs -----------------------------------------------------------------------------------
 
-    def _busy(self):
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
         if not self._lock.acquire(blocking=False):
-            raise ConversationBusy("this conversation is generating; wait for its Done or cancel it first")
-        lock = self._lock
-
-        class _Held:
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                lock.release()
-
-        return _Held()
+            raise ConversationBusy("this conversation is generating: one send at a time (wait for its Done, "
+                                   "or set its cancel event)")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _render(self, max_new_tokens: int, allow_special_tokens: bool) -> list[int]:
         limit = self.model.session.context_length
@@ -290,14 +295,12 @@ class Conversation:
         keeps = model.prefix_cache is not None and (model.prefix_cache.max_bytes or model.prefix_cache.folder)
         prefix = self._shared_prefix(prompt, allow_special_tokens) if keeps else 0
         self._restore(prompt, max_new_tokens)
-        wanted = set(range(self.snapshot_every, len(prompt), self.snapshot_every)) | {len(prompt)}
-        if prefix:
-            wanted.add(prefix)
+        wanted = self._snapshot_points(len(prompt)) | ({prefix} if prefix else set())
+        snapshot = self._snapshotter(wanted)
 
         def on_prefill(cache: Any) -> None:
+            snapshot(cache)
             n = cache.length
-            if n in wanted:
-                self.snapshots.add(Snapshot(n, cache.conv_state()))
             if n == prefix and model.prefix_cache is not None and prompt[:n] not in model.prefix_cache:
                 model.prefix_cache.store(PrefixEntry(tuple(prompt[:n]), cache.kv_rows(), cache.conv_state()))
 
@@ -334,24 +337,15 @@ class Conversation:
                                           allow_special_tokens, **self.template_context()) for text in probes)
         except ValueError:
             return  # a template that refuses a user turn here: the next turn pays, as it would anyway
-        stable = 0
-        for x, y in zip(a, b, strict=False):
-            if x != y:
-                break
-            stable += 1
+        stable = _common_prefix(a, b)
         target = a[:stable]
         if self._cache is None or not target or stable >= self.model.session.context_length or \
                 target[:self._cache.length] == self._tokens and len(target) == self._cache.length:
             return
         self._restore(target, 0)
-        wanted = set(range(self.snapshot_every, len(target), self.snapshot_every)) | {len(target)}
-
-        def on_prefill(cache: Any) -> None:
-            if cache.length in wanted:
-                self.snapshots.add(Snapshot(cache.length, cache.conv_state()))
-
+        wanted = self._snapshot_points(len(target))
         generation = Generation(self.model.session, [target], 0, prefill_chunk=self.prefill_chunk, cache=self._cache,
-                                cuts=wanted, on_prefill=on_prefill)
+                                cuts=wanted, on_prefill=self._snapshotter(wanted))
         try:
             for _ in generation:
                 pass
@@ -371,26 +365,18 @@ class Conversation:
         # any conversation with this system prompt and these tools starts with
         ids = self.model.prompt_ids([*head, {"role": "user", "content": ""}], self.schemas or None,
                                     allow_special_tokens, add_generation_prompt=False, **self.template_context())
-        n = 0
-        for a, b in zip(ids, prompt, strict=False):
-            if a != b:
-                break
-            n += 1
+        n = _common_prefix(ids, prompt)
         return n if n < len(prompt) else 0
 
     def _restore(self, prompt: list[int], max_new_tokens: int) -> None:
         """Bring the state to the longest usable prefix of `prompt`: kept rows, a snapshot, or the prefix cache."""
         session = self.model.session
         if self._cache is None:
-            need = 1 << (len(prompt) + max_new_tokens - 1).bit_length()
-            self._cache = session.new_cache(1, min(session.context_length, max(need, self.reserve)))
+            need = capacity_for(len(prompt) + max_new_tokens, 0, session.context_length)
+            self._cache = session.new_cache(1, max(need, self.reserve))
         cache = self._cache
-        common = 0
-        for a, b in zip(self._tokens, prompt, strict=False):
-            if a != b:
-                break
-            common += 1
-        limit = min(common, len(prompt) - 1)  # at least one token is fed: its logits start the answer
+        # at least one token is fed: its logits start the answer
+        limit = min(_common_prefix(self._tokens, prompt), len(prompt) - 1)
         self.snapshots.drop_after(limit)
         snapshot = self.snapshots.newest_at_or_before(limit)
         keep = snapshot.length if snapshot else 0
@@ -408,6 +394,17 @@ class Conversation:
             cache.set_conv_state(snapshot.conv if snapshot else
                                  {i: np.zeros_like(a) for i, a in cache.conv_state().items()})
         self._tokens = list(prompt[:cache.length])
+
+    def _snapshot_points(self, length: int) -> set[int]:
+        """Where a prefill up to `length` snapshots its conv state: every snapshot_every tokens, and its end."""
+        return set(range(self.snapshot_every, length, self.snapshot_every)) | {length}
+
+    def _snapshotter(self, points: set[int]) -> Callable[[Any], None]:
+        """An on_prefill hook that snapshots the conv state when the prefill passes one of `points`."""
+        def on_prefill(cache: Any) -> None:
+            if cache.length in points:
+                self.snapshots.add(Snapshot(cache.length, cache.conv_state()))
+        return on_prefill
 
     def _drop_state(self) -> None:
         self._cache, self._tokens = None, []

@@ -29,10 +29,7 @@ def save_conversation(conv: Conversation, path: Path) -> int:
     tensors: dict[str, np.ndarray] = {}
     length = cache.length if cache is not None else 0
     if cache is not None:
-        for i, (k, v) in cache.kv_rows().items():
-            tensors[f"kv.{i}.key"], tensors[f"kv.{i}.value"] = k, v
-        for i, a in cache.conv_state().items():
-            tensors[f"conv.{i}"] = a
+        tensors = statefile.state_tensors(cache.kv_rows(), cache.conv_state())
         for n, snap in enumerate(conv.snapshots.items):
             for i, a in snap.conv.items():
                 tensors[f"snapshot.{n}.conv.{i}"] = a

@@ -104,9 +104,7 @@ class PrefixCache:
     def _write(self, entry: PrefixEntry) -> None:
         name = hashlib.sha256(np.array(entry.tokens, np.int64).tobytes()).hexdigest()[:24]
         path = self.folder / f"prefix-{name}.safetensors"
-        tensors = {f"conv.{i}": a for i, a in entry.conv.items()}
-        for i, (k, v) in entry.kv.items():
-            tensors[f"kv.{i}.key"], tensors[f"kv.{i}.value"] = k, v
+        tensors = statefile.state_tensors(entry.kv, entry.conv)
         try:
             statefile.write(path, tensors, {"format": FORMAT, "version": VERSION, "bundle": self.identity,
                                             "tokens": list(entry.tokens)})

@@ -28,6 +28,14 @@ class StateFileError(ValueError):
     """A saved-state file that cannot be used; the message names the file and what is wrong."""
 
 
+def state_tensors(kv: dict[int, tuple[np.ndarray, np.ndarray]], conv: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """A model state's tensors under the names saved files use: `kv.{layer}.key/value`, `conv.{layer}`."""
+    tensors = {f"conv.{i}": a for i, a in conv.items()}
+    for i, (k, v) in kv.items():
+        tensors[f"kv.{i}.key"], tensors[f"kv.{i}.value"] = k, v
+    return tensors
+
+
 def write(path: str | Path, tensors: dict[str, np.ndarray], document: dict[str, Any]) -> int:
     """Write `tensors` and `document` to `path` atomically; returns the file's size."""
     path = Path(path)
