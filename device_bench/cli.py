@@ -147,13 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"threads": args.threads, "runs": args.runs, "prompts": args.prompts, "depths": args.depths,
                      "decode": args.decode, "prepack_cache": args.prepack_cache},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
-    write_markdown(result, out / "bench.md")
-    write_plot(result, out / "bench.png")
-    print((out / "bench.md").read_text())
-    return 0
+    return _write_reports(result, Path(args.out), write_markdown, write_plot)
 
 
 def conversation_main(args: argparse.Namespace, bundle: Path, progress) -> int:
@@ -188,11 +182,15 @@ def conversation_main(args: argparse.Namespace, bundle: Path, progress) -> int:
                      "llama_rollback": args.llama_rollback, "compare_turns": args.compare_turns,
                      "restore_runs": args.restore_runs},
     }
-    out = Path(args.out)
+    return _write_reports(result, Path(args.out), write_conversation_markdown, write_conversation_plot)
+
+
+def _write_reports(result: dict, out: Path, markdown, plot) -> int:
+    """bench.json, bench.md and bench.png in `out`; the markdown is printed."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
-    write_conversation_markdown(result, out / "bench.md")
-    write_conversation_plot(result, out / "bench.png")
+    markdown(result, out / "bench.md")
+    plot(result, out / "bench.png")
     print((out / "bench.md").read_text())
     return 0
 

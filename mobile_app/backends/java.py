@@ -265,13 +265,13 @@ class JavaCache:
         new = capacity_for(rows, self.max_length, self.model.context_length)
         if new == self.max_length:
             return
+        # a concatenating graph's KV tensors are as long as the state: only a shared buffer is copied over
         kept = {i: [self._read(t, self._kv_shape(i), self.kv_dtype[i])[:, :, :self.length] for t in pair]
-                for i, pair in self.kv.items()}
+                for i, pair in self.kv.items()} if self.model.share_buffer else {}
         self.mask, self.max_length = grown_mask(self.mask, self.length, new), new
         self._ids, self._mask = _Direct(self.J, self.batch * new * 8), _Direct(self.J, self.batch * new * 8)
-        if self.model.share_buffer:
-            for i, arrays in kept.items():
-                self._set_kv(i, [padded(a, new) for a in arrays])
+        for i, arrays in kept.items():
+            self._set_kv(i, [padded(a, new) for a in arrays])
 
     def conv_state(self) -> dict[int, np.ndarray]:
         return {i: self._read(pair[0], (self.batch, *self.model.state.conv[i])) for i, pair in self.conv.items()}
