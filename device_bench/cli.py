@@ -70,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
                              "sequence (n_rs_seq, experimental) so it can roll back up to N tokens instead of "
                              "re-evaluating the whole history; default 0, llama-cpp-python's default. "
                              "llama-cpp-python 0.3.36 aborts at LFM2.5-8B-A1B's full depth with any N > 0")
+    parser.add_argument("--long-context", type=_ints, metavar="DEPTHS",
+                        help="instead of the speed workload: a prompt of each depth (e.g. 0,8192,32768), then "
+                             "min(--decode) decode steps, each system and depth in a process of its own; with "
+                             "--peer llama --gguf, llama.cpp's f16 cache and its q8_0 cache with flash attention")
+    parser.add_argument("--synthetic-depths", type=_ints, default=[], metavar="DEPTHS",
+                        help="--long-context: also depths (ours only) whose KV rows are written directly, then 512 "
+                             "real tokens prefilled and decoded after (e.g. the 128K context)")
     parser.add_argument("--out", default="build/bench", help="folder for bench.json / .md / .png")
     parser.add_argument("--adb", metavar="SERIAL", help="run on an Android device over adb (Termux python)")
     args = parser.parse_args(argv)
@@ -89,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         read_bundle(bundle, onnxruntime_version=ort.__version__)
         if args.conversation:
             return conversation_main(args, bundle, progress)
+        if args.long_context is not None:
+            return long_context_main(args, bundle, progress)
         progress("measuring read bandwidth")
         bandwidth = args.bandwidth or roofline.read_bandwidth()
         tokens = roofline.bytes_per_token(bundle)
@@ -183,6 +192,39 @@ def conversation_main(args: argparse.Namespace, bundle: Path, progress) -> int:
                      "restore_runs": args.restore_runs},
     }
     return _write_reports(result, Path(args.out), write_conversation_markdown, write_conversation_plot)
+
+
+def long_context_main(args: argparse.Namespace, bundle: Path, progress) -> int:
+    """`--long-context`: bench.json with the `long_context` section (device_bench/longctx.py)."""
+    from . import longctx
+    from .report import write_long_markdown, write_long_plot
+
+    gguf = None
+    if args.peer in ("llama", "all"):
+        if not args.gguf:
+            print("lfm-bench: error: --peer llama needs --gguf FILE", file=sys.stderr)
+            return 2
+        gguf = args.gguf
+    limit = longctx.geometry(bundle)["context_length"]
+    decode = min(args.decode)
+    for depth in args.long_context + args.synthetic_depths:
+        if depth < 0 or depth + decode + 1 > limit:
+            print(f"lfm-bench: error: --long-context depth {depth} + {decode} decoded tokens exceed the model's "
+                  f"context length {limit} (config.json max_position_embeddings)", file=sys.stderr)
+            return 2
+    section = longctx.run(bundle, args.long_context, decode, args.threads, gguf, args.synthetic_depths,
+                          progress, runs=args.runs)
+    result = {
+        "schema": SCHEMA,
+        "device": device_info(args.threads),
+        "bundle": {"path": str(bundle), "manifest": _manifest(bundle),
+                   "weights_bytes": section["geometry"]["weights_bytes"]},
+        "long_context": section,
+        "settings": {"threads": args.threads, "runs": args.runs, "long_context": args.long_context,
+                     "synthetic_depths": args.synthetic_depths, "decode": decode, "peer": args.peer,
+                     "gguf": args.gguf},
+    }
+    return _write_reports(result, Path(args.out), write_long_markdown, write_long_plot)
 
 
 def _write_reports(result: dict, out: Path, markdown, plot) -> int:

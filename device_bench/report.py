@@ -168,3 +168,72 @@ def write_conversation_plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _long_rows(section: dict) -> list[tuple[str, str, dict]]:
+    """(system, depth key, row) in depth order, real depths before synthetic ones."""
+    rows = []
+    for system, by_depth in section["summary"]["table"].items():
+        for key, row in by_depth.items():
+            rows.append((system, key, row))
+    return sorted(rows, key=lambda r: (r[1].endswith("synthetic"), int(r[1].split()[0]), r[0]))
+
+
+def write_long_markdown(result: dict, path: Path) -> None:
+    """`--long-context`: prefill and decode by depth for each system, memory, and the goal ratios."""
+    s, dev = result["long_context"], result["device"]
+    geo = s["geometry"]
+    lines = [f"# lfm-bench --long-context: {Path(result['bundle']['path']).name}", "",
+             f"{dev['cpu_model']}, {dev['threads']} threads, onnxruntime {dev['onnxruntime']}; quant "
+             f"{result['bundle']['manifest'].get('quant', '?')}, KV cache {geo['kv_bits']}-bit; weights "
+             f"{geo['weights_bytes'] / 1e9:.2f} GB; llama.cpp: {Path(s['gguf']).name if s['gguf'] else 'not run'}. "
+             f"Each system and depth in a process of its own; decode = 1 / median of {s['decode_tokens']} steps.", "",
+             "| system | depth | prefill tok/s | decode tok/s | KV cache MB | RSS after load MB | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
+    def num(v, fmt):
+        return format(v, fmt) if v is not None else ""
+    for system, key, row in _long_rows(s):
+        lines.append(f"| {system} | {key} | {num(row['prefill_tps'], '.1f')} | {num(row['decode_tps'], '.1f')} | "
+                     f"{row['kv_bytes'] / 1e6:.3g} | {num(row['rss_after_load_mb'], '.0f')} | "
+                     f"{num(row['peak_rss_mb'], '.0f')} |")
+    refused = [p for p in s["points"] if p.get("refused") or p.get("error")]
+    for p in refused:
+        lines += ["", f"{p['system']} at depth {p['depth']}: {p.get('refused') or p.get('error')}"]
+    if s["summary"]["ratios"]:
+        lines += ["", "| ratio | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in s["summary"]["ratios"].items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_long_plot(result: dict, path: Path) -> None:
+    """Decode tok/s against depth, and peak RSS against depth, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result["long_context"]
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system, by_depth in s["summary"]["table"].items():
+        points = sorted((int(k.split()[0]), row, k.endswith("synthetic")) for k, row in by_depth.items())
+        for axis, metric in ((speed, "decode_tps"), (memory, "peak_rss_mb")):
+            xs = [d for d, row, _ in points if row[metric]]
+            ys = [row[metric] / (1024 if metric == "peak_rss_mb" else 1) for _, row, _ in points if row[metric]]
+            line, = axis.plot(xs, ys, marker="o", label=system)
+            synth = [(d, row[metric] / (1024 if metric == "peak_rss_mb" else 1)) for d, row, f in points
+                     if f and row[metric]]
+            if synth:
+                axis.scatter(*zip(*synth, strict=True), marker="s", s=60, facecolors="none",
+                             edgecolors=line.get_color())
+    weights = s["geometry"]["weights_bytes"] / 2**30
+    memory.axhline(weights, color="gray", linestyle="--", label=f"our weights {weights:.1f} GiB")
+    speed.set(xlabel="context depth (tokens; squares: KV written directly)", ylabel="decode tokens / s",
+              title="decode speed by depth")
+    memory.set(xlabel="context depth (tokens)", ylabel="peak RSS (GiB)", title="peak memory by depth")
+    for axis in (speed, memory):
+        axis.set_ylim(bottom=0)
+        axis.legend(fontsize=8)
+    fig.suptitle(Path(result["bundle"]["path"]).name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -135,7 +135,7 @@ class Generation:
                 stats.stopped = "length"
                 return
             per_pair = BIAS_BYTES_PER_PAIR * batch if model.state.kv else 0
-            for s, e in _chunks(cache.length, width, chunk, self.cuts, per_pair, self.prefill_budget):
+            for s, e in prefill_ranges(cache.length, width, chunk, self.cuts, per_pair, self.prefill_budget):
                 if self.cancel.is_set():
                     stats.stopped = "cancelled"
                     return
@@ -193,7 +193,7 @@ class Generation:
 BIAS_BYTES_PER_PAIR = 32  # measured: see Generation's prefill_budget
 
 
-def _chunks(start: int, end: int, size: int, cuts: Sequence[int], bytes_per_pair: int = 0,
+def prefill_ranges(start: int, end: int, size: int, cuts: Sequence[int], bytes_per_pair: int = 0,
             budget: int = 0) -> Iterator[tuple[int, int]]:
     """[s, e) prefill ranges from start to end: at most `size` long, ending at multiples of the chunk length
     (so a continued prefill cuts where a fresh one would) and at every cut inside the range. With

@@ -88,9 +88,9 @@ def _swap_manifest(bundle):
 def test_prefill_chunks_shrink_with_depth_and_tokens_do_not_change(bundle):
     """Deep in a long context a chunk's [chunk x depth] mask tensors are bounded by prefill_budget; the
     tokens are those of the default chunking."""
-    from lfm_edge.runtime.generate import Generation, _chunks
+    from lfm_edge.runtime.generate import Generation, prefill_ranges
 
-    chunks = list(_chunks(0, 140_000, 512, [], 32, 256 << 20))
+    chunks = list(prefill_ranges(0, 140_000, 512, [], 32, 256 << 20))
     at = {s: e - s for s, e in chunks}
     assert at[0] == 512 and at[16_384] == 256 and at[32_768] == 128 and at[131_072] == 32
     assert all(32 * (e - s) * e <= (256 << 20) * 2 for s, e in chunks)  # within the budget (one halving)
