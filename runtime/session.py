@@ -30,7 +30,7 @@ from .bundle import (  # noqa: F401 (re-exported)
     state_spec,
     verify_bundle,
 )
-from .growth import capacity_for, check_rows, check_truncate, grown_mask, padded
+from .growth import capacity_for, check_fits, check_rows, check_truncate, grown_mask, kv_row_bytes, padded
 from .pages import release_clean_pages
 from .providers import ProviderList, choose
 
@@ -242,6 +242,8 @@ class Cache:
         self.conv = {i: [_zeros((batch, h, k), self.conv_dtype[i]) for _ in range(2)]
                      for i, (h, k) in model.state.conv.items()}
         capacity = max_length if model.share_buffer else 0
+        self.row_bytes = kv_row_bytes(model.state.kv, batch, self.kv_dtype) if model.share_buffer else 0
+        check_fits(capacity, self.row_bytes)
         self.kv = {i: [_zeros((batch, heads, capacity, dim), self.kv_dtype[i]) for _ in range(2)]
                    for i, (heads, dim) in model.state.kv.items()}
 
@@ -305,8 +307,9 @@ class Cache:
 
     def reserve(self, rows: int) -> None:
         """Make room for `rows` tokens: the buffers grow to the next power of two >= rows (at most the
-        context length), and the rows in use are copied over."""
-        new = capacity_for(rows, self.max_length, self.model.context_length)
+        context length; exactly `rows` where the power of two would not fit in memory, and MemoryError where
+        `rows` do not either), and the rows in use are copied over."""
+        new = capacity_for(rows, self.max_length, self.model.context_length, self.row_bytes)
         if new == self.max_length:
             return
         self.mask, self.max_length = grown_mask(self.mask, self.length, new), new

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from lfm_edge.export.exporter import export
@@ -99,3 +100,35 @@ def test_prefill_chunks_shrink_with_depth_and_tokens_do_not_change(bundle):
     default = list(Generation(session, [prompt], 6, eos_token_ids=[]))
     tight = Generation(session, [prompt], 6, eos_token_ids=[], prefill_budget=32 * 64 * 200)
     assert list(tight) == default
+
+
+def test_kv_growth_fits_the_memory_available():
+    """A power of two that would not fit shrinks to the rows asked for; rows that do not fit are refused with
+    the numbers, before anything is allocated."""
+    from lfm_edge.runtime.growth import capacity_for
+
+    assert capacity_for(600, 256, 4096, bytes_per_row=1000, available=10**9) == 1024
+    assert capacity_for(600, 256, 4096, bytes_per_row=1000, available=700_000) == 600
+    with pytest.raises(MemoryError, match=r"KV cache of 600 tokens needs 0.00 GB \(1,000 bytes per token\); "
+                                          r"0.00 GB of memory is available"):
+        capacity_for(600, 256, 4096, bytes_per_row=1000, available=500_000)
+
+
+def test_a_cache_larger_than_memory_is_refused_simulated_small_phone(bundle, monkeypatch):
+    """MemAvailable stands in for a phone with little memory: the cache names what it needed and what there is;
+    growing past what fits takes exactly the rows asked for."""
+    from lfm_edge.runtime import growth
+
+    session = LfmSession(bundle, threads=1)
+    row = growth.kv_row_bytes(session.state.kv, 1, np.float32)
+    assert row == sum(2 * h * d * 4 for h, d in session.state.kv.values())
+    monkeypatch.setattr(growth, "available_memory", lambda: 100 * row)
+    with pytest.raises(MemoryError, match=f"KV cache of 200 tokens .* \\({row:,} bytes per token\\)"):
+        session.new_cache(1, 200)
+    cache = session.new_cache(1, 50)
+    cache.reserve(80)
+    assert cache.capacity == 80  # 128 would not fit
+    assert cache.kv[next(iter(cache.kv))][0].shape()[2] == 80
+    with pytest.raises(MemoryError):
+        cache.reserve(150)
+    assert cache.capacity == 80  # unchanged

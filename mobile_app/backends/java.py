@@ -48,7 +48,15 @@ from typing import Any
 
 import numpy as np
 
-from lfm_edge.runtime.growth import capacity_for, check_rows, check_truncate, grown_mask, padded
+from lfm_edge.runtime.growth import (
+    capacity_for,
+    check_fits,
+    check_rows,
+    check_truncate,
+    grown_mask,
+    kv_row_bytes,
+    padded,
+)
 
 from .plan import BundleError, StateSpec, check_step, kv_cache_type, read_bundle, state_spec, step_names
 
@@ -192,6 +200,8 @@ class JavaCache:
             self.conv[i] = [self._tensor((batch, h, k)) for _ in range(2 if model.pinned else 1)]
         self.kv: dict[int, list[Any]] = {}
         capacity = max_length if model.share_buffer else 0
+        self.row_bytes = kv_row_bytes(state.kv, batch, model.kv_dtype) if model.share_buffer else 0
+        check_fits(capacity, self.row_bytes)
         for i, _, _, _, _ in names.kv:
             heads, dim = state.kv[i]
             self.kv[i] = [self._tensor((batch, heads, capacity, dim), dtype=model.kv_dtype) for _ in range(2)]
@@ -262,7 +272,7 @@ class JavaCache:
         self.length = length
 
     def reserve(self, rows: int) -> None:
-        new = capacity_for(rows, self.max_length, self.model.context_length)
+        new = capacity_for(rows, self.max_length, self.model.context_length, self.row_bytes)
         if new == self.max_length:
             return
         # a concatenating graph's KV tensors are as long as the state: only a shared buffer is copied over

@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from lfm_edge.runtime.growth import capacity_for, check_rows, check_truncate, grown_mask, padded
+from lfm_edge.runtime.growth import (
+    capacity_for,
+    check_fits,
+    check_rows,
+    check_truncate,
+    grown_mask,
+    kv_row_bytes,
+    padded,
+)
 
 from .plan import BundleError, StateSpec, check_step, kv_cache_type, read_bundle, state_from_config, step_names
 
@@ -111,6 +119,8 @@ class ObjcCache:
         self.conv = {i: [self._value(np.zeros((batch, *state.conv[i]), np.float32)) for _ in range(2)]
                      for i, _, _ in names.conv}
         capacity = max_length if model.share_buffer else 0
+        self.row_bytes = kv_row_bytes(state.kv, batch, model.kv_dtype) if model.share_buffer else 0
+        check_fits(capacity, self.row_bytes)
         self.kv = {i: [self._value(np.zeros((batch, state.kv[i][0], capacity, state.kv[i][1]), model.kv_dtype))
                        for _ in range(2)] for i, _, _, _, _ in names.kv}
         self.conv_dtype = dict.fromkeys(self.conv, np.float32)
@@ -130,7 +140,7 @@ class ObjcCache:
         self.length = length
 
     def reserve(self, rows: int) -> None:
-        new = capacity_for(rows, self.max_length, self.model.context_length)
+        new = capacity_for(rows, self.max_length, self.model.context_length, self.row_bytes)
         if new == self.max_length:
             return
         self.mask, self.max_length = grown_mask(self.mask, self.length, new), new
