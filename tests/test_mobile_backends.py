@@ -439,6 +439,9 @@ class ORTSession:
     def outputNamesWithError_(self, error):
         return NSArray(o.name for o in self.s.get_outputs())
 
+    def overridableInitializerNamesWithError_(self, error):
+        return NSArray(o.name for o in self.s.get_overridable_initializers())
+
     def runWithInputs_outputs_runOptions_error_(self, inputs, outputs, run_options, error):
         io = self.s.io_binding()
         for name, v in inputs.items():
@@ -478,6 +481,19 @@ def test_mock_objc_session_matches_lfm_session(demo):
     chunk = 512 if ref.share_buffer else 3
     assert generate(objc, PROMPTS[:1], 12, prefill_chunk=chunk) == reference(demo, PROMPTS[:1], chunk=chunk)
     assert generate(objc, PROMPTS, 10, prefill_chunk=chunk) == reference(demo, PROMPTS, 10, chunk=chunk)
+
+
+def test_mock_objc_asks_the_graph_for_the_last_row_only(demo):
+    """Where the graph has logits_to_keep (our contrib exports), a 30-token prefill computes and returns one
+    row; the row equals LfmSession's last row."""
+    objc = ObjcSession(demo, threads=1, classes=objc_stand_ins())
+    ref = LfmSession(demo, threads=1)
+    assert objc.logits_to_keep == ref.logits_to_keep
+    ids = np.arange(5, 35, dtype=np.int64)[None]
+    cache = objc.new_cache(1, 40)
+    got = cache.step(ids)
+    np.testing.assert_allclose(got, ref.new_cache(1, 40).step(ids)[:, -1:], atol=1e-4)
+    assert cache._logits.size == (1 if objc.logits_to_keep else 30) * objc.vocab_size
 
 
 @pytest.mark.parametrize("kv", ["int8", "int4"])

@@ -18,7 +18,11 @@ native byte order):
   as an onnxruntime-allocated output and the OnnxTensor from `OrtSession.Result` is the next step's past.
   That Result is closed after the next step has run (closing a Result closes the values it owns).
 - logits: pinned to a direct buffer sized for the largest [B,S,V] seen; only the last position of each row
-  is copied out (direct buffer -> a heap ByteBuffer in Java -> one byte[] -> numpy.frombuffer).
+  is copied out (direct buffer -> a heap ByteBuffer in Java -> one byte[] -> numpy.frombuffer). A prefill
+  computes every row's logits here: the graph's `logits_to_keep` is an overridable initializer (so that
+  onnxruntime-genai, which never feeds it, runs the same graph), and the Java API's `OrtSession.run` refuses
+  any name outside `getInputNames()`, which lists required inputs only ("Unknown input name"). The
+  Objective-C backend passes it (`overridableInitializerNamesWithError:`).
 
 Pinned outputs are `OrtSession.run(Map<String,? extends OnnxTensorLike> inputs, Set<String>
 requestedOutputs, Map<String,? extends OnnxValue> pinnedOutputs, RunOptions)`; the Result it returns holds

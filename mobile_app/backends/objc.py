@@ -98,6 +98,10 @@ class ObjcSession:
         if not cfg.vocab_size:
             raise BundleError(f"{cfg.folder / 'genai_config.json'}: model.vocab_size is needed by this backend")
         self.vocab_size = cfg.vocab_size
+        # graphs from our exporter compute only the rows logits_to_keep asks for (an overridable initializer:
+        # onnxruntime-genai never feeds it); ORTSession lists those apart from the inputs
+        overridable = getattr(self.session, "overridableInitializerNamesWithError_", None)
+        self.logits_to_keep = overridable is not None and "logits_to_keep" in _names(overridable(None))
 
     @property
     def provider(self) -> str:
@@ -194,13 +198,17 @@ class ObjcCache:
         ids = self._ids[:b * s].reshape(b, s)
         ids[...] = input_ids
         mask_now = np.ascontiguousarray(self.mask[:, :self.length])
-        if self._logits.size < b * s * v:
-            self._logits = np.zeros(b * s * v, dtype=np.float32)
-        logits = self._logits[:b * s * v].reshape(b, s, v)
+        rows = 1 if model.logits_to_keep else s  # the graph computes the last row only, where it can
+        if self._logits.size < b * rows * v:
+            self._logits = np.zeros(b * rows * v, dtype=np.float32)
+        logits = self._logits[:b * rows * v].reshape(b, rows, v)
         keep = [self._value(ids), self._value(mask_now), self._value(logits)]
         inputs, outputs = self.C.NSMutableDictionary.alloc().init(), self.C.NSMutableDictionary.alloc().init()
         inputs.setObject_forKey_(keep[0][0], "input_ids")
         inputs.setObject_forKey_(keep[1][0], "attention_mask")
+        if model.logits_to_keep:
+            keep.append(self._value(np.ones(1, np.int64)))
+            inputs.setObject_forKey_(keep[-1][0], "logits_to_keep")
         outputs.setObject_forKey_(keep[2][0], names.logits)
         for i, past, present in names.conv:
             inputs.setObject_forKey_(self.conv[i][0][0], past)
