@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic-depths", type=_ints, default=[], metavar="DEPTHS",
                         help="--long-context: also depths (ours only) whose KV rows are written directly, then 512 "
                              "real tokens prefilled and decoded after (e.g. the 128K context)")
+    parser.add_argument("--attention-kernel", choices=["flash", "unfused", "both"], default="flash",
+                        help="GroupQueryAttention's kernel (runtime/kernels.py); 'both' (--long-context only) runs "
+                             "ours once with each")
     parser.add_argument("--out", default="build/bench", help="folder for bench.json / .md / .png")
     parser.add_argument("--adb", metavar="SERIAL", help="run on an Android device over adb (Termux python)")
     args = parser.parse_args(argv)
@@ -98,13 +101,17 @@ def main(argv: list[str] | None = None) -> int:
             return conversation_main(args, bundle, progress)
         if args.long_context is not None:
             return long_context_main(args, bundle, progress)
+        if args.attention_kernel == "both":
+            print("lfm-bench: error: --attention-kernel both is for --long-context", file=sys.stderr)
+            return 2
         progress("measuring read bandwidth")
         bandwidth = args.bandwidth or roofline.read_bandwidth()
         tokens = roofline.bytes_per_token(bundle)
         def open_session(folder: Path, threads: int):
             from ..runtime.session import LfmSession
 
-            session = LfmSession(folder, threads=threads, verify="none", prepack_cache=args.prepack_cache)
+            session = LfmSession(folder, threads=threads, verify="none", prepack_cache=args.prepack_cache,
+                                 attention_kernel=args.attention_kernel)
             progress(session.prepack.message())
             return session
 
@@ -154,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "peers": peers,
         "ratios": {name: ratios(summary, peer) for name, peer in peers.items() if peer.get("decode_tps")},
         "settings": {"threads": args.threads, "runs": args.runs, "prompts": args.prompts, "depths": args.depths,
-                     "decode": args.decode, "prepack_cache": args.prepack_cache},
+                     "decode": args.decode, "prepack_cache": args.prepack_cache,
+                     "attention_kernel": args.attention_kernel},
     }
     return _write_reports(result, Path(args.out), write_markdown, write_plot)
 
@@ -212,8 +220,9 @@ def long_context_main(args: argparse.Namespace, bundle: Path, progress) -> int:
             print(f"lfm-bench: error: --long-context depth {depth} + {decode} decoded tokens exceed the model's "
                   f"context length {limit} (config.json max_position_embeddings)", file=sys.stderr)
             return 2
+    kernels = ("flash", "unfused") if args.attention_kernel == "both" else (args.attention_kernel,)
     section = longctx.run(bundle, args.long_context, decode, args.threads, gguf, args.synthetic_depths,
-                          progress, runs=args.runs)
+                          progress, runs=args.runs, attention_kernels=kernels)
     result = {
         "schema": SCHEMA,
         "device": device_info(args.threads),
@@ -222,7 +231,7 @@ def long_context_main(args: argparse.Namespace, bundle: Path, progress) -> int:
         "long_context": section,
         "settings": {"threads": args.threads, "runs": args.runs, "long_context": args.long_context,
                      "synthetic_depths": args.synthetic_depths, "decode": decode, "peer": args.peer,
-                     "gguf": args.gguf},
+                     "gguf": args.gguf, "attention_kernels": list(kernels)},
     }
     return _write_reports(result, Path(args.out), write_long_markdown, write_long_plot)
 

@@ -29,6 +29,7 @@ import numpy as np
 from .bench import timed
 
 SYSTEMS = ("ours", "llama.cpp f16", "llama.cpp q8_0+fa")
+OURS = {"flash": "ours", "unfused": "ours unfused"}  # our system's name by attention kernel
 SYNTHETIC_TAIL = 512  # real tokens prefilled after a synthetic fill
 
 
@@ -111,14 +112,16 @@ def _decode_summary(step_seconds: list[float], threads: int, wait: float) -> dic
             "median_step_ms": median * 1e3, "cpu_wait_share": wait}
 
 
-def run_ours(bundle: str, depth: int, decode: int, threads: int, synthetic: bool = False, seed: int = 0) -> dict:
+def run_ours(bundle: str, depth: int, decode: int, threads: int, synthetic: bool = False, seed: int = 0,
+             attention_kernel: str = "flash") -> dict:
     """One load, a prefill to `depth` (or a synthetic fill and SYNTHETIC_TAIL real tokens), `decode` steps."""
-    from ..runtime.generate import BIAS_BYTES_PER_PAIR, prefill_ranges
+    from ..runtime.generate import prefill_ranges
+    from ..runtime.kernels import prefill_bytes_per_pair
     from ..runtime.session import LfmSession
 
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    session = LfmSession(bundle, threads=threads, verify="none")
+    session = LfmSession(bundle, threads=threads, verify="none", attention_kernel=attention_kernel)
     out: dict = {"load_s": time.perf_counter() - t0, "rss_after_load_mb": rss_mb(), "depth": depth,
                  "synthetic": synthetic}
     hi = min(session.vocab_size, 30000)
@@ -132,7 +135,7 @@ def run_ours(bundle: str, depth: int, decode: int, threads: int, synthetic: bool
         _synthetic_fill(cache, start, rng)
     out["peak_reset"] = reset_peak_rss()
     prompt = rng.integers(100, hi, (1, depth - start))
-    per_pair = BIAS_BYTES_PER_PAIR if session.state.kv else 0
+    per_pair = prefill_bytes_per_pair(attention_kernel, session.num_heads) if session.state.kv else 0
     ranges = list(prefill_ranges(start, depth, 512, [], per_pair, 256 << 20))
 
     def prefill() -> None:
@@ -230,16 +233,19 @@ def run_in_subprocess(spec: dict, progress: Callable[[str], None]) -> dict:
 
 
 def run(bundle: Path, depths: list[int], decode: int, threads: int, gguf: str | None, synthetic: list[int],
-        progress: Callable[[str], None] = lambda m: None, runs: int = 1) -> dict:
+        progress: Callable[[str], None] = lambda m: None, runs: int = 1,
+        attention_kernels: tuple[str, ...] = ("flash",)) -> dict:
     """Every system at every depth (`synthetic`: ours only, filled directly), `runs` times each, in turns;
-    a point whose memory estimate exceeds MemAvailable is refused (recorded with its numbers) before running."""
+    a point whose memory estimate exceeds MemAvailable is refused (recorded with its numbers) before running.
+    Ours runs once per attention kernel (runtime/kernels.py): "ours" (flash), "ours unfused"."""
     geo = geometry(bundle)
-    systems = ["ours"] + (["llama.cpp f16", "llama.cpp q8_0+fa"] if gguf else [])
+    mine = [OURS[k] for k in attention_kernels]
+    systems = mine + (["llama.cpp f16", "llama.cpp q8_0+fa"] if gguf else [])
     gguf_bytes = Path(gguf).stat().st_size if gguf else 0
     points: list[dict] = []
-    plan = [(d, s, False) for d in depths for s in systems] + [(d, "ours", True) for d in synthetic]
+    plan = [(d, s, False) for d in depths for s in systems] + [(d, s, True) for d in synthetic for s in mine]
     for depth, system, filled in plan:
-        need = memory_needed(system, geo, depth, decode, gguf_bytes, 256 << 20)
+        need = memory_needed("ours" if system in mine else system, geo, depth, decode, gguf_bytes, 256 << 20)
         free = available_bytes()
         point = {"system": system, "depth": depth, "synthetic": filled, "memory_needed_bytes": need, "runs": []}
         points.append(point)
@@ -251,8 +257,9 @@ def run(bundle: Path, depths: list[int], decode: int, threads: int, gguf: str | 
         for r in range(runs):
             progress(f"{system} at depth {depth:,}{' (synthetic fill)' if filled else ''}, run {r + 1}/{runs}")
             spec = {"system": system, "depth": depth, "decode": decode, "threads": threads, "seed": r}
-            if system == "ours":
-                spec |= {"bundle": str(bundle), "synthetic": filled}
+            if system in mine:
+                kernel = next(k for k, name in OURS.items() if name == system)
+                spec |= {"system": "ours", "bundle": str(bundle), "synthetic": filled, "attention_kernel": kernel}
             else:
                 spec |= {"gguf": gguf, "cache_type": "f16" if system.endswith("f16") else "q8_0"}
             try:
@@ -287,24 +294,26 @@ def summarize(points: list[dict], geo: dict) -> dict:
         table.setdefault(p["system"], {})[key] = {
             "decode_tps": _median(p, "decode", "tps"), "prefill_tps": _median(p, "prefill", "tps"),
             "peak_rss_mb": _median(p, "peak_rss_mb"), "rss_after_load_mb": _median(p, "rss_after_load_mb"),
-            "kv_bytes": _median(p, "kv_bytes") if p["system"] == "ours"
+            "kv_bytes": _median(p, "kv_bytes") if p["system"].startswith("ours")
             else kv_bytes(geo, int(_median(p, "kv_rows")), LLAMA_KV_BYTES["f16" if "f16" in p["system"] else "q8_0"])}
-    ours = table.get("ours", {})
     ratios: dict[str, float] = {}
-    base = min((k for k in ours if not k.endswith("synthetic")), key=int, default=None)
-    for depth, row in ours.items():
-        if base is not None and row["decode_tps"] and ours[base]["decode_tps"] and depth != base:
-            ratios[f"decode at {depth} / at {base}"] = row["decode_tps"] / ours[base]["decode_tps"]
-        for peer in ("llama.cpp f16", "llama.cpp q8_0+fa"):
-            theirs = table.get(peer, {}).get(depth)
-            if not theirs:
-                continue
-            for metric in ("decode_tps", "prefill_tps", "kv_bytes", "peak_rss_mb"):
-                if row.get(metric) and theirs.get(metric):
-                    ratios[f"{metric} at {depth} vs {peer}"] = row[metric] / theirs[metric]
-        if row.get("peak_rss_mb"):
-            over = row["peak_rss_mb"] * (1 << 20) - geo["weights_bytes"]
-            ratios[f"peak RSS over weights at {depth}, GB"] = over / 1e9
+    for name in OURS.values():
+        ours = table.get(name, {})
+        who = "" if name == "ours" else f" ({name})"
+        base = min((k for k in ours if not k.endswith("synthetic")), key=int, default=None)
+        for depth, row in ours.items():
+            if base is not None and row["decode_tps"] and ours[base]["decode_tps"] and depth != base:
+                ratios[f"decode at {depth} / at {base}{who}"] = row["decode_tps"] / ours[base]["decode_tps"]
+            for peer in ("llama.cpp f16", "llama.cpp q8_0+fa"):
+                theirs = table.get(peer, {}).get(depth)
+                if not theirs:
+                    continue
+                for metric in ("decode_tps", "prefill_tps", "kv_bytes", "peak_rss_mb"):
+                    if row.get(metric) and theirs.get(metric):
+                        ratios[f"{metric} at {depth} vs {peer}{who}"] = row[metric] / theirs[metric]
+            if row.get("peak_rss_mb"):
+                over = row["peak_rss_mb"] * (1 << 20) - geo["weights_bytes"]
+                ratios[f"peak RSS over weights at {depth}, GB{who}"] = over / 1e9
     return {"table": table, "ratios": ratios}
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .kernels import prefill_bytes_per_pair
 from .sampling import Sampling, next_tokens
 
 if TYPE_CHECKING:  # any backend with LfmSession's surface will do; onnxruntime's binding may be absent
@@ -60,8 +61,9 @@ class Generation:
     `prefill_budget` bounds what a prefill chunk costs in memory deep in a long context: graphs with attention
     build their causal + padding bias as [B, 1, chunk, depth] tensors, about 32 bytes per (position, depth)
     pair measured on the contrib graph (a 16K-deep 6-layer LFM2.5 prefill peaked 257 MB above the loaded
-    model with 512-token chunks, 22 MB with 64). Chunks halve as the depth grows (down to 16 tokens) so that
-    chunk x depth x 32 bytes stays within the budget."""
+    model with 512-token chunks, 22 MB with 64); a session with the unfused attention kernel also holds 4
+    bytes per query head and pair (kernels.py). Chunks halve as the depth grows (down to 16 tokens) so that
+    chunk x depth x those bytes stays within the budget."""
 
     def __init__(self, model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
@@ -134,7 +136,8 @@ class Generation:
             if self.max_new_tokens == 0 and self.cache is None:
                 stats.stopped = "length"
                 return
-            per_pair = BIAS_BYTES_PER_PAIR * batch if model.state.kv else 0
+            per_pair = prefill_bytes_per_pair(getattr(model, "attention_kernel", "flash"),
+                                              getattr(model, "num_heads", 0), batch) if model.state.kv else 0
             for s, e in prefill_ranges(cache.length, width, chunk, self.cuts, per_pair, self.prefill_budget):
                 if self.cancel.is_set():
                     stats.stopped = "cancelled"
@@ -188,9 +191,6 @@ class Generation:
             stats.state_tokens = cache.length
             stats.peak_rss_mb = peak_rss_mb()
             stats.timings["total"] = time.perf_counter() - start
-
-
-BIAS_BYTES_PER_PAIR = 32  # measured: see Generation's prefill_budget
 
 
 def prefill_ranges(start: int, end: int, size: int, cuts: Sequence[int], bytes_per_pair: int = 0,

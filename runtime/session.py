@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from . import prepack
+from . import kernels, prepack
 from .bundle import (  # noqa: F401 (re-exported)
     BundleError,
     StateSpec,
@@ -64,18 +64,21 @@ class LfmSession:
 
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: str | ProviderList = "auto",
                  verify: str = "sampled", prepack_cache: str = "off",
-                 configure: Callable[[ort.SessionOptions], None] | None = None):
+                 configure: Callable[[ort.SessionOptions], None] | None = None, attention_kernel: str = "flash"):
         """`prepack_cache` (prepack.py): "off"; "use" (map a valid cache next to the bundle if there is one);
         "auto" (the same, and write one when there is none, the folder is writable and has room). What
         happened and why is in `prepack` (a PrepackStatus); a cache never stops a bundle from loading.
         `configure`: a caller's extra settings on every SessionOptions made here (device_bench/step_profile.py
-        turns on profiling)."""
+        turns on profiling). `attention_kernel`: "flash" or "unfused" (kernels.py: unfused decodes faster deep
+        in a context with an int8/int4 KV cache, and its prefill chunks shrink sooner with depth)."""
+        kernels.check(attention_kernel)
         if prepack_cache not in ("off", "use", "auto"):
             raise ValueError(f"prepack_cache {prepack_cache!r}: expected 'off', 'use' or 'auto'")
         cfg = read_bundle(bundle, verify, onnxruntime_version=ort.__version__)
         self.folder, self.manifest, decoder, model_file = cfg.folder, cfg.manifest, cfg.decoder, cfg.model_file
         self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
         self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
+        self.attention_kernel, self.num_heads = attention_kernel, int(decoder.get("num_attention_heads", 0))
         # the bundle's target default (export/exporter.py TARGET_THREADS), never more than this machine's CPUs
         threads = threads or min(int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)),
                                  os.cpu_count() or 1)
@@ -102,35 +105,36 @@ class LfmSession:
                 raise BundleError(f"{path}: onnxruntime {ort.__version__} cannot load it "
                                   f"({str(e).strip().splitlines()[0][:300]})") from None
 
-        options = session_options()
-        try:
-            self.provider_choice = choose(model_file, providers, options)
-        except _LOAD_ERRORS as e:
-            raise BundleError(f"{model_file}: onnxruntime {ort.__version__} cannot load it "
-                              f"({str(e).strip().splitlines()[0][:300]})") from None
-        self.prepack, cached, writer = self._prepack_plan(prepack_cache, model_file, options, verify)
-        if writer is not None:
-            writer.configure(options)
-        self.session = None
-        if cached is not None:
+        with kernels.building(attention_kernel):
+            options = session_options()
             try:
-                self.session = open_graph(cached, options)
-            except BundleError as e:  # refused like any mismatch: the bundle itself still loads
-                self.prepack = prepack.PrepackStatus("refused", str(e), cached.parent)
-        if self.session is None:
-            try:
-                self.session = open_graph(model_file, options)
-            except BundleError as e:
-                if writer is None:
-                    raise
-                # onnxruntime may fail while saving (a full disk): the bundle must load without a cache
-                writer.abandon(f"onnxruntime failed while writing it ({e})")
-                self.prepack, writer = writer.status, None
-                self.session = open_graph(model_file, session_options())
-        self.state = state_spec(((i.name, i.shape) for i in self.session.get_inputs()), decoder)
-        self._detect_logits_to_keep()
-        if writer is not None:
-            self._finish_cache(writer, lambda path: open_graph(path, session_options()))
+                self.provider_choice = choose(model_file, providers, options)
+            except _LOAD_ERRORS as e:
+                raise BundleError(f"{model_file}: onnxruntime {ort.__version__} cannot load it "
+                                  f"({str(e).strip().splitlines()[0][:300]})") from None
+            self.prepack, cached, writer = self._prepack_plan(prepack_cache, model_file, options, verify)
+            if writer is not None:
+                writer.configure(options)
+            self.session = None
+            if cached is not None:
+                try:
+                    self.session = open_graph(cached, options)
+                except BundleError as e:  # refused like any mismatch: the bundle itself still loads
+                    self.prepack = prepack.PrepackStatus("refused", str(e), cached.parent)
+            if self.session is None:
+                try:
+                    self.session = open_graph(model_file, options)
+                except BundleError as e:
+                    if writer is None:
+                        raise
+                    # onnxruntime may fail while saving (a full disk): the bundle must load without a cache
+                    writer.abandon(f"onnxruntime failed while writing it ({e})")
+                    self.prepack, writer = writer.status, None
+                    self.session = open_graph(model_file, session_options())
+            self.state = state_spec(((i.name, i.shape) for i in self.session.get_inputs()), decoder)
+            self._detect_logits_to_keep()
+            if writer is not None:
+                self._finish_cache(writer, lambda path: open_graph(path, session_options()))
         if not self.prepack.mapped:
             data_files = [p for p in self.folder.iterdir() if p.name.startswith(model_file.name) and p != model_file]
             self.released_bytes = release_clean_pages(data_files)  # see pages.py

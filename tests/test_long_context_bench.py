@@ -88,3 +88,18 @@ def test_llama_cpp_runs_beside_ours_with_both_of_its_caches(int8_cache_bundle, t
     table = section["summary"]["table"]
     assert table["llama.cpp f16"]["700"]["kv_bytes"] == 2 * table["llama.cpp q8_0+fa"]["700"]["kv_bytes"] * 32 / 34
     assert "kv_bytes at 700 vs llama.cpp f16" in section["summary"]["ratios"]
+
+
+def test_long_context_bench_runs_ours_with_each_attention_kernel(int8_cache_bundle, tmp_path):
+    out = tmp_path / "out"
+    assert main([str(int8_cache_bundle), "--long-context", "300", "--synthetic-depths", "1200", "--decode", "8",
+                 "--threads", "1", "--runs", "1", "--peer", "none", "--attention-kernel", "both",
+                 "--out", str(out)]) == 0
+    section = json.loads((out / "bench.json").read_text())["long_context"]
+    assert {(p["system"], p["depth"]) for p in section["points"]} == {
+        ("ours", 300), ("ours unfused", 300), ("ours", 1200), ("ours unfused", 1200)}
+    table = section["summary"]["table"]
+    assert table["ours unfused"]["1200 synthetic"]["decode_tps"] > 0
+    assert "decode at 1200 synthetic / at 300 (ours unfused)" in section["summary"]["ratios"]
+    assert main([str(int8_cache_bundle), "--attention-kernel", "both", "--peer", "none",
+                 "--out", str(tmp_path / "x")]) == 2
