@@ -585,3 +585,25 @@ def test_mock_conversations_on_phone_backends_match_lfm_session(demo, backend, t
     # a conversation saved on the phone's backend continues on the Python one, and the other way round
     assert _conversation_tokens(python, load_from=tmp_path / "phone.st") == \
            _conversation_tokens(phone, load_from=tmp_path / "phone.st")
+
+
+def test_mock_objc_builds_the_attention_kernel_asked_for(tmp_path_factory, monkeypatch):
+    """The stand-in ORTSession records the environment onnxruntime would read while it builds its kernels."""
+    import os
+
+    from lfm_edge.runtime import kernels
+
+    seen = []
+    build = ORTSession.initWithEnv_modelPath_sessionOptions_error_
+
+    def recording(self, env, path, options, error):
+        seen.append(os.environ.get(kernels.FLASH_OFF))
+        return build(self, env, path, options, error)
+
+    monkeypatch.setattr(ORTSession, "initWithEnv_modelPath_sessionOptions_error_", recording)
+    folder = bundle(tmp_path_factory.getbasetemp(), "kv-int8")
+    flash = ObjcSession(folder, threads=1, classes=objc_stand_ins())
+    unfused = ObjcSession(folder, threads=1, classes=objc_stand_ins(), attention_kernel="unfused")
+    assert seen == [None, "1"] and kernels.FLASH_OFF not in os.environ
+    assert (flash.attention_kernel, unfused.attention_kernel, unfused.num_heads) == ("flash", "unfused", 4)
+    assert generate(unfused, PROMPTS, 8) == generate(flash, PROMPTS, 8)

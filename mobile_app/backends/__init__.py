@@ -51,22 +51,23 @@ def choose(backend: str = "auto") -> str:
 
 
 def open_session(bundle: str | Path, threads: int | None = None, backend: str = "auto",
-                 prepack_cache: str = "off") -> Any:
+                 prepack_cache: str = "off", attention_kernel: str = "flash") -> Any:
     """Load `bundle` through `backend` ("auto": python if onnxruntime imports, else java if jnius does
     (Android), else objc if pyobjus does (iOS)). `prepack_cache` (runtime/prepack.py) applies to the python
-    backend; the Java and Objective-C backends do not write or map one yet."""
+    backend; the Java and Objective-C backends do not write or map one yet. `attention_kernel`:
+    runtime/kernels.py, on every backend."""
     backend = choose(backend)
     if backend == "java":
         from .java import JavaSession
 
-        return JavaSession(bundle, threads=threads)
+        return JavaSession(bundle, threads=threads, attention_kernel=attention_kernel)
     if backend == "objc":
         from .objc import ObjcSession
 
-        return ObjcSession(bundle, threads=threads)
+        return ObjcSession(bundle, threads=threads, attention_kernel=attention_kernel)
     from lfm_edge.runtime.session import LfmSession
 
-    return LfmSession(bundle, threads=threads, prepack_cache=prepack_cache)
+    return LfmSession(bundle, threads=threads, prepack_cache=prepack_cache, attention_kernel=attention_kernel)
 
 
 def release_thread() -> None:

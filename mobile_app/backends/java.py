@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from lfm_edge.runtime import kernels
 from lfm_edge.runtime.growth import (
     capacity_for,
     check_fits,
@@ -88,8 +89,10 @@ class JavaSession:
     stand-ins). `pinned`: use OrtSession.run with pinned outputs (None: detect the overload)."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None, classes: Any = None,
-                 pinned: bool | None = None, verify: str = "size"):
+                 pinned: bool | None = None, verify: str = "size", attention_kernel: str = "flash"):
+        kernels.check(attention_kernel)
         cfg = read_bundle(bundle, verify)
+        self.attention_kernel, self.num_heads = attention_kernel, int(cfg.decoder.get("num_attention_heads", 0))
         self.kv_dtype, _ = kv_cache_type(cfg, "Java")  # the graph's KV dims already count packed bytes
         self.folder, self.manifest = cfg.folder, cfg.manifest
         self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
@@ -100,7 +103,8 @@ class JavaSession:
         if threads:
             options.setIntraOpNumThreads(int(threads))
         try:
-            self.session = self.env.createSession(str(cfg.model_file), options)
+            with kernels.building(attention_kernel):  # onnxruntime reads it from this process's environment
+                self.session = self.env.createSession(str(cfg.model_file), options)
         except Exception as e:  # OrtException arrives as jnius.JavaException
             raise BundleError(f"{cfg.model_file}: onnxruntime (Java) could not load it: {e}") from None
         self._options = options  # must outlive the session (OrtSession.SessionOptions javadoc)

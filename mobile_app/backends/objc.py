@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from lfm_edge.runtime import kernels
 from lfm_edge.runtime.growth import (
     capacity_for,
     check_fits,
@@ -70,8 +71,11 @@ def _names(nsarray: Any) -> list[str]:
 class ObjcSession:
     """One loaded bundle over onnxruntime-objc. `classes`: what objc_classes() returns (tests pass stand-ins)."""
 
-    def __init__(self, bundle: str | Path, threads: int | None = None, classes: Any = None, verify: str = "size"):
+    def __init__(self, bundle: str | Path, threads: int | None = None, classes: Any = None, verify: str = "size",
+                 attention_kernel: str = "flash"):
+        kernels.check(attention_kernel)
         cfg = read_bundle(bundle, verify)
+        self.attention_kernel, self.num_heads = attention_kernel, int(cfg.decoder.get("num_attention_heads", 0))
         self.kv_dtype, kv_pack = kv_cache_type(cfg, "Objective-C")
         self.folder, self.manifest = cfg.folder, cfg.manifest
         self.share_buffer, self.context_length = cfg.share_buffer, cfg.context_length
@@ -81,8 +85,9 @@ class ObjcSession:
         options = C.ORTSessionOptions.alloc().initWithError_(None)
         if threads:
             options.setIntraOpNumThreads_error_(int(threads), None)
-        self.session = C.ORTSession.alloc().initWithEnv_modelPath_sessionOptions_error_(
-            self.env, str(cfg.model_file), options, None)
+        with kernels.building(attention_kernel):  # onnxruntime reads it from this process's environment
+            self.session = C.ORTSession.alloc().initWithEnv_modelPath_sessionOptions_error_(
+                self.env, str(cfg.model_file), options, None)
         if self.session is None:
             raise BundleError(f"{cfg.model_file}: onnxruntime (Objective-C) could not load it")
         self.state: StateSpec = state_from_config(cfg.decoder, kv_pack)
