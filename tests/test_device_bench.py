@@ -233,7 +233,8 @@ def test_memory_bound_threshold_follows_the_cache():
 
 def test_the_full_models_bytes_per_token_and_recorded_efficiency():
     """Bytes per token are quant/policy.py's for the default phone policy over the preset's geometry; the recorded
-    constant (phone builds have no exporter) is that computation, and the efficiency is RESULTS.md's run."""
+    constant (phone builds have no exporter) is that computation; the efficiency is the run in
+    device_bench/RESULTS.md."""
     from lfm_edge.export.cli import TARGET_QUANT
     from lfm_edge.export.random_weights import RandomCheckpoint
     from lfm_edge.quant.policy import bytes_per_token, get_policy
@@ -254,7 +255,8 @@ def test_the_full_models_bytes_per_token_and_recorded_efficiency():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == f"({float(computed)!r}, 'its geometry (recorded)')"
 
-    results = Path(roofline.__file__).parent / "results"
+    root = Path(__file__).resolve().parent.parent
+    results = root / "device_bench" / "results"
     ab = json.loads((results / "2026-11-22-ab-vs-llama-q4_0.json").read_text())
     run = json.loads((results / "2026-11-22-lfm25-8b-a1b-int4-b128.json").read_text())
     assert ab["bundle"] == run["bundle"]["path"]  # one bundle, both runs
@@ -263,7 +265,7 @@ def test_the_full_models_bytes_per_token_and_recorded_efficiency():
     assert eff.bytes_per_token == run["bundle"]["bytes_per_token"]
     assert eff.read_bandwidth_gbs == run["roofline"]["read_bandwidth_gbs"]
     assert eff.fraction == pytest.approx(0.763, abs=0.001)
-    assert "| decode tok/s (median of 10 rounds) | 29.5 [23.7-38.8] |" in (results.parent / "RESULTS.md").read_text()
+    assert "| decode tok/s (median of 10 rounds) | 29.5 [23.7-38.8] |" in (root / "device_bench/RESULTS.md").read_text()
 
 
 def test_bytes_per_token_from_the_manifest_equals_the_graphs(demo_int4, tmp_path):
