@@ -288,11 +288,10 @@ class PhonePrediction:
             eff = (f"the efficiency measured here on this bundle ({self.measured_bytes_per_token / 1e6:.0f} MB per "
                    "token: memory-bound)")
         else:
-            size = (f" ({self.measured_bytes_per_token / 1e6:.1f} MB per token, under the "
-                    f"{self.memory_bound_bytes / 1e6:.0f} MB from which decode is memory-bound)"
-                    if self.measured_bytes_per_token else "")
-            eff = (f"the full model's measured efficiency ({self.efficiency_from}); this bundle is too small for its "
-                   f"own to carry over{size}")
+            why = (f"this bundle is too small for its own to carry over ({self.measured_bytes_per_token / 1e6:.1f} MB "
+                   f"per token, under the {self.memory_bound_bytes / 1e6:.0f} MB from which decode is memory-bound)"
+                   if self.measured_bytes_per_token else "this bundle's bytes per token are unknown")
+            eff = f"the full model's measured efficiency ({self.efficiency_from}); {why}"
         return (f"{self.model}: {self.bytes_per_token / 1e6:.0f} MB read per token ({self.bytes_from}) at "
                 f"{self.efficiency:.0%} of each phone's memory bandwidth, {eff}.")
 

@@ -197,7 +197,9 @@ def test_phone_predictions_are_for_the_full_model(demo_int4, tmp_path):
     assert p.verdict() == "LFM2.5-8B-A1B int4 on phones: 42-70 tok/s predicted; reaches 30 tok/s on all 8"
     assert "the full model's measured efficiency (29.5 tok/s at 35.6 GB/s" in p.basis() and "0.8 MB" in p.basis()
     # no bytes per token for the measured bundle (a phone without onnx, a genai bundle): still the full model's
-    predicted(roofline.phone_prediction(None, None, 0.5), ref, full)
+    p = roofline.phone_prediction(None, None, 0.5)
+    predicted(p, ref, full)
+    assert p.basis().endswith("; this bundle's bytes per token are unknown.")
     # a memory-bound bundle that is not the model (6 layers of its width): its own efficiency, the model's bytes
     six_layers = roofline.TokenBytes(358e6, {}, int(1.04e9))
     p = roofline.phone_prediction(demo_int4, six_layers, 0.6, cache_bytes=32 << 20)
