@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from ..runtime.bundle import BundleError, read_bundle
@@ -147,15 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     decode_keys = [k for k in summary if k.startswith("decode/")]
     best_decode = max(summary[k]["median"] for k in decode_keys) if decode_keys else 0.0
     ceiling = roofline.ceiling(bandwidth, tokens.total)
+    fraction = best_decode / ceiling if ceiling else 0.0
+    # phones: LFM2.5-8B-A1B int4's decode, at this bundle's efficiency only if it is memory-bound (roofline.py)
+    prediction = asdict(roofline.phone_prediction(bundle, tokens, fraction))
     result = {
         "schema": SCHEMA,
         "device": device_info(args.threads),
         "bundle": {"path": str(bundle), "manifest": _manifest(bundle), "weights_bytes": tokens.stored,
                    "bytes_per_token": tokens.total, "bytes_per_token_by_kind": tokens.by_kind},
         "roofline": {"read_bandwidth_gbs": bandwidth, "ceiling_tps": ceiling,
-                     "fraction_reached": best_decode / ceiling if ceiling else 0.0,
-                     "target_tps": roofline.TARGET_TOKENS_PER_SECOND,
-                     "phones": roofline.phone_predictions(tokens.total, best_decode / ceiling if ceiling else None)},
+                     "fraction_reached": fraction, "target_tps": roofline.TARGET_TOKENS_PER_SECOND,
+                     "phones": prediction.pop("phones"), "phone_prediction": prediction},
         "results": summary,
         "memory": memory(summary, tokens.stored) | prepack_disk(bundle, args.prepack_cache),
         "peers": peers,

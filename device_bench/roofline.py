@@ -6,13 +6,20 @@ top_k / num_experts of their size; the embedding table counts once, as the LM he
 `lfm-export` records them in manifest.json, so a phone build without the onnx package reads them there;
 other bundles (onnxruntime-genai's builder) are parsed with onnx.
 Bandwidth is measured here, or taken from a phone SoC table.
+
+Phone predictions are about the model that matters, LFM2.5-8B-A1B under the default phone policy (int4),
+whatever bundle was measured (`phone_prediction`): its bytes per token (from its geometry, or from the
+measured bundle's manifest when that bundle is it) times phone bandwidth times an efficiency (the share of
+the bandwidth ceiling decode reaches) measured on a memory-bound model. A small bundle (the demo model: under
+1 MB per token, in the CPU's caches) says nothing about that share, so then the full model's recorded one is used.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +39,53 @@ PHONE_SOCS: dict[str, float] = {
     "Snapdragon 7 Gen 3 (LPDDR5-6400)": 51.2,
 }
 PHONE_ACHIEVABLE = 0.55
+
+# The model phone predictions are about: LFM2.5-8B-A1B (export/random_weights.py PRESETS) under the default
+# phone policy (export/cli.py TARGET_QUANT: android and ios export int4).
+REFERENCE_MODEL = "LFM2.5-8B-A1B"
+REFERENCE_PRESET = "lfm2.5-8b-a1b"
+REFERENCE_POLICY = "int4"
+# quant/policy.py bytes_per_token(int4, that geometry), for builds without the exporter and quantizer (a phone
+# build ships runtime, device_bench and mobile_app only); tests/test_device_bench.py holds it to the computation.
+REFERENCE_BYTES_PER_TOKEN = 920_336_128
+
+
+@dataclass(frozen=True)
+class RecordedEfficiency:
+    """A decode measured on the full model: the share of the read-bandwidth ceiling it reached."""
+
+    decode_tps: float
+    bytes_per_token: float
+    read_bandwidth_gbs: float
+    measured: str  # date, machine
+    source: str  # where the numbers are written down
+
+    @property
+    def fraction(self) -> float:
+        return self.decode_tps * self.bytes_per_token / (self.read_bandwidth_gbs * 1e9)
+
+    def describe(self) -> str:
+        return f"{self.decode_tps:.1f} tok/s at {self.read_bandwidth_gbs:.1f} GB/s, {self.measured}, {self.source}"
+
+
+# device_bench/RESULTS.md, "2026-11-22 (second session)": the full LFM2.5-8B-A1B geometry's int4 android bundle
+# (/tmp/q/lfm25-android), decode median of 10 rounds alternated with llama.cpp (ab.py, 512-token prompt, 128 tokens,
+# results/2026-11-22-ab-vs-llama-q4_0.json ours_decode), its 920 MB per token (the same bundle's lfm-bench run,
+# results/2026-11-22-lfm25-8b-a1b-int4-b128.json) and this machine's quiet read bandwidth: 76% of the ceiling.
+# (That lfm-bench run's best decode median, 33.2 tok/s, gives 86%: the alternated median is the steadier figure.)
+FULL_MODEL_EFFICIENCY = RecordedEfficiency(
+    decode_tps=29.51, bytes_per_token=920_339_908, read_bandwidth_gbs=35.6,
+    measured="2-core AMD EPYC Zen 4, 2 threads, 2026-11-22", source="device_bench/RESULTS.md")
+
+# A measured bundle's own efficiency carries over to LFM2.5-8B-A1B only when its decode streams from DRAM as the
+# full model's does: it must read at least 8x the CPU's largest cache per token (so a cache could serve at most an
+# eighth of the reads; sysfs on Linux and Android, 32 MiB assumed where unreadable) and at least 256 MB (below
+# that a step is a few ms, where per-node overhead, ~5.5 ms per token at full size in RESULTS.md 2026-11-29, would
+# weigh more than bandwidth). The demo model (0.8 MB) is far below; 6 layers of the full width (358 MB) and the
+# full model (920 MB) are above on this machine (32 MiB L3: threshold 268 MB) and on phones.
+MEMORY_BOUND_MIN_BYTES = 256e6
+MEMORY_BOUND_CACHE_MULTIPLE = 8
+ASSUMED_CACHE_BYTES = 32 << 20
 
 
 @dataclass
@@ -137,3 +191,125 @@ def phone_predictions(token_bytes: float, fraction: float | None = None) -> list
         rows.append({"soc": soc, "bandwidth_gbs": bandwidth, "ceiling_tps": round(ceiling(bandwidth, token_bytes), 1),
                      "predicted_tps": round(tps, 1), "meets_target": tps >= TARGET_TOKENS_PER_SECOND})
     return rows
+
+
+@functools.cache
+def reference_bytes_per_token() -> tuple[float, str]:
+    """LFM2.5-8B-A1B's bytes per token under the default phone policy, and where the number comes from:
+    computed by quant/policy.py over export/random_weights.py's geometry, or the recorded result of that
+    computation where the exporter is not installed (phone builds)."""
+    try:
+        from ..export.random_weights import RandomCheckpoint
+        from ..quant.policy import bytes_per_token as policy_bytes
+        from ..quant.policy import get_policy
+    except ImportError:
+        return float(REFERENCE_BYTES_PER_TOKEN), "its geometry (recorded)"
+    cfg = RandomCheckpoint(REFERENCE_PRESET).config
+    return float(policy_bytes(get_policy(REFERENCE_POLICY), cfg)), "its geometry"
+
+
+def is_reference_bundle(bundle: Path, tokens: TokenBytes) -> bool:
+    """Whether `bundle` is LFM2.5-8B-A1B under the default phone policy: an lfm2_moe bundle quantized with that
+    policy (manifest.json) whose bytes per token are the geometry's (within 0.1%: the graph adds a few kB of
+    rotary tables and such; another depth, width or vocabulary is megabytes away)."""
+    try:
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+        same_policy = manifest.get("quant") == REFERENCE_POLICY and manifest.get("model_type") == "lfm2_moe"
+    except (OSError, ValueError, AttributeError):
+        return False
+    return same_policy and abs(tokens.total / reference_bytes_per_token()[0] - 1) < 1e-3
+
+
+def bundle_label(bundle: Path) -> str:
+    """What a bundle is, for a reader: its source (hub id, checkpoint folder name, or random-weights preset) and
+    quantization policy from manifest.json, else its folder's name."""
+    bundle = Path(bundle)
+    try:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        source = manifest.get("source") or {}
+        name = (source.get("hub_id") or source.get("name")
+                or (f"random weights {source['random_weights']}" if source.get("random_weights") else ""))
+        quant = manifest.get("quant") or ""
+    except (OSError, ValueError, AttributeError, TypeError):
+        name = quant = ""
+    return f"{name or bundle.name} {quant}".strip()
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache (sysfs: Linux and Android), or None where it cannot be read."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index[0-9]*/size"):
+        try:
+            text = f.read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
+            continue
+    return max(sizes) if sizes else None
+
+
+def memory_bound_bytes(cache_bytes: int | None = None) -> float:
+    """Bytes per token from which a bundle's measured efficiency stands for a memory-bound model's (see
+    MEMORY_BOUND_MIN_BYTES); `cache_bytes` defaults to this CPU's largest cache."""
+    cache = cache_bytes or last_level_cache_bytes() or ASSUMED_CACHE_BYTES
+    return max(MEMORY_BOUND_MIN_BYTES, MEMORY_BOUND_CACHE_MULTIPLE * cache)
+
+
+@dataclass
+class PhonePrediction:
+    """Predicted decode of `model` on each phone SoC: bandwidth x efficiency / bytes_per_token."""
+
+    model: str  # what the rows are about, e.g. "LFM2.5-8B-A1B int4"
+    bytes_per_token: float
+    bytes_from: str  # "its geometry" (quant/policy.py), "its geometry (recorded)", "this bundle's manifest"
+    efficiency: float  # share of the bandwidth ceiling decode reaches
+    efficiency_measured_here: bool  # the measured bundle's own (memory-bound), else FULL_MODEL_EFFICIENCY
+    efficiency_from: str
+    measured_bytes_per_token: float  # the measured bundle's (0: unknown)
+    memory_bound_bytes: float  # the threshold its bytes per token were held against
+    phones: list[dict] = field(default_factory=list)
+
+    @property
+    def reaching(self) -> int:
+        return sum(p["meets_target"] for p in self.phones)
+
+    def verdict(self, target: float = TARGET_TOKENS_PER_SECOND) -> str:
+        """One line: the model, the predicted range, how many phones reach the target."""
+        tps = [p["predicted_tps"] for p in self.phones]
+        n, reached = len(tps), self.reaching
+        where = (f"reaches {target:.0f} tok/s on all {n}" if reached == n else
+                 f"below the {target:.0f} tok/s target on all {n}" if reached == 0 else
+                 f"reaches {target:.0f} tok/s on {reached} of {n}")
+        return f"{self.model} on phones: {min(tps):.0f}-{max(tps):.0f} tok/s predicted; {where}"
+
+    def basis(self) -> str:
+        """Where the numbers come from, in a sentence or two."""
+        if self.efficiency_measured_here:
+            eff = (f"the efficiency measured here on this bundle ({self.measured_bytes_per_token / 1e6:.0f} MB per "
+                   "token: memory-bound)")
+        else:
+            why = (f"this bundle is too small for its own to carry over ({self.measured_bytes_per_token / 1e6:.1f} MB "
+                   f"per token, under the {self.memory_bound_bytes / 1e6:.0f} MB from which decode is memory-bound)"
+                   if self.measured_bytes_per_token else "this bundle's bytes per token are unknown")
+            eff = f"the full model's measured efficiency ({self.efficiency_from}); {why}"
+        return (f"{self.model}: {self.bytes_per_token / 1e6:.0f} MB read per token ({self.bytes_from}) at "
+                f"{self.efficiency:.0%} of each phone's memory bandwidth, {eff}.")
+
+
+def phone_prediction(bundle: Path | None, tokens: TokenBytes | None, fraction_here: float,
+                     cache_bytes: int | None = None) -> PhonePrediction:
+    """Each phone's decode of LFM2.5-8B-A1B int4. Bytes per token: the measured bundle's when it is that model,
+    else the geometry's. Efficiency: `fraction_here` (the measured bundle's best decode / its ceiling) when the
+    bundle is memory-bound (`memory_bound_bytes`), else FULL_MODEL_EFFICIENCY."""
+    ref_bytes, bytes_from = reference_bytes_per_token()
+    if tokens is not None and bundle is not None and is_reference_bundle(bundle, tokens):
+        ref_bytes, bytes_from = tokens.total, "this bundle's manifest"
+    threshold = memory_bound_bytes(cache_bytes)
+    own = tokens is not None and tokens.total >= threshold and fraction_here > 0
+    efficiency = fraction_here if own else FULL_MODEL_EFFICIENCY.fraction
+    source = "measured here" if own else FULL_MODEL_EFFICIENCY.describe()
+    return PhonePrediction(
+        model=f"{REFERENCE_MODEL} {REFERENCE_POLICY}", bytes_per_token=ref_bytes, bytes_from=bytes_from,
+        efficiency=efficiency, efficiency_measured_here=own, efficiency_from=source,
+        measured_bytes_per_token=tokens.total if tokens is not None else 0.0, memory_bound_bytes=threshold,
+        phones=phone_predictions(ref_bytes, efficiency))

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,19 @@ def test_bench_writes_json_markdown_and_plot(demo_int4, tmp_path):
     assert "While decoding: anonymous" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "Roofline:" in (out / "bench.md").read_text()
+    # the phone table is about LFM2.5-8B-A1B int4, at the full model's recorded efficiency (the demo is tiny)
+    roof = result["roofline"]
+    pred = roof["phone_prediction"]
+    assert pred["model"] == "LFM2.5-8B-A1B int4" and not pred["efficiency_measured_here"]
+    assert pred["efficiency"] == roofline.FULL_MODEL_EFFICIENCY.fraction != roof["fraction_reached"]
+    assert pred["bytes_per_token"] == roofline.REFERENCE_BYTES_PER_TOKEN
+    assert pred["measured_bytes_per_token"] == result["bundle"]["bytes_per_token"]
+    for p in roof["phones"]:
+        assert p["predicted_tps"] == pytest.approx(p["bandwidth_gbs"] * 1e9 * pred["efficiency"]
+                                                   / pred["bytes_per_token"], abs=0.05)
+    md = (out / "bench.md").read_text()
+    assert "**LFM2.5-8B-A1B int4 on phones: " in md and "the full model's measured efficiency" in md
+    assert f"predicted tok/s (at {pred['efficiency']:.0%})" in md
 
 
 def test_bench_with_the_prepack_cache_reports_its_disk_and_memory(demo_int4, tmp_path, capsys):
@@ -160,6 +174,100 @@ def test_bytes_per_token_counts_routed_experts_at_top_k(demo_int4):
     assert tb.total < tb.stored
     phones = roofline.phone_predictions(tb.total, 0.5)
     assert all(p["predicted_tps"] == pytest.approx(p["ceiling_tps"] * 0.5, rel=0.01) for p in phones)
+
+
+def test_phone_predictions_are_for_the_full_model(demo_int4, tmp_path):
+    """Whatever bundle was measured, phones are predicted for LFM2.5-8B-A1B int4: its bytes per token x an
+    efficiency measured on a memory-bound model x each phone's bandwidth."""
+    full = roofline.FULL_MODEL_EFFICIENCY.fraction
+    ref = roofline.REFERENCE_BYTES_PER_TOKEN
+
+    def predicted(p: roofline.PhonePrediction, bytes_per_token: float, efficiency: float) -> None:
+        assert p.model == "LFM2.5-8B-A1B int4" and p.bytes_per_token == bytes_per_token and p.efficiency == efficiency
+        assert [r["soc"] for r in p.phones] == list(roofline.PHONE_SOCS)
+        for r in p.phones:
+            tps = roofline.PHONE_SOCS[r["soc"]] * 1e9 * efficiency / bytes_per_token
+            assert r["predicted_tps"] == round(tps, 1) and r["meets_target"] == (tps >= 30)
+
+    # the demo (under 1 MB per token, in the caches): its 3% says nothing; the full model's recorded 76% is used
+    small = roofline.bytes_per_token(demo_int4)
+    p = roofline.phone_prediction(demo_int4, small, 0.03, cache_bytes=32 << 20)
+    predicted(p, ref, full)
+    assert not p.efficiency_measured_here and p.bytes_from == "its geometry"
+    assert p.verdict() == "LFM2.5-8B-A1B int4 on phones: 42-70 tok/s predicted; reaches 30 tok/s on all 8"
+    assert "the full model's measured efficiency (29.5 tok/s at 35.6 GB/s" in p.basis() and "0.8 MB" in p.basis()
+    # no bytes per token for the measured bundle (a phone without onnx, a genai bundle): still the full model's
+    p = roofline.phone_prediction(None, None, 0.5)
+    predicted(p, ref, full)
+    assert p.basis().endswith("; this bundle's bytes per token are unknown.")
+    # a memory-bound bundle that is not the model (6 layers of its width): its own efficiency, the model's bytes
+    six_layers = roofline.TokenBytes(358e6, {}, int(1.04e9))
+    p = roofline.phone_prediction(demo_int4, six_layers, 0.6, cache_bytes=32 << 20)
+    predicted(p, ref, 0.6)
+    assert p.efficiency_measured_here and "measured here on this bundle (358 MB per token" in p.basis()
+    # ... unless this CPU's cache is so large that 358 MB is under 8x it
+    predicted(roofline.phone_prediction(demo_int4, six_layers, 0.6, cache_bytes=64 << 20), ref, full)
+    # the model itself: its manifest's bytes per token and its own efficiency
+    bundle = tmp_path / "lfm25-int4"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"model_type": "lfm2_moe", "quant": "int4"}))
+    itself = roofline.TokenBytes(920_338_236.0, {}, 4_484_857_660)  # an exported bundle's manifest (+2 kB of graph)
+    p = roofline.phone_prediction(bundle, itself, 0.7)
+    predicted(p, itself.total, 0.7)
+    assert p.bytes_from == "this bundle's manifest" and roofline.is_reference_bundle(bundle, itself)
+    # another policy or geometry is not the model
+    (bundle / "manifest.json").write_text(json.dumps({"model_type": "lfm2_moe", "quant": "int4-hq"}))
+    assert not roofline.is_reference_bundle(bundle, itself)
+    assert not roofline.is_reference_bundle(demo_int4, small)
+    # below every phone's target: the verdict says so
+    slow = roofline.phone_prediction(None, None, 0.0)
+    slow.phones = roofline.phone_predictions(ref, 0.2)
+    assert slow.verdict().endswith("tok/s predicted; below the 30 tok/s target on all 8")
+
+
+def test_memory_bound_threshold_follows_the_cache():
+    assert roofline.memory_bound_bytes(32 << 20) == 8 * (32 << 20)  # this machine's L3: 268 MB
+    assert roofline.memory_bound_bytes(8 << 20) == roofline.MEMORY_BOUND_MIN_BYTES  # a phone's: the 256 MB floor
+    cache = roofline.last_level_cache_bytes()
+    assert cache is None or cache >= 1 << 15
+    assert roofline.memory_bound_bytes() == roofline.memory_bound_bytes(cache or roofline.ASSUMED_CACHE_BYTES)
+
+
+def test_the_full_models_bytes_per_token_and_recorded_efficiency():
+    """Bytes per token are quant/policy.py's for the default phone policy over the preset's geometry; the recorded
+    constant (phone builds have no exporter) is that computation; the efficiency is the run in
+    device_bench/RESULTS.md."""
+    from lfm_edge.export.cli import TARGET_QUANT
+    from lfm_edge.export.random_weights import RandomCheckpoint
+    from lfm_edge.quant.policy import bytes_per_token, get_policy
+
+    assert TARGET_QUANT["android"] == TARGET_QUANT["ios"] == roofline.REFERENCE_POLICY
+    cfg = RandomCheckpoint(roofline.REFERENCE_PRESET).config
+    computed = bytes_per_token(get_policy(roofline.REFERENCE_POLICY), cfg)
+    assert computed == roofline.REFERENCE_BYTES_PER_TOKEN
+    assert roofline.reference_bytes_per_token() == (computed, "its geometry")
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.startswith(('lfm_edge.export', 'lfm_edge.quant')): raise ImportError(name, name=name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from lfm_edge.device_bench import roofline\n"
+            "print(roofline.reference_bytes_per_token())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == f"({float(computed)!r}, 'its geometry (recorded)')"
+
+    root = Path(__file__).resolve().parent.parent
+    results = root / "device_bench" / "results"
+    ab = json.loads((results / "2026-11-22-ab-vs-llama-q4_0.json").read_text())
+    run = json.loads((results / "2026-11-22-lfm25-8b-a1b-int4-b128.json").read_text())
+    assert ab["bundle"] == run["bundle"]["path"]  # one bundle, both runs
+    eff = roofline.FULL_MODEL_EFFICIENCY
+    assert eff.decode_tps == round(ab["median"]["ours_decode"], 2)
+    assert eff.bytes_per_token == run["bundle"]["bytes_per_token"]
+    assert eff.read_bandwidth_gbs == run["roofline"]["read_bandwidth_gbs"]
+    assert eff.fraction == pytest.approx(0.763, abs=0.001)
+    assert "| decode tok/s (median of 10 rounds) | 29.5 [23.7-38.8] |" in (root / "device_bench/RESULTS.md").read_text()
 
 
 def test_bytes_per_token_from_the_manifest_equals_the_graphs(demo_int4, tmp_path):

@@ -99,19 +99,18 @@ class BenchScreen(Screen):
         self.verdict = Text(text=report.verdict, font_size=sp(22), bold=True,
                             color=GOOD if report.reaches_target else WARN)
         verdict.add_widget(self.verdict)
-        verdict.add_widget(Text(text="Target: 30 tok/s decode on the phone (best decode median of this run).",
-                                color=MUTED, font_size=sp(13)))
+        for note in report.verdict_notes():  # what the verdict is computed from; this bundle's own speed
+            verdict.add_widget(Text(text=note, color=MUTED, font_size=sp(13)))
         self.results.add_widget(verdict)
         metrics = Panel()
-        metrics.add_widget(heading("This device"))
+        metrics.add_widget(heading(f"This device: {report.model_label}" if report.model_label else "This device"))
         metrics.add_widget(self._grid(report.metric_rows(), cols=2))
         metrics.add_widget(Text(text=report.roofline_text(), color=MUTED, font_size=sp(13)))
         self.results.add_widget(metrics)
         if report.phones:
             phones = Panel()
-            phones.add_widget(heading("Predicted on phones"))
-            phones.add_widget(Text(text=f"Decoding at the {report.fraction:.0%} of its bandwidth ceiling this device "
-                                        "reached.", color=MUTED, font_size=sp(13)))
+            phones.add_widget(heading(report.phone_heading()))
+            phones.add_widget(Text(text=report.phone_note(), color=MUTED, font_size=sp(13)))
             phones.add_widget(self._grid([("SoC", "tok/s", "30?"), *report.phone_rows()], cols=3))
             self.results.add_widget(phones)
 
@@ -133,4 +132,9 @@ class BenchScreen(Screen):
     def snapshot(self) -> dict:
         return {"status": self.status.text, "running": self.job.running,
                 "verdict": self.report.verdict if self.report else None,
-                "report": asdict(self.report) if self.report else None}
+                "report": asdict(self.report) if self.report else None,
+                "shown": self.shown()}
+
+    def shown(self) -> list[str]:
+        """The results' text as on screen, top to bottom (headings, lines, table cells)."""
+        return [w.text for w in self.results.walk(restrict=True) if isinstance(w, Label) and w.text]
