@@ -139,7 +139,9 @@ def graph_bytes_per_token(bundle: Path) -> TokenBytes:
         size = _stored_bytes(init)
         stored += size
         name = init.name
-        if ".experts." in name and experts:
+        if name.startswith("rotary."):  # GQA's cos/sin tables (export/onnx_ops.py): one row read per token
+            kind, read = "", 0
+        elif ".experts." in name and experts:
             kind, read = "experts (routed)", size * top_k / experts
         elif name.startswith(("model.embed_tokens", "lm_head")):
             kind, read = ("embedding / LM head", size) if not name.endswith(("scales3", "zp3")) else ("", 0)

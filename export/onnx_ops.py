@@ -29,6 +29,7 @@ from .lfm2 import Attention, Lfm2Model, Linear, RMSNorm, ShortConv, SparseMoe, W
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 LOGITS_TO_KEEP = "logits_to_keep"
+ROTARY_TABLE = "rotary"  # GQA's cos/sin tables: rotary.cos, rotary.sin
 NEG = -1e9  # masked attention score: finite, so a padding row (which sees no key) stays finite
 WeightTransform = Callable[[str, np.ndarray], np.ndarray]
 
@@ -124,12 +125,11 @@ class PortableOps:
 
     def rotary(self, attn: Attention) -> tuple[str, str]:
         """cos, sin [B, S, 1, D] for each token's position, computed in float32 as transformers does."""
-        g, d = self.g, attn.head_dim
+        g = self.g
 
         def build(fn: str) -> str:
-            inv_freq = 1.0 / (attn.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
             pos = g.op("Unsqueeze", g.op("Cast", self.positions(), to=F32), g.const([2]))
-            freqs = g.op("Mul", pos, g.const(inv_freq.astype(np.float32), np.float32))
+            freqs = g.op("Mul", pos, g.const(_inv_freq(attn), np.float32))
             emb = g.op("Concat", freqs, freqs, axis=-1)
             return g.op("Unsqueeze", g.op(fn, emb), g.const([2]))
 
@@ -292,7 +292,7 @@ class PortableOps:
 class ContribOps(PortableOps):
     """onnxruntime's fused CPU kernels, each exact in fp32 (checked against numpy on onnxruntime 1.32):
     SimplifiedLayerNormalization, com.microsoft CausalConvWithState, GroupQueryAttention on a shared
-    [B, Hkv, max_len, D] KV buffer, and MoE."""
+    [B, Hkv, max_len, D] KV buffer (rotary inside it where head_dim allows), and MoE."""
 
     share_buffer = True
     present_length = "max_sequence_length"
@@ -374,27 +374,67 @@ class ContribOps(PortableOps):
         self.present[conv.layer] = (present,)
         return g.op("Transpose", y, perm=[0, 2, 1])
 
+    @staticmethod
+    def rotary_in_kernel(attn: Attention) -> bool:
+        """GQA's own rotary (do_rotary) runs on the CPU only for head_dim % 16 == 0 (1.32 refuses others)."""
+        return attn.head_dim % 16 == 0
+
     def attention(self, q: str, k: str, v: str, attn: Attention) -> str:
-        """Rotary here (exact for any head size; GQA's own needs D % 16 == 0 and ignores per-token
-        positions in a first prompt), then GQA. Every row counts all T positions as cache rows; padding is
-        masked through attention_bias, so left-padded rows stay exact without per-row lengths."""
+        """GQA on the shared buffer. Every row counts all T positions as cache rows; padding is masked through
+        attention_bias, so left-padded rows stay exact without per-row lengths.
+
+        Rotary runs inside the kernel (do_rotary) where it can: the rotate-half nodes (12 per layer once
+        onnxruntime has optimized them) become GQA inputs. The kernel takes each token's position from
+        position_ids (count of real tokens before it, as here) only when query_seqlens is given: without it a
+        first prompt is rotated from position_ids[b, 0] upward, off by a left-padded row's padding. cos/sin are
+        tables of max_position_embeddings rows (the kernel wants at least total_sequence_length rows, so a table
+        of this step's positions alone is refused). One-node probes on onnxruntime 1.32 against the explicit
+        rotary (decode, prefill, chunked prefill, left-padded batches, head_dim 16-128): outputs within 7.2e-7,
+        fp32 cache keys within 4.8e-7; int8/int4 caches store the same codes but for a rare one-step flip where
+        a key sits on a rounding boundary. Other head sizes keep the explicit rotary."""
         g, d = self.g, attn.head_dim
         past_k, past_v = self.past[attn.layer]
-        q = g.op("Reshape", self.rope(q, attn), g.const([0, 0, attn.num_heads * d]))
-        k = g.op("Reshape", self.rope(k, attn), g.const([0, 0, attn.num_kv_heads * d]))
-        scales, quant = [], {}
+        in_kernel = self.rotary_in_kernel(attn)
+        if not in_kernel:
+            q, k = self.rope(q, attn), self.rope(k, attn)
+        q = g.op("Reshape", q, g.const([0, 0, attn.num_heads * d]))
+        k = g.op("Reshape", k, g.const([0, 0, attn.num_kv_heads * d]))
+        scales, attrs = [None, None], {}
         if self.kv_type != F32:  # per-channel symmetric scales [1, Hkv, 1, D], constants of the graph
             k_scale, v_scale = self.kv_cache.scales[attn.layer]
             prefix = f"model.layers.{attn.layer}.self_attn"
-            scales = [None] + [g.weight(f"{prefix}.{kv}_cache_scale", s.reshape(1, attn.num_kv_heads, 1, d).astype(
+            scales = [g.weight(f"{prefix}.{kv}_cache_scale", s.reshape(1, attn.num_kv_heads, 1, d).astype(
                 np.float32)) for kv, s in (("k", k_scale), ("v", v_scale))]
-            quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=self.kv_cache.bits)
+            attrs = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=self.kv_cache.bits)
+        rotary, query_lengths = [None, None, None], []
+        if in_kernel:
+            rotary = [*self.rotary_tables(attn), self.positions()]
+            query_lengths = [None, None, self.query_lengths()]  # after q_norm_weight, k_norm_weight (not on CPU)
+            attrs.update(do_rotary=1, rotary_interleaved=0)
+        # inputs: q, k, v, past k/v, seqlens_k, total_sequence_length, cos/sin cache, position_ids,
+        # attention_bias, head_sink, k/v scale, q/k norm weight, query_seqlens
         out, present_k, present_v = g.op(
-            "GroupQueryAttention", q, k, v, past_k, past_v, *self.gqa_lengths(), None, None, None,
-            self.attention_bias(), *scales, domain=MS, outputs=3, num_heads=attn.num_heads,
-            kv_num_heads=attn.num_kv_heads, scale=d**-0.5, **quant)
+            "GroupQueryAttention", q, k, v, past_k, past_v, *self.gqa_lengths(), *rotary, self.attention_bias(),
+            None, *scales, *query_lengths, domain=MS, outputs=3, num_heads=attn.num_heads,
+            kv_num_heads=attn.num_kv_heads, scale=d**-0.5, **attrs)
         self.present[attn.layer] = (present_k, present_v)
         return out
+
+    def rotary_tables(self, attn: Attention) -> tuple[str, str]:
+        """cos, sin [max_position_embeddings, D/2] for GQA's do_rotary: float32 angles as transformers computes
+        them (position x inv_freq), their cos/sin rounded from float64. Read a row per token, so the roofline
+        does not count them (device_bench/roofline.py)."""
+
+        def build() -> tuple[str, str]:
+            angles = np.arange(attn.max_positions, dtype=np.float32)[:, None] * _inv_freq(attn)
+            return tuple(self.g.weight(f"{ROTARY_TABLE}.{fn.__name__}", fn(angles.astype(np.float64)).astype(
+                np.float32)) for fn in (np.cos, np.sin))
+
+        return self.shared("rotary_tables", build)
+
+    def batch_size(self) -> str:  # B as a 1-D int64 tensor
+        g = self.g
+        return self.shared("B", lambda: g.op("Slice", g.op("Shape", self.input_ids), g.const([0]), g.const([1])))
 
     def gqa_lengths(self) -> tuple[str, str]:
         """seqlens_k [B] = T - 1 for every row, total_sequence_length = T (int32)."""
@@ -402,11 +442,17 @@ class ContribOps(PortableOps):
 
         def build():
             t = g.op("Cast", self.total_len(), to=TensorProto.INT32)
-            batch = g.op("Slice", g.op("Shape", self.input_ids), g.const([0]), g.const([1]))
-            seqlens = g.op("Expand", g.op("Sub", t, g.const([1], np.int32)), batch)
+            seqlens = g.op("Expand", g.op("Sub", t, g.const([1], np.int32)), self.batch_size())
             return seqlens, g.op("Squeeze", t, g.const([0]))
 
         return self.shared("seqlens", build)
+
+    def query_lengths(self) -> str:
+        """query_seqlens [B] = S (int32): every row's S tokens are cache rows, padding included (as seqlens_k
+        counts them). Given, it makes the kernel read position_ids per token in a first prompt too."""
+        g = self.g
+        return self.shared("query_seqlens", lambda: g.op("Expand", g.op("Cast", self.seq_len(), to=TensorProto.INT32),
+                                                         self.batch_size()))
 
     def moe(self, x: str, router_logits: str, moe: SparseMoe) -> str:
         def run(flat: str, probs: str) -> str:
@@ -431,6 +477,12 @@ class ContribOps(PortableOps):
         if moe.routed_scaling_factor != 1.0:
             factor = g.op("Mul", factor, g.const(moe.routed_scaling_factor, np.float32))
         return g.op("Reshape", g.op("Mul", y, factor), g.op("Shape", x))
+
+
+def _inv_freq(attn: Attention) -> np.ndarray:
+    """Rotary inverse frequencies [D/2] in float32, as transformers computes them."""
+    d = attn.head_dim
+    return (1.0 / (attn.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))).astype(np.float32)
 
 
 def _interleave_rows(gate: np.ndarray, up: np.ndarray) -> np.ndarray:

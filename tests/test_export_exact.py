@@ -8,6 +8,7 @@ onnxruntime-genai producing the same tokens from the same bundle.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -84,6 +85,21 @@ def test_left_padded_batch_matches_rows_alone(case, ops):
     alone = [generate(session, [p], 16, eos_token_ids=[])[0] for p in (prompt, short)]
     assert batch == alone
     assert generate(session, [prompt, short], 16, eos_token_ids=[], prefill_chunk=4) == alone
+
+
+def test_rotary_runs_inside_gqa_where_the_kernel_can(case):
+    """Contrib bundles rotate q and k inside GroupQueryAttention (do_rotary) when head_dim % 16 == 0 and with
+    explicit nodes (Cos/Sin of the positions) otherwise, so the configs here hold both paths exact."""
+    model, bundles, _ = case
+    cfg = model.config
+    nodes = onnx.load(bundles["contrib"] / "model.onnx", load_external_data=False).graph.node
+    gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    in_kernel = (cfg.hidden_size // cfg.num_attention_heads) % 16 == 0
+    for node in gqa:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.get("do_rotary", 0) == int(in_kernel)
+        assert (list(node.input[7:9]) == ["rotary.cos", "rotary.sin"]) == in_kernel  # cos_cache, sin_cache
+    assert any(n.op_type == "Cos" for n in nodes) == bool(gqa and not in_kernel)
 
 
 @pytest.mark.parametrize("ops", OP_SETS)
