@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     bundle = Path(args.bundle)
     if args.adb:
         return run_on_device(args.adb, bundle, Path(args.out), argv or sys.argv[1:])
+    if args.peer in ("llama", "all") and not args.gguf:  # before minutes of measuring, whatever the workload
+        print("lfm-bench: error: --peer llama needs --gguf FILE", file=sys.stderr)
+        return 2
     if not (bundle / "model.onnx").is_file() and not (bundle / "genai_config.json").is_file():
         print(f"lfm-bench: error: {bundle}: not a bundle folder", file=sys.stderr)
         return 2
@@ -130,9 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         peers["onnxruntime-genai"] = genai_decode(bundle, args.threads, min(args.prompts), max(args.decode),
                                                   args.runs)
     if args.peer in ("llama", "all"):
-        if not args.gguf:
-            print("lfm-bench: error: --peer llama needs --gguf FILE", file=sys.stderr)
-            return 2
         try:
             import llama_cpp  # noqa: F401  (the peer runs in a subprocess; fail early here when it is missing)
 
@@ -180,21 +180,13 @@ def conversation_main(args: argparse.Namespace, bundle: Path, progress) -> int:
     except ValueError as e:
         print(f"lfm-bench: error: {e}", file=sys.stderr)
         return 2
-    gguf = None
-    if args.peer in ("llama", "all"):
-        if not args.gguf:
-            print("lfm-bench: error: --peer llama needs --gguf FILE", file=sys.stderr)
-            return 2
-        gguf = args.gguf
+    gguf = args.gguf if args.peer in ("llama", "all") else None
     section = convbench.run(bundle, args.conversation, args.threads, args.runs, args.reasoning, gguf,
                             args.restore_tokens, args.restore_follow, args.restore_runs,
                             llama_rollback=args.llama_rollback, compare_turns=args.compare_turns,
                             progress=progress)
     result = {
-        "schema": SCHEMA,
-        "device": device_info(args.threads),
-        "bundle": {"path": str(bundle), "manifest": _manifest(bundle),
-                   "weights_bytes": section["memory"]["weights_bytes"]},
+        **_common(args, bundle, section["memory"]["weights_bytes"]),
         "conversation": section,
         "settings": {"threads": args.threads, "runs": args.runs, "conversation": args.conversation,
                      "reasoning": args.reasoning, "restore_tokens": args.restore_tokens,
@@ -210,12 +202,7 @@ def long_context_main(args: argparse.Namespace, bundle: Path, progress) -> int:
     from . import longctx
     from .report import write_long_markdown, write_long_plot
 
-    gguf = None
-    if args.peer in ("llama", "all"):
-        if not args.gguf:
-            print("lfm-bench: error: --peer llama needs --gguf FILE", file=sys.stderr)
-            return 2
-        gguf = args.gguf
+    gguf = args.gguf if args.peer in ("llama", "all") else None
     limit = longctx.geometry(bundle)["context_length"]
     decode = min(args.decode)
     for depth in args.long_context + args.synthetic_depths:
@@ -227,16 +214,19 @@ def long_context_main(args: argparse.Namespace, bundle: Path, progress) -> int:
     section = longctx.run(bundle, args.long_context, decode, args.threads, gguf, args.synthetic_depths,
                           progress, runs=args.runs, attention_kernels=kernels)
     result = {
-        "schema": SCHEMA,
-        "device": device_info(args.threads),
-        "bundle": {"path": str(bundle), "manifest": _manifest(bundle),
-                   "weights_bytes": section["geometry"]["weights_bytes"]},
+        **_common(args, bundle, section["geometry"]["weights_bytes"]),
         "long_context": section,
         "settings": {"threads": args.threads, "runs": args.runs, "long_context": args.long_context,
                      "synthetic_depths": args.synthetic_depths, "decode": decode, "peer": args.peer,
                      "gguf": args.gguf, "attention_kernels": list(kernels)},
     }
     return _write_reports(result, Path(args.out), write_long_markdown, write_long_plot)
+
+
+def _common(args: argparse.Namespace, bundle: Path, weights_bytes: int) -> dict:
+    """What every bench.json opens with: schema, device, and the bundle measured."""
+    return {"schema": SCHEMA, "device": device_info(args.threads),
+            "bundle": {"path": str(bundle), "manifest": _manifest(bundle), "weights_bytes": weights_bytes}}
 
 
 def _write_reports(result: dict, out: Path, markdown, plot) -> int:

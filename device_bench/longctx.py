@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.generate import PREFILL_BUDGET, current_rss_mb
+from ..runtime.growth import available_memory
 from .bench import timed
 
 SYSTEMS = ("ours", "llama.cpp f16", "llama.cpp q8_0+fa")
@@ -42,12 +44,12 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def rss_mb(field: str = "VmRSS") -> float:
-    """/proc/self/status VmRSS (now) or VmHWM (the high-water mark), MiB."""
+def peak_rss_mb() -> float:
+    """The resident high-water mark since the last reset_peak_rss (/proc/self/status VmHWM), MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
+        if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    raise OSError(f"/proc/self/status has no {field}")
+    raise OSError("/proc/self/status has no VmHWM")
 
 
 def geometry(bundle: Path) -> dict:
@@ -86,17 +88,6 @@ def memory_needed(system: str, geo: dict, depth: int, decode: int, gguf_bytes: i
     return gguf_bytes + kv_bytes(geo, cells, LLAMA_KV_BYTES[kind]) + scores
 
 
-def available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _steps(run_step: Callable[[int], None], ids: np.ndarray) -> list[float]:
     out = []
     for t in ids.tolist():
@@ -122,7 +113,7 @@ def run_ours(bundle: str, depth: int, decode: int, threads: int, synthetic: bool
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     session = LfmSession(bundle, threads=threads, verify="none", attention_kernel=attention_kernel)
-    out: dict = {"load_s": time.perf_counter() - t0, "rss_after_load_mb": rss_mb(), "depth": depth,
+    out: dict = {"load_s": time.perf_counter() - t0, "rss_after_load_mb": current_rss_mb(), "depth": depth,
                  "synthetic": synthetic}
     hi = min(session.vocab_size, 30000)
     cache = session.new_cache(1, depth + decode + 1)  # what a generation reserves: prompt + max_new_tokens
@@ -136,7 +127,7 @@ def run_ours(bundle: str, depth: int, decode: int, threads: int, synthetic: bool
     out["peak_reset"] = reset_peak_rss()
     prompt = rng.integers(100, hi, (1, depth - start))
     per_pair = prefill_bytes_per_pair(attention_kernel, session.num_heads) if session.state.kv else 0
-    ranges = list(prefill_ranges(start, depth, 512, [], per_pair, 256 << 20))
+    ranges = list(prefill_ranges(start, depth, 512, [], per_pair, PREFILL_BUDGET))
 
     def prefill() -> None:
         for s, e in ranges:
@@ -151,7 +142,7 @@ def run_ours(bundle: str, depth: int, decode: int, threads: int, synthetic: bool
     steps: list[float] = []
     _, wait, la = timed(lambda: steps.extend(_steps(lambda t: cache.step(np.array([[t]])), ids)), threads)
     out["decode"] = _decode_summary(steps, threads, wait)
-    out["peak_rss_mb"] = rss_mb("VmHWM")
+    out["peak_rss_mb"] = peak_rss_mb()
     out["loadavg"] = os.getloadavg()[0]
     return out
 
@@ -179,10 +170,9 @@ def run_llama(gguf: str, depth: int, decode: int, threads: int, cache_type: str,
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=depth + decode + 16, n_batch=512, n_ubatch=512,
                           n_threads=threads, n_threads_batch=threads, type_k=gtype, type_v=gtype,
                           flash_attn=cache_type != "f16", verbose=False)
-    out: dict = {"load_s": time.perf_counter() - t0, "rss_after_load_mb": rss_mb(), "depth": depth,
+    out: dict = {"load_s": time.perf_counter() - t0, "rss_after_load_mb": current_rss_mb(), "depth": depth,
                  "synthetic": False, "cache_type": cache_type, "flash_attn": cache_type != "f16",
                  "kv_rows": llm.n_ctx()}
-    cells = llm.n_ctx()
     out["peak_reset"] = reset_peak_rss()
     hi = min(llm.n_vocab(), 30000)
     prompt = rng.integers(100, hi, depth).tolist()
@@ -200,9 +190,8 @@ def run_llama(gguf: str, depth: int, decode: int, threads: int, cache_type: str,
     steps: list[float] = []
     _, wait, la = timed(lambda: steps.extend(_steps(lambda t: llm.eval([t]), ids)), threads)
     out["decode"] = _decode_summary(steps, threads, wait)
-    out["peak_rss_mb"] = rss_mb("VmHWM")
+    out["peak_rss_mb"] = peak_rss_mb()
     out["loadavg"] = os.getloadavg()[0]
-    out["cells"] = cells
     llm.close()
     return out
 
@@ -239,14 +228,15 @@ def run(bundle: Path, depths: list[int], decode: int, threads: int, gguf: str | 
     a point whose memory estimate exceeds MemAvailable is refused (recorded with its numbers) before running.
     Ours runs once per attention kernel (runtime/kernels.py): "ours" (flash), "ours unfused"."""
     geo = geometry(bundle)
-    mine = [OURS[k] for k in attention_kernels]
-    systems = mine + (["llama.cpp f16", "llama.cpp q8_0+fa"] if gguf else [])
+    mine = {OURS[k]: k for k in attention_kernels}  # our systems' names -> their attention kernels
+    names = list(mine)
+    systems = names + (["llama.cpp f16", "llama.cpp q8_0+fa"] if gguf else [])
     gguf_bytes = Path(gguf).stat().st_size if gguf else 0
     points: list[dict] = []
-    plan = [(d, s, False) for d in depths for s in systems] + [(d, s, True) for d in synthetic for s in mine]
+    plan = [(d, s, False) for d in depths for s in systems] + [(d, s, True) for d in synthetic for s in names]
     for depth, system, filled in plan:
-        need = memory_needed("ours" if system in mine else system, geo, depth, decode, gguf_bytes, 256 << 20)
-        free = available_bytes()
+        need = memory_needed("ours" if system in mine else system, geo, depth, decode, gguf_bytes, PREFILL_BUDGET)
+        free = available_memory()
         point = {"system": system, "depth": depth, "synthetic": filled, "memory_needed_bytes": need, "runs": []}
         points.append(point)
         if free is not None and need > free:
@@ -258,8 +248,7 @@ def run(bundle: Path, depths: list[int], decode: int, threads: int, gguf: str | 
             progress(f"{system} at depth {depth:,}{' (synthetic fill)' if filled else ''}, run {r + 1}/{runs}")
             spec = {"system": system, "depth": depth, "decode": decode, "threads": threads, "seed": r}
             if system in mine:
-                kernel = next(k for k, name in OURS.items() if name == system)
-                spec |= {"system": "ours", "bundle": str(bundle), "synthetic": filled, "attention_kernel": kernel}
+                spec |= {"system": "ours", "bundle": str(bundle), "synthetic": filled, "attention_kernel": mine[system]}
             else:
                 spec |= {"gguf": gguf, "cache_type": "f16" if system.endswith("f16") else "q8_0"}
             try:

@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # any backend with LfmSession's surface will do; onnxruntime'
     from .session import Cache, LfmSession
 
 
+PREFILL_BUDGET = 256 << 20  # bytes a prefill chunk may hold in transient attention tensors (Generation)
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0  # per row, padding excluded, summed over the batch
@@ -70,7 +73,7 @@ class Generation:
                  prefill_chunk: int = 512, cancel: threading.Event | None = None, overflow: str = "error",
                  cache: Cache | None = None, cuts: Iterable[int] = (),
                  on_prefill: Callable[[Cache], None] | None = None, constraints: Sequence[Any] | None = None,
-                 prefill_budget: int = 256 << 20):
+                 prefill_budget: int = PREFILL_BUDGET):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected at least one prompt, each with at least one token")
         if max_new_tokens < 0:

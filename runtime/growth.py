@@ -36,8 +36,10 @@ def kv_row_bytes(kv: dict[int, tuple[int, int]], batch: int, dtype: dict[int, ty
 def check_fits(rows: int, bytes_per_row: int, available: int | None = None) -> None:
     """Refuse a KV buffer of `rows` tokens that would not fit in the memory available, before allocating it:
     on a phone the low-memory killer ends the app instead of an allocation failing."""
-    free = available_memory() if available is None else available
     need = rows * bytes_per_row
+    if not need:
+        return
+    free = available_memory() if available is None else available
     if free is not None and need > free:
         raise MemoryError(f"a KV cache of {rows:,} tokens needs {need / 1e9:.2f} GB ({bytes_per_row:,} bytes per "
                           f"token); {free / 1e9:.2f} GB of memory is available (MemAvailable)")

@@ -60,15 +60,22 @@ def test_long_context_bench_refuses_a_depth_beyond_the_context(int8_cache_bundle
     assert not (tmp_path / "out").exists()
 
 
+def test_llama_peer_without_a_gguf_is_refused_before_measuring(int8_cache_bundle, tmp_path, capsys):
+    for workload in (["--long-context", "64"], ["--conversation", "2:8:4"], []):
+        assert main([str(int8_cache_bundle), *workload, "--peer", "llama", "--out", str(tmp_path / "out")]) == 2
+        assert "--peer llama needs --gguf FILE" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_long_context_refuses_a_point_whose_memory_exceeds_what_is_available_simulated_small_phone(
         int8_cache_bundle, monkeypatch):
     """MemAvailable stands in for a phone with little memory; the point is refused before any process runs."""
-    monkeypatch.setattr(longctx, "available_bytes", lambda: 1_000_000)
+    monkeypatch.setattr(longctx, "available_memory", lambda: 1_000_000)
     section = longctx.run(int8_cache_bundle, [1000], 16, 1, None, [])
     (point,) = section["points"]
     assert point["runs"] == [] and "MemAvailable is 0.00 GB" in point["refused"]
     assert "KV cache for 1,017 rows" in point["refused"]
-    need = longctx.memory_needed("ours", section["geometry"], 1000, 16, 0, 256 << 20)
+    need = longctx.memory_needed("ours", section["geometry"], 1000, 16, 0, longctx.PREFILL_BUDGET)
     assert point["memory_needed_bytes"] == need > section["geometry"]["weights_bytes"]
 
 
