@@ -4,6 +4,13 @@ Corpus: ``pydoc_data.topics.topics`` (shipped with CPython, PSF license). Every 
 (by sorted key) is held out and written to ``heldout.txt``. Deterministic for a given seed.
 
     nice -n 10 python demo_model/train.py --steps 1500 --seed 0
+
+``--preset quality`` trains the demo's wider sibling, the model quantization quality is compared on: every
+weight row a multiple of 256 (hidden 256, expert size 256, dense intermediate 768), so llama.cpp's K-quants
+(Q4_K, Q3_K, Q2_K: 256-wide super-blocks) apply to every tensor instead of falling back to other formats.
+It is rebuilt, not shipped (about 40 MB):
+
+    nice -n 10 python demo_model/train.py --preset quality --out build/quality-model --steps 1000 --threads 2
 """
 
 import argparse
@@ -86,12 +93,19 @@ def save_tokenizer(tok: Tokenizer, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def build_config(vocab_size: int) -> Lfm2MoeConfig:
+# Widths per preset. "quality": every row length a multiple of 256 (llama.cpp's K-quant super-block).
+PRESETS = {
+    "demo": {"hidden_size": 128, "intermediate_size": 320, "moe_intermediate_size": 96},
+    "quality": {"hidden_size": 256, "intermediate_size": 768, "moe_intermediate_size": 256},
+}
+
+
+def build_config(vocab_size: int, preset: str = "demo") -> Lfm2MoeConfig:
     return Lfm2MoeConfig(
-        vocab_size=vocab_size, hidden_size=128, num_hidden_layers=6, max_position_embeddings=4096,
+        vocab_size=vocab_size, num_hidden_layers=6, max_position_embeddings=4096, **PRESETS[preset],
         layer_types=["conv", "conv", "full_attention", "conv", "full_attention", "conv"],
         num_attention_heads=4, num_key_value_heads=2, conv_L_cache=3, conv_bias=False,
-        num_dense_layers=2, intermediate_size=320, moe_intermediate_size=96,
+        num_dense_layers=2,
         num_experts=8, num_experts_per_tok=2, use_expert_bias=True, norm_topk_prob=True,
         routed_scaling_factor=1.0, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=IM_END,
@@ -130,8 +144,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +158,7 @@ def main() -> None:
     train_ids, heldout_ids = encode_docs(tok, train_docs), encode_docs(tok, [heldout])
     print(f"train tokens {len(train_ids)}, held-out tokens {len(heldout_ids)}, vocab {tok.get_vocab_size()}")
 
-    model = Lfm2MoeForCausalLM(build_config(tok.get_vocab_size()))
+    model = Lfm2MoeForCausalLM(build_config(tok.get_vocab_size(), args.preset))
     moe_blocks = [m for m in model.modules() if hasattr(m, "expert_bias")]
     counts = [torch.zeros(model.config.num_experts) for _ in moe_blocks]
     for block, count in zip(moe_blocks, counts, strict=True):  # non-zero bias from the start

@@ -3,8 +3,10 @@
 On a shared machine the speed of memory moves with other tenants' traffic, which a process does not see as
 CPU wait: two systems measured minutes apart can differ by 20% for that alone. Here every round measures
 both, in alternating order, on the same prompt and the same decoded token ids (random ids, so routing varies
-as in real text; neither side samples, both compute full logits every step), and the ratio is taken per
-round. `python -m lfm_edge.device_bench.ab BUNDLE GGUF [--rounds N]` prints and writes JSON.
+as in real text; neither side samples), and the ratio is taken per round. Both compute the logits a generation
+needs: the prompt's last row (llama.cpp's `eval` without `logits_all`; ours through `logits_to_keep`, as
+runtime.Generation asks), then one row per decoded token.
+`python -m lfm_edge.device_bench.ab BUNDLE GGUF [--rounds N]` prints and writes JSON.
 
 `python -m lfm_edge.device_bench.ab FILE.gguf` compares llama.cpp with a bundle exported from that very file
 (`lfm-export FILE.gguf`: its Q4_0 blocks as they are), so both run the same weights, not two quantizations of
@@ -38,7 +40,7 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
 
     def ours(ids: list[int], steps: list[int]) -> tuple[float, float]:
         cache = session.new_cache(1, len(ids) + len(steps))
-        pre = timed(lambda: cache.step(np.array([ids])), threads)[0]
+        pre = timed(lambda: cache.step(np.array([ids]), last=1), threads)[0]
         dec = timed(lambda: [cache.step(np.array([[t]])) for t in steps], threads)[0]
         return len(ids) / pre, len(steps) / dec
 

@@ -15,20 +15,31 @@ import numpy as np
 
 from .bench import Metric, Sample, timed
 
+# llama.cpp's quantization mixes (llama-quantize's names) the benchmarks and quality reports compare against.
+LLAMA_FORMATS = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "Q8_0", "Q4_K_S", "Q3_K_S", "Q3_K_L", "Q5_K_M", "Q6_K")
 
-def quantize_q4_0(src: str | Path, dst: str | Path, threads: int = 2, pure: bool = False) -> Path:
-    """llama.cpp's own Q4_0 quantization of an f16/f32 GGUF. By default, as llama-quantize does, the tied
-    embedding (which is also the LM head) becomes Q6_K; `pure` makes it Q4_0 too."""
+
+def quantize(src: str | Path, dst: str | Path, fmt: str = "Q4_0", threads: int = 2, pure: bool = False) -> Path:
+    """llama.cpp's own quantization of an f16/f32 GGUF into `fmt` (a llama-quantize name such as Q4_0 or
+    Q4_K_M), with llama-quantize's defaults: the tied embedding (also the LM head) gets the mix's output type
+    (Q6_K for Q4_0); `pure` gives every tensor the base type."""
     import llama_cpp
 
+    if fmt not in LLAMA_FORMATS:
+        raise ValueError(f"llama.cpp format {fmt!r}: expected one of {', '.join(LLAMA_FORMATS)}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{fmt}")
     params.nthread = threads
     params.pure = pure
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({src} -> {dst}) returned {rc}")
+        raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {fmt}) returned {rc}")
     return Path(dst)
+
+
+def quantize_q4_0(src: str | Path, dst: str | Path, threads: int = 2, pure: bool = False) -> Path:
+    """`quantize(src, dst, "Q4_0")`, the format most comparisons use."""
+    return quantize(src, dst, "Q4_0", threads, pure)
 
 
 def window_logits(gguf_path: str | Path, windows: list[list[int]], threads: int = 2) -> list[np.ndarray]:

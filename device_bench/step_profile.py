@@ -10,7 +10,9 @@ weights to an external file in DIR) and counts its nodes statically.
     python -m lfm_edge.device_bench.step_profile A B --rounds 8      # decode step time, A and B alternated
 
 Kernel times include the profiler's own cost (a few microseconds per node), so the overhead share is an
-upper bound; compare bundles measured the same way, alternated, with the load average printed.
+upper bound; compare bundles measured the same way, alternated, with the load average printed. After the
+profile ends the same session decodes as many steps again unprofiled: that step time less the profiled weight
+kernels' time is the overhead without the profiler's per-node cost (`overhead_unprofiled_*`).
 """
 
 from __future__ import annotations
@@ -45,12 +47,22 @@ def profile_decode(bundle: Path, steps: int = 64, prompt: int = 64, threads: int
         session = LfmSession(bundle, threads=threads, providers="cpu", verify="none", configure=profiled)
         rng = np.random.default_rng(seed)
         high = min(session.vocab_size, 30000)
-        cache = session.new_cache(1, prompt + steps + 1)
+        cache = session.new_cache(1, prompt + 2 * steps + 1)
         cache.step(rng.integers(100, high, (1, prompt)))
         for _ in range(steps):
             cache.step(rng.integers(100, high, (1, 1)))
         events = json.loads(Path(session.session.end_profiling()).read_text())
-    return summarize(events, skip_runs=2)
+        unprofiled = []
+        for _ in range(steps):  # the profiler is off now: the same steps' time without its per-node cost
+            t = time.perf_counter()
+            cache.step(rng.integers(100, high, (1, 1)))
+            unprofiled.append((time.perf_counter() - t) * 1e6)
+    result = summarize(events, skip_runs=2)
+    weights_us = sum(t["us"] for op, t in result["ops"].items() if op in WEIGHT_OPS)
+    step = statistics.median(unprofiled[1:])
+    result.update(step_unprofiled_us=step, overhead_unprofiled_us=step - weights_us,
+                  overhead_unprofiled_share=(step - weights_us) / step)
+    return result
 
 
 def summarize(events: list[dict], skip_runs: int = 2) -> dict:
@@ -158,6 +170,10 @@ def format_table(result: dict) -> str:
                  f"(other kernels and the executor): "
                  f"{result['overhead_us'] / 1000:.2f} ms = {result['overhead_share_of_step']:.1%} of a step; "
                  f"{result['steps']} steps; loadavg {' '.join(f'{x:.2f}' for x in result['loadavg'])}")
+    if "step_unprofiled_us" in result:
+        lines.append(f"unprofiled: step {result['step_unprofiled_us'] / 1000:.2f} ms, of which outside the weight "
+                     f"kernels {result['overhead_unprofiled_us'] / 1000:.2f} ms = "
+                     f"{result['overhead_unprofiled_share']:.1%} (the weight kernels' profiled time subtracted)")
     return "\n".join(lines)
 
 

@@ -18,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="build/quality", help="report folder")
     parser.add_argument("--window", type=int, default=128, help="tokens per evaluation window")
     parser.add_argument("--max-tokens", type=int, default=8192)
-    parser.add_argument("--llama-cpp", action="store_true",
-                        help="also llama.cpp's Q4_0 of the same checkpoint (needs the [llama] extra)")
+    parser.add_argument("--llama-cpp", nargs="?", const="Q4_0,Q4_0-pure", default=None, metavar="FORMATS",
+                        help="also llama.cpp's own quantizations of the same checkpoint, comma-separated "
+                        "llama-quantize names, -pure for one type everywhere (default Q4_0,Q4_0-pure; e.g. "
+                        "Q4_0,Q4_K_M,Q3_K_M,Q2_K; needs the [llama] extra)")
     parser.add_argument("--policies", help="comma-separated policy names to measure instead of the default variants "
                         "(e.g. int4,int3-experts,int2-experts)")
     parser.add_argument("--kv-cache", nargs="+", choices=("int8", "int4"), default=None,
@@ -41,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfm-quant-report: error: --text {text_file}: no such file", file=sys.stderr)
         return 2
     if args.llama_cpp:
+        from .quality import llama_cpp_formats
+
+        try:
+            formats = llama_cpp_formats(args.llama_cpp)
+        except ValueError as e:
+            print(f"lfm-quant-report: error: {e}", file=sys.stderr)
+            return 2
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             [Variant(name, get_policy(name)) for name in args.policies.split(",") if name]
         results = evaluate(checkpoint, text_file.read_text(), variants, args.window, args.max_tokens,
                            progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
-                           llama_cpp=args.llama_cpp)
+                           llama_cpp=formats if args.llama_cpp else ())
     except ValueError as e:
         print(f"lfm-quant-report: error: {e}", file=sys.stderr)
         return 2

@@ -108,25 +108,44 @@ def measure_bundle(checkpoint: str | Path, bundle: Path, text: str, label: str, 
         shutil.rmtree(work, ignore_errors=True)
 
 
+def llama_cpp_formats(spec: str) -> list[tuple[str, bool]]:
+    """"Q4_0,Q4_0-pure,Q4_K_M" -> [(format, pure)], checked against llama_cpp_peer.LLAMA_FORMATS."""
+    from ..device_bench.llama_cpp_peer import LLAMA_FORMATS
+
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        fmt, pure = (item[:-5], True) if item.endswith("-pure") else (item, False)
+        if fmt not in LLAMA_FORMATS:
+            raise ValueError(f"--llama-cpp {item!r}: expected a llama.cpp format ({', '.join(LLAMA_FORMATS)}), "
+                             "optionally with -pure")
+        out.append((fmt, pure))
+    return out
+
+
 def _llama_cpp_rows(checkpoint: str | Path, windows: list[list[int]], reference: list[np.ndarray],
-                    work: Path) -> list[Quality]:
-    """llama.cpp's own Q4_0 of the same checkpoint (its default, vocabulary in Q6_K, and pure), measured on the
-    same windows: the quality a llama.cpp user gets at the size ours is compared with."""
+                    work: Path, formats: Sequence[tuple[str, bool]], progress: Callable[[str], None]) -> list[Quality]:
+    """llama.cpp's own quantizations of the same checkpoint (llama-quantize's mixes, or `pure`: one type for
+    every tensor), measured on the same windows: the quality a llama.cpp user gets at each size."""
     from ..device_bench.gguf_writer import write_gguf
-    from ..device_bench.llama_cpp_peer import quantize_q4_0, window_logits
+    from ..device_bench.llama_cpp_peer import quantize, window_logits
     from ..export.checkpoint import Checkpoint
 
     f32 = write_gguf(Checkpoint(checkpoint), work / "f32.gguf", f16=False)
     rows = []
-    for label, pure in (("llama.cpp Q4_0", False), ("llama.cpp Q4_0 pure", True)):
-        gguf = quantize_q4_0(f32, work / f"q4_0{'_pure' if pure else ''}.gguf", pure=pure)
+    for fmt, pure in formats:
+        label = f"llama.cpp {fmt}{' pure' if pure else ''}"
+        progress(f"{label} of the same checkpoint")
+        gguf = quantize(f32, work / f"{fmt.lower()}{'_pure' if pure else ''}.gguf", fmt, pure=pure)
         rows.append(Quality(label, "llama.cpp", round(gguf.stat().st_size / 1e6, 3),
                             **compare(reference, window_logits(gguf, windows), windows)))
+        gguf.unlink()
     return rows
 
 
 def evaluate(checkpoint: str | Path, text: str, variants: Sequence[Variant], window: int = 128,
-             max_tokens: int = 4096, progress: Callable[[str], None] = print, llama_cpp: bool = False) -> list[Quality]:
+             max_tokens: int = 4096, progress: Callable[[str], None] = print,
+             llama_cpp: Sequence[tuple[str, bool]] = ()) -> list[Quality]:
+    """Each variant, then each llama.cpp (format, pure) in `llama_cpp`, against the fp32 export."""
     from ..export.exporter import export
 
     work = Path(tempfile.mkdtemp(prefix="lfm-quality-"))
@@ -140,8 +159,7 @@ def evaluate(checkpoint: str | Path, text: str, variants: Sequence[Variant], win
             results.append(_measure(v.label, v.policy.name, bundle, windows, reference))
             shutil.rmtree(bundle)
         if llama_cpp:
-            progress("llama.cpp Q4_0 of the same checkpoint")
-            results += _llama_cpp_rows(checkpoint, windows, reference, work)
+            results += _llama_cpp_rows(checkpoint, windows, reference, work, llama_cpp, progress)
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)

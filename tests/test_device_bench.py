@@ -423,3 +423,17 @@ def test_conversation_bench_llama_cpp_peer_reuses_its_prefix(demo_int4, tmp_path
                 # turn (Conversation's preparation) before this turn's call, the same few tokens every turn
                 ahead.add(llama["prefilled"] - kept["prefilled"])
         assert len(ahead) <= 1 and all(0 < n < 16 for n in ahead)
+
+
+def test_step_profile_counts_nodes_and_splits_a_step_into_weight_kernels_and_overhead(demo_int4):
+    from lfm_edge.device_bench.step_profile import WEIGHT_OPS, format_table, profile_decode
+
+    result = profile_decode(demo_int4, steps=6, prompt=8, threads=1)
+    ops = result["ops"]
+    assert ops["QMoE"]["nodes"] == 4 and ops["MatMulNBits"]["nodes"] > 0  # the demo's four MoE layers
+    assert result["nodes_per_step"] == sum(t["nodes"] for t in ops.values())
+    weights = sum(ops[op]["us"] for op in WEIGHT_OPS)
+    assert result["overhead_us"] == pytest.approx(result["step_us"] - weights, rel=0.5)
+    assert 0 < result["step_unprofiled_us"] and result["overhead_unprofiled_us"] == pytest.approx(
+        result["step_unprofiled_us"] - weights)
+    assert "unprofiled: step" in format_table(result)

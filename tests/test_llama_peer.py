@@ -55,9 +55,21 @@ def test_quality_report_measures_llama_cpps_own_q4_0(tmp_path):
     checkpoint = demo_model_path()
     text = (checkpoint / "heldout.txt").read_text()[:3000]
     windows, reference = _fp32_reference(checkpoint, text, 64, 512, tmp_path)
-    default, pure = _llama_cpp_rows(checkpoint, windows, reference, tmp_path)
+    default, pure, q2k = _llama_cpp_rows(checkpoint, windows, reference, tmp_path,
+                                         [("Q4_0", False), ("Q4_0", True), ("Q2_K", False)], lambda m: None)
     assert 0 < default.kl < pure.kl < 1 and default.tokens == pure.tokens > 100
     assert pure.bundle_mb < default.bundle_mb  # the default keeps the vocabulary at more bits
+    assert (default.label, pure.label, q2k.label) == ("llama.cpp Q4_0", "llama.cpp Q4_0 pure", "llama.cpp Q2_K")
+    # The demo model's 128-wide rows do not fit Q2_K's 256-wide super-blocks, so llama.cpp falls back to other
+    # types and the file is no smaller: why the quality model (demo_model/train.py --preset quality) exists.
+    assert q2k.tokens == default.tokens and q2k.kl > 0 and q2k.bundle_mb >= default.bundle_mb * 0.95
+
+
+def test_quality_report_refuses_an_unknown_llama_cpp_format(tmp_path, capsys):
+    from lfm_edge.quant.cli import main
+
+    assert main(["--llama-cpp", "Q4_0,Q5_X", "--out", str(tmp_path)]) == 2
+    assert "'Q5_X': expected a llama.cpp format" in capsys.readouterr().err
 
 
 def test_alternated_ab_measures_both_on_the_same_tokens(tmp_path, demo_gguf):
