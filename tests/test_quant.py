@@ -98,6 +98,26 @@ def test_int4_export_matches_fake_quant_reference(int4_case):
         reference.generate(torch.tensor([prompt]), 32)[0].tolist()
 
 
+@pytest.mark.parametrize("name, config", [("int4-fine", "moe_mixed"), ("int4-fine", "moe_attn_first_last_nobias"),
+                                          ("int4-fine", "dense_mixed"), ("int4-hq", "moe_scaled_unnormed")])
+def test_mixed_block_and_8bit_vocabulary_policies_match_fake_quant_reference(tmp_path, name, config):
+    """Policies mixing block sizes (experts 128 or 64, linears 32 or 64) with an 8-bit vocabulary: the same
+    fake-quant exactness as int4, greedy tokens included."""
+    build(config, tmp_path / "ckpt", seed=3)
+    policy = get_policy(name).with_overrides(accuracy_level=0)
+    bundle = export(tmp_path / "ckpt", tmp_path / "q", quant=policy).bundle
+    reference = TorchReference(Checkpoint(tmp_path / "ckpt"), transform=policy.fake_quant)
+    prompt = list(range(7, 20))
+    want = reference.forward(torch.tensor([prompt]), reference.new_state(1)).numpy().ravel()
+    got = Cache(LfmSession(bundle), 1, 16).step(np.array([prompt])).ravel()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert generate(LfmSession(bundle), [prompt], 24, eos_token_ids=[])[0] == \
+        reference.generate(torch.tensor([prompt]), 24)[0].tolist()
+    recorded = json.loads((bundle / "manifest.json").read_text())["quant_policy"]
+    assert (recorded["linears"]["block_size"], recorded["embedding"]["bits"]) == \
+        (policy.linears.block_size, policy.embedding.bits)
+
+
 def test_int4_bundle_holds_no_float_vocabulary(int4_case):
     ckpt, bundle, _ = int4_case
     cfg = Checkpoint(ckpt).config
@@ -249,9 +269,16 @@ def test_bytes_per_token_of_the_policies():
     from lfm_edge.quant.policy import bytes_per_token
 
     cfg = RandomCheckpoint("lfm2.5-8b-a1b").config
-    mb = {name: bytes_per_token(get_policy(name), cfg) / 1e6 for name in ("int4", "int3-experts", "int2-experts")}
+    names = ("int4", "int3-experts", "int2-experts", "int4-fine", "int4-hq")
+    mb = {name: bytes_per_token(get_policy(name), cfg) / 1e6 for name in names}
     assert 915 < mb["int4"] < 925  # device_bench/RESULTS.md: 920 MB read per token
-    assert mb["int2-experts"] < mb["int3-experts"] < mb["int4"]
+    assert mb["int2-experts"] < mb["int3-experts"] < mb["int4"] < mb["int4-hq"] < mb["int4-fine"]
+    # int4-fine over int4: the vocabulary at 8 bits block 128 (fp32 scales) instead of 4 bits block 32 (fp32
+    # scales, 4-bit zero points), the 453M linear weights at block 32 instead of 128 (per block an fp32 scale
+    # and a 4-bit zero point)
+    vocab, linears = 128_000 * 2048, 452_984_832
+    extra_bits = vocab * ((8 + 32 / 128) - (4 + 32 / 32 + 4 / 32)) + linears * (32 / 32 + 4 / 32 - 32 / 128 - 4 / 128)
+    assert mb["int4-fine"] - mb["int4"] == pytest.approx(extra_bits / 8 / 1e6, abs=0.01)
 
 
 def test_fused_residual_norms_stay_exact(tmp_path, monkeypatch):
