@@ -101,7 +101,8 @@ POLICIES: dict[str, Policy] = {
                       embedding=QuantSpec(8, 128, "rtn")),
     # int4's experts with the dense linears at block 32 and the vocabulary at 8 bits: on the quality model
     # (quant/README.md) the linears at block 128 are where int4's KL comes from (0.044 of it alone, experts
-    # 0.005, vocabulary 0.019), and this is the cheapest mix measured that is as close to fp32 as llama.cpp's Q4_0
+    # 0.005, vocabulary 0.019), and this is the cheapest mix measured that is as close to fp32 as llama.cpp's Q4_0;
+    # it decodes 1.13x slower than int4 (its 16% more bytes), level with Q4_0 (device_bench/RESULTS.md, frontier)
     "int4-fine": Policy("int4-fine", experts=INT4, linears=QuantSpec(4, 32, "mse"), embedding=QuantSpec(8, 128, "rtn")),
     "int8": Policy("int8", experts=INT8, linears=INT8, embedding=INT8),
     # Experts are 55% of the bytes a token reads at LFM2.5-8B-A1B geometry (int4), so they are where fewer bits pay.
