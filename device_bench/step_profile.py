@@ -10,9 +10,10 @@ weights to an external file in DIR) and counts its nodes statically.
     python -m lfm_edge.device_bench.step_profile A B --rounds 8      # decode step time, A and B alternated
 
 Kernel times include the profiler's own cost (a few microseconds per node), so the overhead share is an
-upper bound; compare bundles measured the same way, alternated, with the load average printed. After the
-profile ends the same session decodes as many steps again unprofiled: that step time less the profiled weight
-kernels' time is the overhead without the profiler's per-node cost (`overhead_unprofiled_*`).
+upper bound; compare bundles measured the same way, alternated, with the load average printed. A second,
+unprofiled session of the bundle decodes the same tokens in turns with the profiled one: its step time less the
+weight kernels' profiled time in the same turn is the overhead without the profiler's per-node cost
+(`overhead_unprofiled_*`, the median over `--rounds` turns).
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ import numpy as np
 WEIGHT_OPS = ("QMoE", "MatMulNBits")  # the kernels that stream weights; the rest is overhead
 
 
-def profile_decode(bundle: Path, steps: int = 64, prompt: int = 64, threads: int = 2, seed: int = 0) -> dict:
-    """Prefill `prompt` random ids, then `steps` single-token steps, profiled; the prefill and the first decode
-    step (warm-up) are left out."""
+def profile_decode(bundle: Path, steps: int = 64, prompt: int = 64, threads: int = 2, seed: int = 0,
+                   rounds: int = 4) -> dict:
+    """Two sessions of the bundle, one profiled and one not, prefill `prompt` random ids, then decode the same
+    tokens in alternating turns, `rounds` turns of `steps` single-token steps each. The profile gives nodes
+    and time by op type (the prefill and each turn's first step left out); each turn's unprofiled step time
+    less the weight kernels' profiled time in the same turn is the overhead without the profiler's per-node
+    cost, measured seconds apart rather than minutes (memory speed drifts on a shared machine)."""
     import onnxruntime as ort
 
     from ..runtime.session import LfmSession
@@ -44,25 +49,51 @@ def profile_decode(bundle: Path, steps: int = 64, prompt: int = 64, threads: int
             opts.enable_profiling = True
             opts.profile_file_prefix = os.path.join(tmp, "step")
 
-        session = LfmSession(bundle, threads=threads, providers="cpu", verify="none", configure=profiled)
+        sessions = [LfmSession(bundle, threads=threads, providers="cpu", verify="none", configure=profiled),
+                    LfmSession(bundle, threads=threads, providers="cpu", verify="none")]
         rng = np.random.default_rng(seed)
-        high = min(session.vocab_size, 30000)
-        cache = session.new_cache(1, prompt + 2 * steps + 1)
-        cache.step(rng.integers(100, high, (1, prompt)))
-        for _ in range(steps):
-            cache.step(rng.integers(100, high, (1, 1)))
-        events = json.loads(Path(session.session.end_profiling()).read_text())
-        unprofiled = []
-        for _ in range(steps):  # the profiler is off now: the same steps' time without its per-node cost
-            t = time.perf_counter()
-            cache.step(rng.integers(100, high, (1, 1)))
-            unprofiled.append((time.perf_counter() - t) * 1e6)
+        high = min(sessions[0].vocab_size, 30000)
+        ids, tokens = rng.integers(100, high, (1, prompt)), rng.integers(100, high, (rounds, steps))
+        caches = [s.new_cache(1, prompt + rounds * steps + 1) for s in sessions]
+        for cache in caches:
+            cache.step(ids)
+        plain_us: list[list[float]] = [[] for _ in range(rounds)]
+        for r in range(rounds):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                for t in tokens[r]:
+                    start = time.perf_counter()
+                    caches[i].step(np.array([[t]]))
+                    if i == 1:
+                        plain_us[r].append((time.perf_counter() - start) * 1e6)
+        events = json.loads(Path(sessions[0].session.end_profiling()).read_text())
     result = summarize(events, skip_runs=2)
-    weights_us = sum(t["us"] for op, t in result["ops"].items() if op in WEIGHT_OPS)
-    step = statistics.median(unprofiled[1:])
-    result.update(step_unprofiled_us=step, overhead_unprofiled_us=step - weights_us,
-                  overhead_unprofiled_share=(step - weights_us) / step)
+    weights = weight_kernel_us_per_run(events)[1:]  # decode steps only, in order
+    per_round = []
+    for r in range(rounds):
+        step = statistics.median(plain_us[r][1:])
+        per_round.append({"step_unprofiled_us": step, "weights_us": statistics.median(
+            weights[r * steps + 1:(r + 1) * steps])})
+        per_round[-1]["overhead_unprofiled_us"] = step - per_round[-1]["weights_us"]
+    result.update(rounds=per_round,
+                  step_unprofiled_us=statistics.median(p["step_unprofiled_us"] for p in per_round),
+                  overhead_unprofiled_us=statistics.median(p["overhead_unprofiled_us"] for p in per_round),
+                  overhead_unprofiled_share=statistics.median(p["overhead_unprofiled_us"] / p["step_unprofiled_us"]
+                                                              for p in per_round))
     return result
+
+
+def weight_kernel_us_per_run(events: list[dict]) -> list[float]:
+    """The QMoE and MatMulNBits kernel time of every model run, in order."""
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    starts = [r[0] for r in runs]
+    out = [0.0] * len(runs)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and \
+                e.get("args", {}).get("op_name") in WEIGHT_OPS:
+            i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
+            if i >= 0 and e["ts"] <= runs[i][1]:
+                out[i] += e["dur"]
+    return out
 
 
 def summarize(events: list[dict], skip_runs: int = 2) -> dict:
@@ -173,7 +204,8 @@ def format_table(result: dict) -> str:
     if "step_unprofiled_us" in result:
         lines.append(f"unprofiled: step {result['step_unprofiled_us'] / 1000:.2f} ms, of which outside the weight "
                      f"kernels {result['overhead_unprofiled_us'] / 1000:.2f} ms = "
-                     f"{result['overhead_unprofiled_share']:.1%} (the weight kernels' profiled time subtracted)")
+                     f"{result['overhead_unprofiled_share']:.1%} (median of {len(result['rounds'])} turns; the "
+                     "weight kernels' profiled time in the same turn subtracted)")
     return "\n".join(lines)
 
 
@@ -181,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.step_profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", nargs="+", help="one bundle to profile, or several to time alternated")
-    parser.add_argument("--rounds", type=int, default=8, help="with several bundles: alternated rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="alternated rounds (several bundles: default 8; "
+                        "one bundle: turns of the profiled and the unprofiled session, default 4)")
     parser.add_argument("--no-spin", action="store_true", help="with several bundles: pool threads sleep between "
                         "nodes, so CPU time per step is work (for a machine where others keep us waiting)")
     parser.add_argument("--steps", type=int, default=64)
@@ -195,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
         reexec_with_hugepages()  # as lfm-bench and ab.py measure
     if len(args.bundle) > 1:
+        args.rounds = args.rounds or 8
         result = alternate([Path(b) for b in args.bundle], args.rounds, args.steps, args.prompt, args.threads,
                            spin=not args.no_spin, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
         for i, b in enumerate(args.bundle):
@@ -207,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(result, indent=2))
         return 0
     args.bundle = args.bundle[0]
-    result = profile_decode(Path(args.bundle), args.steps, args.prompt, args.threads)
+    result = profile_decode(Path(args.bundle), args.steps, args.prompt, args.threads, rounds=args.rounds or 4)
     print(format_table(result))
     if args.save_optimized:
         counts = optimized_graph_counts(Path(args.bundle), Path(args.save_optimized), args.threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -428,12 +429,17 @@ def test_conversation_bench_llama_cpp_peer_reuses_its_prefix(demo_int4, tmp_path
 def test_step_profile_counts_nodes_and_splits_a_step_into_weight_kernels_and_overhead(demo_int4):
     from lfm_edge.device_bench.step_profile import WEIGHT_OPS, format_table, profile_decode
 
-    result = profile_decode(demo_int4, steps=6, prompt=8, threads=1)
+    result = profile_decode(demo_int4, steps=6, prompt=8, threads=1, rounds=3)
     ops = result["ops"]
     assert ops["QMoE"]["nodes"] == 4 and ops["MatMulNBits"]["nodes"] > 0  # the demo's four MoE layers
     assert result["nodes_per_step"] == sum(t["nodes"] for t in ops.values())
+    assert result["steps"] == 3 * 6 - 1  # every decode step but the first profiled
     weights = sum(ops[op]["us"] for op in WEIGHT_OPS)
     assert result["overhead_us"] == pytest.approx(result["step_us"] - weights, rel=0.5)
-    assert 0 < result["step_unprofiled_us"] and result["overhead_unprofiled_us"] == pytest.approx(
-        result["step_unprofiled_us"] - weights)
+    assert len(result["rounds"]) == 3
+    for turn in result["rounds"]:
+        assert 0 < turn["weights_us"] < turn["step_unprofiled_us"] * 5
+        assert turn["overhead_unprofiled_us"] == pytest.approx(turn["step_unprofiled_us"] - turn["weights_us"])
+    assert result["overhead_unprofiled_share"] == pytest.approx(statistics.median(
+        t["overhead_unprofiled_us"] / t["step_unprofiled_us"] for t in result["rounds"]))
     assert "unprofiled: step" in format_table(result)
