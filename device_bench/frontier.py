@@ -99,6 +99,9 @@ def summarize(pairs: dict[tuple[str, str], dict], quality: list[dict], default: 
 
 def write_markdown(result: dict, path: Path) -> None:
     lines = ["# Decode speed against quantization quality", "",
+             "Decode tok/s is each system's median over the pairs it ran in; pairs run minutes apart and this "
+             "machine's memory speed drifts between them, so compare systems by the per-pair ratios below (each "
+             "the median of per-round ratios measured side by side).", "",
              "| system | decode tok/s (full geometry) | KL(fp32 ‖ q) on the quality model | top-1 | perplexity |",
              "|---|---|---|---|---|"]
     for p in sorted(result["points"], key=lambda p: p["kl"]):
@@ -140,7 +143,8 @@ def write_plot(result: dict, path: Path) -> None:
                         xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set(xlabel="KL(fp32 ‖ quantized) on the quality model, nats/token (lower is better)",
-           ylabel="decode tok/s, LFM2.5-8B-A1B geometry, 2 threads", title="speed against quality")
+           ylabel="decode tok/s, LFM2.5-8B-A1B geometry, 2 threads (median over pairs)",
+           title="speed against quality (compare systems by the per-pair ratios in frontier.md)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
