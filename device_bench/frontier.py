@@ -143,7 +143,7 @@ def write_plot(result: dict, path: Path) -> None:
                         xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set(xlabel="KL(fp32 ‖ quantized) on the quality model, nats/token (lower is better)",
-           ylabel="decode tok/s, LFM2.5-8B-A1B geometry, 2 threads (median over pairs)",
+           ylabel="decode tok/s, full geometry (median over pairs)",
            title="speed against quality (compare systems by the per-pair ratios in frontier.md)")
     ax.legend()
     fig.tight_layout()
