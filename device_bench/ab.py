@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ from .bench import timed
 
 
 def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, decode: int = 128,
-              rounds: int = 8, seed: int = 0, progress=lambda m: None) -> dict:
+              rounds: int = 8, seed: int = 0, progress=lambda m: None, warmup_s: float = 0.0) -> dict:
+    """`warmup_s`: both sides decode in turns for this long before round 0 (see main's --warmup)."""
     import llama_cpp
 
     from ..runtime.session import LfmSession
@@ -50,6 +52,14 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
         dec = timed(lambda: [llm.eval([t]) for t in steps], threads)[0]
         return len(ids) / pre, len(steps) / dec
 
+    if warmup_s > 0:
+        start, turns = time.perf_counter(), 0
+        while time.perf_counter() - start < warmup_s:
+            steps = rng.integers(min(100, high // 2), high, decode).tolist()
+            ours(steps[:8], steps)
+            theirs(steps[:8], steps)
+            turns += 1
+        progress(f"warm-up: {turns} turns of {decode} decoded tokens each side in {warmup_s:.0f} s")
     rows = []
     for r in range(rounds + 1):
         ids = rng.integers(min(100, high // 2), high, prompt).tolist()
@@ -99,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--decode", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--warmup", type=float, default=0.0, metavar="SECONDS",
+                        help="both sides decode in turns this long before round 0: in a VM our freshly allocated "
+                        "weights (anonymous memory) can take minutes to reach full speed, llama.cpp's mmap'd "
+                        "file pages do not (device_bench/RESULTS.md, 2026-11-30)")
     parser.add_argument("--out", default="build/bench/ab.json")
     args = parser.parse_args(argv)
     if args.gguf is None:
@@ -112,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
         reexec_with_hugepages()
     result = alternate(Path(args.bundle), Path(args.gguf), args.threads, args.prompt, args.decode, args.rounds,
-                       progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+                       progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True), warmup_s=args.warmup)
+    result["warmup_s"] = args.warmup
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     m = result["median"]
