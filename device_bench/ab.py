@@ -110,9 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--warmup", type=float, default=0.0, metavar="SECONDS",
-                        help="both sides decode in turns this long before round 0: in a VM our freshly allocated "
-                        "weights (anonymous memory) can take minutes to reach full speed, llama.cpp's mmap'd "
-                        "file pages do not (device_bench/RESULTS.md, 2026-11-30)")
+                        help="both sides decode in turns this long before round 0 (device_bench/RESULTS.md, "
+                        "2026-11-30: on this VM it did not narrow our decode's round-to-round spread)")
     parser.add_argument("--out", default="build/bench/ab.json")
     args = parser.parse_args(argv)
     if args.gguf is None:

@@ -42,7 +42,7 @@ def quality_of(quality: list[dict], name: str, llama: bool) -> dict:
     """The quality row of a policy (by policy name) or a llama.cpp format (label "llama.cpp FMT")."""
     label = f"llama.cpp {name}" if llama else name
     for row in quality:
-        if row["label"] == label or (not llama and row["policy"] == name and row["label"] == name):
+        if row["label"] == label:
             return row
     known = ", ".join(row["label"] for row in quality)
     raise ValueError(f"the quality report has no row {label!r} (it has: {known}); run lfm-quant-report with "

@@ -66,8 +66,9 @@ def profile_decode(bundle: Path, steps: int = 64, prompt: int = 64, threads: int
                     if i == 1:
                         plain_us[r].append((time.perf_counter() - start) * 1e6)
         events = json.loads(Path(sessions[0].session.end_profiling()).read_text())
-    result = summarize(events, skip_runs=2)
-    weights = weight_kernel_us_per_run(events)[1:]  # decode steps only, in order
+    runs, per_run = kernel_times_per_run(events)
+    result = summarize_runs(runs[2:], per_run[2:])  # the prefill and the first decode step left out
+    weights = [weight_us(run) for run in per_run[1:]]  # decode steps only, in order
     per_round = []
     for r in range(rounds):
         step = statistics.median(plain_us[r][1:])
@@ -82,23 +83,9 @@ def profile_decode(bundle: Path, steps: int = 64, prompt: int = 64, threads: int
     return result
 
 
-def weight_kernel_us_per_run(events: list[dict]) -> list[float]:
-    """The QMoE and MatMulNBits kernel time of every model run, in order."""
+def kernel_times_per_run(events: list[dict]) -> tuple[list[tuple[float, float]], list[dict[str, list[float]]]]:
+    """Every model run's (start, end) in order and, per op type in it, [nodes, kernel microseconds]."""
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
-    starts = [r[0] for r in runs]
-    out = [0.0] * len(runs)
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and \
-                e.get("args", {}).get("op_name") in WEIGHT_OPS:
-            i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
-            if i >= 0 and e["ts"] <= runs[i][1]:
-                out[i] += e["dur"]
-    return out
-
-
-def summarize(events: list[dict], skip_runs: int = 2) -> dict:
-    """Per op type: nodes per step and microseconds per step (median over the steps kept)."""
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[skip_runs:]
     per_run: list[dict[str, list[float]]] = [defaultdict(lambda: [0, 0.0]) for _ in runs]
     starts = [r[0] for r in runs]
     for e in events:
@@ -110,14 +97,29 @@ def summarize(events: list[dict], skip_runs: int = 2) -> dict:
         slot = per_run[i][e.get("args", {}).get("op_name", "?")]
         slot[0] += 1
         slot[1] += e["dur"]
+    return runs, per_run
+
+
+def weight_us(run: dict[str, list[float]]) -> float:
+    """The time one run spent in the weight kernels (QMoE, MatMulNBits)."""
+    return sum(v[1] for op, v in run.items() if op in WEIGHT_OPS)
+
+
+def summarize(events: list[dict], skip_runs: int = 2) -> dict:
+    """Per op type: nodes per step and microseconds per step (median over the steps kept)."""
+    runs, per_run = kernel_times_per_run(events)
+    return summarize_runs(runs[skip_runs:], per_run[skip_runs:])
+
+
+def summarize_runs(runs: list[tuple[float, float]], per_run: list[dict[str, list[float]]]) -> dict:
+    """`summarize` of runs already mapped by kernel_times_per_run."""
     ops = sorted({op for run in per_run for op in run})
     table = {op: {"nodes": statistics.median(run[op][0] for run in per_run),
                   "us": statistics.median(run[op][1] for run in per_run)} for op in ops}
     kernel_us = [sum(v[1] for v in run.values()) for run in per_run]
     step_us = [b - a for a, b in runs]
     # everything but the weight kernels: other nodes' kernels and the executor's time between nodes
-    overhead_us = [s - sum(v[1] for op, v in run.items() if op in WEIGHT_OPS) for s, run in zip(step_us, per_run,
-                                                                                                 strict=True)]
+    overhead_us = [s - weight_us(run) for s, run in zip(step_us, per_run, strict=True)]
     return {"steps": len(runs), "ops": table, "nodes_per_step": sum(t["nodes"] for t in table.values()),
             "step_us": statistics.median(step_us), "kernel_us": statistics.median(kernel_us),
             "overhead_us": statistics.median(overhead_us),

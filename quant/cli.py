@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if not text_file.is_file():
         print(f"lfm-quant-report: error: --text {text_file}: no such file", file=sys.stderr)
         return 2
+    formats: list[tuple[str, bool]] = []
     if args.llama_cpp:
         from .quality import llama_cpp_formats
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             [Variant(name, get_policy(name)) for name in args.policies.split(",") if name]
         results = evaluate(checkpoint, text_file.read_text(), variants, args.window, args.max_tokens,
                            progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
-                           llama_cpp=formats if args.llama_cpp else ())
+                           llama_cpp=formats)
     except ValueError as e:
         print(f"lfm-quant-report: error: {e}", file=sys.stderr)
         return 2
