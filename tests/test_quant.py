@@ -77,6 +77,23 @@ def test_mse_search_lowers_the_error():
     assert errors["mse"] < errors["rtn-asym"] < errors["rtn"]
 
 
+def _against_fake_quant(ckpt, bundle, policy):
+    """The torch reference with the policy's fake quantization, a prompt, and the logits of both on it."""
+    reference = TorchReference(Checkpoint(ckpt), transform=policy.fake_quant)
+    prompt = list(range(7, 20))
+    want = reference.forward(torch.tensor([prompt]), reference.new_state(1)).numpy().ravel()
+    got = Cache(LfmSession(bundle), 1, 16).step(np.array([prompt])).ravel()
+    return reference, prompt, want, got
+
+
+def _policy_case(tmp_path, name, config):
+    """A tiny checkpoint of `config` exported with policy `name` at fp32 activations (exact against fake-quant)."""
+    build(config, tmp_path / "ckpt", seed=3)
+    policy = get_policy(name).with_overrides(accuracy_level=0)
+    bundle = export(tmp_path / "ckpt", tmp_path / "q", quant=policy).bundle
+    return bundle, policy, *_against_fake_quant(tmp_path / "ckpt", bundle, policy)
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def int4_case(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
@@ -88,10 +105,7 @@ def int4_case(request, tmp_path_factory):
 
 def test_int4_export_matches_fake_quant_reference(int4_case):
     ckpt, bundle, policy = int4_case
-    reference = TorchReference(Checkpoint(ckpt), transform=policy.fake_quant)
-    prompt = list(range(7, 20))
-    want = reference.forward(torch.tensor([prompt]), reference.new_state(1)).numpy().ravel()
-    got = Cache(LfmSession(bundle), 1, 16).step(np.array([prompt])).ravel()
+    reference, prompt, want, got = _against_fake_quant(ckpt, bundle, policy)
     assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.9999
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert generate(LfmSession(bundle), [prompt], 32, eos_token_ids=[])[0] == \
@@ -103,13 +117,7 @@ def test_int4_export_matches_fake_quant_reference(int4_case):
 def test_mixed_block_and_8bit_vocabulary_policies_match_fake_quant_reference(tmp_path, name, config):
     """Policies mixing block sizes (experts 128 or 64, linears 32 or 64) with an 8-bit vocabulary: the same
     fake-quant exactness as int4, greedy tokens included."""
-    build(config, tmp_path / "ckpt", seed=3)
-    policy = get_policy(name).with_overrides(accuracy_level=0)
-    bundle = export(tmp_path / "ckpt", tmp_path / "q", quant=policy).bundle
-    reference = TorchReference(Checkpoint(tmp_path / "ckpt"), transform=policy.fake_quant)
-    prompt = list(range(7, 20))
-    want = reference.forward(torch.tensor([prompt]), reference.new_state(1)).numpy().ravel()
-    got = Cache(LfmSession(bundle), 1, 16).step(np.array([prompt])).ravel()
+    bundle, policy, reference, prompt, want, got = _policy_case(tmp_path, name, config)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert generate(LfmSession(bundle), [prompt], 24, eos_token_ids=[])[0] == \
         reference.generate(torch.tensor([prompt]), 24)[0].tolist()
@@ -243,13 +251,7 @@ def test_low_bit_experts_match_fake_quant_reference(tmp_path, name, config):
     int8 activations can flip a later layer's expert choice in a tiny model (moe_attention_only, three MoE
     layers: cosine 0.9955 at 2 bits, as int4 with int8 activations can), so 2 bits is held to the configs
     where no choice flips."""
-    build(config, tmp_path / "ckpt", seed=3)
-    policy = get_policy(name).with_overrides(accuracy_level=0)
-    bundle = export(tmp_path / "ckpt", tmp_path / "q", quant=policy).bundle
-    reference = TorchReference(Checkpoint(tmp_path / "ckpt"), transform=policy.fake_quant)
-    prompt = list(range(7, 20))
-    want = reference.forward(torch.tensor([prompt]), reference.new_state(1)).numpy().ravel()
-    got = Cache(LfmSession(bundle), 1, 16).step(np.array([prompt])).ravel()
+    bundle, policy, reference, prompt, want, got = _policy_case(tmp_path, name, config)
     assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.9999
     assert np.abs(got - want).max() <= (2e-3 if name == "int3-experts" else 2e-2) * np.abs(want).max()
     manifest = json.loads((bundle / "manifest.json").read_text())
