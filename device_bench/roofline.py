@@ -47,7 +47,7 @@ REFERENCE_PRESET = "lfm2.5-8b-a1b"
 REFERENCE_POLICY = "int4"
 # quant/policy.py bytes_per_token(int4, that geometry), for builds without the exporter and quantizer (a phone
 # build ships runtime, device_bench and mobile_app only); tests/test_device_bench.py holds it to the computation.
-REFERENCE_BYTES_PER_TOKEN = 920_336_128
+REFERENCE_BYTES_PER_TOKEN = 920_403_712
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,8 @@ def graph_bytes_per_token(bundle: Path) -> TokenBytes:
     model = onnx.load(bundle / "model.onnx", load_external_data=False)
     config = json.loads((bundle / "config.json").read_text()) if (bundle / "config.json").is_file() else {}
     experts, top_k = config.get("num_experts", 0), config.get("num_experts_per_tok", 0)
+    # a rescored head's finer copy of the vocabulary (quant/policy.py Rescore): its top rows and the lookup's row
+    rescored_rows = 1 + _rescore_top(bundle)
     by_kind: dict[str, float] = {}
     stored = 0
     for init in model.graph.initializer:
@@ -143,6 +145,8 @@ def graph_bytes_per_token(bundle: Path) -> TokenBytes:
             kind, read = "", 0
         elif ".experts." in name and experts:
             kind, read = "experts (routed)", size * top_k / experts
+        elif name.startswith(("model.embed_tokens", "lm_head")) and ".rescore." in name:
+            kind, read = "embedding / LM head", size * rescored_rows / max(1, config.get("vocab_size", 1))
         elif name.startswith(("model.embed_tokens", "lm_head")):
             kind, read = ("embedding / LM head", size) if not name.endswith(("scales3", "zp3")) else ("", 0)
         elif "self_attn" in name:
@@ -156,6 +160,15 @@ def graph_bytes_per_token(bundle: Path) -> TokenBytes:
         if kind:
             by_kind[kind] = by_kind.get(kind, 0.0) + read
     return TokenBytes(sum(by_kind.values()), by_kind, stored)
+
+
+def _rescore_top(bundle: Path) -> int:
+    """Rows per token the LM head rescores, from the manifest's policy (32, the policies' value, when unreadable)."""
+    try:
+        policy = json.loads((bundle / "manifest.json").read_text())["quant_policy"]
+        return int((policy.get("rescore") or {}).get("top", 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 32
 
 
 def _stored_bytes(init) -> int:

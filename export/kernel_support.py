@@ -30,7 +30,9 @@ def check_policy(policy: Policy) -> None:
                     f"method {s.method}")
         needs.append(("QMoE", settings, lambda: _qmoe(s, policy.accuracy_level)))
     for spec, what, op in ((policy.linears, "linears", "MatMulNBits"), (policy.embedding, "embedding", "MatMulNBits"),
-                           (policy.embedding, "embedding", "GatherBlockQuantized")):
+                           (policy.embedding, "embedding", "GatherBlockQuantized"),
+                           (policy.rescore and policy.rescore.spec, "vocabulary rescoring copy",
+                            "GatherBlockQuantized")):
         if spec is not None:
             needs.append((op, f"{what} {spec.bits} bits, block {spec.block_size}, method {spec.method}",
                           lambda spec=spec, op=op: _dense(op, spec, policy.accuracy_level)))

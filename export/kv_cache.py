@@ -101,7 +101,7 @@ def kv_absmax(ckpt, ids: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     class Streaming(TorchReference):
-        def weight(self, w):  # no cache: one pass reads each tensor once, memory stays at one tensor
+        def weight(self, w, rescore_copy=False):  # no cache: one pass reads each tensor once (fp32, no copy)
             return torch.from_numpy(np.array(self.checkpoint.tensor(w.name, w.shape), dtype=np.float32))
 
     class Recording(_TorchOps):

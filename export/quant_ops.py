@@ -3,7 +3,8 @@
 - linears -> com.microsoft.MatMulNBits (fp32 activations; accuracy_level from the policy)
 - experts -> com.microsoft.QMoE (interleaved SwiGLU, block-wise scales, fp16 to keep 4.5 bits per weight)
 - embedding and LM head -> one packed table [V, nb, blob] read by GatherBlockQuantized (rows) and
-  MatMulNBits (logits): no float copy of the vocabulary in the bundle
+  MatMulNBits (logits): no float copy of the vocabulary in the bundle. A rescoring policy adds a finer copy
+  that the lookup reads and the head's top logits are recomputed from (quant/README.md, "The rescored LM head")
 Weights the policy leaves alone (router gate, expert bias, norms, conv kernels) stay float32.
 
 A checkpoint that already holds a weight in a kernel's block layout (a GGUF's Q4_0 / Q8_0, `quantized()`)
@@ -19,7 +20,7 @@ import numpy as np
 from onnx import TensorProto
 
 from ..quant.blocks import Quantized, quantize
-from ..quant.policy import Policy, QuantSpec
+from ..quant.policy import VOCABULARY, Policy, QuantSpec
 from .checkpoint import Checkpoint
 from .conversion import ConversionLog, kernel_name
 from .graph import MS, Graph
@@ -54,13 +55,16 @@ class QuantizedOps(ContribOps):
             return spec
         return QuantSpec(max(s.bits for s in specs), min(s.block_size for s in specs), "mse")
 
-    def packed(self, weight: Weight, spec: QuantSpec, float_zero_points: bool = False) -> tuple[Quantized, str]:
+    def packed(self, weight: Weight, spec: QuantSpec, float_zero_points: bool = False,
+               copy: str = "") -> tuple[Quantized, str]:
         """Quantize one 2-D weight once; its packed codes are one initializer whoever reads them.
-        `float_zero_points`: the reader takes them (4-bit MatMulNBits), so a GGUF's Q4_K comes in near exactly."""
-        if weight.name not in self._quantized:
-            self.progress(weight.name)
+        `float_zero_points`: the reader takes them (4-bit MatMulNBits), so a GGUF's Q4_K comes in near exactly.
+        `copy` names a second quantization of the same weight (the vocabulary's rescoring copy)."""
+        key = weight.name + copy
+        if key not in self._quantized:
+            self.progress(key)
             spec = self.closest([weight.name], spec)
-            q = self.native(weight.name, float_zero_points)
+            q = None if copy else self.native(weight.name, float_zero_points)
             if q is not None and q.zero_points is not None:  # float zero points: equal up to float rounding
                 self.conversions.measured(weight.name, self.ckpt.tensor(weight.name), q.dequantize(),
                                           kernel_name(q, exact=False))
@@ -71,9 +75,19 @@ class QuantizedOps(ContribOps):
                 if self.transform is not None:
                     array = self.transform(weight.name, array)
                 q = quantize(array, spec.bits, spec.block_size, spec.method)
-                self.conversions.measured(weight.name, array, q.dequantize(), kernel_name(q, exact=False))
-            self._quantized[weight.name] = (q, self.g.weight(weight.name + ".q", q.packed_codes()))
-        return self._quantized[weight.name]
+                if not copy:
+                    self.conversions.measured(weight.name, array, q.dequantize(), kernel_name(q, exact=False))
+            self._quantized[key] = (q, self.g.weight(key + ".q", q.packed_codes()))
+        return self._quantized[key]
+
+    def rescoring(self, name: str) -> bool:
+        """The policy rescores this vocabulary table's top logits, and the checkpoint holds the table in floats: a
+        GGUF's blocks are read as they are or converted to their closest layout, and a finer copy of values the
+        file has already rounded has nothing to recover."""
+        if self.policy.rescore is None or name not in VOCABULARY:
+            return False
+        layouts = [getattr(self.ckpt, method, None) for method in ("exact_bits", "closest_spec")]
+        return all(find is None or find(name) is None for find in layouts)
 
     def linear(self, x: str, layer: Linear) -> str:
         spec = self.policy.spec(layer.weight.name)
@@ -91,24 +105,43 @@ class QuantizedOps(ContribOps):
                       accuracy_level=self.policy.accuracy_level)
         if layer.bias:
             y = self.g.op("Add", y, self.w(Weight(f"{layer.prefix}.bias", (layer.out_features,))))
+        if self.rescoring(name):
+            y = self.rescored(x, y, layer)
         return y
 
-    def embed(self, ids: str, table: Weight) -> str:
-        spec = self.policy.spec(table.name)
-        if spec is None:
-            return super().embed(ids, table)
+    def rescored(self, x: str, logits: str, head: Linear) -> str:
+        """logits [B, S, V] with each row's top ones recomputed from the vocabulary's rescoring copy: TopK, the
+        rows gathered from the copy, their dot products with x [B, S, H], scattered back (7 nodes, ~top x H
+        bytes per row: the whole table is read once, at the scan's bits)."""
+        g, top = self.g, min(self.policy.rescore.top, head.out_features)
+        _, chosen = g.op("TopK", logits, g.const([top]), axis=-1, outputs=2)  # [B, S, top]
+        rows = self.vocabulary_rows(chosen, head.weight, 3)  # [B, S, top, H]
+        dots = g.op("ReduceSum", g.op("Mul", rows, g.op("Unsqueeze", x, g.const([2]))), g.const([-1]), keepdims=0)
+        return g.op("ScatterElements", logits, chosen, dots, axis=-1)
+
+    def vocabulary_rows(self, ids: str, table: Weight, rank: int) -> str:
+        """Rows of a quantized vocabulary table for int64 ids of `rank` dims -> [*ids, H] (the rescoring copy
+        when the policy has one)."""
         g = self.g
-        q, codes = self.packed(table, spec)
-        # the same codes as the LM head's MatMulNBits; per-block scales shaped [V, nb, 1] for this op
-        scales = g.weight(table.name + ".scales3", q.scales[..., None])
-        zp = None if q.zero_points is None else g.weight(table.name + ".zp3", q.zero_points[..., None])
+        copy = self.rescoring(table.name)
+        q, codes = self.packed(table, self.policy.rescore.spec if copy else self.policy.spec(table.name),
+                               copy=".rescore" if copy else "")
+        # MatMulNBits' codes (the LM head's own when not a copy); per-block scales shaped [V, nb, 1] for this op
+        base = table.name + (".rescore" if copy else "")
+        scales = g.weight(base + ".scales3", q.scales[..., None])
+        zp = None if q.zero_points is None else g.weight(base + ".zp3", q.zero_points[..., None])
         rows = g.op("GatherBlockQuantized", codes, ids, scales, zp, domain=MS, bits=q.bits,
-                    block_size=q.block_size, gather_axis=0, quantize_axis=2)  # [B, S, nb, bs]
+                    block_size=q.block_size, gather_axis=0, quantize_axis=2)  # [*ids, nb, bs]
         padded = q.scales.shape[1] * q.block_size
-        rows = g.op("Reshape", rows, g.const([0, 0, padded]))
+        rows = g.op("Reshape", rows, g.const([0] * rank + [padded]))
         if padded != q.k:
             rows = g.op("Slice", rows, g.const([0]), g.const([q.k]), g.const([-1]))
         return rows
+
+    def embed(self, ids: str, table: Weight) -> str:
+        if self.policy.spec(table.name) is None:
+            return super().embed(ids, table)
+        return self.vocabulary_rows(ids, table, 2)
 
     def moe(self, x: str, router_logits: str, moe: SparseMoe) -> str:
         spec = self.policy.experts

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..quant.policy import VOCABULARY
 from .checkpoint import Checkpoint
 from .lfm2 import Attention, Lfm2Model, Linear, RMSNorm, ShortConv, SparseMoe, Weight
 
@@ -30,19 +31,26 @@ class TorchState:
 
 
 class TorchReference:
-    def __init__(self, checkpoint: Checkpoint, transform: WeightTransform | None = None):
+    """`rescore` (top, transform): the LM head's `top` largest logits per row recomputed from the vocabulary
+    table through that second transform, which the embedding lookup also reads (quant.policy.Rescore)."""
+
+    def __init__(self, checkpoint: Checkpoint, transform: WeightTransform | None = None,
+                 rescore: tuple[int, WeightTransform] | None = None):
         self.checkpoint = checkpoint
         self.model = Lfm2Model(checkpoint.config)
         self.transform = transform
-        self._weights: dict[str, torch.Tensor] = {}
+        self.rescore = rescore
+        self._weights: dict[tuple[str, bool], torch.Tensor] = {}
 
-    def weight(self, w: Weight) -> torch.Tensor:
-        if w.name not in self._weights:
+    def weight(self, w: Weight, rescore_copy: bool = False) -> torch.Tensor:
+        key = (w.name, rescore_copy)
+        if key not in self._weights:
             array = self.checkpoint.tensor(w.name, w.shape)
-            if self.transform is not None:
-                array = self.transform(w.name, array)
-            self._weights[w.name] = torch.from_numpy(np.array(array, dtype=np.float32))
-        return self._weights[w.name]
+            transform = self.rescore[1] if rescore_copy else self.transform
+            if transform is not None:
+                array = transform(w.name, array)
+            self._weights[key] = torch.from_numpy(np.array(array, dtype=np.float32))
+        return self._weights[key]
 
     def new_state(self, batch: int) -> TorchState:
         cfg = self.checkpoint.config
@@ -81,14 +89,19 @@ class _TorchOps:
     """ops.Ops in eager torch, for one forward call."""
 
     def __init__(self, ref: TorchReference, state: TorchState):
-        self.w, self.state = ref.weight, state
+        self.w, self.state, self.rescore = ref.weight, state, ref.rescore
 
     def embed(self, ids, table: Weight):
-        return F.embedding(ids, self.w(table))
+        return F.embedding(ids, self.w(table, rescore_copy=self.rescore is not None))
 
     def linear(self, x, layer: Linear):
         bias = self.w(Weight(f"{layer.prefix}.bias", (layer.out_features,))) if layer.bias else None
-        return F.linear(x, self.w(layer.weight), bias)
+        y = F.linear(x, self.w(layer.weight), bias)
+        if self.rescore is None or layer.weight.name not in VOCABULARY:
+            return y
+        top = y.topk(min(self.rescore[0], y.shape[-1]), dim=-1).indices  # [B, S, top]
+        rows = self.w(layer.weight, rescore_copy=True)[top]  # [B, S, top, H]
+        return y.scatter(-1, top, (rows * x[..., None, :]).sum(-1))
 
     def rms_norm(self, x, norm: RMSNorm):
         return self.w(norm.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))

@@ -32,6 +32,20 @@ class QuantSpec:
             raise ValueError(f"method {self.method!r}: expected one of {METHODS}")
 
 
+VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+@dataclass(frozen=True)
+class Rescore:
+    """The LM head scans the whole vocabulary at the policy's `embedding` spec, then recomputes each row's `top`
+    largest logits from a second copy of the table at `spec`, which the embedding lookup also reads. Most of
+    what a sampled or greedy token depends on is in those few logits: on the quality model the top 32 at
+    8 bits recover nearly all of an 8-bit head's KL at the 4-bit head's bytes per token (quant/README.md)."""
+
+    top: int = 32
+    spec: QuantSpec = QuantSpec(8, 128, "rtn")
+
+
 @dataclass(frozen=True)
 class Policy:
     name: str
@@ -39,6 +53,11 @@ class Policy:
     linears: QuantSpec | None  # conv in/out, attention q/k/v/out, dense FFN (MatMulNBits)
     embedding: QuantSpec | None  # the embedding table and LM head (tied: one shared copy)
     accuracy_level: int = 4  # MatMulNBits/QMoE: 4 = int8 activations (fastest on CPU); 0 = fp32
+    rescore: Rescore | None = None  # the LM head's top logits again from a finer copy (needs `embedding`)
+
+    def __post_init__(self):
+        if self.rescore is not None and self.embedding is None:
+            raise ValueError(f"policy {self.name!r}: rescoring the LM head needs a quantized vocabulary (embedding)")
 
     def spec(self, weight_name: str) -> QuantSpec | None:
         """The spec for one checkpoint tensor, or None when it stays float32."""
@@ -50,7 +69,7 @@ class Policy:
             if self.experts and self.experts.down_bits and weight_name.endswith(".w2.weight"):
                 return replace(self.experts, bits=self.experts.down_bits, down_bits=None)
             return self.experts
-        if weight_name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if weight_name in VOCABULARY:
             return self.embedding
         return self.linears
 
@@ -76,6 +95,11 @@ class Policy:
                      scale_dtype=scale_dtype(weight_name=name))
         return q.dequantize().reshape(array.shape)
 
+    def fake_quant_rescore(self, name: str, array: np.ndarray) -> np.ndarray:
+        """The rescoring copy of a vocabulary table as the graph sees it (the embedding lookup and the top logits)."""
+        spec = self.rescore.spec
+        return quantize(array, spec.bits, spec.block_size, spec.method).dequantize()
+
 
 def scale_dtype(weight_name: str) -> type:
     """QMoE keeps expert scales in fp16 (4.5 bits per weight at block 32); MatMulNBits needs them in the
@@ -88,33 +112,37 @@ def scale_dtype(weight_name: str) -> type:
 # ~1.1x. Full LFM2.5-8B-A1B geometry, 2 threads (device_bench/RESULTS.md): block 128 decodes 30.4 tok/s and
 # holds 1.16x its weights in RSS while decoding; block 32 23.7 tok/s and 1.52x. The vocabulary stays at block
 # 32: on the demo model's held-out text it is where 4-bit error costs most (quant/README.md). The MSE clipping
-# search beats RTN at every block size (KL to fp32 0.063 vs 0.092 at block 128).
+# search beats RTN at every block size (KL to fp32 0.063 vs 0.092 at block 128). The head's top 32 logits are
+# rescored from an 8-bit copy (Rescore): on the quality model KL 0.056 -> 0.044 for no measurable time per token.
 INT4 = QuantSpec(4, 128, "mse")
 INT4_VOCAB = QuantSpec(4, 32, "mse")
 INT8 = QuantSpec(8, 32, "rtn")
 POLICIES: dict[str, Policy] = {
     "fp32": Policy("fp32", None, None, None),
-    "int4": Policy("int4", experts=INT4, linears=INT4, embedding=INT4_VOCAB),
+    "int4": Policy("int4", experts=INT4, linears=INT4, embedding=INT4_VOCAB, rescore=Rescore()),
     # closer to fp32 for ~1.2x the bytes per token: smaller blocks, and 8 bits for the vocabulary (every logit
     # reads it); on the demo model as close to fp32 as llama.cpp's Q4_0 with its Q6_K vocabulary
     "int4-hq": Policy("int4-hq", experts=QuantSpec(4, 64, "mse"), linears=QuantSpec(4, 64, "mse"),
                       embedding=QuantSpec(8, 128, "rtn")),
-    # int4's experts with the dense linears at block 32 and the vocabulary at 8 bits: on the quality model
-    # (quant/README.md) the linears at block 128 are where int4's KL comes from (0.044 of it alone, experts
-    # 0.005, vocabulary 0.019), and this is the cheapest mix measured that is as close to fp32 as llama.cpp's Q4_0;
-    # it decodes 1.13x slower than int4 (its 16% more bytes), level with Q4_0 (device_bench/RESULTS.md, frontier)
-    "int4-fine": Policy("int4-fine", experts=INT4, linears=QuantSpec(4, 32, "mse"), embedding=QuantSpec(8, 128, "rtn")),
+    # int4's experts with the dense linears at block 32 and a rescored head scanned at block 128: on the quality
+    # model (quant/README.md) the linears at block 128 are where int4's KL comes from (0.044 of it alone, experts
+    # 0.005, vocabulary 0.019), and this is the cheapest mix measured that is as close to fp32 as llama.cpp's Q4_0
+    # (KL 0.034 against 0.037; an 8-bit head instead of the rescored one: 0.033, for ~1.8 ms more per token)
+    "int4-fine": Policy("int4-fine", experts=INT4, linears=QuantSpec(4, 32, "mse"), embedding=INT4,
+                        rescore=Rescore()),
     "int8": Policy("int8", experts=INT8, linears=INT8, embedding=INT8),
     # Experts are 55% of the bytes a token reads at LFM2.5-8B-A1B geometry (int4), so they are where fewer bits pay.
     # QMoE on onnxruntime 1.32's CPU: 2 bits runs on int8 activations, 0.86x the time of 4 bits per layer;
     # 3 bits runs only with fp16 activations and unprepacked weights (a dequantizing path, measured 4-7x slower
     # per layer than 4 bits: quant/README.md), and takes no zero points, hence the symmetric search.
-    "int3-experts": Policy("int3-experts", experts=QuantSpec(3, 64, "mse-sym"), linears=INT4, embedding=INT4_VOCAB),
-    "int2-experts": Policy("int2-experts", experts=QuantSpec(2, 64, "mse"), linears=INT4, embedding=INT4_VOCAB),
+    "int3-experts": Policy("int3-experts", experts=QuantSpec(3, 64, "mse-sym"), linears=INT4, embedding=INT4_VOCAB,
+                           rescore=Rescore()),
+    "int2-experts": Policy("int2-experts", experts=QuantSpec(2, 64, "mse"), linears=INT4, embedding=INT4_VOCAB,
+                           rescore=Rescore()),
     # w2 (the down projection) at 4 bits, gate/up at 3: onnxruntime 1.32's CPU QMoE refuses mixed widths, so this
     # is refused at export (export/kernel_support.py) until an onnxruntime runs it
     "int3-experts-down4": Policy("int3-experts-down4", experts=QuantSpec(3, 64, "mse-sym", down_bits=4),
-                                 linears=INT4, embedding=INT4_VOCAB),
+                                 linears=INT4, embedding=INT4_VOCAB, rescore=Rescore()),
 }
 
 
@@ -139,6 +167,9 @@ def bytes_per_token(policy: Policy, cfg) -> int:
             size = numel * spec.bits / 8 + blocks * (scale_bytes + zero_point_bits / 8)
         if ".experts." in w.name:
             size *= cfg.num_experts_per_tok / cfg.num_experts
+        if policy.rescore and w.name in VOCABULARY:  # and the rescored rows of the finer copy
+            copy = policy.rescore.spec
+            size += policy.rescore.top * w.shape[1] * (copy.bits / 8 + 4 / copy.block_size)
         total += size
     return int(total)
 
