@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, choices=(16, 32, 64, 128), default=None,
                         help="override the policy's block size")
     parser.add_argument("--quant-method", choices=METHODS, default=None,
-                        help="rtn (symmetric), rtn-asym, or mse (clipping searched per block)")
+                        help="rtn (symmetric), rtn-asym, mse (clipping searched per block), or gptq (mse's grid, "
+                             "the linears' codes by error feedback from calibration text; experts and vocabulary "
+                             "take mse)")
     parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
                         help="MatMulNBits/QMoE activation precision: 4 = int8 (fastest), 0 = fp32")
     parser.add_argument("--kv-cache", choices=KV_CACHES, default=None,

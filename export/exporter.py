@@ -21,6 +21,7 @@ from .. import __version__
 from ..device_bench import roofline
 from ..quant.policy import POLICIES, Policy, get_policy
 from ..runtime.bundle import MIN_ONNXRUNTIME, install_folder, sampled_sha256, sha256
+from .calibration import linear_hessians
 from .checkpoint import BUNDLE_FILES, Checkpoint, CheckpointError, is_gguf, resolve
 from .conversion import ConversionLog
 from .genai_config import genai_config
@@ -31,7 +32,7 @@ from .lfm2 import Lfm2Model
 from .mobile import phone_extras
 from .onnx_ops import ContribOps, PortableOps, WeightTransform
 from .provenance import checkpoint_source
-from .quant_ops import QuantizedOps
+from .quant_ops import QuantizedOps, stored_in_blocks
 from .random_tokenizer import NOTE, random_tokenizer_files
 from .random_weights import RandomCheckpoint
 
@@ -116,6 +117,13 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
         kv = kv_cache_for(kv_cache, ckpt, kv_calibration_text, kv_margin)
     except ValueError as e:
         raise ExportError(str(e)) from None
+    hessians, calibration = {}, None
+
+    def calibrated(name: str) -> bool:  # GPTQ weights the checkpoint holds in floats
+        return policy.calibrated(name) and not stored_in_blocks(ckpt, name)
+
+    if quantized and any(calibrated(w.name) for w in model.weights()):
+        hessians, calibration = linear_hessians(ckpt, calibrated, progress=progress or (lambda m: None))
     parent = _writable_parent(out)
     _recover_interrupted(out)
 
@@ -123,7 +131,8 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
     try:
         graph = Graph(tmp / DATA_FILE)
         if quantized:
-            backend = QuantizedOps(graph, ckpt, policy, transform=transform, progress=progress, kv_cache=kv)
+            backend = QuantizedOps(graph, ckpt, policy, transform=transform, progress=progress, kv_cache=kv,
+                                   hessians=hessians)
         elif ops == "contrib":
             backend = ContribOps(graph, ckpt, transform=transform, progress=progress, kv_cache=kv)
         else:
@@ -154,7 +163,9 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
         if random_weights:
             extras["tokenizer"] = NOTE
         if conversion is not None:
-            extras["conversion"] = conversion  # from a GGUF: how many tensors are the file's values exactly
+            extras["conversion"] = conversion
+        if calibration is not None:
+            extras["gptq_calibration"] = calibration  # from a GGUF: how many tensors are the file's values exactly
         files = _write_manifest(tmp, ckpt, source=source, ops=ops, quant=policy.name, quant_policy=policy.describe(),
                                 kv_cache=kv.describe(), target=target, **extras)
         install_folder(tmp, out)

@@ -105,7 +105,8 @@ def _dense_cached(op: str, bits: int, block: int, method: str, accuracy_level: i
 
 
 def _dense(op: str, spec: QuantSpec, accuracy_level: int) -> str | None:
-    return _dense_cached(op, spec.bits, spec.block_size, spec.method, accuracy_level)
+    layout = "mse" if spec.method == "gptq" else spec.method  # GPTQ's codes sit in mse's layout (quant/gptq.py)
+    return _dense_cached(op, spec.bits, spec.block_size, layout, accuracy_level)
 
 
 def _stack_codes(qs: list) -> np.ndarray:

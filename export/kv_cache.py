@@ -96,13 +96,9 @@ def kv_absmax(ckpt, ids: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """layer -> (rotary-pair norm max of k before rotary, max |v|), each [Hkv, D], over one pass of `ids`."""
     import torch
 
-    from .reference import TorchReference, _TorchOps
+    from .reference import StreamingReference, _TorchOps
 
     stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    class Streaming(TorchReference):
-        def weight(self, w, rescore_copy=False):  # no cache: one pass reads each tensor once (fp32, no copy)
-            return torch.from_numpy(np.array(self.checkpoint.tensor(w.name, w.shape), dtype=np.float32))
 
     class Recording(_TorchOps):
         def attention(self, q, k, v, attn):
@@ -116,7 +112,7 @@ def kv_absmax(ckpt, ids: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         def logit_rows(self, x):
             return x[:, -1:]  # the statistics need no logits
 
-    ref = Streaming(ckpt)
+    ref = StreamingReference(ckpt)
     state = ref.new_state(1)
     input_ids = torch.tensor([ids], dtype=torch.int64)
     state.mask = torch.ones_like(input_ids)

@@ -32,9 +32,10 @@ from .onnx_ops import ContribOps, WeightTransform
 class QuantizedOps(ContribOps):
     def __init__(self, graph: Graph, checkpoint: Checkpoint, policy: Policy,
                  transform: WeightTransform | None = None, progress: Callable[[str], None] | None = None,
-                 kv_cache: KvCache | None = None):
+                 kv_cache: KvCache | None = None, hessians: dict[str, np.ndarray] | None = None):
         super().__init__(graph, checkpoint, transform, progress, kv_cache)
         self.policy = policy
+        self.hessians = hessians or {}  # calibration for `gptq` weights (export/calibration.py)
         self._quantized: dict[str, tuple[Quantized, str]] = {}
         self.conversions = ConversionLog(checkpoint)
 
@@ -74,7 +75,7 @@ class QuantizedOps(ContribOps):
                 array = self.ckpt.tensor(weight.name, weight.shape)
                 if self.transform is not None:
                     array = self.transform(weight.name, array)
-                q = quantize(array, spec.bits, spec.block_size, spec.method)
+                q = quantize(array, spec.bits, spec.block_size, spec.method, hessian=self.hessians.get(weight.name))
                 if not copy:
                     self.conversions.measured(weight.name, array, q.dequantize(), kernel_name(q, exact=False))
             self._quantized[key] = (q, self.g.weight(key + ".q", q.packed_codes()))
@@ -84,10 +85,7 @@ class QuantizedOps(ContribOps):
         """The policy rescores this vocabulary table's top logits, and the checkpoint holds the table in floats: a
         GGUF's blocks are read as they are or converted to their closest layout, and a finer copy of values the
         file has already rounded has nothing to recover."""
-        if self.policy.rescore is None or name not in VOCABULARY:
-            return False
-        layouts = [getattr(self.ckpt, method, None) for method in ("exact_bits", "closest_spec")]
-        return all(find is None or find(name) is None for find in layouts)
+        return self.policy.rescore is not None and name in VOCABULARY and not stored_in_blocks(self.ckpt, name)
 
     def linear(self, x: str, layer: Linear) -> str:
         spec = self.policy.spec(layer.weight.name)
@@ -269,6 +267,13 @@ class QuantizedOps(ContribOps):
         names["scales"] = self.g.weight(prefix + ".scales", np.stack(scales))
         names["zp"] = None if zero_points[0] is None else self.g.weight(prefix + ".zp", np.stack(zero_points))
         return names
+
+
+def stored_in_blocks(checkpoint: Checkpoint, name: str) -> bool:
+    """The checkpoint holds this weight quantized already (a GGUF's block types): its blocks are read as they are
+    or converted to their closest layout, whatever the policy's method."""
+    layouts = [getattr(checkpoint, method, None) for method in ("exact_bits", "closest_spec")]
+    return any(find is not None and find(name) is not None for find in layouts)
 
 
 def _interleave_rows(gate: Quantized, up: Quantized) -> Quantized:

@@ -85,6 +85,14 @@ class TorchReference:
         return torch.cat(out, dim=1)
 
 
+class StreamingReference(TorchReference):
+    """Reads every tensor from the checkpoint when it is used, keeping none: one calibration pass over a model
+    larger than memory (the full LFM2.5-8B-A1B is 33 GB in fp32) holds one tensor at a time."""
+
+    def weight(self, w: Weight, rescore_copy: bool = False) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.checkpoint.tensor(w.name, w.shape), dtype=np.float32))
+
+
 class _TorchOps:
     """ops.Ops in eager torch, for one forward call."""
 

@@ -16,6 +16,8 @@ Methods:
               (the range shrunk towards its centre by a grid of ratios; the best per block is kept)
 - `mse-sym`   symmetric (the kernel's implicit zero point) with the clipping scale searched the same way:
               for kernels that take no zero points, such as QMoE at 3 bits
+- `gptq`      `mse`'s grid, codes chosen with error feedback from calibration inputs (gptq.py; needs the
+              layer's `hessian`)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-METHODS = ("rtn", "rtn-asym", "mse", "mse-sym")
+METHODS = ("rtn", "rtn-asym", "mse", "mse-sym", "gptq")
 BITS = (2, 3, 4, 8)
 _MSE_RATIOS = np.linspace(1.0, 0.7, 7, dtype=np.float32)
 
@@ -88,17 +90,25 @@ def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
 
 
 def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32, method: str = "rtn",
-             scale_dtype: type = np.float32, rows_per_chunk: int = 4096) -> Quantized:
+             scale_dtype: type = np.float32, rows_per_chunk: int = 4096,
+             hessian: np.ndarray | None = None) -> Quantized:
     """Quantize w [N, K] (any float dtype) block-wise; works through rows in chunks to bound memory.
 
     Scales are rounded to `scale_dtype` (the kernel's storage) before the codes are chosen, so the codes
-    are the best for the scales the kernel will actually use."""
+    are the best for the scales the kernel will actually use. `hessian` [K, K]: the layer's calibration
+    inputs' second moments, which `gptq` needs."""
     if bits not in BITS:
         raise ValueError(f"bits {bits}: expected one of {BITS}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size {block_size}: expected a power of two >= 16")
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
+    if method == "gptq":
+        if hessian is None:
+            raise ValueError("method 'gptq' needs the layer's calibration hessian (export/calibration.py)")
+        from .gptq import gptq
+
+        return gptq(np.asarray(w, np.float32), hessian, bits, block_size, scale_dtype)
     n, k = w.shape
     nb = -(-k // block_size)
     codes = np.empty((n, nb, block_size), np.uint8)

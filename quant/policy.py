@@ -58,6 +58,9 @@ class Policy:
     def __post_init__(self):
         if self.rescore is not None and self.embedding is None:
             raise ValueError(f"policy {self.name!r}: rescoring the LM head needs a quantized vocabulary (embedding)")
+        for what in ("experts", "embedding"):
+            if getattr(self, what) is not None and getattr(self, what).method == "gptq":
+                raise ValueError(f"policy {self.name!r}: method 'gptq' is for the linears, not the {what}")
 
     def spec(self, weight_name: str) -> QuantSpec | None:
         """The spec for one checkpoint tensor, or None when it stays float32."""
@@ -75,25 +78,33 @@ class Policy:
 
     def with_overrides(self, block_size: int | None = None, method: str | None = None,
                        accuracy_level: int | None = None) -> Policy:
-        def over(spec: QuantSpec | None) -> QuantSpec | None:
+        def over(spec: QuantSpec | None, calibrated: bool = False) -> QuantSpec | None:
             if spec is None:
                 return None
-            return replace(spec, block_size=block_size or spec.block_size, method=method or spec.method)
+            chosen = "mse" if method == "gptq" and not calibrated else method  # GPTQ is the linears'; mse's grid
+            return replace(spec, block_size=block_size or spec.block_size, method=chosen or spec.method)
 
-        return replace(self, experts=over(self.experts), linears=over(self.linears), embedding=over(self.embedding),
+        return replace(self, experts=over(self.experts), linears=over(self.linears, True),
+                       embedding=over(self.embedding),
                        accuracy_level=self.accuracy_level if accuracy_level is None else accuracy_level)
 
     def describe(self) -> dict:
         return asdict(self)
 
-    def fake_quant(self, name: str, array: np.ndarray) -> np.ndarray:
-        """The weight as the quantized graph sees it (quantize, then dequantize): the reference transform."""
+    def fake_quant(self, name: str, array: np.ndarray, hessians: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The weight as the quantized graph sees it (quantize, then dequantize): the reference transform.
+        `hessians`: the calibration the export used, for `gptq` weights (export/calibration.py)."""
         spec = self.spec(name)
         if spec is None:
             return array
         q = quantize(array.reshape(array.shape[0], -1), spec.bits, spec.block_size, spec.method,
-                     scale_dtype=scale_dtype(weight_name=name))
+                     scale_dtype=scale_dtype(weight_name=name), hessian=(hessians or {}).get(name))
         return q.dequantize().reshape(array.shape)
+
+    def calibrated(self, name: str) -> bool:
+        """This weight's codes depend on calibration inputs (method `gptq`)."""
+        spec = self.spec(name)
+        return spec is not None and spec.method == "gptq"
 
     def fake_quant_rescore(self, name: str, array: np.ndarray) -> np.ndarray:
         """The rescoring copy of a vocabulary table as the graph sees it (the embedding lookup and the top logits)."""
@@ -115,34 +126,37 @@ def scale_dtype(weight_name: str) -> type:
 # search beats RTN at every block size (KL to fp32 0.063 vs 0.092 at block 128). The head's top 32 logits are
 # rescored from an 8-bit copy (Rescore): on the quality model KL 0.056 -> 0.044 for no measurable time per token.
 INT4 = QuantSpec(4, 128, "mse")
+# The linears' codes by GPTQ (quant/gptq.py) from calibration text, in the same layout: on the quality model
+# int4's KL 0.044 -> 0.036, below llama.cpp Q4_0's 0.037, at the same bytes (quant/README.md).
+INT4_LINEARS = QuantSpec(4, 128, "gptq")
 INT4_VOCAB = QuantSpec(4, 32, "mse")
 INT8 = QuantSpec(8, 32, "rtn")
 POLICIES: dict[str, Policy] = {
     "fp32": Policy("fp32", None, None, None),
-    "int4": Policy("int4", experts=INT4, linears=INT4, embedding=INT4_VOCAB, rescore=Rescore()),
+    "int4": Policy("int4", experts=INT4, linears=INT4_LINEARS, embedding=INT4_VOCAB, rescore=Rescore()),
     # closer to fp32 for ~1.2x the bytes per token: smaller blocks, and 8 bits for the vocabulary (every logit
     # reads it); on the demo model as close to fp32 as llama.cpp's Q4_0 with its Q6_K vocabulary
     "int4-hq": Policy("int4-hq", experts=QuantSpec(4, 64, "mse"), linears=QuantSpec(4, 64, "mse"),
                       embedding=QuantSpec(8, 128, "rtn")),
-    # int4's experts with the dense linears at block 32 and a rescored head scanned at block 128: on the quality
-    # model (quant/README.md) the linears at block 128 are where int4's KL comes from (0.044 of it alone, experts
-    # 0.005, vocabulary 0.019), and this is the cheapest mix measured that is as close to fp32 as llama.cpp's Q4_0
-    # (KL 0.034 against 0.037; an 8-bit head instead of the rescored one: 0.033, for ~1.8 ms more per token)
-    "int4-fine": Policy("int4-fine", experts=INT4, linears=QuantSpec(4, 32, "mse"), embedding=INT4,
+    # int4's experts with the dense linears at block 32 (GPTQ) and a rescored head scanned at block 128: on the
+    # quality model (quant/README.md) the linears at block 128 are where int4's KL came from (0.044 of it alone,
+    # experts 0.005, vocabulary 0.019); this is as close to fp32 as llama.cpp's Q4_K_M (KL 0.0275 against 0.0277)
+    # for 2% more bytes per token than int4
+    "int4-fine": Policy("int4-fine", experts=INT4, linears=QuantSpec(4, 32, "gptq"), embedding=INT4,
                         rescore=Rescore()),
     "int8": Policy("int8", experts=INT8, linears=INT8, embedding=INT8),
     # Experts are 55% of the bytes a token reads at LFM2.5-8B-A1B geometry (int4), so they are where fewer bits pay.
     # QMoE on onnxruntime 1.32's CPU: 2 bits runs on int8 activations, 0.86x the time of 4 bits per layer;
     # 3 bits runs only with fp16 activations and unprepacked weights (a dequantizing path, measured 4-7x slower
     # per layer than 4 bits: quant/README.md), and takes no zero points, hence the symmetric search.
-    "int3-experts": Policy("int3-experts", experts=QuantSpec(3, 64, "mse-sym"), linears=INT4, embedding=INT4_VOCAB,
-                           rescore=Rescore()),
-    "int2-experts": Policy("int2-experts", experts=QuantSpec(2, 64, "mse"), linears=INT4, embedding=INT4_VOCAB,
-                           rescore=Rescore()),
+    "int3-experts": Policy("int3-experts", experts=QuantSpec(3, 64, "mse-sym"), linears=INT4_LINEARS,
+                           embedding=INT4_VOCAB, rescore=Rescore()),
+    "int2-experts": Policy("int2-experts", experts=QuantSpec(2, 64, "mse"), linears=INT4_LINEARS,
+                           embedding=INT4_VOCAB, rescore=Rescore()),
     # w2 (the down projection) at 4 bits, gate/up at 3: onnxruntime 1.32's CPU QMoE refuses mixed widths, so this
     # is refused at export (export/kernel_support.py) until an onnxruntime runs it
     "int3-experts-down4": Policy("int3-experts-down4", experts=QuantSpec(3, 64, "mse-sym", down_bits=4),
-                                 linears=INT4, embedding=INT4_VOCAB, rescore=Rescore()),
+                                 linears=INT4_LINEARS, embedding=INT4_VOCAB, rescore=Rescore()),
 }
 
 

@@ -1,0 +1,51 @@
+"""What GPTQ (quant/gptq.py) needs from calibration text: each linear's input second moments H = sum x x^T.
+
+One pass of the fp32 model (the streaming reference: one tensor in memory at a time) over windows of calibration
+tokens, the text and its fallbacks as for the KV cache's scales (kv_cache.calibration_ids). Inputs come from the
+unquantized model, not from already-quantized earlier layers: one pass instead of one per layer, and on the quality
+model that is what the measured gain was (quant/README.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .kv_cache import calibration_ids
+
+GPTQ_TOKENS = 4096
+WINDOW = 512
+
+
+def linear_hessians(ckpt, wanted: Callable[[str], bool], text: str | None = None, tokens: int = GPTQ_TOKENS,
+                    progress: Callable[[str], None] = lambda m: None) -> tuple[dict[str, np.ndarray], str]:
+    """weight name -> H [K, K] (float64) for every linear whose weight name `wanted` accepts, and the tokens'
+    source."""
+    import torch
+
+    from .reference import StreamingReference, _TorchOps
+
+    ids, source = calibration_ids(ckpt, text, tokens)
+    hessians: dict[str, torch.Tensor] = {}
+
+    class Recording(_TorchOps):
+        def linear(self, x, layer):
+            name = layer.weight.name
+            if wanted(name):
+                flat = x.reshape(-1, x.shape[-1]).double()
+                hessians[name] = hessians.get(name, 0) + flat.T @ flat
+            return super().linear(x, layer)
+
+        def logit_rows(self, x):  # the LM head's inputs only when its weight is wanted
+            return x if wanted("model.embed_tokens.weight") or wanted("lm_head.weight") else x[:, -1:]
+
+    ref = StreamingReference(ckpt)
+    window = min(WINDOW, len(ids))
+    rows = torch.tensor([ids[i:i + window] for i in range(0, len(ids) - window + 1, window)], dtype=torch.int64)
+    progress(f"GPTQ calibration: {rows.shape[0]} windows of {window} tokens, one pass")
+    state = ref.new_state(rows.shape[0])  # all windows in one batch: every weight is read once
+    state.mask = torch.ones_like(rows)
+    with torch.no_grad():
+        ref.model(Recording(ref, state), rows)
+    return {name: h.numpy() for name, h in hessians.items()}, f"{rows.numel()} tokens of {source}"
