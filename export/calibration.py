@@ -29,9 +29,16 @@ def linear_hessians(ckpt, wanted: Callable[[str], bool], text: str | None = None
     ids, source = calibration_ids(ckpt, text, tokens)
     hessians: dict[str, torch.Tensor] = {}
 
+    layers = ckpt.config.num_hidden_layers
+    seen: set[str] = set()
+
     class Recording(_TorchOps):
         def linear(self, x, layer):
             name = layer.weight.name
+            prefix = ".".join(name.split(".")[:3])  # model.layers.N
+            if prefix.startswith("model.layers.") and prefix not in seen:
+                seen.add(prefix)
+                progress(f"GPTQ calibration: layer {prefix.split('.')[2]} of {layers}")
             if wanted(name):
                 flat = x.reshape(-1, x.shape[-1]).double()
                 hessians[name] = hessians.get(name, 0) + flat.T @ flat

@@ -135,9 +135,10 @@ def test_every_constrained_answer_validates_against_its_schema(demo, schema):
 
 
 def test_pydantic_models_dataclasses_regex_and_lark(demo):
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, ConfigDict, Field
 
     class City(BaseModel):  # bounded, as real schemas are: the tiny demo model would otherwise write on
+        model_config = ConfigDict(extra="forbid")  # no further keys (pydantic allows them by default)
         name: str = Field(max_length=16)
         population: int = Field(ge=0, le=10**8)
 

@@ -208,7 +208,10 @@ def test_rescored_vocabulary_matches_fake_quant_reference(tmp_path, name, config
     np.put_along_axis(rest, top, False, axis=-1)
     np.testing.assert_allclose(got[rest], scanned[rest], atol=1e-4, rtol=0)
     assert np.abs(np.take_along_axis(got - scanned, top, -1)).mean() > 1e-3
-    recorded = json.loads((bundle / "manifest.json").read_text())["quant_policy"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["gptq_calibration"].startswith("4096 tokens of ")  # the linears' GPTQ, and its text
+    recorded = manifest["quant_policy"]
+    assert recorded["linears"]["method"] == "gptq"
     assert recorded["rescore"] == {"top": 32,
                                    "spec": {"bits": 8, "block_size": 128, "method": "rtn", "down_bits": None}}
 
