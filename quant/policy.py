@@ -136,7 +136,8 @@ POLICIES: dict[str, Policy] = {
     "fp32": Policy("fp32", None, None, None),
     "int4": Policy("int4", experts=INT4, linears=INT4_LINEARS, embedding=INT4_VOCAB, rescore=Rescore()),
     # closer to fp32 for ~1.2x the bytes per token: smaller blocks, and 8 bits for the vocabulary (every logit
-    # reads it); on the demo model as close to fp32 as llama.cpp's Q4_0 with its Q6_K vocabulary
+    # reads it). Dominated since GPTQ and the rescored head (int4-fine is closer for fewer bytes); kept for
+    # bundles and scripts that name it
     "int4-hq": Policy("int4-hq", experts=QuantSpec(4, 64, "mse"), linears=QuantSpec(4, 64, "mse"),
                       embedding=QuantSpec(8, 128, "rtn")),
     # int4's experts with the dense linears at block 32 (GPTQ) and a rescored head scanned at block 128: on the
