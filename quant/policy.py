@@ -124,8 +124,8 @@ def scale_dtype(weight_name: str) -> type:
 # holds 1.16x its weights in RSS while decoding; block 32 23.7 tok/s and 1.52x. The vocabulary stays at block
 # 32: on the demo model's held-out text it is where 4-bit error costs most (quant/README.md). The MSE clipping
 # search beats RTN at every block size (KL to fp32 0.063 vs 0.092 at block 128). The head's top 32 logits are
-# rescored from an 8-bit copy (Rescore): on the quality model KL 0.056 -> 0.044, for 1.038x the step time at
-# LFM2.5-8B-A1B geometry (device_bench/RESULTS.md) and 270 MB more in the bundle.
+# rescored from an 8-bit copy (Rescore): on the quality model KL 0.056 -> 0.044, for 0.35 ms of a ~30 ms step at
+# LFM2.5-8B-A1B geometry (below its noise; device_bench/RESULTS.md) and 270 MB more in the bundle.
 INT4 = QuantSpec(4, 128, "mse")
 # The linears' codes by GPTQ (quant/gptq.py) from calibration text, in the same layout: on the quality model
 # int4's KL 0.044 -> 0.036, below llama.cpp Q4_0's 0.037, at the same bytes (quant/README.md).
