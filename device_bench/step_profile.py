@@ -105,14 +105,9 @@ def weight_us(run: dict[str, list[float]]) -> float:
     return sum(v[1] for op, v in run.items() if op in WEIGHT_OPS)
 
 
-def summarize(events: list[dict], skip_runs: int = 2) -> dict:
-    """Per op type: nodes per step and microseconds per step (median over the steps kept)."""
-    runs, per_run = kernel_times_per_run(events)
-    return summarize_runs(runs[skip_runs:], per_run[skip_runs:])
-
-
 def summarize_runs(runs: list[tuple[float, float]], per_run: list[dict[str, list[float]]]) -> dict:
-    """`summarize` of runs already mapped by kernel_times_per_run."""
+    """Per op type: nodes per step and microseconds per step (median over the runs given, as mapped by
+    kernel_times_per_run)."""
     ops = sorted({op for run in per_run for op in run})
     table = {op: {"nodes": statistics.median(run[op][0] for run in per_run),
                   "us": statistics.median(run[op][1] for run in per_run)} for op in ops}
