@@ -19,13 +19,16 @@ WINDOW = 512
 
 
 def linear_hessians(ckpt, wanted: Callable[[str], bool], text: str | None = None, tokens: int = GPTQ_TOKENS,
-                    progress: Callable[[str], None] = lambda m: None) -> tuple[dict[str, np.ndarray], str]:
+                    progress: Callable[[str], None] = lambda m: None) -> tuple[dict[str, np.ndarray], str | None]:
     """weight name -> H [K, K] (float64) for every linear whose weight name `wanted` accepts, and the tokens'
-    source."""
+    source; ({}, None) without a pass when the model has no such weight."""
     import torch
 
+    from .lfm2 import Lfm2Model
     from .reference import StreamingReference, _TorchOps
 
+    if not any(wanted(w.name) for w in Lfm2Model(ckpt.config).weights()):
+        return {}, None
     ids, source = calibration_ids(ckpt, text, tokens)
     hessians: dict[str, torch.Tensor] = {}
 
@@ -47,12 +50,8 @@ def linear_hessians(ckpt, wanted: Callable[[str], bool], text: str | None = None
         def logit_rows(self, x):  # the LM head's inputs only when its weight is wanted
             return x if wanted("model.embed_tokens.weight") or wanted("lm_head.weight") else x[:, -1:]
 
-    ref = StreamingReference(ckpt)
     window = min(WINDOW, len(ids))
     rows = torch.tensor([ids[i:i + window] for i in range(0, len(ids) - window + 1, window)], dtype=torch.int64)
     progress(f"GPTQ calibration: {rows.shape[0]} windows of {window} tokens, one pass")
-    state = ref.new_state(rows.shape[0])  # all windows in one batch: every weight is read once
-    state.mask = torch.ones_like(rows)
-    with torch.no_grad():
-        ref.model(Recording(ref, state), rows)
+    StreamingReference(ckpt).record(Recording, rows)  # all windows in one batch: every weight is read once
     return {name: h.numpy() for name, h in hessians.items()}, f"{rows.numel()} tokens of {source}"

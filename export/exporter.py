@@ -122,7 +122,7 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
     def calibrated(name: str) -> bool:  # GPTQ weights the checkpoint holds in floats
         return policy.calibrated(name) and not stored_in_blocks(ckpt, name)
 
-    if quantized and any(calibrated(w.name) for w in model.weights()):
+    if quantized:
         hessians, calibration = linear_hessians(ckpt, calibrated, progress=progress or (lambda m: None))
     parent = _writable_parent(out)
     _recover_interrupted(out)
@@ -163,9 +163,9 @@ def export(checkpoint: str | Path | None, out: str | Path, *, ops: str = "contri
         if random_weights:
             extras["tokenizer"] = NOTE
         if conversion is not None:
-            extras["conversion"] = conversion
+            extras["conversion"] = conversion  # from a GGUF: how many tensors are the file's values exactly
         if calibration is not None:
-            extras["gptq_calibration"] = calibration  # from a GGUF: how many tensors are the file's values exactly
+            extras["gptq_calibration"] = calibration  # what the linears' GPTQ was calibrated on
         files = _write_manifest(tmp, ckpt, source=source, ops=ops, quant=policy.name, quant_policy=policy.describe(),
                                 kv_cache=kv.describe(), target=target, **extras)
         install_folder(tmp, out)

@@ -112,12 +112,7 @@ def kv_absmax(ckpt, ids: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         def logit_rows(self, x):
             return x[:, -1:]  # the statistics need no logits
 
-    ref = StreamingReference(ckpt)
-    state = ref.new_state(1)
-    input_ids = torch.tensor([ids], dtype=torch.int64)
-    state.mask = torch.ones_like(input_ids)
-    with torch.no_grad():
-        ref.model(Recording(ref, state), input_ids)
+    StreamingReference(ckpt).record(Recording, torch.tensor([ids], dtype=torch.int64))
     return stats
 
 

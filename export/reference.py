@@ -92,6 +92,14 @@ class StreamingReference(TorchReference):
     def weight(self, w: Weight, rescore_copy: bool = False) -> torch.Tensor:
         return torch.from_numpy(np.array(self.checkpoint.tensor(w.name, w.shape), dtype=np.float32))
 
+    @torch.no_grad()
+    def record(self, ops: type[_TorchOps], input_ids: torch.Tensor) -> None:
+        """One pass of unpadded ids [B, S] through the model with `ops`, a _TorchOps subclass that records what a
+        calibration needs (kv_cache.py, calibration.py)."""
+        state = self.new_state(input_ids.shape[0])
+        state.mask = torch.ones_like(input_ids)
+        self.model(ops(self, state), input_ids)
+
 
 class _TorchOps:
     """ops.Ops in eager torch, for one forward call."""

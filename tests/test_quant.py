@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 import onnx
@@ -130,8 +130,10 @@ def _against_fake_quant(ckpt, bundle, policy):
     return reference, prompt, want, got
 
 
+@cache
 def _fake_quant(ckpt, policy):
-    """The policy's reference transform, with the calibration an export of `ckpt` computes for GPTQ weights."""
+    """The policy's reference transform, with the calibration an export of `ckpt` computes for GPTQ weights
+    (one calibration pass per checkpoint and policy, however many references a test builds)."""
     hessians = linear_hessians(Checkpoint(ckpt), policy.calibrated)[0]
     return partial(policy.fake_quant, hessians=hessians)
 
