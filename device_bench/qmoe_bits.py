@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 E, H, WIDTH, K = 32, 2048, 1792, 4  # experts, hidden, expert width, top k
-CONFIGS = [(4, 128), (4, 64), (3, 128), (3, 64), (2, 128), (2, 64), (8, 128)]  # (bits, block)
+CONFIGS = [(4, 256), (4, 128), (4, 64), (3, 128), (3, 64), (2, 256), (2, 128), (2, 64), (8, 128)]  # (bits, block)
 
 
 def session(bits: int, block: int, threads: int, layers: int = 2, seed: int = 0):

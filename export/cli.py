@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the bundle runs; sets the default --quant (phones: int4)")
     parser.add_argument("--quant", choices=QUANTS, default=None,
                         help="quantization policy (quant/policy.py; default by --target); int4 needs --ops contrib")
-    parser.add_argument("--block-size", type=int, choices=(16, 32, 64, 128), default=None,
+    parser.add_argument("--block-size", type=int, choices=(16, 32, 64, 128, 256), default=None,
                         help="override the policy's block size")
     parser.add_argument("--quant-method", choices=METHODS, default=None,
                         help="rtn (symmetric), rtn-asym, mse (clipping searched per block), or gptq (mse's grid, "

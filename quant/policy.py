@@ -26,8 +26,8 @@ class QuantSpec:
         for bits in (self.bits, self.down_bits or self.bits):
             if bits not in BITS:
                 raise ValueError(f"bits {bits}: expected one of {BITS}")
-        if self.block_size < 16 or self.block_size > 128 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block size {self.block_size}: expected 16, 32, 64 or 128")
+        if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block size {self.block_size}: expected 16, 32, 64, 128 or 256")
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r}: expected one of {METHODS}")
 
@@ -40,9 +40,10 @@ class Rescore:
     """The LM head scans the whole vocabulary at the policy's `embedding` spec, then recomputes each row's `top`
     largest logits from a second copy of the table at `spec`, which the embedding lookup also reads. Most of
     what a sampled or greedy token depends on is in those few logits: on the quality model the top 32 at
-    8 bits recover nearly all of an 8-bit head's KL at the 4-bit head's bytes per token (quant/README.md)."""
+    8 bits recover nearly all of an 8-bit head's KL at the 4-bit head's bytes per token, and the top 64 what
+    scanning at block 256 instead of 32 or 128 loses (quant/README.md)."""
 
-    top: int = 32
+    top: int = 64
     spec: QuantSpec = QuantSpec(8, 128, "rtn")
 
 
@@ -119,18 +120,18 @@ def scale_dtype(weight_name: str) -> type:
 
 
 # Block size is decode speed: onnxruntime repacks 4-bit weights at load into its kernels' layout, which adds
-# a scale and a block sum per block, so at block 32 decode streams ~1.5x the stored bytes and at block 128
-# ~1.1x. Full LFM2.5-8B-A1B geometry, 2 threads (device_bench/RESULTS.md): block 128 decodes 30.4 tok/s and
-# holds 1.16x its weights in RSS while decoding; block 32 23.7 tok/s and 1.52x. The vocabulary stays at block
-# 32: on the demo model's held-out text it is where 4-bit error costs most (quant/README.md). The MSE clipping
-# search beats RTN at every block size (KL to fp32 0.063 vs 0.092 at block 128). The head's top 32 logits are
-# rescored from an 8-bit copy (Rescore): on the quality model KL 0.056 -> 0.044, for 0.35 ms of a ~30 ms step at
-# LFM2.5-8B-A1B geometry (below its noise; device_bench/RESULTS.md) and 270 MB more in the bundle.
-INT4 = QuantSpec(4, 128, "mse")
+# an fp32 scale and an fp32 block sum per block, so decode streams 6 bits per weight at block 32, 4.5 at block 128
+# and 4.25 at block 256, and the kernels' per-block work shrinks with the blocks too. One QMoE layer at
+# LFM2.5-8B-A1B widths, 2 threads: block 256 takes 0.86x the time of block 128; one MatMulNBits 2048 x 6144 0.85x,
+# block 32 1.46x (quant/README.md). On the quality model the experts and the vocabulary scan lose nothing
+# measurable at block 256 once the head's top 64 logits are rescored; the dense linears are where 4-bit error
+# costs (KL at block 256 0.042 against 0.038 at 128), so they stay at 128 (GPTQ). The MSE clipping search beats
+# RTN at every block size (KL to fp32 0.063 vs 0.092 at block 128).
+INT4 = QuantSpec(4, 256, "mse")
 # The linears' codes by GPTQ (quant/gptq.py) from calibration text, in the same layout: on the quality model
 # int4's KL 0.044 -> 0.036, below llama.cpp Q4_0's 0.037, at the same bytes (quant/README.md).
 INT4_LINEARS = QuantSpec(4, 128, "gptq")
-INT4_VOCAB = QuantSpec(4, 32, "mse")
+INT4_VOCAB = QuantSpec(4, 256, "mse")
 INT8 = QuantSpec(8, 32, "rtn")
 POLICIES: dict[str, Policy] = {
     "fp32": Policy("fp32", None, None, None),
@@ -140,17 +141,17 @@ POLICIES: dict[str, Policy] = {
     # bundles and scripts that name it
     "int4-hq": Policy("int4-hq", experts=QuantSpec(4, 64, "mse"), linears=QuantSpec(4, 64, "mse"),
                       embedding=QuantSpec(8, 128, "rtn")),
-    # int4's experts with the dense linears at block 32 (GPTQ) and a rescored head scanned at block 128: on the
-    # quality model (quant/README.md) the linears at block 128 are where int4's KL came from (0.044 of it alone,
-    # experts 0.005, vocabulary 0.019); this is as close to fp32 as llama.cpp's Q4_K_M (KL 0.0275 against 0.0277)
-    # for 2% more bytes per token than int4
-    "int4-fine": Policy("int4-fine", experts=INT4, linears=QuantSpec(4, 32, "gptq"), embedding=INT4,
+    # int4 with the dense linears at block 32 (GPTQ): on the quality model (quant/README.md) the linears at block
+    # 128 are where int4's KL comes from; this is as close to fp32 as llama.cpp's Q4_K_M (KL 0.0273 against
+    # 0.0277) for 8% more bytes per token than int4
+    "int4-fine": Policy("int4-fine", experts=INT4, linears=QuantSpec(4, 32, "gptq"), embedding=INT4_VOCAB,
                         rescore=Rescore()),
     "int8": Policy("int8", experts=INT8, linears=INT8, embedding=INT8),
-    # Experts are 55% of the bytes a token reads at LFM2.5-8B-A1B geometry (int4), so they are where fewer bits pay.
-    # QMoE on onnxruntime 1.32's CPU: 2 bits runs on int8 activations, 0.86x the time of 4 bits per layer;
-    # 3 bits runs only with fp16 activations and unprepacked weights (a dequantizing path, measured 4-7x slower
-    # per layer than 4 bits: quant/README.md), and takes no zero points, hence the symmetric search.
+    # Experts are 56% of the bytes a token reads at LFM2.5-8B-A1B geometry (int4), so they are where fewer bits pay.
+    # QMoE on onnxruntime 1.32's CPU: 2 bits runs on int8 activations, 0.74-0.86x the time of 4 bits at block 128
+    # per layer, about what int4's block 256 takes; 3 bits runs only with fp16 activations and unprepacked weights
+    # (a dequantizing path, measured 4-7x slower per layer than 4 bits: quant/README.md), and takes no zero points,
+    # hence the symmetric search.
     "int3-experts": Policy("int3-experts", experts=QuantSpec(3, 64, "mse-sym"), linears=INT4_LINEARS,
                            embedding=INT4_VOCAB, rescore=Rescore()),
     "int2-experts": Policy("int2-experts", experts=QuantSpec(2, 64, "mse"), linears=INT4_LINEARS,
