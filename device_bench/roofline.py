@@ -47,7 +47,7 @@ REFERENCE_PRESET = "lfm2.5-8b-a1b"
 REFERENCE_POLICY = "int4"
 # quant/policy.py bytes_per_token(int4, that geometry), for builds without the exporter and quantizer (a phone
 # build ships runtime, device_bench and mobile_app only); tests/test_device_bench.py holds it to the computation.
-REFERENCE_BYTES_PER_TOKEN = 920_403_712
+REFERENCE_BYTES_PER_TOKEN = 878_753_536
 
 
 @dataclass(frozen=True)
@@ -68,21 +68,21 @@ class RecordedEfficiency:
         return f"{self.decode_tps:.1f} tok/s at {self.read_bandwidth_gbs:.1f} GB/s, {self.measured}, {self.source}"
 
 
-# device_bench/RESULTS.md, "2026-11-22 (second session)": the full LFM2.5-8B-A1B geometry's int4 android bundle
-# (/tmp/q/lfm25-android), decode median of 10 rounds alternated with llama.cpp (ab.py, 512-token prompt, 128 tokens,
-# results/2026-11-22-ab-vs-llama-q4_0.json ours_decode), its 920 MB per token (the same bundle's lfm-bench run,
-# results/2026-11-22-lfm25-8b-a1b-int4-b128.json) and this machine's quiet read bandwidth: 76% of the ceiling.
-# (That lfm-bench run's best decode median, 33.2 tok/s, gives 86%: the alternated median is the steadier figure.)
+# device_bench/RESULTS.md, "2026-11-30 (block 256)": the full LFM2.5-8B-A1B geometry's int4 android bundle, decode
+# median of 10 rounds alternated with llama.cpp Q4_0 (ab.py, 512-token prompt, 128 tokens,
+# results/2026-11-30-ab-int4-block256-vs-llama-q4_0-10rounds.json ours_decode), its manifest's 879 MB per token and
+# this machine's quiet read bandwidth (2026-11-22): 77% of the ceiling. (The int4 layout before block 256, 920 MB
+# per token, reached 76% the same way on 2026-11-22: 29.51 tok/s.)
 FULL_MODEL_EFFICIENCY = RecordedEfficiency(
-    decode_tps=29.51, bytes_per_token=920_339_908, read_bandwidth_gbs=35.6,
-    measured="2-core AMD EPYC Zen 4, 2 threads, 2026-11-22", source="device_bench/RESULTS.md")
+    decode_tps=31.08, bytes_per_token=878_804_076, read_bandwidth_gbs=35.6,
+    measured="2-core AMD EPYC Zen 4, 2 threads, 2026-11-30", source="device_bench/RESULTS.md")
 
 # A measured bundle's own efficiency carries over to LFM2.5-8B-A1B only when its decode streams from DRAM as the
 # full model's does: it must read at least 8x the CPU's largest cache per token (so a cache could serve at most an
 # eighth of the reads; sysfs on Linux and Android, 32 MiB assumed where unreadable) and at least 256 MB (below
 # that a step is a few ms, where per-node overhead, ~5.5 ms per token at full size in RESULTS.md 2026-11-29, would
-# weigh more than bandwidth). The demo model (0.8 MB) is far below; 6 layers of the full width (358 MB) and the
-# full model (920 MB) are above on this machine (32 MiB L3: threshold 268 MB) and on phones.
+# weigh more than bandwidth). The demo model (1.6 MB) is far below; 6 layers of the full width (358 MB) and the
+# full model (879 MB) are above on this machine (32 MiB L3: threshold 268 MB) and on phones.
 MEMORY_BOUND_MIN_BYTES = 256e6
 MEMORY_BOUND_CACHE_MULTIPLE = 8
 ASSUMED_CACHE_BYTES = 32 << 20
@@ -163,12 +163,12 @@ def graph_bytes_per_token(bundle: Path) -> TokenBytes:
 
 
 def _rescore_top(bundle: Path) -> int:
-    """Rows per token the LM head rescores, from the manifest's policy (32, the policies' value, when unreadable)."""
+    """Rows per token the LM head rescores, from the manifest's policy (64, the policies' value, when unreadable)."""
     try:
         policy = json.loads((bundle / "manifest.json").read_text())["quant_policy"]
         return int((policy.get("rescore") or {}).get("top", 0))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return 32
+        return 64
 
 
 def _stored_bytes(init) -> int:

@@ -139,7 +139,7 @@ def test_f16_tensors_take_the_policy_as_from_safetensors(tiny, tmp_path):
     rows = {r["tensor"]: r for r in json.loads((bundle / "conversion.json").read_text())["tensors"]}
     assert rows["blk.1.attn_q.weight"]["type"] == "F16"
     assert rows["blk.1.attn_q.weight"]["kernel"] == "int4 block 128 zero points"  # the int4 policy's linears
-    assert rows["token_embd.weight"]["kernel"] == "int4 block 32 zero points"  # and its vocabulary
+    assert rows["token_embd.weight"]["kernel"] == "int4 block 256 zero points"  # and its vocabulary
     assert rows["blk.1.ffn_gate_inp.weight"]["kernel"] == "float32"  # the router stays float
 
 
