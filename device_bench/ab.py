@@ -27,6 +27,33 @@ import numpy as np
 from .bench import timed
 
 
+class CopyBandwidth:
+    """GB/s that `threads` threads copying `mb` MB each reach now (read + write): this host's memory speed at the
+    moment, which moves with other tenants' traffic. Decode is memory-bound, so each round records it beside the
+    tok/s (device_bench/RESULTS.md, 2026-11-30: our decode follows it more closely than llama.cpp's). The buffers
+    are allocated and touched once: a first touch would time this VM's page faults instead. The best of `tries`
+    copies: single copies of this size still dip at random (a thread started late, an interrupt)."""
+
+    def __init__(self, threads: int = 2, mb: int = 128, tries: int = 3):
+        self.tries = tries
+        self.src = [np.ones(mb << 18, np.float32) for _ in range(threads)]
+        self.dst = [a.copy() for a in self.src]
+
+    def __call__(self) -> float:
+        return max(self._once() for _ in range(self.tries))
+
+    def _once(self) -> float:
+        import threading
+
+        workers = [threading.Thread(target=np.copyto, args=(d, a)) for d, a in zip(self.dst, self.src, strict=True)]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return 2 * len(self.src) * self.src[0].nbytes / (time.perf_counter() - start) / 1e9
+
+
 def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, decode: int = 128,
               rounds: int = 8, seed: int = 0, progress=lambda m: None, warmup_s: float = 0.0) -> dict:
     """`warmup_s`: both sides decode in turns for this long before round 0 (see main's --warmup)."""
@@ -39,6 +66,7 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
                           n_ctx=prompt + decode + 16, n_batch=prompt, n_ubatch=prompt, verbose=False)
     rng = np.random.default_rng(seed)
     high = min(session.vocab_size, llm.n_vocab(), 30000)
+    copy_bandwidth = CopyBandwidth(threads)
 
     def ours(ids: list[int], steps: list[int]) -> tuple[float, float]:
         cache = session.new_cache(1, len(ids) + len(steps))
@@ -65,12 +93,14 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
         ids = rng.integers(min(100, high // 2), high, prompt).tolist()
         steps = rng.integers(min(100, high // 2), high, decode).tolist()
         first, second = (ours, theirs) if r % 2 else (theirs, ours)
+        copy_gbs = copy_bandwidth()
         a, b = first(ids, steps), second(ids, steps)
         o, t = (a, b) if first is ours else (b, a)
         progress(f"round {r}/{rounds}{' (warm-up)' if r == 0 else ''}: decode ours {o[1]:.1f} llama.cpp {t[1]:.1f} "
-                 f"tok/s; prefill {o[0]:.0f} / {t[0]:.0f}")
+                 f"tok/s; prefill {o[0]:.0f} / {t[0]:.0f}; memory copy {copy_gbs:.1f} GB/s")
         if r:
-            rows.append({"ours_prefill": o[0], "ours_decode": o[1], "llama_prefill": t[0], "llama_decode": t[1]})
+            rows.append({"ours_prefill": o[0], "ours_decode": o[1], "llama_prefill": t[0], "llama_decode": t[1],
+                         "copy_gbs": copy_gbs})
     med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
     return {"bundle": str(bundle), "gguf": str(gguf), "same_weights": exported_from(bundle, Path(gguf)),
             "threads": threads, "prompt": prompt, "decode": decode, "rounds": rows, "median": med,
