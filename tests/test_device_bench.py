@@ -146,6 +146,19 @@ def test_bench_cancel_set_by_the_progress_callback_stops_before_the_next_step(de
     assert sessions[0].decode_steps == 0
 
 
+def test_the_ab_memory_probe_times_copies_not_page_faults():
+    """ab.py's per-round memory speed: its buffers are allocated and touched once, so every call times copies
+    between resident pages (a first touch would time this VM's page faults, ~10x slower)."""
+    from lfm_edge.device_bench.ab import CopyBandwidth
+
+    probe = CopyBandwidth(threads=2, mb=16, tries=2)
+    buffers = [a.ctypes.data for a in probe.src + probe.dst]
+    speeds = [probe() for _ in range(3)]
+    assert [a.ctypes.data for a in probe.src + probe.dst] == buffers
+    assert all(0.5 < s < 1000 for s in speeds)  # GB/s
+    assert all((d == 1).all() for d in probe.dst)
+
+
 def test_ratios_compare_like_for_like():
     def m(v):
         return {"median": v}

@@ -83,5 +83,6 @@ def test_alternated_ab_measures_both_on_the_same_tokens(tmp_path, demo_gguf):
     assert len(result["rounds"]) == 2
     assert said[0].startswith("warm-up: ") and int(said[0].split()[1]) >= 1  # at least one turn each side
     assert all(v > 0 for row in result["rounds"] for v in row.values())
+    assert all("copy_gbs" in row for row in result["rounds"])  # the host's memory speed beside each round
     ratios = [r["ours_decode"] / r["llama_decode"] for r in result["rounds"]]
     assert result["decode_ratio_per_round"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
