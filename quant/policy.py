@@ -143,7 +143,7 @@ POLICIES: dict[str, Policy] = {
                       embedding=QuantSpec(8, 128, "rtn")),
     # int4 with the dense linears at block 32 (GPTQ): on the quality model (quant/README.md) the linears at block
     # 128 are where int4's KL comes from; this is as close to fp32 as llama.cpp's Q4_K_M (KL 0.0273 against
-    # 0.0277) for 8% more bytes per token than int4
+    # 0.0277) for 5% more bytes per token than int4
     "int4-fine": Policy("int4-fine", experts=INT4, linears=QuantSpec(4, 32, "gptq"), embedding=INT4_VOCAB,
                         rescore=Rescore()),
     "int8": Policy("int8", experts=INT8, linears=INT8, embedding=INT8),
