@@ -34,6 +34,7 @@ def linear_hessians(ckpt, wanted: Callable[[str], bool], text: str | None = None
 
     layers = ckpt.config.num_hidden_layers
     seen: set[str] = set()
+    shared: list = [None, None]  # the last input and its H: q/k/v, and a dense FFN's w1/w3, read the same x
 
     class Recording(_TorchOps):
         def linear(self, x, layer):
@@ -43,8 +44,10 @@ def linear_hessians(ckpt, wanted: Callable[[str], bool], text: str | None = None
                 seen.add(prefix)
                 progress(f"GPTQ calibration: layer {prefix.split('.')[2]} of {layers}")
             if wanted(name):
-                flat = x.reshape(-1, x.shape[-1]).double()
-                hessians[name] = hessians.get(name, 0) + flat.T @ flat
+                if x is not shared[0]:
+                    flat = x.reshape(-1, x.shape[-1]).double()
+                    shared[:] = [x, flat.T @ flat]
+                hessians[name] = hessians[name] + shared[1] if name in hessians else shared[1]
             return super().linear(x, layer)
 
         def logit_rows(self, x):  # the LM head's inputs only when its weight is wanted
