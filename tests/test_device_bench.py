@@ -259,6 +259,8 @@ def test_the_full_models_bytes_per_token_and_recorded_efficiency():
     cfg = RandomCheckpoint(roofline.REFERENCE_PRESET).config
     computed = bytes_per_token(get_policy(roofline.REFERENCE_POLICY), cfg)
     assert computed == roofline.REFERENCE_BYTES_PER_TOKEN
+    # the rows a bundle without a readable manifest is assumed to rescore: the policy's, recorded for the same reason
+    assert roofline._rescore_top(Path("no-such-bundle")) == get_policy(roofline.REFERENCE_POLICY).rescore.top
     assert roofline.reference_bytes_per_token() == (computed, "its geometry")
     code = ("import sys\n"
             "class Block:\n"
