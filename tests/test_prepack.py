@@ -13,10 +13,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
+from lfm_edge.device_bench import roofline
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
 from lfm_edge.runtime import prepack
@@ -85,8 +85,8 @@ def test_weights_are_file_backed_not_copied_when_mapped(bundle):
     # the weights onnxruntime repacks: the data file less what is read in place, never repacked (GQA's rotary
     # tables, the rescored head's 8-bit vocabulary copy that only GatherBlockQuantized reads)
     model = onnx.load(bundle / "model.onnx", load_external_data=False)
-    in_place = sum(int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-                   for t in model.graph.initializer if t.name.startswith("rotary.") or ".rescore." in t.name)
+    in_place = sum(roofline._stored_bytes(t) for t in model.graph.initializer
+                   if t.name.startswith("rotary.") or ".rescore." in t.name)
     packed_mb = ((bundle / "model.onnx.data").stat().st_size - in_place) / (1 << 20)
     assert grown["off"]["anonymous"] > 0.8 * packed_mb  # every weight repacked into malloc'd memory
     assert grown["use"]["anonymous"] < grown["off"]["anonymous"] - 0.5 * packed_mb
