@@ -237,7 +237,14 @@ class Cache:
 
     def __init__(self, model: LfmSession, batch: int, max_length: int):
         self.model, self.batch, self.max_length = model, batch, max_length
-        self.binding = model.session.io_binding()
+        # One IOBinding per orientation of the conv pairs (past A -> present B, then B -> A), each with the state
+        # buffers bound once: a decode step then rebinds only input_ids, the mask and the logits (0.2 ms of
+        # Python per token at full geometry otherwise; device_bench/RESULTS.md). Dropped when buffers are replaced.
+        self._bindings: dict[int, ort.IOBinding] = {}
+        self._flips = 0
+        self._keep: dict[int, ort.OrtValue] = {}
+        logits = next(o for o in model.session.get_outputs() if o.name == "logits")
+        self.logits_dtype, self.vocab_size = ELEMENT_TYPES.get(logits.type, np.float32), int(logits.shape[-1])
         self.mask = np.zeros((batch, max_length), dtype=np.int64)
         self.length = 0
         types = {i.name: ELEMENT_TYPES.get(i.type, np.float32) for i in model.session.get_inputs()}
@@ -258,41 +265,54 @@ class Cache:
         if self.length + s > self.max_length:
             raise ValueError(f"{self.length} + {s} tokens exceed this cache's max_length {self.max_length}")
         self.mask[:, self.length:self.length + s] = 1 if mask is None else mask
-        io = self.binding
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
+        io = self._binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:, :self.length + s]))
+        rows = s
         if self.model.logits_to_keep:
-            # (bind_cpu_input looks the name up among required inputs only; an OrtValue binds an overridable one)
-            io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array([last or 0],
-                                                                                             dtype=np.int64)))
-        for i, (cur, nxt) in self.conv.items():
-            io.bind_ortvalue_input(f"past.{i}.conv", cur)
-            io.bind_ortvalue_output(f"present.{i}.conv", nxt)
-        grown = []  # outputs ORT allocates, in binding order
-        for i, (key, value) in self.kv.items():
-            io.bind_ortvalue_input(f"past_key_values.{i}.key", key)
-            io.bind_ortvalue_input(f"past_key_values.{i}.value", value)
-            if self.model.share_buffer:
-                io.bind_ortvalue_output(f"present.{i}.key", key)
-                io.bind_ortvalue_output(f"present.{i}.value", value)
-            else:
-                io.bind_output(f"present.{i}.key")
-                io.bind_output(f"present.{i}.value")
-                grown.append(i)
-        io.bind_output("logits")
+            keep = last or 0
+            if keep not in self._keep:
+                # (bind_cpu_input looks the name up among required inputs only; an OrtValue binds an overridable one)
+                self._keep[keep] = ort.OrtValue.ortvalue_from_numpy(np.array([keep], dtype=np.int64))
+            io.bind_ortvalue_input("logits_to_keep", self._keep[keep])
+            rows = min(keep, s) if keep else s
+        # onnxruntime writes the logits straight into an array the caller then owns: no output to fetch and wrap
+        logits = np.empty((b, rows, self.vocab_size), dtype=self.logits_dtype)
+        io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        grown = [] if self.model.share_buffer else list(self.kv)  # outputs onnxruntime allocates, in binding order
+        for i in grown:  # (a name-bound output keeps the last run's value, of the last run's length: bound anew)
+            for n, kv in enumerate(("key", "value")):
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kv}", self.kv[i][n])
+                io.bind_output(f"present.{i}.{kv}")
         self.model.session.run_with_iobinding(io)
         self.length += s  # only once the step ran: a failed run leaves the state as it was before it
-        outputs = io.get_outputs()  # in binding order: conv, kv, logits
         for i in self.conv:
             self.conv[i].reverse()
+        self._flips ^= 1
         if grown:
-            kv_outputs = outputs[len(self.conv):len(self.conv) + 2 * len(self.kv)]
+            kv_outputs = io.get_outputs()[len(self.conv):len(self.conv) + 2 * len(self.kv)]  # conv, kv, logits
             for n, i in enumerate(grown):
                 self.kv[i] = [kv_outputs[2 * n], kv_outputs[2 * n + 1]]
-        logits = outputs[-1].numpy()
         return logits if last is None else logits[:, -last:]
+
+    def _binding(self) -> ort.IOBinding:
+        """The binding for the conv pairs' current orientation, its state buffers bound (made on first use)."""
+        io = self._bindings.get(self._flips)
+        if io is None:
+            io = self._bindings[self._flips] = self.model.session.io_binding()
+            for i, (cur, nxt) in self.conv.items():
+                io.bind_ortvalue_input(f"past.{i}.conv", cur)
+                io.bind_ortvalue_output(f"present.{i}.conv", nxt)
+            for i, (key, value) in self.kv.items():
+                if self.model.share_buffer:  # present is the past buffer, written in place
+                    io.bind_ortvalue_input(f"past_key_values.{i}.key", key)
+                    io.bind_ortvalue_input(f"past_key_values.{i}.value", value)
+                    io.bind_ortvalue_output(f"present.{i}.key", key)
+                    io.bind_ortvalue_output(f"present.{i}.value", value)
+                else:
+                    io.bind_output(f"present.{i}.key")
+                    io.bind_output(f"present.{i}.value")
+        return io
 
     @property
     def capacity(self) -> int:
@@ -320,6 +340,7 @@ class Cache:
         if self.model.share_buffer:
             for i, pair in self.kv.items():
                 self.kv[i] = [_from_array(padded(v.numpy()[:, :, :self.length], new, self.kv_dtype[i])) for v in pair]
+            self._bindings.clear()  # they hold the old buffers
 
     def conv_state(self) -> dict[int, np.ndarray]:
         """A copy of each conv layer's state after the last token ([B, H, K-1]). (OrtValue.numpy() is a view
@@ -343,6 +364,7 @@ class Cache:
             check_rows(i, list(rows[i]), length)
             self.kv[i] = [_from_array(padded(a, self.max_length, self.kv_dtype[i]) if self.model.share_buffer
                                       else np.ascontiguousarray(a, dtype=self.kv_dtype[i])) for a in rows[i]]
+        self._bindings.clear()  # they hold the old buffers
         self.mask[:] = 0
         self.mask[:, :length] = 1
         self.length = length

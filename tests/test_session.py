@@ -132,3 +132,26 @@ def test_a_cache_larger_than_memory_is_refused_simulated_small_phone(bundle, mon
     with pytest.raises(MemoryError):
         cache.reserve(150)
     assert cache.capacity == 80  # unchanged
+
+
+@pytest.mark.parametrize("ops", ["contrib", "portable"])
+def test_decode_steps_with_bindings_kept_match_a_fresh_prefill(tmp_path, ops):
+    """A cache binds its state once per orientation of the conv pairs and writes logits into arrays the caller
+    owns: token-by-token steps, across a buffer that grows mid-way (bindings made anew), give each row's logits
+    as one prefill of the same tokens does, and a step's logits stay what they were after later steps."""
+    build("moe_mixed", tmp_path / "ckpt")
+    session = LfmSession(export(tmp_path / "ckpt", tmp_path / "bundle", ops=ops).bundle, threads=1)
+    ids = np.arange(5, 45)[None, :]
+    whole = session.new_cache(1, 40).step(ids)
+    cache = session.new_cache(1, 8)
+    steps = []
+    for t in range(40):
+        if t == 8:
+            cache.reserve(40)  # new KV buffers: the bindings holding the old ones are dropped
+        steps.append(cache.step(ids[:, t:t + 1]))
+    first = steps[0].copy()
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), whole, atol=2e-4)
+    assert np.array_equal(steps[0], first)
+    assert steps[5] is not steps[6] and not np.shares_memory(steps[5], steps[6])
+    last = cache.step(ids[:, :3], last=1)  # logits_to_keep: an array of the rows kept
+    assert last.shape == (1, 1, whole.shape[-1])
