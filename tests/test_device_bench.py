@@ -458,3 +458,40 @@ def test_step_profile_counts_nodes_and_splits_a_step_into_weight_kernels_and_ove
     assert result["overhead_unprofiled_share"] == pytest.approx(statistics.median(
         t["overhead_unprofiled_us"] / t["step_unprofiled_us"] for t in result["rounds"]))
     assert "unprofiled: step" in format_table(result)
+
+
+def test_overhead_ablation_runs_the_bundles_weight_kernels_alone_on_its_weights(demo_int4, tmp_path):
+    """The weights-only graph holds exactly the bundle's QMoE and MatMulNBits nodes, reading the bundle's own
+    initializers (linked, not rewritten), and runs on random activations to the shapes the kernels give; the
+    ablation measure pairs each decode step with a run of it."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from lfm_edge.device_bench.overhead import _feeds, measure, weight_nodes, weights_only_graph
+
+    path = weights_only_graph(demo_int4, tmp_path / "alone")
+    full = onnx.load(demo_int4 / "model.onnx", load_external_data=False).graph
+    alone = onnx.load(path, load_external_data=False).graph
+    kept = [n for n in full.node if n.op_type in ("QMoE", "MatMulNBits")]
+
+    def weights(node):  # the inputs that are initializers: all but the activation and QMoE's router inputs
+        return node.op_type, node.name, list(node.input[2:14] if node.op_type == "QMoE" else node.input[1:])
+
+    assert [weights(n) for n in kept] == [weights(n) for n in alone.node]
+    assert weight_nodes(demo_int4) == {"QMoE": 4, "MatMulNBits": len(kept) - 4}
+    assert (tmp_path / "alone" / "model.onnx.data").stat().st_ino == (demo_int4 / "model.onnx.data").stat().st_ino
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = dict(zip([o.name for o in session.get_outputs()],
+                       session.run(None, _feeds(session, 1, np.random.default_rng(0))), strict=True))
+    for node in alone.node:
+        y = outputs[node.output[0]]
+        k = {v.name: v.type.tensor_type.shape.dim[-1].dim_value for v in alone.input}[node.input[0]]
+        width = next(a.i for a in node.attribute if a.name == "N") if node.op_type == "MatMulNBits" else k
+        assert y.shape == (1, 1, width) and np.isfinite(y).all() and np.abs(y).max() > 0
+
+    result = measure(demo_int4, rounds=2, steps=5, prompt=8, threads=1)
+    assert len(result["rounds"]) == 2 and result["weight_nodes"] == weight_nodes(demo_int4)
+    for row in result["rounds"]:
+        assert 0 < row["weights_ms"] and 0 < row["step_ms"]
+        assert row["share"] < 1
