@@ -155,3 +155,21 @@ def test_decode_steps_with_bindings_kept_match_a_fresh_prefill(tmp_path, ops):
     assert steps[5] is not steps[6] and not np.shares_memory(steps[5], steps[6])
     last = cache.step(ids[:, :3], last=1)  # logits_to_keep: an array of the rows kept
     assert last.shape == (1, 1, whole.shape[-1])
+
+
+def test_weights_repacked_in_parallel_decode_as_repacked_serially(tmp_path, capfd):
+    """Sessions repack the quantized weights with the pool's threads (session.prepack.enable_parallel, as
+    onnxruntime's verbose log says); the packed weights, and so every logit, are those of the serial repacking."""
+    build("moe_mixed", tmp_path / "ckpt")
+    bundle = export(tmp_path / "ckpt", tmp_path / "bundle", quant="int4").bundle
+    ids = np.arange(5, 25)[None, :]
+
+    def logits(configure=None):
+        cache = LfmSession(bundle, threads=2, configure=configure).new_cache(1, 24)
+        return np.concatenate([cache.step(ids), cache.step(ids[:, :1])], axis=1)
+
+    serial = logits(lambda o: o.add_session_config_entry("session.prepack.enable_parallel", "0"))
+    capfd.readouterr()
+    parallel = logits(lambda o: setattr(o, "log_severity_level", 0))
+    assert "Pre-packing constant initializers using the intra-op thread pool" in capfd.readouterr().err
+    assert np.array_equal(parallel, serial)
