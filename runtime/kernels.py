@@ -1,4 +1,5 @@
-"""Which kernel onnxruntime builds for GroupQueryAttention, and what a prefill chunk holds in memory with it.
+"""Which kernel onnxruntime builds for GroupQueryAttention, and what a prefill chunk holds in memory with it;
+the session config entries every backend sets (SESSION_CONFIG).
 
 onnxruntime 1.32's CPU GroupQueryAttention has two paths, chosen when a session builds its kernels (the
 environment variable ORT_GQA_DISABLE_FLASH_ATTENTION, read then and never again):
@@ -20,6 +21,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 ATTENTION_KERNELS = ("flash", "unfused")
+# Config entries every session sets (LfmSession and the phone backends). onnxruntime repacks every MatMulNBits
+# and QMoE weight while a session loads, single-threaded unless asked: with the pool's threads the full int4
+# model is ready in 1.7-2.7 s instead of 2.9-4.8 s on 2 threads (device_bench/RESULTS.md); the packed bytes
+# are the same (tests/test_session.py).
+SESSION_CONFIG = {"session.prepack.enable_parallel": "1"}
 FLASH_OFF = "ORT_GQA_DISABLE_FLASH_ATTENTION"
 BIAS_BYTES_PER_PAIR = 32  # measured: the contrib graph's [B, 1, chunk, depth] mask tensors (Generation)
 _building = threading.Lock()  # the variable is process-wide: one session builds its kernels at a time

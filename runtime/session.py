@@ -91,10 +91,8 @@ class LfmSession:
             # 512 x vocab floats) for the session's life; without it they go back after the run. 6 layers at
             # full width: RSS while decoding after a 512-token prefill 1616 -> 1315 MB, decode speed unchanged.
             options.enable_cpu_mem_arena = False
-            # onnxruntime repacks every MatMulNBits and QMoE weight while the session loads, single-threaded unless
-            # asked: with the pool's threads the full int4 model is ready in 1.7-1.9 s instead of 3.7-3.8 s
-            # (device_bench/RESULTS.md). The packed bytes are the same (tests/test_session.py).
-            options.add_session_config_entry("session.prepack.enable_parallel", "1")
+            for key, value in kernels.SESSION_CONFIG.items():  # parallel repacking at load (kernels.py)
+                options.add_session_config_entry(key, value)
             # errors only: onnxruntime warns at every load that the optional input logits_to_keep (an initializer
             # that is also an input, the way a graph input gets a default) is not constant-folded, its purpose
             options.log_severity_level = 3

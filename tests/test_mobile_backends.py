@@ -29,6 +29,7 @@ from lfm_edge.mobile_app import backends
 from lfm_edge.mobile_app.backends import plan
 from lfm_edge.mobile_app.backends.java import JavaSession
 from lfm_edge.mobile_app.backends.objc import ELEMENT_FLOAT, ELEMENT_INT8, ELEMENT_INT64, ELEMENT_UINT8, ObjcSession
+from lfm_edge.runtime import kernels
 from lfm_edge.runtime.generate import generate
 from lfm_edge.runtime.session import LfmSession
 
@@ -210,9 +211,11 @@ class FakeResult:
 class FakeOrtSession:
     runs: list[dict] = []
 
-    def __init__(self, path: str, threads: int | None, pinned_api: bool):
+    def __init__(self, path: str, threads: int | None, pinned_api: bool, config: dict[str, str]):
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or 1
+        for key, value in config.items():
+            so.add_session_config_entry(key, value)
         self.s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         self.pinned_api, self.closed = pinned_api, False
 
@@ -273,13 +276,20 @@ def java_stand_ins(pinned_api: bool = True) -> SimpleNamespace:
     class Options:
         threads = None
 
+        def __init__(self):
+            self.config = {}
+
         def setIntraOpNumThreads(self, n):
             self.threads = n
+
+        def addConfigEntry(self, key, value):
+            self.config[key] = value
 
         def close(self):
             pass
 
-    env = SimpleNamespace(createSession=lambda path, opts: FakeOrtSession(path, opts.threads, pinned_api))
+    env = SimpleNamespace(createSession=lambda path, opts: FakeOrtSession(path, opts.threads, pinned_api,
+                                                                                opts.config))
     tensor = FakeOnnxTensor(cast)
     tensor.J = FakeTensor.J = J
     J.OrtEnvironment = SimpleNamespace(getEnvironment=lambda: env)
@@ -296,6 +306,7 @@ def test_java_session_real_jvm_matches_lfm_session(demo, pinned):
     FakeOrtSession.runs.clear()
     java = JavaSession(demo, threads=1, classes=J, pinned=pinned)
     ref = LfmSession(demo, threads=1)
+    assert java._options.config == kernels.SESSION_CONFIG  # the weights repacked in parallel, as LfmSession's
     assert (dims(java.state), java.vocab_size, java.share_buffer) == (dims(ref.state), ref.vocab_size,
                                                                        ref.share_buffer)
     chunk = 512 if ref.share_buffer else 3  # the portable graph also prefills in several chunks
@@ -430,7 +441,9 @@ class ORTSession:
     def initWithEnv_modelPath_sessionOptions_error_(self, env, path, options, error):
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.threads or 1
-        self.s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        for key, value in options.config.items():
+            so.add_session_config_entry(key, value)
+        self.s, self.config = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]), options.config
         return self
 
     def inputNamesWithError_(self, error):
@@ -467,6 +480,10 @@ def objc_stand_ins() -> SimpleNamespace:
             self.threads = n
             return True
 
+        def addConfigEntryWithKey_value_error_(self, key, value, error):
+            self.config = {**getattr(self, "config", {}), key: value}
+            return True
+
     env = SimpleNamespace(initWithLoggingLevel_error_=lambda level, error: "env")
     return SimpleNamespace(
         ORTEnv=SimpleNamespace(alloc=lambda: env), ORTSession=ORTSession, ORTSessionOptions=Options,
@@ -478,6 +495,7 @@ def test_mock_objc_session_matches_lfm_session(demo):
     objc = ObjcSession(demo, threads=1, classes=objc_stand_ins())
     ref = LfmSession(demo, threads=1)
     assert (dims(objc.state), objc.vocab_size) == (dims(ref.state), ref.vocab_size)
+    assert objc.session.config == kernels.SESSION_CONFIG
     chunk = 512 if ref.share_buffer else 3
     assert generate(objc, PROMPTS[:1], 12, prefill_chunk=chunk) == reference(demo, PROMPTS[:1], chunk=chunk)
     assert generate(objc, PROMPTS, 10, prefill_chunk=chunk) == reference(demo, PROMPTS, 10, chunk=chunk)

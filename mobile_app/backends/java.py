@@ -102,6 +102,8 @@ class JavaSession:
         options = J.SessionOptions()
         if threads:
             options.setIntraOpNumThreads(int(threads))
+        for key, value in kernels.SESSION_CONFIG.items():  # as LfmSession
+            options.addConfigEntry(key, value)
         try:
             with kernels.building(attention_kernel):  # onnxruntime reads it from this process's environment
                 self.session = self.env.createSession(str(cfg.model_file), options)

@@ -3,7 +3,8 @@
 For a kivy-ios build, which has no onnxruntime Python binding. The API used, from onnxruntime's
 objectivec/include headers (ort_env.h, ort_session.h, ort_value.h, ort_enums.h):
 - `[[ORTEnv alloc] initWithLoggingLevel:error:]`, `[[ORTSessionOptions alloc] initWithError:]`,
-  `setIntraOpNumThreads:error:`, `[[ORTSession alloc] initWithEnv:modelPath:sessionOptions:error:]`;
+  `setIntraOpNumThreads:error:`, `addConfigEntryWithKey:value:error:`,
+  `[[ORTSession alloc] initWithEnv:modelPath:sessionOptions:error:]`;
 - `inputNamesWithError:` / `outputNamesWithError:` (names only: the Objective-C API reports no input
   shapes, so the state dims come from genai_config.json, see plan.state_from_config);
 - `[[ORTValue alloc] initWithTensorData:(NSMutableData*) elementType: shape:(NSArray<NSNumber*>*) error:]`:
@@ -85,6 +86,8 @@ class ObjcSession:
         options = C.ORTSessionOptions.alloc().initWithError_(None)
         if threads:
             options.setIntraOpNumThreads_error_(int(threads), None)
+        for key, value in kernels.SESSION_CONFIG.items():  # as LfmSession
+            options.addConfigEntryWithKey_value_error_(key, value, None)
         with kernels.building(attention_kernel):  # onnxruntime reads it from this process's environment
             self.session = C.ORTSession.alloc().initWithEnv_modelPath_sessionOptions_error_(
                 self.env, str(cfg.model_file), options, None)
