@@ -1,6 +1,8 @@
-"""Cold start, A/B: loads of one bundle with the prepack cache off and mapped, alternated, each in a fresh process.
+"""Cold start, A/B: loads of one bundle with the prepack cache off and mapped, alternated, each in a fresh process;
+with `--llama GGUF` also llama.cpp's load of the same weights (llama-cpp-python, the optional [llama] extra).
 
     python -m lfm_edge.device_bench.coldstart BUNDLE [--rounds 6] [--decode 64] [--threads 2]
+                                               [--llama GGUF] [--no-cache]
 
 Each load is a new process (a session loaded twice in one process would find its pages, allocator and page
 tables warm), in the order off/use, then use/off, and so on, so that drift in the host's load hits both sides.
@@ -45,12 +47,33 @@ print(json.dumps({"mode": mode, "state": session.prepack.state, "load_s": load, 
                   "anon_after_load": after["anonymous"], "file_after_load": after["file"],
                   "anon_decoding": now["anonymous"], "file_decoding": now["file"], "loadavg": loadavg}))
 """
+LLAMA_CHILD = """
+import json, os, sys, time
+import llama_cpp
+from lfm_edge.runtime.generate import resident_mb
+gguf, threads, n = sys.argv[1], int(sys.argv[3]), int(sys.argv[4])
+loadavg = os.getloadavg()[0]
+t = time.perf_counter()
+llm = llama_cpp.Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=17 + n + 8, verbose=False)
+load = time.perf_counter() - t
+after = resident_mb()
+llm.eval(list(range(100, 116)))
+t = time.perf_counter()
+for i in range(n):
+    llm.eval([200 + i])
+tps = n / (time.perf_counter() - t)
+now = resident_mb()
+print(json.dumps({"mode": "llama", "state": "llama.cpp", "load_s": load, "decode_tps": tps,
+                  "anon_after_load": after["anonymous"], "file_after_load": after["file"],
+                  "anon_decoding": now["anonymous"], "file_decoding": now["file"], "loadavg": loadavg}))
+"""
 KEYS = ("load_s", "decode_tps", "anon_after_load", "file_after_load", "anon_decoding", "file_decoding", "loadavg")
 
 
 def load_once(bundle: str, mode: str, threads: int, decode: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, bundle, mode, str(threads), str(decode)],
-                         capture_output=True, text=True)
+    """One load in a fresh process: the bundle with the prepack cache `mode`, or (mode "llama") a GGUF."""
+    out = subprocess.run([sys.executable, "-c", LLAMA_CHILD if mode == "llama" else CHILD, bundle, mode, str(threads),
+                          str(decode)], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{mode} load failed: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -65,22 +88,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama", metavar="GGUF", help="also load this GGUF with llama.cpp in each round")
+    parser.add_argument("--no-cache", action="store_true", help="loads without the prepack cache only (it takes "
+                        "~2.1x the bundle on disk)")
     args = parser.parse_args(argv)
-    first = load_once(args.bundle, "auto", args.threads, 1)  # writes the cache if it is missing
-    if first["state"] not in ("written", "mapped"):
-        print(f"coldstart: error: no prepack cache for {args.bundle} ({first['state']})", file=sys.stderr)
-        return 2
+    if not args.no_cache:
+        first = load_once(args.bundle, "auto", args.threads, 1)  # writes the cache if it is missing
+        if first["state"] not in ("written", "mapped"):
+            print(f"coldstart: error: no prepack cache for {args.bundle} ({first['state']})", file=sys.stderr)
+            return 2
+    modes = ("off",) + (() if args.no_cache else ("use",)) + (("llama",) if args.llama else ())
     rows = []
     for r in range(args.rounds):
         pair = []
-        for mode in ("off", "use") if r % 2 == 0 else ("use", "off"):
-            row = load_once(args.bundle, mode, args.threads, args.decode)
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            row = load_once(args.llama if mode == "llama" else args.bundle, mode, args.threads, args.decode)
             pair.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         rows.append({p["mode"]: p for p in pair})
-    summary = {mode: {k: statistics.median(r[mode][k] for r in rows) for k in KEYS} for mode in ("off", "use")}
+    summary = {mode: {k: statistics.median(r[mode][k] for r in rows) for k in KEYS} for mode in modes}
     for key in ("load_s", "decode_tps"):
-        summary[f"{key}_ratio_use_over_off"] = statistics.median(r["use"][key] / r["off"][key] for r in rows)
+        if not args.no_cache:
+            summary[f"{key}_ratio_use_over_off"] = statistics.median(r["use"][key] / r["off"][key] for r in rows)
+        if args.llama:
+            summary[f"{key}_ratio_off_over_llama"] = statistics.median(r["off"][key] / r["llama"][key] for r in rows)
     summary["rounds"] = args.rounds
     print(json.dumps(summary, indent=1))
     return 0

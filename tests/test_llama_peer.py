@@ -86,3 +86,23 @@ def test_alternated_ab_measures_both_on_the_same_tokens(tmp_path, demo_gguf):
     assert all("copy_gbs" in row for row in result["rounds"])  # the host's memory speed beside each round
     ratios = [r["ours_decode"] / r["llama_decode"] for r in result["rounds"]]
     assert result["decode_ratio_per_round"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
+
+
+def test_cold_start_races_llama_cpps_load_of_the_same_weights(demo_gguf, tmp_path, capsys):
+    """coldstart --llama adds llama.cpp's load of the GGUF to every round, in fresh processes, order swapped each
+    round, and reports our load over its load."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
+    import json
+
+    from lfm_edge.device_bench import coldstart
+    from lfm_edge.export.exporter import export
+
+    bundle = export(demo_model_path(), tmp_path / "int4", quant="int4").bundle
+    assert coldstart.main([str(bundle), "--rounds", "2", "--decode", "2", "--threads", "1",
+                           "--llama", str(demo_gguf)]) == 0
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{\"mode\"")]
+    assert [row["mode"] for row in lines] == ["off", "use", "llama", "llama", "use", "off"]
+    summary = json.loads(out[out.index("{\n"):])
+    assert summary["llama"]["load_s"] > 0 and summary["llama"]["decode_tps"] > 0
+    assert summary["load_s_ratio_off_over_llama"] > 0
