@@ -194,6 +194,32 @@ def _rounds(session, alone, rounds: int, steps: int, prompt: int, rng: np.random
     return rows
 
 
+def write_plot(result: dict, path: Path) -> None:
+    """Per round: the weight kernels alone and the time outside them, stacked to the decode step, with the share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rounds"]
+    x = range(1, len(rows) + 1)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    ax.bar(x, [r["weights_ms"] for r in rows], color="#4c72b0", label="QMoE + MatMulNBits alone")
+    ax.bar(x, [r["overhead_ms"] for r in rows], bottom=[r["weights_ms"] for r in rows], color="#dd8452",
+           label="outside them")
+    for i, r in zip(x, rows, strict=True):
+        ax.annotate(f"{r['share']:.0%}", (i, r["weights_ms"] + max(r["overhead_ms"], 0)), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_xlabel("round (medians of its steps)")
+    ax.set_ylabel("ms per decoded token")
+    ax.set_title(f"{Path(result['bundle']).name}: {result['median_overhead_ms']:.2f} ms = "
+                 f"{result['median_share']:.1%} of a step outside the weight kernels", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def weight_nodes(bundle: Path) -> dict[str, int]:
     """The bundle's weight kernels by op type."""
     import onnx
@@ -210,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    parser.add_argument("--json", metavar="FILE", help="write the result as JSON, and a plot beside it (.png)")
     args = parser.parse_args(argv)
     if argv is None:
         from ..runtime.hugepages import reexec_with_hugepages
@@ -224,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(medians of {args.rounds} alternated rounds of {args.steps} steps)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+        write_plot(result, Path(args.json).with_suffix(".png"))
     return 0
 
 

@@ -468,7 +468,7 @@ def test_overhead_ablation_runs_the_bundles_weight_kernels_alone_on_its_weights(
     import onnx
     import onnxruntime as ort
 
-    from lfm_edge.device_bench.overhead import _feeds, measure, weight_nodes, weights_only_graph
+    from lfm_edge.device_bench.overhead import _feeds, weight_nodes, weights_only_graph
 
     path = weights_only_graph(demo_int4, tmp_path / "alone")
     full = onnx.load(demo_int4 / "model.onnx", load_external_data=False).graph
@@ -490,8 +490,13 @@ def test_overhead_ablation_runs_the_bundles_weight_kernels_alone_on_its_weights(
         width = next(a.i for a in node.attribute if a.name == "N") if node.op_type == "MatMulNBits" else k
         assert y.shape == (1, 1, width) and np.isfinite(y).all() and np.abs(y).max() > 0
 
-    result = measure(demo_int4, rounds=2, steps=5, prompt=8, threads=1)
+    from lfm_edge.device_bench.overhead import main
+
+    assert main([str(demo_int4), "--rounds", "2", "--steps", "5", "--prompt", "8", "--threads", "1",
+                 "--json", str(tmp_path / "o.json")]) == 0
+    result = json.loads((tmp_path / "o.json").read_text())
     assert len(result["rounds"]) == 2 and result["weight_nodes"] == weight_nodes(demo_int4)
     for row in result["rounds"]:
         assert 0 < row["weights_ms"] and 0 < row["step_ms"]
         assert row["share"] < 1
+    assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
