@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-WEIGHT_OPS = ("QMoE", "MatMulNBits")
+from .step_profile import WEIGHT_OPS
+
 ROUTER_INPUTS = {1: "router_probs", 14: "router_weights"}  # QMoE's routing inputs (router_weights optional)
 
 

@@ -134,6 +134,7 @@ class LfmSession:
                     self.prepack, writer = writer.status, None
                     self.session = open_graph(model_file, session_options())
             self.state = state_spec(((i.name, i.shape) for i in self.session.get_inputs()), decoder)
+            self.vocab_size = int(self.session.get_outputs()[0].shape[-1])  # before a cache's probe steps
             self._detect_logits_to_keep()
             if writer is not None:
                 self._finish_cache(writer, lambda path: open_graph(path, session_options()))
@@ -145,7 +146,6 @@ class LfmSession:
             # embedding gathers a few rows of, pages read while onnxruntime repacked to find its buffers)
             cache = self.prepack.folder
             self.released_bytes = release_clean_pages([cache / prepack.DATA], prepack.raw_ranges(cache / prepack.MODEL))
-        self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
         self.threads = threads or 0  # 0: onnxruntime's own choice
         _opened[str(self.folder)] += 1
         _live.add(self)
@@ -246,7 +246,7 @@ class Cache:
         self._flips = 0
         self._keep: dict[int, ort.OrtValue] = {}
         logits = next(o for o in model.session.get_outputs() if o.name == "logits")
-        self.logits_dtype, self.vocab_size = ELEMENT_TYPES.get(logits.type, np.float32), int(logits.shape[-1])
+        self.logits_dtype = ELEMENT_TYPES.get(logits.type, np.float32)
         self.mask = np.zeros((batch, max_length), dtype=np.int64)
         self.length = 0
         types = {i.name: ELEMENT_TYPES.get(i.type, np.float32) for i in model.session.get_inputs()}
@@ -279,7 +279,7 @@ class Cache:
             io.bind_ortvalue_input("logits_to_keep", self._keep[keep])
             rows = min(keep, s) if keep else s
         # onnxruntime writes the logits straight into an array the caller then owns: no output to fetch and wrap
-        logits = np.empty((b, rows, self.vocab_size), dtype=self.logits_dtype)
+        logits = np.empty((b, rows, self.model.vocab_size), dtype=self.logits_dtype)
         io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         grown = [] if self.model.share_buffer else list(self.kv)  # outputs onnxruntime allocates, in binding order
         for i in grown:  # (a name-bound output keeps the last run's value, of the last run's length: bound anew)
