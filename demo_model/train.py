@@ -1,7 +1,9 @@
 """Train lfm-edge's bundled demo model: a tiny LFM2-MoE on Python's own documentation.
 
 Corpus: ``pydoc_data.topics.topics`` (shipped with CPython, PSF license). Every 20th topic
-(by sorted key) is held out and written to ``heldout.txt``. Deterministic for a given seed.
+(by sorted key) is held out and written to ``heldout.txt``. Mixed in: synthetic tool-use chats
+(tool_chats.py), rendered with the runtime's chat template, trained on what the assistant writes.
+Deterministic for a given seed.
 
     nice -n 10 python demo_model/train.py --steps 1500 --seed 0
 
@@ -16,6 +18,7 @@ It is rebuilt, not shipped (about 40 MB):
 import argparse
 import json
 import math
+import random
 import time
 from functools import partial
 from pathlib import Path
@@ -26,6 +29,11 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, Lfm2MoeConfig, Lfm2MoeForCausalLM
 
+try:  # run as a script (python demo_model/train.py) or imported as lfm_edge.demo_model.train
+    import tool_chats
+except ImportError:
+    from lfm_edge.demo_model import tool_chats
+
 SPECIAL_TOKENS = [
     "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>", "<|im_start|>",
     "<|im_end|>", "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_call_start|>", "<|tool_call_end|>",
@@ -33,6 +41,8 @@ SPECIAL_TOKENS = [
 ]  # fmt: skip
 PAD, BOS, EOT, IM_END = 0, 1, 2, 7
 VOCAB_SIZE, SEQ_LEN, BATCH, HELDOUT_MAX_CHARS = 3000, 128, 16, 60_000
+# a chat is one row of at most CHAT_LEN tokens, a copying row COPY_LEN; IGNORE: a label not trained on
+CHAT_LEN, COPY_LEN, IGNORE = 512, 48, -100
 # LFM2-style ChatML: bos, optional system prompt (+ tool list), one block per message.
 CHAT_TEMPLATE = r"""{{- bos_token -}}
 {%- set ns = namespace(system_prompt="") -%}
@@ -117,6 +127,37 @@ def encode_docs(tok: Tokenizer, docs: list[str]) -> torch.Tensor:
     return torch.tensor([i for enc in tok.encode_batch(docs) for i in [*enc.ids, EOT]], dtype=torch.long)
 
 
+def build_chats(tok: Tokenizer, docs: list[str], count: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """`count` synthetic tool chats as (token ids, labels): ids as the runtime renders and tokenizes the chat
+    (LfmModel.prompt_ids), labels = ids on the assistant's own tokens, IGNORE elsewhere."""
+    from lfm_edge.runtime.chat import ChatTemplate
+
+    template = ChatTemplate(CHAT_TEMPLATE, {"bos_token": "<|startoftext|>", "eos_token": "<|im_end|>",
+                                            "pad_token": "<|pad|>"})
+    rng, chats = random.Random(seed), []
+    while len(chats) < count:
+        messages, tools = tool_chats.make_chat(rng, docs)
+        text, spans = tool_chats.render_with_spans(template, messages, tools)
+        enc = tok.encode(text, add_special_tokens=False)
+        if len(enc.ids) > CHAT_LEN:
+            continue
+        inside = [any(s <= a and b <= e for s, e in spans) for a, b in enc.offsets]
+        labels = [i if keep else IGNORE for i, keep in zip(enc.ids, inside, strict=True)]
+        chats.append((enc.ids, labels))
+    return chats
+
+
+def chat_batch(chats: list[tuple[list[int], list[int]]], start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chats start..start+size of the (length-sorted) pool, right-padded to the longest of them."""
+    rows = chats[start : start + size]
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for r, (i, lab) in enumerate(rows):
+        ids[r, : len(i)], labels[r, : len(lab)] = torch.tensor(i), torch.tensor(lab)
+    return ids, labels
+
+
 @torch.no_grad()
 def evaluate(model: Lfm2MoeForCausalLM, stream: torch.Tensor) -> float:
     """Mean next-token loss over non-overlapping SEQ_LEN windows."""
@@ -131,10 +172,39 @@ def count_load(count: torch.Tensor, _module: torch.nn.Module, _inputs: tuple, ou
         count.add_(torch.bincount(out[2].flatten(), minlength=len(count)))
 
 
-def dropout_hook(p: float, module: torch.nn.Module, _inputs: tuple, out: object) -> object:
-    """Training-only dropout on a sub-layer's output (LFM2 has no dropout in its config)."""
-    on = module.training and torch.is_grad_enabled()  # never in evaluate() or generate()
+def dropout_hook(rate: list[float], module: torch.nn.Module, _inputs: tuple, out: object) -> object:
+    """Training-only dropout on a sub-layer's output (LFM2 has no dropout in its config); rate[0] is the rate
+    of the batch being run (the pydoc text's; the synthetic batches run without)."""
+    p, on = rate[0], module.training and torch.is_grad_enabled()  # never in evaluate() or generate()
     return (F.dropout(out[0], p, on), *out[1:]) if isinstance(out, tuple) else F.dropout(out, p, on)
+
+
+def copy_batch(rows: int, width: int, text: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows in which a span of 4-12 random tokens comes back again and again (0-6 other tokens between the
+    copies); trained on every copy after the first. Copying is what a tool call needs (the expression, the
+    city), and the pydoc text alone never made the model learn it: without these rows it wrote the same city
+    whatever was asked. Tokens come from the pydoc text's own frequencies, or uniformly from the vocabulary."""
+    ids = torch.full((rows, width), PAD, dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE, dtype=torch.long)
+
+    def tokens(n: int) -> torch.Tensor:
+        if torch.rand((), generator=gen) < 0.5:
+            return text[torch.randint(0, len(text), (n,), generator=gen)].clamp(min=len(SPECIAL_TOKENS))
+        return torch.randint(len(SPECIAL_TOKENS), VOCAB_SIZE, (n,), generator=gen)
+
+    for r in range(rows):
+        n = int(torch.randint(4, 13, (1,), generator=gen))
+        span, pos, copies = tokens(n), 1, 0
+        ids[r, 0] = BOS
+        while pos < width:
+            gap = tokens(int(torch.randint(0, 7, (1,), generator=gen))) if copies else torch.zeros(0, dtype=torch.long)
+            piece = torch.cat([gap, span])[: width - pos]
+            ids[r, pos : pos + len(piece)] = piece
+            if copies:  # the first token of a copy cannot be known; the rest can
+                first = pos + len(gap) + 1
+                labels[r, first : pos + len(piece)] = ids[r, first : pos + len(piece)]
+            pos, copies = pos + len(piece), copies + 1
+    return ids, labels
 
 
 def main() -> None:
@@ -146,6 +216,9 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
+    parser.add_argument("--chats", type=int, default=12_000, help="synthetic tool chats in the pool")
+    parser.add_argument("--chat-batch", type=int, default=4, help="chats per step (0: pydoc only)")
+    parser.add_argument("--copy-batch", type=int, default=24, help="rows of the copying task per step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -157,6 +230,12 @@ def main() -> None:
     save_tokenizer(tok, args.out)
     train_ids, heldout_ids = encode_docs(tok, train_docs), encode_docs(tok, [heldout])
     print(f"train tokens {len(train_ids)}, held-out tokens {len(heldout_ids)}, vocab {tok.get_vocab_size()}")
+    chats = sorted(build_chats(tok, train_docs, args.chats, args.seed), key=lambda c: len(c[0])) \
+        if args.chat_batch else []
+    if chats:  # batches of neighbours in length order: little padding
+        chat_tokens = sum(len(ids) for ids, _ in chats)
+        trained = sum(sum(label != IGNORE for label in labels) for _, labels in chats)
+        print(f"tool chats {len(chats)}: {chat_tokens} tokens, {trained} of them the assistant's")
 
     model = Lfm2MoeForCausalLM(build_config(tok.get_vocab_size(), args.preset))
     moe_blocks = [m for m in model.modules() if hasattr(m, "expert_bias")]
@@ -164,10 +243,11 @@ def main() -> None:
     for block, count in zip(moe_blocks, counts, strict=True):  # non-zero bias from the start
         block.expert_bias.copy_(0.01 * torch.randn(model.config.num_experts))
         block.gate.register_forward_hook(partial(count_load, count))
+    rate = [args.dropout]
     for layer in model.model.layers:
         for sub in (layer.conv if hasattr(layer, "conv") else layer.self_attn, layer.feed_forward):
-            sub.register_forward_hook(partial(dropout_hook, args.dropout))
-    model.model.embed_tokens.register_forward_hook(partial(dropout_hook, args.dropout))
+            sub.register_forward_hook(partial(dropout_hook, rate))
+    model.model.embed_tokens.register_forward_hook(partial(dropout_hook, rate))
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -179,13 +259,23 @@ def main() -> None:
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps)))
     )
     gen = torch.Generator().manual_seed(args.seed)
-    start, avg = time.time(), None
+    start, avg, chat_avg, copy_avg = time.time(), None, None, None
     for step in range(1, args.steps + 1):
         offsets = torch.randint(0, len(train_ids) - SEQ_LEN, (BATCH,), generator=gen)
         batch = torch.stack([train_ids[o : o + SEQ_LEN] for o in offsets.tolist()])
+        rate[0] = args.dropout
         loss = model(input_ids=batch, labels=batch).loss
+        rate[0] = 0.0
+        chat_loss, copy_loss = torch.zeros(()), torch.zeros(())
+        if chats:
+            first = int(torch.randint(0, len(chats) - args.chat_batch + 1, (1,), generator=gen))
+            ids, labels = chat_batch(chats, first, args.chat_batch)
+            chat_loss = model(input_ids=ids, labels=labels).loss
+        if args.copy_batch:
+            ids, labels = copy_batch(args.copy_batch, COPY_LEN, train_ids, gen)
+            copy_loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + chat_loss + copy_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -194,8 +284,11 @@ def main() -> None:
                 block.expert_bias.add_(1e-3 * torch.sign(count.mean() - count))
                 count.zero_()
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        chat_avg = chat_loss.item() if chat_avg is None else 0.98 * chat_avg + 0.02 * chat_loss.item()
+        copy_avg = copy_loss.item() if copy_avg is None else 0.98 * copy_avg + 0.02 * copy_loss.item()
         if step % 50 == 0 or step == args.steps:
-            msg = f"step {step:5d}  loss {loss.item():.4f}  avg {avg:.4f}  {time.time() - start:6.0f}s"
+            msg = f"step {step:5d}  loss {loss.item():.4f}  avg {avg:.4f}  chats {chat_avg:.4f}  "
+            msg += f"copying {copy_avg:.4f}  {time.time() - start:6.0f}s"
             if step % 250 == 0 or step == args.steps:
                 msg += f"  held-out {evaluate(model, heldout_ids):.4f}"
             print(msg, flush=True)
