@@ -180,7 +180,7 @@ def dropout_hook(rate: list[float], module: torch.nn.Module, _inputs: tuple, out
 
 
 def copy_batch(rows: int, width: int, text: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows in which a span of 4-12 random tokens comes back again and again (0-6 other tokens between the
+    """Rows in which a span of 4-12 random tokens comes back again and again (2-8 other tokens between the
     copies); trained on every copy after the first. Copying is what a tool call needs (the expression, the
     city), and the pydoc text alone never made the model learn it: without these rows it wrote the same city
     whatever was asked. Tokens come from the pydoc text's own frequencies, or uniformly from the vocabulary."""
@@ -196,8 +196,8 @@ def copy_batch(rows: int, width: int, text: torch.Tensor, gen: torch.Generator) 
         n = int(torch.randint(4, 13, (1,), generator=gen))
         span, pos, copies = tokens(n), 1, 0
         ids[r, 0] = BOS
-        while pos < width:
-            gap = tokens(int(torch.randint(0, 7, (1,), generator=gen))) if copies else torch.zeros(0, dtype=torch.long)
+        while pos < width:  # never back to back: a model trained on that loops ("NairobirobiRobi...")
+            gap = tokens(int(torch.randint(2 if copies else 0, 9, (1,), generator=gen)))
             piece = torch.cat([gap, span])[: width - pos]
             ids[r, pos : pos + len(piece)] = piece
             if copies:  # the first token of a copy cannot be known; the rest can
@@ -217,9 +217,14 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     parser.add_argument("--chats", type=int, default=12_000, help="synthetic tool chats in the pool")
-    parser.add_argument("--chat-batch", type=int, default=4, help="chats per step (0: pydoc only)")
-    parser.add_argument("--copy-batch", type=int, default=24, help="rows of the copying task per step")
+    parser.add_argument("--chat-batch", type=int, default=None, help="chats per step (default: 4 for the demo, "
+                        "0 for the quality model, which is trained on pydoc alone)")
+    parser.add_argument("--copy-batch", type=int, default=None, help="rows of the copying task per step (default: "
+                        "24 for the demo, 0 for the quality model)")
     args = parser.parse_args()
+    tools = args.preset == "demo"
+    args.chat_batch = (4 if tools else 0) if args.chat_batch is None else args.chat_batch
+    args.copy_batch = (24 if tools else 0) if args.copy_batch is None else args.copy_batch
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
