@@ -7,6 +7,12 @@ Deterministic for a given seed.
 
     nice -n 10 python demo_model/train.py --steps 1500 --seed 0
 
+The shipped demo is trained in two stages: the pydoc-only model first, then a short tool stage that starts from
+it (``--init``) and mixes the tool chats and the copying rows into the pydoc batches (README: Training):
+
+    nice -n 19 python demo_model/train.py --chat-batch 0 --copy-batch 0 --out build/demo-stage1
+    nice -n 19 python demo_model/train.py --init build/demo-stage1 --steps 600 --lr 2e-3
+
 ``--preset quality`` trains the demo's wider sibling, the model quantization quality is compared on: every
 weight row a multiple of 256 (hidden 256, expert size 256, dense intermediate 768), so llama.cpp's K-quants
 (Q4_K, Q3_K, Q2_K: 256-wide super-blocks) apply to every tensor instead of falling back to other formats.
@@ -19,6 +25,7 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -41,8 +48,8 @@ SPECIAL_TOKENS = [
 ]  # fmt: skip
 PAD, BOS, EOT, IM_END = 0, 1, 2, 7
 VOCAB_SIZE, SEQ_LEN, BATCH, HELDOUT_MAX_CHARS = 3000, 128, 16, 60_000
-# a chat is one row of at most CHAT_LEN tokens, a copying row COPY_LEN; IGNORE: a label not trained on
-CHAT_LEN, COPY_LEN, IGNORE = 512, 48, -100
+# a chat is one row of at most CHAT_LEN tokens; IGNORE: a label not trained on
+CHAT_LEN, IGNORE = 512, -100
 # LFM2-style ChatML: bos, optional system prompt (+ tool list), one block per message.
 CHAT_TEMPLATE = r"""{{- bos_token -}}
 {%- set ns = namespace(system_prompt="") -%}
@@ -179,31 +186,41 @@ def dropout_hook(rate: list[float], module: torch.nn.Module, _inputs: tuple, out
     return (F.dropout(out[0], p, on), *out[1:]) if isinstance(out, tuple) else F.dropout(out, p, on)
 
 
-def copy_batch(rows: int, width: int, text: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows in which a span of 4-12 random tokens comes back again and again (2-8 other tokens between the
-    copies); trained on every copy after the first. Copying is what a tool call needs (the expression, the
-    city), and the pydoc text alone never made the model learn it: without these rows it wrote the same city
-    whatever was asked. Tokens come from the pydoc text's own frequencies, or uniformly from the vocabulary."""
+def echo_rows(tok: Tokenizer, words: list[str], rows: int, rng: random.Random, cities: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copying rows, framed as chats: the user writes a short text (words of the pydoc text, an invented city, an
+    arithmetic expression), the assistant writes it back once and ends its turn; trained on the copy and its
+    <|im_end|>. A tool call copies the expression or the city from the question, and the pydoc text and the chats
+    alone did not make the model learn to copy (it called get_weather(city="Bello") whatever city was asked).
+    Half of the texts follow a space in the user's turn, so the model also learns that " Lisbon" (tokens
+    "ĠL", "is", ...) is written "Lisbon" ("L", "is", ...) after `city="`. Earlier versions repeated random token
+    spans many times in a plain row: the model learned to repeat in documents too ("The listThe list...").
+    A share `cities` of the rows is one city name after a space instead (the weather calls' copy)."""
+    encoded = []
+    for _ in range(rows):
+        pieces, space = [], rng.random() < 0.5
+        if rng.random() < cities:
+            pieces, space = [tool_chats._city_name(rng)], True
+        for _ in range(0 if pieces else rng.randint(1, 3)):
+            kind = rng.random()
+            if kind < 0.4:
+                word = rng.choice(words)
+                pieces.append(word.capitalize() if rng.random() < 0.5 else word)
+            elif kind < 0.7:
+                pieces.append(tool_chats._city_name(rng))
+            else:
+                pieces.append(tool_chats._expression(rng))
+        text = " ".join(pieces)
+        head = f"<|im_start|>user\n{' ' if space else ''}{text}<|im_end|>\n<|im_start|>assistant\n"
+        head_ids = tok.encode(head, add_special_tokens=False).ids
+        tail_ids = tok.encode(f"{text}<|im_end|>", add_special_tokens=False).ids
+        ids = [BOS, *head_ids, *tail_ids]
+        encoded.append((ids, [IGNORE] * (1 + len(head_ids)) + tail_ids))
+    width = max(len(ids) for ids, _ in encoded)
     ids = torch.full((rows, width), PAD, dtype=torch.long)
     labels = torch.full((rows, width), IGNORE, dtype=torch.long)
-
-    def tokens(n: int) -> torch.Tensor:
-        if torch.rand((), generator=gen) < 0.5:
-            return text[torch.randint(0, len(text), (n,), generator=gen)].clamp(min=len(SPECIAL_TOKENS))
-        return torch.randint(len(SPECIAL_TOKENS), VOCAB_SIZE, (n,), generator=gen)
-
-    for r in range(rows):
-        n = int(torch.randint(4, 13, (1,), generator=gen))
-        span, pos, copies = tokens(n), 1, 0
-        ids[r, 0] = BOS
-        while pos < width:  # never back to back: a model trained on that loops ("NairobirobiRobi...")
-            gap = tokens(int(torch.randint(2 if copies else 0, 9, (1,), generator=gen)))
-            piece = torch.cat([gap, span])[: width - pos]
-            ids[r, pos : pos + len(piece)] = piece
-            if copies:  # the first token of a copy cannot be known; the rest can
-                first = pos + len(gap) + 1
-                labels[r, first : pos + len(piece)] = ids[r, first : pos + len(piece)]
-            pos, copies = pos + len(piece), copies + 1
+    for r, (i, lab) in enumerate(encoded):
+        ids[r, : len(i)], labels[r, : len(lab)] = torch.tensor(i), torch.tensor(lab)
     return ids, labels
 
 
@@ -216,24 +233,35 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
+    parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint (trained by this "
+                        "script: its tokenizer must be the one this script trains) instead of random weights")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps // 30)")
+    parser.add_argument("--save-every", type=int, default=0, help="also save the model to OUT/step-N every N steps")
+    parser.add_argument("--echo-cities", type=float, default=0.0, help="share of the copying rows that are one "
+                        "city name after a space")
     parser.add_argument("--chats", type=int, default=12_000, help="synthetic tool chats in the pool")
     parser.add_argument("--chat-batch", type=int, default=None, help="chats per step (default: 4 for the demo, "
                         "0 for the quality model, which is trained on pydoc alone)")
-    parser.add_argument("--copy-batch", type=int, default=None, help="rows of the copying task per step (default: "
-                        "24 for the demo, 0 for the quality model)")
+    parser.add_argument("--copy-batch", type=int, default=None, help="rows of the copying task (echo_rows) per "
+                        "step (default: 32 for the demo, 0 for the quality model)")
     args = parser.parse_args()
     tools = args.preset == "demo"
     args.chat_batch = (4 if tools else 0) if args.chat_batch is None else args.chat_batch
-    args.copy_batch = (24 if tools else 0) if args.copy_batch is None else args.copy_batch
+    args.copy_batch = (32 if tools else 0) if args.copy_batch is None else args.copy_batch
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     train_docs, heldout = build_corpus()
-    (args.out / "heldout.txt").write_text(heldout)
     tok = train_tokenizer(train_docs)
+    if args.init:  # the model's token ids must mean what they meant when it was trained
+        if Tokenizer.from_file(str(args.init / "tokenizer.json")).to_str() != tok.to_str():
+            raise SystemExit(f"{args.init}: its tokenizer is not the one this script trains")
+        model = Lfm2MoeForCausalLM.from_pretrained(args.init, dtype=torch.float32)
+    (args.out / "heldout.txt").write_text(heldout)
     save_tokenizer(tok, args.out)
     train_ids, heldout_ids = encode_docs(tok, train_docs), encode_docs(tok, [heldout])
+    words = sorted({w for doc in train_docs for w in re.findall(r"[A-Za-z]{3,12}", doc)})  # for echo_rows
     print(f"train tokens {len(train_ids)}, held-out tokens {len(heldout_ids)}, vocab {tok.get_vocab_size()}")
     chats = sorted(build_chats(tok, train_docs, args.chats, args.seed), key=lambda c: len(c[0])) \
         if args.chat_batch else []
@@ -242,11 +270,16 @@ def main() -> None:
         trained = sum(sum(label != IGNORE for label in labels) for _, labels in chats)
         print(f"tool chats {len(chats)}: {chat_tokens} tokens, {trained} of them the assistant's")
 
-    model = Lfm2MoeForCausalLM(build_config(tok.get_vocab_size(), args.preset))
+    if not args.init:
+        model = Lfm2MoeForCausalLM(build_config(tok.get_vocab_size(), args.preset))
+    model.train()
+    if args.init:
+        print(f"from {args.init}: held-out {evaluate(model, heldout_ids):.4f} (eval mode: without dropout)")
     moe_blocks = [m for m in model.modules() if hasattr(m, "expert_bias")]
     counts = [torch.zeros(model.config.num_experts) for _ in moe_blocks]
-    for block, count in zip(moe_blocks, counts, strict=True):  # non-zero bias from the start
-        block.expert_bias.copy_(0.01 * torch.randn(model.config.num_experts))
+    for block, count in zip(moe_blocks, counts, strict=True):
+        if not args.init:  # non-zero bias from the start
+            block.expert_bias.copy_(0.01 * torch.randn(model.config.num_experts))
         block.gate.register_forward_hook(partial(count_load, count))
     rate = [args.dropout]
     for layer in model.model.layers:
@@ -259,7 +292,8 @@ def main() -> None:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
-    warmup = max(1, args.steps // 30)  # linear warm-up, then cosine decay to 10 % of the peak
+    # linear warm-up, then cosine decay to 10 % of the peak
+    warmup = max(1, args.steps // 30 if args.warmup is None else args.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps)))
     )
@@ -277,7 +311,8 @@ def main() -> None:
             ids, labels = chat_batch(chats, first, args.chat_batch)
             chat_loss = model(input_ids=ids, labels=labels).loss
         if args.copy_batch:
-            ids, labels = copy_batch(args.copy_batch, COPY_LEN, train_ids, gen)
+            rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+            ids, labels = echo_rows(tok, words, args.copy_batch, rng, args.echo_cities)
             copy_loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         (loss + chat_loss + copy_loss).backward()
@@ -297,6 +332,9 @@ def main() -> None:
             if step % 250 == 0 or step == args.steps:
                 msg += f"  held-out {evaluate(model, heldout_ids):.4f}"
             print(msg, flush=True)
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            model.save_pretrained(args.out / f"step-{step}", safe_serialization=True)
+            save_tokenizer(tok, args.out / f"step-{step}")
 
     model.eval()
     train_loss = evaluate(model, train_ids[: 64 * SEQ_LEN + 1])
