@@ -5,13 +5,15 @@ Corpus: ``pydoc_data.topics.topics`` (shipped with CPython, PSF license). Every 
 (tool_chats.py), rendered with the runtime's chat template, trained on what the assistant writes.
 Deterministic for a given seed.
 
-    nice -n 10 python demo_model/train.py --steps 1500 --seed 0
+    nice -n 10 python demo_model/train.py --steps 1500 --seed 0 --chat-batch 0 --copy-batch 0
 
-The shipped demo is trained in two stages: the pydoc-only model first, then a short tool stage that starts from
-it (``--init``) and mixes the tool chats and the copying rows into the pydoc batches (README: Training):
+The shipped weights are the pydoc-only recipe (``--chat-batch 0 --copy-batch 0``). The tool stage, work in
+progress (README: Tool calls), starts from them (``--init``) and mixes the tool chats and the echo rows into the
+pydoc batches:
 
     nice -n 19 python demo_model/train.py --chat-batch 0 --copy-batch 0 --out build/demo-stage1
-    nice -n 19 python demo_model/train.py --init build/demo-stage1 --steps 600 --lr 2e-3
+    nice -n 19 python demo_model/train.py --init build/demo-stage1 --out build/demo-tools --steps 1000 --lr 2e-3 \
+        --warmup 20 --save-every 200
 
 ``--preset quality`` trains the demo's wider sibling, the model quantization quality is compared on: every
 weight row a multiple of 256 (hidden 256, expert size 256, dense intermediate 768), so llama.cpp's K-quants
@@ -198,8 +200,8 @@ def echo_rows(tok: Tokenizer, words: list[str], rows: int, rng: random.Random, c
     A share `cities` of the rows is one city name after a space instead (the weather calls' copy)."""
     encoded = []
     for _ in range(rows):
-        pieces, space = [], rng.random() < 0.5
-        if rng.random() < cities:
+        pieces, space = [], None  # random draws in the order of the runs without `cities` (same rows for 0.0)
+        if cities and rng.random() < cities:
             pieces, space = [tool_chats._city_name(rng)], True
         for _ in range(0 if pieces else rng.randint(1, 3)):
             kind = rng.random()
@@ -211,6 +213,7 @@ def echo_rows(tok: Tokenizer, words: list[str], rows: int, rng: random.Random, c
             else:
                 pieces.append(tool_chats._expression(rng))
         text = " ".join(pieces)
+        space = rng.random() < 0.5 if space is None else space
         head = f"<|im_start|>user\n{' ' if space else ''}{text}<|im_end|>\n<|im_start|>assistant\n"
         head_ids = tok.encode(head, add_special_tokens=False).ids
         tail_ids = tok.encode(f"{text}<|im_end|>", add_special_tokens=False).ids
