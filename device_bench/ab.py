@@ -59,7 +59,7 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
     """`warmup_s`: both sides decode in turns for this long before round 0 (see main's --warmup)."""
     import llama_cpp
 
-    from ..runtime.session import LfmSession
+    from ..runtime.backends.python import LfmSession
 
     session = LfmSession(bundle, threads=threads, verify="none")
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,

@@ -92,7 +92,7 @@ def device_info(threads: int) -> dict:
 
 
 def _lfm_session(bundle: Path, threads: int) -> Any:
-    from ..runtime.session import LfmSession
+    from ..runtime.backends.python import LfmSession
 
     return LfmSession(bundle, threads=threads, verify="none")
 
@@ -112,11 +112,11 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
     "after load" memory is what the process holds before the warm-up.
 
     `open_session(bundle, threads)` loads the bundle (default: LfmSession with onnxruntime's Python binding,
-    no file check); an app passes `lfm_edge.mobile_app.backends.open_session` to run on a phone's Java or
+    no file check); an app passes `lfm_edge.runtime.backends.open_session` to run on a phone's Java or
     Objective-C backend. A set `cancel` raises `Cancelled` (no partial metrics: a half-measured run would
     be misread as a result) before each stage, before and after each prefill step (one step of the model
     cannot be interrupted), and before each decode step, so a cancel set mid-decode stops within one step."""
-    from ..runtime.generate import current_rss_mb, peak_rss_mb, resident_mb
+    from ..runtime.memory import current_rss_mb, peak_rss_mb, resident_mb
 
     open_session = open_session or _lfm_session
 

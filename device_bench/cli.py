@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = args.bandwidth or roofline.read_bandwidth()
         tokens = roofline.bytes_per_token(bundle)
         def open_session(folder: Path, threads: int):
-            from ..runtime.session import LfmSession
+            from ..runtime.backends.python import LfmSession
 
             session = LfmSession(folder, threads=threads, verify="none", prepack_cache=args.prepack_cache,
                                  attention_kernel=args.attention_kernel)
@@ -253,7 +253,7 @@ def memory(summary: dict, weights_bytes: int) -> dict:
 
 def prepack_disk(bundle: Path, mode: str) -> dict:
     """The prepack cache's size on disk, against the bundle's weights, when the run used one."""
-    from ..runtime import prepack
+    from ..runtime.backends import prepack
 
     folder = bundle / prepack.FOLDER
     if mode == "off" or not folder.is_dir():

@@ -26,8 +26,8 @@ from ..runtime.hugepages import reexec_with_hugepages
 CHILD = """
 import json, os, sys, time
 import numpy as np
-from lfm_edge.runtime.generate import resident_mb
-from lfm_edge.runtime.session import LfmSession
+from lfm_edge.runtime.memory import resident_mb
+from lfm_edge.runtime.backends.python import LfmSession
 bundle, mode, threads, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 loadavg = os.getloadavg()[0]
 t = time.perf_counter()
@@ -50,7 +50,7 @@ print(json.dumps({"mode": mode, "state": session.prepack.state, "load_s": load, 
 LLAMA_CHILD = """
 import json, os, sys, time
 import llama_cpp
-from lfm_edge.runtime.generate import resident_mb
+from lfm_edge.runtime.memory import resident_mb
 gguf, threads, n = sys.argv[1], int(sys.argv[3]), int(sys.argv[4])
 loadavg = os.getloadavg()[0]
 t = time.perf_counter()

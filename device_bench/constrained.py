@@ -32,8 +32,7 @@ MESSAGES = [{"role": "user", "content": "Plan the weather watch for Paris as JSO
 
 def measure(bundle: Path, tokens: int = 48, runs: int = 3, threads: int | None = None,
             tokenizer: Path | None = None) -> dict:
-    from ..runtime.constrain import vocabulary
-    from ..runtime.engine import LfmModel
+    from ..runtime import LfmModel
     from ..runtime.sampling import Sampling, next_tokens
 
     folder = Path(bundle)
@@ -50,7 +49,7 @@ def measure(bundle: Path, tokens: int = 48, runs: int = 3, threads: int | None =
                     shutil.copyfile(source, folder / name)
         model = LfmModel(folder, threads=threads, verify="size")
         start = time.perf_counter()
-        vocab = vocabulary(model)
+        vocab = model.constraints.vocabulary
         build_s = time.perf_counter() - start
         greedy = Sampling()
         masks, free_steps, held_steps = [], [], []

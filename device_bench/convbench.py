@@ -10,7 +10,7 @@ early at an end-of-turn token). With `reasoning` R, each answer opens with `<thi
 LFM2.5's template drops that block once a newer user turn follows, so the next turn re-prefills from the answer's
 start, as with the real checkpoint. A bundle exported from random weights has no tokenizer: it is given a
 word-level one over its vocabulary (ids w0..wN, the special tokens at the config's ids) and LFM2.5-8B-A1B's
-template (chat_templates.py). llama.cpp is fed the very token ids our template renders for each turn.
+template (lfm25_template.py). llama.cpp is fed the very token ids our template renders for each turn.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def synthetic_tokenizer(vocab_size: int, bos: int, eos: int, pad: int) -> Any:
 def chat_folder(bundle: Path, scratch: Path) -> tuple[Path, dict]:
     """The folder LfmModel reads the tokenizer and template from: the bundle when it has both, else a view of
     it (symlinks) with the synthetic tokenizer and LFM2.5-8B-A1B's template. Also says which it is."""
-    from ..runtime.chat import ChatTemplate
-    from .chat_templates import LFM25_MOE_TEMPLATE
+    from ..runtime.templates import ChatTemplate
+    from .lfm25_template import LFM25_MOE_TEMPLATE
 
     try:
         if (bundle / "tokenizer.json").is_file():
@@ -469,8 +469,8 @@ def run(bundle: Path, spec: str, threads: int = 2, rounds: int = 2, reasoning: i
         compare_turns: Sequence[int] | None = None,
         progress: Callable[[str], None] = lambda m: None, seed: int = 0) -> dict:
     """The whole conversation benchmark; returns bench.json's "conversation" section."""
-    from ..runtime.engine import LfmModel
-    from ..runtime.session import LfmSession
+    from ..runtime import LfmModel
+    from ..runtime.backends.python import LfmSession
 
     turns, user, answer = parse_spec(spec)
     with tempfile.TemporaryDirectory(prefix="lfm-convbench-") as tmp:
@@ -501,7 +501,7 @@ def run(bundle: Path, spec: str, threads: int = 2, rounds: int = 2, reasoning: i
         if restore_tokens:
             restore = run_restore(model, scripted, script, restore_tokens, restore_follow, answer, restore_runs,
                                   threads, Path(tmp), progress)
-    from ..runtime.generate import peak_rss_mb
+    from ..runtime.memory import peak_rss_mb
     from . import roofline
 
     conv = conversations[-1]

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.generate import PREFILL_BUDGET, current_rss_mb
-from ..runtime.growth import available_memory
+from ..runtime.generate import PREFILL_BUDGET
+from ..runtime.memory import available_memory, current_rss_mb
 from .bench import timed
 
 SYSTEMS = ("ours", "llama.cpp f16", "llama.cpp q8_0+fa")
@@ -106,9 +106,9 @@ def _decode_summary(step_seconds: list[float], threads: int, wait: float) -> dic
 def run_ours(bundle: str, depth: int, decode: int, threads: int, synthetic: bool = False, seed: int = 0,
              attention_kernel: str = "flash") -> dict:
     """One load, a prefill to `depth` (or a synthetic fill and SYNTHETIC_TAIL real tokens), `decode` steps."""
+    from ..runtime.backends.python import LfmSession
     from ..runtime.generate import prefill_ranges
     from ..runtime.kernels import prefill_bytes_per_pair
-    from ..runtime.session import LfmSession
 
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()

@@ -119,7 +119,7 @@ def measure(bundle: Path, rounds: int = 10, steps: int = 48, prompt: int = 64, t
     one order for the first half of the rounds and in the other for the second, each half after a warm-up round."""
     import onnxruntime as ort
 
-    from ..runtime.session import LfmSession
+    from ..runtime.backends.python import LfmSession
 
     def stop_spinning(options: ort.SessionOptions) -> None:
         # Two sessions run in turns: one's pool threads must not spin on the 2nd core through the other's run.

@@ -28,7 +28,7 @@ def _loadavg() -> str:
 
 def alternate(bundle: Path, prompts: tuple[int, ...] = (128, 512), rounds: int = 6, threads: int = 2,
               seed: int = 0, progress=lambda m: None) -> dict:
-    from ..runtime.session import LfmSession
+    from ..runtime.backends.python import LfmSession
 
     session = LfmSession(bundle, threads=threads, verify="none")
     if not session.logits_to_keep:

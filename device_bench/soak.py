@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.backends.python import LfmSession
 from ..runtime.generate import generate
-from ..runtime.session import LfmSession
 
 
 def rss_mb() -> float:
@@ -57,7 +57,7 @@ def soak_conversations(bundle: Path, threads: int = 4, conversations: int = 40, 
                        new_tokens: int = 6, seed: int = 0, save_to: Path | None = None) -> dict:
     """Multi-turn conversations (state kept, an edit midway, saved and reloaded when `save_to` is a folder)
     over one LfmModel from `threads` threads: identical to serial runs, resident memory flat."""
-    from ..runtime.engine import LfmModel
+    from ..runtime import LfmModel
 
     model = LfmModel(bundle, threads=1)
     rng = np.random.default_rng(seed)

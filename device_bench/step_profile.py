@@ -42,7 +42,7 @@ def profile_decode(bundle: Path, steps: int = 64, prompt: int = 64, threads: int
     cost, measured seconds apart rather than minutes (memory speed drifts on a shared machine)."""
     import onnxruntime as ort
 
-    from ..runtime.session import LfmSession
+    from ..runtime.backends.python import LfmSession
 
     with tempfile.TemporaryDirectory() as tmp:
         def profiled(opts: ort.SessionOptions) -> None:
@@ -131,7 +131,7 @@ def alternate(bundles: list[Path], rounds: int = 8, steps: int = 64, prompt: int
     sleep instead of spinning between nodes, so CPU time is work), is the steadier comparison."""
     import onnxruntime as ort
 
-    from ..runtime.session import LfmSession
+    from ..runtime.backends.python import LfmSession
     from .bench import timed
 
     def no_spin(opts: ort.SessionOptions) -> None:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 from .. import __version__
 from ..device_bench import roofline
 from ..quant.policy import POLICIES, Policy, get_policy
-from ..runtime.bundle import MIN_ONNXRUNTIME, install_folder, sampled_sha256, sha256
+from ..runtime.bundle import MIN_ONNXRUNTIME, sampled_sha256, sha256
+from ..runtime.files import install_folder
 from .calibration import linear_hessians
 from .checkpoint import BUNDLE_FILES, Checkpoint, CheckpointError, is_gguf, resolve
 from .conversion import ConversionLog

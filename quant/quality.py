@@ -57,7 +57,7 @@ def token_windows(tokenizer_file: Path, text: str, window: int, max_tokens: int)
 
 
 def window_logits(bundle: Path, windows: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    from ..runtime.session import Cache, LfmSession
+    from ..runtime.backends.python import Cache, LfmSession
 
     session = LfmSession(bundle)
     return [Cache(session, 1, len(w)).step(np.array([w]))[0] for w in windows]
@@ -230,7 +230,7 @@ def _kl_top1(ref: np.ndarray, cand: np.ndarray) -> tuple[float, int]:
 
 
 def _prefill(session, prompt: list[int], capacity: int, rows: int, chunk: int = 512):
-    from ..runtime.session import Cache
+    from ..runtime.backends.python import Cache
 
     cache = Cache(session, 1, capacity)
     ids = np.array([prompt])
@@ -255,7 +255,7 @@ def kv_cache_quality(reference: Path, candidates: dict[str, Path], ids: Sequence
                      progress: Callable[[str], None] = print) -> list[KvQuality]:
     """Each candidate bundle (same weights, another KV cache) against `reference` (fp32 cache): a prompt of
     `depth` tokens of `ids`, prefilled in 512-token chunks, then `decode` greedy tokens."""
-    from ..runtime.session import LfmSession
+    from ..runtime.backends.python import LfmSession
 
     ref_session = LfmSession(reference)
     sessions = {label: LfmSession(b) for label, b in candidates.items()}

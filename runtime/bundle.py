@@ -1,5 +1,5 @@
 """What a bundle folder must hold, checked without onnxruntime (a phone build may reach onnxruntime through
-Java or Objective-C instead of its Python binding, see mobile_app/backends).
+Java or Objective-C instead of its Python binding, see runtime/backends).
 
 Every field a runtime reads from a bundle is checked here, so a bad bundle is one BundleError naming the file
 and the field rather than a traceback from deep inside a generation.
@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,36 @@ class StateSpec:
 
     conv: dict[int, tuple[int, int]]  # layer -> (H, K-1)
     kv: dict[int, tuple[int, int]]  # layer -> (Hkv, D)
+
+
+@dataclass(frozen=True)
+class TokenBytes:
+    """Bytes a decoded token reads (export/footprint.py computes them; manifest.json's `bytes_per_token` holds
+    them): the total, by kind of weight, and the bytes of all weights stored."""
+
+    total: float
+    by_kind: dict[str, float]
+    stored: int
+
+
+def token_bytes(folder: str | Path) -> TokenBytes | None:
+    """What the exporter recorded in manifest.json's `bytes_per_token`; None when there is none, when it is
+    malformed, or when the graph file is no longer the one the manifest describes (another size)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        entry, model = manifest["bytes_per_token"], manifest.get("model", "model.onnx")
+        listed = manifest.get("files", {}).get(model, {}).get("bytes")
+        if listed is not None and (folder / model).stat().st_size != listed:
+            return None
+        total, stored = entry["total"], entry["stored"]
+        by_kind = {str(k): float(v) for k, v in entry["by_kind"].items()}
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+                   for x in (total, stored, *by_kind.values())):
+            return None
+        return TokenBytes(total, by_kind, int(stored))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -185,24 +213,6 @@ def check_onnxruntime(manifest: dict, installed: str, folder: Path) -> None:
     if _version(installed) < _version(needed):
         raise BundleError(f"{folder}: needs onnxruntime >= {needed} (manifest.json requires.onnxruntime), "
                           f"this is onnxruntime {installed}; upgrade it: pip install 'onnxruntime>={needed}'")
-
-
-def install_folder(new: Path, dest: Path) -> None:
-    """Move the finished folder `new` to `dest`. A previous `dest` is kept aside as `.NAME.old-PID` until the
-    new one is in place and put back if the move fails, so a bundle is never half-written where a user or an
-    app expects a complete one (export/exporter.py recovers the aside copy after a kill between the renames)."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    try:
-        os.replace(new, dest)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_bundle(folder: str | Path, verify: str = "sampled", onnxruntime_version: str | None = None

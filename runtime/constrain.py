@@ -16,9 +16,12 @@ import dataclasses
 import json
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from .schemas import dataclass_schema
 
 
 class ConstraintError(ValueError):
@@ -246,18 +249,6 @@ def response_format(spec: Any) -> ResponseFormat:
                           f"Pydantic model or a dataclass, got {type(spec).__name__}")
 
 
-def dataclass_schema(cls: type) -> dict[str, Any]:
-    from .chat import _hint_schema
-
-    hints = __import__("typing").get_type_hints(cls)
-    props, required = {}, []
-    for f in dataclasses.fields(cls):
-        props[f.name] = _hint_schema(hints[f.name], cls.__name__)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            required.append(f.name)
-    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
-
-
 # --- the Pythonic tool-call grammar ------------------------------------------------------------------------------
 
 _VALUE_RULES = r'''
@@ -355,35 +346,53 @@ def _literal(value: Any) -> str:
     return json.dumps(python)  # a Lark string literal of the Python spelling
 
 
-# --- per generation -----------------------------------------------------------------------------------------------
+# --- per model: what a model's generations are held to -------------------------------------------------------
 
-def build(model: Any, prompt_in_reasoning: bool, schemas: Sequence[Mapping[str, Any]] | None,
-          response_format_spec: Any = None, reasoning_budget: int | None = None,
-          constrain_tools: bool | None = None, reasoning_guard: bool = True) -> All | None:
-    """The constraints of one generation, or None. Tool calls are constrained when tools are offered (and no
-    response_format asks for something else): `constrain_tools` None does so when llguidance is installed,
-    True requires it, False never. llguidance's tokenizer is built only when a grammar is needed."""
-    specials = {t.content: i for i, t in model.tokenizer.get_added_tokens_decoder().items()}
-    parts: list[Any] = []
-    think_start, think_end = specials.get("<think>"), specials.get("</think>")
-    if think_start is not None and think_end is not None and (reasoning_budget is not None or reasoning_guard):
-        parts.append(ReasoningControl(model.session.vocab_size, think_start, think_end, prompt_in_reasoning,
-                                      reasoning_budget))
-    elif reasoning_budget is not None:
-        raise ConstraintError("reasoning_budget: this tokenizer has no <think> / </think> tokens")
-    if response_format_spec is not None:
-        fmt = response_format(response_format_spec)
-        vocab = vocabulary(model)
-        parts.append(AfterReasoning(Grammar(vocab, fmt.grammar(vocab.llg)), think_end, prompt_in_reasoning))
-    elif schemas and constrain_tools is not False and "<|tool_call_start|>" in specials and \
-            "<|tool_call_end|>" in specials and (constrain_tools or available()):
-        parts.append(ToolCalls(vocabulary(model), schemas, specials["<|tool_call_start|>"], "<|tool_call_end|>"))
-    return All(parts) if parts else None
+class Constraints:
+    """The constraints generations over one model can be held to. Owns llguidance's view of the model's
+    tokenizer, built on first use (a grammar is needed) and shared by every generation, from any thread."""
 
+    def __init__(self, tokenizer: Any, tokenizer_file: Path, vocab_size: int, eos_token_ids: Sequence[int]):
+        self.specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()}
+        self.tokenizer_file, self.vocab_size = tokenizer_file, vocab_size
+        self.eos = int(eos_token_ids[0]) if eos_token_ids else self.specials.get("<|im_end|>", 0)
+        self._vocabulary: Vocabulary | None = None
+        self._lock = threading.Lock()
 
-# --- per model ---------------------------------------------------------------------------------------------------
+    @property
+    def vocabulary(self) -> Vocabulary:
+        with self._lock:
+            if self._vocabulary is None:
+                try:
+                    import llguidance  # noqa: F401
+                except ImportError:
+                    raise ConstraintError("constrained decoding needs llguidance (pip install llguidance)") from None
+                self._vocabulary = Vocabulary(self.tokenizer_file.read_text(), self.vocab_size, self.eos,
+                                              self.specials)
+            return self._vocabulary
 
-_LOCK = threading.Lock()
+    def build(self, prompt_in_reasoning: bool, schemas: Sequence[Mapping[str, Any]] | None,
+              response_format_spec: Any = None, reasoning_budget: int | None = None,
+              constrain_tools: bool | None = None, reasoning_guard: bool = True) -> All | None:
+        """The constraints of one generation, or None. Tool calls are constrained when tools are offered (and no
+        response_format asks for something else): `constrain_tools` None does so when llguidance is installed,
+        True requires it, False never. llguidance's tokenizer is built only when a grammar is needed."""
+        specials = self.specials
+        parts: list[Any] = []
+        think_start, think_end = specials.get("<think>"), specials.get("</think>")
+        if think_start is not None and think_end is not None and (reasoning_budget is not None or reasoning_guard):
+            parts.append(ReasoningControl(self.vocab_size, think_start, think_end, prompt_in_reasoning,
+                                          reasoning_budget))
+        elif reasoning_budget is not None:
+            raise ConstraintError("reasoning_budget: this tokenizer has no <think> / </think> tokens")
+        if response_format_spec is not None:
+            fmt = response_format(response_format_spec)
+            vocab = self.vocabulary
+            parts.append(AfterReasoning(Grammar(vocab, fmt.grammar(vocab.llg)), think_end, prompt_in_reasoning))
+        elif schemas and constrain_tools is not False and "<|tool_call_start|>" in specials and \
+                "<|tool_call_end|>" in specials and (constrain_tools or available()):
+            parts.append(ToolCalls(self.vocabulary, schemas, specials["<|tool_call_start|>"], "<|tool_call_end|>"))
+        return All(parts) if parts else None
 
 
 def available() -> bool:
@@ -391,18 +400,3 @@ def available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llguidance") is not None
-
-
-def vocabulary(model: Any) -> Vocabulary:
-    """The model's Vocabulary, built on first use and kept on the model."""
-    with _LOCK:
-        if getattr(model, "_vocabulary", None) is None:
-            try:
-                import llguidance  # noqa: F401
-            except ImportError:
-                raise ConstraintError("constrained decoding needs llguidance (pip install llguidance)") from None
-            specials = {t.content: i for i, t in model.tokenizer.get_added_tokens_decoder().items()}
-            eos = model.session.eos_token_ids[0] if model.session.eos_token_ids else specials.get("<|im_end|>", 0)
-            text = (model.folder / "tokenizer.json").read_text()
-            model._vocabulary = Vocabulary(text, model.session.vocab_size, int(eos), specials)
-        return model._vocabulary

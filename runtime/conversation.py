@@ -18,22 +18,26 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import persist
+from .backend import capacity_for
+from .events import Done, Event, ToolRun
 from .generate import Generation, GenerationStats
-from .growth import capacity_for
 from .prefixcache import PrefixEntry
 from .sampling import Sampling
+from .schemas import function_schema, tool_schema
+from .statefile import StateFileError
+from .tools import tool_loop
 
 if TYPE_CHECKING:
-    from .engine import Done, Event, LfmModel, ToolRun
+    from .model import LfmModel
 
-FORMAT, VERSION = "lfm-edge conversation", 1
 CONTEXT_POLICIES = ("error", "drop_oldest")
 
 
@@ -110,13 +114,11 @@ def _distinct_texts(tokenizer: Any) -> tuple[str, str] | None:
 
 def _tools(tools: Mapping[str, Callable[..., Any]] | Sequence[Any] | None) -> tuple[dict, list]:
     """(functions by name, JSON schemas) from a mapping of functions or a list of schemas / functions."""
-    from .chat import function_schema
-
     if tools is None:
         return {}, []
     if isinstance(tools, Mapping):
         return dict(tools), [function_schema(f) for f in tools.values()]
-    return {}, [t if isinstance(t, Mapping) else function_schema(t) for t in tools]
+    return {}, [tool_schema(t, i) for i, t in enumerate(tools)]
 
 
 class Conversation:
@@ -160,6 +162,7 @@ class Conversation:
         self._cache: Any = None
         self._tokens: list[int] = []  # the token ids whose state the cache holds
         self._lock = threading.Lock()
+        self._saves = threading.Lock()  # saves queue behind each other
 
     # --- what the app calls --------------------------------------------------------------------------------
 
@@ -196,24 +199,13 @@ class Conversation:
 
     def run_tools(self, content: str | Mapping[str, Any] | None = None,
                   tools: Mapping[str, Callable[..., Any]] | None = None, max_rounds: int = 4,
-                  on_event: Callable[[Any], None] | None = None, **kwargs: Any) -> ToolRun:
-        """The tool loop of LfmModel.run_tools on this conversation's state: each round prefills only the
-        tool results and what follows. `tools` defaults to the functions the conversation was made with."""
-        from .engine import ToolRun, run_calls
-
+                  on_event: Callable[[Event], None] | None = None, **kwargs: Any) -> ToolRun:
+        """The tool loop (tools.py) on this conversation's state: each round prefills only the tool results and
+        what follows. `tools` defaults to the functions the conversation was made with; `on_event` sees every
+        event, a ToolResult for each call run."""
         functions = dict(tools) if tools is not None else self.functions
-        run = ToolRun(self.messages, None)  # type: ignore[arg-type]
-        for round_ in range(max_rounds):
-            for event in self.send(content if round_ == 0 else None, **kwargs):
-                if on_event:
-                    on_event(event)
-            done = event
-            run.answer = done
-            if not done.tool_calls or done.stats.stopped == "cancelled":
-                break
-            for result in run_calls(done.tool_calls, functions, run.calls, on_event):
-                self.messages.append({"role": "tool", "content": result})
-        return run
+        return tool_loop(lambda n: self.send(content if n == 0 else None, **kwargs), self.messages, functions,
+                         max_rounds, on_event)
 
     def rewind(self, to_turn: int) -> None:
         """Keep the turns before user turn `to_turn` (0: none, only the system message). The state rolls back
@@ -232,12 +224,51 @@ class Conversation:
             self._drop_state()
 
     def save(self, path: str | Path) -> int:
-        """Write messages, token ids, the KV rows in use and the conv snapshots to `path` (safetensors, atomic).
-        Returns the file's size in bytes."""
-        from .persist import save_conversation
+        """Write messages, token ids, the KV rows in use and the conv snapshots to `path` (safetensors, atomic:
+        the previous file or the new one, never half of either). Returns the file's size in bytes. Raises
+        ConversationBusy while a turn generates; concurrent saves wait for each other."""
+        with self._busy(saving=True):
+            cache = self._cache
+            saved = persist.Saved(self.messages, self.schemas, self.template_vars, self.tokens, self.started,
+                                  self.settings, [s.length for s in self.snapshots.items])
+            if cache is None:
+                return persist.save(Path(path), saved, self.model.identity, {}, {}, [])
+            return persist.save(Path(path), saved, self.model.identity, cache.kv_rows(), cache.conv_state(),
+                                [s.conv for s in self.snapshots.items])
 
-        with self._busy():
-            return save_conversation(self, Path(path))
+    @classmethod
+    def load(cls, model: LfmModel, path: str | Path, tools: Mapping[str, Callable[..., Any]] | None = None,
+             **options: Any) -> Conversation:
+        """A conversation saved with `save`, continued exactly where it stopped (LfmModel.load_conversation).
+        StateFileError names the file and what is wrong when it is damaged, edited, from another bundle or
+        from a newer lfm-edge; `options` override the saved settings."""
+        path, session = Path(path), model.session
+        saved = persist.load(path, model.identity, session.state, session.vocab_size, session.context_length)
+        try:
+            conv = cls(model, None, tools if tools is not None else saved.tools,
+                       template_vars=saved.template_vars, **(saved.settings | options))
+        except ValueError as e:  # a setting out of range
+            raise StateFileError(f"{path}: settings: {e}") from None
+        conv.messages, conv.schemas = saved.messages, saved.tools  # as saved: the rendering must be the same
+        conv.started = saved.started
+        if not saved.length:
+            return conv
+        need = min(session.context_length, max(1 << max(saved.length, 1).bit_length(), conv.reserve))
+        cache = session.new_cache(1, need)
+        kv, state, snapshots = persist.state_arrays(path, saved, session.state, cache.conv_dtype, cache.kv_dtype)
+        cache.set_kv_rows(kv, saved.length)
+        cache.set_conv_state(state)
+        for at, snapshot in zip(saved.snapshot_lengths, snapshots, strict=True):
+            conv.snapshots.add(Snapshot(at, snapshot))
+        conv._cache, conv._tokens = cache, saved.tokens
+        return conv
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments that made this conversation (what a saved file restores)."""
+        return {"snapshot_every": self.snapshot_every, "max_snapshots": self.snapshots.max_count,
+                "snapshot_bytes": self.snapshots.max_bytes, "context_policy": self.context_policy,
+                "prefill_chunk": self.prefill_chunk, "reserve": self.reserve, "prepare_next": self.prepare_next}
 
     @property
     def state_bytes(self) -> int:
@@ -258,14 +289,16 @@ class Conversation:
     # --- how a turn runs -----------------------------------------------------------------------------------
 
     @contextmanager
-    def _busy(self) -> Iterator[None]:
-        if not self._lock.acquire(blocking=False):
-            raise ConversationBusy("this conversation is generating: one send at a time (wait for its Done, "
-                                   "or set its cancel event)")
-        try:
-            yield
-        finally:
-            self._lock.release()
+    def _busy(self, saving: bool = False) -> Iterator[None]:
+        """Hold the conversation: ConversationBusy while a turn generates; a save waits for another save."""
+        with self._saves if saving else nullcontext():
+            if not self._lock.acquire(blocking=False):
+                raise ConversationBusy("this conversation is generating: one send at a time (wait for its Done, "
+                                       "or set its cancel event)")
+            try:
+                yield
+            finally:
+                self._lock.release()
 
     def _render(self, max_new_tokens: int, allow_special_tokens: bool) -> list[int]:
         limit = self.model.session.context_length
@@ -384,6 +417,9 @@ class Conversation:
             keep = cache.length
         prefixes = self.model.prefix_cache
         entry = prefixes.lookup(prompt, len(prompt) - 1, keep) if prefixes is not None else None
+        if entry is not None and not entry.fits(cache, session.state):
+            prefixes.discard(entry.tokens)  # an entry edited to pass its checksum: a miss, and forgotten
+            entry = None
         if entry is not None:
             cache.set_kv_rows(entry.kv, len(entry.tokens))
             cache.set_conv_state(entry.conv)

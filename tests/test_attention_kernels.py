@@ -11,8 +11,8 @@ import pytest
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
 from lfm_edge.runtime import kernels
+from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import Generation, prefill_ranges
-from lfm_edge.runtime.session import LfmSession
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import pytest
 
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
+from lfm_edge.runtime import LfmModel
 from lfm_edge.runtime.bundle import MIN_ONNXRUNTIME, BundleError, _version, read_bundle
-from lfm_edge.runtime.chat_cli import main as chat_main
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.runtime.cli.chat import main as chat_main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,9 +25,10 @@ import transformers.utils.chat_template_utils as hf_chat
 from transformers import AutoTokenizer
 from transformers.utils import get_json_schema
 
-import lfm_edge.runtime.chat as chat
-from lfm_edge.device_bench.chat_templates import LFM25_MOE_TEMPLATE as PUBLISHED_LFM25_MOE
-from lfm_edge.runtime.chat import ChatTemplate, function_schema
+import lfm_edge.runtime.templates as chat
+from lfm_edge.device_bench.lfm25_template import LFM25_MOE_TEMPLATE as PUBLISHED_LFM25_MOE
+from lfm_edge.runtime.schemas import function_schema
+from lfm_edge.runtime.templates import ChatTemplate
 
 DEMO = Path(__file__).resolve().parents[1] / "demo_model"
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from lfm_edge.export.checkpoint import Checkpoint
 from lfm_edge.export.exporter import export
-from lfm_edge.runtime.session import Cache, LfmSession
+from lfm_edge.runtime.backends.python import Cache, LfmSession
 from tiny_models import build
 
 PROMPT = [[5, 17, 99, 3, 250, 41, 8, 77]]

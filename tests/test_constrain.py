@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from lfm_edge.export.exporter import export
-from lfm_edge.runtime.constrain import ConstraintError, pythonic_calls_grammar, vocabulary
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.runtime import LfmModel
+from lfm_edge.runtime.constrain import ConstraintError, pythonic_calls_grammar
 from lfm_edge.runtime.toolcalls import parse_tool_calls
 from scripted_model import write_bundle
 
@@ -61,7 +61,7 @@ def scripted(folder: Path, at: int, said: str, second_choices: dict[str, float] 
     ('[{"name": "get_wether", "arguments": {"city": "Paris"}}]<|tool_call_end|>', False),  # JSON, no such tool
 ])
 def test_call_grammar_accepts_valid_calls_only(demo, text, ok):
-    vocab = vocabulary(demo)
+    vocab = demo.constraints.vocabulary
     matcher = vocab.matcher(pythonic_calls_grammar([WEATHER], "<|tool_call_end|>"))
     tokens = ids(text)
     accepted = matcher.validate_tokens(tokens)
@@ -219,7 +219,7 @@ def test_lfm_chat_json_schema_and_reasoning_budget(demo, tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}},
                                   "required": ["answer"], "additionalProperties": False}))
-    cmd = [sys.executable, "-m", "lfm_edge.runtime.chat_cli", str(demo.folder), "-n", "60", "--no-tools"]
+    cmd = [sys.executable, "-m", "lfm_edge.runtime.cli.chat", str(demo.folder), "-n", "60", "--no-tools"]
     out = subprocess.run(cmd + ["--json-schema", str(schema), "-p", "Say hi"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr

@@ -17,9 +17,8 @@ from test_chat import LFM25_MOE_TEMPLATE
 from tokenizers import Tokenizer
 
 from lfm_edge.export.exporter import export
-from lfm_edge.runtime import statefile
+from lfm_edge.runtime import LfmModel, statefile
 from lfm_edge.runtime.conversation import ContextFull, ConversationBusy
-from lfm_edge.runtime.engine import LfmModel
 from lfm_edge.runtime.statefile import StateFileError
 from scripted_model import write_bundle
 from tiny_models import build
@@ -155,7 +154,7 @@ def test_saved_conversation_continues_exactly_in_a_new_process(demo, tmp_path):
     size = conv.save(tmp_path / "chat.safetensors")
     assert size == (tmp_path / "chat.safetensors").stat().st_size
     here = conv.say(QUESTIONS[2], max_new_tokens=10)
-    code = (f"import json; from lfm_edge.runtime.engine import LfmModel; m = LfmModel({str(demo['fp32'])!r}); "
+    code = (f"import json; from lfm_edge.runtime import LfmModel; m = LfmModel({str(demo['fp32'])!r}); "
             f"c = m.load_conversation({str(tmp_path / 'chat.safetensors')!r}); d = c.say({QUESTIONS[2]!r}, "
             "max_new_tokens=10); print(json.dumps([d.tokens, d.stats.reused_tokens, d.stats.prompt_tokens]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -395,7 +394,7 @@ def test_threads_share_the_prefix_cache_safely(demo):
 def test_lfm_chat_keeps_one_conversation_and_continues_a_session(demo, tmp_path):
     import re
 
-    cmd = [sys.executable, "-m", "lfm_edge.runtime.chat_cli", str(demo["int4"]), "-n", "8", "--no-tools"]
+    cmd = [sys.executable, "-m", "lfm_edge.runtime.cli.chat", str(demo["int4"]), "-n", "8", "--no-tools"]
     session = tmp_path / "chat.safetensors"
     first = subprocess.run(cmd + ["--session", str(session)], input="What is a list?\nAnd a tuple?\n/quit\n",
                            capture_output=True, text=True, timeout=120)

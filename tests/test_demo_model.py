@@ -13,9 +13,9 @@ from tokenizers import Tokenizer
 
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.runtime import LfmModel
+from lfm_edge.runtime.backends.python import Cache, LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import Cache, LfmSession
 
 DEMO = demo_model_path()
 

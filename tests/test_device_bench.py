@@ -111,7 +111,7 @@ class CountingSession:
 def test_bench_uses_the_given_open_session_and_cancel_stops_within_one_decode_step(demo_int4):
     """The app passes its backend's open_session; Cancel pressed mid-decode (here: after the 3rd step) stops
     the run before the next step, with `Cancelled`."""
-    from lfm_edge.runtime.session import LfmSession
+    from lfm_edge.runtime.backends.python import LfmSession
 
     cancel, opened, sessions = threading.Event(), [], []
 
@@ -127,7 +127,7 @@ def test_bench_uses_the_given_open_session_and_cancel_stops_within_one_decode_st
 
 
 def test_bench_cancel_set_by_the_progress_callback_stops_before_the_next_step(demo_int4):
-    from lfm_edge.runtime.session import LfmSession
+    from lfm_edge.runtime.backends.python import LfmSession
 
     cancel, messages, sessions = threading.Event(), [], []
 

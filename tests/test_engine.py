@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from lfm_edge.runtime.engine import Done, LfmModel
+from lfm_edge.runtime import Done, LfmModel
+from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import LfmSession
 from lfm_edge.runtime.toolcalls import ReasoningDelta, TextDelta, ToolCall, ToolCallEvent
 from scripted_model import write_bundle
 
@@ -156,13 +156,13 @@ def test_lfm_chat_one_shot_and_interactive_commands(scripted):
 
     make, tokenize = scripted
     probe = make({})
-    from lfm_edge.runtime.chat import function_schema
-    from lfm_edge.runtime.chat_cli import DEMO_TOOLS
+    from lfm_edge.runtime import DEMO_TOOLS
+    from lfm_edge.runtime.schemas import function_schema
 
     messages = [{"role": "user", "content": "hello there"}]
     start = len(probe.prompt_ids(messages, [function_schema(f) for f in DEMO_TOOLS.values()]))
     model = make(_script(start, tokenize("General Kenobi.")))
-    cmd = [sys.executable, "-m", "lfm_edge.runtime.chat_cli", str(model.folder)]
+    cmd = [sys.executable, "-m", "lfm_edge.runtime.cli.chat", str(model.folder)]
     one = subprocess.run(cmd + ["-p", "hello there"], capture_output=True, text=True, timeout=60)
     assert one.returncode == 0 and "General Kenobi." in one.stdout
     assert "CPUExecutionProvider" in one.stderr and "tok/s" in one.stderr
@@ -179,7 +179,7 @@ def test_lfm_chat_one_shot_and_interactive_commands(scripted):
 
 
 def test_calculator_tool_computes_and_refuses_code():
-    from lfm_edge.runtime.chat_cli import calculator
+    from lfm_edge.runtime.demo_tools import calculator
 
     assert calculator("2 * (3 + 4) - 1 / 4") == {"result": 13.75}
     assert "error" in calculator("__import__('os').system('true')")

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
+from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import LfmSession
 from tiny_models import build
 
 

@@ -23,8 +23,8 @@ from lfm_edge.export.gguf_checkpoint import GgufCheckpoint, resolve_gguf
 from lfm_edge.export.reference import TorchReference
 from lfm_edge.quant.blocks import quantize
 from lfm_edge.quant.policy import get_policy, scale_dtype
+from lfm_edge.runtime.backends.python import Cache, LfmSession
 from lfm_edge.runtime.bundle import sha256
-from lfm_edge.runtime.session import Cache, LfmSession
 from tiny_models import build, write_lfm2_tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -244,7 +244,7 @@ def test_demo_gguf_brings_its_tokenizer_template_and_tokens(demo_gguf, tmp_path)
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, [7], 0)
     genai = json.loads((bundle / "genai_config.json").read_text())
     assert genai["model"]["eos_token_id"] == 7
-    from lfm_edge.runtime.engine import LfmModel
+    from lfm_edge.runtime import LfmModel
 
     reply = LfmModel(bundle).chat([{"role": "user", "content": "What is a list?"}], max_new_tokens=4)
     assert isinstance(reply.text, str)

@@ -21,8 +21,8 @@ from lfm_edge.export.checkpoint import Checkpoint
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import ExportError, export
 from lfm_edge.export.kv_cache import kv_absmax
+from lfm_edge.runtime.backends.python import Cache, LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import Cache, LfmSession
 from tiny_models import build
 
 PROMPT = [1, 1055, 2041, 1279, 1067, 300, 12, 77]

@@ -37,7 +37,7 @@ def test_gguf_holds_the_checkpoint_under_llama_cpp_names(demo_gguf):
 def test_llama_cpp_logits_match_our_export(demo_gguf, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
     from lfm_edge.export.exporter import export
-    from lfm_edge.runtime.session import Cache, LfmSession
+    from lfm_edge.runtime.backends.python import Cache, LfmSession
 
     bundle = export(demo_model_path(), tmp_path / "fp32").bundle
     ids = list(range(20, 68))

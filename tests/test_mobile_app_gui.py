@@ -27,7 +27,7 @@ from test_mobile_app_logic import (
     talker_bundle,
 )
 
-from lfm_edge.mobile_app.app.chat import ChatController
+from lfm_edge.mobile_app.app.transcript import ChatController
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "build" / "screenshots"

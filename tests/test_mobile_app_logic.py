@@ -23,10 +23,10 @@ from lfm_edge.device_bench import roofline
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
 from lfm_edge.mobile_app.app import bench, download
-from lfm_edge.mobile_app.app.chat import GENERATING, IDLE, Bubble, ChatController, ToolCard
 from lfm_edge.mobile_app.app.model import bundle_info, check_folder, default_bundle, load_model
 from lfm_edge.mobile_app.app.tools import DEMO_TOOLS, _sysfs_battery, battery
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.mobile_app.app.transcript import GENERATING, IDLE, Bubble, ChatController, ToolCard
+from lfm_edge.runtime import LfmModel
 from scripted_model import write_bundle
 from without_module import run_without
 
@@ -108,7 +108,7 @@ def test_app_logic_imports_neither_kivy_nor_onnxruntime():
     import subprocess
     import sys
 
-    probe = ("import sys; import lfm_edge.mobile_app.app.chat, lfm_edge.mobile_app.app.bench, "
+    probe = ("import sys; import lfm_edge.mobile_app.app.transcript, lfm_edge.mobile_app.app.bench, "
              "lfm_edge.mobile_app.app.download, lfm_edge.mobile_app.app.model, lfm_edge.mobile_app.app.jobs; "
              "print(sorted(m for m in ('kivy', 'onnxruntime', 'onnx', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
@@ -317,7 +317,7 @@ def test_quick_benchmark_on_the_demo_bundle_gives_a_verdict(demo_int4):
 def test_the_benchmark_measures_the_apps_session_and_opens_no_other(demo_int4):
     """The app's Benchmark screen passes the session its chat holds: no second copy of the model, the load
     reported is the app's own, and the progress bar has no load stages."""
-    from lfm_edge.runtime.session import live_sessions, sessions_opened
+    from lfm_edge.runtime.backends.python import live_sessions, sessions_opened
 
     model = load_model(demo_int4, threads=1)
     opened = sessions_opened()
@@ -409,7 +409,7 @@ def test_benchmark_cancel_stops_at_the_next_stage(demo_int4):
 def test_benchmark_loads_through_the_backends_and_cancels_mid_decode(demo_int4, monkeypatch):
     """The bundle is opened with backends.open_session (a phone's Java or Objective-C backend); a cancel set
     while decoding stops the run inside bench.run's decode loop, not after the workload."""
-    from lfm_edge.mobile_app import backends
+    from lfm_edge.runtime import backends
 
     cancel, opened, messages = threading.Event(), [], []
     real_open = backends.open_session

@@ -8,8 +8,8 @@ import pytest
 
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
-from lfm_edge.runtime import pages
-from lfm_edge.runtime.session import LfmSession
+from lfm_edge.runtime.backends import pages
+from lfm_edge.runtime.backends.python import LfmSession
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps is Linux's")
 
@@ -43,7 +43,7 @@ def test_a_session_gives_logits_identical_to_one_that_keeps_its_pages(tmp_path, 
         return np.stack(out)
 
     released = LfmSession(bundle, threads=1)
-    monkeypatch.setattr("lfm_edge.runtime.session.release_clean_pages", lambda files: 0)
+    monkeypatch.setattr("lfm_edge.runtime.backends.python.release_clean_pages", lambda files: 0)
     kept = LfmSession(bundle, threads=1)
     assert kept.released_bytes == 0
     np.testing.assert_array_equal(run(released), run(kept))

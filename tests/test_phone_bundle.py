@@ -10,8 +10,8 @@ import onnxruntime as ort
 
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
+from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import LfmSession
 
 
 def test_android_bundle_has_usability_report_and_ort_format(tmp_path):

@@ -19,9 +19,10 @@ import pytest
 from lfm_edge.device_bench import roofline
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
-from lfm_edge.runtime import prepack
-from lfm_edge.runtime.generate import generate, resident_mb
-from lfm_edge.runtime.session import LfmSession
+from lfm_edge.runtime.backends import prepack
+from lfm_edge.runtime.backends.python import LfmSession
+from lfm_edge.runtime.generate import generate
+from lfm_edge.runtime.memory import resident_mb
 
 PROMPTS = [[1, 6, 100, 200, 300]]
 
@@ -73,8 +74,8 @@ def test_weights_are_file_backed_not_copied_when_mapped(bundle):
     LfmSession(bundle, threads=1, prepack_cache="auto")
     code = textwrap.dedent(f"""
         import json, sys
-        from lfm_edge.runtime.generate import resident_mb
-        from lfm_edge.runtime.session import LfmSession
+        from lfm_edge.runtime.memory import resident_mb
+        from lfm_edge.runtime.backends.python import LfmSession
         base = resident_mb()
         s = LfmSession({str(bundle)!r}, threads=1, prepack_cache=sys.argv[1])
         now = resident_mb()
@@ -188,7 +189,7 @@ def test_a_full_disk_while_writing_leaves_nothing_that_is_used(bundle, expected)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
         from lfm_edge.runtime.generate import generate
-        from lfm_edge.runtime.session import LfmSession
+        from lfm_edge.runtime.backends.python import LfmSession
         s = LfmSession({str(bundle)!r}, threads=1, prepack_cache="auto")
         print(json.dumps([s.prepack.state, s.prepack.reason, generate(s, {PROMPTS!r}, 8)]))
     """)

@@ -21,8 +21,8 @@ from lfm_edge.export.exporter import ExportError, export
 from lfm_edge.export.reference import TorchReference
 from lfm_edge.quant.blocks import quantize
 from lfm_edge.quant.policy import QuantSpec, get_policy
+from lfm_edge.runtime.backends.python import Cache, LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import Cache, LfmSession
 from tiny_models import CONFIGS, build
 
 RNG = np.random.default_rng(0)

@@ -12,9 +12,9 @@ from lfm_edge.export.exporter import export
 from lfm_edge.export.random_tokenizer import random_tokenizer_files
 from lfm_edge.export.random_weights import PRESETS, preset
 from lfm_edge.mobile_app.app.model import check_folder
-from lfm_edge.runtime.chat import ChatTemplate
-from lfm_edge.runtime.chat_cli import main as chat_main
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.runtime import LfmModel
+from lfm_edge.runtime.cli.chat import main as chat_main
+from lfm_edge.runtime.templates import ChatTemplate
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -13,11 +13,11 @@ from kivy.uix.boxlayout import BoxLayout
 from kivy.uix.label import Label
 from kivy.uix.screenmanager import NoTransition, ScreenManager
 
-from .chat import IDLE, ChatController
 from .model import LoadTimes, default_bundle
 from .screen_bench import BenchScreen
 from .screen_chat import ChatScreen
 from .screen_model import ModelScreen
+from .transcript import IDLE, ChatController
 from .widgets import BACKGROUND, MUTED, TEXT, toggle
 
 TABS = (("chat", "Chat"), ("benchmark", "Benchmark"), ("model", "Model"))
@@ -26,7 +26,7 @@ TABS = (("chat", "Chat"), ("benchmark", "Benchmark"), ("model", "Model"))
 def sessions() -> dict:
     """onnxruntime sessions this process opened and still holds, per bundle (empty on a phone backend)."""
     try:
-        from lfm_edge.runtime.session import live_sessions, sessions_opened
+        from lfm_edge.runtime.backends.python import live_sessions, sessions_opened
     except ImportError:
         return {}
     return {"opened": sessions_opened(), "live": live_sessions()}

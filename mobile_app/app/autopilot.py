@@ -28,7 +28,7 @@ from pathlib import Path
 from kivy.clock import Clock
 from kivy.core.window import Window
 
-from .chat import IDLE
+from .transcript import IDLE
 
 SETTLE = 0.4  # seconds for layout and a few frames to be drawn before a screenshot
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lfm_edge.device_bench import bench, roofline
-from lfm_edge.mobile_app import backends
+from lfm_edge.runtime import backends
 
 TARGET = roofline.TARGET_TOKENS_PER_SECOND
 

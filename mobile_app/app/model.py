@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lfm_edge.mobile_app.backends import open_session
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.runtime import LfmModel
+from lfm_edge.runtime.backends import open_session
 
 # what `lfm-export --target android` and `make export` write from the bundled demo model, best first
 DEFAULT_BUNDLES = ("build/demo_model-int4-contrib", "build/demo_model-fp32-contrib")

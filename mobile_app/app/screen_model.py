@@ -12,7 +12,7 @@ from kivy.uix.progressbar import ProgressBar
 from kivy.uix.screenmanager import Screen
 from kivy.uix.textinput import TextInput
 
-from lfm_edge.runtime.generate import resident_mb
+from lfm_edge.runtime.memory import resident_mb
 
 from . import download
 from .jobs import Job, Post

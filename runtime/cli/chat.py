@@ -12,60 +12,18 @@ may call them; calls and results are shown), /stats shows the last generation's 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .bundle import BundleError
-from .conversation import Conversation
-from .engine import Done, LfmModel
-from .hugepages import reexec_with_hugepages
-from .statefile import StateFileError
-from .toolcalls import ReasoningDelta, TextDelta, ToolCallEvent
-
-
-def calculator(expression: str) -> dict:
-    """Evaluate arithmetic with + - * / ** and parentheses.
-
-    Args:
-        expression: the arithmetic expression, e.g. "2 * (3 + 4)"
-    """
-    import ast
-    import operator
-
-    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
-
-    def value(node: ast.AST) -> float:
-        # arithmetic on numeric literals only; anything else is refused, never evaluated
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in ops:
-            right = value(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 100:
-                raise ValueError("exponent too large")
-            return ops[type(node.op)](value(node.left), right)
-        if isinstance(node, ast.UnaryOp) and type(node.op) in ops:
-            return ops[type(node.op)](value(node.operand))
-        raise ValueError(f"not arithmetic: {ast.dump(node)[:60]}")
-
-    if len(expression) > 200:
-        return {"error": "expression too long"}
-    try:
-        return {"result": value(ast.parse(expression, mode="eval").body)}
-    except (ValueError, SyntaxError, ZeroDivisionError, OverflowError) as e:
-        return {"error": str(e)}
-
-
-def current_time() -> dict:
-    """The device's local date and time."""
-    return {"now": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
-DEMO_TOOLS: dict[str, Callable[..., Any]] = {"calculator": calculator, "current_time": current_time}
+from ..bundle import BundleError
+from ..conversation import Conversation
+from ..demo_tools import DEMO_TOOLS
+from ..events import Done, ReasoningDelta, TextDelta, ToolCallEvent, ToolResult
+from ..hugepages import reexec_with_hugepages
+from ..model import LfmModel
+from ..statefile import StateFileError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,8 +134,8 @@ def _turn(conversation: Conversation, line: str, sampling, max_new_tokens: int, 
             print(event.text, end="", flush=True)
         elif isinstance(event, ToolCallEvent):
             print(f"\n[tool call: {event.error or ', '.join(c.name for c in event.calls)}]", flush=True)
-        elif isinstance(event, tuple):
-            print(f"[{event[0].name} -> {json.dumps(event[1])}]", flush=True)
+        elif isinstance(event, ToolResult):
+            print(f"[{event.call.name} -> {event.content}]", flush=True)
 
     first = len(conversation.stats)
     run = conversation.run_tools(line, on_event=show, sampling=sampling, max_new_tokens=max_new_tokens, **held)

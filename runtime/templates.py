@@ -22,11 +22,9 @@ What is matched from transformers (5.x), because templates depend on it:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import re
 import sys
-import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -41,15 +39,14 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .bundle import BundleError
+from .schemas import Tool, tool_schema
 
-__all__ = ["ChatTemplate", "function_schema"]
+__all__ = ["ChatTemplate"]
 
 # The named special tokens transformers hands to every template (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Older names for a message's reasoning; templates read `reasoning_content` (LFM2.5: `thinking`).
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
-
-Tool = Mapping[str, Any] | Callable[..., Any]
 
 
 class ChatTemplate:
@@ -121,11 +118,11 @@ class ChatTemplate:
         **extra: Any,
     ) -> str:
         """The prompt text for `messages`. `tools` are JSON-schema dicts (or documented, type-hinted functions,
-        see `function_schema`); `extra` become template variables (e.g. `keep_past_thinking=True`); `now` pins
+        see schemas.function_schema); `extra` become template variables (e.g. `keep_past_thinking=True`); `now` pins
         the template's `strftime_now` (a conversation renders the date it started on, every turn).
         Unlike transformers, `add_generation_prompt` defaults to True: here a prompt is rendered to generate."""
         chat = _check_messages(messages)
-        schemas = None if tools is None else [_tool_schema(tool, i) for i, tool in enumerate(tools)]
+        schemas = None if tools is None else [tool_schema(tool, i) for i, tool in enumerate(tools)]
         if documents is not None and not all(isinstance(d, Mapping) for d in documents):
             raise ValueError("documents must be a list of dicts (with 'title' and 'text' keys)")
         variables = _plain({**self.special_tokens, **extra})
@@ -199,20 +196,6 @@ def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
             plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
         chat.append(plain)
     return chat
-
-
-def _tool_schema(tool: Tool, index: int) -> dict[str, Any]:
-    if callable(tool) and not isinstance(tool, Mapping):
-        return function_schema(tool)
-    if not isinstance(tool, Mapping):
-        raise ValueError(f"tool {index} must be a JSON-schema dict or a function, got {type(tool).__name__}")
-    try:
-        json.dumps(tool)
-    except (TypeError, ValueError) as e:
-        function = tool.get("function")
-        name = (function.get("name") if isinstance(function, Mapping) else None) or tool.get("name") or f"#{index}"
-        raise ValueError(f"tool {name!r} is not JSON-serialisable: {e}") from e
-    return dict(tool)
 
 
 def _plain(value: Any) -> Any:
@@ -319,92 +302,3 @@ def _environment() -> ImmutableSandboxedEnvironment:
 @lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
     return _environment().from_string(source)
-
-
-# --- tools given as functions ------------------------------------------------------------------------------------
-
-_SCALAR_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
-_CONTAINER_TYPES = {list: "array", tuple: "array", dict: "object"}
-
-
-def function_schema(fn: Callable[..., Any]) -> dict[str, Any]:
-    """The JSON schema transformers' `get_json_schema` gives for a plain function, for the common cases only:
-    parameters typed with str/int/float/bool/list/dict (also `list[X]`, `dict[str, X]`, `X | None`) and a
-    Google-style docstring whose `Args:` describe every parameter. Anything fancier: pass a schema dict."""
-    name = getattr(fn, "__name__", "operation")
-    doc = inspect.getdoc(fn)
-    if not doc:
-        raise ValueError(f"tool {name!r}: a function tool needs a docstring (or pass a JSON-schema dict)")
-    description, arg_docs, returns_doc = _google_docstring(doc.strip())
-    hints = typing.get_type_hints(fn)
-    params = list(inspect.signature(fn).parameters.values())
-    if params and params[0].name in ("self", "cls") and params[0].annotation is inspect.Parameter.empty:
-        params = params[1:]
-    properties: dict[str, Any] = {}
-    required = []
-    for param in params:
-        if param.name not in hints:
-            raise ValueError(f"tool {name!r}: argument {param.name!r} has no type hint")
-        if param.name not in arg_docs:
-            raise ValueError(f"tool {name!r}: the docstring's Args: section does not describe {param.name!r}")
-        properties[param.name] = {**_hint_schema(hints[param.name], name), "description": arg_docs[param.name]}
-        if param.default is inspect.Parameter.empty:
-            required.append(param.name)
-    parameters: dict[str, Any] = {"type": "object", "properties": properties}
-    if required:
-        parameters["required"] = required
-    out: dict[str, Any] = {"name": name, "description": description, "parameters": parameters}
-    if "return" in hints:
-        try:
-            out["return"] = _hint_schema(hints["return"], name)
-        except ValueError:
-            pass  # the model never writes the return value; an unusual return type is no reason to refuse the tool
-        else:
-            if returns_doc is not None:
-                out["return"]["description"] = returns_doc
-    return {"type": "function", "function": out}
-
-
-def _hint_schema(hint: Any, tool: str) -> dict[str, Any]:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is None and hint in _SCALAR_TYPES:
-        return {"type": _SCALAR_TYPES[hint]}
-    if origin is None and hint in _CONTAINER_TYPES:
-        return {"type": _CONTAINER_TYPES[hint]}
-    if origin is list and len(args) == 1:
-        return {"type": "array", "items": _hint_schema(args[0], tool)}
-    if origin is dict and len(args) == 2:
-        return {"type": "object", "additionalProperties": _hint_schema(args[1], tool)}
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            schema = _hint_schema(inner[0], tool)
-        elif all(a in _SCALAR_TYPES for a in inner):
-            schema = {"type": sorted({_SCALAR_TYPES[a] for a in inner})}
-        else:
-            raise ValueError(f"tool {tool!r}: unsupported union {hint!r}; pass a JSON-schema dict instead")
-        if len(inner) < len(args):
-            schema["nullable"] = True
-        return schema
-    raise ValueError(f"tool {tool!r}: unsupported type hint {hint!r}; pass a JSON-schema dict instead")
-
-
-def _google_docstring(doc: str) -> tuple[str, dict[str, str], str | None]:
-    """(description, {arg: description}, returns) from a Google-style docstring; continuation lines are joined."""
-    sections = re.split(r"\n\s*(Args|Returns|Raises):\s*\n", "\n" + doc)
-    description = sections[0].strip()
-    named = dict(zip(sections[1::2], sections[2::2], strict=True))
-    args: dict[str, str] = {}
-    lines = [line for line in named.get("Args", "").split("\n") if line.strip()]
-    base = min((len(line) - len(line.lstrip()) for line in lines), default=0)
-    current = None
-    for line in lines:
-        indent = len(line) - len(line.lstrip())
-        match = re.match(r"(\w+):\s*(.*)", line.strip()) if indent == base else None
-        if match:
-            current = match.group(1)
-            args[current] = match.group(2).strip()
-        elif current is not None:
-            args[current] = f"{args[current]} {line.strip()}".strip()
-    returns = named.get("Returns")
-    return description, args, returns.strip() if returns is not None else None

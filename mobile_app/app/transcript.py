@@ -16,10 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm_edge.runtime.chat import function_schema
-from lfm_edge.runtime.conversation import Conversation
-from lfm_edge.runtime.engine import Done, LfmModel, ToolRun
-from lfm_edge.runtime.toolcalls import ReasoningDelta, StreamParser, TextDelta, ToolCall, ToolCallEvent
+from lfm_edge.runtime import (
+    Conversation,
+    Done,
+    LfmModel,
+    ReasoningDelta,
+    TextDelta,
+    ToolCall,
+    ToolCallEvent,
+    ToolResult,
+    ToolRun,
+)
+from lfm_edge.runtime.schemas import function_schema
+from lfm_edge.runtime.toolcalls import StreamParser
 
 from .tools import DEMO_TOOLS
 
@@ -225,8 +234,8 @@ class ChatController:
             for call in event.calls:
                 self.items.append(ToolCard(call.name, dict(call.arguments)))
                 self._changed(len(self.items) - 1)
-        elif isinstance(event, tuple):  # (call, result): a tool ran
-            self._tool_result(*event)
+        elif isinstance(event, ToolResult):  # a tool ran
+            self._tool_result(event.call, event.result)
         elif isinstance(event, Done):  # the end of one round; a tool result starts the next
             if self._current is None and event.stats.stopped == "cancelled":
                 self.items.append(Bubble("error", "cancelled"))  # e.g. cancelled while a tool ran

@@ -31,18 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from lfm_edge.runtime import kernels
-from lfm_edge.runtime.growth import (
-    capacity_for,
-    check_fits,
-    check_rows,
-    check_truncate,
-    grown_mask,
-    kv_row_bytes,
-    padded,
-)
-
-from .plan import BundleError, StateSpec, check_step, kv_cache_type, read_bundle, state_from_config, step_names
+from .. import kernels
+from ..backend import CacheBase
+from ..bundle import BundleError, StateSpec
+from .plan import kv_cache_type, read_bundle, state_from_config, step_names
 
 # ort_enums.h: ORTTensorElementDataType {Undefined, Float, Int8, UInt8, Int32, UInt32, Int64, ...}
 ELEMENT_FLOAT, ELEMENT_INT8, ELEMENT_UINT8, ELEMENT_INT64 = 1, 2, 3, 6
@@ -119,68 +111,32 @@ class ObjcSession:
         return ObjcCache(self, batch, max_length)
 
 
-class ObjcCache:
+class ObjcCache(CacheBase):
+    """Every tensor is an (ORTValue, numpy array) pair: the ORTValue wraps the array's memory, so the state is
+    read and written as the arrays themselves (CacheBase keeps the books)."""
+
     def __init__(self, model: ObjcSession, batch: int, max_length: int):
-        self.model, self.batch, self.max_length = model, batch, max_length
         self.C = model.C
-        self.length = 0
-        self.mask = np.zeros((batch, max_length), dtype=np.int64)
         self._ids = np.zeros(batch * max_length, dtype=np.int64)
         self._logits = np.zeros(0, dtype=np.float32)
-        names, state = model.names, model.state
-        self.conv = {i: [self._value(np.zeros((batch, *state.conv[i]), np.float32)) for _ in range(2)]
-                     for i, _, _ in names.conv}
-        capacity = max_length if model.share_buffer else 0
-        self.row_bytes = kv_row_bytes(state.kv, batch, model.kv_dtype) if model.share_buffer else 0
-        check_fits(capacity, self.row_bytes)
-        self.kv = {i: [self._value(np.zeros((batch, state.kv[i][0], capacity, state.kv[i][1]), model.kv_dtype))
-                       for _ in range(2)] for i, _, _, _, _ in names.kv}
-        self.conv_dtype = dict.fromkeys(self.conv, np.float32)
-        self.kv_dtype = dict.fromkeys(self.kv, model.kv_dtype)  # float32, or int8/uint8 (manifest kv_cache)
+        super().__init__(model, batch, max_length, conv_dtype=dict.fromkeys(model.state.conv, np.float32),
+                         kv_dtype=dict.fromkeys(model.state.kv, model.kv_dtype))  # float32, or int8/uint8
 
-    # conversation state (runtime/README.md): the arrays under the ORTValues are read and replaced directly
+    def _tensor(self, array: np.ndarray) -> tuple[Any, np.ndarray]:
+        return self._value(np.array(array))
 
-    @property
-    def capacity(self) -> int:
-        return self.max_length
+    def _zeros(self, shape: tuple[int, ...], dtype: Any) -> tuple[Any, np.ndarray]:
+        return self._value(np.zeros(shape, dtype))
 
-    def truncate(self, length: int) -> None:
-        check_truncate(length, self.length)
-        if not self.model.share_buffer:
-            self.kv = {i: [self._value(a[:, :, :length].copy()) for _, a in pair] for i, pair in self.kv.items()}
-        self.mask[:, length:] = 0
-        self.length = length
+    def _array(self, tensor: tuple[Any, np.ndarray], shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return tensor[1]
 
-    def reserve(self, rows: int) -> None:
-        new = capacity_for(rows, self.max_length, self.model.context_length, self.row_bytes)
-        if new == self.max_length:
-            return
-        self.mask, self.max_length = grown_mask(self.mask, self.length, new), new
-        self._ids = np.zeros(self.batch * new, dtype=np.int64)
-        if self.model.share_buffer:
-            self.kv = {i: [self._value(padded(a[:, :, :self.length], new)) for _, a in pair]
-                       for i, pair in self.kv.items()}
+    def _write(self, tensor: tuple[Any, np.ndarray], array: np.ndarray) -> tuple[Any, np.ndarray]:
+        tensor[1][...] = array  # the ORTValue reads this memory: no new value needed
+        return tensor
 
-    def conv_state(self) -> dict[int, np.ndarray]:
-        return {i: pair[0][1].copy() for i, pair in self.conv.items()}
-
-    def set_conv_state(self, state: dict[int, np.ndarray]) -> None:
-        for i, pair in self.conv.items():
-            pair[0][1][...] = state[i]  # the ORTValue reads this memory: no new value needed
-
-    def kv_rows(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        return {i: tuple(a[:, :, :self.length].copy() for _, a in pair) for i, pair in self.kv.items()}
-
-    def set_kv_rows(self, rows: dict[int, tuple[np.ndarray, np.ndarray]], length: int) -> None:
-        self.length = 0
-        self.reserve(length)
-        for i in self.kv:
-            arrays = [np.array(a, self.kv_dtype[i]) for a in rows[i]]
-            check_rows(i, arrays, length)
-            self.kv[i] = [self._value(padded(a, self.max_length) if self.model.share_buffer else a) for a in arrays]
-        self.mask[:] = 0
-        self.mask[:, :length] = 1
-        self.length = length
+    def _grown(self, capacity: int) -> None:
+        self._ids = np.zeros(self.batch * capacity, dtype=np.int64)
 
     def _value(self, array: np.ndarray) -> tuple[Any, np.ndarray]:
         """(ORTValue over `array`'s memory, array). The array must stay referenced while the value is used."""
@@ -195,17 +151,13 @@ class ObjcCache:
             raise RuntimeError(f"ORTValue could not wrap a {array.dtype} tensor of shape {array.shape}")
         return value, array
 
-    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None, last: int | None = 1) -> np.ndarray:
-        """Run input_ids [B, S]; returns the last position's logits [B, 1, V] (read from the buffer onnxruntime
-        wrote, no bridge copy)."""
+    def _run(self, input_ids: np.ndarray, total: int, last: int | None) -> np.ndarray:
+        """The last position's logits [B, 1, V] (read from the buffer onnxruntime wrote, no bridge copy)."""
         b, s = input_ids.shape
-        check_step(self.length, s, self.max_length)
-        self.mask[:, self.length:self.length + s] = 1 if mask is None else mask
-        self.length += s
         model, names, v = self.model, self.model.names, self.model.vocab_size
         ids = self._ids[:b * s].reshape(b, s)
         ids[...] = input_ids
-        mask_now = np.ascontiguousarray(self.mask[:, :self.length])
+        mask_now = np.ascontiguousarray(self.mask[:, :total])
         rows = 1 if model.logits_to_keep else s  # the graph computes the last row only, where it can
         if self._logits.size < b * rows * v:
             self._logits = np.zeros(b * rows * v, dtype=np.float32)
@@ -230,7 +182,7 @@ class ObjcCache:
                 outputs.setObject_forKey_(key, qk)
                 outputs.setObject_forKey_(value, qv)
             else:
-                shape = (b, key_arr.shape[1], self.length, key_arr.shape[3])
+                shape = (b, key_arr.shape[1], total, key_arr.shape[3])
                 grown[i] = [self._value(np.empty(shape, key_arr.dtype)) for _ in range(2)]
                 outputs.setObject_forKey_(grown[i][0][0], qk)
                 outputs.setObject_forKey_(grown[i][1][0], qv)
@@ -241,4 +193,3 @@ class ObjcCache:
             self.conv[i].reverse()
         self.kv.update(grown)
         return logits[:, -1:].copy()
-

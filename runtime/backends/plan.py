@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lfm_edge.runtime import bundle
-from lfm_edge.runtime.bundle import BundleConfig, BundleError, StateSpec, state_spec  # noqa: F401 (re-exported)
+from .. import bundle
+from ..bundle import BundleConfig, BundleError, StateSpec
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,3 @@ def initial_shapes(state: StateSpec, batch: int, max_length: int, share_buffer: 
         heads, dim = state.kv[i]
         shapes[k] = shapes[v] = (batch, heads, capacity, dim)
     return shapes
-
-
-def check_step(length: int, new: int, max_length: int) -> None:
-    if length + new > max_length:
-        raise ValueError(f"{length} + {new} tokens exceed this generation's max_length {max_length}")

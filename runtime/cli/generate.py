@@ -1,4 +1,4 @@
-"""`lfm-generate BUNDLE -p TEXT`: continue a plain-text prompt (no chat template; that is `lfm-chat`, issue 4)."""
+"""`lfm-generate BUNDLE -p TEXT`: continue a plain-text prompt (no chat template: for chat, `lfm-chat`)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .detokenize import IncrementalDecoder
-from .generate import stream
-from .hugepages import reexec_with_hugepages
-from .sampling import Sampling
-from .session import BundleError, LfmSession
+from ..backends.python import LfmSession
+from ..bundle import BundleError
+from ..detokenize import IncrementalDecoder
+from ..generate import stream
+from ..hugepages import reexec_with_hugepages
+from ..sampling import Sampling
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,18 +52,10 @@ from typing import Any
 
 import numpy as np
 
-from lfm_edge.runtime import kernels
-from lfm_edge.runtime.growth import (
-    capacity_for,
-    check_fits,
-    check_rows,
-    check_truncate,
-    grown_mask,
-    kv_row_bytes,
-    padded,
-)
-
-from .plan import BundleError, StateSpec, check_step, kv_cache_type, read_bundle, state_spec, step_names
+from .. import kernels
+from ..backend import CacheBase
+from ..bundle import BundleError, StateSpec, state_spec
+from .plan import kv_cache_type, read_bundle, step_names
 
 LITTLE = sys.byteorder == "little"
 
@@ -188,15 +180,12 @@ class _Direct:
         return b.asLongBuffer()
 
 
-class JavaCache:
-    """Per-generation state on the Java side; `step` runs one forward pass."""
+class JavaCache(CacheBase):
+    """Per-generation state on the Java side; `step` runs one forward pass (CacheBase keeps the books)."""
 
     def __init__(self, model: JavaSession, batch: int, max_length: int):
-        self.model, self.batch, self.max_length = model, batch, max_length
-        J, env, names, state = model.J, model.env, model.names, model.state
-        self.J, self.env = J, env
-        self.length = 0
-        self.mask = np.zeros((batch, max_length), dtype=np.int64)
+        J = model.J
+        self.J, self.env = J, model.env
         # every long-lived OnnxTensor, and the last Result (its outputs are this step's past when they are not
         # pinned); close() or garbage collection closes them
         self._res = SimpleNamespace(tensors=[], held=None, direct={})  # direct: id(tensor) -> (_Direct, shape)
@@ -204,24 +193,20 @@ class JavaCache:
         self._mask = _Direct(J, batch * max_length * 8)
         self._logits: _Direct | None = None
         self._heap = J.ByteBuffer.allocate(batch * model.vocab_size * 4)  # Java heap: the rows we copy out
-        self.conv: dict[int, list[Any]] = {}
-        for i, _, _ in names.conv:
-            h, k = state.conv[i]
-            self.conv[i] = [self._tensor((batch, h, k)) for _ in range(2 if model.pinned else 1)]
-        self.kv: dict[int, list[Any]] = {}
-        capacity = max_length if model.share_buffer else 0
-        self.row_bytes = kv_row_bytes(state.kv, batch, model.kv_dtype) if model.share_buffer else 0
-        check_fits(capacity, self.row_bytes)
-        for i, _, _, _, _ in names.kv:
-            heads, dim = state.kv[i]
-            self.kv[i] = [self._tensor((batch, heads, capacity, dim), dtype=model.kv_dtype) for _ in range(2)]
-        self.conv_dtype = dict.fromkeys(self.conv, np.float32)
-        self.kv_dtype = dict.fromkeys(self.kv, model.kv_dtype)  # float32, or int8/uint8 (manifest kv_cache)
+        self.conv_buffers = 2 if model.pinned else 1
         self._finalizer = weakref.finalize(self, _close_all, self._res)
+        super().__init__(model, batch, max_length, conv_dtype=dict.fromkeys(model.state.conv, np.float32),
+                         kv_dtype=dict.fromkeys(model.state.kv, model.kv_dtype))  # float32, or int8/uint8
 
-    def _tensor(self, shape: tuple[int, ...], data: np.ndarray | None = None, dtype: type = np.float32) -> Any:
-        """A tensor over its own direct buffer: zero-filled (allocateDirect zero-fills), or `data`. float32, or
-        int8/uint8 (an int8/int4 KV cache) through createTensor(env, ByteBuffer, long[], OnnxJavaType)."""
+    def _zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        return self._new(shape, None, dtype)  # allocateDirect zero-fills
+
+    def _tensor(self, array: np.ndarray) -> Any:
+        return self._new(array.shape, array, array.dtype)
+
+    def _new(self, shape: tuple[int, ...], data: np.ndarray | None, dtype: Any) -> Any:
+        """A tensor over its own direct buffer: zero-filled, or `data`. float32, or int8/uint8 (an int8/int4 KV
+        cache) through createTensor(env, ByteBuffer, long[], OnnxJavaType)."""
         count, dtype = int(np.prod(shape)), np.dtype(dtype)
         buf = _Direct(self.J, count * dtype.itemsize)
         if data is not None and count:
@@ -235,7 +220,7 @@ class JavaCache:
         self._res.direct[id(t)] = (buf, tuple(shape))
         return t
 
-    def _read(self, tensor: Any, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    def _array(self, tensor: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """A copy of a tensor's data: from its direct buffer, or a Result output's getByteBuffer()."""
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if not n:
@@ -250,87 +235,32 @@ class JavaCache:
         raw = data.tostring() if hasattr(data, "tostring") else bytes(data)
         return np.frombuffer(raw[:n], dtype=dtype).reshape(shape).copy()
 
-    def _replace(self, old: Any) -> None:
-        """Close a tensor of the cache's own that the state no longer uses (a Result's own close with it)."""
-        if id(old) in self._res.direct:
-            del self._res.direct[id(old)]
-            self._res.tensors = [t for t in self._res.tensors if t is not old]
-            old.close()
+    def _write(self, tensor: Any, array: np.ndarray) -> Any:
+        own = self._res.direct.get(id(tensor))
+        if own is None:  # a Result's output (no pinned outputs): the next step reads a tensor of our own instead
+            return self._tensor(array)
+        own[0].write(array.tobytes())
+        return tensor
 
-    def _kv_shape(self, i: int) -> tuple[int, int, int, int]:
-        heads, dim = self.model.state.kv[i]
-        return (self.batch, heads, self.max_length if self.model.share_buffer else self.length, dim)
+    def _release(self, tensor: Any) -> None:
+        """Close a tensor of the cache's own (a Result's own close with the Result)."""
+        if id(tensor) in self._res.direct:
+            del self._res.direct[id(tensor)]
+            self._res.tensors = [t for t in self._res.tensors if t is not tensor]
+            tensor.close()
 
-    def _set_kv(self, i: int, arrays: list[np.ndarray]) -> None:
-        old = self.kv[i]
-        self.kv[i] = [self._tensor(a.shape, a, self.kv_dtype[i]) for a in arrays]
-        for t in old:
-            self._replace(t)
+    def _grown(self, capacity: int) -> None:
+        self._ids, self._mask = _Direct(self.J, self.batch * capacity * 8), _Direct(self.J, self.batch * capacity * 8)
 
-    @property
-    def capacity(self) -> int:
-        return self.max_length
-
-    def truncate(self, length: int) -> None:
-        """KV rolls back by length (a concatenating graph's rows are copied once); conv: set_conv_state."""
-        check_truncate(length, self.length)
-        if not self.model.share_buffer and length < self.length:
-            for i in self.kv:
-                shape = self._kv_shape(i)
-                self._set_kv(i, [self._read(t, shape, self.kv_dtype[i])[:, :, :length] for t in self.kv[i]])
-        self.mask[:, length:] = 0
-        self.length = length
-
-    def reserve(self, rows: int) -> None:
-        new = capacity_for(rows, self.max_length, self.model.context_length, self.row_bytes)
-        if new == self.max_length:
-            return
-        # a concatenating graph's KV tensors are as long as the state: only a shared buffer is copied over
-        kept = {i: [self._read(t, self._kv_shape(i), self.kv_dtype[i])[:, :, :self.length] for t in pair]
-                for i, pair in self.kv.items()} if self.model.share_buffer else {}
-        self.mask, self.max_length = grown_mask(self.mask, self.length, new), new
-        self._ids, self._mask = _Direct(self.J, self.batch * new * 8), _Direct(self.J, self.batch * new * 8)
-        for i, arrays in kept.items():
-            self._set_kv(i, [padded(a, new) for a in arrays])
-
-    def conv_state(self) -> dict[int, np.ndarray]:
-        return {i: self._read(pair[0], (self.batch, *self.model.state.conv[i])) for i, pair in self.conv.items()}
-
-    def set_conv_state(self, state: dict[int, np.ndarray]) -> None:
-        for i, pair in self.conv.items():
-            own = self._res.direct.get(id(pair[0]))
-            if own is not None:
-                own[0].write(np.ascontiguousarray(state[i], dtype=np.float32).tobytes())
-            else:  # a Result's output (no pinned outputs): the next step reads a tensor of our own instead
-                pair[0] = self._tensor(state[i].shape, state[i])
-
-    def kv_rows(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        return {i: tuple(self._read(t, self._kv_shape(i), self.kv_dtype[i])[:, :, :self.length] for t in pair)
-                for i, pair in self.kv.items()}
-
-    def set_kv_rows(self, rows: dict[int, tuple[np.ndarray, np.ndarray]], length: int) -> None:
-        self.length = 0
-        self.reserve(length)
-        for i in self.kv:
-            arrays = [np.asarray(a, self.kv_dtype[i]) for a in rows[i]]
-            check_rows(i, arrays, length)
-            self._set_kv(i, [padded(a, self.max_length) if self.model.share_buffer else a for a in arrays])
-        self.mask[:] = 0
-        self.mask[:, :length] = 1
-        self.length = length
-
-    def step(self, input_ids: np.ndarray, mask: np.ndarray | None = None, last: int | None = 1) -> np.ndarray:
-        """Run input_ids [B, S] (mask [B, S] marks padding); returns the logits of the last position,
-        [B, 1, V] (the generation loop reads logits[:, -1]; the other rows never leave the Java side)."""
+    def _run(self, input_ids: np.ndarray, total: int, last: int | None) -> np.ndarray:
+        """The logits of the last position, [B, 1, V] (the generation loop reads logits[:, -1]; the other rows
+        never leave the Java side)."""
         b, s = input_ids.shape
-        check_step(self.length, s, self.max_length)
-        self.mask[:, self.length:self.length + s] = 1 if mask is None else mask
-        self.length += s
         J, names, model, v = self.J, self.model.names, self.model, self.model.vocab_size
-        self._ids.write(np.ascontiguousarray(input_ids, dtype=np.int64).tobytes())
-        self._mask.write(np.ascontiguousarray(self.mask[:, :self.length]).tobytes())
+        self._ids.write(input_ids.tobytes())
+        self._mask.write(np.ascontiguousarray(self.mask[:, :total]).tobytes())
         step_tensors = [J.OnnxTensor.createTensor(self.env, self._ids.longs(b * s), [b, s]),
-                        J.OnnxTensor.createTensor(self.env, self._mask.longs(b * self.length), [b, self.length])]
+                        J.OnnxTensor.createTensor(self.env, self._mask.longs(b * total), [b, total])]
         if model.pinned:
             if self._logits is None or self._logits.nbytes < b * s * v * 4:
                 self._logits = _Direct(J, b * s * v * 4)

@@ -11,22 +11,30 @@ own state buffers; the session and tokenizer are shared (both are safe to share)
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
+from .backend import Session
 from .bundle import BundleError, bundle_identity, read_generation_config
-from .chat import ChatTemplate
+from .constrain import AfterReasoning, Constraints, ReasoningControl
+from .constrain import response_format as to_format
 from .conversation import Conversation
 from .detokenize import IncrementalDecoder
-from .generate import Generation, GenerationStats
+from .events import Done, Event, ReasoningDelta, TextDelta, ToolCallEvent, ToolRun
+from .generate import Generation
 from .prefixcache import PrefixCache
 from .sampling import Sampling
-from .toolcalls import ReasoningDelta, StreamParser, TextDelta, ToolCall, ToolCallEvent
+from .schemas import function_schema, tool_schema
+from .templates import ChatTemplate
+from .toolcalls import StreamParser
+from .tools import tool_loop
+
+__all__ = ["LfmModel"]
 
 THINK_START = "<think>"
 _SENTINEL = ("\ue000", "\ue001")  # private-use characters marking where a typed special string was
@@ -48,49 +56,25 @@ def _check_text(messages: Sequence[Mapping[str, Any]]) -> None:
                                  "input with errors='replace'") from None
 
 
-@dataclass
-class Done:
-    """The last event of a stream: the whole answer, split, and how the generation went."""
-
-    text: str
-    reasoning: str
-    tool_calls: list[ToolCall]
-    raw: str  # everything the model wrote, markers included (what goes back into the conversation)
-    stats: GenerationStats
-    tokens: list[int] = field(default_factory=list)  # the token ids sampled, an end-of-turn token included
-    parsed: Any = None  # with response_format: the answer as data (None when it did not complete)
-
-
-Event = TextDelta | ReasoningDelta | ToolCallEvent | Done
-
-
-@dataclass
-class ToolRun:
-    """What `run_tools` did: the conversation grown by every turn, and the final answer."""
-
-    messages: list[dict[str, Any]]
-    answer: Done
-    calls: list[tuple[ToolCall, Any]] = field(default_factory=list)
-
-
 class LfmModel:
+    """A loaded bundle: its session, tokenizer, chat template and sampling defaults, and what is kept between
+    generations (the prefix cache, the constraint vocabulary)."""
+
     def __init__(self, bundle: str | Path, threads: int | None = None, providers: Any = "auto",
-                 verify: str = "sampled", session: Any = None, prefix_cache_bytes: int = 64 << 20,
+                 verify: str = "sampled", session: Session | None = None, prefix_cache_bytes: int = 64 << 20,
                  prefix_cache_dir: str | Path | None = None, prepack_cache: str = "off"):
-        """`session`: an already-loaded LfmSession, or another backend with its surface (see
-        LfmSession.new_cache); by default the bundle is loaded with onnxruntime's Python binding
-        (`prepack_cache`: see LfmSession and prepack.py).
+        """`session`: an already-loaded backend (runtime/backend.py's Session: LfmSession, or a phone
+        backend from backends.open_session); by default the bundle is loaded with onnxruntime's Python binding
+        (`threads`, `providers`, `verify`, `prepack_cache`: see backends/python.py LfmSession).
         `prefix_cache_bytes`: RAM for the state after shared conversation prefixes (0: none);
         `prefix_cache_dir`: also keep them in files there, across restarts (prefixcache.py)."""
-        from tokenizers import Tokenizer
-
         self.folder = Path(bundle)
         if session is None:
-            from .session import LfmSession  # onnxruntime's Python binding, imported only when it is used
+            from .backends.python import LfmSession  # onnxruntime's Python binding: imported where it is used
 
             session = LfmSession(bundle, threads=threads, providers=providers, verify=verify,
                                  prepack_cache=prepack_cache)
-        self.session = session
+        self.session: Session = session
         try:
             self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         except Exception as e:  # tokenizers raises plain Exception
@@ -102,6 +86,8 @@ class LfmModel:
         self._specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
                                 key=len, reverse=True)
         self.template = ChatTemplate.from_folder(self.folder)
+        self.constraints = Constraints(self.tokenizer, self.folder / "tokenizer.json", session.vocab_size,
+                                       session.eos_token_ids)
         self._identity: str | None = None
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_cache_dir,
                                         self.identity if prefix_cache_dir is not None else None)
@@ -114,8 +100,9 @@ class LfmModel:
     def prompt_ids(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None,
                    allow_special_tokens: bool = False, add_generation_prompt: bool = True,
                    **template_vars: Any) -> list[int]:
-        """Token ids of the rendered conversation. Special-token strings inside user and tool messages stay
-        text (a user typing "<|im_end|>" must not end the turn) unless `allow_special_tokens`."""
+        """Token ids of the rendered conversation. Special-token strings inside user and tool messages and inside
+        the tools' schemas stay text (a user typing "<|im_end|>", or a tool description holding it, must not end
+        the turn) unless `allow_special_tokens`."""
         _check_text(messages)
         template_vars["add_generation_prompt"] = add_generation_prompt
         if allow_special_tokens:
@@ -124,6 +111,11 @@ class LfmModel:
         literals: list[str] = []
 
         def shield(content: Any) -> Any:
+            """`content` with every special-token string replaced by a marker of the literal (recursively)."""
+            if isinstance(content, Mapping):
+                return {shield(k): shield(v) for k, v in content.items()}
+            if isinstance(content, list):
+                return [shield(v) for v in content]
             if not isinstance(content, str):
                 return content
             for special in self._specials:
@@ -137,6 +129,8 @@ class LfmModel:
 
         shielded = [dict(m, content=shield(m.get("content"))) if m.get("role") in ("user", "tool") else m
                     for m in messages]
+        if tools:
+            tools = [shield(tool_schema(t, i)) for i, t in enumerate(tools)]
         text = self.template.render(shielded, tools=tools, **template_vars)
         ids: list[int] = []
         for i, piece in enumerate(_SENTINEL_RE.split(text)):
@@ -171,11 +165,9 @@ class LfmModel:
     def constraint(self, prompt: Sequence[int], tools: Sequence[Any] | None, response_format: Any = None,
                    reasoning_budget: int | None = None, constrain_tools: bool | None = None) -> Any:
         """What one generation over `prompt` is held to (runtime/constrain.py), or None."""
-        from .chat import _tool_schema
-        from .constrain import build
-
-        schemas = [_tool_schema(t, i) for i, t in enumerate(tools)] if tools else None
-        return build(self, self.in_reasoning(prompt), schemas, response_format, reasoning_budget, constrain_tools)
+        schemas = [tool_schema(t, i) for i, t in enumerate(tools)] if tools else None
+        return self.constraints.build(self.in_reasoning(prompt), schemas, response_format, reasoning_budget,
+                                      constrain_tools)
 
     def events(self, generation: Generation, prompt: Sequence[int], stop: Sequence[str] = (),
                response_format: Any = None) -> Iterator[Event]:
@@ -213,9 +205,6 @@ class LfmModel:
     @staticmethod
     def _report(generation: Generation, done: Done, response_format: Any) -> None:
         """Reasoning numbers in the stats; the parsed answer when it completed its response_format."""
-        from .constrain import AfterReasoning, ReasoningControl
-        from .constrain import response_format as to_format
-
         constraint = (generation.constraints or [None])[0]
         if constraint is None:
             return
@@ -245,29 +234,21 @@ class LfmModel:
 
     def run_tools(self, messages: Sequence[Mapping[str, Any]], tools: Mapping[str, Callable[..., Any]],
                   schemas: Sequence[Any] | None = None, max_rounds: int = 4,
-                  on_event: Callable[[Event | tuple[ToolCall, Any]], None] | None = None, **kwargs: Any) -> ToolRun:
-        """The tool loop: the model calls, the app's function runs, its result goes back as a tool message,
-        and generation continues until the model answers without calling (or max_rounds is reached).
-        A call to an unknown tool, or one that raises, goes back to the model as an error message.
-        A round that ends cancelled (the `cancel` event) ends the loop: its calls are not run.
-        `on_event` sees every streamed event and every (call, result) as it happens."""
-        from .chat import function_schema
-
+                  on_event: Callable[[Event], None] | None = None, **kwargs: Any) -> ToolRun:
+        """The tool loop (tools.py) over a stateless history: the model calls, the app's function runs, its
+        result goes back as a tool message, and generation continues until the model answers without calling
+        (or max_rounds is reached). An unknown tool, one that raises or returns what JSON cannot hold goes back to
+        the model as an error message. A round that ends cancelled (the `cancel` event) ends the loop: its calls
+        are not run. `on_event` sees every streamed event and a ToolResult for every call run."""
         schemas = list(schemas) if schemas is not None else [function_schema(f) for f in tools.values()]
         history = [dict(m) for m in messages]
-        run = ToolRun(history, None)  # type: ignore[arg-type]
-        for _ in range(max_rounds):
+
+        def answer(_round: int) -> Iterator[Event]:
             for event in self.stream(history, schemas or None, **kwargs):
-                if on_event:
-                    on_event(event)
-            done = event
-            history.append({"role": "assistant", "content": done.raw})
-            run.answer = done
-            if not done.tool_calls or done.stats.stopped == "cancelled":
-                return run  # a cancelled round's calls do not run, and no round follows it
-            for result in run_calls(done.tool_calls, tools, run.calls, on_event):
-                history.append({"role": "tool", "content": result})
-        return run
+                yield event
+            history.append({"role": "assistant", "content": event.raw})
+
+        return tool_loop(answer, history, tools, max_rounds, on_event)
 
     def conversation(self, system: str | None = None,
                      tools: Mapping[str, Callable[..., Any]] | Sequence[Any] | None = None,
@@ -277,11 +258,10 @@ class LfmModel:
 
     def load_conversation(self, path: str | Path, tools: Mapping[str, Callable[..., Any]] | None = None,
                           **options: Any) -> Conversation:
-        """A conversation saved with Conversation.save, continued exactly where it stopped. Refused with
-        StateFileError when the file is damaged, from another bundle, or from a newer lfm-edge."""
-        from .persist import load_conversation
-
-        return load_conversation(self, Path(path), tools, **options)
+        """A conversation saved with Conversation.save, continued exactly where it stopped (Conversation.load):
+        refused with StateFileError when the file is damaged, edited, from another bundle or from a newer
+        lfm-edge."""
+        return Conversation.load(self, path, tools, **options)
 
     @property
     def identity(self) -> str:
@@ -289,19 +269,3 @@ class LfmModel:
         if self._identity is None:
             self._identity = bundle_identity(self.session.folder)
         return self._identity
-
-
-def run_calls(calls: Sequence[ToolCall], tools: Mapping[str, Callable[..., Any]], record: list,
-              on_event: Callable[[Any], None] | None = None) -> Iterator[str]:
-    """Run each call with the app's function; yields each result as a tool message's content. An unknown
-    tool, or one that raises, becomes an error the model reads."""
-    for call in calls:
-        fn = tools.get(call.name)
-        try:
-            result = fn(**call.arguments) if fn else {"error": f"unknown tool {call.name!r}"}
-        except Exception as e:  # the app's tool failed: the model is told, the loop goes on
-            result = {"error": f"{type(e).__name__}: {e}"}
-        record.append((call, result))
-        if on_event:
-            on_event((call, result))
-        yield result if isinstance(result, str) else json.dumps(result)

@@ -25,17 +25,21 @@ the same file, because it hashes the raw weights' packing to find the packed one
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import platform
 import shutil
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bundle import sampled_sha256, sha256
+import numpy as np
+
+from ..bundle import sampled_sha256, sha256
+from ..files import alive, fsync_folder
 
 FORMAT = "lfm-edge-prepacked/1"
 FOLDER = "prepacked"  # inside the bundle folder
@@ -210,7 +214,7 @@ class Writer:
             if final.exists():  # a refused cache: replaced, never mixed with the new one
                 shutil.rmtree(final)
             os.replace(self.temp, final)
-            _fsync_dir(self.bundle)
+            fsync_folder(self.bundle)
         except OSError as e:
             self.abandon(f"writing it failed: {e}")
             return None
@@ -323,7 +327,7 @@ def remove_stale(bundle: Path) -> None:
     """Temporary folders of writes that never finished (a killed process): never used, removed."""
     for path in bundle.glob(f".{FOLDER}-writing-*"):
         pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -340,20 +344,77 @@ def disk_bytes(folder: Path) -> int:
     return total
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
+def load(mode: str, folder: Path, manifest: dict, model_file: Path, *, verify: str, cpu_only: bool,
+         onnxruntime_version: str, options: Any, fresh_options: Callable[[], Any],
+         open_graph: Callable[[Path, Any], Any], probe: Callable[[Any], Any]) -> tuple[Any, PrepackStatus]:
+    """The session for `model_file` and what happened to the cache, as `mode` asks ("off", "use", "auto").
 
-def _fsync_dir(folder: Path) -> None:
-    if sys.platform.startswith(("linux", "darwin")):
-        fd = os.open(folder, os.O_RDONLY)
+    `options` are the session's options (a cache's key includes their optimization level); `fresh_options()`
+    makes another set (a retry without the cache's settings); `open_graph(path, options)` creates a session or
+    raises BundleError; `probe(session)` runs a short fixed step and returns its logits. A cache written now
+    is kept only if the mapped session answers the probe exactly as the one that repacked in memory (same
+    kernels, same packed bytes: bit-identical logits). A cache never stops a bundle from loading."""
+    status, cached, writer = _plan(mode, folder, manifest, model_file, verify, cpu_only, onnxruntime_version,
+                                   int(options.graph_optimization_level))
+    if writer is not None:
+        writer.configure(options)
+    if cached is not None:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            return open_graph(cached, options), status
+        except ValueError as e:  # refused like any mismatch (a BundleError): the bundle itself still loads
+            status, options = PrepackStatus("refused", str(e), cached.parent), fresh_options()
+    try:
+        session = open_graph(model_file, options)
+    except ValueError as e:
+        if writer is None:
+            raise
+        # onnxruntime may fail while saving (a full disk): the bundle must load without a cache
+        writer.abandon(f"onnxruntime failed while writing it ({e})")
+        return open_graph(model_file, fresh_options()), writer.status
+    if writer is None:
+        return session, status
+    written = writer.finish()
+    if written is None:
+        return session, writer.status
+    try:
+        mapped = open_graph(written, fresh_options())
+    except ValueError as e:
+        remove(folder)
+        return session, PrepackStatus("not written", f"the written cache did not load: {e}")
+    expected = probe(session)
+    if not np.array_equal(probe(mapped), expected):
+        remove(folder)
+        return session, PrepackStatus("not written", "the written cache's output differed from the bundle's "
+                                      "(removed)")
+    del session
+    gc.collect()  # the repacked copy in memory goes; the mapped one serves
+    return mapped, writer.status
+
+
+def _plan(mode: str, folder: Path, manifest: dict, model_file: Path, verify: str, cpu_only: bool,
+          onnxruntime_version: str, optimization_level: int) -> tuple[PrepackStatus, Path | None, Writer | None]:
+    """(status so far, a valid cache's model file to load, or a Writer to make one while loading)."""
+    if mode == "off":
+        return PrepackStatus("off"), None, None
+    if not cpu_only:
+        return PrepackStatus("not written", "a cache is for onnxruntime's CPU provider only"), None, None
+    key = cache_key(model_file, manifest, onnxruntime_version, f"graph_optimization_level={optimization_level}")
+    writable = mode == "auto"
+    if writable:
+        remove_stale(folder)
+    cached, refused = find(folder, key, verify)
+    if cached is not None:
+        return PrepackStatus("mapped", "", cached.parent, disk_bytes(cached.parent)), cached, None
+    if not writable:
+        return refused or PrepackStatus("not written", "prepack_cache='use' never writes one"), None, None
+    data_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(model_file.name)
+                     and p != model_file)
+    made = writer(folder, key, data_bytes)
+    if isinstance(made, PrepackStatus):  # cannot write here: say so, and why any old one was refused
+        if refused is not None:
+            made = PrepackStatus("refused", f"{refused.reason}; not rewritten: {made.reason}", refused.folder)
+        return made, None, None
+    if refused is not None:
+        made.status = PrepackStatus("not written", f"replacing a refused cache: {refused.reason}")
+    return made.status, None, made

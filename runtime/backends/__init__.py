@@ -1,11 +1,11 @@
-"""Which onnxruntime API a bundle is run through.
+"""Which onnxruntime API a bundle is run through: the implementations of runtime/backend.py's Session.
 
-On a desktop, and on a phone build that carries onnxruntime's Python binding, it is `LfmSession`.
-A python-for-android build without that binding reaches the onnxruntime-android AAR through pyjnius
-(`java.py`); a kivy-ios build reaches onnxruntime-objc through pyobjus (`objc.py`). Every backend returns an
-object with LfmSession's surface (see `lfm_edge.runtime.session.LfmSession.new_cache`), so the generation
-loop, the chat engine and the benchmark run unchanged on all of them. `plan.py` holds what they share
-(bundle config, state dims, tensor names), in pure Python.
+On a desktop, and on a phone build that carries onnxruntime's Python binding, it is `LfmSession`
+(`python.py`). A python-for-android build without that binding reaches the onnxruntime-android AAR through
+pyjnius (`java.py`); a kivy-ios build reaches onnxruntime-objc through pyobjus (`objc.py`). Each implements
+the Session / Cache contract on CacheBase, so the generation loop, conversations, the server and the benchmark
+run unchanged on all of them. `plan.py` holds what the phone backends read about a bundle without
+onnxruntime's Python binding (state dims, tensor names), in pure Python.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
+
+from ..backend import Session
 
 BACKENDS = ("python", "java", "objc")  # in order of preference
 MODULES = {"python": "onnxruntime", "java": "jnius", "objc": "pyobjus"}  # what each backend imports
@@ -51,7 +52,7 @@ def choose(backend: str = "auto") -> str:
 
 
 def open_session(bundle: str | Path, threads: int | None = None, backend: str = "auto",
-                 prepack_cache: str = "off", attention_kernel: str = "flash") -> Any:
+                 prepack_cache: str = "off", attention_kernel: str = "flash") -> Session:
     """Load `bundle` through `backend` ("auto": python if onnxruntime imports, else java if jnius does
     (Android), else objc if pyobjus does (iOS)). `prepack_cache` (runtime/prepack.py) applies to the python
     backend; the Java and Objective-C backends do not write or map one yet. `attention_kernel`:
@@ -65,7 +66,7 @@ def open_session(bundle: str | Path, threads: int | None = None, backend: str = 
         from .objc import ObjcSession
 
         return ObjcSession(bundle, threads=threads, attention_kernel=attention_kernel)
-    from lfm_edge.runtime.session import LfmSession
+    from .python import LfmSession
 
     return LfmSession(bundle, threads=threads, prepack_cache=prepack_cache, attention_kernel=attention_kernel)
 
