@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ..plots import figure
+from ..runtime.files import write_text
 from . import roofline
 
 
@@ -53,36 +55,38 @@ def write_markdown(result: dict, path: Path) -> None:
                   + (f"; prompt tok/s {prompts}" if prompts else "") + load,
                   "", "| ours / theirs | ratio |", "|---|---|"]
         lines += [f"| {k} | {v:.2f}x |" for k, v in result.get("ratios", {}).get(name, {}).items()]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Decode tok/s against context depth, with the roofline, the target and the peers as lines (every line
+    inside the axes: the y axis reaches the highest of them; one depth gets a visible span around it)."""
     series: dict[int, list[tuple[int, float]]] = {}
     for key, m in result["results"].items():
         if key.startswith("decode/"):
             n, depth = key.split("/")[1].split("@")
             series.setdefault(int(n), []).append((int(depth), m["median"]))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for n, points in sorted(series.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"decode {n} tokens")
     roof = result["roofline"]
-    ax.axhline(roof["ceiling_tps"], color="gray", linestyle="--", label=f"roofline {roof['ceiling_tps']:.0f} tok/s")
-    ax.axhline(roof["target_tps"], color="tab:red", linestyle=":", label=f"target {roof['target_tps']:.0f} tok/s")
-    for name, peer in result.get("peers", {}).items():
-        if peer.get("decode_tps"):
-            ax.axhline(peer["decode_tps"], color="tab:green", linestyle="-.", label=f"{name} {peer['decode_tps']:.0f}")
-    ax.set(xlabel="context depth (tokens)", ylabel="tokens / s", title=Path(result["bundle"]["path"]).name)
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, title=Path(result["bundle"]["path"]).name) as (_, ax):
+        tops = [roof["ceiling_tps"], roof["target_tps"]]
+        for n, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"decode {n} tokens")
+            tops += [p[1] for p in points]
+        ax.axhline(roof["ceiling_tps"], color="gray", linestyle="--", label=f"roofline {roof['ceiling_tps']:.0f} tok/s")
+        ax.axhline(roof["target_tps"], color="tab:red", linestyle=":", label=f"target {roof['target_tps']:.0f} tok/s")
+        for name, peer in result.get("peers", {}).items():
+            if peer.get("decode_tps"):
+                ax.axhline(peer["decode_tps"], color="tab:green", linestyle="-.",
+                           label=f"{name} {peer['decode_tps']:.0f}")
+                tops.append(peer["decode_tps"])
+        depths = sorted({d for points in series.values() for d, _ in points})
+        if len(depths) <= 1:  # one depth: a span around it, not matplotlib's default of +-0.04 tokens
+            at = depths[0] if depths else 0
+            ax.set_xlim(at - max(256, at * 0.5), at + max(256, at * 0.5))
+        ax.set(xlabel="context depth (tokens)", ylabel="tokens / s")
+        ax.set_ylim(0, max(tops) * 1.12)
+        ax.legend(fontsize=8)
 
 
 CONVERSATION_LABELS = {"kept": "ours, state kept (Conversation)", "reprefilled": "ours, re-prefilled (LfmModel.chat)",
@@ -148,35 +152,27 @@ def write_conversation_markdown(result: dict, path: Path) -> None:
         lines += ["", f"llama.cpp: llama-cpp-python {peer.get('version')}, {Path(peer['gguf']).name} "
                   f"({peer.get('file_bytes', 0) / 1e9:.2f} GB), load {peer.get('load_s', 0):.2f} s, peak RSS "
                   f"{peer.get('peak_rss_mb', 0):.0f} MB (its own process)."]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_conversation_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     c = result["conversation"]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for system, label in CONVERSATION_LABELS.items():
-        if system not in c["turns"][0]:
-            continue
-        rows = [row for row in c["turns"] if system in row]
-        turns = [row["turn"] for row in rows]
-        med = [row[system]["median"] for row in rows]
-        low = [m - row[system]["min"] for m, row in zip(med, rows, strict=True)]
-        high = [row[system]["max"] - m for m, row in zip(med, rows, strict=True)]
-        ax.errorbar(turns, med, yerr=[low, high], marker="o", capsize=3, label=label)
     spec = c["spec"]
-    ax.set(xlabel="turn", ylabel="time to first token (s)",
-           title=f"{Path(result['bundle']['path']).name}: {spec['turns']} turns of {spec['user']} + {spec['answer']} "
-                 f"tokens" + (f" (<think> {spec['reasoning']})" if spec["reasoning"] else ""))
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = (f"{Path(result['bundle']['path']).name}: {spec['turns']} turns of {spec['user']} + {spec['answer']} "
+             f"tokens" + (f" (<think> {spec['reasoning']})" if spec["reasoning"] else ""))
+    with figure(path, title=title) as (_, ax):
+        for system, label in CONVERSATION_LABELS.items():
+            if system not in c["turns"][0]:
+                continue
+            rows = [row for row in c["turns"] if system in row]
+            turns = [row["turn"] for row in rows]
+            med = [row[system]["median"] for row in rows]
+            low = [m - row[system]["min"] for m, row in zip(med, rows, strict=True)]
+            high = [row[system]["max"] - m for m, row in zip(med, rows, strict=True)]
+            ax.errorbar(turns, med, yerr=[low, high], marker="o", capsize=3, label=label)
+        ax.set(xlabel="turn", ylabel="time to first token (s)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
 
 
 def _long_rows(section: dict) -> list[tuple[str, str, dict]]:
@@ -189,10 +185,10 @@ def _long_rows(section: dict) -> list[tuple[str, str, dict]]:
 
 
 def write_long_markdown(result: dict, path: Path) -> None:
-    """`--long-context`: prefill and decode by depth for each system, memory, and the goal ratios."""
+    """`lfm-bench long-context`: prefill and decode by depth for each system, memory, and the goal ratios."""
     s, dev = result["long_context"], result["device"]
     geo = s["geometry"]
-    lines = [f"# lfm-bench --long-context: {Path(result['bundle']['path']).name}", "",
+    lines = [f"# lfm-bench long-context: {Path(result['bundle']['path']).name}", "",
              f"{dev['cpu_model']}, {dev['threads']} threads, onnxruntime {dev['onnxruntime']}; quant "
              f"{result['bundle']['manifest'].get('quant', '?')}, KV cache {geo['kv_bits']}-bit; weights "
              f"{geo['weights_bytes'] / 1e9:.2f} GB; llama.cpp: {Path(s['gguf']).name if s['gguf'] else 'not run'}. "
@@ -211,38 +207,29 @@ def write_long_markdown(result: dict, path: Path) -> None:
     if s["summary"]["ratios"]:
         lines += ["", "| ratio | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in s["summary"]["ratios"].items()]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_long_plot(result: dict, path: Path) -> None:
     """Decode tok/s against depth, and peak RSS against depth, one line per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     s = result["long_context"]
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for system, by_depth in s["summary"]["table"].items():
-        points = sorted((int(k.split()[0]), row, k.endswith("synthetic")) for k, row in by_depth.items())
-        for axis, metric in ((speed, "decode_tps"), (memory, "peak_rss_mb")):
-            xs = [d for d, row, _ in points if row[metric]]
-            ys = [row[metric] / (1024 if metric == "peak_rss_mb" else 1) for _, row, _ in points if row[metric]]
-            line, = axis.plot(xs, ys, marker="o", label=system)
-            synth = [(d, row[metric] / (1024 if metric == "peak_rss_mb" else 1)) for d, row, f in points
-                     if f and row[metric]]
-            if synth:
-                axis.scatter(*zip(*synth, strict=True), marker="s", s=60, facecolors="none",
-                             edgecolors=line.get_color())
-    weights = s["geometry"]["weights_bytes"] / 2**30
-    memory.axhline(weights, color="gray", linestyle="--", label=f"our weights {weights:.1f} GiB")
-    speed.set(xlabel="context depth (tokens; squares: KV written directly)", ylabel="decode tokens / s",
-              title="decode speed by depth")
-    memory.set(xlabel="context depth (tokens)", ylabel="peak RSS (GiB)", title="peak memory by depth")
-    for axis in (speed, memory):
-        axis.set_ylim(bottom=0)
-        axis.legend(fontsize=8)
-    fig.suptitle(Path(result["bundle"]["path"]).name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 2, size=(11, 4.2), title=Path(result["bundle"]["path"]).name) as (_, (speed, memory)):
+        for system, by_depth in s["summary"]["table"].items():
+            points = sorted((int(k.split()[0]), row, k.endswith("synthetic")) for k, row in by_depth.items())
+            for axis, metric in ((speed, "decode_tps"), (memory, "peak_rss_mb")):
+                xs = [d for d, row, _ in points if row[metric]]
+                ys = [row[metric] / (1024 if metric == "peak_rss_mb" else 1) for _, row, _ in points if row[metric]]
+                line, = axis.plot(xs, ys, marker="o", label=system)
+                synth = [(d, row[metric] / (1024 if metric == "peak_rss_mb" else 1)) for d, row, f in points
+                         if f and row[metric]]
+                if synth:
+                    axis.scatter(*zip(*synth, strict=True), marker="s", s=60, facecolors="none",
+                                 edgecolors=line.get_color())
+        weights = s["geometry"]["weights_bytes"] / 2**30
+        memory.axhline(weights, color="gray", linestyle="--", label=f"our weights {weights:.1f} GiB")
+        speed.set(xlabel="context depth (tokens; squares: KV written directly)", ylabel="decode tokens / s",
+                  title="decode speed by depth")
+        memory.set(xlabel="context depth (tokens)", ylabel="peak RSS (GiB)", title="peak memory by depth")
+        for axis in (speed, memory):
+            axis.set_ylim(bottom=0)
+            axis.legend(fontsize=8)

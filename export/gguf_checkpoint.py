@@ -40,11 +40,6 @@ _SAMPLING = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p":
              "penalty_repeat": "repetition_penalty"}
 
 
-def stores_quantized(path: str | Path) -> bool:
-    """Whether any tensor of the GGUF is in a block type (reads the header only)."""
-    return any(t.tensor_type not in FLOATS and t.tensor_type != Q.BF16 for t in _open(Path(path)).tensors)
-
-
 class _Reader(gguf.GGUFReader):
     """gguf-py's reader, with each tensor's type and extent checked before its array view is made: gguf-py
     would fail on a truncated file with a reshape error that names no tensor."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .sampling import Sampling
+
 # The oldest onnxruntime the bundles and the runtime are tested with; pyproject.toml's floor says the same
 # (tests/test_bundle_version.py holds them together). Exports record it in manifest.json's "requires".
 MIN_ONNXRUNTIME = "1.32"
@@ -262,7 +264,6 @@ _GENERATION_INTS = ("top_k", "seed")
 
 def read_generation_config(folder: str | Path) -> dict:
     """The checkpoint's sampling defaults (generation_config.json, optional), checked field by field."""
-    from .sampling import Sampling
 
     path = Path(folder) / "generation_config.json"
     if not path.is_file():

@@ -26,6 +26,7 @@ def _hf_logits(model) -> np.ndarray:
         return model(torch.tensor(PROMPT), use_cache=False).logits.numpy()
 
 
+@pytest.mark.slow
 def test_fused_expert_layout_exports_the_same_model(tmp_path):
     model = build("moe_mixed", tmp_path / "per_expert")
     build("moe_mixed", tmp_path / "fused", fused_experts=True)

@@ -13,9 +13,9 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shared_bundles import demo_bundle
 from tokenizers import Tokenizer
 
-from lfm_edge.export.exporter import export
 from lfm_edge.runtime import LfmModel
 from lfm_edge.runtime.constrain import ConstraintError, pythonic_calls_grammar
 from lfm_edge.runtime.toolcalls import parse_tool_calls
@@ -36,7 +36,7 @@ def ids(text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return LfmModel(export(DEMO, tmp_path_factory.mktemp("constrain") / "int4", quant="int4").bundle)
+    return LfmModel(demo_bundle(tmp_path_factory.getbasetemp(), "int4"))
 
 
 def scripted(folder: Path, at: int, said: str, second_choices: dict[str, float] | None = None) -> LfmModel:
@@ -60,6 +60,7 @@ def scripted(folder: Path, at: int, said: str, second_choices: dict[str, float] 
     ('[{"name": "get_weather", "arguments": {"days": 2}}]<|tool_call_end|>', False),  # JSON, city missing
     ('[{"name": "get_wether", "arguments": {"city": "Paris"}}]<|tool_call_end|>', False),  # JSON, no such tool
 ])
+@pytest.mark.slow
 def test_call_grammar_accepts_valid_calls_only(demo, text, ok):
     vocab = demo.constraints.vocabulary
     matcher = vocab.matcher(pythonic_calls_grammar([WEATHER], "<|tool_call_end|>"))
@@ -124,6 +125,7 @@ _schema = st.recursive(
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schema=_schema)
+@pytest.mark.slow
 def test_every_constrained_answer_validates_against_its_schema(demo, schema):
     messages = [{"role": "user", "content": "Give me the data as JSON."}]
     done = demo.chat(messages, response_format=schema, max_new_tokens=160)
@@ -215,6 +217,7 @@ def test_a_reasoning_trace_that_loops_is_ended(tmp_path):
 
 # --- everywhere ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_lfm_chat_json_schema_and_reasoning_budget(demo, tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}},
@@ -231,7 +234,7 @@ def test_lfm_chat_json_schema_and_reasoning_budget(demo, tmp_path):
 
 
 def test_the_mask_cost_benchmark_measures_masks_against_decode_steps(demo, tmp_path):
-    from lfm_edge.device_bench.constrained import measure
+    from lfm_edge.device_bench.studies.constrained import measure
 
     result = measure(demo.folder, tokens=12, runs=1, threads=1)
     assert result["vocab"] == demo.session.vocab_size and result["masked_steps"] >= 6

@@ -49,6 +49,7 @@ def _script(at: int, tokens: list[int]) -> dict[int, int]:
     return {at + i: t for i, t in enumerate(tokens)}
 
 
+@pytest.mark.slow
 def test_tool_loop_end_to_end(scripted):
     make, tokenize = scripted
     probe = make({})
@@ -137,6 +138,7 @@ def test_stop_strings(scripted):
     assert done.text == "one two " and done.stats.stopped == "stop"
 
 
+@pytest.mark.slow
 def test_threads_share_one_model_and_match_serial_runs(tmp_path):
     from lfm_edge.export.exporter import export
     from tiny_models import build
@@ -150,6 +152,7 @@ def test_threads_share_one_model_and_match_serial_runs(tmp_path):
     assert parallel == serial
 
 
+@pytest.mark.slow
 def test_lfm_chat_one_shot_and_interactive_commands(scripted):
     import subprocess
     import sys

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 LFM_EXPORT = str(Path(sys.executable).parent / "lfm-export")
 
 
+@pytest.mark.slow
 def test_piped_output_has_no_carriage_returns(tmp_path):
     result = subprocess.run([LFM_EXPORT, "--out", str(tmp_path / "bundle")], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, timeout=600, check=True)
@@ -23,6 +26,7 @@ def test_piped_output_has_no_carriage_returns(tmp_path):
     assert lines[-1].startswith("Wrote ")
 
 
+@pytest.mark.slow
 def test_terminal_output_redraws_one_line(tmp_path):
     main, replica = pty.openpty()
     try:

@@ -13,6 +13,7 @@ from lfm_edge.runtime.generate import generate
 from tiny_models import build
 
 
+@pytest.mark.slow
 def test_genai_builder_bundle_runs_in_our_runtime(tmp_path):
     pytest.importorskip("onnxruntime_genai")
     model = build("moe_mixed", tmp_path / "ckpt")

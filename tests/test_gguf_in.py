@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from lfm_edge.device_bench.gguf_writer import write_gguf
+from lfm_edge.device_bench.peers.gguf_writer import write_gguf
 from lfm_edge.export.checkpoint import Checkpoint, CheckpointError
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.cli import main as cli_main
@@ -411,7 +411,7 @@ def test_failed_gguf_export_leaves_the_previous_bundle(tiny_q4, tiny, tmp_path):
 
 
 def test_ab_benchmark_exports_its_bundle_from_the_gguf_it_compares_with(tiny_q4, tiny, tmp_path, monkeypatch):
-    from lfm_edge.device_bench import ab
+    from lfm_edge.device_bench.studies import ab
 
     shutil.copyfile(tiny / "tokenizer.json", tmp_path / "tokenizer.json")
     gguf_copy = tmp_path / "m.gguf"

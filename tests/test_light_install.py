@@ -7,6 +7,8 @@ import subprocess
 import venv
 from pathlib import Path
 
+import pytest
+
 from lfm_edge.export.exporter import export
 from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import generate
@@ -27,6 +29,7 @@ print(json.dumps({"heavy": heavy, "tokens": tokens, "loaded": sorted(m for m in 
 """
 
 
+@pytest.mark.slow
 def test_runtime_runs_in_a_clean_environment_without_torch(tmp_path):
     build("moe_mixed", tmp_path / "ckpt")
     bundle = export(tmp_path / "ckpt", tmp_path / "bundle", quant="int4").bundle

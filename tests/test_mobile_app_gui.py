@@ -72,6 +72,7 @@ def _non_trivial(path: Path) -> int:
     return len(image.getcolors(maxcolors=1 << 20) or [])
 
 
+@pytest.mark.slow
 def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_display(display, demo_int4, tmp_path):
     scripted = scripted_tool_bundle(tmp_path, ChatController(lambda fn: None))  # the app's tools, fresh chat
     served = tmp_path / "served"

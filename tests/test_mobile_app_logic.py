@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from shared_bundles import demo_bundle
 from tokenizers import Tokenizer
 
 from lfm_edge.device_bench import roofline
 from lfm_edge.export.cli import demo_model_path
-from lfm_edge.export.exporter import export
 from lfm_edge.mobile_app.app import bench, download
 from lfm_edge.mobile_app.app.model import bundle_info, check_folder, default_bundle, load_model
 from lfm_edge.mobile_app.app.tools import DEMO_TOOLS, _sysfs_battery, battery
@@ -41,7 +41,7 @@ ANSWER = "2 + 3 = 5."
 @functools.cache
 def demo_int4_bundle(root: Path) -> Path:
     """The int4 demo bundle, exported with the project's exporter."""
-    return export(DEMO, root / "demo-int4", quant="int4").bundle
+    return demo_bundle(root, "int4")
 
 
 def scripted_tool_bundle(folder: Path, controller: ChatController, question: str = QUESTION) -> Path:
@@ -271,6 +271,7 @@ def test_lfm_app_refuses_a_folder_that_is_not_a_bundle(tmp_path):
 
 # --- benchmark --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_quick_benchmark_on_the_demo_bundle_gives_a_verdict(demo_int4):
     preset = bench.PRESETS["quick"]
     seen: list[tuple[int, int, str]] = []
@@ -314,6 +315,7 @@ def test_quick_benchmark_on_the_demo_bundle_gives_a_verdict(demo_int4):
     assert 0 < report.weights_mb < 10 and "x weights)" in dict(report.metric_rows())["Memory while decoding"]
 
 
+@pytest.mark.slow
 def test_the_benchmark_measures_the_apps_session_and_opens_no_other(demo_int4):
     """The app's Benchmark screen passes the session its chat holds: no second copy of the model, the load
     reported is the app's own, and the progress bar has no load stages."""

@@ -88,6 +88,7 @@ def test_mock_explicit_backend_missing_or_unknown(monkeypatch):
         backends.choose("tflite")
 
 
+@pytest.mark.slow
 def test_auto_here_is_the_python_binding(demo):
     session = backends.open_session(demo, threads=1)
     assert isinstance(session, LfmSession)
@@ -515,6 +516,7 @@ def test_mock_objc_asks_the_graph_for_the_last_row_only(demo):
 
 
 @pytest.mark.parametrize("kv", ["int8", "int4"])
+@pytest.mark.slow
 def test_mock_objc_runs_a_quantized_kv_cache(tmp_path_factory, kv):
     folder = bundle(tmp_path_factory.getbasetemp(), f"kv-{kv}")
     objc = ObjcSession(folder, threads=1, classes=objc_stand_ins())
@@ -590,6 +592,7 @@ def _conversation_tokens(model, save_to: Path | None = None, load_from: Path | N
 
 
 @pytest.mark.parametrize("backend", ["java-pinned", "java-result-fallback", "objc"])
+@pytest.mark.slow
 def test_mock_conversations_on_phone_backends_match_lfm_session(demo, backend, tmp_path):
     from lfm_edge.runtime import LfmModel
 

@@ -72,7 +72,7 @@ def test_spec_source_dir_is_the_staged_tree_with_the_app(spec, tmp_path):
     assert (MOBILE / spec["source.dir"]).resolve() == stage.DEFAULT_OUT.resolve()
     assert (MOBILE / "main.py").is_file()
     out = stage.stage(tmp_path / "src")
-    for path in ["main.py", "lfm_edge/__init__.py", "lfm_edge/runtime/model.py", "lfm_edge/device_bench/bench.py",
+    for path in ["main.py", "lfm_edge/__init__.py", "lfm_edge/runtime/model.py", "lfm_edge/device_bench/speed.py",
                  "lfm_edge/runtime/backends/java.py", "lfm_edge/runtime/backends/objc.py",
                  "lfm_edge/mobile_app/app/main.py"]:
         assert (out / path).is_file(), path

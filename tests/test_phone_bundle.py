@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
@@ -14,6 +15,7 @@ from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import generate
 
 
+@pytest.mark.slow
 def test_android_bundle_has_usability_report_and_ort_format(tmp_path):
     bundle = export(demo_model_path(), tmp_path / "android", quant="int4", target="android").bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -30,9 +32,11 @@ def test_android_bundle_has_usability_report_and_ort_format(tmp_path):
     feeds = {"input_ids": prompt, "attention_mask": np.ones_like(prompt)}
     for i, (h, k) in session.state.conv.items():
         feeds[f"past.{i}.conv"] = np.zeros((1, h, k), np.float32)
+    types = {i.name: i.type for i in session.session.get_inputs()}
     for i, (heads, dim) in session.state.kv.items():
-        for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, heads, prompt.shape[1], dim), np.float32)
+        for kv in ("key", "value"):  # the phone default: an int8 cache
+            dtype = np.int8 if types[f"past_key_values.{i}.{kv}"] == "tensor(int8)" else np.float32
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, heads, prompt.shape[1], dim), dtype)
     want = session.session.run(["logits"], feeds)[0]
     got = ort.InferenceSession(str(bundle / "model.ort"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
@@ -43,6 +47,7 @@ def test_android_bundle_has_usability_report_and_ort_format(tmp_path):
     assert session.session.get_session_options().intra_op_num_threads == min(4, os.cpu_count())
 
 
+@pytest.mark.slow
 def test_targets_set_threads_for_their_cores(tmp_path):
     for target, threads in (("ios", 2), ("desktop", None)):
         bundle = export(demo_model_path(), tmp_path / target, quant="int4", target=target).bundle

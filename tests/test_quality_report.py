@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
+from lfm_edge.device_bench.quality import Variant, evaluate
+from lfm_edge.export.quality import write_report
 from lfm_edge.quant.policy import get_policy
-from lfm_edge.quant.quality import Variant, evaluate, write_report
 from tiny_models import build
 
 
+@pytest.mark.slow
 def test_report_orders_variants_by_precision(tmp_path):
     build("moe_mixed", tmp_path / "ckpt")
     rng = random.Random(0)
@@ -31,6 +35,7 @@ def test_report_orders_variants_by_precision(tmp_path):
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_quantized_bundle_carries_its_quality_section(tmp_path):
     from lfm_edge.export.exporter import export
 

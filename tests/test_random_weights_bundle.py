@@ -37,6 +37,7 @@ def test_tokenizer_has_the_geometry_vocabulary_and_special_ids(tmp_path, name):
         "lfm_edge_note"]
 
 
+@pytest.mark.slow
 def test_random_weights_bundle_chats(tmp_path, capsys):
     # the real LFM2-8B-A1B widths and 65,536-token vocabulary, one layer deep to keep the test short
     bundle = export(None, tmp_path / "random", quant="int4", random_weights="lfm2-8b-a1b:1").bundle

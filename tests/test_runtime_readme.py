@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
 
 README = Path(__file__).resolve().parent.parent / "runtime" / "README.md"
 
 
+@pytest.mark.slow
 def test_readme_examples_run(tmp_path, monkeypatch, capsys):
     export(demo_model_path(), tmp_path / "build" / "demo_model-int4-contrib", quant="int4")
     monkeypatch.chdir(tmp_path)
@@ -23,6 +26,7 @@ def test_readme_examples_run(tmp_path, monkeypatch, capsys):
     assert "no accelerator provider installed" in out and "tok/s" in out
 
 
+@pytest.mark.slow
 def test_top_level_readme_python_runs(tmp_path, monkeypatch, capsys):
     export(demo_model_path(), tmp_path / "build" / "demo_model-fp32-contrib")
     monkeypatch.chdir(tmp_path)

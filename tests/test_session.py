@@ -157,6 +157,7 @@ def test_decode_steps_with_bindings_kept_match_a_fresh_prefill(tmp_path, ops):
     assert last.shape == (1, 1, whole.shape[-1])
 
 
+@pytest.mark.slow
 def test_weights_repacked_in_parallel_decode_as_repacked_serially(tmp_path, capfd):
     """Sessions repack the quantized weights with the pool's threads (session.prepack.enable_parallel, as
     onnxruntime's verbose log says); the packed weights, and so every logit, are those of the serial repacking."""

@@ -26,7 +26,7 @@ TABS = (("chat", "Chat"), ("benchmark", "Benchmark"), ("model", "Model"))
 def sessions() -> dict:
     """onnxruntime sessions this process opened and still holds, per bundle (empty on a phone backend)."""
     try:
-        from lfm_edge.runtime.backends.python import live_sessions, sessions_opened
+        from lfm_edge.runtime.backends.python import live_sessions, sessions_opened  # absent on phone backends
     except ImportError:
         return {}
     return {"opened": sessions_opened(), "live": live_sessions()}
@@ -44,7 +44,7 @@ class LfmApp(App):
                  autopilot: list[dict] | None = None, max_new_tokens: int = 512,
                  conversation_file: Path | None = None, prepack_cache: str = "off", **kwargs: Any):
         super().__init__(**kwargs)
-        self.prepack_cache = prepack_cache  # runtime/prepack.py; see model.load_model for why it is off
+        self.prepack_cache = prepack_cache  # runtime/backends/prepack.py; see model.load_model for why it is off
         self.conversation_file = conversation_file  # default: conversation.safetensors in user_data_dir
         self.start_bundle, self.threads = bundle, threads
         self.downloads_dir = downloads
@@ -104,7 +104,7 @@ class LfmApp(App):
             self.show("model")
         self._show_loading()
         if self.autopilot_steps is not None:
-            from .autopilot import Autopilot
+            from .autopilot import Autopilot  # the test driver, loaded only when asked for
 
             self.autopilot = Autopilot(self, self.autopilot_steps)  # kept: Kivy's clock only holds a weak reference
             self.autopilot.start()

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm_edge.device_bench import bench, roofline
+from lfm_edge.device_bench import roofline, speed
+from lfm_edge.device_bench.measure import Metric
 from lfm_edge.runtime import backends
 
 TARGET = roofline.TARGET_TOKENS_PER_SECOND
@@ -41,7 +42,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-Cancelled = bench.Cancelled  # what a cancelled `run_benchmark` raises
+Cancelled = speed.Cancelled  # what a cancelled `run_benchmark` raises
 
 
 @dataclass
@@ -141,9 +142,9 @@ def verdict(prediction: roofline.PhonePrediction, target: float = TARGET) -> str
     return prediction.verdict(target)
 
 
-def summarize(metrics: dict[str, bench.Metric], bundle: Path, preset: Preset, threads: int | None = None,
+def summarize(metrics: dict[str, Metric], bundle: Path, preset: Preset, threads: int | None = None,
               app_load: tuple[float, dict] | None = None) -> BenchReport:
-    """The report's measured part, from `device_bench.bench.run`'s metrics. `app_load`: (seconds, resident
+    """The report's measured part, from `device_bench.speed.run`'s metrics. `app_load`: (seconds, resident
     memory right after) of the app's own load, when the benchmark measured the app's session."""
     summary = {k: m.summary() for k, m in metrics.items() if m.samples}
     decode = [v for k, v in summary.items() if k.startswith("decode/")]
@@ -192,7 +193,7 @@ def add_roofline(report: BenchReport, bundle: Path, bandwidth_gbs: float) -> Ben
 
 
 def stage_count(preset: Preset, loads: bool = True) -> int:
-    """How many progress messages `bench.run` sends, plus the bandwidth probe: the progress bar's length.
+    """How many progress messages `speed.run` sends, plus the bandwidth probe: the progress bar's length.
     `loads`: whether each run loads the bundle (not when the app's session is measured)."""
     per_run = int(loads) + len(preset.prompts) + len(preset.depths) * len(preset.decode)
     return 1 + (preset.runs + 1) * per_run
@@ -222,7 +223,7 @@ def run_benchmark(bundle: Path, preset: Preset, progress: Callable[[int, int, st
     step("measuring read bandwidth")
     bandwidth = roofline.read_bandwidth(gib=preset.bandwidth_gib)
     threads = (getattr(session, "threads", 0) or None) if session is not None else None
-    metrics = bench.run(bundle, threads or preset.threads, list(preset.prompts), list(preset.depths),
+    metrics = speed.run(bundle, threads or preset.threads, list(preset.prompts), list(preset.depths),
                         list(preset.decode), preset.runs, progress=step, open_session=backends.open_session,
                         cancel=cancel, session=session)
     progress(total, total, "done")

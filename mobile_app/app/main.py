@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from .model import check_folder
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lfm-app", description=__doc__)
@@ -23,13 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="480x900", help="window size on a desktop, WIDTHxHEIGHT")
     parser.add_argument("--autopilot", type=Path, default=None, help="JSON list of steps to run (see autopilot.py)")
     parser.add_argument("--prepack-cache", choices=["off", "use", "auto"], default="off",
-                        help="map the weights from a prepack cache next to the bundle (runtime/prepack.py): "
+                        help="map the weights from a prepack cache next to the bundle (runtime/backends/prepack.py): "
                         "mostly reclaimable memory, at 2.1x the disk and slower decode as measured so far")
     parser.add_argument("--conversation-file", type=Path, default=None, help="where the chat is saved when the app "
                         "is paused or closed, and restored from at start (default: the app's data folder)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-
-    from .model import check_folder
 
     if args.bundle and (problem := check_folder(args.bundle)):
         print(f"lfm-app: error: {problem}", file=sys.stderr)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         Config.set("graphics", "height", str(height))
     Config.set("input", "mouse", "mouse,multitouch_on_demand")  # no red dots on right click
 
-    from .app import LfmApp
+    from .app import LfmApp  # Kivy: after its Config is set, as Kivy requires
 
     app = LfmApp(bundle=Path(args.bundle) if args.bundle else None, threads=args.threads, downloads=args.downloads,
                  autopilot=steps, max_new_tokens=args.max_new_tokens, conversation_file=args.conversation_file,

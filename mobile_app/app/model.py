@@ -50,9 +50,9 @@ def load_model(folder: str | Path, threads: int | None = None,
     creation, which is most of the time)."""
     folder = Path(folder).expanduser()
     progress("preparing the weights")
-    # prepack_cache "auto" maps the weights from a cache next to the bundle (runtime/prepack.py): the app's
+    # prepack_cache "auto" maps the weights from a cache next to the bundle (runtime/backends/prepack.py): the app's
     # memory is then mostly file pages the system can reclaim, but the cache costs 2.1x the bundle on disk,
-    # its first load a minute on the 8B, and decode ran at 0.85x (device_bench/RESULTS.md): off unless memory
+    # its first load a minute on the 8B, and decode ran at 0.85x (the cold-start note of 2026-11-29): off unless memory
     # is the limit
     session = open_session(folder, threads, prepack_cache=prepack_cache)
     progress("reading the tokenizer")

@@ -28,6 +28,7 @@ from lfm_edge.runtime import (
     ToolRun,
 )
 from lfm_edge.runtime.schemas import function_schema
+from lfm_edge.runtime.statefile import StateFileError
 from lfm_edge.runtime.toolcalls import StreamParser
 
 from .tools import DEMO_TOOLS
@@ -131,7 +132,6 @@ class ChatController:
     def restore(self, path: Path) -> str | None:
         """Continue the conversation saved at `path` with the loaded model; returns why not, or None. A file
         from another bundle or a damaged one is left alone and the chat starts fresh."""
-        from lfm_edge.runtime.statefile import StateFileError
 
         if self.model is None or self.state != IDLE:
             return "no model loaded, or a turn is running"

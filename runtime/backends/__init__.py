@@ -54,19 +54,19 @@ def choose(backend: str = "auto") -> str:
 def open_session(bundle: str | Path, threads: int | None = None, backend: str = "auto",
                  prepack_cache: str = "off", attention_kernel: str = "flash") -> Session:
     """Load `bundle` through `backend` ("auto": python if onnxruntime imports, else java if jnius does
-    (Android), else objc if pyobjus does (iOS)). `prepack_cache` (runtime/prepack.py) applies to the python
+    (Android), else objc if pyobjus does (iOS)). `prepack_cache` (runtime/backends/prepack.py) applies to the python
     backend; the Java and Objective-C backends do not write or map one yet. `attention_kernel`:
     runtime/kernels.py, on every backend."""
     backend = choose(backend)
     if backend == "java":
-        from .java import JavaSession
+        from .java import JavaSession  # pyjnius: on Android only
 
         return JavaSession(bundle, threads=threads, attention_kernel=attention_kernel)
     if backend == "objc":
-        from .objc import ObjcSession
+        from .objc import ObjcSession  # pyobjus: on iOS only
 
         return ObjcSession(bundle, threads=threads, attention_kernel=attention_kernel)
-    from .python import LfmSession
+    from .python import LfmSession  # onnxruntime's Python binding, which a phone build may lack
 
     return LfmSession(bundle, threads=threads, prepack_cache=prepack_cache, attention_kernel=attention_kernel)
 

@@ -12,7 +12,7 @@ native byte order):
   the other as `present.{i}.conv` (a pinned output), then they swap. A kernel never reads what it writes.
 - KV on a shared-buffer graph (genai_config `search.past_present_share_buffer`, GroupQueryAttention): one
   [B,Hkv,max_length,D] tensor per key and value, passed as `past_key_values.{i}.*` and pinned as
-  `present.{i}.*`; the kernel appends the new rows in place. This is what runtime/session.py does with
+  `present.{i}.*`; the kernel appends the new rows in place. This is what backends/python.py does with
   IOBinding, and what onnxruntime-genai does.
 - KV on a concatenating graph (portable op set): present comes back one step longer; it is requested
   as an onnxruntime-allocated output and the OnnxTensor from `OrtSession.Result` is the next step's past.

@@ -7,7 +7,8 @@ anonymous memory, which a phone's low-memory killer counts against the app. onnx
 repacked buffers into an external data file (`session.save_external_prepacked_constant_initializers`) and,
 loading that file, maps them instead of keeping its own copy.
 
-What it does not do (measured, device_bench/RESULTS.md): make loading faster. onnxruntime 1.32 finds a saved
+What it does not do (measured, device_bench/results/notes/2026-11-29-cold-start.md): make loading faster. onnxruntime
+1.32 finds a saved
 buffer by the hash of the buffer PrePack produces, so it still repacks every weight at load (the same CPU work)
 and only then swaps its copy for the mapped one. The stored layout cannot be consumed directly either:
 MatMulNBits `weight_prepacked` 1/2 are CUDA layouts the CPU kernel ignores, QMoE `weights_prepacked` 1 makes

@@ -73,7 +73,7 @@ class LfmSession:
         self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
         self.attention_kernel, self.num_heads = attention_kernel, int(decoder.get("num_attention_heads", 0))
         self._decoder = decoder
-        # the bundle's target default (export/exporter.py TARGET_THREADS), never more than this machine's CPUs
+        # the bundle's target default (export/options.py TARGET_THREADS), never more than this machine's CPUs
         threads = threads or min(int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)),
                                  os.cpu_count() or 1)
 
@@ -161,7 +161,8 @@ class Cache(CacheBase):
     def __init__(self, model: LfmSession, batch: int, max_length: int):
         # One IOBinding per orientation of the conv pairs (past A -> present B, then B -> A), each with the state
         # buffers bound once: a decode step then rebinds only input_ids, the mask and the logits (0.2 ms of
-        # Python per token at full geometry otherwise; device_bench/RESULTS.md). Dropped when buffers are replaced.
+        # Python per token at full geometry otherwise: the overhead note of 2026-11-30 in device_bench/results/notes).
+        # Dropped when buffers are replaced.
         self._bindings: dict[int, ort.IOBinding] = {}
         self._flips = 0
         self._keep: dict[int, ort.OrtValue] = {}

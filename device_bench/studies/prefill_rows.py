@@ -3,7 +3,7 @@
 The graph's optional `logits_to_keep` input decides how many rows reach the final norm and the LM head (0: all,
 as onnxruntime-genai runs it; 1: what a generation needs). Each round prefills the same random prompt both ways,
 the order alternating, on one session; every sample records its CPU wait and /proc/loadavg, and the speed-up is
-the median of per-round ratios. `python -m lfm_edge.device_bench.prefill_rows BUNDLE [--prompts 128 512]`.
+the median of per-round ratios. `python -m lfm_edge.device_bench.studies.prefill_rows BUNDLE [--prompts 128 512]`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import timed
+from ...runtime.backends.python import LfmSession
+from ..measure import timed
 
 
 def _loadavg() -> str:
@@ -28,7 +29,6 @@ def _loadavg() -> str:
 
 def alternate(bundle: Path, prompts: tuple[int, ...] = (128, 512), rounds: int = 6, threads: int = 2,
               seed: int = 0, progress=lambda m: None) -> dict:
-    from ..runtime.backends.python import LfmSession
 
     session = LfmSession(bundle, threads=threads, verify="none")
     if not session.logits_to_keep:
@@ -64,7 +64,7 @@ def alternate(bundle: Path, prompts: tuple[int, ...] = (128, 512), rounds: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.prefill_rows", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.studies.prefill_rows", description=__doc__)
     parser.add_argument("bundle")
     parser.add_argument("--prompts", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--rounds", type=int, default=6)

@@ -6,8 +6,8 @@ records the nodes of the graph onnxruntime actually runs, after its own fusions,
 counts are the optimized graph's. `--save-optimized DIR` also writes that graph (optimized_model_filepath,
 weights to an external file in DIR) and counts its nodes statically.
 
-    python -m lfm_edge.device_bench.step_profile BUNDLE [--steps 64] [--prompt 64] [--threads 2]
-    python -m lfm_edge.device_bench.step_profile A B --rounds 8      # decode step time, A and B alternated
+    python -m lfm_edge.device_bench.studies.step_profile BUNDLE [--steps 64] [--prompt 64] [--threads 2]
+    python -m lfm_edge.device_bench.studies.step_profile A B --rounds 8      # decode step time, A and B alternated
 
 Kernel times include the profiler's own cost (a few microseconds per node), so the overhead share is an
 upper bound; compare bundles measured the same way, alternated, with the load average printed. A second,
@@ -30,6 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ...runtime.backends.python import LfmSession
+from ...runtime.hugepages import reexec_with_hugepages
+from ..measure import timed
+
 WEIGHT_OPS = ("QMoE", "MatMulNBits")  # the kernels that stream weights; the rest is overhead
 
 
@@ -42,7 +46,6 @@ def profile_decode(bundle: Path, steps: int = 64, prompt: int = 64, threads: int
     cost, measured seconds apart rather than minutes (memory speed drifts on a shared machine)."""
     import onnxruntime as ort
 
-    from ..runtime.backends.python import LfmSession
 
     with tempfile.TemporaryDirectory() as tmp:
         def profiled(opts: ort.SessionOptions) -> None:
@@ -131,8 +134,6 @@ def alternate(bundles: list[Path], rounds: int = 8, steps: int = 64, prompt: int
     sleep instead of spinning between nodes, so CPU time is work), is the steadier comparison."""
     import onnxruntime as ort
 
-    from ..runtime.backends.python import LfmSession
-    from .bench import timed
 
     def no_spin(opts: ort.SessionOptions) -> None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -207,7 +208,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.step_profile", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.studies.step_profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", nargs="+", help="one bundle to profile, or several to time alternated")
     parser.add_argument("--rounds", type=int, default=None, help="alternated rounds (several bundles: default 8; "
@@ -221,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the result as JSON")
     args = parser.parse_args(argv)
     if argv is None:
-        from ..runtime.hugepages import reexec_with_hugepages
 
         reexec_with_hugepages()  # as lfm-bench and ab.py measure
     if len(args.bundle) > 1:

@@ -37,8 +37,8 @@ from typing import Protocol
 import gguf
 import numpy as np
 
-from ..export.config import Lfm2Config
-from ..export.gguf_tokenizer import metadata_from_tokenizer
+from ...export.config import Lfm2Config
+from ...export.gguf_tokenizer import metadata_from_tokenizer
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LFM2MOE]  # "lfm2moe"
 ARCHS = {"lfm2_moe": ARCH, "lfm2": gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LFM2]}

@@ -10,9 +10,10 @@ initializers in the same external data, and nothing else: each node reads a grap
 shape (random) and QMoE's router inputs get fresh random scores every step, so each step streams a new choice
 of experts as decoding does. The overhead is then a decode step (`Cache.step`, as an app runs it) less one run
 of that graph, the two run one after the other in one process, token by token: this VM's memory speed moves
-within seconds (device_bench/RESULTS.md), so only neighbours are compared, and medians reported.
+within seconds (device_bench/results/notes/2026-11-30-overhead-and-parallel-load.md), so only neighbours are compared,
+and medians reported.
 
-    python -m lfm_edge.device_bench.overhead BUNDLE [--rounds 10] [--steps 48] [--json FILE]
+    python -m lfm_edge.device_bench.studies.overhead BUNDLE [--rounds 10] [--steps 48] [--json FILE]
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...runtime.backends.python import LfmSession
+from ...runtime.hugepages import reexec_with_hugepages
 from .step_profile import WEIGHT_OPS
 
 ROUTER_INPUTS = {1: "router_probs", 14: "router_weights"}  # QMoE's routing inputs (router_weights optional)
@@ -119,7 +122,6 @@ def measure(bundle: Path, rounds: int = 10, steps: int = 48, prompt: int = 64, t
     one order for the first half of the rounds and in the other for the second, each half after a warm-up round."""
     import onnxruntime as ort
 
-    from ..runtime.backends.python import LfmSession
 
     def stop_spinning(options: ort.SessionOptions) -> None:
         # Two sessions run in turns: one's pool threads must not spin on the 2nd core through the other's run.
@@ -230,7 +232,7 @@ def weight_nodes(bundle: Path) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.overhead", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.studies.overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle")
     parser.add_argument("--rounds", type=int, default=10)
@@ -240,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the result as JSON, and a plot beside it (.png)")
     args = parser.parse_args(argv)
     if argv is None:
-        from ..runtime.hugepages import reexec_with_hugepages
 
         reexec_with_hugepages()  # as lfm-bench, ab.py and step_profile measure
     result = measure(Path(args.bundle), args.rounds, args.steps, args.prompt, args.threads,

@@ -6,9 +6,9 @@ both, in alternating order, on the same prompt and the same decoded token ids (r
 as in real text; neither side samples), and the ratio is taken per round. Both compute the logits a generation
 needs: the prompt's last row (llama.cpp's `eval` without `logits_all`; ours through `logits_to_keep`, as
 runtime.Generation asks), then one row per decoded token.
-`python -m lfm_edge.device_bench.ab BUNDLE GGUF [--rounds N]` prints and writes JSON.
+`python -m lfm_edge.device_bench.studies.ab BUNDLE GGUF [--rounds N]` prints and writes JSON.
 
-`python -m lfm_edge.device_bench.ab FILE.gguf` compares llama.cpp with a bundle exported from that very file
+`python -m lfm_edge.device_bench.studies.ab FILE.gguf` compares llama.cpp with a bundle exported from that very file
 (`lfm-export FILE.gguf`: its Q4_0 blocks as they are), so both run the same weights, not two quantizations of
 one checkpoint; the JSON says which (`same_weights`).
 """
@@ -24,13 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import timed
+from ...export.exporter import export
+from ...export.provenance import file_sha256
+from ...runtime.backends.python import LfmSession
+from ...runtime.hugepages import reexec_with_hugepages
+from ..measure import timed
 
 
 class CopyBandwidth:
     """GB/s that `threads` threads copying `mb` MB each reach now (read + write): this host's memory speed at the
     moment, which moves with other tenants' traffic. Decode is memory-bound, so each round records it beside the
-    tok/s (device_bench/RESULTS.md, 2026-11-30: our decode follows it more closely than llama.cpp's). The buffers
+    tok/s (device_bench/results/notes/2026-11-30-block-256.md: our decode follows it more closely than llama.cpp's).
+    The buffers
     are allocated and touched once: a first touch would time this VM's page faults instead. The best of `tries`
     copies: single copies of this size still dip at random (a thread started late, an interrupt)."""
 
@@ -59,7 +64,6 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
     """`warmup_s`: both sides decode in turns for this long before round 0 (see main's --warmup)."""
     import llama_cpp
 
-    from ..runtime.backends.python import LfmSession
 
     session = LfmSession(bundle, threads=threads, verify="none")
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
@@ -110,7 +114,6 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
 
 def exported_from(bundle: Path, gguf: Path) -> bool:
     """Whether the bundle's manifest names this very GGUF file (by name and sha256, export/provenance.py)."""
-    from ..export.provenance import file_sha256
 
     try:
         source = json.loads((Path(bundle) / "manifest.json").read_text())["source"]
@@ -124,13 +127,12 @@ def bundle_for(gguf: Path, folder: Path, quant: str = "int4") -> Path:
     """The bundle of `gguf` in `folder`, exported unless one from this very file is there already."""
     if (folder / "model.onnx").is_file() and exported_from(folder, gguf):
         return folder
-    from ..export.exporter import export
 
     return export(gguf, folder, quant=quant).bundle
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.ab", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.studies.ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", help="our bundle, or a .gguf to export and compare with itself")
     parser.add_argument("gguf", nargs="?", help="llama.cpp's file (omit when the first argument is one)")
@@ -140,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--warmup", type=float, default=0.0, metavar="SECONDS",
-                        help="both sides decode in turns this long before round 0 (device_bench/RESULTS.md, "
-                        "2026-11-30: on this VM it did not narrow our decode's round-to-round spread)")
+                        help="both sides decode in turns this long before round 0 (on this VM it did not narrow "
+                        "our decode's round-to-round spread, the 2026-11-30 notes)")
     parser.add_argument("--out", default="build/bench/ab.json")
     args = parser.parse_args(argv)
     if args.gguf is None:
@@ -151,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(args.bundle_dir or Path(args.out).parent / (Path(args.gguf).stem + "-bundle"))
         args.bundle = str(bundle_for(Path(args.gguf), folder))
     if argv is None:
-        from ..runtime.hugepages import reexec_with_hugepages
 
         reexec_with_hugepages()
     result = alternate(Path(args.bundle), Path(args.gguf), args.threads, args.prompt, args.decode, args.rounds,

@@ -1,9 +1,9 @@
-"""`lfm-bench BUNDLE --long-context DEPTHS`: a long prompt, then decoding deep in the context, ours against
-llama.cpp on the same weights (its default f16 KV cache, and its q8_0 cache with flash attention).
+"""`lfm-bench long-context BUNDLE --depths DEPTHS`: a long prompt, then decoding deep in the context, ours
+against llama.cpp on the same weights (its default f16 KV cache, and its q8_0 cache with flash attention).
 
 Each (system, depth) runs in a process of its own, so its peak RSS is that run's alone; the three systems run
-in turn at each depth. A run loads the model, prefills `depth` varied token ids (ours in the chunks a
-Generation uses, runtime/generate.py prefill_ranges; llama.cpp in its default 512-token batches), then decodes
+in turn at each depth. A run loads the model, prefills `depth` varied token ids (ours through the runtime's own
+Generation, in the chunks it prefills; llama.cpp in its default 512-token batches), then decodes
 `decode` tokens one step at a time; the decode speed is 1 / the median step. Peak RSS is the process's
 high-water mark over prefill and decode (reset after load, /proc/self/clear_refs), next to RSS after load.
 
@@ -26,9 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.generate import PREFILL_BUDGET
+from ..runtime.backends.python import LfmSession  # onnxruntime's Python binding: a desktop benchmark
+from ..runtime.generate import PREFILL_BUDGET, Generation
+from ..runtime.hugepages import reexec_with_hugepages
 from ..runtime.memory import available_memory, current_rss_mb
-from .bench import timed
+from . import common
+from .measure import timed
+from .report import write_long_markdown, write_long_plot
 
 SYSTEMS = ("ours", "llama.cpp f16", "llama.cpp q8_0+fa")
 OURS = {"flash": "ours", "unfused": "ours unfused"}  # our system's name by attention kernel
@@ -106,9 +110,6 @@ def _decode_summary(step_seconds: list[float], threads: int, wait: float) -> dic
 def run_ours(bundle: str, depth: int, decode: int, threads: int, synthetic: bool = False, seed: int = 0,
              attention_kernel: str = "flash") -> dict:
     """One load, a prefill to `depth` (or a synthetic fill and SYNTHETIC_TAIL real tokens), `decode` steps."""
-    from ..runtime.backends.python import LfmSession
-    from ..runtime.generate import prefill_ranges
-    from ..runtime.kernels import prefill_bytes_per_pair
 
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
@@ -125,19 +126,22 @@ def run_ours(bundle: str, depth: int, decode: int, threads: int, synthetic: bool
         start = max(depth - SYNTHETIC_TAIL, 0)
         _synthetic_fill(cache, start, rng)
     out["peak_reset"] = reset_peak_rss()
-    prompt = rng.integers(100, hi, (1, depth - start))
-    per_pair = prefill_bytes_per_pair(attention_kernel, session.num_heads) if session.state.kv else 0
-    ranges = list(prefill_ranges(start, depth, 512, [], per_pair, PREFILL_BUDGET))
+    prompt = rng.integers(100, hi, depth).tolist()  # the first `start` ids stand for the synthetic rows
+    chunks: list[int] = []
 
-    def prefill() -> None:
-        for s, e in ranges:
-            cache.step(prompt[:, s - start:e - start], last=1)
-            _progress(f"ours: prefilled {e:,} / {depth:,}")
+    def chunk_done(c) -> None:
+        chunks.append(c.length)
+        _progress(f"ours: prefilled {c.length:,} / {depth:,}")
+
+    def prefill() -> None:  # the runtime's own prefill (Generation with max_new_tokens 0 only prefills)
+        for _ in Generation(session, [prompt], 0, cache=cache, on_prefill=chunk_done):
+            pass
 
     if depth - start:
         wall, wait, la = timed(prefill, threads)
+        sizes = {b - a for a, b in zip([start, *chunks], chunks, strict=False)}
         out["prefill"] = {"tokens": depth - start, "at_depth": start, "seconds": wall, "tps": (depth - start) / wall,
-                          "cpu_wait_share": wait, "chunks": sorted({e - s for s, e in ranges})}
+                          "cpu_wait_share": wait, "chunks": sorted(sizes)}
     ids = rng.integers(100, hi, decode)
     steps: list[float] = []
     _, wait, la = timed(lambda: steps.extend(_steps(lambda t: cache.step(np.array([[t]])), ids)), threads)
@@ -203,7 +207,7 @@ def _progress(message: str) -> None:
 def run_in_subprocess(spec: dict, progress: Callable[[str], None]) -> dict:
     """One run (`spec`: {"system", ...the run function's arguments}) in a fresh process; its progress lines
     are passed on, its result is the last line of its stdout."""
-    proc = subprocess.Popen([sys.executable, "-m", "lfm_edge.device_bench.longctx", json.dumps(spec)],
+    proc = subprocess.Popen([sys.executable, "-m", "lfm_edge.device_bench.long_context", json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tail: list[str] = []
     last = 0.0
@@ -306,7 +310,43 @@ def summarize(points: list[dict], geo: dict) -> dict:
     return {"table": table, "ratios": ratios}
 
 
-if __name__ == "__main__":  # python -m lfm_edge.device_bench.longctx '{"system": "ours", ...}'
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a command: restart with huge pages for the weights (runtime/hugepages.py)
+        reexec_with_hugepages()
+    parser = common.parser("long-context", __doc__)
+    parser.set_defaults(runs=1)
+    parser.add_argument("--depths", type=common.ints, required=True, metavar="DEPTHS",
+                        help="a prompt of each depth (e.g. 0,8192,32768), then --decode steps")
+    parser.add_argument("--decode", type=int, default=128, help="single-token steps after each prompt")
+    parser.add_argument("--synthetic-depths", type=common.ints, default=[], metavar="DEPTHS",
+                        help="also depths (ours only) whose KV rows are written directly, then 512 real tokens "
+                             "prefilled and decoded after (e.g. the 128K context)")
+    parser.add_argument("--attention-kernel", choices=["flash", "unfused", "both"], default="flash",
+                        help="GroupQueryAttention's kernel (runtime/kernels.py); 'both' runs ours once with each")
+    common.add_peer(parser)
+    args = parser.parse_args(argv)
+    bundle = Path(args.bundle)
+    if common.check("long-context", bundle, args.peer, args.gguf):
+        return 2
+    limit = geometry(bundle)["context_length"]
+    for depth in args.depths + args.synthetic_depths:
+        if depth < 0 or depth + args.decode + 1 > limit:
+            return common.fail("long-context", f"--depths {depth} + {args.decode} decoded tokens exceed the model's "
+                               f"context length {limit} (config.json max_position_embeddings)")
+    kernels = ("flash", "unfused") if args.attention_kernel == "both" else (args.attention_kernel,)
+    section = run(bundle, args.depths, args.decode, args.threads, args.gguf if args.peer == "llama" else None,
+                  args.synthetic_depths, common.progress, runs=args.runs, attention_kernels=kernels)
+    result = {
+        **common.header(args.threads, bundle, section["geometry"]["weights_bytes"]),
+        "long_context": section,
+        "settings": {"threads": args.threads, "runs": args.runs, "long_context": args.depths,
+                     "synthetic_depths": args.synthetic_depths, "decode": args.decode, "peer": args.peer,
+                     "gguf": args.gguf, "attention_kernels": list(kernels)},
+    }
+    return common.write_reports(result, Path(args.out), write_long_markdown, write_long_plot)
+
+
+if __name__ == "__main__":  # python -m lfm_edge.device_bench.long_context '{"system": "ours", ...}'
     spec = json.loads(sys.argv[1])
     system = spec.pop("system")
     result = run_ours(**spec) if system == "ours" else run_llama(**spec)

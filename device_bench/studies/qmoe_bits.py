@@ -4,7 +4,7 @@ Fewer bits pay only if the kernel for them streams bytes as fast as the 4-bit on
 QMoE has different paths per width (2 bits: a LUT kernel; 3 bits: fp16 activations, dequantized weights), so
 this times each in one process, in turns, with random codes (speed does not depend on their values).
 
-    python -m lfm_edge.device_bench.qmoe_bits [--rounds 12] [--threads 2]
+    python -m lfm_edge.device_bench.studies.qmoe_bits [--rounds 12] [--threads 2]
 
 Pool threads do not spin between runs (several sessions share the cores; spinning ones would steal them).
 """
@@ -55,7 +55,7 @@ def session(bits: int, block: int, threads: int, layers: int = 2, seed: int = 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.qmoe_bits", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.studies.qmoe_bits", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)

@@ -1,6 +1,6 @@
 """Soak: one loaded model under many threads and many generations.
 
-    python -m lfm_edge.device_bench.soak BUNDLE [--threads 8 --per-thread 50 --generations 1000]
+    python -m lfm_edge.device_bench.studies.soak BUNDLE [--threads 8 --per-thread 50 --generations 1000]
 
 Checks that concurrent generations give exactly the serial results and that resident memory stays flat
 over many generations (bounded growth after a warm-up); then the same for conversations that keep their
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.backends.python import LfmSession
-from ..runtime.generate import generate
+from ...runtime import LfmModel
+from ...runtime.backends.python import LfmSession
+from ...runtime.generate import generate
 
 
 def rss_mb() -> float:
@@ -57,7 +58,6 @@ def soak_conversations(bundle: Path, threads: int = 4, conversations: int = 40, 
                        new_tokens: int = 6, seed: int = 0, save_to: Path | None = None) -> dict:
     """Multi-turn conversations (state kept, an edit midway, saved and reloaded when `save_to` is a folder)
     over one LfmModel from `threads` threads: identical to serial runs, resident memory flat."""
-    from ..runtime import LfmModel
 
     model = LfmModel(bundle, threads=1)
     rng = np.random.default_rng(seed)

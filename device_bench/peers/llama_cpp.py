@@ -1,19 +1,29 @@
 """llama.cpp (through llama-cpp-python) as a peer on the same weights: quantize a GGUF from gguf_writer.py
-to Q4_0, then time prompt evaluation and greedy decode the way bench.py times our bundles.
+to Q4_0 (or another llama-quantize mix), then time prompt evaluation and greedy decode the way speed.py times
+our bundles; and a conversation server that replays a scripted conversation through llama.cpp's own prefix
+reuse (conversation.py).
 
 Each run loads the model, evaluates a prompt of varied token ids, then decodes `decode_tokens` tokens
 greedily (argmax of the last logits, fed back). Timed regions record CPU wait and load average with
-bench.timed, and summaries are bench.Metric's: the median of the quiet runs when there are any.
-`pip install llama-cpp-python` compiles llama.cpp (several minutes on 2 cores).
+measure.timed, and summaries are measure.Metric's: the median of the quiet runs when there are any.
+`pip install llama-cpp-python` compiles llama.cpp (several minutes on 2 cores). Runs in a process of its own
+(`python -m lfm_edge.device_bench.peers.llama_cpp decode|conversation SPEC`), so its peak RSS is its own.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .bench import Metric, Sample, timed
+from ..measure import Metric, Sample, cpu_wait_seconds, timed
 
 # llama.cpp's quantization mixes (llama-quantize's names) the benchmarks and quality reports compare against.
 LLAMA_FORMATS = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "Q8_0", "Q4_K_S", "Q3_K_S", "Q3_K_L", "Q5_K_M", "Q6_K")
@@ -132,13 +142,9 @@ def llama_decode(gguf_path: str | Path, threads: int, prompts: list[int], decode
 def llama_decode_in_subprocess(gguf_path: str | Path, threads: int, prompts: list[int], decode_tokens: int,
                                runs: int) -> dict:
     """llama_decode in a fresh Python process, so its peak RSS is llama.cpp's and not ours as well."""
-    import json
-    import subprocess
-    import sys
-
     args = json.dumps({"gguf_path": str(gguf_path), "threads": threads, "prompts": prompts,
                        "decode_tokens": decode_tokens, "runs": runs})
-    done = subprocess.run([sys.executable, "-m", "lfm_edge.device_bench.llama_cpp_peer", args],
+    done = subprocess.run([sys.executable, "-m", "lfm_edge.device_bench.peers.llama_cpp", "decode", args],
                           capture_output=True, text=True)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-3:]
@@ -146,8 +152,111 @@ def llama_decode_in_subprocess(gguf_path: str | Path, threads: int, prompts: lis
     return json.loads(done.stdout)
 
 
-if __name__ == "__main__":  # python -m lfm_edge.device_bench.llama_cpp_peer '{"gguf_path": ..., "prompts": [...]}'
-    import json
-    import sys
+# --- a conversation through llama.cpp's own prefix reuse, in a process of its own -------------------------------
 
-    print(json.dumps(llama_decode(**json.loads(sys.argv[1]))))
+def conversation_server(spec: dict) -> None:
+    """Reads one JSON command per line on stdin, writes one JSON result per line: {"prompt": ids, "answer": ids}
+    runs Llama.generate over the whole history (its own prefix reuse decides what to evaluate), forced to the
+    scripted answer, and reports the time to the first token."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as api
+
+    if spec.get("n_rs_seq"):  # recurrent-state snapshots for rollback: llama.Llama takes no argument for it
+        default_params = api.llama_context_default_params
+
+        def params() -> Any:
+            p = default_params()
+            p.n_rs_seq = spec["n_rs_seq"]
+            return p
+
+        api.llama_context_default_params = params
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=spec["gguf"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                          n_ctx=spec["n_ctx"], n_batch=512, n_ubatch=512, verbose=False)
+    print(json.dumps({"ready": True, "load_s": time.perf_counter() - t0, "version": llama_cpp.__version__,
+                      "file_bytes": Path(spec["gguf"]).stat().st_size, "n_rs_seq": api.llama_n_rs_seq(llm.ctx)}),
+          flush=True)
+    evaluated: list[int] = []  # tokens of each eval call: the first one of a turn is what it prefilled
+    real_eval = llm.eval
+
+    def counting_eval(tokens: Sequence[int]) -> None:
+        evaluated.append(len(tokens))
+        real_eval(tokens)
+
+    llm.eval = counting_eval
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        evaluated.clear()
+        prompt, answer = cmd["prompt"], cmd["answer"]
+        if cmd.get("reset"):
+            llm.reset()
+        held = list(llm._input_ids[:llm.n_tokens])
+        common = 0
+        for a, b in zip(held, prompt, strict=False):
+            if a != b:
+                break
+            common += 1
+        n = [0]
+
+        def force(_ids: np.ndarray, scores: np.ndarray, answer=answer, n=n) -> np.ndarray:
+            scores[:] = -np.inf
+            scores[answer[min(n[0], len(answer) - 1)]] = 0.0
+            n[0] += 1
+            return scores
+
+        wait0, start = cpu_wait_seconds(), time.perf_counter()
+        first, wait_first, out = 0.0, 0.0, []
+        for token in llm.generate(prompt, temp=0.0, logits_processor=llama_cpp.LogitsProcessorList([force])):
+            if not out:
+                first, wait_first = time.perf_counter() - start, cpu_wait_seconds() - wait0
+            out.append(int(token))
+            if len(out) >= len(answer):
+                break
+        print(json.dumps({"ttft": first, "cpu_wait_share": wait_first / max(first * spec["threads"], 1e-9),
+                          "loadavg": [round(x, 2) for x in os.getloadavg()], "held": len(held), "common": common,
+                          "prefilled": evaluated[0] if evaluated else 0,
+                          "as_scripted": out == list(answer)}), flush=True)
+
+
+class ConversationPeer:
+    """conversation_server, as a subprocess of this one (lfm-bench conversation --peer llama)."""
+
+    def __init__(self, gguf: str | Path, threads: int, n_ctx: int, n_rs_seq: int = 0):
+        spec = json.dumps({"gguf": str(gguf), "threads": threads, "n_ctx": n_ctx, "n_rs_seq": n_rs_seq})
+        command = [sys.executable, "-m", "lfm_edge.device_bench.peers.llama_cpp", "conversation", spec]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:  # a crash may print a debugger's backtrace here before it exits
+            if line.startswith("{"):
+                return json.loads(line)
+        tail = [t for t in self.proc.stderr.read().strip().splitlines() if "GGML" in t or "error" in t.lower()][-3:]
+        raise RuntimeError(f"llama.cpp peer failed (exit {self.proc.wait()}): {' / '.join(tail)}")
+
+    def turn(self, prompt: Sequence[int], answer: Sequence[int], reset: bool = False) -> dict:
+        self.proc.stdin.write(json.dumps({"prompt": list(prompt), "answer": list(answer), "reset": reset}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def peak_rss_mb(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+if __name__ == "__main__":  # python -m lfm_edge.device_bench.peers.llama_cpp decode|conversation '{...}'
+    if sys.argv[1] == "decode":
+        print(json.dumps(llama_decode(**json.loads(sys.argv[2]))))
+    else:
+        conversation_server(json.loads(sys.argv[2]))

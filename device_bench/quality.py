@@ -1,22 +1,34 @@
-"""What quantization costs, measured: each variant against the fp32 export on held-out text.
+"""`lfm-bench quality [CHECKPOINT]` (also `lfm-quant-report`): quantization variants against fp32 on held-out
+text, as a table and a plot; `--llama-cpp` adds llama.cpp's own quantizations of the same checkpoint;
+`--kv-cache int8 int4 --depths 1024 4096` compares KV cache precisions against the fp32 cache at depth instead.
 
 Per variant: mean KL(fp32 || quantized) over next-token distributions, top-1 agreement with fp32, and
-perplexity of both on the text; plus the bundle size. Both sides run the real onnxruntime kernels
-(including int8 activations at accuracy_level 4), so this is what a phone would see.
+perplexity of both on the text; plus the bundle size (export/quality.py measures one bundle). Both sides run
+the real onnxruntime kernels (int8 activations at accuracy_level 4 included), so this is what a phone would see.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .policy import Policy, get_policy
+from ..export.checkpoint import Checkpoint
+from ..export.cli import demo_model_path
+from ..export.exporter import export
+from ..export.quality import Quality, compare, token_windows, window_logits, write_report
+from ..quant.policy import Policy, get_policy
+from ..runtime.backends.python import Cache, LfmSession
+from ..runtime.files import write_text
+from .peers.gguf_writer import write_gguf
+from .peers.llama_cpp import LLAMA_FORMATS, quantize
+from .peers.llama_cpp import window_logits as llama_logits
 
 
 @dataclass(frozen=True)
@@ -25,66 +37,21 @@ class Variant:
     policy: Policy
 
 
-@dataclass
-class Quality:
-    label: str
-    policy: str
-    bundle_mb: float
-    kl: float
-    top1: float
-    ppl: float
-    ppl_fp32: float
-    tokens: int
-
-
 def default_variants() -> list[Variant]:
     """Policies, block sizes 32/64/128 and RTN against the MSE search, as the issue asks to compare."""
     int4 = get_policy("int4")
     out = [Variant(f"int4 rtn b{b}", int4.with_overrides(block_size=b, method="rtn")) for b in (32, 64, 128)]
     out += [Variant("int4 rtn-asym b32", int4.with_overrides(block_size=32, method="rtn-asym"))]
     out += [Variant(f"int4 mse b{b}", int4.with_overrides(block_size=b, method="mse")) for b in (32, 64, 128)]
-    out += [Variant("int4 (default: mse, b128, vocabulary b32)", int4),
+    out += [Variant(f"int4 (default: {int4.summary()})", int4),
             Variant("int4-hq", get_policy("int4-hq")),
             Variant("int8", get_policy("int8"))]
     return out
 
 
-def token_windows(tokenizer_file: Path, text: str, window: int, max_tokens: int) -> list[list[int]]:
-    from tokenizers import Tokenizer
-
-    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text).ids[:max_tokens]
-    return [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
-
-
-def window_logits(bundle: Path, windows: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    from ..runtime.backends.python import Cache, LfmSession
-
-    session = LfmSession(bundle)
-    return [Cache(session, 1, len(w)).step(np.array([w]))[0] for w in windows]
-
-
-def compare(reference: list[np.ndarray], candidate: list[np.ndarray], windows: Sequence[Sequence[int]]) -> dict:
-    kl, agree, nll_ref, nll_cand, n = 0.0, 0, 0.0, 0.0, 0
-    for ref, cand, ids in zip(reference, candidate, windows, strict=True):
-        ref, cand = ref[:-1].astype(np.float64), cand[:-1].astype(np.float64)  # predict ids[1:]
-        lp_ref = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
-        lp_cand = cand - np.logaddexp.reduce(cand, axis=-1, keepdims=True)
-        kl += float((np.exp(lp_ref) * (lp_ref - lp_cand)).sum())
-        agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        target = np.array(ids[1:])
-        rows = np.arange(len(target))
-        nll_ref -= float(lp_ref[rows, target].sum())
-        nll_cand -= float(lp_cand[rows, target].sum())
-        n += len(target)
-    return {"kl": kl / n, "top1": agree / n, "ppl": float(np.exp(nll_cand / n)),
-            "ppl_fp32": float(np.exp(nll_ref / n)), "tokens": n}
-
-
 def _fp32_reference(checkpoint: str | Path, text: str, window: int, max_tokens: int,
                     work: Path) -> tuple[list[list[int]], list[np.ndarray]]:
     """The evaluation windows and the fp32 export's logits on them (the export lives in `work`)."""
-    from ..export.exporter import export
-
     fp32 = export(checkpoint, work / "fp32").bundle
     windows = token_windows(fp32 / "tokenizer.json", text, window, max_tokens)
     if not windows:
@@ -92,26 +59,12 @@ def _fp32_reference(checkpoint: str | Path, text: str, window: int, max_tokens: 
     return windows, window_logits(fp32, windows)
 
 
-def _measure(label: str, policy: str, bundle: Path, windows: list[list[int]], reference: list[np.ndarray]) -> Quality:
-    size = sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx")) / 1e6
-    return Quality(label, policy, round(size, 3), **compare(reference, window_logits(bundle, windows), windows))
-
-
-def measure_bundle(checkpoint: str | Path, bundle: Path, text: str, label: str, window: int = 128,
-                   max_tokens: int = 4096) -> Quality:
-    """One finished bundle against an fp32 export of its checkpoint (made in a temporary folder)."""
-    work = Path(tempfile.mkdtemp(prefix="lfm-quality-"))
-    try:
-        windows, reference = _fp32_reference(checkpoint, text, window, max_tokens, work)
-        return _measure(label, label, bundle, windows, reference)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def _mb(bundle: Path) -> float:
+    return round(sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx")) / 1e6, 3)
 
 
 def llama_cpp_formats(spec: str) -> list[tuple[str, bool]]:
-    """"Q4_0,Q4_0-pure,Q4_K_M" -> [(format, pure)], checked against llama_cpp_peer.LLAMA_FORMATS."""
-    from ..device_bench.llama_cpp_peer import LLAMA_FORMATS
-
+    """"Q4_0,Q4_0-pure,Q4_K_M" -> [(format, pure)], checked against peers/llama_cpp.py LLAMA_FORMATS."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         fmt, pure = (item[:-5], True) if item.endswith("-pure") else (item, False)
@@ -126,10 +79,6 @@ def _llama_cpp_rows(checkpoint: str | Path, windows: list[list[int]], reference:
                     work: Path, formats: Sequence[tuple[str, bool]], progress: Callable[[str], None]) -> list[Quality]:
     """llama.cpp's own quantizations of the same checkpoint (llama-quantize's mixes, or `pure`: one type for
     every tensor), measured on the same windows: the quality a llama.cpp user gets at each size."""
-    from ..device_bench.gguf_writer import write_gguf
-    from ..device_bench.llama_cpp_peer import quantize, window_logits
-    from ..export.checkpoint import Checkpoint
-
     f32 = write_gguf(Checkpoint(checkpoint), work / "f32.gguf", f16=False)
     rows = []
     for fmt, pure in formats:
@@ -137,7 +86,7 @@ def _llama_cpp_rows(checkpoint: str | Path, windows: list[list[int]], reference:
         progress(f"{label} of the same checkpoint")
         gguf = quantize(f32, work / f"{fmt.lower()}{'_pure' if pure else ''}.gguf", fmt, pure=pure)
         rows.append(Quality(label, "llama.cpp", round(gguf.stat().st_size / 1e6, 3),
-                            **compare(reference, window_logits(gguf, windows), windows)))
+                            **compare(reference, llama_logits(gguf, windows), windows)))
         gguf.unlink()
     return rows
 
@@ -146,8 +95,6 @@ def evaluate(checkpoint: str | Path, text: str, variants: Sequence[Variant], win
              max_tokens: int = 4096, progress: Callable[[str], None] = print,
              llama_cpp: Sequence[tuple[str, bool]] = ()) -> list[Quality]:
     """Each variant, then each llama.cpp (format, pure) in `llama_cpp`, against the fp32 export."""
-    from ..export.exporter import export
-
     work = Path(tempfile.mkdtemp(prefix="lfm-quality-"))
     try:
         progress("exporting fp32 reference")
@@ -156,44 +103,14 @@ def evaluate(checkpoint: str | Path, text: str, variants: Sequence[Variant], win
         for v in variants:
             progress(f"{v.label}: export and evaluate")
             bundle = export(checkpoint, work / "variant", quant=v.policy).bundle
-            results.append(_measure(v.label, v.policy.name, bundle, windows, reference))
+            results.append(Quality(v.label, v.policy.name, _mb(bundle),
+                                   **compare(reference, window_logits(bundle, windows), windows)))
             shutil.rmtree(bundle)
         if llama_cpp:
             results += _llama_cpp_rows(checkpoint, windows, reference, work, llama_cpp, progress)
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def write_report(results: Sequence[Quality], out: Path, title: str) -> list[Path]:
-    """quality.json, quality.md and quality.png in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    lines = [f"# Quantization quality: {title}", "",
-             f"{results[0].tokens} held-out tokens; fp32 perplexity {results[0].ppl_fp32:.3f}.", "",
-             "| variant | model MB | KL(fp32 ‖ q) | top-1 agreement | perplexity |", "|---|---|---|---|---|"]
-    lines += [f"| {r.label} | {r.bundle_mb:.2f} | {r.kl:.5f} | {r.top1:.2%} | {r.ppl:.3f} |" for r in results]
-    (out / "quality.md").write_text("\n".join(lines) + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in results:
-        left.scatter(r.bundle_mb, r.kl, s=40)
-        left.annotate(r.label, (r.bundle_mb, r.kl), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    left.set(xlabel="model size (MB)", ylabel="KL(fp32 ‖ quantized), nats/token", title="cost vs size")
-    left.set_yscale("log")
-    right.barh([r.label for r in results], [r.top1 * 100 for r in results], color="tab:blue")
-    right.set(xlabel="top-1 agreement with fp32 (%)", xlim=(min(r.top1 for r in results) * 100 - 2, 100),
-              title="same next token as fp32")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out / "quality.png", dpi=110)
-    plt.close(fig)
-    return [out / "quality.json", out / "quality.md", out / "quality.png"]
 
 
 # ---- KV cache precision: the same bundle's graph with an int8/int4 cache against the fp32 cache at depth ------
@@ -230,8 +147,6 @@ def _kl_top1(ref: np.ndarray, cand: np.ndarray) -> tuple[float, int]:
 
 
 def _prefill(session, prompt: list[int], capacity: int, rows: int, chunk: int = 512):
-    from ..runtime.backends.python import Cache
-
     cache = Cache(session, 1, capacity)
     ids = np.array([prompt])
     for s in range(0, len(prompt), chunk):
@@ -255,8 +170,6 @@ def kv_cache_quality(reference: Path, candidates: dict[str, Path], ids: Sequence
                      progress: Callable[[str], None] = print) -> list[KvQuality]:
     """Each candidate bundle (same weights, another KV cache) against `reference` (fp32 cache): a prompt of
     `depth` tokens of `ids`, prefilled in 512-token chunks, then `decode` greedy tokens."""
-    from ..runtime.backends.python import LfmSession
-
     ref_session = LfmSession(reference)
     sessions = {label: LfmSession(b) for label, b in candidates.items()}
     out = []
@@ -288,8 +201,6 @@ def evaluate_kv_cache(checkpoint: str | Path, heldout: str, variants: Sequence[t
     """(label, kv_cache, margin) variants of one checkpoint's export (weights `quant`) against its fp32 cache, or,
     with `reference_quant` (e.g. "fp32" for int4 weights), against that export, the fp32 cache with `quant`
     weights then measured too."""
-    from ..export.exporter import export
-
     work = Path(tempfile.mkdtemp(prefix="lfm-kv-quality-"))
     try:
         reference_quant = reference_quant or quant
@@ -317,3 +228,79 @@ def kv_quality_table(results: Sequence[KvQuality]) -> str:
     lines += [f"| {r.label} | {r.depth} | {kl(r.prompt_kl)} | {kl(r.forced_kl)} | {r.forced_top1:.1%} | "
               f"{r.free_equal:.1%} | {r.free_prefix if r.free_prefix < r.decoded else 'none'} |" for r in results]
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lfm-bench quality", description=__doc__)
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint folder (default: the bundled demo model)")
+    parser.add_argument("--text", help="held-out text file (default: the demo model's heldout.txt)")
+    parser.add_argument("--out", default="build/quality", help="report folder")
+    parser.add_argument("--window", type=int, default=128, help="tokens per evaluation window")
+    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--llama-cpp", nargs="?", const="Q4_0,Q4_0-pure", default=None, metavar="FORMATS",
+                        help="also llama.cpp's own quantizations of the same checkpoint, comma-separated "
+                        "llama-quantize names, -pure for one type everywhere (default Q4_0,Q4_0-pure; e.g. "
+                        "Q4_0,Q4_K_M,Q3_K_M,Q2_K; needs the [llama] extra)")
+    parser.add_argument("--policies", help="comma-separated policy names to measure instead of the default variants "
+                        "(e.g. int4,int3-experts,int2-experts)")
+    parser.add_argument("--kv-cache", nargs="+", choices=("int8", "int4"), default=None,
+                        help="measure these KV cache precisions against the fp32 cache (at --depths) instead")
+    parser.add_argument("--kv-margins", type=float, nargs="+", default=[1.25], help="with --kv-cache")
+    parser.add_argument("--depths", type=int, nargs="+", default=[1024, 4096, 16384], help="with --kv-cache")
+    parser.add_argument("--decode", type=int, default=256, help="with --kv-cache: greedy tokens after each prompt")
+    parser.add_argument("--weights", default="fp32", help="with --kv-cache: the weights' quantization policy")
+    parser.add_argument("--reference-weights", default=None,
+                        help="with --kv-cache: compare against this policy's export with the fp32 cache (default: "
+                             "--weights), e.g. fp32 to see a quantized cache next to the weights' own cost")
+    args = parser.parse_args(argv)
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else demo_model_path()
+    text_file = Path(args.text) if args.text else checkpoint / "heldout.txt"
+    if not text_file.is_file():
+        print(f"lfm-bench quality: error: --text {text_file}: no such file", file=sys.stderr)
+        return 2
+    formats: list[tuple[str, bool]] = []
+    if args.llama_cpp:
+        try:
+            formats = llama_cpp_formats(args.llama_cpp)
+        except ValueError as e:
+            print(f"lfm-bench quality: error: {e}", file=sys.stderr)
+            return 2
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("lfm-bench quality: error: --llama-cpp needs llama-cpp-python (pip install 'lfm-edge[llama]')",
+                  file=sys.stderr)
+            return 2
+    if args.kv_cache:
+        variants = [(f"{kv} margin {m}", kv, m) for kv in args.kv_cache for m in args.kv_margins]
+        try:
+            kv_results = evaluate_kv_cache(checkpoint, text_file.read_text(), variants, args.depths, args.weights,
+                                           args.decode, args.reference_weights,
+                                           progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+        except ValueError as e:
+            print(f"lfm-bench quality: error: {e}", file=sys.stderr)
+            return 2
+        table = kv_quality_table(kv_results)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_text(Path(args.out) / "kv_cache.md", table)
+        print(table)
+        print(f"Wrote {Path(args.out) / 'kv_cache.md'}")
+        return 0
+    try:
+        variants = default_variants() if not args.policies else \
+            [Variant(name, get_policy(name)) for name in args.policies.split(",") if name]
+        results = evaluate(checkpoint, text_file.read_text(), variants, args.window, args.max_tokens,
+                           progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
+                           llama_cpp=formats)
+    except ValueError as e:
+        print(f"lfm-bench quality: error: {e}", file=sys.stderr)
+        return 2
+    files = write_report(results, Path(args.out), f"{checkpoint.name} on {text_file.name}")
+    print(Path(files[1]).read_text())
+    print("Wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """What constrained decoding costs per token, against a decode step of the same bundle in the same run.
 
-    python -m lfm_edge.device_bench.constrained BUNDLE [--tokenizer tokenizer.json] [--runs 3]
+    python -m lfm_edge.device_bench.studies.constrained BUNDLE [--tokenizer tokenizer.json] [--runs 3]
 
 Greedy answers of `--tokens` tokens to one prompt, alternately free and held to a JSON schema (and to the
 tool-call grammar), `--runs` times: the mask's median / p99 / mean per token (llguidance's computation and
@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ...runtime import LfmModel
+from ...runtime.sampling import Sampling, next_tokens
+
 SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 40}, "days": {"type": "integer", "minimum": 1, "maximum": 14},
     "notes": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 4}},
@@ -32,8 +35,6 @@ MESSAGES = [{"role": "user", "content": "Plan the weather watch for Paris as JSO
 
 def measure(bundle: Path, tokens: int = 48, runs: int = 3, threads: int | None = None,
             tokenizer: Path | None = None) -> dict:
-    from ..runtime import LfmModel
-    from ..runtime.sampling import Sampling, next_tokens
 
     folder = Path(bundle)
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +85,7 @@ def measure(bundle: Path, tokens: int = 48, runs: int = 3, threads: int | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.constrained", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.studies.constrained", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle")
     parser.add_argument("--tokenizer", type=Path, default=None)

@@ -1,4 +1,4 @@
-"""`lfm-bench BUNDLE --conversation TURNS:USER:ANSWER`: time to first token per turn of a scripted conversation,
+"""`lfm-bench conversation BUNDLE --script TURNS:USER:ANSWER`: time to first token per turn of a scripted conversation,
 with the state kept (runtime/conversation.py), re-prefilled (a stateless LfmModel.chat over the whole history)
 and in llama.cpp (llama-cpp-python's own prefix reuse, in a process of its own), turn by turn in rotating order;
 then a long conversation saved, restored and continued against re-prefilling it; then the state's memory.
@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from .bench import Metric, Sample, _cpu_wait_seconds
+from ..runtime import LfmModel
+from ..runtime.backends.python import LfmSession  # onnxruntime's Python binding: a desktop benchmark
+from ..runtime.hugepages import reexec_with_hugepages
+from ..runtime.memory import peak_rss_mb
+from ..runtime.sampling import Sampling
+from ..runtime.templates import ChatTemplate
+from . import common, roofline
+from .lfm25_template import LFM25_MOE_TEMPLATE
+from .measure import Metric, Sample, cpu_wait_seconds
+from .peers.llama_cpp import ConversationPeer
+from .report import write_conversation_markdown, write_conversation_plot
 
 SYSTEMS = ("kept", "reprefilled", "llama.cpp")
 
@@ -40,9 +48,9 @@ def parse_spec(text: str) -> tuple[int, int, int]:
     try:
         turns, user, answer = (int(p) for p in parts)
     except ValueError:
-        raise ValueError(f"--conversation {text!r}: expected TURNS:USER:ANSWER, e.g. 10:400:128") from None
+        raise ValueError(f"--script {text!r}: expected TURNS:USER:ANSWER, e.g. 10:400:128") from None
     if turns < 1 or user < 1 or answer < 1:
-        raise ValueError(f"--conversation {text!r}: each of TURNS, USER, ANSWER must be >= 1")
+        raise ValueError(f"--script {text!r}: each of TURNS, USER, ANSWER must be >= 1")
     return turns, user, answer
 
 
@@ -78,8 +86,6 @@ def synthetic_tokenizer(vocab_size: int, bos: int, eos: int, pad: int) -> Any:
 def chat_folder(bundle: Path, scratch: Path) -> tuple[Path, dict]:
     """The folder LfmModel reads the tokenizer and template from: the bundle when it has both, else a view of
     it (symlinks) with the synthetic tokenizer and LFM2.5-8B-A1B's template. Also says which it is."""
-    from ..runtime.templates import ChatTemplate
-    from .lfm25_template import LFM25_MOE_TEMPLATE
 
     try:
         if (bundle / "tokenizer.json").is_file():
@@ -143,7 +149,7 @@ class _ScriptedCache:
             return logits
         if at == 0:
             owner.first_at = time.perf_counter()
-            owner.wait_at_first = _cpu_wait_seconds()
+            owner.wait_at_first = cpu_wait_seconds()
         forced = np.full((logits.shape[0], 1, logits.shape[-1]), -1e4, dtype=np.float32)
         forced[:, :, owner.answer[at]] = 0.0
         return forced
@@ -199,108 +205,6 @@ def make_script(model: Any, turns: int, user: int, answer: int, reasoning: int, 
     return Script(users, counts, answers, pool)
 
 
-# --- llama.cpp in a process of its own ------------------------------------------------------------------------
-
-def llama_server(spec: dict) -> None:
-    """Reads one JSON command per line on stdin, writes one JSON result per line: {"prompt": ids, "answer": ids}
-    runs Llama.generate over the whole history (its own prefix reuse decides what to evaluate), forced to the
-    scripted answer, and reports the time to the first token."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as api
-
-    if spec.get("n_rs_seq"):  # recurrent-state snapshots for rollback: llama.Llama takes no argument for it
-        default_params = api.llama_context_default_params
-
-        def params() -> Any:
-            p = default_params()
-            p.n_rs_seq = spec["n_rs_seq"]
-            return p
-
-        api.llama_context_default_params = params
-    t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=spec["gguf"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
-                          n_ctx=spec["n_ctx"], n_batch=512, n_ubatch=512, verbose=False)
-    print(json.dumps({"ready": True, "load_s": time.perf_counter() - t0, "version": llama_cpp.__version__,
-                      "file_bytes": Path(spec["gguf"]).stat().st_size, "n_rs_seq": api.llama_n_rs_seq(llm.ctx)}),
-          flush=True)
-    evaluated: list[int] = []  # tokens of each eval call: the first one of a turn is what it prefilled
-    real_eval = llm.eval
-
-    def counting_eval(tokens: Sequence[int]) -> None:
-        evaluated.append(len(tokens))
-        real_eval(tokens)
-
-    llm.eval = counting_eval
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        evaluated.clear()
-        prompt, answer = cmd["prompt"], cmd["answer"]
-        if cmd.get("reset"):
-            llm.reset()
-        held = list(llm._input_ids[:llm.n_tokens])
-        common = 0
-        for a, b in zip(held, prompt, strict=False):
-            if a != b:
-                break
-            common += 1
-        n = [0]
-
-        def force(_ids: np.ndarray, scores: np.ndarray, answer=answer, n=n) -> np.ndarray:
-            scores[:] = -np.inf
-            scores[answer[min(n[0], len(answer) - 1)]] = 0.0
-            n[0] += 1
-            return scores
-
-        wait0, start = _cpu_wait_seconds(), time.perf_counter()
-        first, wait_first, out = 0.0, 0.0, []
-        for token in llm.generate(prompt, temp=0.0, logits_processor=llama_cpp.LogitsProcessorList([force])):
-            if not out:
-                first, wait_first = time.perf_counter() - start, _cpu_wait_seconds() - wait0
-            out.append(int(token))
-            if len(out) >= len(answer):
-                break
-        print(json.dumps({"ttft": first, "cpu_wait_share": wait_first / max(first * spec["threads"], 1e-9),
-                          "loadavg": loadavg(), "held": len(held), "common": common,
-                          "prefilled": evaluated[0] if evaluated else 0,
-                          "as_scripted": out == list(answer)}), flush=True)
-
-
-class LlamaPeer:
-    """The llama.cpp server above, as a subprocess of this one."""
-
-    def __init__(self, gguf: str | Path, threads: int, n_ctx: int, n_rs_seq: int = 0):
-        spec = json.dumps({"gguf": str(gguf), "threads": threads, "n_ctx": n_ctx, "n_rs_seq": n_rs_seq})
-        self.proc = subprocess.Popen([sys.executable, "-m", "lfm_edge.device_bench.convbench", spec],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        for line in self.proc.stdout:  # a crash may print a debugger's backtrace here before it exits
-            if line.startswith("{"):
-                return json.loads(line)
-        tail = [t for t in self.proc.stderr.read().strip().splitlines() if "GGML" in t or "error" in t.lower()][-3:]
-        raise RuntimeError(f"llama.cpp peer failed (exit {self.proc.wait()}): {' / '.join(tail)}")
-
-    def turn(self, prompt: Sequence[int], answer: Sequence[int], reset: bool = False) -> dict:
-        self.proc.stdin.write(json.dumps({"prompt": list(prompt), "answer": list(answer), "reset": reset}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def peak_rss_mb(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return 0.0
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-
-
 # --- the measurements -----------------------------------------------------------------------------------------
 
 def _sample(ttft: float, wait: float, threads: int) -> Sample:
@@ -311,7 +215,7 @@ def _ours(model: Any, scripted: ScriptedSession, messages: list[dict], answer: l
           send: Callable[[], Any]) -> tuple[Sample, Any]:
     prompt = model.prompt_ids(messages)
     scripted.expect(len(prompt), answer)
-    wait0, start = _cpu_wait_seconds(), time.perf_counter()
+    wait0, start = cpu_wait_seconds(), time.perf_counter()
     done = send()
     if not scripted.first_at:
         raise RuntimeError("the scripted answer's first token was never reached")
@@ -319,14 +223,13 @@ def _ours(model: Any, scripted: ScriptedSession, messages: list[dict], answer: l
 
 
 def run_turns(model: Any, scripted: ScriptedSession, script: Script, answer_tokens: int, rounds: int, threads: int,
-              peer: LlamaPeer | None, progress: Callable[[str], None] = lambda m: None,
+              peer: ConversationPeer | None, progress: Callable[[str], None] = lambda m: None,
               conversation_options: dict | None = None, compare: set[int] | None = None,
               ) -> tuple[list[dict], list[Any]]:
     """Each round a fresh conversation of len(script.users) turns; at each turn the systems run in rotating order.
     The kept conversation runs every turn (its state carries over); the re-prefilled one and llama.cpp only at
     the turns in `compare` (1-based; default all), their cost growing with the history. One short warm-up
     generation on each system first. Returns one dict per turn and each round's kept Conversation."""
-    from ..runtime.sampling import Sampling
 
     greedy = Sampling()
     turns = len(script.users)
@@ -401,7 +304,6 @@ def run_restore(model: Any, scripted: ScriptedSession, script: Script, tokens: i
                 runs: int, threads: int, folder: Path, progress: Callable[[str], None] = lambda m: None) -> dict:
     """A conversation of at least `tokens` tokens, saved; then, alternately, restored from the file and continued
     with a `follow`-token user message, and the same history re-prefilled: time to the first new token of each."""
-    from ..runtime.sampling import Sampling
 
     greedy = Sampling()
     rng = np.random.default_rng(1)
@@ -431,10 +333,10 @@ def run_restore(model: Any, scripted: ScriptedSession, script: Script, tokens: i
     for r in range(runs + 1):
         for system in (("restored", "reprefilled") if r % 2 else ("reprefilled", "restored")):
             if system == "restored":
-                wait0, start = _cpu_wait_seconds(), time.perf_counter()
+                wait0, start = cpu_wait_seconds(), time.perf_counter()
                 restored = model.load_conversation(path)
                 load_s = time.perf_counter() - start
-                wait_load = _cpu_wait_seconds() - wait0
+                wait_load = cpu_wait_seconds() - wait0
                 sample, again = _ours(model, scripted, [*restored.messages, last], one, threads,
                                       lambda c=restored: c.say(last["content"], max_new_tokens=1, sampling=greedy))
                 reused = again.stats.reused_tokens
@@ -469,8 +371,6 @@ def run(bundle: Path, spec: str, threads: int = 2, rounds: int = 2, reasoning: i
         compare_turns: Sequence[int] | None = None,
         progress: Callable[[str], None] = lambda m: None, seed: int = 0) -> dict:
     """The whole conversation benchmark; returns bench.json's "conversation" section."""
-    from ..runtime import LfmModel
-    from ..runtime.backends.python import LfmSession
 
     turns, user, answer = parse_spec(spec)
     with tempfile.TemporaryDirectory(prefix="lfm-convbench-") as tmp:
@@ -487,7 +387,7 @@ def run(bundle: Path, spec: str, threads: int = 2, rounds: int = 2, reasoning: i
         peer, peer_info = None, None
         if gguf:
             progress("llama.cpp: loading the GGUF in its own process")
-            peer = LlamaPeer(gguf, threads, n_ctx=longest + answer + 64, n_rs_seq=llama_rollback)
+            peer = ConversationPeer(gguf, threads, n_ctx=longest + answer + 64, n_rs_seq=llama_rollback)
             peer_info = dict(peer.info, gguf=str(gguf))
         try:
             compare = None if compare_turns is None else {1, turns} | set(compare_turns)  # first and last always
@@ -501,9 +401,6 @@ def run(bundle: Path, spec: str, threads: int = 2, rounds: int = 2, reasoning: i
         if restore_tokens:
             restore = run_restore(model, scripted, script, restore_tokens, restore_follow, answer, restore_runs,
                                   threads, Path(tmp), progress)
-    from ..runtime.memory import peak_rss_mb
-    from . import roofline
-
     conv = conversations[-1]
     weights = roofline.bytes_per_token(bundle).stored
     budget = model.prefix_cache.max_bytes + conv.snapshots.max_bytes
@@ -535,5 +432,50 @@ def _samples(row: dict, system: str) -> list[Sample]:
     return [Sample(**{k: v for k, v in s.items() if k != "quiet"}) for s in row[system]["samples"]]
 
 
-if __name__ == "__main__":  # python -m lfm_edge.device_bench.convbench '{"gguf": ..., "threads": 2, "n_ctx": N}'
-    llama_server(json.loads(sys.argv[1]))
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a command: restart with huge pages for the weights (runtime/hugepages.py)
+        reexec_with_hugepages()
+    parser = common.parser("conversation", __doc__)
+    parser.add_argument("--script", default="6:400:128", metavar="TURNS:USER:ANSWER",
+                        help="user turns, tokens per user message, tokens per answer (default 6:400:128)")
+    parser.add_argument("--reasoning", type=int, default=0, metavar="R",
+                        help="each answer is a <think> block of R tokens, then the rest")
+    parser.add_argument("--restore-tokens", type=int, default=0, metavar="N",
+                        help="also save a conversation of N tokens, then restore and continue it against "
+                             "re-prefilling it")
+    parser.add_argument("--restore-follow", type=int, default=16, metavar="N",
+                        help="--restore-tokens: tokens of the user message that continues the restored conversation")
+    parser.add_argument("--restore-runs", type=int, default=2, metavar="N",
+                        help="--restore-tokens: restores measured after one warm-up (re-prefills: N after the first "
+                             "one, which builds the conversation)")
+    parser.add_argument("--compare-turns", type=common.ints, default=None, metavar="LIST",
+                        help="turns at which the re-prefilled and llama.cpp systems run (their cost grows with the "
+                             "history; the first and last always); default every turn")
+    parser.add_argument("--llama-rollback", type=int, default=0, metavar="N",
+                        help="with --peer llama: llama.cpp keeps N recurrent-state snapshots per sequence (n_rs_seq, "
+                             "experimental) so it can roll back up to N tokens instead of re-evaluating the whole "
+                             "history; default 0, llama-cpp-python's default. llama-cpp-python 0.3.36 aborts at "
+                             "LFM2.5-8B-A1B's full depth with any N > 0")
+    common.add_peer(parser)
+    args = parser.parse_args(argv)
+    bundle = Path(args.bundle)
+    try:
+        parse_spec(args.script)
+    except ValueError as e:
+        return common.fail("conversation", str(e))
+    if common.check("conversation", bundle, args.peer, args.gguf):
+        return 2
+    section = run(bundle, args.script, args.threads, args.runs, args.reasoning,
+                  args.gguf if args.peer == "llama" else None, args.restore_tokens, args.restore_follow,
+                  args.restore_runs, llama_rollback=args.llama_rollback, compare_turns=args.compare_turns,
+                  progress=common.progress)
+    result = {
+        **common.header(args.threads, bundle, section["memory"]["weights_bytes"]),
+        "conversation": section,
+        "settings": {"threads": args.threads, "runs": args.runs, "conversation": args.script,
+                     "reasoning": args.reasoning, "restore_tokens": args.restore_tokens,
+                     "restore_follow": args.restore_follow, "peer": args.peer, "gguf": args.gguf,
+                     "llama_rollback": args.llama_rollback, "compare_turns": args.compare_turns,
+                     "restore_runs": args.restore_runs},
+    }
+    return common.write_reports(result, Path(args.out), write_conversation_markdown, write_conversation_plot)

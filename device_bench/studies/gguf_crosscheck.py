@@ -3,9 +3,10 @@
 `lfm-export FILE.gguf` claims the bundle computes what the file holds; llama.cpp (llama-cpp-python) is the
 file's own runtime, so the check is direct: both tokenize the held-out text (the ids must agree), both compute
 logits for every position of the same token windows, and we report KL(llama.cpp || ours), greedy (top-1)
-agreement and both perplexities (quant/quality.py's `compare`, with llama.cpp as the reference side).
+agreement and both perplexities (export/quality.py's `compare`, with llama.cpp as the reference side).
 
-    python -m lfm_edge.device_bench.gguf_crosscheck [GGUF] [--text FILE] [--out build/bench/gguf_crosscheck.json]
+    python -m lfm_edge.device_bench.studies.gguf_crosscheck [GGUF] [--text FILE]
+        [--out build/bench/gguf_crosscheck.json]
 
 Without a GGUF: the demo model written as an f32 GGUF (gguf_writer.py) and quantized to Q4_0 by llama.cpp
 itself (its default: the tied vocabulary in Q6_K), evaluated on the demo's held-out text.
@@ -20,6 +21,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ...export.checkpoint import Checkpoint
+from ...export.cli import demo_model_path
+from ...export.exporter import export
+from ...export.quality import compare, token_windows
+from ...export.quality import window_logits as our_logits
+from ..peers.gguf_writer import write_gguf
+from ..peers.llama_cpp import quantize_q4_0, window_logits
 
 TEXTS = ["Hello world! It's 2024, isn't it?", "  leading spaces\n\n\ttabs and ünïcödé, 12345678 digits",
          "<|im_start|>user\nWhat's a list?<|im_end|>\n<|im_start|>assistant\n", "code: def f(x):\n    return x**2",
@@ -42,10 +51,6 @@ def crosscheck(gguf_path: Path, text: str, work: Path, window: int = 128, max_to
                quant: str = "int4") -> dict:
     from tokenizers import Tokenizer
 
-    from ..export.exporter import export
-    from ..quant.quality import compare, token_windows
-    from ..quant.quality import window_logits as our_logits
-    from .llama_cpp_peer import window_logits
 
     bundle = export(gguf_path, work / "bundle", quant=quant).bundle
     ours = Tokenizer.from_file(str(bundle / "tokenizer.json"))
@@ -65,18 +70,14 @@ def crosscheck(gguf_path: Path, text: str, work: Path, window: int = 128, max_to
 
 def demo_q4_0(work: Path) -> Path:
     """The demo model as llama.cpp's own Q4_0 (from our f32 GGUF, tokenizer included)."""
-    from ..export.checkpoint import Checkpoint
-    from ..export.cli import demo_model_path
-    from .gguf_writer import write_gguf
-    from .llama_cpp_peer import quantize_q4_0
 
     f32 = write_gguf(Checkpoint(demo_model_path()), work / "demo-f32.gguf", f16=False)
     return quantize_q4_0(f32, work / "demo-q4_0.gguf")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.gguf_crosscheck", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.studies.gguf_crosscheck",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("gguf", nargs="?", help="default: the demo model, quantized to Q4_0 by llama.cpp")
     parser.add_argument("--text", help="held-out text (default: the demo model's heldout.txt)")
     parser.add_argument("--quant", default="int4", help="export policy (Q4_0/Q8_0 blocks are kept under any)")
@@ -84,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--out", default="build/bench/gguf_crosscheck.json")
     args = parser.parse_args(argv)
-    from ..export.cli import demo_model_path
 
     text = Path(args.text).read_text() if args.text else (demo_model_path() / "heldout.txt").read_text()
     with tempfile.TemporaryDirectory(prefix="lfm-gguf-crosscheck-") as tmp:
