@@ -150,6 +150,13 @@ class Lfm2Config:
         )
 
 
+# Upper bounds on sizes (LFM2.5-8B-A1B: vocabulary 128,000, hidden 2048, 24 layers, 32 experts, 128K context)
+LIMITS = {"vocab_size": 1 << 21, "hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+          "num_key_value_heads": 1024, "head_dim": 4096, "max_position_embeddings": 1 << 20, "conv_L_cache": 64,
+          "intermediate_size": 1 << 18, "moe_intermediate_size": 1 << 18, "num_experts": 4096,
+          "num_experts_per_tok": 4096, "block_ff_dim": 1 << 18}
+
+
 class _Reader:
     """Typed access to config fields, with errors that name the file and the field."""
 
@@ -168,9 +175,14 @@ class _Reader:
         return value
 
     def positive(self, key: str, default: Any = ...) -> int:
+        """A positive integer, and at most LIMITS[key]: a size past it is a broken or hostile file, refused
+        before anything is allocated for it."""
         value = self.get(key, int, default)
         if value is not None and value <= 0:
             raise ConfigError(f"{self.source}: field {key!r} = {value}, expected a positive integer")
+        if value is not None and value > LIMITS.get(key, 1 << 24):
+            raise ConfigError(f"{self.source}: field {key!r} = {value:,}, more than the {LIMITS.get(key, 1 << 24):,} "
+                              "any LFM2 geometry has")
         return value
 
 

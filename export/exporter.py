@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ from .provenance import checkpoint_source
 from .quant_ops import QuantizedOps, stored_in_blocks
 from .random_tokenizer import NOTE, random_tokenizer_files
 from .random_weights import RandomCheckpoint
+from .template_check import check_template
 
 if TYPE_CHECKING:
     from .gguf_checkpoint import GgufCheckpoint
@@ -50,6 +51,7 @@ class ExportResult:
     bundle: Path
     seconds: float
     files: dict[str, int]
+    warnings: list[str] = field(default_factory=list)  # what a user must know (e.g. a replaced chat template)
 
 
 def export(checkpoint: str | Path | None, out: str | Path, options: ExportOptions | None = None,
@@ -114,6 +116,9 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
                 (tmp / name).write_text(text, encoding="utf-8")
         for name, data in side_files.items():
             (tmp / name).write_bytes(data)
+        template = check_template(tmp)  # code from a download: checked in the sandbox, or replaced (said so)
+        warnings = [f"the chat template was replaced by LFM2's ChatML layout: {template['reason']}"] \
+            if template["source"] == "fallback" else []
         log = getattr(backend, "conversions", None) or ConversionLog(ckpt)
         named = source.get("hub_id") or source.get("name") or "checkpoint"  # never a local path (provenance.py)
         conversion = log.write(tmp, [w.name for w in model.weights()], named) if log.active else None
@@ -132,7 +137,8 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
             extras["gptq_calibration"] = calibration  # what the linears' GPTQ was calibrated on
         files = _write_manifest(tmp, ckpt, source=source, ops=options.ops, quant=policy.name,
                                 quant_policy=policy.describe(), kv_cache=kv.describe(), target=options.target,
-                                rescore_top=policy.rescore.top if policy.rescore else 0, **extras)
+                                rescore_top=policy.rescore.top if policy.rescore else 0, chat_template=template,
+                                **extras)
         install_folder(tmp, out)
     except OSError as e:  # a full disk, a quota, a file-size limit: nothing was replaced
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,7 +147,7 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out, time.perf_counter() - start, files)
+    return ExportResult(out, time.perf_counter() - start, files, warnings)
 
 
 def _quality_report(checkpoint: str | Path, bundle: Path, text: str, label: str, parent: Path) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .files import describe, read_text
 from .sampling import Sampling
 
 # The oldest onnxruntime the bundles and the runtime are tested with; pyproject.toml's floor says the same
@@ -50,7 +51,7 @@ def token_bytes(folder: str | Path) -> TokenBytes | None:
     malformed, or when the graph file is no longer the one the manifest describes (another size)."""
     folder = Path(folder)
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = json.loads(read_text(folder / "manifest.json", MAX_JSON_BYTES))
         entry, model = manifest["bytes_per_token"], manifest.get("model", "model.onnx")
         listed = manifest.get("files", {}).get(model, {}).get("bytes")
         if listed is not None and (folder / model).stat().st_size != listed:
@@ -131,12 +132,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+MAX_JSON_BYTES = 64 << 20  # a bundle's JSON files are kilobytes; anything past this is not one of them
+
+
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, MAX_JSON_BYTES))
     except FileNotFoundError:
         raise BundleError(f"{path}: missing (is this a bundle folder?)") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:  # a FIFO, a device, a folder, too large: refused before a byte is read
+        raise BundleError(f"{path}: cannot read it ({describe(e)})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise BundleError(f"{path}: unreadable ({e})") from None
 
 

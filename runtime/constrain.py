@@ -16,7 +16,6 @@ import dataclasses
 import json
 import threading
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -352,9 +351,9 @@ class Constraints:
     """The constraints generations over one model can be held to. Owns llguidance's view of the model's
     tokenizer, built on first use (a grammar is needed) and shared by every generation, from any thread."""
 
-    def __init__(self, tokenizer: Any, tokenizer_file: Path, vocab_size: int, eos_token_ids: Sequence[int]):
+    def __init__(self, tokenizer: Any, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]):
         self.specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()}
-        self.tokenizer_file, self.vocab_size = tokenizer_file, vocab_size
+        self.tokenizer_json, self.vocab_size = tokenizer_json, vocab_size
         self.eos = int(eos_token_ids[0]) if eos_token_ids else self.specials.get("<|im_end|>", 0)
         self._vocabulary: Vocabulary | None = None
         self._lock = threading.Lock()
@@ -367,8 +366,7 @@ class Constraints:
                     import llguidance  # noqa: F401
                 except ImportError:
                     raise ConstraintError("constrained decoding needs llguidance (pip install llguidance)") from None
-                self._vocabulary = Vocabulary(self.tokenizer_file.read_text(), self.vocab_size, self.eos,
-                                              self.specials)
+                self._vocabulary = Vocabulary(self.tokenizer_json, self.vocab_size, self.eos, self.specials)
             return self._vocabulary
 
     def build(self, prompt_in_reasoning: bool, schemas: Sequence[Mapping[str, Any]] | None,

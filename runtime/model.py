@@ -26,6 +26,7 @@ from .constrain import response_format as to_format
 from .conversation import Conversation
 from .detokenize import IncrementalDecoder
 from .events import Done, Event, ReasoningDelta, TextDelta, ToolCallEvent, ToolRun
+from .files import describe, read_text
 from .generate import Generation
 from .prefixcache import PrefixCache
 from .sampling import Sampling
@@ -35,6 +36,8 @@ from .toolcalls import StreamParser
 from .tools import tool_loop
 
 __all__ = ["LfmModel"]
+
+MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json of a 128K vocabulary is ~10 MB
 
 THINK_START = "<think>"
 _SENTINEL = ("\ue000", "\ue001")  # private-use characters marking where a typed special string was
@@ -75,19 +78,25 @@ class LfmModel:
             session = LfmSession(bundle, threads=threads, providers=providers, verify=verify,
                                  prepack_cache=prepack_cache)
         self.session: Session = session
+        path = self.folder / "tokenizer.json"
         try:
-            self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+            text = read_text(path, MAX_TOKENIZER_BYTES)  # a FIFO or a device is refused before it is read
+            self.tokenizer = Tokenizer.from_str(text)
+        except OSError as e:
+            raise BundleError(f"{path}: cannot read it ({describe(e)})") from None
+        except UnicodeDecodeError:
+            raise BundleError(f"{path}: not UTF-8 text") from None
         except Exception as e:  # tokenizers raises plain Exception
-            raise BundleError(f"{self.folder / 'tokenizer.json'}: cannot load the tokenizer ({e})") from None
+            raise BundleError(f"{path}: cannot load the tokenizer ({str(e)[:300]})") from None
         # A second tokenizer that reads special-token strings as plain text, for what users and tools wrote
         # (a separate instance: the flag is per tokenizer, and this one is shared across threads).
-        self._literal = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self._literal = Tokenizer.from_str(text)
         self._literal.encode_special_tokens = True
         self._specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
                                 key=len, reverse=True)
         self.template = ChatTemplate.from_folder(self.folder)
-        self.constraints = Constraints(self.tokenizer, self.folder / "tokenizer.json", session.vocab_size,
-                                       session.eos_token_ids)
+        self.template.max_chars = max(self.template.max_chars, session.context_length * 64)
+        self.constraints = Constraints(self.tokenizer, text, session.vocab_size, session.eos_token_ids)
         self._identity: str | None = None
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_cache_dir,
                                         self.identity if prefix_cache_dir is not None else None)

@@ -182,7 +182,7 @@ def _entry(path: Path, name: str, info: Any) -> tuple[np.dtype, tuple[int, ...],
     where = f"{path}: tensor {name!r}"
     if not isinstance(info, dict):
         raise StateFileError(f"{where}: its entry must be an object, found {type(info).__name__}")
-    if info.get("dtype") not in DTYPES:
+    if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
         raise StateFileError(f"{where}: dtype {info.get('dtype')!r:.40}, expected one of {sorted(DTYPES)}")
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_count(d) for d in shape)):

@@ -17,14 +17,23 @@ What is matched from transformers (5.x), because templates depend on it:
 - the named special tokens (`bos_token`, `eos_token`, `pad_token`, ...) are template variables, and extra keyword
   arguments override them;
 - with several named templates, `tool_use` is picked when tools are given, else `default`.
+
+A template is code from a download (a checkpoint, a GGUF), so it is treated as untrusted: rendered in the
+sandbox with a bounded time (RENDER_SECONDS), a bounded output (`max_chars`), and bounded arithmetic (a
+repetition, a power or a number passed to a call past MAX_SIZE is refused). Whatever goes wrong while rendering,
+the template's own `raise_exception` included, is one TemplateError naming the template's file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import itertools
 import json
 import re
 import sys
+import threading
+import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -39,9 +48,20 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .bundle import BundleError
+from .files import describe, read_text
 from .schemas import Tool, tool_schema
 
-__all__ = ["ChatTemplate"]
+__all__ = ["ChatTemplate", "TemplateError"]
+
+RENDER_SECONDS = 2.0  # a render that takes longer is refused (real templates take milliseconds)
+MAX_CHARS = 4_000_000  # output refused past this, unless the caller sets `max_chars` (LfmModel: the context's worth)
+MAX_SIZE = 1_000_000  # largest repetition, power or number passed to a call a template may ask for
+MAX_FILE_BYTES = 16 << 20  # a template or tokenizer_config.json larger than this is not one
+
+
+class TemplateError(ValueError):
+    """A chat template that cannot render this conversation (its own raise_exception, a sandbox violation, too
+    slow, too long an output, an error in its code); the message names the template's file."""
 
 # The named special tokens transformers hands to every template (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -52,11 +72,15 @@ _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 class ChatTemplate:
     """A chat template plus the special tokens it refers to; `render` turns messages into the prompt string."""
 
-    def __init__(self, template: str | Mapping[str, str], special_tokens: Mapping[str, str] | None = None):
+    def __init__(self, template: str | Mapping[str, str], special_tokens: Mapping[str, str] | None = None,
+                 sources: Mapping[str, str] | None = None):
+        """`sources`: where each named template comes from (a file, a field), for error messages."""
         self.templates: dict[str, str] = {"default": template} if isinstance(template, str) else dict(template)
         if not self.templates or not all(isinstance(t, str) for t in self.templates.values()):
             raise ValueError("a chat template must be a Jinja string or a non-empty {name: Jinja string} mapping")
         self.special_tokens: dict[str, str] = dict(special_tokens or {})
+        self.sources = {name: (sources or {}).get(name, f"chat template {name!r}") for name in self.templates}
+        self.max_chars = MAX_CHARS
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> ChatTemplate:
@@ -69,13 +93,13 @@ class ChatTemplate:
         config = _read_json(config_path)
         templates: dict[str, str] = {}
         where: dict[str, str] = {}  # template name -> its file (and field), for errors
-        if jinja_path.is_file():
-            templates["default"], where["default"] = jinja_path.read_text(encoding="utf-8"), str(jinja_path)
+        if jinja_path.exists():
+            templates["default"], where["default"] = _read_template(jinja_path), str(jinja_path)
         extra_dir = folder / "chat_templates"
         if extra_dir.is_dir():
             for path in sorted(extra_dir.glob("*.jinja")):
                 name = path.name.removesuffix(".jinja")
-                templates[name], where[name] = path.read_text(encoding="utf-8"), str(path)
+                templates[name], where[name] = _read_template(path), str(path)
         if not templates:
             templates = _templates_from_config(config.get("chat_template"), config_path)
             field = "chat_template" if isinstance(config.get("chat_template"), str) else "chat_template[{!r}]"
@@ -89,6 +113,8 @@ class ChatTemplate:
                 _compile(source)
             except jinja2.TemplateSyntaxError as e:
                 raise BundleError(f"{where[name]}: Jinja syntax error at line {e.lineno}: {e.message}") from None
+            except (RecursionError, MemoryError):
+                raise BundleError(f"{where[name]}: the template is nested too deeply to compile") from None
         # Legacy checkpoints keep some special tokens in special_tokens_map.json; tokenizer_config.json wins.
         legacy = _read_json(folder / "special_tokens_map.json")
         special = {}
@@ -97,7 +123,7 @@ class ChatTemplate:
             value = value if value is not None else _token_text(legacy.get(name))
             if value is not None:
                 special[name] = value
-        return cls(templates, special)
+        return cls(templates, special, where)
 
     @property
     def bos_token(self) -> str | None:
@@ -128,20 +154,20 @@ class ChatTemplate:
         variables = _plain({**self.special_tokens, **extra})
         if now is not None:
             variables["strftime_now"] = now.strftime  # shadows the global that reads the clock
-        template = _compile(self._pick(tools is not None))
-        return template.render(
-            messages=chat,
-            tools=_plain(schemas),
-            documents=_plain(documents),
-            add_generation_prompt=add_generation_prompt,
-            **variables,
-        )
+        name = self._pick(tools is not None)
+        try:
+            template = _compile(self.templates[name])
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"{self.sources[name]}: Jinja syntax error at line {e.lineno}: {e.message}") from None
+        variables.update(messages=chat, tools=_plain(schemas), documents=_plain(documents),
+                         add_generation_prompt=add_generation_prompt)
+        return _render_bounded(template, variables, self.sources[name], self.max_chars)
 
     def _pick(self, has_tools: bool) -> str:
         if has_tools and "tool_use" in self.templates:
-            return self.templates["tool_use"]
+            return "tool_use"
         if "default" in self.templates:
-            return self.templates["default"]
+            return "default"
         raise ValueError(f"several chat templates {sorted(self.templates)} and none is named 'default'")
 
 
@@ -149,13 +175,24 @@ class ChatTemplate:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        data = json.loads(read_text(path, MAX_FILE_BYTES))
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read it ({describe(e)})") from None
+    except (ValueError, RecursionError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
     return data if isinstance(data, dict) else {}
+
+
+def _read_template(path: Path) -> str:
+    try:
+        return read_text(path, MAX_FILE_BYTES)
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read it ({describe(e)})") from None
+    except UnicodeDecodeError:
+        raise BundleError(f"{path}: not UTF-8 text") from None
 
 
 def _templates_from_config(value: Any, path: Path) -> dict[str, str]:
@@ -277,8 +314,123 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | str | None = N
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _Raised(jinja2.exceptions.TemplateError):
+    """What a template's own raise_exception raises (templates do so for role orders they refuse)."""
+
+
 def _raise_exception(message: str) -> typing.NoReturn:
-    raise jinja2.exceptions.TemplateError(message)
+    raise _Raised(str(message))
+
+
+class _TimeUp(TemplateError):
+    """Raised into a render that ran past its time (a TemplateError wherever it lands)."""
+
+
+class _Watchdog:
+    """One daemon thread that interrupts renders running past their deadline, by raising _TimeUp in the
+    rendering thread (CPython's PyThreadState_SetAsyncExc: delivered at the template code's next bytecode, so
+    nested loops stop; a normal render pays nothing but a lock)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._jobs: dict[int, tuple[float, int]] = {}  # token -> (deadline, thread id)
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def start(self, seconds: float) -> int:
+        with self._cond:
+            token = next(self._tokens)
+            self._jobs[token] = (time.monotonic() + seconds, threading.get_ident())
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lfm-template-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return token
+
+    def stop(self, token: int) -> None:
+        with self._cond:
+            fired = self._jobs.pop(token, None) is None
+        if fired:  # the exception may still be pending in this thread: cleared, it fires nowhere else
+            _async_raise(threading.get_ident(), None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                if not self._jobs:
+                    self._cond.wait()
+                    continue
+                token, (deadline, thread) = min(self._jobs.items(), key=lambda job: job[1][0])
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                del self._jobs[token]
+                _async_raise(thread, _TimeUp)
+
+
+def _async_raise(thread: int, exception: type | None) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread),
+                                               ctypes.py_object(exception) if exception else None)
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _render_bounded(template: jinja2.Template, variables: dict[str, Any], where: str, max_chars: int) -> str:
+    """template.render(**variables), stopped after RENDER_SECONDS or past `max_chars` of output; every failure
+    a TemplateError naming `where`."""
+    token = _WATCHDOG.start(RENDER_SECONDS)
+    try:
+        out, length = [], 0
+        for chunk in template.generate(**variables):
+            length += len(chunk)
+            if length > max_chars:
+                raise TemplateError(f"{where}: the rendered prompt passed {max_chars:,} characters (the context's "
+                                    "worth); refused")
+            out.append(chunk)
+        return "".join(out)
+    except _TimeUp:
+        raise TemplateError(f"{where}: rendering took more than {RENDER_SECONDS:g} s; refused (a template loops or "
+                            "builds something huge)") from None
+    except _Raised as e:
+        raise TemplateError(f"{where}: the chat template refused this conversation: {e.message}") from None
+    except jinja2.exceptions.SecurityError as e:
+        raise TemplateError(f"{where}: the chat template tried what the sandbox forbids ({e})") from None
+    except TemplateError:
+        raise
+    except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError,
+            ArithmeticError, RecursionError, MemoryError) as e:
+        raise TemplateError(f"{where}: the chat template failed on this conversation ({type(e).__name__}: "
+                            f"{str(e)[:200]})") from None
+    finally:
+        _WATCHDOG.stop(token)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, with bounded arithmetic: `'x' * 10**9`, `2 ** 10**9` and `' '.ljust(10**9)` are
+    refused before Python computes them (the time bound cannot stop one long C-level operation)."""
+
+    intercepted_binops = frozenset(["*", "**", "+"])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and n * max(len(seq), 1) > MAX_SIZE:
+                    raise jinja2.exceptions.SecurityError(f"a repetition of {n:,} x {len(seq):,} is too large")
+        elif operator == "**":
+            if isinstance(right, (int, float)) and abs(right) > 64 and isinstance(left, (int, float)) and \
+                    abs(left) > 1:
+                raise jinja2.exceptions.SecurityError(f"a power of {right} is too large")
+        elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            if len(left) + len(right) > 4 * MAX_CHARS:
+                raise jinja2.exceptions.SecurityError("a concatenation past the output bound")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's names)
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:
+                raise jinja2.exceptions.SecurityError(f"a number as large as {value:,} passed to a call")
+        return super().call(__context, __obj, *args, **kwargs)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -286,13 +438,11 @@ def _strftime_now(fmt: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _environment() -> ImmutableSandboxedEnvironment:
+def _environment() -> _Sandbox:
     version = tuple(int(p) for p in re.findall(r"\d+", jinja2.__version__)[:3])
     if version < (3, 1, 6):
         raise ImportError(f"jinja2>=3.1.6 is needed (older sandboxes have known escapes); found {jinja2.__version__}")
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_DictMaker(),
                        namespace=_Namespace)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lfm_edge.runtime import LfmModel
 from lfm_edge.runtime.backends import open_session
+from lfm_edge.runtime.files import write_text
 
 # what `lfm-export --target android` and `make export` write from the bundled demo model, best first
 DEFAULT_BUNDLES = ("build/demo_model-int4-contrib", "build/demo_model-fp32-contrib")
@@ -82,10 +83,8 @@ class LoadTimes:
         data = self._read() | {str(folder): round(seconds, 2)}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(self.path)
-        except OSError:
+            write_text(self.path, json.dumps(data))
+        except OSError:  # a record of load times: without it the progress bar guesses
             pass
 
 

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import sampled_sha256, sha256
-from ..files import alive, fsync_folder
+from ..files import alive, fsync_folder, read_text
 
 FORMAT = "lfm-edge-prepacked/1"
 FOLDER = "prepacked"  # inside the bundle folder
@@ -137,7 +137,7 @@ def find(bundle: Path, key: dict, verify: str) -> tuple[Path | None, PrepackStat
     if not folder.is_dir():
         return None, None
     try:
-        saved = json.loads((folder / INFO).read_text())
+        saved = json.loads(read_text(folder / INFO, 1 << 20))
         if not isinstance(saved, dict):
             raise ValueError("not an object")
     except FileNotFoundError:
