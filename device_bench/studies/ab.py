@@ -27,6 +27,7 @@ import numpy as np
 from ...export.exporter import export
 from ...export.provenance import file_sha256
 from ...runtime.backends.python import LfmSession
+from ...runtime.files import write_text
 from ...runtime.hugepages import reexec_with_hugepages
 from ..measure import timed
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                        progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True), warmup_s=args.warmup)
     result["warmup_s"] = args.warmup
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_text(args.out, json.dumps(result, indent=2))
     m = result["median"]
     print(f"decode: ours {m['ours_decode']:.1f}, llama.cpp {m['llama_decode']:.1f} tok/s, ours/theirs per round "
           f"{result['decode_ratio_per_round']:.2f}x; prefill {args.prompt}: ours {m['ours_prefill']:.0f}, llama.cpp "

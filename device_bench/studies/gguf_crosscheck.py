@@ -27,6 +27,7 @@ from ...export.cli import demo_model_path
 from ...export.exporter import export
 from ...export.quality import compare, token_windows
 from ...export.quality import window_logits as our_logits
+from ...runtime.files import write_text
 from ..peers.gguf_writer import write_gguf
 from ..peers.llama_cpp import quantize_q4_0, window_logits
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         gguf_path = Path(args.gguf) if args.gguf else demo_q4_0(Path(tmp))
         result = crosscheck(gguf_path, text, Path(tmp), args.window, args.max_tokens, args.quant)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_text(args.out, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0 if np.isfinite(result["kl_llama_vs_ours"]) else 1
 

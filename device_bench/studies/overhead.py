@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ...runtime.backends.python import LfmSession
+from ...runtime.files import write_text
 from ...runtime.hugepages import reexec_with_hugepages
 from .step_profile import WEIGHT_OPS
 
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['median_overhead_ms']:.2f} ms = {result['median_share']:.1%} of a step "
           f"(medians of {args.rounds} alternated rounds of {args.steps} steps)")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_text(args.json, json.dumps(result, indent=2))
         write_plot(result, Path(args.json).with_suffix(".png"))
     return 0
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ...runtime.backends.python import LfmSession
+from ...runtime.files import write_text
 from ..measure import timed
 
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     result = alternate(Path(args.bundle), tuple(args.prompts), args.rounds, args.threads,
                        progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_text(args.out, json.dumps(result, indent=2))
     for p, s in result["summary"].items():
         print(f"prefill {p}: all rows {s['all_rows_tok_s']:.1f} tok/s, last row {s['last_row_tok_s']:.1f} tok/s, "
               f"x{s['speedup_per_round']:.3f} (median of per-round ratios; max CPU wait {s['max_cpu_wait']:.1%})")

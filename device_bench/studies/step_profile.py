@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ...runtime.backends.python import LfmSession
+from ...runtime.files import write_text
 from ...runtime.hugepages import reexec_with_hugepages
 from ..measure import timed
 
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"waiting for a CPU {result['median_cpu_wait_share'][i]:.0%} (medians of {args.rounds} rounds)")
         print(f"loadavg (1 min) {result['loadavg_range'][0]:.2f}-{result['loadavg_range'][1]:.2f}")
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+            write_text(args.json, json.dumps(result, indent=2))
         return 0
     args.bundle = args.bundle[0]
     result = profile_decode(Path(args.bundle), args.steps, args.prompt, args.threads, rounds=args.rounds or 4)
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{which} graph: {sum(c.values())} nodes: " + ", ".join(f"{k} {v}" for k, v in
                                                                           sorted(c.items(), key=lambda kv: -kv[1])))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_text(args.json, json.dumps(result, indent=2))
     return 0
 
 
