@@ -12,7 +12,7 @@ onnxruntime (or a phone backend), numpy, tokenizers and jinja2.
 from .backend import Cache, Session
 from .backends import open_session
 from .bundle import BundleError
-from .constrain import ConstraintError
+from .constrain import ConstraintError, ToolChoice
 from .conversation import ContextFull, Conversation, ConversationBusy
 from .demo_tools import DEMO_TOOLS
 from .events import Done, Event, ReasoningDelta, TextDelta, ToolCall, ToolCallEvent, ToolResult, ToolRun
@@ -27,6 +27,7 @@ from .toolcalls import ToolCallParseError, parse_tool_calls
 __all__ = [
     "DEMO_TOOLS", "BundleError", "Cache", "ConstraintError", "ContextFull", "Conversation", "ConversationBusy", "Done",
     "Event", "Generation", "GenerationStats", "LfmModel", "ReasoningDelta", "Sampling", "Session", "StateFileError",
-    "TextDelta", "ToolCall", "ToolCallEvent", "ToolCallParseError", "ToolResult", "ToolRun", "function_schema",
+    "TextDelta", "ToolCall", "ToolCallEvent", "ToolCallParseError", "ToolChoice", "ToolResult", "ToolRun",
+    "function_schema",
     "open_session", "parse_tool_calls", "resident_mb",
 ]

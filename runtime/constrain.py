@@ -6,6 +6,8 @@ only decides *when* a grammar applies:
 - `ToolCalls`: free text stays free; once the model opens `<|tool_call_start|>`, what follows is a Pythonic
   (or JSON) list of calls to the offered functions with arguments of their schemas' types, then
   `<|tool_call_end|>`;
+- `ToolChoice`: "none" forbids the call marker (`Forbid`); "required" or a named function forces a call and
+  ends the turn after it (`CallOnly`); `parallel` False allows one call;
 - `ReasoningControl`: thinking ends (`</think>` is forced) when its token budget is spent or it repeats itself.
 A constraint's `mask()` is None while it does not apply (no cost), else a bool array over the vocabulary.
 """
@@ -25,6 +27,32 @@ from .schemas import dataclass_schema
 
 class ConstraintError(ValueError):
     """A schema, regex or grammar that cannot be compiled; the message names what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolChoice:
+    """Whether and which tool the model calls (OpenAI's `tool_choice` and `parallel_tool_calls`, as data):
+    mode "auto" (the model decides), "none" (no call), "required" (a call, and the turn ends with it); or a
+    `function` name (a call to that function, and the turn ends with it). `parallel` False allows one call per
+    turn. `of()` reads OpenAI's spellings: "auto" | "none" | "required" | {"type": "function", "function":
+    {"name": N}}."""
+
+    mode: str = "auto"
+    function: str | None = None
+    parallel: bool = True
+
+    @classmethod
+    def of(cls, value: str | Mapping[str, Any] | ToolChoice, parallel: bool = True) -> ToolChoice:
+        if isinstance(value, ToolChoice):
+            return value
+        if value in ("auto", "none", "required"):
+            return cls(str(value), None, parallel)
+        function = value.get("function") if isinstance(value, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or value.get("type", "function") != "function":
+            raise ConstraintError(f"tool_choice {value!r}: expected 'auto', 'none', 'required' or "
+                                  "{'type': 'function', 'function': {'name': ...}}")
+        return cls("function", name, parallel)
 
 
 class Constraint(Protocol):
@@ -97,12 +125,13 @@ class AfterReasoning:
 
 
 class ToolCalls:
-    """Free text until `<|tool_call_start|>`; then the call grammar of the offered tools up to
-    `<|tool_call_end|>`; then free again (several blocks are fine)."""
+    """Free text until `<|tool_call_start|>`; then the call grammar of the offered tools (one call when
+    `single`) up to `<|tool_call_end|>`; then free again (several blocks are fine)."""
 
-    def __init__(self, vocab: Vocabulary, schemas: Sequence[Mapping[str, Any]], start: int, end_marker: str):
+    def __init__(self, vocab: Vocabulary, schemas: Sequence[Mapping[str, Any]], start: int, end_marker: str,
+                 single: bool = False):
         self.vocab, self.start = vocab, start
-        self.grammar = pythonic_calls_grammar(schemas, end_marker)
+        self.grammar = pythonic_calls_grammar(schemas, end_marker, single)
         vocab.matcher(self.grammar)  # compile now: a schema llguidance refuses fails before generating
         self.active: Grammar | None = None
 
@@ -167,6 +196,47 @@ def _repeating(history: list[int], repeats: int, min_span: int) -> bool:
     return False
 
 
+class CallOnly:
+    """tool_choice "required" or a named function: once reasoning is over (at once, or after `</think>` when the
+    prompt opened it) the next token is a tool call's start; once the call block's `end` is written, `stop` (the
+    end of turn) follows: the answer is the call. The call itself is ToolCalls' to hold."""
+
+    def __init__(self, size: int, start: int, end: int, stop: int, think_end: int | None, in_reasoning: bool):
+        self.size, self.start, self.end, self.stop, self.think_end = size, start, end, stop, think_end
+        self.phase = "reasoning" if in_reasoning and think_end is not None else "start"
+
+    def mask(self) -> np.ndarray | None:
+        if self.phase not in ("start", "stop"):
+            return None
+        allowed = np.zeros(self.size, dtype=bool)
+        allowed[self.start if self.phase == "start" else self.stop] = True
+        return allowed
+
+    def advance(self, token: int) -> None:
+        if self.phase == "reasoning" and token == self.think_end:
+            self.phase = "start"
+        elif self.phase == "start":
+            self.phase = "call"
+        elif self.phase == "call" and token == self.end:
+            self.phase = "stop"
+        elif self.phase == "stop":
+            self.phase = "done"
+
+
+class Forbid:
+    """`tokens` are never sampled (a tool call's start, for tool_choice "none")."""
+
+    def __init__(self, size: int, tokens: Sequence[int]):
+        self.allowed = np.ones(size, dtype=bool)
+        self.allowed[list(tokens)] = False
+
+    def mask(self) -> np.ndarray:
+        return self.allowed
+
+    def advance(self, token: int) -> None:
+        pass
+
+
 class All:
     """Several constraints on one row: a token must satisfy every one that applies."""
 
@@ -205,11 +275,7 @@ class ResponseFormat:
     def grammar(self, llg: Any) -> str:
         try:
             if self.json_schema is not None:
-                # compact separators, no free whitespace: a small model held to flexible JSON can loop on
-                # newlines inside an object until max_new_tokens (seen on the demo model)
-                return llg.LLMatcher.grammar_from_json_schema(
-                    json.dumps(self.json_schema),
-                    defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+                return llg.LLMatcher.grammar_from_json_schema(json.dumps(self.json_schema), defaults=_COMPACT_JSON)
             if self.regex is not None:
                 return llg.LLMatcher.grammar_from_regex(self.regex)
             return llg.LLMatcher.grammar_from_lark(self.lark)
@@ -262,10 +328,15 @@ any_dict: "{" (str_value ": " any_value (", " str_value ": " any_value)*)? "}"
 '''
 
 
-def pythonic_calls_grammar(schemas: Sequence[Mapping[str, Any]], end_marker: str) -> str:
+# compact separators, no free whitespace: a small model held to flexible JSON can loop on newlines inside an
+# object until max_new_tokens (seen on the demo model, in answers and in JSON tool calls alike)
+_COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def pythonic_calls_grammar(schemas: Sequence[Mapping[str, Any]], end_marker: str, single: bool = False) -> str:
     """A Lark grammar for `[f(a=1, b='x'), g()]` (or the same calls in JSON) followed by the end marker: each
     call one of `schemas`' functions, required arguments first then optional ones, in the schema's order, values
-    of their types."""
+    of their types; one call only when `single`."""
     rules, calls = [], []
     for n, schema in enumerate(schemas):
         fn = schema.get("function", schema)
@@ -290,11 +361,13 @@ def pythonic_calls_grammar(schemas: Sequence[Mapping[str, Any]], end_marker: str
         raise ConstraintError("no tools to constrain calls to")
     # the same calls as JSON ({"name", "arguments"} objects), which templates asking for JSON calls get and
     # the parser reads inside the same markers (toolcalls.parse_call_list)
-    as_json = {"type": "array", "minItems": 1, "items": {"anyOf": [
+    as_json = {"type": "array", "minItems": 1, **({"maxItems": 1} if single else {}), "items": {"anyOf": [
         {"type": "object", "properties": {"name": {"const": fn.get("name")}, "arguments": _arguments_schema(fn)},
          "required": ["name", "arguments"], "additionalProperties": False}
-        for fn in (schema.get("function", schema) for schema in schemas)]}}
-    head = (f'start: (py_calls | json_calls) {end_marker}\npy_calls: "[" call (", " call)* "]"\n'
+        for fn in (schema.get("function", schema) for schema in schemas)]},
+        "x-guidance": _COMPACT_JSON}
+    more = "" if single else ' (", " call)*'
+    head = (f'start: (py_calls | json_calls) {end_marker}\npy_calls: "[" call{more} "]"\n'
             f'json_calls: %json {json.dumps(as_json)}\ncall: {" | ".join(calls)}')
     return "\n".join([head, *rules, _VALUE_RULES])
 
@@ -371,11 +444,14 @@ class Constraints:
 
     def build(self, prompt_in_reasoning: bool, schemas: Sequence[Mapping[str, Any]] | None,
               response_format_spec: Any = None, reasoning_budget: int | None = None,
-              constrain_tools: bool | None = None, reasoning_guard: bool = True) -> All | None:
+              constrain_tools: bool | None = None, reasoning_guard: bool = True,
+              tool_choice: str | Mapping[str, Any] | ToolChoice = "auto") -> All | None:
         """The constraints of one generation, or None. Tool calls are constrained when tools are offered (and no
         response_format asks for something else): `constrain_tools` None does so when llguidance is installed,
-        True requires it, False never. llguidance's tokenizer is built only when a grammar is needed."""
+        True requires it, False never. `tool_choice` (ToolChoice or OpenAI's spelling) anything but "auto" with
+        parallel calls needs llguidance. llguidance's tokenizer is built only when a grammar is needed."""
         specials = self.specials
+        choice = ToolChoice.of(tool_choice)
         parts: list[Any] = []
         think_start, think_end = specials.get("<think>"), specials.get("</think>")
         if think_start is not None and think_end is not None and (reasoning_budget is not None or reasoning_guard):
@@ -387,10 +463,28 @@ class Constraints:
             fmt = response_format(response_format_spec)
             vocab = self.vocabulary
             parts.append(AfterReasoning(Grammar(vocab, fmt.grammar(vocab.llg)), think_end, prompt_in_reasoning))
+        elif schemas and choice != ToolChoice():
+            parts += self._tool_choice(schemas, choice, think_end, prompt_in_reasoning)
         elif schemas and constrain_tools is not False and "<|tool_call_start|>" in specials and \
                 "<|tool_call_end|>" in specials and (constrain_tools or available()):
             parts.append(ToolCalls(self.vocabulary, schemas, specials["<|tool_call_start|>"], "<|tool_call_end|>"))
         return All(parts) if parts else None
+
+    def _tool_choice(self, schemas: Sequence[Mapping[str, Any]], choice: ToolChoice, think_end: int | None,
+                     in_reasoning: bool) -> list[Any]:
+        start, end = self.specials.get("<|tool_call_start|>"), self.specials.get("<|tool_call_end|>")
+        if start is None or end is None:
+            raise ConstraintError(f"tool_choice {choice}: this tokenizer has no tool-call markers")
+        if choice.mode == "none":
+            return [Forbid(self.vocab_size, [start])]
+        if choice.mode == "function":
+            schemas = [s for s in schemas if s.get("function", s).get("name") == choice.function]
+            if not schemas:
+                raise ConstraintError(f"tool_choice names {choice.function!r}, which is not among the offered tools")
+        calls = ToolCalls(self.vocabulary, schemas, start, "<|tool_call_end|>", single=not choice.parallel)
+        if choice.mode == "auto":
+            return [calls]
+        return [CallOnly(self.vocab_size, start, end, self.eos, think_end, in_reasoning), calls]
 
 
 def available() -> bool:

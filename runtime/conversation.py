@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import persist
-from .backend import capacity_for
+from .backend import capacity_for, kv_row_bytes
+from .constrain import ToolChoice
 from .events import Done, Event, ToolRun
 from .generate import Generation, GenerationStats
 from .prefixcache import PrefixEntry
@@ -87,7 +88,7 @@ class Snapshots:
         return sum(s.nbytes for s in self.items)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading token ids `a` and `b` share."""
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -178,16 +179,17 @@ class Conversation:
     def send(self, content: str | Mapping[str, Any] | None = None, *, sampling: Sampling | None = None,
              max_new_tokens: int = 512, stop: Sequence[str] = (), cancel: threading.Event | None = None,
              allow_special_tokens: bool = False, response_format: Any = None, reasoning_budget: int | None = None,
-             constrain_tools: bool | None = None) -> Iterator[Event]:
+             constrain_tools: bool | None = None,
+             tool_choice: str | Mapping[str, Any] | ToolChoice = "auto") -> Iterator[Event]:
         """Add a user message (a str) or any message (a dict; None adds nothing), then stream the answer as
-        LfmModel.stream does (response_format, reasoning_budget, constrain_tools as there); the answer joins
-        `messages`. Runs when iterated."""
+        LfmModel.stream does (response_format, reasoning_budget, constrain_tools, tool_choice as there); the
+        answer joins `messages`. Runs when iterated."""
         with self._busy():
             if content is not None:
                 self.messages.append({"role": "user", "content": content} if isinstance(content, str)
                                      else dict(content))
             done = yield from self._answer(sampling, max_new_tokens, stop, cancel, allow_special_tokens,
-                                           (response_format, reasoning_budget, constrain_tools))
+                                           (response_format, reasoning_budget, constrain_tools, tool_choice))
             self.messages.append({"role": "assistant", "content": done.raw})
             if self.prepare_next and not done.tool_calls and done.stats.stopped != "cancelled":
                 self._prepare(allow_special_tokens)  # after Done reached the caller: off the next turn's path
@@ -271,6 +273,19 @@ class Conversation:
                 "prefill_chunk": self.prefill_chunk, "reserve": self.reserve, "prepare_next": self.prepare_next}
 
     @property
+    def memory_bytes(self) -> int:
+        """Memory the state holds as allocated: the KV buffers (their whole capacity on a shared-buffer graph),
+        the conv buffers and the snapshots."""
+        cache = self._cache
+        if cache is None:
+            return self.snapshots.nbytes
+        rows = cache.capacity if self.model.session.share_buffer else cache.length
+        kv = kv_row_bytes(self.model.session.state.kv, cache.batch, cache.kv_dtype) * rows
+        conv = sum(2 * cache.batch * h * k * np.dtype(cache.conv_dtype[i]).itemsize
+                   for i, (h, k) in self.model.session.state.conv.items())
+        return kv + conv + self.snapshots.nbytes
+
+    @property
     def state_bytes(self) -> int:
         """Memory the state holds: KV rows in use and snapshots."""
         if self._cache is None:
@@ -322,9 +337,9 @@ class Conversation:
     def _answer(self, sampling, max_new_tokens, stop, cancel, allow_special_tokens, held) -> Iterator[Event]:
         model = self.model
         prompt = self._render(max_new_tokens, allow_special_tokens)
-        response_format, reasoning_budget, constrain_tools = held
+        response_format, reasoning_budget, constrain_tools, tool_choice = held
         constraint = model.constraint(prompt, self.schemas or None, response_format, reasoning_budget,
-                                      constrain_tools)
+                                      constrain_tools, tool_choice)
         keeps = model.prefix_cache is not None and (model.prefix_cache.max_bytes or model.prefix_cache.folder)
         prefix = self._shared_prefix(prompt, allow_special_tokens) if keeps else 0
         self._restore(prompt, max_new_tokens)
@@ -370,7 +385,7 @@ class Conversation:
                                           allow_special_tokens, **self.template_context()) for text in probes)
         except ValueError:
             return  # a template that refuses a user turn here: the next turn pays, as it would anyway
-        stable = _common_prefix(a, b)
+        stable = common_prefix(a, b)
         target = a[:stable]
         if self._cache is None or not target or stable >= self.model.session.context_length or \
                 target[:self._cache.length] == self._tokens and len(target) == self._cache.length:
@@ -398,7 +413,7 @@ class Conversation:
         # any conversation with this system prompt and these tools starts with
         ids = self.model.prompt_ids([*head, {"role": "user", "content": ""}], self.schemas or None,
                                     allow_special_tokens, add_generation_prompt=False, **self.template_context())
-        n = _common_prefix(ids, prompt)
+        n = common_prefix(ids, prompt)
         return n if n < len(prompt) else 0
 
     def _restore(self, prompt: list[int], max_new_tokens: int) -> None:
@@ -409,7 +424,7 @@ class Conversation:
             self._cache = session.new_cache(1, max(need, self.reserve))
         cache = self._cache
         # at least one token is fed: its logits start the answer
-        limit = min(_common_prefix(self._tokens, prompt), len(prompt) - 1)
+        limit = min(common_prefix(self._tokens, prompt), len(prompt) - 1)
         self.snapshots.drop_after(limit)
         snapshot = self.snapshots.newest_at_or_before(limit)
         keep = snapshot.length if snapshot else 0

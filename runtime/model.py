@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from .backend import Session
 from .bundle import BundleError, bundle_identity, read_generation_config
-from .constrain import AfterReasoning, Constraints, ReasoningControl
+from .constrain import AfterReasoning, Constraints, ReasoningControl, ToolChoice
 from .constrain import response_format as to_format
 from .conversation import Conversation
 from .detokenize import IncrementalDecoder
@@ -153,16 +153,19 @@ class LfmModel:
                sampling: Sampling | None = None, max_new_tokens: int = 512, stop: Sequence[str] = (),
                cancel: threading.Event | None = None, overflow: str = "error", allow_special_tokens: bool = False,
                response_format: Any = None, reasoning_budget: int | None = None,
-               constrain_tools: bool | None = None, **template_vars: Any) -> Iterator[Event]:
+               constrain_tools: bool | None = None, tool_choice: str | Mapping[str, Any] | ToolChoice = "auto",
+               **template_vars: Any) -> Iterator[Event]:
         """Typed events as the answer is generated; the last one is Done. Special-token strings typed into
         user or tool messages stay text unless `allow_special_tokens`; `overflow` as in Generation.
         `response_format` (a JSON schema, Pydantic model, dataclass, {"regex": ...} or {"lark": ...}) holds the
         answer to it and returns it as Done.parsed; tool calls are held to the offered tools' signatures
-        (`constrain_tools`: None when llguidance is installed, True always, False never); `reasoning_budget`
+        (`constrain_tools`: None when llguidance is installed, True always, False never); `tool_choice`
+        (a ToolChoice, or OpenAI's "auto" / "none" / "required" / {"type": "function", "function": {"name": N}})
+        says whether and which tool is called, and whether more than one; `reasoning_budget`
         caps thinking tokens (0: answer at once); a reasoning trace that loops is ended. See constrain.py.
         Stateless: the whole conversation is prefilled (see `conversation()` for one that keeps its state)."""
         prompt = self.prompt_ids(messages, tools, allow_special_tokens, **template_vars)
-        constraint = self.constraint(prompt, tools, response_format, reasoning_budget, constrain_tools)
+        constraint = self.constraint(prompt, tools, response_format, reasoning_budget, constrain_tools, tool_choice)
         generation = Generation(self.session, [prompt], max_new_tokens, sampling or self.default_sampling(),
                                 cancel=cancel, overflow=overflow, constraints=[constraint])
         yield from self.events(generation, prompt, stop, response_format)
@@ -172,11 +175,12 @@ class LfmModel:
         return self.tokenizer.decode(list(prompt[-4:]), skip_special_tokens=False).rstrip().endswith(THINK_START)
 
     def constraint(self, prompt: Sequence[int], tools: Sequence[Any] | None, response_format: Any = None,
-                   reasoning_budget: int | None = None, constrain_tools: bool | None = None) -> Any:
+                   reasoning_budget: int | None = None, constrain_tools: bool | None = None,
+                   tool_choice: str | Mapping[str, Any] | ToolChoice = "auto") -> Any:
         """What one generation over `prompt` is held to (runtime/constrain.py), or None."""
         schemas = [tool_schema(t, i) for i, t in enumerate(tools)] if tools else None
         return self.constraints.build(self.in_reasoning(prompt), schemas, response_format, reasoning_budget,
-                                      constrain_tools)
+                                      constrain_tools, tool_choice=tool_choice)
 
     def events(self, generation: Generation, prompt: Sequence[int], stop: Sequence[str] = (),
                response_format: Any = None) -> Iterator[Event]:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from shared_bundles import demo_bundle
 from tokenizers import Tokenizer
 
-from lfm_edge.runtime import LfmModel
+from lfm_edge.runtime import LfmModel, ToolChoice
 from lfm_edge.runtime.constrain import ConstraintError, pythonic_calls_grammar
 from lfm_edge.runtime.toolcalls import parse_tool_calls
 from scripted_model import write_bundle
@@ -101,6 +101,34 @@ def test_a_model_that_writes_a_malformed_call_writes_a_valid_one(tmp_path):
                            max_new_tokens=30)
     assert ran == ["Paris"] and held.calls[0][0].name == "get_weather"
     assert "[get_weather(city='Paris')]<|tool_call_end|>" in held.messages[1]["content"]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}},
+                                    ToolChoice("required", parallel=False)])
+def test_tool_choice_forces_one_turn_that_is_the_call(demo, choice):
+    """Even the random-weights demo, which would never call a tool by itself, answers with a valid call and the
+    turn ends there; parallel False allows one call; "none" never opens a call."""
+    tools = [{"type": "function", "function": {"name": "note", "parameters": {"type": "object", "properties": {
+        "text": {"type": "string", "maxLength": 8}}, "required": ["text"]}}}, WEATHER]
+    done = demo.chat([{"role": "user", "content": "Weather in Paris?"}], tools, tool_choice=choice,
+                         max_new_tokens=120)
+    assert done.stats.stopped == "eos" and done.text == ""
+    assert done.raw.startswith("<|tool_call_start|>") and done.raw.endswith("<|tool_call_end|>")
+    assert done.tool_calls and all(c.name in ("note", "get_weather") for c in done.tool_calls)
+    if isinstance(choice, dict):
+        assert {c.name for c in done.tool_calls} == {"get_weather"}
+    if isinstance(choice, ToolChoice):
+        assert len(done.tool_calls) == 1
+    none = demo.chat([{"role": "user", "content": "Weather in Paris?"}], tools, tool_choice="none",
+                         max_new_tokens=40)
+    assert "<|tool_call_start|>" not in none.raw and not none.tool_calls
+
+
+def test_tool_choice_is_checked(demo):
+    for bad, match in [("sometimes", "tool_choice 'sometimes'"), ({"type": "function"}, "tool_choice"),
+                       ({"type": "function", "function": {"name": "nope"}}, "'nope'.*not among")]:
+        with pytest.raises(ConstraintError, match=match):
+            demo.chat([{"role": "user", "content": "x"}], [WEATHER], tool_choice=bad, max_new_tokens=2)
 
 
 # --- response_format ----------------------------------------------------------------------------------------------
