@@ -184,3 +184,46 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
         path = SHOTS / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert _non_trivial(path) > 50, name
+
+
+def test_the_serve_switch_serves_the_chats_model_to_an_openai_client(display, demo_int4, tmp_path):
+    """Model screen, Serve on: an OpenAI client on this device (the official one) lists the model and gets an
+    answer with the key the screen shows, nothing without it; the app holds one session; Serve off closes the
+    port."""
+    import time
+
+    import httpx2
+    from openai import OpenAI
+
+    on, go, off = tmp_path / "on.json", tmp_path / "go", tmp_path / "off.json"
+    steps = [{"load": str(demo_int4)}, {"serve": True}, {"shot": str(SHOTS / "model-serving.png")},
+             {"state": str(on)}, {"wait_file": str(go)}, {"serve": False}, {"state": str(off)}, {"quit": True}]
+    (tmp_path / "steps.json").write_text(json.dumps(steps))
+    env = dict(os.environ, DISPLAY=display, KIVY_HOME=str(tmp_path / "kivy-home"), OMP_NUM_THREADS="1")
+    app = subprocess.Popen([sys.executable, "-m", "lfm_edge.mobile_app.app", "--threads", "1", "--autopilot",
+                            str(tmp_path / "steps.json"), "--conversation-file", str(tmp_path / "chat.safetensors")],
+                           env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            if on.is_file() or app.poll() is not None:
+                break
+            time.sleep(0.1)
+        state = json.loads(on.read_text())
+        serve = state["model"]["serve"]
+        assert serve["running"] and serve["address"].startswith("http://127.0.0.1:") and len(serve["key"]) >= 20
+        assert serve["address"] in state["model"]["serve_status"] and serve["key"] in state["model"]["serve_status"]
+        client = OpenAI(base_url=serve["address"], api_key=serve["key"], max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == [demo_int4.name]
+        answer = client.chat.completions.create(model=demo_int4.name, max_tokens=6, temperature=0,
+                                                messages=[{"role": "user", "content": "What is a list?"}])
+        assert answer.choices[0].message.content and answer.usage.completion_tokens <= 6
+        assert httpx2.get(f"{serve['address']}/models", timeout=30).status_code == 401  # no key
+    finally:
+        go.touch()
+        out, err = app.communicate(timeout=120)
+    final = json.loads(off.read_text())
+    assert app.returncode == 0 and not final.get("autopilot_errors"), err[-3000:]
+    assert not final["model"]["serve"]["running"] and final["model"]["serve_status"] == "not serving (stopped)"
+    assert final["sessions"]["opened"] == {str(demo_int4): 1}  # the server used the chat's session
+    with pytest.raises(httpx2.ConnectError):
+        httpx2.get(f"{serve['address']}/models", timeout=5)

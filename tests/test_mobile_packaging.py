@@ -40,6 +40,8 @@ def test_spec_requirements_and_onnxruntime_aar(spec):
     reqs = {re.split("[=<>]", r)[0] for r in listed(spec["requirements"])}
     assert {"python3", "kivy", "numpy", "pyjnius", "jinja2", "tokenizers", "llguidance"} <= reqs
     assert "plyer" in reqs  # the battery tool (mobile_app/app/tools.py) reads the phone's battery through it
+    assert {"starlette", "uvicorn", "h11", "anyio", "idna", "click"} <= reqs  # the Serve switch (app/serving.py)
+    assert not {"uvloop", "httptools"} & reqs  # compiled: uvicorn runs without them
     assert "onnxruntime" not in reqs  # no p4a recipe: the Java backend reaches the AAR instead
     deps = listed(spec["android.gradle_dependencies"])
     aar = [d for d in deps if d.startswith("com.microsoft.onnxruntime:onnxruntime-android:")]

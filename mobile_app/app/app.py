@@ -65,7 +65,7 @@ class LfmApp(App):
         self.model_screen = ModelScreen(post, self._model_loaded, busy=lambda: self.busy("model"),
                                         downloads=downloads, threads=self.threads, on_unload=self._release_model,
                                         load_times=LoadTimes(Path(self.user_data_dir) / "load_times.json"),
-                                        prepack_cache=self.prepack_cache)
+                                        prepack_cache=self.prepack_cache, model=lambda: self.model)
         self.screens = ScreenManager(transition=NoTransition())
         for screen in (self.chat_screen, self.bench_screen, self.model_screen):
             self.screens.add_widget(screen)
@@ -137,6 +137,7 @@ class LfmApp(App):
         is saved first, so loading the same bundle again continues it."""
         if self.model is None:
             return
+        self.model_screen.stop_serving("the model was unloaded")
         self.save_conversation()
         self.chat.set_model(None)
         self.model = None
@@ -177,6 +178,7 @@ class LfmApp(App):
                 "bench": self.bench_screen.snapshot(), "sessions": sessions()}
 
     def on_stop(self) -> None:
+        self.model_screen.stop_serving("the app closed")
         self.chat.cancel()
         if self.chat.wait(5):
             self.save_conversation()

@@ -10,6 +10,8 @@ Steps (JSON objects, run in order, each after the previous one's work has finish
     {"reasoning": 1}                    tap the reasoning toggle of transcript item 1
     {"bench": "quick"}                  pick the preset, press Run; waits for the report
     {"download": "http://..."}          type the URL on the Model screen and press Download; waits
+    {"serve": true}                     switch the Model screen's Serve on (false: off)
+    {"wait_file": "path"}               wait until the file exists (a test outside the app says it is done)
     {"shot": "build/screenshots/chat.png"}
     {"state": "build/screenshots/state.json"}   the app's snapshot() as JSON
     {"quit": true}
@@ -121,6 +123,14 @@ class Autopilot:
             app.model_screen.download_button.trigger_action(0)
             self._wait(lambda: not (app.model_screen.fetcher.running or app.model_screen.loader.running),
                        self.timeout)
+        elif kind == "serve":
+            app.show("model")
+            if bool(value) != app.model_screen.server.running:
+                app.model_screen.serve_button.trigger_action(0)
+            self._then(lambda: app.model_screen.server.running == bool(value),
+                       lambda: f"serve {value}: {app.model_screen.serve_status.text}")
+        elif kind == "wait_file":
+            self._wait(lambda: Path(value).exists(), self.timeout)
         elif kind == "shot":
             self._pause(SETTLE, then=lambda: self._shot(Path(value)))
         elif kind == "state":
