@@ -3,8 +3,10 @@ text, as a table and a plot; `--llama-cpp` adds llama.cpp's own quantizations of
 `--kv-cache int8 int4 --depths 1024 4096` compares KV cache precisions against the fp32 cache at depth instead.
 
 Per variant: mean KL(fp32 || quantized) over next-token distributions, top-1 agreement with fp32, and
-perplexity of both on the text; plus the bundle size (export/quality.py measures one bundle). Both sides run
-the real onnxruntime kernels (int8 activations at accuracy_level 4 included), so this is what a phone would see.
+perplexity of both on the text; plus the bundle size, its settings as exported and its padding (export/quality.py
+measures one bundle, the same way: `lfm-export --eval-text` on the same text gives the same fp32 perplexity).
+Both sides run the real onnxruntime kernels (int8 activations at accuracy_level 4 included), so this is what a
+phone would see.
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ import numpy as np
 from ..export.checkpoint import Checkpoint
 from ..export.cli import demo_model_path
 from ..export.exporter import export
-from ..export.quality import Quality, compare, token_windows, window_logits, write_report
+from ..export.quality import (
+    MAX_TOKENS,
+    WINDOW,
+    Quality,
+    bundle_row,
+    compare,
+    describe_text,
+    token_windows,
+    window_logits,
+    write_report,
+)
 from ..quant.policy import Policy, get_policy
 from ..runtime.backends.python import Cache, LfmSession
 from ..runtime.files import write_text
@@ -43,7 +55,7 @@ def default_variants() -> list[Variant]:
     out = [Variant(f"int4 rtn b{b}", int4.with_overrides(block_size=b, method="rtn")) for b in (32, 64, 128)]
     out += [Variant("int4 rtn-asym b32", int4.with_overrides(block_size=32, method="rtn-asym"))]
     out += [Variant(f"int4 mse b{b}", int4.with_overrides(block_size=b, method="mse")) for b in (32, 64, 128)]
-    out += [Variant(f"int4 (default: {int4.summary()})", int4),
+    out += [Variant("int4", int4),  # the phones' default; the report's "as exported" column has its settings
             Variant("int4-hq", get_policy("int4-hq")),
             Variant("int8", get_policy("int8"))]
     return out
@@ -57,10 +69,6 @@ def _fp32_reference(checkpoint: str | Path, text: str, window: int, max_tokens: 
     if not windows:
         raise ValueError("the evaluation text is too short: it needs at least two tokens")
     return windows, window_logits(fp32, windows)
-
-
-def _mb(bundle: Path) -> float:
-    return round(sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx")) / 1e6, 3)
 
 
 def llama_cpp_formats(spec: str) -> list[tuple[str, bool]]:
@@ -86,13 +94,14 @@ def _llama_cpp_rows(checkpoint: str | Path, windows: list[list[int]], reference:
         progress(f"{label} of the same checkpoint")
         gguf = quantize(f32, work / f"{fmt.lower()}{'_pure' if pure else ''}.gguf", fmt, pure=pure)
         rows.append(Quality(label, "llama.cpp", round(gguf.stat().st_size / 1e6, 3),
-                            **compare(reference, llama_logits(gguf, windows), windows)))
+                            **compare(reference, llama_logits(gguf, windows), windows),
+                            settings=f"llama-quantize {fmt}{' --pure' if pure else ''} of an f32 GGUF"))
         gguf.unlink()
     return rows
 
 
-def evaluate(checkpoint: str | Path, text: str, variants: Sequence[Variant], window: int = 128,
-             max_tokens: int = 4096, progress: Callable[[str], None] = print,
+def evaluate(checkpoint: str | Path, text: str, variants: Sequence[Variant], window: int = WINDOW,
+             max_tokens: int = MAX_TOKENS, progress: Callable[[str], None] = print,
              llama_cpp: Sequence[tuple[str, bool]] = ()) -> list[Quality]:
     """Each variant, then each llama.cpp (format, pure) in `llama_cpp`, against the fp32 export."""
     work = Path(tempfile.mkdtemp(prefix="lfm-quality-"))
@@ -103,8 +112,7 @@ def evaluate(checkpoint: str | Path, text: str, variants: Sequence[Variant], win
         for v in variants:
             progress(f"{v.label}: export and evaluate")
             bundle = export(checkpoint, work / "variant", quant=v.policy).bundle
-            results.append(Quality(v.label, v.policy.name, _mb(bundle),
-                                   **compare(reference, window_logits(bundle, windows), windows)))
+            results.append(bundle_row(v.label, v.policy, bundle, reference, windows))
             shutil.rmtree(bundle)
         if llama_cpp:
             results += _llama_cpp_rows(checkpoint, windows, reference, work, llama_cpp, progress)
@@ -235,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", nargs="?", help="checkpoint folder (default: the bundled demo model)")
     parser.add_argument("--text", help="held-out text file (default: the demo model's heldout.txt)")
     parser.add_argument("--out", default="build/quality", help="report folder")
-    parser.add_argument("--window", type=int, default=128, help="tokens per evaluation window")
-    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--window", type=int, default=WINDOW, help="tokens per evaluation window")
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="evaluate at most the text's first N tokens")
     parser.add_argument("--llama-cpp", nargs="?", const="Q4_0,Q4_0-pure", default=None, metavar="FORMATS",
                         help="also llama.cpp's own quantizations of the same checkpoint, comma-separated "
                         "llama-quantize names, -pure for one type everywhere (default Q4_0,Q4_0-pure; e.g. "
@@ -296,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"lfm-bench quality: error: {e}", file=sys.stderr)
         return 2
-    files = write_report(results, Path(args.out), f"{checkpoint.name} on {text_file.name}")
+    text = describe_text(text_file.name, text_file.read_text(), args.window, args.max_tokens)
+    files = write_report(results, Path(args.out), f"{checkpoint.name} on {text_file.name}", text)
     print(Path(files[1]).read_text())
     print("Wrote " + ", ".join(str(f) for f in files))
     return 0

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         options = ExportOptions(
             ops=args.ops, quant=quant, target=args.target, kv_cache=args.kv_cache, kv_margin=args.kv_margin,
             kv_calibration_text=_text("--kv-calibration", args.kv_calibration),
-            eval_text=_text("--eval-text", args.eval_text), tokenizer=args.tokenizer,
+            eval_text=_text("--eval-text", args.eval_text),
+            eval_text_name=Path(args.eval_text).name if args.eval_text else None, tokenizer=args.tokenizer,
             random_weights=args.random_weights, progress=progress, force=args.force)
         result = export(checkpoint, out, options)
     except (ExportError, CheckpointError, ConfigError, ValueError, OSError) as e:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..quant.policy import Policy
 from ..runtime.bundle import MIN_ONNXRUNTIME, sampled_sha256, sha256
 from ..runtime.files import alive, install_folder
 from . import footprint, quality
@@ -127,7 +128,7 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
             config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = TARGET_THREADS[options.target]
         (tmp / "genai_config.json").write_text(json.dumps(config, indent=2))
         if options.eval_text and options.quantized and isinstance(ckpt, Checkpoint):  # against a float checkpoint
-            _quality_report(checkpoint, tmp, options.eval_text, policy.name, parent)
+            _quality_report(checkpoint, tmp, options.eval_text, options.eval_text_name, policy, parent)
         extras = phone_extras(tmp, MODEL_FILE, DATA_FILE) if options.target in ("android", "ios") else {}
         if options.random_weights:
             extras["tokenizer"] = NOTE
@@ -150,13 +151,15 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
     return ExportResult(out, time.perf_counter() - start, files, warnings)
 
 
-def _quality_report(checkpoint: str | Path, bundle: Path, text: str, label: str, parent: Path) -> None:
+def _quality_report(checkpoint: str | Path, bundle: Path, text: str, text_name: str | None, policy: Policy,
+                    parent: Path) -> None:
     """quality.json/.md/.png in `bundle`: it against an fp32 export of the same checkpoint (made beside it)."""
     work = Path(tempfile.mkdtemp(prefix=".lfm-quality-", dir=parent))
     try:
         reference = export(checkpoint, work / "fp32").bundle
-        result = quality.measure(reference, bundle, text, label)
-        quality.write_report([result], bundle, f"{label} against fp32, {Path(str(checkpoint)).name}")
+        result = quality.measure(reference, bundle, text, policy.name, policy)
+        quality.write_report([result], bundle, f"{policy.name} against fp32, {Path(str(checkpoint)).name}",
+                             quality.describe_text(text_name or "the --eval-text", text))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

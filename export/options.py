@@ -43,7 +43,8 @@ class ExportOptions:
     """How to export. `quant`: a policy's name (quant/policy.py) or a Policy, None for the target's default;
     `kv_cache`: fp32 / int8 / int4, None for the target's; `transform` rewrites each float weight as it is read
     (tests use it for fake quantization); `random_weights`: a preset of random_weights.py instead of a checkpoint;
-    `eval_text`: held-out text for a quality report against fp32 (quality.md); `tokenizer`: a GGUF's
+    `eval_text`: held-out text for a quality report against fp32 (quality.md), `eval_text_name` what the report
+    calls it (the CLI: the file's name); `tokenizer`: a GGUF's
     tokenizer.json (or its folder) when the file carries none; `force`: replace an `out` folder that holds
     something other than an lfm-edge bundle."""
 
@@ -54,6 +55,7 @@ class ExportOptions:
     kv_margin: float = DEFAULT_MARGIN
     kv_calibration_text: str | None = None
     eval_text: str | None = None
+    eval_text_name: str | None = None
     tokenizer: str | Path | None = None
     random_weights: str | None = None
     transform: WeightTransform | None = None

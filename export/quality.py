@@ -2,26 +2,37 @@
 export) on held-out text.
 
 Mean KL(reference || bundle) over next-token distributions, top-1 agreement with the reference, and the
-perplexity of both on the text; plus the bundle's size. Both sides run the real onnxruntime kernels (int8
-activations at accuracy_level 4 included), so this is what a phone would see. `lfm-export --eval-text`
-writes it into the bundle (quality.md); `lfm-bench quality` measures many variants (device_bench/quality.py).
+perplexity of both on the text; plus the bundle's size, its settings as exported (`Policy.summary()`) and how
+much of it is zero padding. Both sides run the real onnxruntime kernels (int8 activations at accuracy_level 4
+included), so this is what a phone would see. `lfm-export --eval-text` writes it into the bundle (quality.md);
+`lfm-bench quality` measures many variants (device_bench/quality.py). Both cut the text the same way (WINDOW,
+MAX_TOKENS), so the same text gives the same fp32 perplexity in both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx  # the exporter's: a bundle's graph header is read with it
 from tokenizers import Tokenizer
 
 from ..plots import figure
+from ..quant.policy import Policy
 from ..runtime.backends.python import Cache, LfmSession
 from ..runtime.files import write_text
+from .config import Lfm2Config
+from .quant_ops import padding
 
-__all__ = ["Quality", "compare", "measure", "token_windows", "window_logits", "write_report"]
+__all__ = ["MAX_TOKENS", "WINDOW", "Quality", "bundle_row", "compare", "describe_text", "measure", "token_windows",
+           "window_logits", "write_report"]
+
+WINDOW = 128  # tokens per evaluation window, each run from an empty state
+MAX_TOKENS = 8192  # the text's first tokens that are evaluated
 
 
 @dataclass
@@ -33,7 +44,11 @@ class Quality:
     top1: float
     ppl: float
     ppl_fp32: float
-    tokens: int
+    tokens: int  # next-token predictions: each window's tokens after its first
+    windows: int = 0
+    settings: str = ""  # as exported: Policy.summary() of the policy the manifest records, the KV cache (llama.cpp:
+    # its format)
+    padding: dict[str, float] = field(default_factory=dict)  # part -> stored codes / weights (quant_ops.padding)
 
 
 def token_windows(tokenizer_file: Path, text: str, window: int, max_tokens: int) -> list[list[int]]:
@@ -63,7 +78,7 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray], windows: S
         nll_cand -= float(lp_cand[rows, target].sum())
         n += len(target)
     return {"kl": kl / n, "top1": agree / n, "ppl": float(np.exp(nll_cand / n)),
-            "ppl_fp32": float(np.exp(nll_ref / n)), "tokens": n}
+            "ppl_fp32": float(np.exp(nll_ref / n)), "tokens": n, "windows": len(windows)}
 
 
 def bundle_mb(bundle: Path) -> float:
@@ -71,24 +86,58 @@ def bundle_mb(bundle: Path) -> float:
     return round(sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx")) / 1e6, 3)
 
 
-def measure(reference: Path, bundle: Path, text: str, label: str, policy: str = "", window: int = 128,
-            max_tokens: int = 4096) -> Quality:
-    """`bundle` against `reference` (an fp32 export of the same checkpoint) on `text`."""
+def bundle_row(label: str, policy: Policy, bundle: Path, reference: list[np.ndarray],
+               windows: Sequence[Sequence[int]]) -> Quality:
+    """`bundle`, exported with `policy`, against the reference logits on `windows`: the measured figures, and its
+    settings (the policy's, and the KV cache the graph records) and padding from that policy and its config.json."""
+    config = Lfm2Config.from_file(bundle / "config.json")
+    graph = onnx.load(bundle / "model.onnx", load_external_data=False)  # the header: the weights stay on disk
+    kv_cache = {p.key: p.value for p in graph.metadata_props}.get("lfm_edge.kv_cache", "fp32")
+    return Quality(label, policy.name, bundle_mb(bundle), **compare(reference, window_logits(bundle, windows), windows),
+                   settings=f"{policy.summary()}; KV cache {kv_cache}", padding=padding(policy, config))
+
+
+def measure(reference: Path, bundle: Path, text: str, label: str, policy: Policy, window: int = WINDOW,
+            max_tokens: int = MAX_TOKENS) -> Quality:
+    """`bundle` (exported with `policy`) against `reference` (an fp32 export of the same checkpoint) on `text`."""
     windows = token_windows(reference / "tokenizer.json", text, window, max_tokens)
     if not windows:
         raise ValueError("the evaluation text is too short: it needs at least two tokens")
-    return Quality(label, policy or label, bundle_mb(bundle),
-                   **compare(window_logits(reference, windows), window_logits(bundle, windows), windows))
+    return bundle_row(label, policy, bundle, window_logits(reference, windows), windows)
 
 
-def write_report(results: Sequence[Quality], out: Path, title: str) -> list[Path]:
-    """quality.json, quality.md and quality.png in `out` (each written atomically)."""
+def describe_text(name: str, text: str, window: int = WINDOW, max_tokens: int = MAX_TOKENS) -> str:
+    """What a report says it measured on: the text's name and sha256, and how it was cut."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{name} (sha256 {digest}...), at most its first {max_tokens} tokens, in windows of {window}"
+
+
+def _padding(r: Quality) -> str:
+    padded = {part: f for part, f in r.padding.items() if f > 1.0005}
+    return ", ".join(f"{part} {f:.2f}x" for part, f in padded.items()) or ("none" if r.padding else "")
+
+
+def write_report(results: Sequence[Quality], out: Path, title: str, text: str) -> list[Path]:
+    """quality.json, quality.md and quality.png in `out` (each written atomically); `text` says what the results
+    were measured on (describe_text)."""
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "quality.json", json.dumps([asdict(r) for r in results], indent=2))
+    first = results[0]
     lines = [f"# Quantization quality: {title}", "",
-             f"{results[0].tokens} held-out tokens; fp32 perplexity {results[0].ppl_fp32:.3f}.", "",
-             "| variant | model MB | KL(fp32 ‖ q) | top-1 agreement | perplexity |", "|---|---|---|---|---|"]
-    lines += [f"| {r.label} | {r.bundle_mb:.2f} | {r.kl:.5f} | {r.top1:.2%} | {r.ppl:.3f} |" for r in results]
+             f"Held-out text: {text}, each window from an empty state: {first.tokens} next-token predictions in "
+             f"{first.windows} windows. fp32 perplexity {first.ppl_fp32:.3f} on those predictions; every figure "
+             "below is on the same ones. (A training script's held-out loss may cut the text another way: "
+             "demo_model/train.py's also scores each window's last token against the next window's first.)", "",
+             "| variant | as exported | model MB | padding | KL(fp32 ‖ q) | top-1 agreement | perplexity |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.label} | {r.settings} | {r.bundle_mb:.2f} | {_padding(r)} | {r.kl:.5f} | {r.top1:.2%} | "
+              f"{r.ppl:.3f} |" for r in results]
+    lines += ["", "Model MB: model.onnx and its weights. Padding: stored codes over the weights they hold, where a "
+              "block is wider than the rows (rows are zero-padded to whole blocks, and QMoE pads both of an "
+              "expert's widths): a small model's narrow rows in big blocks make its bundle bigger than its bits "
+              "say, which LFM2.5-8B-A1B's widths (2048, 1792, 7168: whole blocks of 256) never do. A policy "
+              "whose head is rescored (\"top N rescored\") also stores an 8-bit copy of the vocabulary, of which "
+              "a token reads N rows."]
     write_text(out / "quality.md", "\n".join(lines) + "\n")
     height = max(3.5, 1.2 + 0.32 * len(results))
     with figure(out / "quality.png", 1, 2, size=(12, height), title=title) as (_, (left, right)):

@@ -81,7 +81,7 @@ def test_frontier_runs_real_pairs_on_the_demo_model(tmp_path):
     text = (ckpt / "heldout.txt").read_text()[:2000]
     results = evaluate(ckpt, text, [Variant("int4", get_policy("int4"))], window=64, max_tokens=256,
                        progress=lambda m: None, llama_cpp=[("Q4_0", False)])
-    write_report(results, tmp_path / "quality", "demo")
+    write_report(results, tmp_path / "quality", "demo", "heldout.txt")
     gguf = quantize(write_gguf(Checkpoint(ckpt), tmp_path / "f32.gguf", f16=False), tmp_path / "q4_0.gguf")
     bundle = export(ckpt, tmp_path / "int4", quant="int4").bundle
     out = tmp_path / "frontier"
