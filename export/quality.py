@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,19 +140,28 @@ def write_report(results: Sequence[Quality], out: Path, title: str, text: str) -
               "whose head is rescored (\"top N rescored\") also stores an 8-bit copy of the vocabulary, of which "
               "a token reads N rows."]
     write_text(out / "quality.md", "\n".join(lines) + "\n")
-    height = max(3.5, 1.2 + 0.32 * len(results))
-    with figure(out / "quality.png", 1, 2, size=(12, height), title=title) as (_, (left, right)):
-        for n, r in enumerate(results):  # numbered points, named in the legend: labels never overlap
-            left.scatter(r.bundle_mb, r.kl, s=40, label=f"{n + 1}. {r.label}")
-            left.annotate(str(n + 1), (r.bundle_mb, r.kl), fontsize=8, xytext=(4, 3), textcoords="offset points")
-        left.set(xlabel="model size (MB)", ylabel="KL(fp32 ‖ quantized), nats/token", title="cost against size")
-        left.set_yscale("log")
-        left.legend(fontsize=7, loc="best")
-        right.barh([f"{n + 1}. {r.label}" for n, r in enumerate(results)], [r.top1 * 100 for r in results],
-                   color="tab:blue")
-        right.invert_yaxis()
-        right.set(xlabel="top-1 agreement with fp32 (%)", xlim=(0, 100), title="same next token as fp32")
-        for n, r in enumerate(results):
-            right.annotate(f"{r.top1:.1%}", (r.top1 * 100, n), xytext=(-4, 0), textcoords="offset points",
-                           ha="right", va="center", color="white", fontsize=8)
+    _plot(results, out / "quality.png", title)
     return [out / "quality.json", out / "quality.md", out / "quality.png"]
+
+
+def _plot(results: Sequence[Quality], path: Path, title: str) -> None:
+    """One row per variant across three bar panels (KL, top-1, size): labels never collide, every axis from 0."""
+    names = [textwrap.fill(r.label, 28) for r in results]
+    height = max(2.4, 1.5 + 0.36 * sum(1 + name.count("\n") for name in names))
+    with figure(path, 1, 3, size=(11, height), title=title) as (_, axes):
+        panels = ((axes[0], [r.kl for r in results], "KL(fp32 ‖ quantized), nats/token", "{:.4f}"),
+                  (axes[1], [r.top1 * 100 for r in results], "top-1 agreement with fp32 (%)", "{:.1f}%"),
+                  (axes[2], [r.bundle_mb for r in results], "model size (MB)", "{:.2f}"))
+        for n, (ax, values, name, fmt) in enumerate(panels):
+            ax.barh(range(len(results)), values, color=f"C{n}")
+            ax.set_yticks(range(len(results)), names if n == 0 else [""] * len(results))
+            ax.invert_yaxis()
+            ax.set_title(name, fontsize=10)
+            if n == 1:  # room for the labels right of a bar at 100%
+                ax.set_xlim(0, 125)
+                ax.set_xticks([0, 50, 100])
+            else:
+                ax.set_xlim(0, max(values) * 1.35 or 1)
+            for i, v in enumerate(values):
+                ax.annotate(fmt.format(v), (v, i), xytext=(3, 0), textcoords="offset points", va="center",
+                            fontsize=8)
