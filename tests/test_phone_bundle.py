@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import numpy as np
 import onnxruntime as ort
@@ -11,6 +12,7 @@ import pytest
 
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
+from lfm_edge.export.mobile import warnings
 from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import generate
 
@@ -22,10 +24,25 @@ def test_android_bundle_has_usability_report_and_ort_format(tmp_path):
     assert manifest["target"] == "android"
     report = (bundle / "mobile_usability.txt").read_text()
     assert "NNAPI" in report and "CoreML" in report
-    assert any("CPU EP" in line for line in manifest["mobile_usability"]["summary"])
+    assert "\x1b" not in report  # the checker's terminal colours are not text
+    usability = manifest["mobile_usability"]
+    assert any("CPU EP" in line for line in usability["summary"])
+    # the checker's own warnings (its session writes an optimised copy) are told apart from what an app meets
+    assert set(usability["load_warnings"]) == {"model.onnx", "model.ort"}
+    on_load = {w for found in usability["load_warnings"].values() for w in found}
+    assert not on_load & set(usability["checker_warnings"])
+    assert not any("dequantize + SGEMM" in w for w in on_load)  # an app's session prepacks the experts
+    header = report.split("-" * 100)[0]
+    assert all(w in header for w in usability["checker_warnings"]) and "README.md" in header
+    if any("dequantize + SGEMM" in w for w in usability["checker_warnings"]):
+        assert "is the checker's copy" in header
     assert manifest["ort_format"]["file"] == "model.ort"
     ops = (bundle / "required_operators.config").read_text()
     assert "MatMulNBits" in ops and "QMoE" in ops
+    assert "# - model.ort\n" in ops and tempfile.gettempdir() not in ops  # not the converter's temporary folder
+    readme = (bundle / "README.md").read_text()  # which file a phone loads, and what model.ort is for
+    assert "## Which file a phone loads" in readme and "`model.onnx` with its weights in `model.onnx.data`" in readme
+    assert "minimal (reduced) onnxruntime build" in readme and "README.md" in manifest["files"]
     # the ORT-format model runs and agrees with the .onnx one
     prompt = np.array([[1, 6, 40, 41, 42, 43]], np.int64)
     session = LfmSession(bundle)
@@ -53,3 +70,12 @@ def test_targets_set_threads_for_their_cores(tmp_path):
         bundle = export(demo_model_path(), tmp_path / target, quant="int4", target=target).bundle
         options = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
         assert options.get("intra_op_num_threads") == threads
+
+
+def test_warnings_are_read_without_colours_or_time_stamps():
+    log = ("\x1b[0;93m2026-12-07 12:47:26.1 [W:onnxruntime:Default, moe_quantization_cpu.cc:1155 PrePackQNBitExperts] "
+           "QMoE node '/QMoE': falling back.\x1b[m\nINFO:  Checking NNAPI\n"
+           "2026-12-07 12:47:26.2 [W:onnxruntime:, graph.cc:1492 Graph] Initializer x appears in graph inputs\n"
+           "2026-12-07 12:47:26.3 [W:onnxruntime:Default, moe_quantization_cpu.cc:1155 PrePackQNBitExperts] "
+           "QMoE node '/QMoE': falling back.\n")
+    assert warnings(log) == ["QMoE node '/QMoE': falling back.", "Initializer x appears in graph inputs"]
