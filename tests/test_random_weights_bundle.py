@@ -8,6 +8,7 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
+from lfm_edge.export.cli import main as export_main
 from lfm_edge.export.exporter import export
 from lfm_edge.export.random_tokenizer import random_tokenizer_files
 from lfm_edge.export.random_weights import PRESETS, preset
@@ -35,6 +36,17 @@ def test_tokenizer_has_the_geometry_vocabulary_and_special_ids(tmp_path, name):
     assert ids[0] == config["bos_token_id"] and max(ids) < config["vocab_size"]
     assert "not the real model's tokenizer" in json.loads((tmp_path / "tokenizer_config.json").read_text())[
         "lfm_edge_note"]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_help_says_how_many_layers_hold_every_layer_kind(name, capsys):
+    two, three = preset(f"{name}:2"), preset(f"{name}:3")
+    # two layers: conv with a dense FFN only; three: an attention layer and an MoE one too
+    assert set(two["layer_types"]) == {"conv"} and two["num_dense_layers"] == 2
+    assert "full_attention" in three["layer_types"] and three["num_hidden_layers"] > three["num_dense_layers"]
+    with pytest.raises(SystemExit):
+        export_main(["--help"])
+    assert "keep at least 3 for an attention layer and an MoE one" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.slow
