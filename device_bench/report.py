@@ -58,9 +58,22 @@ def write_markdown(result: dict, path: Path) -> None:
     write_text(path, "\n".join(lines) + "\n")
 
 
+def depth_span(depth: int) -> tuple[float, float]:
+    """x limits around a single depth: a visible span (not matplotlib's +-0.04 tokens), never far below 0."""
+    span = max(256, depth * 0.5)
+    return max(depth - span, -0.08 * (depth + span)), depth + span
+
+
+def spread_out(values: list[float]) -> bool:
+    """Values more than 10x apart: a linear axis would flatten the small ones (the 30 tok/s target under a
+    cache-resident model's roofline of thousands), so they go on a log scale."""
+    return min(values) > 0 and max(values) > 10 * min(values)
+
+
 def write_plot(result: dict, path: Path) -> None:
     """Decode tok/s against context depth, with the roofline, the target and the peers as lines (every line
-    inside the axes: the y axis reaches the highest of them; one depth gets a visible span around it)."""
+    inside the axes and apart: the y axis reaches the highest of them, on a log scale when they span more than
+    10x; one depth gets a visible span around it)."""
     series: dict[int, list[tuple[int, float]]] = {}
     for key, m in result["results"].items():
         if key.startswith("decode/"):
@@ -78,15 +91,19 @@ def write_plot(result: dict, path: Path) -> None:
         for name, peer in result.get("peers", {}).items():
             if peer.get("decode_tps"):
                 ax.axhline(peer["decode_tps"], color="tab:green", linestyle="-.",
-                           label=f"{name} {peer['decode_tps']:.0f}")
+                           label=f"{name} {peer['decode_tps']:.0f} tok/s")
                 tops.append(peer["decode_tps"])
         depths = sorted({d for points in series.values() for d, _ in points})
-        if len(depths) <= 1:  # one depth: a span around it, not matplotlib's default of +-0.04 tokens
-            at = depths[0] if depths else 0
-            ax.set_xlim(at - max(256, at * 0.5), at + max(256, at * 0.5))
+        if len(depths) <= 1:
+            ax.set_xlim(*depth_span(depths[0] if depths else 0))
         ax.set(xlabel="context depth (tokens)", ylabel="tokens / s")
-        ax.set_ylim(0, max(tops) * 1.12)
-        ax.legend(fontsize=8)
+        if spread_out(tops):
+            ax.set_yscale("log")
+            ax.set_ylim(min(tops) / 1.6, max(tops) * 1.6)
+            ax.set_ylabel("tokens / s (log scale)")
+        else:
+            ax.set_ylim(0, max(tops) * 1.12)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: over no line
 
 
 CONVERSATION_LABELS = {"kept": "ours, state kept (Conversation)", "reprefilled": "ours, re-prefilled (LfmModel.chat)",

@@ -150,6 +150,17 @@ def test_bench_cancel_set_by_the_progress_callback_stops_before_the_next_step(de
     assert sessions[0].decode_steps == 0
 
 
+def test_speed_plot_keeps_a_single_depth_and_the_target_visible():
+    from lfm_edge.device_bench.report import depth_span, spread_out
+
+    low, high = depth_span(0)  # one depth: a span a reader can see, not +-0.04 tokens, and little below 0
+    assert high >= 256 and -0.1 * high <= low < 0
+    low, high = depth_span(4096)
+    assert low < 4096 < high and high - low >= 512
+    assert spread_out([4726, 30, 573, 410])  # a cache-resident roofline: log scale, so 30 tok/s stays in sight
+    assert not spread_out([38.8, 30, 27.6, 32.7])
+
+
 def test_the_ab_memory_probe_times_copies_not_page_faults():
     """ab.py's per-round memory speed: its buffers are allocated and touched once, so every call times copies
     between resident pages (a first touch would time this VM's page faults, ~10x slower)."""
