@@ -18,9 +18,10 @@ FLOW = [  # (box text, x, y): left to right, then the two that use the runtime
     ("device_bench/\nlfm-bench", 8.8, 2.7), ("mobile_app/\nKivy app, lfm-app", 8.8, 1.3),
 ]
 FLOW_EDGES = [(0, 1), (1, 2), (2, 3), (3, 4), (3, 5)]
-LAYOUT = {  # the import layers, right of the flow: who imports sits above what it imports
-    "mobile_app": (13.4, 4.0), "device_bench": (11.6, 3.1), "export": (11.2, 2.0), "lfm_edge": (13.4, 2.0),
-    "quant": (11.2, 0.9), "runtime": (13.4, 0.9),
+LAYOUT = {  # the import layers, right of the flow: one row per layer, who imports above what it imports, placed
+    # so that no arrow crosses a box
+    "mobile_app": (14.4, 4.15), "device_bench": (12.0, 3.35), "export": (10.9, 2.55), "lfm_edge": (15.0, 1.75),
+    "quant": (10.9, 0.95), "runtime": (13.9, 0.95),
 }
 
 
@@ -38,16 +39,16 @@ def draw(out: Path) -> None:
             ax.annotate("", (x1 - 0.95, y1), (x0 + 0.95, y0), arrowprops={"arrowstyle": "-|>", "lw": 1.5})
         ax.text(4.4, 4.2, "data: a checkpoint becomes a bundle the runtime runs", ha="center", fontsize=11)
         for folder, (x, y) in LAYOUT.items():
-            box(ax, x, y, "lfm_edge/ (plots, layers)" if folder == "lfm_edge" else f"{folder}/", "#dbe9f6")
+            box(ax, x, y, "lfm_edge/\n(plots, layers)" if folder == "lfm_edge" else f"{folder}/", "#dbe9f6")
         for folder, targets in ALLOWED.items():
             for target in targets:
                 if folder in LAYOUT and target in LAYOUT:
                     (x0, y0), (x1, y1) = LAYOUT[folder], LAYOUT[target]
                     ax.annotate("", (x1, y1 + 0.22), (x0, y0 - 0.22),
                                 arrowprops={"arrowstyle": "-|>", "color": "tab:orange", "lw": 1.2})
-        ax.text(12.3, 4.6, "imports: only downward (tests/test_layers.py)", ha="center", fontsize=11)
+        ax.text(13.0, 4.75, "imports: only downward (tests/test_layers.py)", ha="center", fontsize=11)
         ax.axvline(10.2, color="#bbbbbb", lw=0.8)
-        ax.set(xlim=(-1.0, 14.6), ylim=(0.4, 4.9))
+        ax.set(xlim=(-1.0, 16.0), ylim=(0.4, 5.0))
         ax.axis("off")
 
 
