@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ..plots import figure
+from ..plots import figure, whole_numbers
 from ..runtime.files import write_text
 from . import roofline
 
@@ -189,6 +189,7 @@ def write_conversation_plot(result: dict, path: Path) -> None:
             ax.errorbar(turns, med, yerr=[low, high], marker="o", capsize=3, label=label)
         ax.set(xlabel="turn", ylabel="time to first token (s)")
         ax.set_ylim(bottom=0)
+        whole_numbers(ax.xaxis)
         ax.legend(fontsize=8)
 
 

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..plots import figure
+from ..plots import figure, whole_numbers
 from ..runtime import LfmModel
 from ..runtime.backends.python import LfmSession  # onnxruntime's Python binding: a desktop benchmark
 from ..runtime.files import write_text
@@ -441,17 +441,19 @@ def write_plot(result: dict, path: Path) -> None:
     spec = c["spec"]
     with figure(path, 1, 2, size=(11, 4.2), title=f"{Path(result['bundle']['path']).name}: {spec['turns']} turns "
                 f"of {spec['user']} + {spec['answer']} tokens through HTTP") as (_, (left, right)):
-        for s in SYSTEMS:
+        for s, marker, style, size in zip(SYSTEMS, "os^", ("-", "--", ":"), (9, 6, 4), strict=True):
             if s not in c["turns"][0]:
                 continue
             turns = [row["turn"] for row in c["turns"]]
-            left.plot(turns, [row[s]["ttft"]["median"] for row in c["turns"]], marker="o", label=LABELS[s])
+            look = {"marker": marker, "linestyle": style, "markersize": size, "label": LABELS[s]}  # equal lines
+            left.plot(turns, [row[s]["ttft"]["median"] for row in c["turns"]], **look)  # stay told apart
             right.plot(turns, [statistics.median(d["cached"] or 0 for d in row[s]["detail"]) for row in c["turns"]],
-                       marker="o", label=LABELS[s])
+                       **look)
         left.set(xlabel="turn", ylabel="time to first token (s)")
         right.set(xlabel="turn", ylabel="prompt tokens reused")
-        left.set_ylim(bottom=0)
-        right.set_ylim(bottom=0)
+        for axis in (left, right):
+            axis.set_ylim(bottom=0)
+            whole_numbers(axis.xaxis)
         left.legend(fontsize=8)
 
 

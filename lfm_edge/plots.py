@@ -16,7 +16,7 @@ from typing import Any
 
 from .runtime.files import write_atomic
 
-__all__ = ["figure"]
+__all__ = ["figure", "whole_numbers"]
 
 
 @contextmanager
@@ -40,3 +40,10 @@ def figure(path: str | Path, rows: int = 1, cols: int = 1, *, size: tuple[float,
         write_atomic(path, buffer.getvalue())
     finally:
         plt.close(fig)
+
+
+def whole_numbers(axis: Any) -> None:
+    """Ticks at whole numbers only on `axis` (e.g. `ax.xaxis`): turns and rounds, never turn 1.25."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))

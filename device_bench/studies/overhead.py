@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...plots import figure, whole_numbers
 from ...runtime.backends.python import LfmSession
 from ...runtime.files import write_text
 from ...runtime.hugepages import reexec_with_hugepages
@@ -200,28 +201,25 @@ def _rounds(session, alone, rounds: int, steps: int, prompt: int, rng: np.random
 
 def write_plot(result: dict, path: Path) -> None:
     """Per round: the weight kernels alone and the time outside them, stacked to the decode step, with the share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rounds"]
     x = range(1, len(rows) + 1)
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    ax.bar(x, [r["weights_ms"] for r in rows], color="#4c72b0", label="QMoE + MatMulNBits alone")
-    ax.bar(x, [r["overhead_ms"] for r in rows], bottom=[r["weights_ms"] for r in rows], color="#dd8452",
-           label="outside them")
-    for i, r in zip(x, rows, strict=True):
-        ax.annotate(f"{r['share']:.0%}", (i, r["weights_ms"] + max(r["overhead_ms"], 0)), ha="center",
-                    va="bottom", fontsize=8)
-    ax.set_xlabel("round (medians of its steps)")
-    ax.set_ylabel("ms per decoded token")
-    ax.set_title(f"{Path(result['bundle']).name}: {result['median_overhead_ms']:.2f} ms = "
-                 f"{result['median_share']:.1%} of a step outside the weight kernels", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = (f"{Path(result['bundle']).name}: {result['median_overhead_ms']:.2f} ms = "
+             f"{result['median_share']:.1%} of a step outside the weight kernels")
+    with figure(path, size=(7.5, 4.4)) as (_, ax):
+        ax.bar(x, [r["weights_ms"] for r in rows], color="#4c72b0", label="QMoE + MatMulNBits alone")
+        ax.bar(x, [r["overhead_ms"] for r in rows], bottom=[r["weights_ms"] for r in rows], color="#dd8452",
+               label="outside them")
+        for i, r in zip(x, rows, strict=True):
+            ax.annotate(f"{r['share']:.0%}", (i, r["weights_ms"] + max(r["overhead_ms"], 0)), ha="center",
+                        va="bottom", fontsize=8)
+        ax.set(xlabel="round (medians of its steps)", ylabel="ms per decoded token")
+        ax.set_title(title, fontsize=10)
+        if len(rows) <= 20:
+            ax.set_xticks(list(x))
+        else:
+            whole_numbers(ax.xaxis)
+        ax.set_ylim(0, max(r["weights_ms"] + max(r["overhead_ms"], 0) for r in rows) * 1.1)  # room for the shares
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: over no bar
 
 
 def weight_nodes(bundle: Path) -> dict[str, int]:
