@@ -45,9 +45,15 @@ _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 def _check_text(messages: Sequence[Mapping[str, Any]]) -> None:
-    """Message text must be encodable (a str with lone surrogates, e.g. from mis-decoded bytes, is not)."""
+    """Messages are a list of {"role": str, ...} dicts, and their text is encodable (a str with lone surrogates,
+    e.g. from mis-decoded bytes, is not)."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages: expected a list of {{'role': ..., 'content': ...}} dicts, got a "
+                        f"{type(messages).__name__}; one user message is [{{'role': 'user', 'content': text}}]")
     for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise TypeError(f"messages[{i}]: expected a dict with a 'role' string, got {message!r:.60}")
+        content = message.get("content")
         if isinstance(content, bytes):
             raise ValueError(f"messages[{i}].content is bytes: decode it first (e.g. .decode('utf-8', "
                              "errors='replace'))")

@@ -221,3 +221,7 @@ def test_invalid_text_is_a_clear_error(scripted):
         model.prompt_ids([{"role": "system", "content": "ok"}, {"role": "user", "content": "bad \ud800 text"}])
     with pytest.raises(ValueError, match=r"messages\[0\].content is bytes"):
         model.prompt_ids([{"role": "user", "content": b"\xff\xfe"}])
+    with pytest.raises(TypeError, match=r"got a str; one user message is \[\{'role': 'user'"):
+        model.chat("What is a list?")
+    with pytest.raises(TypeError, match=r"messages\[1\]: expected a dict with a 'role' string"):
+        model.chat([{"role": "user", "content": "a"}, "b"])
