@@ -38,8 +38,13 @@ def write_markdown(result: dict, path: Path) -> None:
     if mem and "peak_rss_mb" in mem:
         decoding = (f"; while decoding {mem['rss_decoding_mb']:.0f} MB = {mem['rss_decoding_over_weights']:.2f}x"
                     if "rss_decoding_mb" in mem else "")
-        lines += ["", f"Peak RSS {mem['peak_rss_mb']:.0f} MB = {mem['peak_rss_over_weights']:.2f}x the bundle's "
-                  f"weights ({mem['weights_mb']:.0f} MB){decoding}."]
+        split = (f" (anonymous {mem['peak_anon_mb']:.0f} MB, file-backed {mem['peak_file_mb']:.0f} MB, each at "
+                 "its highest)" if "peak_anon_mb" in mem else "")
+        peak_from = mem.get("peak_from", "")  # absent from bench.json before 2026-12-07: the process's peak
+        within = (", each run from its start (load included)" if peak_from == "each run" else
+                  f" over {peak_from}, the bandwidth probe included" if peak_from else "")
+        lines += ["", f"Peak RSS{within} {mem['peak_rss_mb']:.0f} MB = {mem['peak_rss_over_weights']:.2f}x the "
+                  f"bundle's weights ({mem['weights_mb']:.0f} MB){split}{decoding}."]
         for when in ("after_load", "decoding"):
             if f"anon_{when}_mb" in mem:
                 lines += ["", f"{'After load' if when == 'after_load' else 'While decoding'}: anonymous "
