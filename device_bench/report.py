@@ -21,7 +21,7 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"{m['runs']} ({m['quiet_runs']}) |")
     lines += ["", f"Roofline: {result['bundle']['bytes_per_token'] / 1e6:.0f} MB read per token, read bandwidth "
               f"{roof['read_bandwidth_gbs']:.1f} GB/s -> ceiling {roof['ceiling_tps']:.1f} tok/s; best decode reaches "
-              f"{roof['fraction_reached']:.0%} of it."]
+              f"{roofline.share_of_ceiling(roof['fraction_reached'])}."]
     # the phone table is about LFM2.5-8B-A1B int4 (roofline.phone_prediction); bench.json files written before it
     # existed predicted the bundle itself at its own fraction
     pred = roof.get("phone_prediction")

@@ -246,7 +246,7 @@ def test_phone_predictions_are_for_the_full_model(demo_int4, tmp_path):
     # no bytes per token for the measured bundle (a phone without onnx, a genai bundle): still the full model's
     p = roofline.phone_prediction(None, None, 0.5)
     predicted(p, ref, full)
-    assert p.basis().endswith("; this bundle's bytes per token are unknown.")
+    assert "; this bundle's bytes per token are unknown. That efficiency was measured on random weights" in p.basis()
     # a memory-bound bundle that is not the model (6 layers of its width): its own efficiency, the model's bytes
     six_layers = TokenBytes(358e6, {}, int(1.04e9))
     p = roofline.phone_prediction(demo_int4, six_layers, 0.6, cache_bytes=32 << 20)
@@ -270,6 +270,34 @@ def test_phone_predictions_are_for_the_full_model(demo_int4, tmp_path):
     slow = roofline.phone_prediction(None, None, 0.0)
     slow.phones = roofline.phone_predictions(ref, 0.2)
     assert slow.verdict().endswith("tok/s predicted; below the 30 tok/s target on all 8")
+
+
+def test_a_share_above_the_ceiling_is_capped_and_random_weights_are_named(tmp_path):
+    """The app measured the full geometry's random-weights bundle at 38.6 tok/s x 879 MB per token against less
+    bandwidth than that (113%): no phone reads faster than its bandwidth, so the efficiency is capped at 1, and
+    the basis says that it comes from random weights, whose tokens reuse experts (fewer bytes than counted)."""
+    bundle = tmp_path / "lfm25-int4"
+    bundle.mkdir()
+    manifest = {"model_type": "lfm2_moe", "quant": "int4", "source": {"random_weights": "lfm2.5-8b-a1b"}}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    itself = TokenBytes(878_804_076.0, {}, 4_639_796_268)
+    above = 38.6 * itself.total / 30e9
+    p = roofline.phone_prediction(bundle, itself, above)
+    assert p.efficiency == 1.0 and p.capped_from == above and p.random_weights
+    for r in p.phones:  # each phone at its peak bandwidth, no faster
+        assert r["predicted_tps"] == round(r["bandwidth_gbs"] * 1e9 / itself.total, 1)
+    assert f"Capped at 100%: decode here reached {above:.0%} of the ceiling" in p.basis()
+    assert "measured on random weights" in p.basis()
+    assert "more than the measured bandwidth allows" in roofline.share_of_ceiling(above)
+    assert roofline.share_of_ceiling(0.77) == "77% of it"
+    # a trained bundle below the ceiling: its share as measured, neither caveat
+    (bundle / "manifest.json").write_text(json.dumps(manifest | {"source": {"hub_id": "LiquidAI/LFM2-8B-A1B"}}))
+    p = roofline.phone_prediction(bundle, itself, 0.7)
+    assert p.efficiency == 0.7 and not p.capped_from and not p.random_weights
+    assert "Capped" not in p.basis() and "random weights" not in p.basis()
+    # the recorded efficiency small bundles borrow was itself measured on random weights: it says so
+    p = roofline.phone_prediction(None, None, 0.0)
+    assert roofline.FULL_MODEL_EFFICIENCY.random_weights and p.random_weights and "random weights" in p.basis()
 
 
 def test_memory_bound_threshold_follows_the_cache():

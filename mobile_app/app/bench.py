@@ -130,7 +130,7 @@ class BenchReport:
         if self.roofline_error:
             return f"Roofline unavailable: {self.roofline_error}"
         return (f"Roofline: {self.bytes_per_token / 1e6:.1f} MB read per token at {self.bandwidth_gbs:.1f} GB/s "
-                f"allows {self.ceiling_tps:.0f} tok/s here; decode reached {self.fraction:.0%} of it.")
+                f"allows {self.ceiling_tps:.0f} tok/s here; decode reached {roofline.share_of_ceiling(self.fraction)}.")
 
     def phone_rows(self) -> list[tuple[str, str, str]]:
         """(SoC, predicted tok/s of LFM2.5-8B-A1B int4, meets 30 tok/s)."""
