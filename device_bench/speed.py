@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                      "decode": args.decode, "prepack_cache": args.prepack_cache,
                      "attention_kernel": args.attention_kernel},
     }
-    result["bundle"] |= {"bytes_per_token": tokens.total, "bytes_per_token_by_kind": tokens.by_kind}
+    result["bundle"] |= {"label": roofline.bundle_label(bundle), "bytes_per_token": tokens.total,
+                         "bytes_per_token_by_kind": tokens.by_kind}
     return common.write_reports(result, Path(args.out), write_markdown, write_plot)
 
 

@@ -299,12 +299,13 @@ def test_quick_benchmark_on_the_demo_bundle_gives_a_verdict(demo_int4):
         assert float(tps) == pytest.approx(expected, abs=0.05) and meets == ("yes" if expected >= 30 else "no")
     assert report.verdict == bench.verdict(p) and report.verdict.startswith("LFM2.5-8B-A1B int4 on phones: ")
     assert report.reaches_target == all(r[2] == "yes" for r in report.phone_rows())
-    basis, here = report.verdict_notes()
+    # what was measured leads; the prediction is labelled as one, with its basis
+    assert report.headline() == f"Measured here: demo_model int4 decodes {report.decode_tps:.1f} tok/s"
+    assert report.prediction_heading() == "Predicted, not measured: LFM2.5-8B-A1B int4 on phones"
+    verdict_line, basis = report.prediction_lines()
+    assert report.verdict.endswith(verdict_line.removesuffix(" (target: 30 tok/s decode)."))
     assert "the full model's measured efficiency (31.1 tok/s at 35.6 GB/s, 2-core AMD EPYC Zen 4" in basis
-    assert "device_bench/RESULTS.md" in basis and "too small" in basis
-    assert here.startswith(f"Measured here: demo_model int4 decodes {report.decode_tps:.1f} tok/s")
-    assert report.phone_heading() == "Predicted on phones: LFM2.5-8B-A1B int4"
-    assert report.phone_note().endswith("(the full model's, recorded).")
+    assert "device_bench/RESULTS.md" in basis and "too small" in basis and "measured on random weights" in basis
     labels = [label for label, _ in report.metric_rows()]
     assert labels[:4] == ["Decode (demo_model int4)", "Prefill (16 tokens)", "Time to first token",
                           "Peak memory (process)"]
@@ -390,8 +391,11 @@ def test_verdict_wording():
     report.prediction.phones = roofline.phone_predictions(roofline.REFERENCE_BYTES_PER_TOKEN, 0.5)
     assert report.verdict == "LFM2.5-8B-A1B int4 on phones: 29-48 tok/s predicted; reaches 30 tok/s on 6 of 8"
     assert not report.reaches_target
-    assert report.verdict_notes()[-1] == ("Measured here: demo_model int4 decodes 2567.8 tok/s (best decode median "
-                                          "of this run, on this device). Target: 30 tok/s decode on the phone.")
+    assert report.headline() == "Measured here: demo_model int4 decodes 2567.8 tok/s"
+    assert report.headline_note() == "Best decode median of this quick run, on this device, 1 thread."
+    assert report.prediction_heading() == "Predicted, not measured: LFM2.5-8B-A1B int4 on phones"
+    assert report.prediction_lines()[0] == ("29-48 tok/s predicted; reaches 30 tok/s on 6 of 8 "
+                                            "(target: 30 tok/s decode).")
 
 
 def test_benchmark_cancel_stops_at_the_next_stage(demo_int4):

@@ -1,10 +1,10 @@
 """The benchmark screen's logic: lfm-bench's workload and roofline, summarized into what a user reads.
 
 Numbers are chosen as `lfm-bench` chooses them (the best decode median against the roofline ceiling), so the
-app and the CLI agree. The verdict is about the model that matters on a phone, LFM2.5-8B-A1B int4, whatever
-bundle was measured: each phone's decode predicted from its bytes per token and an efficiency measured on a
-memory-bound model (device_bench/roofline.py `phone_prediction`). The measured bundle's own speed is shown,
-labelled as its own.
+app and the CLI agree. What was measured leads: the loaded bundle's own speed and memory on this device. Then,
+labelled as a prediction with its basis, the verdict about the model that matters on a phone, LFM2.5-8B-A1B
+int4, whatever bundle was measured: each phone's decode predicted from its bytes per token and an efficiency
+measured on a memory-bound model (device_bench/roofline.py `phone_prediction`).
 """
 
 from __future__ import annotations
@@ -87,25 +87,29 @@ class BenchReport:
         """Every phone in the table is predicted to decode the model at the target or faster."""
         return bool(self.phones) and all(p["meets_target"] for p in self.phones)
 
+    def headline(self) -> str:
+        """The first line: what was measured, on this device."""
+        return f"Measured here: {self.model_label or 'this bundle'} decodes {self.decode_tps:.1f} tok/s"
+
+    def headline_note(self) -> str:
+        return (f"Best decode median of this {self.preset} run, on this device, {self.threads} "
+                f"thread{'s' if self.threads != 1 else ''}.")
+
     @property
     def verdict(self) -> str:
+        """The prediction's line: LFM2.5-8B-A1B int4 on phones, predicted (not this bundle, not measured)."""
         return verdict(self.prediction) if self.prediction else "no phone prediction yet"
 
-    def verdict_notes(self) -> list[str]:
-        """Under the verdict: what it is computed from, and what was measured here (labelled as such)."""
-        basis = [self.prediction.basis()] if self.prediction else []
-        return [*basis, f"Measured here: {self.model_label or 'this bundle'} decodes {self.decode_tps:.1f} tok/s (best "
-                        f"decode median of this run, on this device). Target: {TARGET:.0f} tok/s decode on the phone."]
+    def prediction_heading(self) -> str:
+        model = f"{self.prediction.model} on phones" if self.prediction else "phones"
+        return f"Predicted, not measured: {model}"
 
-    def phone_heading(self) -> str:
-        return f"Predicted on phones: {self.prediction.model}" if self.prediction else "Predicted on phones"
-
-    def phone_note(self) -> str:
+    def prediction_lines(self) -> list[str]:
+        """Under the heading: the predicted range against the target, and its basis."""
         p = self.prediction
         if p is None:
-            return ""
-        return (f"{p.bytes_per_token / 1e6:.0f} MB read per token at {p.efficiency:.0%} of each SoC's memory "
-                "bandwidth" + (" (measured here)." if p.efficiency_measured_here else " (the full model's, recorded)."))
+            return []
+        return [f"{p.predicted_range(TARGET)} (target: {TARGET:.0f} tok/s decode).", p.basis()]
 
     def over_weights(self, mb: float) -> str:
         return f" ({mb * (1 << 20) / (self.weights_mb * 1e6):.2f}x weights)" if self.weights_mb else ""
