@@ -151,6 +151,12 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
     report = after_bench["bench"]["report"]
     assert report["load_measured"] == "app" and report["load_s"] == after_bench["model"]["load_seconds"] > 0
     assert report["anon_decoding_mb"] > 0 and report["file_decoding_mb"] > 0 and report["threads"] == 1
+    # the peaks apart, anonymous and file-backed: the app's load (tracked by the Model screen) and the benchmark's
+    load_memory = after_bench["model"]["memory_after_load"]
+    assert load_memory["peak_anonymous"] >= load_memory["anonymous"] - 1 and load_memory["peak_file"] > 0
+    assert (report["load_peak_anon_mb"], report["load_peak_file_mb"]) == (load_memory["peak_anonymous"],
+                                                                          load_memory["peak_file"])
+    assert {"Peak in load: anon / file", "Peak in benchmark: anon / file"} <= set(shown)
     # the app maps its weights from a prepack cache (written by its first load of the bundle, here or in the
     # logic tests that share the bundle), and says so
     current = after_bench["model"]["current"]

@@ -308,7 +308,10 @@ def test_quick_benchmark_on_the_demo_bundle_gives_a_verdict(demo_int4):
     assert "device_bench/RESULTS.md" in basis and "too small" in basis and "measured on random weights" in basis
     labels = [label for label, _ in report.metric_rows()]
     assert labels[:4] == ["Decode (demo_model int4)", "Prefill (16 tokens)", "Time to first token",
-                          "Peak memory (process)"]
+                          "Peak in load + run: anon / file"]
+    # the runs' peaks, split (each run loads the bundle here): at least what a run held after its load
+    assert report.peak_anon_mb >= report.anon_after_load_mb - 1 and report.peak_file_mb >= report.file_after_load_mb - 1
+    assert dict(report.metric_rows())[labels[3]] == f"{report.peak_anon_mb:.0f} / {report.peak_file_mb:.0f} MB"
     # resident memory split: the repacked int4 weights are anonymous, the mapped bundle file-backed
     assert report.anon_after_load_mb > 0 and report.file_after_load_mb > 0 and report.load_measured == "benchmark"
     assert 0 < report.anon_decoding_mb + report.file_decoding_mb <= report.peak_rss_mb + 1
@@ -326,14 +329,20 @@ def test_the_benchmark_measures_the_apps_session_and_opens_no_other(demo_int4):
     opened = sessions_opened()
     preset = bench.PRESETS["quick"]
     seen: list[tuple[int, int, str]] = []
+    after_load = {"anonymous": 100.0, "file": 50.0, "peak_anonymous": 400.0, "peak_file": 300.0}
     report = bench.run_benchmark(demo_int4, preset, progress=lambda d, t, m: seen.append((d, t, m)),
-                                 session=model.session, app_load=(1.25, {"anonymous": 100.0, "file": 50.0}))
+                                 session=model.session, app_load=(1.25, after_load))
     assert sessions_opened() == opened and live_sessions().get(str(demo_int4)) == 1
     assert not any("load" in m for _, _, m in seen) and seen[-1][:2] == (bench.stage_count(preset, loads=False),) * 2
     assert report.load_s == 1.25 and report.load_measured == "app" and report.threads == 1
     assert (report.anon_after_load_mb, report.file_after_load_mb) == (100.0, 50.0)
     assert report.decode_tps > 0 and report.anon_decoding_mb > 0 and report.file_decoding_mb > 0
-    assert "Load (the app's)" in dict(report.metric_rows())
+    rows = dict(report.metric_rows())
+    assert "Load (the app's)" in rows and "Peak memory" not in rows
+    # the app's load peaks (a mapped bundle beside its repacked copy) apart from the benchmark's own
+    assert (report.load_peak_anon_mb, report.load_peak_file_mb) == (400.0, 300.0)
+    assert rows["Peak in load: anon / file"] == "400 / 300 MB" and report.peak_anon_mb > 0 < report.peak_file_mb
+    assert rows["Peak in benchmark: anon / file"] == f"{report.peak_anon_mb:.0f} / {report.peak_file_mb:.0f} MB"
     # the chat goes on with the same model afterwards
     assert model.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2).stats.generated_tokens >= 1
 

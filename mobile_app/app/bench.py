@@ -64,6 +64,12 @@ class BenchReport:
     file_after_load_mb: float = 0.0
     anon_decoding_mb: float = 0.0
     file_decoding_mb: float = 0.0
+    # peaks, split the same way (runtime/memory.py PeakMemory): the benchmark's runs (their loads too when
+    # load_measured is "benchmark"), and the app's load of the model (a mapped bundle beside its repacked copy)
+    peak_anon_mb: float = 0.0
+    peak_file_mb: float = 0.0
+    load_peak_anon_mb: float = 0.0
+    load_peak_file_mb: float = 0.0
     load_measured: str = "benchmark"  # "benchmark": loaded by each run; "app": the app's own load, measured once
     weights_mb: float = 0.0  # the bundle's weights (model.onnx*), for the memory ratios
     bandwidth_gbs: float = 0.0
@@ -115,17 +121,23 @@ class BenchReport:
         return f" ({mb * (1 << 20) / (self.weights_mb * 1e6):.2f}x weights)" if self.weights_mb else ""
 
     def metric_rows(self) -> list[tuple[str, str]]:
-        split = [(label, f"{anon:.0f} / {file:.0f} MB") for label, anon, file in (
-            ("After load: anon / file", self.anon_after_load_mb, self.file_after_load_mb),
-            ("Decoding: anon / file", self.anon_decoding_mb, self.file_decoding_mb)) if anon or file]
+        def split(rows: tuple[tuple[str, float, float], ...]) -> list[tuple[str, str]]:
+            return [(label, f"{anon:.0f} / {file:.0f} MB") for label, anon, file in rows if anon or file]
+
+        run = "Peak in benchmark" if self.load_measured == "app" else "Peak in load + run"
+        # anonymous (the process's own: what a low-memory killer weighs) and file-backed (mapped, reclaimable)
+        # peaks apart; one total only where they could not be read
+        peaks = split((("Peak in load: anon / file", self.load_peak_anon_mb, self.load_peak_file_mb),
+                       (f"{run}: anon / file", self.peak_anon_mb, self.peak_file_mb)))
         return [
             (f"Decode ({self.model_label})" if self.model_label else "Decode", f"{self.decode_tps:.1f} tok/s"),
             (f"Prefill ({self.prefill_tokens} tokens)", f"{self.prefill_tps:.0f} tok/s"),
             ("Time to first token", f"{self.ttft_s * 1000:.0f} ms"),
-            ("Peak memory (process)", f"{self.peak_rss_mb:.0f} MB"),
+            *(peaks or [("Peak memory", f"{self.peak_rss_mb:.0f} MB")]),
             *([("Memory while decoding", f"{self.rss_decoding_mb:.0f} MB{self.over_weights(self.rss_decoding_mb)}")]
               if self.rss_decoding_mb else []),
-            *split,
+            *split((("After load: anon / file", self.anon_after_load_mb, self.file_after_load_mb),
+                    ("Decoding: anon / file", self.anon_decoding_mb, self.file_decoding_mb))),
             ("Load (the app's)" if self.load_measured == "app" else "Load", f"{self.load_s:.2f} s"),
             ("Threads", str(self.threads)),
         ]
@@ -148,8 +160,9 @@ def verdict(prediction: roofline.PhonePrediction, target: float = TARGET) -> str
 
 def summarize(metrics: dict[str, Metric], bundle: Path, preset: Preset, threads: int | None = None,
               app_load: tuple[float, dict] | None = None) -> BenchReport:
-    """The report's measured part, from `device_bench.speed.run`'s metrics. `app_load`: (seconds, resident
-    memory right after) of the app's own load, when the benchmark measured the app's session."""
+    """The report's measured part, from `device_bench.speed.run`'s metrics. `app_load`: (seconds, memory) of
+    the app's own load, when the benchmark measured the app's session: memory as the Model screen records it,
+    resident right after ("anonymous", "file") and the load's peaks ("peak_anonymous", "peak_file")."""
     summary = {k: m.summary() for k, m in metrics.items() if m.samples}
     decode = [v for k, v in summary.items() if k.startswith("decode/")]
     prefill = {int(k.split("/")[1]): v for k, v in summary.items() if k.startswith("prefill/")}
@@ -159,8 +172,9 @@ def summarize(metrics: dict[str, Metric], bundle: Path, preset: Preset, threads:
         return summary[key]["median"] if key in summary else 0.0
 
     anon_after, file_after = median("anon_after_load"), median("file_after_load")
-    if app_load is not None and app_load[1]:  # right after the app's load beats "before the warm-up"
-        anon_after, file_after = app_load[1].get("anonymous", 0.0), app_load[1].get("file", 0.0)
+    load_memory = app_load[1] if app_load is not None and app_load[1] else {}
+    if load_memory:  # right after the app's load beats "before the warm-up"
+        anon_after, file_after = load_memory.get("anonymous", 0.0), load_memory.get("file", 0.0)
     try:
         weights = sum(p.stat().st_size for p in Path(bundle).iterdir() if p.name.startswith("model.onnx"))
     except OSError:
@@ -174,6 +188,8 @@ def summarize(metrics: dict[str, Metric], bundle: Path, preset: Preset, threads:
         disturbed=any(v["quiet_runs"] == 0 for v in decode),
         anon_after_load_mb=anon_after, file_after_load_mb=file_after,
         anon_decoding_mb=median("anon_decoding"), file_decoding_mb=median("file_decoding"),
+        peak_anon_mb=median("peak_anon"), peak_file_mb=median("peak_file"),
+        load_peak_anon_mb=load_memory.get("peak_anonymous", 0.0), load_peak_file_mb=load_memory.get("peak_file", 0.0),
         load_measured="app" if app_load is not None else "benchmark", weights_mb=weights / 1e6,
         model_label=roofline.bundle_label(bundle))
 
