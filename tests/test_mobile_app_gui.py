@@ -193,6 +193,27 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
         assert _non_trivial(path) > 50, name
 
 
+def test_a_failing_step_says_which_and_why_the_start_is_quiet_and_a_phone_size_is_scaled(display, tmp_path):
+    """A failing autopilot step ends the app with exit 1 and a line on stderr naming the step and the error (it
+    used to print nothing); Kivy's start logs no traceback and nothing CRITICAL about the optional libmtdev and
+    xclip (desktop.py KnownNoise); --size 960x1800 shows the 480x900 layout at density 2, not a tiny one."""
+    missing = tmp_path / "no-bundle"
+    state_file = tmp_path / "state.json"
+    steps = [{"state": str(state_file)}, {"load": str(missing)}, {"quit": True}]
+    (tmp_path / "steps.json").write_text(json.dumps(steps))
+    env = dict(os.environ, DISPLAY=display, KIVY_HOME=str(tmp_path / "kivy-home"))
+    out = subprocess.run([sys.executable, "-m", "lfm_edge.mobile_app.app", "--size", "960x1800", "--autopilot",
+                          str(tmp_path / "steps.json"), "--downloads", str(tmp_path / "downloads")],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    error = f"step 2 {json.dumps(steps[1])}: RuntimeError: load {missing}: {missing}: no such folder"
+    assert out.returncode == 1 and f"lfm-app: autopilot {error}" in out.stderr.splitlines(), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "CRITICAL" not in out.stderr
+    state = json.loads(state_file.read_text())
+    assert state["autopilot_errors"] == [error]
+    assert state["window"]["size"] == [960, 1800] and state["window"]["density"] == 2.0
+    assert state["window"]["tab_height"] == 2 * 52  # the tab bar's 52 dp, at that density
+
+
 def test_the_serve_switch_serves_the_chats_model_to_an_openai_client(display, demo_int4, tmp_path):
     """Model screen, Serve on: an OpenAI client on this device (the official one) lists the model and gets an
     answer with the key the screen shows, nothing without it; the app holds one session; Serve off closes the
