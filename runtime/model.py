@@ -25,6 +25,7 @@ from .constrain import AfterReasoning, Constraints, ReasoningControl, ToolChoice
 from .constrain import response_format as to_format
 from .conversation import Conversation
 from .detokenize import IncrementalDecoder
+from .encode import PieceEncoder
 from .events import Done, Event, ReasoningDelta, TextDelta, ToolCallEvent, ToolRun
 from .files import describe, read_text
 from .generate import Generation
@@ -101,6 +102,7 @@ class LfmModel:
         self._specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
                                 key=len, reverse=True)
         self.template = ChatTemplate.from_folder(self.folder)
+        self._encoder = PieceEncoder(self.tokenizer)  # a turn encodes only its new text (encode.py)
         self.template.max_chars = max(self.template.max_chars, session.context_length * 64)
         self.constraints = Constraints(self.tokenizer, text, session.vocab_size, session.eos_token_ids)
         self._identity: str | None = None
@@ -122,7 +124,7 @@ class LfmModel:
         template_vars["add_generation_prompt"] = add_generation_prompt
         if allow_special_tokens:
             text = self.template.render(messages, tools=tools, **template_vars)
-            return self.tokenizer.encode(text, add_special_tokens=False).ids
+            return self._encoder.encode(text)
         literals: list[str] = []
 
         def shield(content: Any) -> Any:
@@ -152,7 +154,7 @@ class LfmModel:
             if i % 2:  # a literal the user typed
                 ids += self._literal.encode(literals[int(piece)], add_special_tokens=False).ids
             elif piece:
-                ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
+                ids += self._encoder.encode(piece)
         return ids
 
     def stream(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None, *,
