@@ -58,6 +58,8 @@ def check(prog: str, bundle: Path, peer: str = "none", gguf: str | None = None) 
 
     if peer in ("llama", "all", "llama-server") and not gguf:
         return fail(prog, f"--peer {peer} needs --gguf FILE")
+    if not bundle.exists():
+        return fail(prog, f"{bundle}: no such folder")
     try:
         read_bundle(bundle, onnxruntime_version=ort.__version__)
     except BundleError as e:

@@ -54,6 +54,15 @@ def parse_spec(text: str) -> tuple[int, int, int]:
     return turns, user, answer
 
 
+def check_args(prog: str, args: Any) -> int:
+    """0 when `--script`, the bundle and the peer's GGUF are usable; else 2, with one line saying why."""
+    try:
+        parse_spec(args.script)
+    except ValueError as e:
+        return common.fail(prog, str(e))
+    return common.check(prog, Path(args.bundle), args.peer, args.gguf)
+
+
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -459,11 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_peer(parser)
     args = parser.parse_args(argv)
     bundle = Path(args.bundle)
-    try:
-        parse_spec(args.script)
-    except ValueError as e:
-        return common.fail("conversation", str(e))
-    if common.check("conversation", bundle, args.peer, args.gguf):
+    if check_args("conversation", args):
         return 2
     section = run(bundle, args.script, args.threads, args.runs, args.reasoning,
                   args.gguf if args.peer == "llama" else None, args.restore_tokens, args.restore_follow,

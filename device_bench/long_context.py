@@ -29,7 +29,7 @@ import numpy as np
 from ..runtime.backends.python import LfmSession  # onnxruntime's Python binding: a desktop benchmark
 from ..runtime.generate import PREFILL_BUDGET, Generation
 from ..runtime.hugepages import reexec_with_hugepages
-from ..runtime.memory import available_memory, current_rss_mb
+from ..runtime.memory import available_memory, current_rss_mb, peak_rss_mb, reset_peak_rss
 from . import common
 from .measure import timed
 from .report import write_long_markdown, write_long_plot
@@ -37,23 +37,6 @@ from .report import write_long_markdown, write_long_plot
 SYSTEMS = ("ours", "llama.cpp f16", "llama.cpp q8_0+fa")
 OURS = {"flash": "ours", "unfused": "ours unfused"}  # our system's name by attention kernel
 SYNTHETIC_TAIL = 512  # real tokens prefilled after a synthetic fill
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's resident high-water mark (Linux: 5 > /proc/self/clear_refs); False if it cannot."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """The resident high-water mark since the last reset_peak_rss (/proc/self/status VmHWM), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise OSError("/proc/self/status has no VmHWM")
 
 
 def geometry(bundle: Path) -> dict:

@@ -10,41 +10,35 @@ from ..runtime.files import write_text
 from . import roofline
 
 
+def measured_headline(result: dict) -> str:
+    """What was measured, first: the bundle's best decode median here ("" without a decode measurement)."""
+    decode = {k: m for k, m in result["results"].items() if k.startswith("decode/")}
+    if not decode:
+        return ""
+    key = max(decode, key=lambda k: decode[k]["median"])
+    n, depth = key.split("/")[1].split("@")
+    label = result["bundle"].get("label") or Path(result["bundle"]["path"]).name
+    return (f"**Measured here: {label} decodes {decode[key]['median']:.1f} tok/s** ({n} tokens after {depth} of "
+            f"context, median of {decode[key]['runs']} runs).")
+
+
 def write_markdown(result: dict, path: Path) -> None:
+    """What was measured leads (the headline, the table, roofline, memory, peers); the phone table, a
+    prediction about LFM2.5-8B-A1B int4 whatever bundle was measured, follows under a heading saying so."""
     r, roof, dev = result["results"], result["roofline"], result["device"]
     lines = [f"# lfm-bench: {Path(result['bundle']['path']).name}", "",
              f"{dev['cpu_model']}, {dev['threads']} threads, onnxruntime {dev['onnxruntime']}; "
-             f"quant {result['bundle']['manifest'].get('quant', '?')}.", "",
-             "| metric | median | min | max | runs (quiet) |", "|---|---|---|---|---|"]
+             f"quant {result['bundle']['manifest'].get('quant', '?')}.", ""]
+    headline = measured_headline(result)
+    lines += [headline, ""] if headline else []
+    lines += ["| metric | median | min | max | runs (quiet) |", "|---|---|---|---|---|"]
     for key, m in r.items():
         lines.append(f"| {key} ({m['unit']}) | {m['median']:.3g} | {m['min']:.3g} | {m['max']:.3g} | "
                      f"{m['runs']} ({m['quiet_runs']}) |")
     lines += ["", f"Roofline: {result['bundle']['bytes_per_token'] / 1e6:.0f} MB read per token, read bandwidth "
               f"{roof['read_bandwidth_gbs']:.1f} GB/s -> ceiling {roof['ceiling_tps']:.1f} tok/s; best decode reaches "
-              f"{roof['fraction_reached']:.0%} of it."]
-    # the phone table is about LFM2.5-8B-A1B int4 (roofline.phone_prediction); bench.json files written before it
-    # existed predicted the bundle itself at its own fraction
-    pred = roof.get("phone_prediction")
-    share = pred["efficiency"] if pred else roof["fraction_reached"]
-    if pred:
-        p = roofline.PhonePrediction(**pred, phones=roof["phones"])
-        lines += ["", f"**{p.verdict(roof['target_tps'])}.** {p.basis()}"]
-    lines += ["", f"| phone SoC | bandwidth GB/s | ceiling tok/s | predicted tok/s (at {share:.0%}) "
-              f"| >= {roof['target_tps']:.0f} tok/s |", "|---|---|---|---|---|"]
-    for p in roof["phones"]:
-        lines.append(f"| {p['soc']} | {p['bandwidth_gbs']:.1f} | {p['ceiling_tps']:.1f} | {p['predicted_tps']:.1f} | "
-                     f"{'yes' if p['meets_target'] else 'no'} |")
-    mem = result.get("memory")
-    if mem and "peak_rss_mb" in mem:
-        decoding = (f"; while decoding {mem['rss_decoding_mb']:.0f} MB = {mem['rss_decoding_over_weights']:.2f}x"
-                    if "rss_decoding_mb" in mem else "")
-        lines += ["", f"Peak RSS {mem['peak_rss_mb']:.0f} MB = {mem['peak_rss_over_weights']:.2f}x the bundle's "
-                  f"weights ({mem['weights_mb']:.0f} MB){decoding}."]
-        for when in ("after_load", "decoding"):
-            if f"anon_{when}_mb" in mem:
-                lines += ["", f"{'After load' if when == 'after_load' else 'While decoding'}: anonymous "
-                          f"{mem[f'anon_{when}_mb']:.0f} MB ({mem[f'anon_{when}_over_weights']:.2f}x the weights), "
-                          f"file-backed {mem[f'file_{when}_mb']:.0f} MB."]
+              f"{roofline.share_of_ceiling(roof['fraction_reached'])}."]
+    lines += _memory_lines(result.get("memory") or {})
     for name, peer in result.get("peers", {}).items():
         if not peer.get("decode_tps"):
             lines += ["", f"Peer {name}: {peer.get('error', 'no result')}"]
@@ -55,7 +49,49 @@ def write_markdown(result: dict, path: Path) -> None:
                   + (f"; prompt tok/s {prompts}" if prompts else "") + load,
                   "", "| ours / theirs | ratio |", "|---|---|"]
         lines += [f"| {k} | {v:.2f}x |" for k, v in result.get("ratios", {}).get(name, {}).items()]
+    lines += _phone_lines(roof)
     write_text(path, "\n".join(lines) + "\n")
+
+
+def _memory_lines(mem: dict) -> list[str]:
+    if "peak_rss_mb" not in mem:
+        return []
+    decoding = (f"; while decoding {mem['rss_decoding_mb']:.0f} MB = {mem['rss_decoding_over_weights']:.2f}x"
+                if "rss_decoding_mb" in mem else "")
+    peak_from = mem.get("peak_from", "")  # absent from bench.json before 2026-12-07: the process's peak
+    notes = ["each run's own, load included" if peak_from == "each run" else
+             f"{peak_from}, the bandwidth probe included" if peak_from else "",
+             f"anonymous {mem['peak_anon_mb']:.0f} MB and file-backed {mem['peak_file_mb']:.0f} MB at their highest"
+             if "peak_anon_mb" in mem else ""]
+    detail = "; ".join(n for n in notes if n)
+    lines = ["", f"Peak RSS {mem['peak_rss_mb']:.0f} MB = {mem['peak_rss_over_weights']:.2f}x the bundle's weights "
+             f"({mem['weights_mb']:.0f} MB)" + (f" ({detail})" if detail else "") + f"{decoding}."]
+    for when in ("after_load", "decoding"):
+        if f"anon_{when}_mb" in mem:
+            lines += ["", f"{'After load' if when == 'after_load' else 'While decoding'}: anonymous "
+                      f"{mem[f'anon_{when}_mb']:.0f} MB ({mem[f'anon_{when}_over_weights']:.2f}x the weights), "
+                      f"file-backed {mem[f'file_{when}_mb']:.0f} MB."]
+    return lines
+
+
+def _phone_lines(roof: dict) -> list[str]:
+    """The phone table under a heading that says it is a prediction. It is about LFM2.5-8B-A1B int4
+    (roofline.phone_prediction); bench.json files written before that existed predicted the bundle itself at
+    its own fraction."""
+    pred = roof.get("phone_prediction")
+    share = pred["efficiency"] if pred else roof["fraction_reached"]
+    if pred:
+        p = roofline.PhonePrediction(**pred, phones=roof["phones"])
+        lines = ["", f"## Predicted, not measured: {p.model} on phones", "",
+                 f"{p.predicted_range(roof['target_tps'])}. {p.basis()}"]
+    else:
+        lines = ["", "## Predicted, not measured: this bundle on phones, at its own share of the ceiling"]
+    lines += ["", f"| phone SoC | bandwidth GB/s | ceiling tok/s | predicted tok/s (at {share:.0%}) "
+              f"| >= {roof['target_tps']:.0f} tok/s |", "|---|---|---|---|---|"]
+    for p in roof["phones"]:
+        lines.append(f"| {p['soc']} | {p['bandwidth_gbs']:.1f} | {p['ceiling_tps']:.1f} | {p['predicted_tps']:.1f} | "
+                     f"{'yes' if p['meets_target'] else 'no'} |")
+    return lines
 
 
 def depth_span(depth: int) -> tuple[float, float]:

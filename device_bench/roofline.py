@@ -11,6 +11,8 @@ whatever bundle was measured (`phone_prediction`): its bytes per token (from its
 measured bundle's manifest when that bundle is it) times phone bandwidth times an efficiency (the share of
 the bandwidth ceiling decode reaches) measured on a memory-bound model. A small bundle (the demo model: under
 1 MB per token, in the CPU's caches) says nothing about that share, so then the full model's recorded one is used.
+A share above 1 (decode faster than the measured bandwidth allows for the geometry's bytes) is capped at 1, and
+a share measured on random weights says so: their routing is not a trained model's.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class RecordedEfficiency:
     read_bandwidth_gbs: float
     measured: str  # date, machine
     source: str  # where the numbers are written down
+    random_weights: bool = False  # measured on a --random-weights bundle (routing unlike a trained model's)
 
     @property
     def fraction(self) -> float:
@@ -72,10 +75,12 @@ class RecordedEfficiency:
 # median of 10 rounds alternated with llama.cpp Q4_0 (ab.py, 512-token prompt, 128 tokens,
 # results/2026-11-30-ab-int4-block256-vs-llama-q4_0-10rounds.json ours_decode), its manifest's 879 MB per token and
 # this machine's quiet read bandwidth (2026-11-22): 77% of the ceiling. (The int4 layout before block 256, 920 MB
-# per token, reached 76% the same way on 2026-11-22: 29.51 tok/s.)
+# per token, reached 76% the same way on 2026-11-22: 29.51 tok/s.) That bundle has random weights
+# (`lfm-export --random-weights lfm2.5-8b-a1b`): no trained checkpoint was exported at full size.
 FULL_MODEL_EFFICIENCY = RecordedEfficiency(
     decode_tps=31.08, bytes_per_token=878_804_076, read_bandwidth_gbs=35.6,
-    measured="2-core AMD EPYC Zen 4, 2 threads, 2026-11-30", source="device_bench/RESULTS.md, decode")
+    measured="2-core AMD EPYC Zen 4, 2 threads, 2026-11-30", source="device_bench/RESULTS.md, decode",
+    random_weights=True)
 
 # A measured bundle's own efficiency carries over to LFM2.5-8B-A1B only when its decode streams from DRAM as the
 # full model's does: it must read at least 8x the CPU's largest cache per token (so a cache could serve at most an
@@ -115,6 +120,13 @@ def ceiling(bandwidth_gbs: float, token_bytes: float) -> float:
     return bandwidth_gbs * 1e9 / token_bytes
 
 
+def share_of_ceiling(fraction: float) -> str:
+    """"N% of it" after a ceiling (bench.md, the app), and what a share above 100% means."""
+    above = (", more than the measured bandwidth allows: a token read fewer bytes than counted (random weights' "
+             "routing can reuse experts from token to token)")
+    return f"{fraction:.0%} of it" + (above if fraction > 1 else "")
+
+
 def phone_predictions(token_bytes: float, fraction: float | None = None) -> list[dict]:
     """Predicted decode tok/s per SoC at `fraction` of peak bandwidth (default: what phones reach)."""
     share = PHONE_ACHIEVABLE if fraction is None else fraction
@@ -141,6 +153,15 @@ def is_reference_bundle(bundle: Path, tokens: TokenBytes) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     return same_policy and abs(tokens.total / reference_bytes_per_token()[0] - 1) < 1e-3
+
+
+def random_weights_preset(bundle: Path | None) -> str | None:
+    """The preset a `lfm-export --random-weights` bundle was made from (manifest.json), else None."""
+    try:
+        source = json.loads((Path(bundle) / "manifest.json").read_text()).get("source") or {}
+        return str(source["random_weights"]) if source.get("random_weights") else None
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return None
 
 
 def bundle_label(bundle: Path) -> str:
@@ -191,19 +212,28 @@ class PhonePrediction:
     measured_bytes_per_token: float  # the measured bundle's (0: unknown)
     memory_bound_bytes: float  # the threshold its bytes per token were held against
     phones: list[dict] = field(default_factory=list)
+    # the efficiency was measured on random weights (here, or the recorded one); bench.json from before
+    # 2026-12-07 has neither field
+    random_weights: bool = False
+    capped_from: float = 0.0  # the share measured here when it exceeded 1 (then efficiency is 1), else 0
 
     @property
     def reaching(self) -> int:
         return sum(p["meets_target"] for p in self.phones)
 
-    def verdict(self, target: float = TARGET_TOKENS_PER_SECOND) -> str:
-        """One line: the model, the predicted range, how many phones reach the target."""
+    def predicted_range(self, target: float = TARGET_TOKENS_PER_SECOND) -> str:
+        """The predicted range and how many phones reach the target, e.g. "45-74 tok/s predicted; reaches 30
+        tok/s on all 8"."""
         tps = [p["predicted_tps"] for p in self.phones]
         n, reached = len(tps), self.reaching
         where = (f"reaches {target:.0f} tok/s on all {n}" if reached == n else
                  f"below the {target:.0f} tok/s target on all {n}" if reached == 0 else
                  f"reaches {target:.0f} tok/s on {reached} of {n}")
-        return f"{self.model} on phones: {min(tps):.0f}-{max(tps):.0f} tok/s predicted; {where}"
+        return f"{min(tps):.0f}-{max(tps):.0f} tok/s predicted; {where}"
+
+    def verdict(self, target: float = TARGET_TOKENS_PER_SECOND) -> str:
+        """One line: the model, the predicted range, how many phones reach the target."""
+        return f"{self.model} on phones: {self.predicted_range(target)}"
 
     def basis(self) -> str:
         """Where the numbers come from, in a sentence or two."""
@@ -215,24 +245,35 @@ class PhonePrediction:
                    f"per token, under the {self.memory_bound_bytes / 1e6:.0f} MB from which decode is memory-bound)"
                    if self.measured_bytes_per_token else "this bundle's bytes per token are unknown")
             eff = f"the full model's measured efficiency ({self.efficiency_from}); {why}"
-        return (f"{self.model}: {self.bytes_per_token / 1e6:.0f} MB read per token ({self.bytes_from}) at "
-                f"{self.efficiency:.0%} of each phone's memory bandwidth, {eff}.")
+        out = (f"{self.model}: {self.bytes_per_token / 1e6:.0f} MB read per token ({self.bytes_from}) at "
+               f"{self.efficiency:.0%} of each phone's memory bandwidth, {eff}.")
+        if self.capped_from:
+            out += (f" Capped at 100%: decode here reached {self.capped_from:.0%} of the ceiling, faster than the "
+                    "measured bandwidth allows for the bytes counted per token, so a token read fewer bytes than "
+                    "counted.")
+        if self.random_weights:
+            out += (" That efficiency was measured on random weights: their routing is not a trained model's "
+                    "(tokens that reuse experts read fewer bytes than counted), so a trained model's may be lower.")
+        return out
 
 
 def phone_prediction(bundle: Path | None, tokens: TokenBytes | None, fraction_here: float,
                      cache_bytes: int | None = None) -> PhonePrediction:
     """Each phone's decode of LFM2.5-8B-A1B int4. Bytes per token: the measured bundle's when it is that model,
-    else the geometry's. Efficiency: `fraction_here` (the measured bundle's best decode / its ceiling) when the
-    bundle is memory-bound (`memory_bound_bytes`), else FULL_MODEL_EFFICIENCY."""
+    else the geometry's. Efficiency: `fraction_here` (the measured bundle's best decode / its ceiling, at most 1)
+    when the bundle is memory-bound (`memory_bound_bytes`), else FULL_MODEL_EFFICIENCY."""
     ref_bytes, bytes_from = reference_bytes_per_token()
     if tokens is not None and bundle is not None and is_reference_bundle(bundle, tokens):
         ref_bytes, bytes_from = tokens.total, "this bundle's manifest"
     threshold = memory_bound_bytes(cache_bytes)
     own = tokens is not None and tokens.total >= threshold and fraction_here > 0
-    efficiency = fraction_here if own else FULL_MODEL_EFFICIENCY.fraction
+    # a share above 1 is no efficiency: the bundle read fewer bytes than counted (random weights' routing)
+    efficiency = min(fraction_here, 1.0) if own else FULL_MODEL_EFFICIENCY.fraction
     source = "measured here" if own else FULL_MODEL_EFFICIENCY.describe()
+    random = random_weights_preset(bundle) is not None if own else FULL_MODEL_EFFICIENCY.random_weights
     return PhonePrediction(
         model=f"{REFERENCE_MODEL} {REFERENCE_POLICY}", bytes_per_token=ref_bytes, bytes_from=bytes_from,
         efficiency=efficiency, efficiency_measured_here=own, efficiency_from=source,
         measured_bytes_per_token=tokens.total if tokens is not None else 0.0, memory_bound_bytes=threshold,
-        phones=phone_predictions(ref_bytes, efficiency))
+        phones=phone_predictions(ref_bytes, efficiency), random_weights=random,
+        capped_from=fraction_here if own and fraction_here > 1 else 0.0)

@@ -45,7 +45,7 @@ from ..runtime.files import write_text
 from ..runtime.hugepages import reexec_with_hugepages
 from ..runtime.sampling import Sampling
 from . import common, roofline
-from .conversation import ScriptedSession, chat_folder, loadavg, make_script, parse_spec
+from .conversation import ScriptedSession, chat_folder, check_args, loadavg, make_script, parse_spec
 from .measure import Metric, Sample
 
 SYSTEMS = ("http", "api", "llama-server")
@@ -473,11 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the idle-memory measurement")
     args = parser.parse_args(argv)
     bundle = Path(args.bundle)
-    try:
-        parse_spec(args.script)
-    except ValueError as e:
-        return common.fail("serve", str(e))
-    if common.check("serve", bundle, args.peer, args.gguf):
+    if check_args("serve", args):
         return 2
     if args.peer == "llama-server" and not (args.llama_server and os.access(args.llama_server, os.X_OK)):
         return common.fail("serve", "--peer llama-server: no llama-server executable (--llama-server PATH; "

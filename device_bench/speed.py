@@ -24,7 +24,7 @@ import numpy as np
 
 from ..runtime.backends import prepack
 from ..runtime.hugepages import reexec_with_hugepages
-from ..runtime.memory import current_rss_mb, peak_rss_mb, resident_mb
+from ..runtime.memory import PeakMemory, can_reset_peak, current_rss_mb, resident_mb
 from . import common, roofline
 from .measure import Metric, Sample, timed
 from .peers.genai import genai_decode  # onnxruntime-genai: an optional peer
@@ -49,10 +49,12 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
         open_session: Callable[[Path, int], Any] | None = None,
         cancel: threading.Event | None = None, session: Any = None) -> dict[str, Metric]:
     """Measure `runs` times after one warm-up; returns metrics keyed 'load', 'ttft', 'prefill/P',
-    'decode/N@D' (N tokens decoded after D tokens of context), and memory: 'peak_rss', 'rss_decoding' and
-    resident memory split into anonymous and file-backed pages (runtime/generate.py resident_mb) right after
-    load ('anon_after_load', 'file_after_load') and right after each decode measurement ('anon_decoding',
-    'file_decoding', the largest of the run).
+    'decode/N@D' (N tokens decoded after D tokens of context), and memory: each run's own peaks ('peak_rss',
+    and its anonymous and file-backed parts 'peak_anon', 'peak_file': runtime/memory.py PeakMemory, from the
+    run's start, so nothing the process did before counts), 'rss_decoding' and resident memory split into
+    anonymous and file-backed pages (runtime/memory.py resident_mb) right after load ('anon_after_load',
+    'file_after_load') and right after each decode measurement ('anon_decoding', 'file_decoding', the largest
+    of the run).
 
     `session`: an already loaded session to measure instead of loading the bundle each run (the app passes
     the one its chat uses, so the model is in memory once); then there is no 'load' metric and the
@@ -77,7 +79,7 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
     rng = np.random.default_rng(seed)
     metrics: dict[str, Metric] = {"load": Metric("s"), "ttft": Metric("s"), "peak_rss": Metric("MB"),
                                   "rss_decoding": Metric("MB")}
-    for key in ("anon_after_load", "file_after_load", "anon_decoding", "file_decoding"):
+    for key in ("peak_anon", "peak_file", "anon_after_load", "file_after_load", "anon_decoding", "file_decoding"):
         metrics[key] = Metric("MB")
     given = session
 
@@ -100,51 +102,55 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
         decoding_rss = 0.0  # resident memory right after each decode measurement, the largest of this run
         decoding_memory = {"anonymous": 0.0, "file": 0.0}
         label = "warm-up" if r == 0 else f"run {r}/{runs}"
-        if given is None:
-            stage(f"{label}: load")
-            wall, wait, la = timed(load, threads)
-            check()
-            if r:
-                metrics["load"].samples.append(Sample(wall, wall, wait, la))
-                memory("after_load")
-        elif r == 0:
-            memory("after_load")
-        vocab_hi = vocab_hi or min(session.vocab_size, 30000)
-        for p in prompts:
-            stage(f"{label}: prefill {p}")
-            cache = session.new_cache(1, p + 1)
-            prompt = ids(p)
-            # as a generation prefills: logits for the last row only (where the graph can skip the others)
-            wall, wait, la = timed(lambda c=cache, x=prompt: c.step(x, last=1), threads)
-            check()
-            if r:
-                metrics.setdefault(f"prefill/{p}", Metric("tok/s")).samples.append(Sample(p / wall, wall, wait, la))
-                if p == min(prompts):
-                    metrics["ttft"].samples.append(Sample(wall, wall, wait, la))
-        for d in depths:
-            for n in decode:
-                stage(f"{label}: decode {n} at depth {d}")
-                cache = session.new_cache(1, d + n + 1)
-                if d:
-                    cache.step(ids(d), last=1)
-                    check()
-                steps = ids(n)
-
-                def decode_loop(c=cache, s=steps):
-                    for i in range(s.shape[1]):
-                        check()
-                        c.step(s[:, i:i + 1])
-
-                wall, wait, la = timed(decode_loop, threads)
+        # this run's own peaks: not the bandwidth probe before it, an earlier run, or what an app did before
+        with PeakMemory() as peak:
+            if given is None:
+                stage(f"{label}: load")
+                wall, wait, la = timed(load, threads)
+                check()
                 if r:
-                    sample = Sample(n / wall, wall, wait, la)
-                    metrics.setdefault(f"decode/{n}@{d}", Metric("tok/s")).samples.append(sample)
-                    decoding_rss = max(decoding_rss, current_rss_mb())
-                    now = resident_mb()
-                    decoding_memory = {k: max(v, now[k]) for k, v in decoding_memory.items()}
+                    metrics["load"].samples.append(Sample(wall, wall, wait, la))
+                    memory("after_load")
+            elif r == 0:
+                memory("after_load")
+            vocab_hi = vocab_hi or min(session.vocab_size, 30000)
+            for p in prompts:
+                stage(f"{label}: prefill {p}")
+                cache = session.new_cache(1, p + 1)
+                prompt = ids(p)
+                # as a generation prefills: logits for the last row only (where the graph can skip the others)
+                wall, wait, la = timed(lambda c=cache, x=prompt: c.step(x, last=1), threads)
+                check()
+                if r:
+                    sample = Sample(p / wall, wall, wait, la)
+                    metrics.setdefault(f"prefill/{p}", Metric("tok/s")).samples.append(sample)
+                    if p == min(prompts):
+                        metrics["ttft"].samples.append(Sample(wall, wall, wait, la))
+            for d in depths:
+                for n in decode:
+                    stage(f"{label}: decode {n} at depth {d}")
+                    cache = session.new_cache(1, d + n + 1)
+                    if d:
+                        cache.step(ids(d), last=1)
+                        check()
+                    steps = ids(n)
+
+                    def decode_loop(c=cache, s=steps):
+                        for i in range(s.shape[1]):
+                            check()
+                            c.step(s[:, i:i + 1])
+
+                    wall, wait, la = timed(decode_loop, threads)
+                    if r:
+                        sample = Sample(n / wall, wall, wait, la)
+                        metrics.setdefault(f"decode/{n}@{d}", Metric("tok/s")).samples.append(sample)
+                        decoding_rss = max(decoding_rss, current_rss_mb())
+                        now = resident_mb()
+                        decoding_memory = {k: max(v, now[k]) for k, v in decoding_memory.items()}
         if r:
-            rss = peak_rss_mb()
-            metrics["peak_rss"].samples.append(Sample(rss, 0.0, 0.0, os.getloadavg()[0]))
+            for key, part in (("peak_rss", "rss"), ("peak_anon", "anonymous"), ("peak_file", "file")):
+                if part in peak.peaks():
+                    metrics[key].samples.append(Sample(peak.peaks()[part], 0.0, 0.0, os.getloadavg()[0]))
             if decoding_rss:
                 metrics["rss_decoding"].samples.append(Sample(decoding_rss, 0.0, 0.0, os.getloadavg()[0]))
                 for kind, key in (("anon", "anonymous"), ("file", "file")):
@@ -211,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                      "decode": args.decode, "prepack_cache": args.prepack_cache,
                      "attention_kernel": args.attention_kernel},
     }
-    result["bundle"] |= {"bytes_per_token": tokens.total, "bytes_per_token_by_kind": tokens.by_kind}
+    result["bundle"] |= {"label": roofline.bundle_label(bundle), "bytes_per_token": tokens.total,
+                         "bytes_per_token_by_kind": tokens.by_kind}
     return common.write_reports(result, Path(args.out), write_markdown, write_plot)
 
 
@@ -238,12 +245,20 @@ def measure_peers(args: Any, bundle: Path) -> dict:
     return peers
 
 
+MEMORY_KEYS = ("peak_rss", "peak_anon", "peak_file", "rss_decoding", "anon_after_load", "file_after_load",
+               "anon_decoding", "file_decoding")
+
+
 def memory(summary: dict, weights_bytes: int) -> dict:
-    """Peak RSS (prefill's transient buffers included), RSS while decoding, and resident memory split into
-    anonymous (the process's own copies) and file-backed (mapped bundle pages), against the bundle's weights.
-    The RSS figures are MiB (the kernel's unit), so a ratio converts them with 2**20, not 1e6."""
-    out = {"weights_mb": weights_bytes / 1e6}
-    for key in ("peak_rss", "rss_decoding", "anon_after_load", "file_after_load", "anon_decoding", "file_decoding"):
+    """Peak RSS (load and prefill's transient buffers included) and its anonymous and file-backed parts, RSS
+    while decoding, and resident memory split into anonymous (the process's own copies) and file-backed
+    (mapped bundle pages), against the bundle's weights. `peak_from` says what the peaks cover: each run
+    from its start where the kernel's high-water mark can be reset, else the whole process (the bandwidth
+    probe's gigabyte included). The RSS figures are MiB (the kernel's unit), so a ratio converts them with
+    2**20, not 1e6."""
+    out = {"weights_mb": weights_bytes / 1e6,
+           "peak_from": "each run" if can_reset_peak() else "the process (this system cannot reset the peak)"}
+    for key in MEMORY_KEYS:
         if key in summary:
             out[f"{key}_mb"] = summary[key]["median"]
             out[f"{key}_over_weights"] = summary[key]["median"] * (1 << 20) / weights_bytes

@@ -293,13 +293,28 @@ class ResponseFormat:
         return self.target(**data)
 
 
+def closed(schema: Any) -> Any:
+    """`schema` with every object that does not say otherwise closed (`additionalProperties: false`). Pydantic
+    writes nothing for its default (extra keys ignored), `true` for extra="allow": a model's answer held to an
+    open object may add keys forever, and a Python type has no use for them."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def response_format(spec: Any) -> ResponseFormat:
     """A ResponseFormat from what users pass: one, a JSON schema dict, {"type": "json_schema", "json_schema":
-    {"schema": ...}} (OpenAI's shape), {"regex": ...}, {"lark": ...}, a Pydantic model class or a dataclass."""
+    {"schema": ...}} (OpenAI's shape), {"regex": ...}, {"lark": ...}, a Pydantic model class (its objects closed
+    unless it allows extra keys: `closed`) or a dataclass (closed)."""
     if isinstance(spec, ResponseFormat):
         return spec
     if isinstance(spec, type) and hasattr(spec, "model_json_schema"):
-        return ResponseFormat(json_schema=spec.model_json_schema(), target=spec)
+        return ResponseFormat(json_schema=closed(spec.model_json_schema()), target=spec)
     if isinstance(spec, type) and dataclasses.is_dataclass(spec):
         return ResponseFormat(json_schema=dataclass_schema(spec), target=spec)
     if isinstance(spec, Mapping):

@@ -25,6 +25,7 @@ from .constrain import AfterReasoning, Constraints, ReasoningControl, ToolChoice
 from .constrain import response_format as to_format
 from .conversation import Conversation
 from .detokenize import IncrementalDecoder
+from .encode import PieceEncoder
 from .events import Done, Event, ReasoningDelta, TextDelta, ToolCallEvent, ToolRun
 from .files import describe, read_text
 from .generate import Generation
@@ -45,9 +46,15 @@ _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 def _check_text(messages: Sequence[Mapping[str, Any]]) -> None:
-    """Message text must be encodable (a str with lone surrogates, e.g. from mis-decoded bytes, is not)."""
+    """Messages are a list of {"role": str, ...} dicts, and their text is encodable (a str with lone surrogates,
+    e.g. from mis-decoded bytes, is not)."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages: expected a list of {{'role': ..., 'content': ...}} dicts, got a "
+                        f"{type(messages).__name__}; one user message is [{{'role': 'user', 'content': text}}]")
     for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise TypeError(f"messages[{i}]: expected a dict with a 'role' string, got {message!r:.60}")
+        content = message.get("content")
         if isinstance(content, bytes):
             raise ValueError(f"messages[{i}].content is bytes: decode it first (e.g. .decode('utf-8', "
                              "errors='replace'))")
@@ -95,6 +102,7 @@ class LfmModel:
         self._specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
                                 key=len, reverse=True)
         self.template = ChatTemplate.from_folder(self.folder)
+        self._encoder = PieceEncoder(self.tokenizer)  # a turn encodes only its new text (encode.py)
         self.template.max_chars = max(self.template.max_chars, session.context_length * 64)
         self.constraints = Constraints(self.tokenizer, text, session.vocab_size, session.eos_token_ids)
         self._identity: str | None = None
@@ -116,7 +124,7 @@ class LfmModel:
         template_vars["add_generation_prompt"] = add_generation_prompt
         if allow_special_tokens:
             text = self.template.render(messages, tools=tools, **template_vars)
-            return self.tokenizer.encode(text, add_special_tokens=False).ids
+            return self._encoder.encode(text)
         literals: list[str] = []
 
         def shield(content: Any) -> Any:
@@ -146,7 +154,7 @@ class LfmModel:
             if i % 2:  # a literal the user typed
                 ids += self._literal.encode(literals[int(piece)], add_special_tokens=False).ids
             elif piece:
-                ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
+                ids += self._encoder.encode(piece)
         return ids
 
     def stream(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None, *,

@@ -168,9 +168,22 @@ def test_pydantic_models_dataclasses_regex_and_lark(demo):
     from pydantic import BaseModel, ConfigDict, Field
 
     class City(BaseModel):  # bounded, as real schemas are: the tiny demo model would otherwise write on
-        model_config = ConfigDict(extra="forbid")  # no further keys (pydantic allows them by default)
         name: str = Field(max_length=16)
         population: int = Field(ge=0, le=10**8)
+
+    class Open(BaseModel):  # asks for extra keys: kept open
+        model_config = ConfigDict(extra="allow")
+        name: str = Field(max_length=16)
+
+    class Trip(BaseModel):  # a nested model: closed too
+        to: City
+        days: int = Field(ge=1, le=9)
+
+    from lfm_edge.runtime.constrain import response_format
+    assert response_format(City).json_schema["additionalProperties"] is False  # plain BaseModel: closed
+    assert response_format(Open).json_schema["additionalProperties"] is True
+    trip = response_format(Trip).json_schema
+    assert trip["additionalProperties"] is False and trip["$defs"]["City"]["additionalProperties"] is False
 
     @dataclasses.dataclass
     class Point:

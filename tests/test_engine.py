@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from lfm_edge.runtime import Done, LfmModel
@@ -221,3 +223,41 @@ def test_invalid_text_is_a_clear_error(scripted):
         model.prompt_ids([{"role": "system", "content": "ok"}, {"role": "user", "content": "bad \ud800 text"}])
     with pytest.raises(ValueError, match=r"messages\[0\].content is bytes"):
         model.prompt_ids([{"role": "user", "content": b"\xff\xfe"}])
+    with pytest.raises(TypeError, match=r"got a str; one user message is \[\{'role': 'user'"):
+        model.chat("What is a list?")
+    with pytest.raises(TypeError, match=r"messages\[1\]: expected a dict with a 'role' string"):
+        model.chat([{"role": "user", "content": "a"}, "b"])
+
+
+_PIECES = ["<|im_start|>", "<|im_end|>", "<|tool_call_start|>", "<think>", "</think>", "user\n", "assistant\n",
+           " ", "  ", "\n", "\n\n", "a", "list", " list", "tuple", "Ünï", "日本", "'s", "123", "<|im", "_end|>",
+           "<", "|"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES) | st.text(max_size=6), max_size=40))
+def test_piece_encoding_is_the_tokenizers_own(parts):
+    """PieceEncoder (a turn encodes only its new text) gives exactly the tokenizer's ids, for any text around
+    and across the added tokens, cached or not."""
+    from lfm_edge.runtime.encode import PieceEncoder
+
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    encoder = _PIECE_ENCODER.setdefault("demo", PieceEncoder(tok))
+    text = "".join(parts)
+    assert encoder.exact and encoder.encode(text) == tok.encode(text, add_special_tokens=False).ids
+    assert encoder.encode(text) == tok.encode(text, add_special_tokens=False).ids  # from the kept pieces
+
+
+_PIECE_ENCODER: dict = {}
+
+
+def test_a_tokenizer_whose_added_tokens_strip_whitespace_is_encoded_whole():
+    from tokenizers import AddedToken
+
+    from lfm_edge.runtime.encode import PieceEncoder
+
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<|mark|>", lstrip=True, special=True)])
+    encoder = PieceEncoder(tok)
+    text = "a list   <|mark|> and <|im_end|>\n"
+    assert not encoder.exact and encoder.encode(text) == tok.encode(text, add_special_tokens=False).ids

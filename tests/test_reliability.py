@@ -543,13 +543,21 @@ def test_non_finite_scales_and_overlapping_tensors_are_refused_by_name(tiny_gguf
     _refused_quickly(tmp_path / "overlap.gguf", tmp_path / "out", "overlap", tokenizer=ckpt / "tokenizer.json")
 
 
-def test_a_gguf_without_a_token_list_asks_for_tokenizer(tiny_gguf, tmp_path):
+def test_a_gguf_without_a_token_list_asks_for_tokenizer(tiny_gguf, tmp_path, capsys):
     from gguf_edit import set_fields
 
     path, _ = tiny_gguf
     bad = tmp_path / "notokens.gguf"
     set_fields(path, bad, {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "lfm2"})
     _refused_quickly(bad, tmp_path / "out", "tokenizer.ggml.tokens is missing.*--tokenizer")
+    # the A/B study exports the same file: one line naming the option, and it passes --tokenizer through
+    from lfm_edge.device_bench.studies import ab
+
+    assert ab.main([str(bad), "--out", str(tmp_path / "ab" / "ab.json")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ab.main(["--help"])
+    assert "--tokenizer PATH" in capsys.readouterr().out
 
 
 def test_a_fifo_named_gguf_is_refused(tmp_path):

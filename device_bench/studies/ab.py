@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ...export.exporter import export
+from ...export.options import ExportError
 from ...export.provenance import file_sha256
 from ...runtime.backends.python import LfmSession
 from ...runtime.files import write_text
@@ -124,12 +125,12 @@ def exported_from(bundle: Path, gguf: Path) -> bool:
     return recorded == file_sha256(Path(gguf))
 
 
-def bundle_for(gguf: Path, folder: Path, quant: str = "int4") -> Path:
-    """The bundle of `gguf` in `folder`, exported unless one from this very file is there already."""
+def bundle_for(gguf: Path, folder: Path, quant: str = "int4", tokenizer: str | None = None) -> Path:
+    """The bundle of `gguf` in `folder`, exported unless one from this very file is there already (`tokenizer`:
+    a tokenizer.json or its folder, for a GGUF that carries none)."""
     if (folder / "model.onnx").is_file() and exported_from(folder, gguf):
         return folder
-
-    return export(gguf, folder, quant=quant).bundle
+    return export(gguf, folder, quant=quant, tokenizer=tokenizer).bundle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=0.0, metavar="SECONDS",
                         help="both sides decode in turns this long before round 0 (on this VM it did not narrow "
                         "our decode's round-to-round spread, the 2026-11-30 notes)")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="a GGUF without a token list: the tokenizer.json (or its folder) its bundle gets")
     parser.add_argument("--out", default="build/bench/ab.json")
     args = parser.parse_args(argv)
     if args.gguf is None:
@@ -152,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give BUNDLE GGUF, or one .gguf to compare with a bundle exported from it")
         args.gguf = args.bundle
         folder = Path(args.bundle_dir or Path(args.out).parent / (Path(args.gguf).stem + "-bundle"))
-        args.bundle = str(bundle_for(Path(args.gguf), folder))
+        try:
+            args.bundle = str(bundle_for(Path(args.gguf), folder, tokenizer=args.tokenizer))
+        except (ExportError, ValueError, OSError) as e:  # e.g. no token list: the message names --tokenizer
+            print(f"ab: error: {e}", file=sys.stderr)
+            return 2
     if argv is None:
-
         reexec_with_hugepages()
     result = alternate(Path(args.bundle), Path(args.gguf), args.threads, args.prompt, args.decode, args.rounds,
                        progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True), warmup_s=args.warmup)

@@ -8,7 +8,7 @@ from typing import Any
 from kivy.app import App
 from kivy.clock import Clock
 from kivy.core.window import Window
-from kivy.metrics import dp, sp
+from kivy.metrics import Metrics, dp, sp
 from kivy.uix.boxlayout import BoxLayout
 from kivy.uix.label import Label
 from kivy.uix.screenmanager import NoTransition, ScreenManager
@@ -175,7 +175,9 @@ class LfmApp(App):
         return {"screen": self.screens.current, "model": self.model_screen.snapshot(),
                 "chat": {"state": self.chat.state, "status": self.chat_screen.status.text,
                          "items": [{"kind": type(i).__name__, **asdict(i)} for i in self.chat.items]},
-                "bench": self.bench_screen.snapshot(), "sessions": sessions()}
+                "bench": self.bench_screen.snapshot(), "sessions": sessions(),
+                "window": {"size": list(Window.size), "density": Metrics.density,
+                           "tab_height": self.tabs["chat"].height}}
 
     def on_stop(self) -> None:
         self.model_screen.stop_serving("the app closed")

@@ -13,7 +13,7 @@ from kivy.uix.progressbar import ProgressBar
 from kivy.uix.screenmanager import Screen
 from kivy.uix.textinput import TextInput
 
-from lfm_edge.runtime.memory import resident_mb
+from lfm_edge.runtime.memory import PeakMemory, resident_mb
 
 from . import download
 from .jobs import Job, Post
@@ -46,6 +46,8 @@ class ModelScreen(Screen):
         self.loading: Path | None = None
         self.stage, self.started, self.expected = "", 0.0, None
         self.load_seconds = 0.0
+        # resident_mb() right after the load ("rss", "anonymous", "file") and the load's own peaks ("peak_rss",
+        # "peak_anonymous", "peak_file": the bundle mapped while its weights are repacked), MB
         self.memory_after_load: dict[str, float] = {}
         outer = BoxLayout(orientation="vertical", padding=dp(10), spacing=dp(8))
 
@@ -115,9 +117,11 @@ class ModelScreen(Screen):
 
         def work(cancel):
             started = time.perf_counter()
-            model = load_model(folder, self.threads, progress=lambda stage: self.post(lambda: self._stage(stage)),
-                               prepack_cache=self.prepack_cache)
-            return model, time.perf_counter() - started, resident_mb()
+            with PeakMemory() as peak:
+                model = load_model(folder, self.threads, progress=lambda stage: self.post(lambda: self._stage(stage)),
+                                   prepack_cache=self.prepack_cache)
+            seconds = time.perf_counter() - started
+            return model, seconds, resident_mb() | {f"peak_{k}": v for k, v in peak.peaks().items()}
 
         if self.loader.start(work, lambda result: self._loaded(folder, *result), self._load_failed):
             self.load_button.disabled = True
