@@ -194,6 +194,11 @@ class LlamaServer:
         version = subprocess.run([executable, "--version"], capture_output=True, text=True)
         self.version = (version.stdout + version.stderr).strip().splitlines()[:2]
 
+    def tail(self, lines: int = 6) -> str:
+        """The end of llama-server's own log (why it stopped, when it did)."""
+        self.log.seek(0)
+        return " / ".join(self.log.read().strip().splitlines()[-lines:])
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
@@ -360,9 +365,14 @@ def run(bundle: Path, spec: str, threads: int = 2, rounds: int = 2, llama_server
                 ls = LlamaServer(llama_server, gguf, threads, longest + answer + 128, llama_args)
                 llama = (Client(ls.base), ls)
                 peer = {"args": ls.args[1:], "version": ls.version, "gguf": gguf}
-            per_turn = run_turns(model, scripted, scripts, client, llama, progress)
-            progress("exactness: the last turn's greedy continuation, kept against fresh")
-            exact = exact_continuations(model, scripted, script, client, llama)
+            try:
+                per_turn = run_turns(model, scripted, scripts, client, llama, progress)
+                progress("exactness: the last turn's greedy continuation, kept against fresh")
+                exact = exact_continuations(model, scripted, script, client, llama)
+            except RuntimeError as e:
+                if llama is None or llama[1].proc.poll() is None:
+                    raise
+                raise RuntimeError(f"llama-server exited with {llama[1].proc.returncode}: {llama[1].tail()}") from e
             stats = server.stats()
         finally:
             client.close()
@@ -484,9 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         return common.fail("serve", f"needs the [serve] extra and the openai client: pip install "
                                     f"'lfm-edge[serve]' openai ({e})")
-    section = run(bundle, args.script, args.threads, args.runs,
-                  args.llama_server if args.peer == "llama-server" else None, args.gguf, args.llama_args.split(),
-                  memory=not args.no_memory, progress=common.progress)
+    try:
+        section = run(bundle, args.script, args.threads, args.runs,
+                      args.llama_server if args.peer == "llama-server" else None, args.gguf, args.llama_args.split(),
+                      memory=not args.no_memory, progress=common.progress)
+    except RuntimeError as e:  # a server that did not start or died: said in one line
+        return common.fail("serve", str(e))
     weights = roofline.bytes_per_token(bundle).stored
     result = {**common.header(args.threads, bundle, weights), "serve": section,
               "settings": {"threads": args.threads, "runs": args.runs, "script": args.script, "peer": args.peer,
