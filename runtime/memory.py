@@ -12,6 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .threads import signals_to_main_thread
+
 __all__ = ["PeakMemory", "available_memory", "can_reset_peak", "current_rss_mb", "peak_rss_mb", "reset_peak_rss",
            "resident_mb"]
 
@@ -100,7 +102,8 @@ class PeakMemory:
         self.reset = reset_peak_rss()
         self._sample()
         self._thread = threading.Thread(target=self._watch, name="peak-memory", daemon=True)
-        self._thread.start()
+        with signals_to_main_thread():
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -428,21 +428,47 @@ def test_lfm_chat_keeps_the_conversation_through_bad_loads_and_saves(model, tmp_
 
 
 def test_lfm_chat_ctrl_c_stops_the_answer_and_ctrl_c_at_the_prompt_saves_and_leaves(model, tmp_path):
+    import queue
     import signal
+    import threading
 
     session = tmp_path / "s.st"
     lfm_chat = str(Path(sys.executable).parent / "lfm-chat")
     proc = subprocess.Popen([lfm_chat, str(model.folder), "-n", "2000", "--session", str(session)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            bufsize=0)
+    seen: dict[str, queue.Queue] = {"out": queue.Queue(), "err": queue.Queue()}
+    got = {"out": "", "err": ""}
+
+    def pump(name: str, stream) -> None:
+        while chunk := stream.read(1):
+            seen[name].put(chunk)
+        seen[name].put(None)
+
+    for name, stream in (("out", proc.stdout), ("err", proc.stderr)):
+        threading.Thread(target=pump, args=(name, stream), daemon=True).start()
+
+    def wait_for(name: str, done, timeout: float = 120.0) -> None:
+        """Collect `name`'s output until done(text) holds: the signals go when the program is where the test
+        says, not after a guessed sleep (a fast machine finished the 2000-token answer inside a 4 s sleep)."""
+        deadline = time.monotonic() + timeout
+        while not done(got[name]):
+            chunk = seen[name].get(timeout=max(0.0, deadline - time.monotonic()))
+            assert chunk is not None, f"lfm-chat ended early: {got}"
+            got[name] += chunk
+
     proc.stdin.write("Write a long answer about lists.\n")
     proc.stdin.flush()
-    time.sleep(4)  # loading, then the answer is streaming
+    wait_for("out", lambda text: len(text.partition("you> ")[2].strip()) >= 20)  # the answer is streaming
     proc.send_signal(signal.SIGINT)
-    time.sleep(3)
+    wait_for("err", lambda text: "(stopped;" in text)
+    wait_for("out", lambda text: text.count("you> ") >= 2)
     proc.send_signal(signal.SIGINT)  # at the prompt now: leave, saving the session
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
-    assert "(stopped;" in err
+    assert proc.wait(timeout=120) == 0
+    for name in got:
+        while (chunk := seen[name].get(timeout=30)) is not None:
+            got[name] += chunk
+    assert "Traceback" not in got["err"], got["err"][-2000:]
     loaded = model.load_conversation(session)
     assert loaded.turns == 1 and loaded.messages[-1]["role"] == "assistant"
 
