@@ -12,8 +12,6 @@ import sys
 import threading
 from pathlib import Path
 
-from .threads import signals_to_main_thread
-
 __all__ = ["PeakMemory", "available_memory", "can_reset_peak", "current_rss_mb", "peak_rss_mb", "reset_peak_rss",
            "resident_mb"]
 
@@ -102,8 +100,7 @@ class PeakMemory:
         self.reset = reset_peak_rss()
         self._sample()
         self._thread = threading.Thread(target=self._watch, name="peak-memory", daemon=True)
-        with signals_to_main_thread():
-            self._thread.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -50,7 +50,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from .bundle import BundleError
 from .files import describe, read_text
 from .schemas import Tool, tool_schema
-from .threads import signals_to_main_thread
 
 __all__ = ["ChatTemplate", "TemplateError"]
 
@@ -344,8 +343,7 @@ class _Watchdog:
             self._jobs[token] = (time.monotonic() + seconds, threading.get_ident())
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lfm-template-watchdog", daemon=True)
-                with signals_to_main_thread():
-                    self._thread.start()
+                self._thread.start()
             self._cond.notify()
             return token
 

@@ -23,7 +23,6 @@ import onnxruntime as ort
 from .. import kernels
 from ..backend import CacheBase
 from ..bundle import BundleError, read_bundle, state_spec
-from ..threads import signals_to_main_thread
 from . import prepack
 from .pages import release_clean_pages
 from .providers import ProviderList, choose
@@ -102,7 +101,7 @@ class LfmSession:
                 raise BundleError(f"{path}: onnxruntime {ort.__version__} cannot load it "
                                   f"({str(e).strip().splitlines()[0][:300]})") from None
 
-        with kernels.building(attention_kernel), signals_to_main_thread():  # onnxruntime's pool threads
+        with kernels.building(attention_kernel):
             options = session_options()
             try:
                 self.provider_choice = choose(model_file, providers, options)
