@@ -427,9 +427,9 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {row['turn']} | {prompt} | " + " | ".join(cells) + f" | {min(loads):.1f}-{max(loads):.1f} |")
     s = c["summary"]
     lines += ["", f"Turn {spec['turns']} / turn 1 through HTTP: {s['last_over_first_http']:.2f}x; HTTP over the Python "
-              f"API: time to first token +{s['ttft_overhead_ms_median']:.1f} ms (median over turns), decode "
+              f"API: time to first token {s['ttft_overhead_ms_median']:+.1f} ms (median over turns), decode "
               f"{s['decode_http_over_api']:.3f}x; reused from turn 2 on: at least "
-              f"{s['cached_share_from_turn_2'] or 0:.0%} of the prompt"
+              f"{s['cached_share_from_turn_2'] or 0:.0%} of the prompt (turn 2 has the least to reuse)"
               + (f"; turn {spec['turns']} lfm-serve / llama-server: {s['last_http_over_llama']:.2f}x"
                  if "last_http_over_llama" in s else "") + "."]
     lines += ["", "Greedy continuation after the script, through the kept state against a fresh generation: "

@@ -5,8 +5,9 @@ A request's messages are rendered to token ids; the kept conversation whose stat
 them is taken out of the pool, given the request's messages, tools and clock, and answers as it would any turn:
 it rolls back to its newest snapshot at or before the first token that differs and prefills the rest. So the
 answer is token for token what a fresh stateless generation over the same request gives (greedy), whether the
-request extends an earlier one, branches from it, or shares nothing with it. Idle conversations are kept within
-`max_bytes` (their allocated KV buffers, conv buffers and snapshots), least recently used out.
+request extends an earlier one, branches from it, or shares nothing with it, wherever the graph's kernels give a
+row the same result whatever rows share its step (runtime/README.md says where they do not). Idle conversations
+are kept within `max_bytes` (their allocated KV buffers, conv buffers and snapshots), least recently used out.
 """
 
 from __future__ import annotations
