@@ -18,6 +18,7 @@ tensor types, a missing part of a split file, no tokenizer) is refused when the 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 from pathlib import Path
@@ -30,7 +31,7 @@ from ..quant.blocks import Quantized
 from ..quant.policy import QuantSpec
 from ..runtime.files import describe, open_regular
 from .checkpoint import CheckpointError
-from .config import ConfigError, Lfm2Config
+from .config import LIMITS, ConfigError, Lfm2Config
 from .gguf_blocks import DEQUANTIZABLE, EXACT, FLOATS, closest_spec, decode, dequantize
 from .gguf_tokenizer import TokenizerMetadataError, tokenizer_config, tokenizer_from_metadata
 
@@ -150,8 +151,15 @@ class GgufCheckpoint:
             return default
         return value
 
+    def _count(self, name: str, value: Any, limit: int) -> int:
+        """A size the config is computed from: checked before it divides, multiplies or allocates anything."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= limit:
+            raise CheckpointError(f"{self.path}: {self.arch}.{name} is {value!r}; expected an integer from 1 to "
+                                  f"{limit:,}")
+        return int(value)
+
     def _config(self) -> Lfm2Config:
-        n = self._key("block_count")
+        n = self._count("block_count", self._key("block_count"), LIMITS["num_hidden_layers"])
         kv = self._key("attention.head_count_kv")
         kv = kv if isinstance(kv, list) else [kv] * n
         if len(kv) != n:
@@ -160,8 +168,9 @@ class GgufCheckpoint:
         if len({k for k in kv if k}) > 1:
             raise CheckpointError(f"{self.path}: attention layers with different KV head counts {sorted(set(kv))}")
         heads = self._key("attention.head_count")
-        heads = max(heads) if isinstance(heads, list) else heads
-        hidden = self._key("embedding_length")
+        heads = self._count("attention.head_count", max(heads, default=0) if isinstance(heads, list) else heads,
+                            LIMITS["num_attention_heads"])
+        hidden = self._count("embedding_length", self._key("embedding_length"), LIMITS["hidden_size"])
         embd = self._tensors.get("token_embd.weight")
         if embd is None:
             raise CheckpointError(f"{self.path}: tensor 'token_embd.weight' is missing")

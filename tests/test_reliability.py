@@ -520,7 +520,11 @@ def test_gguf_metadata_out_of_range_is_refused_before_allocation(tiny_gguf, tmp_
     for field, value, match in (("lfm2moe.context_length", 2**32 - 1, "max_position_embeddings"),
                                 ("lfm2moe.vocab_size", 1_000_000, "vocab_size"),
                                 ("lfm2moe.attention.head_count", 7, "head"),
-                                ("lfm2moe.block_count", 4000, "block_count|num_hidden_layers|head_count_kv")):
+                                ("lfm2moe.block_count", 4000, "block_count|num_hidden_layers|head_count_kv"),
+                                ("lfm2moe.block_count", 2**32 - 1, "block_count"),  # before a list that long
+                                ("lfm2moe.block_count", 0, "block_count"),
+                                ("lfm2moe.attention.head_count", 0, "head_count"),  # hypothesis: a ZeroDivisionError
+                                ("lfm2moe.embedding_length", 0, "embedding_length")):
         bad = tmp_path / f"{field}.gguf"
         set_fields(path, bad, {field: value})
         _refused_quickly(bad, tmp_path / "out", match, tokenizer=ckpt / "tokenizer.json")
