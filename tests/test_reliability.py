@@ -341,6 +341,15 @@ def test_a_template_that_fails_at_export_is_replaced_and_said_so(tmp_path):
     assert "syntax error" in json.loads((again.bundle / "manifest.json").read_text())["chat_template"]["reason"]
 
 
+def test_the_fallback_template_is_the_demo_models_layout():
+    """export/template_check.py's FALLBACK and the demo model's template are one layout written twice (demo_model/
+    imports no other folder); they stay equal."""
+    from lfm_edge.export.template_check import FALLBACK
+
+    root = Path(__file__).resolve().parent.parent
+    assert FALLBACK == json.loads((root / "demo_model" / "tokenizer_config.json").read_text())["chat_template"]
+
+
 def test_lfm_chat_shows_a_templates_raise_exception_in_one_line(model, tmp_path):
     bundle = tmp_path / "strict"
     bundle.mkdir()
