@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,15 +85,23 @@ class BundleConfig:
 VERIFY_MODES = ("none", "size", "sampled", "sha256")
 
 
+class UnverifiedBundle(UserWarning):
+    """A bundle loaded without a manifest.json: nothing says its files are the ones an export wrote."""
+
+
 def verify_bundle(folder: Path, mode: str = "sampled") -> dict:
     """Check the files manifest.json lists: "size" (sizes only), "sampled" (sizes and a hash of 64 spread
     64 KiB samples of each file: milliseconds, catches a file from another export or a torn download),
     "sha256" (every byte), or "none". Bundles without a manifest, e.g. from onnxruntime-genai's builder, are
-    accepted as they are. Returns the manifest."""
+    accepted as they are, with an UnverifiedBundle warning. Returns the manifest."""
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify {mode!r}: expected one of {VERIFY_MODES}")
     path = folder / "manifest.json"
     if not path.is_file():
+        if mode != "none":
+            warnings.warn(f"{folder}: no manifest.json, so its files cannot be verified (lfm-export writes one; "
+                          "a bundle from another builder, e.g. onnxruntime-genai's, has none)", UnverifiedBundle,
+                          stacklevel=2)
         return {}
     manifest = read_object(path)
     files = _files(path, manifest.get("files", {}))

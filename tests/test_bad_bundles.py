@@ -21,6 +21,9 @@ from lfm_edge.runtime import LfmModel
 from lfm_edge.runtime.bundle import BundleError, sampled_sha256, sha256
 from lfm_edge.runtime.cli.chat import main as chat_main
 
+# the no-manifest cases load bundles without manifest.json on purpose: their UnverifiedBundle warning is expected
+pytestmark = pytest.mark.filterwarnings("ignore::lfm_edge.runtime.bundle.UnverifiedBundle")
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:

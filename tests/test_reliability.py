@@ -485,6 +485,27 @@ def test_lfm_chat_ctrl_c_stops_the_answer_and_ctrl_c_at_the_prompt_saves_and_lea
     assert loaded.turns == 1 and loaded.messages[-1]["role"] == "assistant"
 
 
+def test_a_bundle_without_its_manifest_loads_with_a_one_line_warning(model, tmp_path):
+    import shutil
+    import warnings
+
+    from lfm_edge.runtime.bundle import UnverifiedBundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(model.folder, bundle)
+    (bundle / "manifest.json").unlink()
+    with pytest.warns(UnverifiedBundle, match="no manifest.json, so its files cannot be verified"):
+        LfmModel(bundle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LfmModel(model.folder)  # a bundle with its manifest: no warning
+    lfm_generate = str(Path(sys.executable).parent / "lfm-generate")
+    out = subprocess.run([lfm_generate, str(bundle), "-p", "x", "-n", "2"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines()[0].startswith(f"lfm-generate: warning: {bundle}: no manifest.json"), out.stderr
+
+
 def test_lfm_generate_reports_like_lfm_chat(model, tmp_path):
     lfm_generate = str(Path(sys.executable).parent / "lfm-generate")
     out = subprocess.run([lfm_generate, str(model.folder), "-p", "x", "-n", "5000"], capture_output=True, text=True,

@@ -27,6 +27,7 @@ from ..files import describe, read_text
 from ..hugepages import reexec_with_hugepages
 from ..model import LfmModel
 from ..statefile import StateFileError
+from . import warn_in_one_line
 
 COMMANDS = {"/help": "this list", "/reset": "start a fresh conversation (the system prompt stays)",
             "/tools": "the tools the model may call", "/stats": "the last answer's numbers",
@@ -38,6 +39,7 @@ PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"  # what a terminal in brackete
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as a command: restart with huge pages for the weights (runtime/hugepages.py)
         reexec_with_hugepages()
+    warn_in_one_line("lfm-chat")
     parser = argparse.ArgumentParser(prog="lfm-chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", help="bundle folder written by lfm-export")

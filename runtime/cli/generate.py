@@ -15,11 +15,13 @@ from ..files import describe, read_text
 from ..generate import stream
 from ..hugepages import reexec_with_hugepages
 from ..sampling import Sampling
+from . import warn_in_one_line
 
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as a command: restart with huge pages for the weights (runtime/hugepages.py)
         reexec_with_hugepages()
+    warn_in_one_line("lfm-generate")
     parser = argparse.ArgumentParser(prog="lfm-generate", description=__doc__)
     parser.add_argument("bundle", help="bundle folder written by lfm-export")
     parser.add_argument("-p", "--prompt", required=True)
