@@ -39,7 +39,7 @@ PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"  # what a terminal in brackete
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as a command: restart with huge pages for the weights (runtime/hugepages.py)
         reexec_with_hugepages()
-    warn_in_one_line("lfm-chat")
+        warn_in_one_line("lfm-chat")  # a command's warnings in its own one-line form
     parser = argparse.ArgumentParser(prog="lfm-chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", help="bundle folder written by lfm-export")

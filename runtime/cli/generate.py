@@ -21,7 +21,7 @@ from . import warn_in_one_line
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as a command: restart with huge pages for the weights (runtime/hugepages.py)
         reexec_with_hugepages()
-    warn_in_one_line("lfm-generate")
+        warn_in_one_line("lfm-generate")  # a command's warnings in its own one-line form
     parser = argparse.ArgumentParser(prog="lfm-generate", description=__doc__)
     parser.add_argument("bundle", help="bundle folder written by lfm-export")
     parser.add_argument("-p", "--prompt", required=True)

@@ -30,7 +30,7 @@ except ImportError as e:  # the [serve] extra is not installed
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as a command: restart with huge pages for the weights (runtime/hugepages.py)
         reexec_with_hugepages()
-    warn_in_one_line("lfm-serve")
+        warn_in_one_line("lfm-serve")  # a command's warnings in its own one-line form
     parser = argparse.ArgumentParser(prog="lfm-serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", help="bundle folder written by lfm-export")
