@@ -18,7 +18,6 @@ tensor types, a missing part of a split file, no tokenizer) is refused when the 
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import re
 from pathlib import Path
@@ -31,7 +30,7 @@ from ..quant.blocks import Quantized
 from ..quant.policy import QuantSpec
 from ..runtime.files import describe, open_regular
 from .checkpoint import CheckpointError
-from .config import LIMITS, ConfigError, Lfm2Config
+from .config import ConfigError, Lfm2Config, check_size
 from .gguf_blocks import DEQUANTIZABLE, EXACT, FLOATS, closest_spec, decode, dequantize
 from .gguf_tokenizer import TokenizerMetadataError, tokenizer_config, tokenizer_from_metadata
 
@@ -151,15 +150,15 @@ class GgufCheckpoint:
             return default
         return value
 
-    def _count(self, name: str, value: Any, limit: int) -> int:
-        """A size the config is computed from: checked before it divides, multiplies or allocates anything."""
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= limit:
-            raise CheckpointError(f"{self.path}: {self.arch}.{name} is {value!r}; expected an integer from 1 to "
-                                  f"{limit:,}")
-        return int(value)
+    def _size(self, name: str, limit: str) -> int:
+        """A size the config is computed from (the largest, when it is per layer), checked (config.check_size)
+        before it divides, multiplies or allocates anything."""
+        value = self._key(name)
+        value = max(value, default=0) if isinstance(value, list) else value
+        return check_size(str(self.path), f"{self.arch}.{name}", value, limit)
 
     def _config(self) -> Lfm2Config:
-        n = self._count("block_count", self._key("block_count"), LIMITS["num_hidden_layers"])
+        n = self._size("block_count", "num_hidden_layers")
         kv = self._key("attention.head_count_kv")
         kv = kv if isinstance(kv, list) else [kv] * n
         if len(kv) != n:
@@ -167,10 +166,8 @@ class GgufCheckpoint:
                                   "layers")
         if len({k for k in kv if k}) > 1:
             raise CheckpointError(f"{self.path}: attention layers with different KV head counts {sorted(set(kv))}")
-        heads = self._key("attention.head_count")
-        heads = self._count("attention.head_count", max(heads, default=0) if isinstance(heads, list) else heads,
-                            LIMITS["num_attention_heads"])
-        hidden = self._count("embedding_length", self._key("embedding_length"), LIMITS["hidden_size"])
+        heads = self._size("attention.head_count", "num_attention_heads")
+        hidden = self._size("embedding_length", "hidden_size")
         embd = self._tensors.get("token_embd.weight")
         if embd is None:
             raise CheckpointError(f"{self.path}: tensor 'token_embd.weight' is missing")
