@@ -21,6 +21,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -155,28 +156,33 @@ def is_reference_bundle(bundle: Path, tokens: TokenBytes) -> bool:
     return same_policy and abs(tokens.total / reference_bytes_per_token()[0] - 1) < 1e-3
 
 
+def _manifest(bundle: Path | None) -> dict:
+    """A bundle's manifest.json for labels and notes: {} where there is none or it is no JSON object."""
+    try:
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
 def random_weights_preset(bundle: Path | None) -> str | None:
     """The preset a `lfm-export --random-weights` bundle was made from (manifest.json), else None."""
-    try:
-        source = json.loads((Path(bundle) / "manifest.json").read_text()).get("source") or {}
-        return str(source["random_weights"]) if source.get("random_weights") else None
-    except (OSError, ValueError, AttributeError, TypeError, KeyError):
-        return None
+    return _preset(_manifest(bundle).get("source"))
+
+
+def _preset(source: Any) -> str | None:
+    preset = source.get("random_weights") if isinstance(source, dict) else None
+    return str(preset) if preset else None
 
 
 def bundle_label(bundle: Path) -> str:
     """What a bundle is, for a reader: its source (hub id, checkpoint folder name, or random-weights preset) and
     quantization policy from manifest.json, else its folder's name."""
-    bundle = Path(bundle)
-    try:
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        source = manifest.get("source") or {}
-        name = (source.get("hub_id") or source.get("name")
-                or (f"random weights {source['random_weights']}" if source.get("random_weights") else ""))
-        quant = manifest.get("quant") or ""
-    except (OSError, ValueError, AttributeError, TypeError):
-        name = quant = ""
-    return f"{name or bundle.name} {quant}".strip()
+    manifest = _manifest(bundle)
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    preset = _preset(source)
+    name = source.get("hub_id") or source.get("name") or (f"random weights {preset}" if preset else "")
+    return f"{name or Path(bundle).name} {manifest.get('quant') or ''}".strip()
 
 
 def last_level_cache_bytes() -> int | None:

@@ -148,9 +148,10 @@ def run(bundle: Path, threads: int, prompts: list[int], depths: list[int], decod
                         now = resident_mb()
                         decoding_memory = {k: max(v, now[k]) for k, v in decoding_memory.items()}
         if r:
+            peaks = peak.peaks()
             for key, part in (("peak_rss", "rss"), ("peak_anon", "anonymous"), ("peak_file", "file")):
-                if part in peak.peaks():
-                    metrics[key].samples.append(Sample(peak.peaks()[part], 0.0, 0.0, os.getloadavg()[0]))
+                if part in peaks:
+                    metrics[key].samples.append(Sample(peaks[part], 0.0, 0.0, os.getloadavg()[0]))
             if decoding_rss:
                 metrics["rss_decoding"].samples.append(Sample(decoding_rss, 0.0, 0.0, os.getloadavg()[0]))
                 for kind, key in (("anon", "anonymous"), ("file", "file")):
