@@ -66,7 +66,7 @@ def phone_extras(folder: Path, model_file: str, data_file: str) -> dict:
     if checker is not None:
         loaded = [model_file] + ([ORT_FILE] if "file" in report["ort_format"] else [])
         on_load = load_warnings(folder, loaded)
-        only_checker = sorted(set(warnings(checker)) - {w for ws in on_load.values() for w in ws})
+        only_checker = sorted(set(ort_warnings(checker)) - {w for ws in on_load.values() for w in ws})
         report["mobile_usability"].update(checker_warnings=only_checker, load_warnings=on_load)
         (folder / USABILITY_FILE).write_text(_usability_header(model_file, only_checker, on_load) + checker)
     (folder / README_FILE).write_text(readme(model_file, data_file, report))
@@ -95,7 +95,7 @@ def _ort_format(folder: Path, model_file: str, data_file: str) -> dict:
     return {"file": ORT_FILE, "required_operators": OPERATORS_FILE}
 
 
-def warnings(log: str) -> list[str]:
+def ort_warnings(log: str) -> list[str]:
     """onnxruntime's warning messages in a log, in order, each once, without colours, time stamps and source
     lines."""
     found = [m.group(1).strip() for m in map(_WARNING.search, _COLOUR.sub("", log).splitlines()) if m]
@@ -108,7 +108,7 @@ def load_warnings(folder: Path, files: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {name: [] for name in files}
     sections = re.split(r"^@@ (.+)$", _COLOUR.sub("", result.stderr), flags=re.M)
     for name, log in zip(sections[1::2], sections[2::2], strict=True):
-        out[name.strip()] = warnings(log)
+        out[name.strip()] = ort_warnings(log)
     if result.returncode != 0:  # the export's own checks load the bundle; a failure here is the phone's too
         out["error"] = [result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no output"]
     return out

@@ -12,7 +12,7 @@ import pytest
 
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
-from lfm_edge.export.mobile import warnings
+from lfm_edge.export.mobile import ort_warnings
 from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import generate
 
@@ -78,4 +78,4 @@ def test_warnings_are_read_without_colours_or_time_stamps():
            "2026-12-07 12:47:26.2 [W:onnxruntime:, graph.cc:1492 Graph] Initializer x appears in graph inputs\n"
            "2026-12-07 12:47:26.3 [W:onnxruntime:Default, moe_quantization_cpu.cc:1155 PrePackQNBitExperts] "
            "QMoE node '/QMoE': falling back.\n")
-    assert warnings(log) == ["QMoE node '/QMoE': falling back.", "Initializer x appears in graph inputs"]
+    assert ort_warnings(log) == ["QMoE node '/QMoE': falling back.", "Initializer x appears in graph inputs"]
