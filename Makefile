@@ -1,12 +1,13 @@
 # Two entry points for a fresh machine (see README.md):
 #   make export [MODEL=path-or-hub-id] [OPS=contrib|portable]   install, then export (the demo model by default)
 #   make test                                                    install, then lint and run the test suite
+# and, for the edit loop, make test-fast: the tests not marked slow (every folder, about a minute).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?=
 OPS ?= contrib
 
-.PHONY: install export test display-deps
+.PHONY: install export test test-fast display-deps
 
 install: $(VENV)/.installed
 
@@ -24,6 +25,10 @@ export: install
 test: install display-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 # The app's GUI test runs Kivy under a virtual X display: Xvfb, Mesa's software OpenGL, and the X
 # libraries the SDL2 bundled in kivy's wheel loads. Installed (as root, with apt) only when missing;

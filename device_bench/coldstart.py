@@ -1,8 +1,7 @@
 """Cold start, A/B: loads of one bundle with the prepack cache off and mapped, alternated, each in a fresh process;
 with `--llama GGUF` also llama.cpp's load of the same weights (llama-cpp-python, the optional [llama] extra).
 
-    python -m lfm_edge.device_bench.coldstart BUNDLE [--rounds 6] [--decode 64] [--threads 2]
-                                               [--llama GGUF] [--no-cache]
+    lfm-bench coldstart BUNDLE [--rounds 6] [--decode 64] [--threads 2] [--llama GGUF] [--no-cache]
 
 Each load is a new process (a session loaded twice in one process would find its pages, allocator and page
 tables warm), in the order off/use, then use/off, and so on, so that drift in the host's load hits both sides.
@@ -26,8 +25,8 @@ from ..runtime.hugepages import reexec_with_hugepages
 CHILD = """
 import json, os, sys, time
 import numpy as np
-from lfm_edge.runtime.generate import resident_mb
-from lfm_edge.runtime.session import LfmSession
+from lfm_edge.runtime.memory import resident_mb
+from lfm_edge.runtime.backends.python import LfmSession
 bundle, mode, threads, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 loadavg = os.getloadavg()[0]
 t = time.perf_counter()
@@ -50,7 +49,7 @@ print(json.dumps({"mode": mode, "state": session.prepack.state, "load_s": load, 
 LLAMA_CHILD = """
 import json, os, sys, time
 import llama_cpp
-from lfm_edge.runtime.generate import resident_mb
+from lfm_edge.runtime.memory import resident_mb
 gguf, threads, n = sys.argv[1], int(sys.argv[3]), int(sys.argv[4])
 loadavg = os.getloadavg()[0]
 t = time.perf_counter()
@@ -82,7 +81,7 @@ def load_once(bundle: str, mode: str, threads: int, decode: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # as the command-line tools do: the repacked weights in huge pages (runtime/hugepages.py)
         reexec_with_hugepages()
-    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.coldstart", description=__doc__,
+    parser = argparse.ArgumentParser(prog="lfm-bench coldstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle")
     parser.add_argument("--rounds", type=int, default=6)
@@ -95,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_cache:
         first = load_once(args.bundle, "auto", args.threads, 1)  # writes the cache if it is missing
         if first["state"] not in ("written", "mapped"):
-            print(f"coldstart: error: no prepack cache for {args.bundle} ({first['state']})", file=sys.stderr)
+            print(f"lfm-bench coldstart: error: no prepack cache for {args.bundle} ({first['state']})",
+                  file=sys.stderr)
             return 2
     modes = ("off",) + (() if args.no_cache else ("use",)) + (("llama",) if args.llama else ())
     rows = []

@@ -1,12 +1,12 @@
 """The speed/quality frontier: our policies against llama.cpp's formats, decode speed against KL.
 
 Speed comes from the full model's geometry (random weights: speed does not depend on their values), quality
-from a trained model where every format applies (`lfm-quant-report` on demo_model/train.py's `--preset
+from a trained model where every format applies (`lfm-bench quality` on demo_model/train.py's `--preset
 quality`): one point per policy and per llama.cpp format. Every (our bundle, llama.cpp file) pair runs
-`device_bench.ab` in a fresh process, alternated rounds on the same tokens, so each comparison is a per-round
+`studies/ab.py` in a fresh process, alternated rounds on the same tokens, so each comparison is a per-round
 ratio measured side by side, not two numbers minutes apart on a shared machine.
 
-    python -m lfm_edge.device_bench.frontier --ours int4=DIR --ours int2-experts=DIR \\
+    lfm-bench frontier --ours int4=DIR --ours int2-experts=DIR \\
         --llama Q4_0=FILE --llama Q4_K_M=FILE --quality build/quality/quality.json --rounds 4
 
 Pairs already measured (their JSON in --out/pairs) are reused, so an interrupted run continues. Writes
@@ -21,6 +21,9 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from ..plots import figure
+from ..runtime.files import write_text
 
 DOMINATES = 1.15  # the issue's bar: as good in KL and this much faster in decode
 DEFAULT_BAR = 1.10  # the default phone policy against llama.cpp Q4_0
@@ -52,8 +55,9 @@ def quality_of(quality: list[dict], name: str, llama: bool) -> dict:
 def run_pair(bundle: Path, gguf: Path, out: Path, rounds: int, prompt: int, decode: int, threads: int) -> dict:
     """One alternated A/B in its own process (so each pair starts from the same memory state)."""
     if not out.is_file():
-        cmd = [sys.executable, "-m", "lfm_edge.device_bench.ab", str(bundle), str(gguf), "--rounds", str(rounds),
-               "--prompt", str(prompt), "--decode", str(decode), "--threads", str(threads), "--out", str(out)]
+        cmd = [sys.executable, "-m", "lfm_edge.device_bench.studies.ab", str(bundle), str(gguf), "--rounds",
+               str(rounds), "--prompt", str(prompt), "--decode", str(decode), "--threads", str(threads), "--out",
+               str(out)]
         subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
@@ -125,38 +129,30 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += ["", f"Default policy `{g['policy']}` against llama.cpp Q4_0: decode {g['decode_ratio']:.2f}x, KL "
                   f"{g['kl']:.4f} vs {g['q4_0_kl']:.4f}: goal (>= {DEFAULT_BAR}x, KL no worse) "
                   f"{'met' if g['met'] else 'not met'}."]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for ours, color, label in ((True, "tab:blue", "lfm-edge policies"), (False, "tab:orange", "llama.cpp formats")):
-        pts = sorted((p for p in result["points"] if p["ours"] == ours), key=lambda p: p["kl"])
-        ax.plot([p["kl"] for p in pts], [p["decode"] for p in pts], "o-", color=color, label=label)
-        for p in pts:
-            ax.annotate(p["system"].replace("llama.cpp ", ""), (p["kl"], p["decode"]), fontsize=8,
-                        xytext=(4, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set(xlabel="KL(fp32 ‖ quantized) on the quality model, nats/token (lower is better)",
-           ylabel="decode tok/s, full geometry (median over pairs)",
-           title="speed against quality (compare systems by the per-pair ratios in frontier.md)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = "speed against quality (compare systems by the per-pair ratios in frontier.md)"
+    with figure(path, title=title) as (_, ax):
+        for ours, color, label in ((True, "tab:blue", "lfm-edge policies"), (False, "tab:orange", "llama.cpp formats")):
+            pts = sorted((p for p in result["points"] if p["ours"] == ours), key=lambda p: p["kl"])
+            ax.plot([p["kl"] for p in pts], [p["decode"] for p in pts], "o-", color=color, label=label)
+            for p in pts:
+                ax.annotate(p["system"].replace("llama.cpp ", ""), (p["kl"], p["decode"]), fontsize=8,
+                            xytext=(4, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set(xlabel="KL(fp32 ‖ quantized) on the quality model, nats/token (lower is better)",
+               ylabel="decode tok/s, full geometry (median over pairs)")
+        ax.legend()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.frontier", description=__doc__,
+    parser = argparse.ArgumentParser(prog="lfm-bench frontier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ours", action="append", default=[], metavar="POLICY=BUNDLE", required=True)
     parser.add_argument("--llama", action="append", default=[], metavar="FORMAT=GGUF", required=True)
-    parser.add_argument("--quality", required=True, help="quality.json from lfm-quant-report on the quality model")
+    parser.add_argument("--quality", required=True, help="quality.json from lfm-bench quality on the quality model")
     parser.add_argument("--default", default="int4", help="the policy the Q4_0 goal is about")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=512)
@@ -183,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                                  args.decode, args.threads)
     result = summarize(pairs, quality, args.default)
     result["quality_report"] = str(args.quality)
-    (out / "frontier.json").write_text(json.dumps(result, indent=2))
+    write_text(out / "frontier.json", json.dumps(result, indent=2))
     write_markdown(result, out / "frontier.md")
     write_plot(result, out / "frontier.png")
     print((out / "frontier.md").read_text())

@@ -5,44 +5,40 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ..plots import figure, whole_numbers
+from ..runtime.files import write_text
 from . import roofline
 
 
+def measured_headline(result: dict) -> str:
+    """What was measured, first: the bundle's best decode median here ("" without a decode measurement)."""
+    decode = {k: m for k, m in result["results"].items() if k.startswith("decode/")}
+    if not decode:
+        return ""
+    key = max(decode, key=lambda k: decode[k]["median"])
+    n, depth = key.split("/")[1].split("@")
+    label = result["bundle"].get("label") or Path(result["bundle"]["path"]).name
+    return (f"**Measured here: {label} decodes {decode[key]['median']:.1f} tok/s** ({n} tokens after {depth} of "
+            f"context, median of {decode[key]['runs']} runs).")
+
+
 def write_markdown(result: dict, path: Path) -> None:
+    """What was measured leads (the headline, the table, roofline, memory, peers); the phone table, a
+    prediction about LFM2.5-8B-A1B int4 whatever bundle was measured, follows under a heading saying so."""
     r, roof, dev = result["results"], result["roofline"], result["device"]
     lines = [f"# lfm-bench: {Path(result['bundle']['path']).name}", "",
              f"{dev['cpu_model']}, {dev['threads']} threads, onnxruntime {dev['onnxruntime']}; "
-             f"quant {result['bundle']['manifest'].get('quant', '?')}.", "",
-             "| metric | median | min | max | runs (quiet) |", "|---|---|---|---|---|"]
+             f"quant {result['bundle']['manifest'].get('quant', '?')}.", ""]
+    headline = measured_headline(result)
+    lines += [headline, ""] if headline else []
+    lines += ["| metric | median | min | max | runs (quiet) |", "|---|---|---|---|---|"]
     for key, m in r.items():
         lines.append(f"| {key} ({m['unit']}) | {m['median']:.3g} | {m['min']:.3g} | {m['max']:.3g} | "
                      f"{m['runs']} ({m['quiet_runs']}) |")
     lines += ["", f"Roofline: {result['bundle']['bytes_per_token'] / 1e6:.0f} MB read per token, read bandwidth "
               f"{roof['read_bandwidth_gbs']:.1f} GB/s -> ceiling {roof['ceiling_tps']:.1f} tok/s; best decode reaches "
-              f"{roof['fraction_reached']:.0%} of it."]
-    # the phone table is about LFM2.5-8B-A1B int4 (roofline.phone_prediction); bench.json files written before it
-    # existed predicted the bundle itself at its own fraction
-    pred = roof.get("phone_prediction")
-    share = pred["efficiency"] if pred else roof["fraction_reached"]
-    if pred:
-        p = roofline.PhonePrediction(**pred, phones=roof["phones"])
-        lines += ["", f"**{p.verdict(roof['target_tps'])}.** {p.basis()}"]
-    lines += ["", f"| phone SoC | bandwidth GB/s | ceiling tok/s | predicted tok/s (at {share:.0%}) "
-              f"| >= {roof['target_tps']:.0f} tok/s |", "|---|---|---|---|---|"]
-    for p in roof["phones"]:
-        lines.append(f"| {p['soc']} | {p['bandwidth_gbs']:.1f} | {p['ceiling_tps']:.1f} | {p['predicted_tps']:.1f} | "
-                     f"{'yes' if p['meets_target'] else 'no'} |")
-    mem = result.get("memory")
-    if mem and "peak_rss_mb" in mem:
-        decoding = (f"; while decoding {mem['rss_decoding_mb']:.0f} MB = {mem['rss_decoding_over_weights']:.2f}x"
-                    if "rss_decoding_mb" in mem else "")
-        lines += ["", f"Peak RSS {mem['peak_rss_mb']:.0f} MB = {mem['peak_rss_over_weights']:.2f}x the bundle's "
-                  f"weights ({mem['weights_mb']:.0f} MB){decoding}."]
-        for when in ("after_load", "decoding"):
-            if f"anon_{when}_mb" in mem:
-                lines += ["", f"{'After load' if when == 'after_load' else 'While decoding'}: anonymous "
-                          f"{mem[f'anon_{when}_mb']:.0f} MB ({mem[f'anon_{when}_over_weights']:.2f}x the weights), "
-                          f"file-backed {mem[f'file_{when}_mb']:.0f} MB."]
+              f"{roofline.share_of_ceiling(roof['fraction_reached'])}."]
+    lines += _memory_lines(result.get("memory") or {})
     for name, peer in result.get("peers", {}).items():
         if not peer.get("decode_tps"):
             lines += ["", f"Peer {name}: {peer.get('error', 'no result')}"]
@@ -53,36 +49,97 @@ def write_markdown(result: dict, path: Path) -> None:
                   + (f"; prompt tok/s {prompts}" if prompts else "") + load,
                   "", "| ours / theirs | ratio |", "|---|---|"]
         lines += [f"| {k} | {v:.2f}x |" for k, v in result.get("ratios", {}).get(name, {}).items()]
-    path.write_text("\n".join(lines) + "\n")
+    lines += _phone_lines(roof)
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _memory_lines(mem: dict) -> list[str]:
+    if "peak_rss_mb" not in mem:
+        return []
+    decoding = (f"; while decoding {mem['rss_decoding_mb']:.0f} MB = {mem['rss_decoding_over_weights']:.2f}x"
+                if "rss_decoding_mb" in mem else "")
+    peak_from = mem.get("peak_from", "")  # absent from bench.json before 2026-12-07: the process's peak
+    notes = ["each run's own, load included" if peak_from == "each run" else
+             f"{peak_from}, the bandwidth probe included" if peak_from else "",
+             f"anonymous {mem['peak_anon_mb']:.0f} MB and file-backed {mem['peak_file_mb']:.0f} MB at their highest"
+             if "peak_anon_mb" in mem else ""]
+    detail = "; ".join(n for n in notes if n)
+    lines = ["", f"Peak RSS {mem['peak_rss_mb']:.0f} MB = {mem['peak_rss_over_weights']:.2f}x the bundle's weights "
+             f"({mem['weights_mb']:.0f} MB)" + (f" ({detail})" if detail else "") + f"{decoding}."]
+    for when in ("after_load", "decoding"):
+        if f"anon_{when}_mb" in mem:
+            lines += ["", f"{'After load' if when == 'after_load' else 'While decoding'}: anonymous "
+                      f"{mem[f'anon_{when}_mb']:.0f} MB ({mem[f'anon_{when}_over_weights']:.2f}x the weights), "
+                      f"file-backed {mem[f'file_{when}_mb']:.0f} MB."]
+    return lines
+
+
+def _phone_lines(roof: dict) -> list[str]:
+    """The phone table under a heading that says it is a prediction. It is about LFM2.5-8B-A1B int4
+    (roofline.phone_prediction); bench.json files written before that existed predicted the bundle itself at
+    its own fraction."""
+    pred = roof.get("phone_prediction")
+    share = pred["efficiency"] if pred else roof["fraction_reached"]
+    if pred:
+        p = roofline.PhonePrediction(**pred, phones=roof["phones"])
+        lines = ["", f"## Predicted, not measured: {p.model} on phones", "",
+                 f"{p.predicted_range(roof['target_tps'])}. {p.basis()}"]
+    else:
+        lines = ["", "## Predicted, not measured: this bundle on phones, at its own share of the ceiling"]
+    lines += ["", f"| phone SoC | bandwidth GB/s | ceiling tok/s | predicted tok/s (at {share:.0%}) "
+              f"| >= {roof['target_tps']:.0f} tok/s |", "|---|---|---|---|---|"]
+    for p in roof["phones"]:
+        lines.append(f"| {p['soc']} | {p['bandwidth_gbs']:.1f} | {p['ceiling_tps']:.1f} | {p['predicted_tps']:.1f} | "
+                     f"{'yes' if p['meets_target'] else 'no'} |")
+    return lines
+
+
+def depth_span(depth: int) -> tuple[float, float]:
+    """x limits around a single depth: a visible span (not matplotlib's +-0.04 tokens), never far below 0."""
+    span = max(256, depth * 0.5)
+    return max(depth - span, -0.08 * (depth + span)), depth + span
+
+
+def spread_out(values: list[float]) -> bool:
+    """Values more than 10x apart: a linear axis would flatten the small ones (the 30 tok/s target under a
+    cache-resident model's roofline of thousands), so they go on a log scale."""
+    return min(values) > 0 and max(values) > 10 * min(values)
 
 
 def write_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Decode tok/s against context depth, with the roofline, the target and the peers as lines (every line
+    inside the axes and apart: the y axis reaches the highest of them, on a log scale when they span more than
+    10x; one depth gets a visible span around it)."""
     series: dict[int, list[tuple[int, float]]] = {}
     for key, m in result["results"].items():
         if key.startswith("decode/"):
             n, depth = key.split("/")[1].split("@")
             series.setdefault(int(n), []).append((int(depth), m["median"]))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for n, points in sorted(series.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"decode {n} tokens")
     roof = result["roofline"]
-    ax.axhline(roof["ceiling_tps"], color="gray", linestyle="--", label=f"roofline {roof['ceiling_tps']:.0f} tok/s")
-    ax.axhline(roof["target_tps"], color="tab:red", linestyle=":", label=f"target {roof['target_tps']:.0f} tok/s")
-    for name, peer in result.get("peers", {}).items():
-        if peer.get("decode_tps"):
-            ax.axhline(peer["decode_tps"], color="tab:green", linestyle="-.", label=f"{name} {peer['decode_tps']:.0f}")
-    ax.set(xlabel="context depth (tokens)", ylabel="tokens / s", title=Path(result["bundle"]["path"]).name)
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, title=Path(result["bundle"]["path"]).name) as (_, ax):
+        tops = [roof["ceiling_tps"], roof["target_tps"]]
+        for n, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"decode {n} tokens")
+            tops += [p[1] for p in points]
+        ax.axhline(roof["ceiling_tps"], color="gray", linestyle="--", label=f"roofline {roof['ceiling_tps']:.0f} tok/s")
+        ax.axhline(roof["target_tps"], color="tab:red", linestyle=":", label=f"target {roof['target_tps']:.0f} tok/s")
+        for name, peer in result.get("peers", {}).items():
+            if peer.get("decode_tps"):
+                ax.axhline(peer["decode_tps"], color="tab:green", linestyle="-.",
+                           label=f"{name} {peer['decode_tps']:.0f} tok/s")
+                tops.append(peer["decode_tps"])
+        depths = sorted({d for points in series.values() for d, _ in points})
+        if len(depths) <= 1:
+            ax.set_xlim(*depth_span(depths[0] if depths else 0))
+        ax.set(xlabel="context depth (tokens)", ylabel="tokens / s")
+        if spread_out(tops):
+            ax.set_yscale("log")
+            ax.set_ylim(min(tops) / 1.6, max(tops) * 1.6)
+            ax.set_ylabel("tokens / s (log scale)")
+        else:
+            ax.set_ylim(0, max(tops) * 1.12)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: over no line
 
 
 CONVERSATION_LABELS = {"kept": "ours, state kept (Conversation)", "reprefilled": "ours, re-prefilled (LfmModel.chat)",
@@ -148,35 +205,28 @@ def write_conversation_markdown(result: dict, path: Path) -> None:
         lines += ["", f"llama.cpp: llama-cpp-python {peer.get('version')}, {Path(peer['gguf']).name} "
                   f"({peer.get('file_bytes', 0) / 1e9:.2f} GB), load {peer.get('load_s', 0):.2f} s, peak RSS "
                   f"{peer.get('peak_rss_mb', 0):.0f} MB (its own process)."]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_conversation_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     c = result["conversation"]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for system, label in CONVERSATION_LABELS.items():
-        if system not in c["turns"][0]:
-            continue
-        rows = [row for row in c["turns"] if system in row]
-        turns = [row["turn"] for row in rows]
-        med = [row[system]["median"] for row in rows]
-        low = [m - row[system]["min"] for m, row in zip(med, rows, strict=True)]
-        high = [row[system]["max"] - m for m, row in zip(med, rows, strict=True)]
-        ax.errorbar(turns, med, yerr=[low, high], marker="o", capsize=3, label=label)
     spec = c["spec"]
-    ax.set(xlabel="turn", ylabel="time to first token (s)",
-           title=f"{Path(result['bundle']['path']).name}: {spec['turns']} turns of {spec['user']} + {spec['answer']} "
-                 f"tokens" + (f" (<think> {spec['reasoning']})" if spec["reasoning"] else ""))
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = (f"{Path(result['bundle']['path']).name}: {spec['turns']} turns of {spec['user']} + {spec['answer']} "
+             f"tokens" + (f" (<think> {spec['reasoning']})" if spec["reasoning"] else ""))
+    with figure(path, title=title) as (_, ax):
+        for system, label in CONVERSATION_LABELS.items():
+            if system not in c["turns"][0]:
+                continue
+            rows = [row for row in c["turns"] if system in row]
+            turns = [row["turn"] for row in rows]
+            med = [row[system]["median"] for row in rows]
+            low = [m - row[system]["min"] for m, row in zip(med, rows, strict=True)]
+            high = [row[system]["max"] - m for m, row in zip(med, rows, strict=True)]
+            ax.errorbar(turns, med, yerr=[low, high], marker="o", capsize=3, label=label)
+        ax.set(xlabel="turn", ylabel="time to first token (s)")
+        ax.set_ylim(bottom=0)
+        whole_numbers(ax.xaxis)
+        ax.legend(fontsize=8)
 
 
 def _long_rows(section: dict) -> list[tuple[str, str, dict]]:
@@ -189,10 +239,10 @@ def _long_rows(section: dict) -> list[tuple[str, str, dict]]:
 
 
 def write_long_markdown(result: dict, path: Path) -> None:
-    """`--long-context`: prefill and decode by depth for each system, memory, and the goal ratios."""
+    """`lfm-bench long-context`: prefill and decode by depth for each system, memory, and the goal ratios."""
     s, dev = result["long_context"], result["device"]
     geo = s["geometry"]
-    lines = [f"# lfm-bench --long-context: {Path(result['bundle']['path']).name}", "",
+    lines = [f"# lfm-bench long-context: {Path(result['bundle']['path']).name}", "",
              f"{dev['cpu_model']}, {dev['threads']} threads, onnxruntime {dev['onnxruntime']}; quant "
              f"{result['bundle']['manifest'].get('quant', '?')}, KV cache {geo['kv_bits']}-bit; weights "
              f"{geo['weights_bytes'] / 1e9:.2f} GB; llama.cpp: {Path(s['gguf']).name if s['gguf'] else 'not run'}. "
@@ -211,38 +261,29 @@ def write_long_markdown(result: dict, path: Path) -> None:
     if s["summary"]["ratios"]:
         lines += ["", "| ratio | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in s["summary"]["ratios"].items()]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_long_plot(result: dict, path: Path) -> None:
     """Decode tok/s against depth, and peak RSS against depth, one line per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     s = result["long_context"]
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for system, by_depth in s["summary"]["table"].items():
-        points = sorted((int(k.split()[0]), row, k.endswith("synthetic")) for k, row in by_depth.items())
-        for axis, metric in ((speed, "decode_tps"), (memory, "peak_rss_mb")):
-            xs = [d for d, row, _ in points if row[metric]]
-            ys = [row[metric] / (1024 if metric == "peak_rss_mb" else 1) for _, row, _ in points if row[metric]]
-            line, = axis.plot(xs, ys, marker="o", label=system)
-            synth = [(d, row[metric] / (1024 if metric == "peak_rss_mb" else 1)) for d, row, f in points
-                     if f and row[metric]]
-            if synth:
-                axis.scatter(*zip(*synth, strict=True), marker="s", s=60, facecolors="none",
-                             edgecolors=line.get_color())
-    weights = s["geometry"]["weights_bytes"] / 2**30
-    memory.axhline(weights, color="gray", linestyle="--", label=f"our weights {weights:.1f} GiB")
-    speed.set(xlabel="context depth (tokens; squares: KV written directly)", ylabel="decode tokens / s",
-              title="decode speed by depth")
-    memory.set(xlabel="context depth (tokens)", ylabel="peak RSS (GiB)", title="peak memory by depth")
-    for axis in (speed, memory):
-        axis.set_ylim(bottom=0)
-        axis.legend(fontsize=8)
-    fig.suptitle(Path(result["bundle"]["path"]).name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 2, size=(11, 4.2), title=Path(result["bundle"]["path"]).name) as (_, (speed, memory)):
+        for system, by_depth in s["summary"]["table"].items():
+            points = sorted((int(k.split()[0]), row, k.endswith("synthetic")) for k, row in by_depth.items())
+            for axis, metric in ((speed, "decode_tps"), (memory, "peak_rss_mb")):
+                xs = [d for d, row, _ in points if row[metric]]
+                ys = [row[metric] / (1024 if metric == "peak_rss_mb" else 1) for _, row, _ in points if row[metric]]
+                line, = axis.plot(xs, ys, marker="o", label=system)
+                synth = [(d, row[metric] / (1024 if metric == "peak_rss_mb" else 1)) for d, row, f in points
+                         if f and row[metric]]
+                if synth:
+                    axis.scatter(*zip(*synth, strict=True), marker="s", s=60, facecolors="none",
+                                 edgecolors=line.get_color())
+        weights = s["geometry"]["weights_bytes"] / 2**30
+        memory.axhline(weights, color="gray", linestyle="--", label=f"our weights {weights:.1f} GiB")
+        speed.set(xlabel="context depth (tokens; squares: KV written directly)", ylabel="decode tokens / s",
+                  title="decode speed by depth")
+        memory.set(xlabel="context depth (tokens)", ylabel="peak RSS (GiB)", title="peak memory by depth")
+        for axis in (speed, memory):
+            axis.set_ylim(bottom=0)
+            axis.legend(fontsize=8)

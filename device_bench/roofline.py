@@ -1,10 +1,9 @@
 """The physical limit of decoding: every active weight is read once per token, so
     tokens/s <= read bandwidth / bytes read per token.
 
-Bytes per token come from the bundle itself (each initializer's stored size; routed experts count at
-top_k / num_experts of their size; the embedding table counts once, as the LM head that reads all of it).
-`lfm-export` records them in manifest.json, so a phone build without the onnx package reads them there;
-other bundles (onnxruntime-genai's builder) are parsed with onnx.
+Bytes per token come from the bundle itself: `lfm-export` computes them once (export/footprint.py) and records
+them in manifest.json, where this reads them (runtime/bundle.py token_bytes), also on a phone without the onnx
+package; bundles without that entry (onnxruntime-genai's builder) are measured by the same function.
 Bandwidth is measured here, or taken from a phone SoC table.
 
 Phone predictions are about the model that matters, LFM2.5-8B-A1B under the default phone policy (int4),
@@ -12,17 +11,21 @@ whatever bundle was measured (`phone_prediction`): its bytes per token (from its
 measured bundle's manifest when that bundle is it) times phone bandwidth times an efficiency (the share of
 the bandwidth ceiling decode reaches) measured on a memory-bound model. A small bundle (the demo model: under
 1 MB per token, in the CPU's caches) says nothing about that share, so then the full model's recorded one is used.
+A share above 1 (decode faster than the measured bandwidth allows for the geometry's bytes) is capped at 1, and
+a share measured on random weights says so: their routing is not a trained model's.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from ..runtime.bundle import TokenBytes, token_bytes
 
 TARGET_TOKENS_PER_SECOND = 30.0
 
@@ -41,13 +44,13 @@ PHONE_SOCS: dict[str, float] = {
 PHONE_ACHIEVABLE = 0.55
 
 # The model phone predictions are about: LFM2.5-8B-A1B (export/random_weights.py PRESETS) under the default
-# phone policy (export/cli.py TARGET_QUANT: android and ios export int4).
+# phone policy (export/options.py TARGET_QUANT: android and ios export int4).
 REFERENCE_MODEL = "LFM2.5-8B-A1B"
 REFERENCE_PRESET = "lfm2.5-8b-a1b"
 REFERENCE_POLICY = "int4"
-# quant/policy.py bytes_per_token(int4, that geometry), for builds without the exporter and quantizer (a phone
-# build ships runtime, device_bench and mobile_app only); tests/test_device_bench.py holds it to the computation.
-REFERENCE_BYTES_PER_TOKEN = 878_753_536
+# That model's bytes per token: the manifest of `lfm-export --random-weights lfm2.5-8b-a1b --target android`
+# (the bundle FULL_MODEL_EFFICIENCY below was measured on, 2026-11-30).
+REFERENCE_BYTES_PER_TOKEN = 878_804_076
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class RecordedEfficiency:
     read_bandwidth_gbs: float
     measured: str  # date, machine
     source: str  # where the numbers are written down
+    random_weights: bool = False  # measured on a --random-weights bundle (routing unlike a trained model's)
 
     @property
     def fraction(self) -> float:
@@ -68,19 +72,22 @@ class RecordedEfficiency:
         return f"{self.decode_tps:.1f} tok/s at {self.read_bandwidth_gbs:.1f} GB/s, {self.measured}, {self.source}"
 
 
-# device_bench/RESULTS.md, "2026-11-30 (block 256)": the full LFM2.5-8B-A1B geometry's int4 android bundle, decode
+# device_bench/results/notes/2026-11-30-block-256.md: the full LFM2.5-8B-A1B geometry's int4 android bundle, decode
 # median of 10 rounds alternated with llama.cpp Q4_0 (ab.py, 512-token prompt, 128 tokens,
 # results/2026-11-30-ab-int4-block256-vs-llama-q4_0-10rounds.json ours_decode), its manifest's 879 MB per token and
 # this machine's quiet read bandwidth (2026-11-22): 77% of the ceiling. (The int4 layout before block 256, 920 MB
-# per token, reached 76% the same way on 2026-11-22: 29.51 tok/s.)
+# per token, reached 76% the same way on 2026-11-22: 29.51 tok/s.) That bundle has random weights
+# (`lfm-export --random-weights lfm2.5-8b-a1b`): no trained checkpoint was exported at full size.
 FULL_MODEL_EFFICIENCY = RecordedEfficiency(
     decode_tps=31.08, bytes_per_token=878_804_076, read_bandwidth_gbs=35.6,
-    measured="2-core AMD EPYC Zen 4, 2 threads, 2026-11-30", source="device_bench/RESULTS.md")
+    measured="2-core AMD EPYC Zen 4, 2 threads, 2026-11-30", source="device_bench/RESULTS.md, decode",
+    random_weights=True)
 
 # A measured bundle's own efficiency carries over to LFM2.5-8B-A1B only when its decode streams from DRAM as the
 # full model's does: it must read at least 8x the CPU's largest cache per token (so a cache could serve at most an
 # eighth of the reads; sysfs on Linux and Android, 32 MiB assumed where unreadable) and at least 256 MB (below
-# that a step is a few ms, where per-node overhead, ~5.5 ms per token at full size in RESULTS.md 2026-11-29, would
+# that a step is a few ms, where per-node overhead, ~5.5 ms per token at full size
+# (device_bench/results/notes/2026-11-29-decode-overhead.md), would
 # weigh more than bandwidth). The demo model (1.6 MB) is far below; 6 layers of the full width (358 MB) and the
 # full model (879 MB) are above on this machine (32 MiB L3: threshold 268 MB) and on phones.
 MEMORY_BOUND_MIN_BYTES = 256e6
@@ -88,97 +95,14 @@ MEMORY_BOUND_CACHE_MULTIPLE = 8
 ASSUMED_CACHE_BYTES = 32 << 20
 
 
-@dataclass
-class TokenBytes:
-    total: float  # bytes read per decoded token
-    by_kind: dict[str, float]
-    stored: int  # bytes of all weights in the bundle
-
-
-MANIFEST_KEY = "bytes_per_token"  # manifest.json's entry: TokenBytes as a dict
-
-
 def bytes_per_token(bundle: Path) -> TokenBytes:
-    """From manifest.json when the exporter recorded it (no onnx needed), else from the graph (needs onnx)."""
-    bundle = Path(bundle)
-    return recorded_bytes_per_token(bundle) or graph_bytes_per_token(bundle)
+    """What lfm-export recorded in manifest.json, else (another exporter's bundle) computed from its graph."""
+    recorded = token_bytes(bundle)
+    if recorded is not None:
+        return recorded
+    from ..export.footprint import bytes_per_token as from_graph  # needs onnx, which a phone build lacks
 
-
-def recorded_bytes_per_token(bundle: Path) -> TokenBytes | None:
-    """What the exporter recorded in manifest.json; None when there is none, or when the graph file is no
-    longer the one the manifest describes (a different size)."""
-    try:
-        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
-        entry = manifest[MANIFEST_KEY]
-        model = manifest.get("model", "model.onnx")
-        listed = manifest.get("files", {}).get(model, {}).get("bytes")
-        if listed is not None and (Path(bundle) / model).stat().st_size != listed:
-            return None
-        return TokenBytes(entry["total"], dict(entry["by_kind"]), entry["stored"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def manifest_entry(tokens: TokenBytes) -> dict:
-    """What the exporter writes under MANIFEST_KEY; `recorded_bytes_per_token` reads it back unchanged."""
-    return asdict(tokens)
-
-
-def graph_bytes_per_token(bundle: Path) -> TokenBytes:
-    """Parsed from model.onnx's initializers (headers only: external data is not loaded)."""
-    import onnx
-
-    bundle = Path(bundle)
-
-    model = onnx.load(bundle / "model.onnx", load_external_data=False)
-    config = json.loads((bundle / "config.json").read_text()) if (bundle / "config.json").is_file() else {}
-    experts, top_k = config.get("num_experts", 0), config.get("num_experts_per_tok", 0)
-    # a rescored head's finer copy of the vocabulary (quant/policy.py Rescore): its top rows and the lookup's row
-    rescored_rows = 1 + _rescore_top(bundle)
-    by_kind: dict[str, float] = {}
-    stored = 0
-    for init in model.graph.initializer:
-        size = _stored_bytes(init)
-        stored += size
-        name = init.name
-        if name.startswith("rotary."):  # GQA's cos/sin tables (export/onnx_ops.py): one row read per token
-            kind, read = "", 0
-        elif ".experts." in name and experts:
-            kind, read = "experts (routed)", size * top_k / experts
-        elif name.startswith(("model.embed_tokens", "lm_head")) and ".rescore." in name:
-            kind, read = "embedding / LM head", size * rescored_rows / max(1, config.get("vocab_size", 1))
-        elif name.startswith(("model.embed_tokens", "lm_head")):
-            kind, read = ("embedding / LM head", size) if not name.endswith(("scales3", "zp3")) else ("", 0)
-        elif "self_attn" in name:
-            kind, read = "attention", size
-        elif ".conv." in name:
-            kind, read = "conv", size
-        elif "feed_forward" in name:
-            kind, read = "dense FFN / router", size
-        else:
-            kind, read = "other", size
-        if kind:
-            by_kind[kind] = by_kind.get(kind, 0.0) + read
-    return TokenBytes(sum(by_kind.values()), by_kind, stored)
-
-
-def _rescore_top(bundle: Path) -> int:
-    """Rows per token the LM head rescores, from the manifest's policy (64, the policies' value, when unreadable)."""
-    try:
-        policy = json.loads((bundle / "manifest.json").read_text())["quant_policy"]
-        return int((policy.get("rescore") or {}).get("top", 0))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return 64
-
-
-def _stored_bytes(init) -> int:
-    for entry in init.external_data:
-        if entry.key == "length":
-            return int(entry.value)
-    from onnx import helper
-
-    count = int(np.prod(init.dims)) if init.dims else 1
-    return count * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    return from_graph(Path(bundle))
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -197,6 +121,13 @@ def ceiling(bandwidth_gbs: float, token_bytes: float) -> float:
     return bandwidth_gbs * 1e9 / token_bytes
 
 
+def share_of_ceiling(fraction: float) -> str:
+    """"N% of it" after a ceiling (bench.md, the app), and what a share above 100% means."""
+    above = (", more than the measured bandwidth allows: a token read fewer bytes than counted (random weights' "
+             "routing can reuse experts from token to token)")
+    return f"{fraction:.0%} of it" + (above if fraction > 1 else "")
+
+
 def phone_predictions(token_bytes: float, fraction: float | None = None) -> list[dict]:
     """Predicted decode tok/s per SoC at `fraction` of peak bandwidth (default: what phones reach)."""
     share = PHONE_ACHIEVABLE if fraction is None else fraction
@@ -208,19 +139,9 @@ def phone_predictions(token_bytes: float, fraction: float | None = None) -> list
     return rows
 
 
-@functools.cache
 def reference_bytes_per_token() -> tuple[float, str]:
-    """LFM2.5-8B-A1B's bytes per token under the default phone policy, and where the number comes from:
-    computed by quant/policy.py over export/random_weights.py's geometry, or the recorded result of that
-    computation where the exporter is not installed (phone builds)."""
-    try:
-        from ..export.random_weights import RandomCheckpoint
-        from ..quant.policy import bytes_per_token as policy_bytes
-        from ..quant.policy import get_policy
-    except ImportError:
-        return float(REFERENCE_BYTES_PER_TOKEN), "its geometry (recorded)"
-    cfg = RandomCheckpoint(REFERENCE_PRESET).config
-    return float(policy_bytes(get_policy(REFERENCE_POLICY), cfg)), "its geometry"
+    """LFM2.5-8B-A1B's bytes per token under the default phone policy, and where the number comes from."""
+    return float(REFERENCE_BYTES_PER_TOKEN), "its int4 bundle's manifest (recorded)"
 
 
 def is_reference_bundle(bundle: Path, tokens: TokenBytes) -> bool:
@@ -235,19 +156,33 @@ def is_reference_bundle(bundle: Path, tokens: TokenBytes) -> bool:
     return same_policy and abs(tokens.total / reference_bytes_per_token()[0] - 1) < 1e-3
 
 
+def _manifest(bundle: Path | None) -> dict:
+    """A bundle's manifest.json for labels and notes: {} where there is none or it is no JSON object."""
+    try:
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def random_weights_preset(bundle: Path | None) -> str | None:
+    """The preset a `lfm-export --random-weights` bundle was made from (manifest.json), else None."""
+    return _preset(_manifest(bundle).get("source"))
+
+
+def _preset(source: Any) -> str | None:
+    preset = source.get("random_weights") if isinstance(source, dict) else None
+    return str(preset) if preset else None
+
+
 def bundle_label(bundle: Path) -> str:
     """What a bundle is, for a reader: its source (hub id, checkpoint folder name, or random-weights preset) and
     quantization policy from manifest.json, else its folder's name."""
-    bundle = Path(bundle)
-    try:
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        source = manifest.get("source") or {}
-        name = (source.get("hub_id") or source.get("name")
-                or (f"random weights {source['random_weights']}" if source.get("random_weights") else ""))
-        quant = manifest.get("quant") or ""
-    except (OSError, ValueError, AttributeError, TypeError):
-        name = quant = ""
-    return f"{name or bundle.name} {quant}".strip()
+    manifest = _manifest(bundle)
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    preset = _preset(source)
+    name = source.get("hub_id") or source.get("name") or (f"random weights {preset}" if preset else "")
+    return f"{name or Path(bundle).name} {manifest.get('quant') or ''}".strip()
 
 
 def last_level_cache_bytes() -> int | None:
@@ -276,26 +211,35 @@ class PhonePrediction:
 
     model: str  # what the rows are about, e.g. "LFM2.5-8B-A1B int4"
     bytes_per_token: float
-    bytes_from: str  # "its geometry" (quant/policy.py), "its geometry (recorded)", "this bundle's manifest"
+    bytes_from: str  # "its int4 bundle's manifest (recorded)", or "this bundle's manifest" when it is that bundle
     efficiency: float  # share of the bandwidth ceiling decode reaches
     efficiency_measured_here: bool  # the measured bundle's own (memory-bound), else FULL_MODEL_EFFICIENCY
     efficiency_from: str
     measured_bytes_per_token: float  # the measured bundle's (0: unknown)
     memory_bound_bytes: float  # the threshold its bytes per token were held against
     phones: list[dict] = field(default_factory=list)
+    # the efficiency was measured on random weights (here, or the recorded one); bench.json from before
+    # 2026-12-07 has neither field
+    random_weights: bool = False
+    capped_from: float = 0.0  # the share measured here when it exceeded 1 (then efficiency is 1), else 0
 
     @property
     def reaching(self) -> int:
         return sum(p["meets_target"] for p in self.phones)
 
-    def verdict(self, target: float = TARGET_TOKENS_PER_SECOND) -> str:
-        """One line: the model, the predicted range, how many phones reach the target."""
+    def predicted_range(self, target: float = TARGET_TOKENS_PER_SECOND) -> str:
+        """The predicted range and how many phones reach the target, e.g. "45-74 tok/s predicted; reaches 30
+        tok/s on all 8"."""
         tps = [p["predicted_tps"] for p in self.phones]
         n, reached = len(tps), self.reaching
         where = (f"reaches {target:.0f} tok/s on all {n}" if reached == n else
                  f"below the {target:.0f} tok/s target on all {n}" if reached == 0 else
                  f"reaches {target:.0f} tok/s on {reached} of {n}")
-        return f"{self.model} on phones: {min(tps):.0f}-{max(tps):.0f} tok/s predicted; {where}"
+        return f"{min(tps):.0f}-{max(tps):.0f} tok/s predicted; {where}"
+
+    def verdict(self, target: float = TARGET_TOKENS_PER_SECOND) -> str:
+        """One line: the model, the predicted range, how many phones reach the target."""
+        return f"{self.model} on phones: {self.predicted_range(target)}"
 
     def basis(self) -> str:
         """Where the numbers come from, in a sentence or two."""
@@ -307,24 +251,35 @@ class PhonePrediction:
                    f"per token, under the {self.memory_bound_bytes / 1e6:.0f} MB from which decode is memory-bound)"
                    if self.measured_bytes_per_token else "this bundle's bytes per token are unknown")
             eff = f"the full model's measured efficiency ({self.efficiency_from}); {why}"
-        return (f"{self.model}: {self.bytes_per_token / 1e6:.0f} MB read per token ({self.bytes_from}) at "
-                f"{self.efficiency:.0%} of each phone's memory bandwidth, {eff}.")
+        out = (f"{self.model}: {self.bytes_per_token / 1e6:.0f} MB read per token ({self.bytes_from}) at "
+               f"{self.efficiency:.0%} of each phone's memory bandwidth, {eff}.")
+        if self.capped_from:
+            out += (f" Capped at 100%: decode here reached {self.capped_from:.0%} of the ceiling, faster than the "
+                    "measured bandwidth allows for the bytes counted per token, so a token read fewer bytes than "
+                    "counted.")
+        if self.random_weights:
+            out += (" That efficiency was measured on random weights: their routing is not a trained model's "
+                    "(tokens that reuse experts read fewer bytes than counted), so a trained model's may be lower.")
+        return out
 
 
 def phone_prediction(bundle: Path | None, tokens: TokenBytes | None, fraction_here: float,
                      cache_bytes: int | None = None) -> PhonePrediction:
     """Each phone's decode of LFM2.5-8B-A1B int4. Bytes per token: the measured bundle's when it is that model,
-    else the geometry's. Efficiency: `fraction_here` (the measured bundle's best decode / its ceiling) when the
-    bundle is memory-bound (`memory_bound_bytes`), else FULL_MODEL_EFFICIENCY."""
+    else the geometry's. Efficiency: `fraction_here` (the measured bundle's best decode / its ceiling, at most 1)
+    when the bundle is memory-bound (`memory_bound_bytes`), else FULL_MODEL_EFFICIENCY."""
     ref_bytes, bytes_from = reference_bytes_per_token()
     if tokens is not None and bundle is not None and is_reference_bundle(bundle, tokens):
         ref_bytes, bytes_from = tokens.total, "this bundle's manifest"
     threshold = memory_bound_bytes(cache_bytes)
     own = tokens is not None and tokens.total >= threshold and fraction_here > 0
-    efficiency = fraction_here if own else FULL_MODEL_EFFICIENCY.fraction
+    # a share above 1 is no efficiency: the bundle read fewer bytes than counted (random weights' routing)
+    efficiency = min(fraction_here, 1.0) if own else FULL_MODEL_EFFICIENCY.fraction
     source = "measured here" if own else FULL_MODEL_EFFICIENCY.describe()
+    random = random_weights_preset(bundle) is not None if own else FULL_MODEL_EFFICIENCY.random_weights
     return PhonePrediction(
         model=f"{REFERENCE_MODEL} {REFERENCE_POLICY}", bytes_per_token=ref_bytes, bytes_from=bytes_from,
         efficiency=efficiency, efficiency_measured_here=own, efficiency_from=source,
         measured_bytes_per_token=tokens.total if tokens is not None else 0.0, memory_bound_bytes=threshold,
-        phones=phone_predictions(ref_bytes, efficiency))
+        phones=phone_predictions(ref_bytes, efficiency), random_weights=random,
+        capped_from=fraction_here if own and fraction_here > 1 else 0.0)

@@ -1,4 +1,4 @@
-"""What GPTQ (quant/gptq.py) needs from calibration text: each linear's input second moments H = sum x x^T.
+"""What GPTQ (quant/blocks.py gptq) needs from calibration text: each linear's input second moments H = sum x x^T.
 
 One pass of the fp32 model (the streaming reference: one tensor in memory at a time) over windows of calibration
 tokens, the text and its fallbacks as for the KV cache's scales (kv_cache.calibration_ids). Inputs come from the
@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .kv_cache import calibration_ids
+from .lfm2 import Lfm2Model
 
 GPTQ_TOKENS = 4096
 WINDOW = 512
@@ -24,8 +25,7 @@ def linear_hessians(ckpt, wanted: Callable[[str], bool], text: str | None = None
     source; ({}, None) without a pass when the model has no such weight."""
     import torch
 
-    from .lfm2 import Lfm2Model
-    from .reference import StreamingReference, _TorchOps
+    from .reference import StreamingReference, _TorchOps  # torch: needed for calibration only
 
     if not any(wanted(w.name) for w in Lfm2Model(ckpt.config).weights()):
         return {}, None

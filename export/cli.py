@@ -10,17 +10,16 @@ from pathlib import Path
 from typing import TextIO
 
 from ..quant.blocks import METHODS
-from ..quant.policy import get_policy
+from ..quant.policy import POLICIES, get_policy
+from ..runtime.files import describe, read_text
+from ..runtime.memory import peak_rss_mb
 from .checkpoint import CheckpointError, is_gguf
 from .config import ConfigError
-from .exporter import OP_SETS, QUANTS, ExportError, export
+from .exporter import export
 from .kv_cache import DEFAULT_MARGIN, KV_CACHES
+from .options import OP_SETS, TARGET_QUANT, TARGETS, ExportError, ExportOptions
 
-# Phones decode at the speed of memory: every bit per weight is speed there.
-TARGET_QUANT = {"desktop": "fp32", "android": "int4", "ios": "int4"}
-# ... and long context lives in the KV cache: int8 holds 4x the context of fp32 in the same memory, at the
-# measured cost in quant/README.md ("KV cache precision"). Desktop keeps the exact fp32 cache.
-TARGET_KV_CACHE = {"desktop": "fp32", "android": "int8", "ios": "int8"}
+MAX_TEXT_BYTES = 256 << 20  # --eval-text / --kv-calibration: text, not a disk image
 
 
 def demo_model_path() -> Path:
@@ -67,13 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lfm-export", description=__doc__)
     parser.add_argument("checkpoint", nargs="?", help="checkpoint folder or hub id, or a .gguf file (local, or "
                         "org/name/file.gguf on the hub) (default: the bundled demo model)")
-    parser.add_argument("--out", default=None, help="bundle folder to write (default: build/<checkpoint name>)")
-    parser.add_argument("--ops", choices=sorted(OP_SETS), default="contrib",
+    parser.add_argument("--out", default=None, help="bundle folder to write (default: build/<checkpoint name>); "
+                        "it must be new, empty or an earlier lfm-edge bundle (replaced whole at the end)")
+    parser.add_argument("--force", action="store_true", help="replace --out even when it holds other files")
+    parser.add_argument("--ops", choices=OP_SETS, default="contrib",
                         help="contrib: onnxruntime's fused CPU kernels; portable: standard ONNX ops only")
-    parser.add_argument("--target", choices=sorted(TARGET_QUANT), default="desktop",
-                        help="where the bundle runs; sets the default --quant (phones: int4)")
-    parser.add_argument("--quant", choices=QUANTS, default=None,
-                        help="quantization policy (quant/policy.py; default by --target); int4 needs --ops contrib")
+    parser.add_argument("--target", choices=TARGETS, default="desktop",
+                        help="where the bundle runs; sets the default --quant (phones: int4) and --kv-cache")
+    parser.add_argument("--quant", choices=sorted(POLICIES), default=None,
+                        help="quantization policy (quant/policy.py; default by --target, int4 for a quantized "
+                        "GGUF); int4 needs --ops contrib")
     parser.add_argument("--block-size", type=int, choices=(16, 32, 64, 128, 256), default=None,
                         help="override the policy's block size")
     parser.add_argument("--quant-method", choices=METHODS, default=None,
@@ -91,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="int8/int4 cache: text to calibrate the scales on (default: CPython's documentation "
                              "topics, without the demo model's held-out ones)")
     parser.add_argument("--random-weights", metavar="PRESET[:LAYERS]", default=None,
-                        help="random weights of a real geometry instead of a checkpoint: "
-                             "lfm2.5-8b-a1b or lfm2-8b-a1b (:LAYERS cuts the depth)")
+                        help="random weights of a real geometry instead of a checkpoint: lfm2.5-8b-a1b or "
+                             "lfm2-8b-a1b (:LAYERS keeps the first LAYERS layers; the first two are conv layers with "
+                             "a dense FFN, so keep at least 3 for an attention layer and an MoE one)")
     parser.add_argument("--eval-text", metavar="FILE", default=None,
                         help="held-out text: measure the quantized bundle against fp32 (quality.md in the bundle); "
                              "the demo model uses its own heldout.txt")
@@ -103,52 +106,67 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.checkpoint
     try:
         if checkpoint is not None and is_gguf(checkpoint) and not args.random_weights:
-            from .gguf_checkpoint import resolve_gguf, stores_quantized
+            from .gguf_checkpoint import resolve_gguf  # gguf-py: imported for GGUF input only
 
             checkpoint = resolve_gguf(checkpoint)
-            # A quantized GGUF keeps its blocks by default (int4: Q4_0/Q8_0 as they are), even on a desktop.
-            if args.quant is None and stores_quantized(checkpoint):
-                args.quant = "int4"
     except (CheckpointError, OSError) as e:
         print(f"lfm-export: error: {e}", file=sys.stderr)
         return 2
-    args.quant = args.quant or TARGET_QUANT[args.target]
-    if args.kv_cache is None:  # the portable op set has only the fp32 cache (export() says why if asked)
-        args.kv_cache = "fp32" if args.ops == "portable" else TARGET_KV_CACHE[args.target]
-
     if args.random_weights:
         checkpoint = None
         name = "random-" + args.random_weights.replace(":", "-")
     elif checkpoint is None:
         checkpoint = demo_model_path()
         print(f"No checkpoint given: exporting the bundled demo model ({checkpoint}).")
-        if args.eval_text is None and args.quant != "fp32":
+        if args.eval_text is None and (args.quant or TARGET_QUANT[args.target]) != "fp32":
             args.eval_text = str(checkpoint / "heldout.txt")
     if checkpoint is not None:
         name = Path(str(checkpoint).rstrip("/")).name or "model"
         name = name[:-len(".gguf")] if is_gguf(name) else name
-    out = Path(args.out) if args.out else Path("build") / f"{name}-{args.quant}-{args.ops}"
+    quant_name = args.quant or ("int4" if checkpoint is not None and is_gguf(checkpoint) else TARGET_QUANT[args.target])
+    out = Path(args.out) if args.out else Path("build") / f"{name}-{quant_name}-{args.ops}"
 
     progress = Progress(sys.stderr, args.quiet)
     try:
-        policy = get_policy(args.quant).with_overrides(args.block_size, args.quant_method, args.accuracy_level)
-        eval_text = Path(args.eval_text).read_text() if args.eval_text else None
-        calibration = None
-        if args.kv_calibration:
-            if not Path(args.kv_calibration).is_file():
-                raise ExportError(f"--kv-calibration {args.kv_calibration}: no such file")
-            calibration = Path(args.kv_calibration).read_text()
-        result = export(checkpoint, out, ops=args.ops, quant=policy, random_weights=args.random_weights,
-                        target=args.target, eval_text=eval_text, progress=progress, tokenizer=args.tokenizer,
-                        kv_cache=args.kv_cache, kv_calibration_text=calibration, kv_margin=args.kv_margin)
+        overrides = (args.block_size, args.quant_method, args.accuracy_level)
+        quant = get_policy(quant_name).with_overrides(*overrides) \
+            if args.quant or any(o is not None for o in overrides) else None
+        options = ExportOptions(
+            ops=args.ops, quant=quant, target=args.target, kv_cache=args.kv_cache, kv_margin=args.kv_margin,
+            kv_calibration_text=_text("--kv-calibration", args.kv_calibration),
+            eval_text=_text("--eval-text", args.eval_text),
+            eval_text_name=Path(args.eval_text).name if args.eval_text else None, tokenizer=args.tokenizer,
+            random_weights=args.random_weights, progress=progress, force=args.force)
+        result = export(checkpoint, out, options)
     except (ExportError, CheckpointError, ConfigError, ValueError, OSError) as e:
         progress.end()
         print(f"lfm-export: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        progress.end()
+        print(f"lfm-export: interrupted; {out} is as it was before", file=sys.stderr)
+        return 130
     progress.end()
+    for warning in result.warnings:
+        print(f"lfm-export: warning: {warning}", file=sys.stderr)
     size = sum(result.files.values())
-    print(f"Wrote {result.bundle} ({size / 1e6:.1f} MB, {len(result.files)} files) in {result.seconds:.2f} s.")
+    print(f"Wrote {result.bundle} ({size / 1e6:.1f} MB, {len(result.files)} files) in {result.seconds:.2f} s; "
+          f"peak memory {peak_rss_mb() / 1024:.2f} GB.")
     return 0
+
+
+def _text(option: str, path: str | None) -> str | None:
+    """The text of a file an option names; ExportError names the option and the file."""
+    if path is None:
+        return None
+    try:
+        return read_text(path, MAX_TEXT_BYTES)
+    except FileNotFoundError:
+        raise ExportError(f"{option} {path}: no such file") from None
+    except OSError as e:
+        raise ExportError(f"{option} {path}: cannot read it ({describe(e)})") from None
+    except UnicodeDecodeError:
+        raise ExportError(f"{option} {path}: not UTF-8 text") from None
 
 
 if __name__ == "__main__":

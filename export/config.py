@@ -8,6 +8,7 @@ flat `rope_theta`, `tie_embedding`) are normalised here so nothing downstream se
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,13 @@ class Lfm2Config:
         )
 
 
+# Upper bounds on sizes (LFM2.5-8B-A1B: vocabulary 128,000, hidden 2048, 24 layers, 32 experts, 128K context)
+LIMITS = {"vocab_size": 1 << 21, "hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+          "num_key_value_heads": 1024, "head_dim": 4096, "max_position_embeddings": 1 << 20, "conv_L_cache": 64,
+          "intermediate_size": 1 << 18, "moe_intermediate_size": 1 << 18, "num_experts": 4096,
+          "num_experts_per_tok": 4096, "block_ff_dim": 1 << 18}
+
+
 class _Reader:
     """Typed access to config fields, with errors that name the file and the field."""
 
@@ -168,10 +176,23 @@ class _Reader:
         return value
 
     def positive(self, key: str, default: Any = ...) -> int:
+        """A positive integer, and at most LIMITS[key] (check_size)."""
         value = self.get(key, int, default)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{self.source}: field {key!r} = {value}, expected a positive integer")
-        return value
+        return value if value is None else check_size(self.source, key, value)
+
+
+def check_size(source: str, key: str, value: Any, limit: str | None = None) -> int:
+    """A positive integer, and at most LIMITS[limit or key]: a size past it is a broken or hostile file, refused
+    before anything is allocated for it or divided by it. `key` is the field as the file names it (a GGUF's
+    `lfm2moe.block_count` is held to "num_hidden_layers")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{source}: field {key!r} = {value!r}, expected int")
+    if value <= 0:
+        raise ConfigError(f"{source}: field {key!r} = {value}, expected a positive integer")
+    bound = LIMITS.get(limit or key, 1 << 24)
+    if value > bound:
+        raise ConfigError(f"{source}: field {key!r} = {value:,}, more than the {bound:,} any LFM2 geometry has")
+    return int(value)
 
 
 def _type_name(types: type | tuple[type, ...]) -> str:

@@ -28,8 +28,9 @@ import numpy as np
 
 from ..quant.blocks import Quantized
 from ..quant.policy import QuantSpec
+from ..runtime.files import describe, open_regular
 from .checkpoint import CheckpointError
-from .config import ConfigError, Lfm2Config
+from .config import ConfigError, Lfm2Config, check_size
 from .gguf_blocks import DEQUANTIZABLE, EXACT, FLOATS, closest_spec, decode, dequantize
 from .gguf_tokenizer import TokenizerMetadataError, tokenizer_config, tokenizer_from_metadata
 
@@ -40,17 +41,13 @@ _SAMPLING = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p":
              "penalty_repeat": "repetition_penalty"}
 
 
-def stores_quantized(path: str | Path) -> bool:
-    """Whether any tensor of the GGUF is in a block type (reads the header only)."""
-    return any(t.tensor_type not in FLOATS and t.tensor_type != Q.BF16 for t in _open(Path(path)).tensors)
-
-
 class _Reader(gguf.GGUFReader):
     """gguf-py's reader, with each tensor's type and extent checked before its array view is made: gguf-py
     would fail on a truncated file with a reshape error that names no tensor."""
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         size = len(self.data)
+        extents = []
         for field in fields:
             _, name_data, _, dims, raw_dtype, offset = field.parts
             name = bytes(name_data).decode("utf-8", "replace")
@@ -64,10 +61,19 @@ class _Reader(gguf.GGUFReader):
             if int(dims[0]) % block:
                 raise CheckpointError(f"{self._path}: tensor {name!r} of type {qtype.name} has rows of {int(dims[0])}, "
                                       f"not a multiple of its block of {block}")
-            end = start_offs + int(offset[0]) + n * type_size // block
+            if n < 0 or any(int(d) <= 0 for d in dims):
+                raise CheckpointError(f"{self._path}: tensor {name!r} has dimensions {dims.tolist()}")
+            start = start_offs + int(offset[0])
+            end = start + n * type_size // block
             if end > size:
                 raise CheckpointError(f"{self._path}: tensor {name!r} ends at byte {end}, past the end of the file "
                                       f"({size} bytes): truncated or corrupt")
+            extents.append((start, end, name))
+        extents.sort()
+        for (_, end, name), (start, _, other) in zip(extents, extents[1:], strict=False):
+            if start < end:
+                raise CheckpointError(f"{self._path}: tensors {name!r} and {other!r} overlap in the file (bytes "
+                                      f"{start}..{end}): corrupt or crafted")
         super()._build_tensors(start_offs, fields)
 
     def __init__(self, path: Path):
@@ -77,10 +83,13 @@ class _Reader(gguf.GGUFReader):
 
 def _open(path: Path) -> _Reader:
     try:
+        open_regular(path).close()  # a FIFO, a device or a folder is refused before gguf-py maps it
         return _Reader(path)
     except CheckpointError:
         raise
-    except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({describe(e)})") from None
+    except (ValueError, KeyError, IndexError, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
@@ -95,7 +104,7 @@ class GgufCheckpoint:
 
     def __init__(self, path: str | Path, tokenizer: str | Path | None = None):
         self.path = self.folder = Path(path)  # `folder`: what manifests and messages name as the source
-        if not self.path.is_file():
+        if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such GGUF file")
         first = _open(self.path)
         self.meta = {name: _value(f) for name, f in first.fields.items() if not name.startswith("GGUF.")}
@@ -141,8 +150,15 @@ class GgufCheckpoint:
             return default
         return value
 
+    def _size(self, name: str, limit: str) -> int:
+        """A size the config is computed from (the largest, when it is per layer), checked (config.check_size)
+        before it divides, multiplies or allocates anything."""
+        value = self._key(name)
+        value = max(value, default=0) if isinstance(value, list) else value
+        return check_size(str(self.path), f"{self.arch}.{name}", value, limit)
+
     def _config(self) -> Lfm2Config:
-        n = self._key("block_count")
+        n = self._size("block_count", "num_hidden_layers")
         kv = self._key("attention.head_count_kv")
         kv = kv if isinstance(kv, list) else [kv] * n
         if len(kv) != n:
@@ -150,12 +166,15 @@ class GgufCheckpoint:
                                   "layers")
         if len({k for k in kv if k}) > 1:
             raise CheckpointError(f"{self.path}: attention layers with different KV head counts {sorted(set(kv))}")
-        heads = self._key("attention.head_count")
-        heads = max(heads) if isinstance(heads, list) else heads
-        hidden = self._key("embedding_length")
+        heads = self._size("attention.head_count", "num_attention_heads")
+        hidden = self._size("embedding_length", "hidden_size")
         embd = self._tensors.get("token_embd.weight")
         if embd is None:
             raise CheckpointError(f"{self.path}: tensor 'token_embd.weight' is missing")
+        vocab = self._key("vocab_size", int(embd[1].shape[1]))
+        if vocab != int(embd[1].shape[1]):
+            raise CheckpointError(f"{self.path}: {self.arch}.vocab_size is {vocab}, but token_embd.weight has "
+                                  f"{int(embd[1].shape[1])} rows")
         scaling = self.meta.get(f"{self.arch}.rope.scaling.type", "none")
         if scaling not in ("none", None):
             raise CheckpointError(f"{self.path}: rope scaling {scaling!r} is not supported")
@@ -169,7 +188,7 @@ class GgufCheckpoint:
             "norm_eps": _f32(self._key("attention.layer_norm_rms_epsilon", 1e-5)),
             "rope_theta": _f32(self._key("rope.freq_base", 1_000_000.0)),
             "max_position_embeddings": self._key("context_length", 128_000),
-            "vocab_size": self._key("vocab_size", int(embd[1].shape[1])),
+            "vocab_size": vocab,
             "tie_word_embeddings": "output.weight" not in self._tensors,
             # the width of the dense layers as stored, already adjusted by LFM2's rules
             "intermediate_size": self._dense_width(n), "block_auto_adjust_ff_dim": False,
@@ -314,7 +333,16 @@ class GgufCheckpoint:
             out = raw.view(FLOATS[t.tensor_type]).astype(np.float32)
         else:
             out = dequantize(raw, t.tensor_type)
+        self._finite(name, out)
         return out.reshape(self.shape(name))
+
+    def _finite(self, name: str, values: np.ndarray) -> None:
+        """A weight (or a block scale) that is NaN or infinite would make the bundle emit nothing but padding."""
+        bad = ~np.isfinite(values)
+        if bad.any():
+            gname = self._entry(name)[0][0]
+            raise CheckpointError(f"{self.path}: tensor {gname!r} (for {name!r}) holds {int(bad.sum()):,} values "
+                                  "that are NaN or infinite: the file is corrupt")
 
     def closest_spec(self, name: str, min_block: int = 16) -> QuantSpec | None:
         """For a weight stored in a block type that is re-quantized: the kernel layout closest to it."""
@@ -330,7 +358,12 @@ class GgufCheckpoint:
         qtype = self._entry(name)[1][1].tensor_type
         if qtype not in EXACT and qtype not in (Q.Q6_K, Q.Q4_K):
             return None
-        return decode(self._raw(name)[0], qtype, float_zero_points)
+        q = decode(self._raw(name)[0], qtype, float_zero_points)
+        if q is not None:
+            self._finite(name, np.asarray(q.scales, np.float32))
+            if q.zero_points is not None and q.zero_points.dtype.kind == "f":
+                self._finite(name, q.zero_points)
+        return q
 
 
 def _f32(value: float) -> float:

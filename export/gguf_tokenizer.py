@@ -91,7 +91,13 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str) -> dict:
         raise TokenizerMetadataError(f"{source}: tokenizer.ggml.pre {pre!r} is not one whose split rules are known "
                                      f"here ({sorted(PRE_TOKENIZERS)}); pass the model's tokenizer.json with "
                                      "--tokenizer")
+    if not isinstance(meta.get("tokens"), list) or not meta["tokens"]:
+        raise TokenizerMetadataError(f"{source}: no token list in the GGUF (tokenizer.ggml.tokens is missing); pass "
+                                     "the model's tokenizer.json with --tokenizer")
     tokens, types = list(meta["tokens"]), list(meta.get("token_type") or [NORMAL] * len(meta["tokens"]))
+    if len(types) != len(tokens):
+        raise TokenizerMetadataError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries for "
+                                     f"{len(tokens)} tokens")
     vocab: dict[str, int] = {}
     added = []
     for i, (token, kind) in enumerate(zip(tokens, types, strict=True)):

@@ -105,7 +105,7 @@ def _dense_cached(op: str, bits: int, block: int, method: str, accuracy_level: i
 
 
 def _dense(op: str, spec: QuantSpec, accuracy_level: int) -> str | None:
-    layout = "mse" if spec.method == "gptq" else spec.method  # GPTQ's codes sit in mse's layout (quant/gptq.py)
+    layout = "mse" if spec.method == "gptq" else spec.method  # GPTQ's codes sit in mse's layout (quant/blocks.py)
     return _dense_cached(op, spec.bits, spec.block_size, layout, accuracy_level)
 
 

@@ -96,7 +96,7 @@ def kv_absmax(ckpt, ids: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """layer -> (rotary-pair norm max of k before rotary, max |v|), each [Hkv, D], over one pass of `ids`."""
     import torch
 
-    from .reference import StreamingReference, _TorchOps
+    from .reference import StreamingReference, _TorchOps  # torch: needed for calibration only
 
     stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 

@@ -315,7 +315,8 @@ class ContribOps(PortableOps):
     # Off: the fused norm sums its squares in another order (within 4e-6), which is exact by the tests'
     # measure but flips a near-tie in the int4 demo model's greedy text, and tests/test_constrain.py's pydantic
     # case then writes on to its token limit. On, it saves 2 nodes per layer and decoded token
-    # (device_bench/RESULTS.md, 2026-11-29); turning it on needs that test to stop depending on one greedy path.
+    # (device_bench/results/notes/2026-11-29-decode-overhead.md); turning it on needs that test to stop depending on
+    # one greedy path.
     fuse_norms = False
 
     def trace(self, model: Lfm2Model) -> None:

@@ -22,10 +22,11 @@ from onnx import TensorProto
 from ..quant.blocks import Quantized, quantize
 from ..quant.policy import VOCABULARY, Policy, QuantSpec
 from .checkpoint import Checkpoint
+from .config import Lfm2Config
 from .conversion import ConversionLog, kernel_name
 from .graph import MS, Graph
 from .kv_cache import KvCache
-from .lfm2 import Linear, SparseMoe, Weight
+from .lfm2 import Lfm2Model, Linear, SparseMoe, Weight
 from .onnx_ops import ContribOps, WeightTransform
 
 
@@ -267,6 +268,28 @@ class QuantizedOps(ContribOps):
         names["scales"] = self.g.weight(prefix + ".scales", np.stack(scales))
         names["zp"] = None if zero_points[0] is None else self.g.weight(prefix + ".zp", np.stack(zero_points))
         return names
+
+
+def padding(policy: Policy, cfg: Lfm2Config) -> dict[str, float]:
+    """Stored codes over the weights they hold, by part ("experts", "linears", "vocabulary") of a policy's export
+    of a float checkpoint of `cfg`: a row is zero-padded to whole blocks (`quantize`), and QMoE pads both of an
+    expert's widths, hidden and expert size (`QuantizedOps.qmoe`). 1.0: nothing padded. Rows narrower than the
+    policy's blocks (a small model's) make a bundle bigger than its bits say."""
+    def whole(width: int, block: int) -> int:
+        return -(-width // block) * block
+
+    stored: dict[str, int] = {}
+    held: dict[str, int] = {}
+    for w in Lfm2Model(cfg).weights():
+        spec = policy.spec(w.name)
+        if spec is None or len(w.shape) != 2:
+            continue
+        rows, k = w.shape
+        part = "experts" if ".experts." in w.name else "vocabulary" if w.name in VOCABULARY else "linears"
+        padded_rows = whole(rows, spec.block_size) if part == "experts" else rows
+        stored[part] = stored.get(part, 0) + padded_rows * whole(k, spec.block_size)
+        held[part] = held.get(part, 0) + rows * k
+    return {part: stored[part] / held[part] for part in ("experts", "linears", "vocabulary") if part in stored}
 
 
 def stored_in_blocks(checkpoint: Checkpoint, name: str) -> bool:

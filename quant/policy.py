@@ -92,6 +92,18 @@ class Policy:
     def describe(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> str:
+        """One line a reader can check against the manifest: each part's bits, block and method."""
+        def part(name: str, spec: QuantSpec | None) -> str:
+            if spec is None:
+                return f"{name} fp32"
+            down = f"/{spec.down_bits}" if spec.down_bits else ""
+            return f"{name} {spec.bits}{down}-bit b{spec.block_size} {spec.method}"
+
+        head = part("vocabulary", self.embedding) + (
+            f", top {self.rescore.top} rescored at {self.rescore.spec.bits}-bit" if self.rescore else "")
+        return f"{part('experts', self.experts)}, {part('linears', self.linears)}, {head}"
+
     def fake_quant(self, name: str, array: np.ndarray, hessians: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The weight as the quantized graph sees it (quantize, then dequantize): the reference transform.
         `hessians`: the calibration the export used, for `gptq` weights (export/calibration.py)."""
@@ -128,7 +140,7 @@ def scale_dtype(weight_name: str) -> type:
 # costs (KL at block 256 0.042 against 0.038 at 128), so they stay at 128 (GPTQ). The MSE clipping search beats
 # RTN at every block size (KL to fp32 0.063 vs 0.092 at block 128).
 INT4 = QuantSpec(4, 256, "mse")
-# The linears' codes by GPTQ (quant/gptq.py) from calibration text, in the same layout: on the quality model
+# The linears' codes by GPTQ (quant/blocks.py gptq) from calibration text, in the same layout: on the quality model
 # int4's KL 0.044 -> 0.036, below llama.cpp Q4_0's 0.037, at the same bytes (quant/README.md).
 INT4_LINEARS = QuantSpec(4, 128, "gptq")
 INT4_VOCAB = QuantSpec(4, 256, "mse")
@@ -161,34 +173,6 @@ POLICIES: dict[str, Policy] = {
     "int3-experts-down4": Policy("int3-experts-down4", experts=QuantSpec(3, 64, "mse-sym", down_bits=4),
                                  linears=INT4_LINEARS, embedding=INT4_VOCAB, rescore=Rescore()),
 }
-
-
-def bytes_per_token(policy: Policy, cfg) -> int:
-    """Bytes of weights one decoded token reads under `policy`, as stored (onnxruntime's repacking at load adds
-    per block): routed experts at top_k / num_experts, the vocabulary table once (the LM head reads all of it,
-    the embedding one row), fp32 for what the policy leaves alone. `cfg` is an export.config.Lfm2Config."""
-    from ..export.lfm2 import Lfm2Model
-
-    total = 0.0
-    for w in Lfm2Model(cfg).weights():
-        numel = int(np.prod(w.shape))
-        if w.name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
-            continue  # read a row per token; the untied LM head is counted
-        spec = policy.spec(w.name)
-        if spec is None:
-            size = 4.0 * numel
-        else:
-            blocks = numel / spec.block_size
-            scale_bytes = np.dtype(scale_dtype(w.name)).itemsize
-            zero_point_bits = 0 if spec.method in ("rtn", "mse-sym") else spec.bits
-            size = numel * spec.bits / 8 + blocks * (scale_bytes + zero_point_bits / 8)
-        if ".experts." in w.name:
-            size *= cfg.num_experts_per_tok / cfg.num_experts
-        if policy.rescore and w.name in VOCABULARY:  # and the rescored rows of the finer copy
-            copy = policy.rescore.spec
-            size += policy.rescore.top * w.shape[1] * (copy.bits / 8 + 4 / copy.block_size)
-        total += size
-    return int(total)
 
 
 def get_policy(name: str) -> Policy:

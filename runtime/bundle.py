@@ -1,5 +1,5 @@
 """What a bundle folder must hold, checked without onnxruntime (a phone build may reach onnxruntime through
-Java or Objective-C instead of its Python binding, see mobile_app/backends).
+Java or Objective-C instead of its Python binding, see runtime/backends).
 
 Every field a runtime reads from a bundle is checked here, so a bad bundle is one BundleError naming the file
 and the field rather than a traceback from deep inside a generation.
@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .files import describe, read_text
+from .sampling import Sampling
 
 # The oldest onnxruntime the bundles and the runtime are tested with; pyproject.toml's floor says the same
 # (tests/test_bundle_version.py holds them together). Exports record it in manifest.json's "requires".
@@ -33,6 +35,36 @@ class StateSpec:
 
     conv: dict[int, tuple[int, int]]  # layer -> (H, K-1)
     kv: dict[int, tuple[int, int]]  # layer -> (Hkv, D)
+
+
+@dataclass(frozen=True)
+class TokenBytes:
+    """Bytes a decoded token reads (export/footprint.py computes them; manifest.json's `bytes_per_token` holds
+    them): the total, by kind of weight, and the bytes of all weights stored."""
+
+    total: float
+    by_kind: dict[str, float]
+    stored: int
+
+
+def token_bytes(folder: str | Path) -> TokenBytes | None:
+    """What the exporter recorded in manifest.json's `bytes_per_token`; None when there is none, when it is
+    malformed, or when the graph file is no longer the one the manifest describes (another size)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads(read_text(folder / "manifest.json", MAX_JSON_BYTES))
+        entry, model = manifest["bytes_per_token"], manifest.get("model", "model.onnx")
+        listed = manifest.get("files", {}).get(model, {}).get("bytes")
+        if listed is not None and (folder / model).stat().st_size != listed:
+            return None
+        total, stored = entry["total"], entry["stored"]
+        by_kind = {str(k): float(v) for k, v in entry["by_kind"].items()}
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+                   for x in (total, stored, *by_kind.values())):
+            return None
+        return TokenBytes(total, by_kind, int(stored))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -53,15 +85,23 @@ class BundleConfig:
 VERIFY_MODES = ("none", "size", "sampled", "sha256")
 
 
+class UnverifiedBundle(UserWarning):
+    """A bundle loaded without a manifest.json: nothing says its files are the ones an export wrote."""
+
+
 def verify_bundle(folder: Path, mode: str = "sampled") -> dict:
     """Check the files manifest.json lists: "size" (sizes only), "sampled" (sizes and a hash of 64 spread
     64 KiB samples of each file: milliseconds, catches a file from another export or a torn download),
     "sha256" (every byte), or "none". Bundles without a manifest, e.g. from onnxruntime-genai's builder, are
-    accepted as they are. Returns the manifest."""
+    accepted as they are, with an UnverifiedBundle warning. Returns the manifest."""
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify {mode!r}: expected one of {VERIFY_MODES}")
     path = folder / "manifest.json"
     if not path.is_file():
+        if mode != "none":
+            warnings.warn(f"{folder}: no manifest.json, so its files cannot be verified (lfm-export writes one; "
+                          "a bundle from another builder, e.g. onnxruntime-genai's, has none)", UnverifiedBundle,
+                          stacklevel=2)
         return {}
     manifest = read_object(path)
     files = _files(path, manifest.get("files", {}))
@@ -101,12 +141,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+MAX_JSON_BYTES = 64 << 20  # a bundle's JSON files are kilobytes; anything past this is not one of them
+
+
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, MAX_JSON_BYTES))
     except FileNotFoundError:
         raise BundleError(f"{path}: missing (is this a bundle folder?)") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:  # a FIFO, a device, a folder, too large: refused before a byte is read
+        raise BundleError(f"{path}: cannot read it ({describe(e)})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise BundleError(f"{path}: unreadable ({e})") from None
 
 
@@ -187,24 +232,6 @@ def check_onnxruntime(manifest: dict, installed: str, folder: Path) -> None:
                           f"this is onnxruntime {installed}; upgrade it: pip install 'onnxruntime>={needed}'")
 
 
-def install_folder(new: Path, dest: Path) -> None:
-    """Move the finished folder `new` to `dest`. A previous `dest` is kept aside as `.NAME.old-PID` until the
-    new one is in place and put back if the move fails, so a bundle is never half-written where a user or an
-    app expects a complete one (export/exporter.py recovers the aside copy after a kill between the renames)."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    try:
-        os.replace(new, dest)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def read_bundle(folder: str | Path, verify: str = "sampled", onnxruntime_version: str | None = None
                 ) -> BundleConfig:
     """genai_config.json and manifest.json of `folder`, the files checked as `verify` says (verify_bundle):
@@ -252,7 +279,6 @@ _GENERATION_INTS = ("top_k", "seed")
 
 def read_generation_config(folder: str | Path) -> dict:
     """The checkpoint's sampling defaults (generation_config.json, optional), checked field by field."""
-    from .sampling import Sampling
 
     path = Path(folder) / "generation_config.json"
     if not path.is_file():

@@ -6,6 +6,8 @@ only decides *when* a grammar applies:
 - `ToolCalls`: free text stays free; once the model opens `<|tool_call_start|>`, what follows is a Pythonic
   (or JSON) list of calls to the offered functions with arguments of their schemas' types, then
   `<|tool_call_end|>`;
+- `ToolChoice`: "none" forbids the call marker (`Forbid`); "required" or a named function forces a call and
+  ends the turn after it (`CallOnly`); `parallel` False allows one call;
 - `ReasoningControl`: thinking ends (`</think>` is forced) when its token budget is spent or it repeats itself.
 A constraint's `mask()` is None while it does not apply (no cost), else a bool array over the vocabulary.
 """
@@ -20,9 +22,37 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .schemas import dataclass_schema
+
 
 class ConstraintError(ValueError):
     """A schema, regex or grammar that cannot be compiled; the message names what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolChoice:
+    """Whether and which tool the model calls (OpenAI's `tool_choice` and `parallel_tool_calls`, as data):
+    mode "auto" (the model decides), "none" (no call), "required" (a call, and the turn ends with it); or a
+    `function` name (a call to that function, and the turn ends with it). `parallel` False allows one call per
+    turn. `of()` reads OpenAI's spellings: "auto" | "none" | "required" | {"type": "function", "function":
+    {"name": N}}."""
+
+    mode: str = "auto"
+    function: str | None = None
+    parallel: bool = True
+
+    @classmethod
+    def of(cls, value: str | Mapping[str, Any] | ToolChoice, parallel: bool = True) -> ToolChoice:
+        if isinstance(value, ToolChoice):
+            return value
+        if value in ("auto", "none", "required"):
+            return cls(str(value), None, parallel)
+        function = value.get("function") if isinstance(value, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or value.get("type", "function") != "function":
+            raise ConstraintError(f"tool_choice {value!r}: expected 'auto', 'none', 'required' or "
+                                  "{'type': 'function', 'function': {'name': ...}}")
+        return cls("function", name, parallel)
 
 
 class Constraint(Protocol):
@@ -95,12 +125,13 @@ class AfterReasoning:
 
 
 class ToolCalls:
-    """Free text until `<|tool_call_start|>`; then the call grammar of the offered tools up to
-    `<|tool_call_end|>`; then free again (several blocks are fine)."""
+    """Free text until `<|tool_call_start|>`; then the call grammar of the offered tools (one call when
+    `single`) up to `<|tool_call_end|>`; then free again (several blocks are fine)."""
 
-    def __init__(self, vocab: Vocabulary, schemas: Sequence[Mapping[str, Any]], start: int, end_marker: str):
+    def __init__(self, vocab: Vocabulary, schemas: Sequence[Mapping[str, Any]], start: int, end_marker: str,
+                 single: bool = False):
         self.vocab, self.start = vocab, start
-        self.grammar = pythonic_calls_grammar(schemas, end_marker)
+        self.grammar = pythonic_calls_grammar(schemas, end_marker, single)
         vocab.matcher(self.grammar)  # compile now: a schema llguidance refuses fails before generating
         self.active: Grammar | None = None
 
@@ -165,6 +196,47 @@ def _repeating(history: list[int], repeats: int, min_span: int) -> bool:
     return False
 
 
+class CallOnly:
+    """tool_choice "required" or a named function: once reasoning is over (at once, or after `</think>` when the
+    prompt opened it) the next token is a tool call's start; once the call block's `end` is written, `stop` (the
+    end of turn) follows: the answer is the call. The call itself is ToolCalls' to hold."""
+
+    def __init__(self, size: int, start: int, end: int, stop: int, think_end: int | None, in_reasoning: bool):
+        self.size, self.start, self.end, self.stop, self.think_end = size, start, end, stop, think_end
+        self.phase = "reasoning" if in_reasoning and think_end is not None else "start"
+
+    def mask(self) -> np.ndarray | None:
+        if self.phase not in ("start", "stop"):
+            return None
+        allowed = np.zeros(self.size, dtype=bool)
+        allowed[self.start if self.phase == "start" else self.stop] = True
+        return allowed
+
+    def advance(self, token: int) -> None:
+        if self.phase == "reasoning" and token == self.think_end:
+            self.phase = "start"
+        elif self.phase == "start":
+            self.phase = "call"
+        elif self.phase == "call" and token == self.end:
+            self.phase = "stop"
+        elif self.phase == "stop":
+            self.phase = "done"
+
+
+class Forbid:
+    """`tokens` are never sampled (a tool call's start, for tool_choice "none")."""
+
+    def __init__(self, size: int, tokens: Sequence[int]):
+        self.allowed = np.ones(size, dtype=bool)
+        self.allowed[list(tokens)] = False
+
+    def mask(self) -> np.ndarray:
+        return self.allowed
+
+    def advance(self, token: int) -> None:
+        pass
+
+
 class All:
     """Several constraints on one row: a token must satisfy every one that applies."""
 
@@ -203,11 +275,7 @@ class ResponseFormat:
     def grammar(self, llg: Any) -> str:
         try:
             if self.json_schema is not None:
-                # compact separators, no free whitespace: a small model held to flexible JSON can loop on
-                # newlines inside an object until max_new_tokens (seen on the demo model)
-                return llg.LLMatcher.grammar_from_json_schema(
-                    json.dumps(self.json_schema),
-                    defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+                return llg.LLMatcher.grammar_from_json_schema(json.dumps(self.json_schema), defaults=_COMPACT_JSON)
             if self.regex is not None:
                 return llg.LLMatcher.grammar_from_regex(self.regex)
             return llg.LLMatcher.grammar_from_lark(self.lark)
@@ -225,13 +293,28 @@ class ResponseFormat:
         return self.target(**data)
 
 
+def closed(schema: Any) -> Any:
+    """`schema` with every object that does not say otherwise closed (`additionalProperties: false`). Pydantic
+    writes nothing for its default (extra keys ignored), `true` for extra="allow": a model's answer held to an
+    open object may add keys forever, and a Python type has no use for them."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def response_format(spec: Any) -> ResponseFormat:
     """A ResponseFormat from what users pass: one, a JSON schema dict, {"type": "json_schema", "json_schema":
-    {"schema": ...}} (OpenAI's shape), {"regex": ...}, {"lark": ...}, a Pydantic model class or a dataclass."""
+    {"schema": ...}} (OpenAI's shape), {"regex": ...}, {"lark": ...}, a Pydantic model class (its objects closed
+    unless it allows extra keys: `closed`) or a dataclass (closed)."""
     if isinstance(spec, ResponseFormat):
         return spec
     if isinstance(spec, type) and hasattr(spec, "model_json_schema"):
-        return ResponseFormat(json_schema=spec.model_json_schema(), target=spec)
+        return ResponseFormat(json_schema=closed(spec.model_json_schema()), target=spec)
     if isinstance(spec, type) and dataclasses.is_dataclass(spec):
         return ResponseFormat(json_schema=dataclass_schema(spec), target=spec)
     if isinstance(spec, Mapping):
@@ -244,18 +327,6 @@ def response_format(spec: Any) -> ResponseFormat:
         return ResponseFormat(json_schema=dict(spec))
     raise ConstraintError(f"response_format: expected a JSON schema dict, {{'regex': ...}}, {{'lark': ...}}, a "
                           f"Pydantic model or a dataclass, got {type(spec).__name__}")
-
-
-def dataclass_schema(cls: type) -> dict[str, Any]:
-    from .chat import _hint_schema
-
-    hints = __import__("typing").get_type_hints(cls)
-    props, required = {}, []
-    for f in dataclasses.fields(cls):
-        props[f.name] = _hint_schema(hints[f.name], cls.__name__)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            required.append(f.name)
-    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
 
 
 # --- the Pythonic tool-call grammar ------------------------------------------------------------------------------
@@ -272,10 +343,15 @@ any_dict: "{" (str_value ": " any_value (", " str_value ": " any_value)*)? "}"
 '''
 
 
-def pythonic_calls_grammar(schemas: Sequence[Mapping[str, Any]], end_marker: str) -> str:
+# compact separators, no free whitespace: a small model held to flexible JSON can loop on newlines inside an
+# object until max_new_tokens (seen on the demo model, in answers and in JSON tool calls alike)
+_COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def pythonic_calls_grammar(schemas: Sequence[Mapping[str, Any]], end_marker: str, single: bool = False) -> str:
     """A Lark grammar for `[f(a=1, b='x'), g()]` (or the same calls in JSON) followed by the end marker: each
     call one of `schemas`' functions, required arguments first then optional ones, in the schema's order, values
-    of their types."""
+    of their types; one call only when `single`."""
     rules, calls = [], []
     for n, schema in enumerate(schemas):
         fn = schema.get("function", schema)
@@ -300,11 +376,13 @@ def pythonic_calls_grammar(schemas: Sequence[Mapping[str, Any]], end_marker: str
         raise ConstraintError("no tools to constrain calls to")
     # the same calls as JSON ({"name", "arguments"} objects), which templates asking for JSON calls get and
     # the parser reads inside the same markers (toolcalls.parse_call_list)
-    as_json = {"type": "array", "minItems": 1, "items": {"anyOf": [
+    as_json = {"type": "array", "minItems": 1, **({"maxItems": 1} if single else {}), "items": {"anyOf": [
         {"type": "object", "properties": {"name": {"const": fn.get("name")}, "arguments": _arguments_schema(fn)},
          "required": ["name", "arguments"], "additionalProperties": False}
-        for fn in (schema.get("function", schema) for schema in schemas)]}}
-    head = (f'start: (py_calls | json_calls) {end_marker}\npy_calls: "[" call (", " call)* "]"\n'
+        for fn in (schema.get("function", schema) for schema in schemas)]},
+        "x-guidance": _COMPACT_JSON}
+    more = "" if single else ' (", " call)*'
+    head = (f'start: (py_calls | json_calls) {end_marker}\npy_calls: "[" call{more} "]"\n'
             f'json_calls: %json {json.dumps(as_json)}\ncall: {" | ".join(calls)}')
     return "\n".join([head, *rules, _VALUE_RULES])
 
@@ -355,35 +433,73 @@ def _literal(value: Any) -> str:
     return json.dumps(python)  # a Lark string literal of the Python spelling
 
 
-# --- per generation -----------------------------------------------------------------------------------------------
+# --- per model: what a model's generations are held to -------------------------------------------------------
 
-def build(model: Any, prompt_in_reasoning: bool, schemas: Sequence[Mapping[str, Any]] | None,
-          response_format_spec: Any = None, reasoning_budget: int | None = None,
-          constrain_tools: bool | None = None, reasoning_guard: bool = True) -> All | None:
-    """The constraints of one generation, or None. Tool calls are constrained when tools are offered (and no
-    response_format asks for something else): `constrain_tools` None does so when llguidance is installed,
-    True requires it, False never. llguidance's tokenizer is built only when a grammar is needed."""
-    specials = {t.content: i for i, t in model.tokenizer.get_added_tokens_decoder().items()}
-    parts: list[Any] = []
-    think_start, think_end = specials.get("<think>"), specials.get("</think>")
-    if think_start is not None and think_end is not None and (reasoning_budget is not None or reasoning_guard):
-        parts.append(ReasoningControl(model.session.vocab_size, think_start, think_end, prompt_in_reasoning,
-                                      reasoning_budget))
-    elif reasoning_budget is not None:
-        raise ConstraintError("reasoning_budget: this tokenizer has no <think> / </think> tokens")
-    if response_format_spec is not None:
-        fmt = response_format(response_format_spec)
-        vocab = vocabulary(model)
-        parts.append(AfterReasoning(Grammar(vocab, fmt.grammar(vocab.llg)), think_end, prompt_in_reasoning))
-    elif schemas and constrain_tools is not False and "<|tool_call_start|>" in specials and \
-            "<|tool_call_end|>" in specials and (constrain_tools or available()):
-        parts.append(ToolCalls(vocabulary(model), schemas, specials["<|tool_call_start|>"], "<|tool_call_end|>"))
-    return All(parts) if parts else None
+class Constraints:
+    """The constraints generations over one model can be held to. Owns llguidance's view of the model's
+    tokenizer, built on first use (a grammar is needed) and shared by every generation, from any thread."""
 
+    def __init__(self, tokenizer: Any, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]):
+        self.specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()}
+        self.tokenizer_json, self.vocab_size = tokenizer_json, vocab_size
+        self.eos = int(eos_token_ids[0]) if eos_token_ids else self.specials.get("<|im_end|>", 0)
+        self._vocabulary: Vocabulary | None = None
+        self._lock = threading.Lock()
 
-# --- per model ---------------------------------------------------------------------------------------------------
+    @property
+    def vocabulary(self) -> Vocabulary:
+        with self._lock:
+            if self._vocabulary is None:
+                try:
+                    import llguidance  # noqa: F401
+                except ImportError:
+                    raise ConstraintError("constrained decoding needs llguidance (pip install llguidance)") from None
+                self._vocabulary = Vocabulary(self.tokenizer_json, self.vocab_size, self.eos, self.specials)
+            return self._vocabulary
 
-_LOCK = threading.Lock()
+    def build(self, prompt_in_reasoning: bool, schemas: Sequence[Mapping[str, Any]] | None,
+              response_format_spec: Any = None, reasoning_budget: int | None = None,
+              constrain_tools: bool | None = None, reasoning_guard: bool = True,
+              tool_choice: str | Mapping[str, Any] | ToolChoice = "auto") -> All | None:
+        """The constraints of one generation, or None. Tool calls are constrained when tools are offered (and no
+        response_format asks for something else): `constrain_tools` None does so when llguidance is installed,
+        True requires it, False never. `tool_choice` (ToolChoice or OpenAI's spelling) anything but "auto" with
+        parallel calls needs llguidance. llguidance's tokenizer is built only when a grammar is needed."""
+        specials = self.specials
+        choice = ToolChoice.of(tool_choice)
+        parts: list[Any] = []
+        think_start, think_end = specials.get("<think>"), specials.get("</think>")
+        if think_start is not None and think_end is not None and (reasoning_budget is not None or reasoning_guard):
+            parts.append(ReasoningControl(self.vocab_size, think_start, think_end, prompt_in_reasoning,
+                                          reasoning_budget))
+        elif reasoning_budget is not None:
+            raise ConstraintError("reasoning_budget: this tokenizer has no <think> / </think> tokens")
+        if response_format_spec is not None:
+            fmt = response_format(response_format_spec)
+            vocab = self.vocabulary
+            parts.append(AfterReasoning(Grammar(vocab, fmt.grammar(vocab.llg)), think_end, prompt_in_reasoning))
+        elif schemas and choice != ToolChoice():
+            parts += self._tool_choice(schemas, choice, think_end, prompt_in_reasoning)
+        elif schemas and constrain_tools is not False and "<|tool_call_start|>" in specials and \
+                "<|tool_call_end|>" in specials and (constrain_tools or available()):
+            parts.append(ToolCalls(self.vocabulary, schemas, specials["<|tool_call_start|>"], "<|tool_call_end|>"))
+        return All(parts) if parts else None
+
+    def _tool_choice(self, schemas: Sequence[Mapping[str, Any]], choice: ToolChoice, think_end: int | None,
+                     in_reasoning: bool) -> list[Any]:
+        start, end = self.specials.get("<|tool_call_start|>"), self.specials.get("<|tool_call_end|>")
+        if start is None or end is None:
+            raise ConstraintError(f"tool_choice {choice}: this tokenizer has no tool-call markers")
+        if choice.mode == "none":
+            return [Forbid(self.vocab_size, [start])]
+        if choice.mode == "function":
+            schemas = [s for s in schemas if s.get("function", s).get("name") == choice.function]
+            if not schemas:
+                raise ConstraintError(f"tool_choice names {choice.function!r}, which is not among the offered tools")
+        calls = ToolCalls(self.vocabulary, schemas, start, "<|tool_call_end|>", single=not choice.parallel)
+        if choice.mode == "auto":
+            return [calls]
+        return [CallOnly(self.vocab_size, start, end, self.eos, think_end, in_reasoning), calls]
 
 
 def available() -> bool:
@@ -391,18 +507,3 @@ def available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llguidance") is not None
-
-
-def vocabulary(model: Any) -> Vocabulary:
-    """The model's Vocabulary, built on first use and kept on the model."""
-    with _LOCK:
-        if getattr(model, "_vocabulary", None) is None:
-            try:
-                import llguidance  # noqa: F401
-            except ImportError:
-                raise ConstraintError("constrained decoding needs llguidance (pip install llguidance)") from None
-            specials = {t.content: i for i, t in model.tokenizer.get_added_tokens_decoder().items()}
-            eos = model.session.eos_token_ids[0] if model.session.eos_token_ids else specials.get("<|im_end|>", 0)
-            text = (model.folder / "tokenizer.json").read_text()
-            model._vocabulary = Vocabulary(text, model.session.vocab_size, int(eos), specials)
-        return model._vocabulary

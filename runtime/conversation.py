@@ -18,22 +18,27 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import persist
+from .backend import capacity_for, kv_row_bytes
+from .constrain import ToolChoice
+from .events import Done, Event, ToolRun
 from .generate import Generation, GenerationStats
-from .growth import capacity_for
 from .prefixcache import PrefixEntry
 from .sampling import Sampling
+from .schemas import function_schema, tool_schema
+from .statefile import StateFileError
+from .tools import tool_loop
 
 if TYPE_CHECKING:
-    from .engine import Done, Event, LfmModel, ToolRun
+    from .model import LfmModel
 
-FORMAT, VERSION = "lfm-edge conversation", 1
 CONTEXT_POLICIES = ("error", "drop_oldest")
 
 
@@ -83,7 +88,7 @@ class Snapshots:
         return sum(s.nbytes for s in self.items)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading token ids `a` and `b` share."""
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -110,13 +115,11 @@ def _distinct_texts(tokenizer: Any) -> tuple[str, str] | None:
 
 def _tools(tools: Mapping[str, Callable[..., Any]] | Sequence[Any] | None) -> tuple[dict, list]:
     """(functions by name, JSON schemas) from a mapping of functions or a list of schemas / functions."""
-    from .chat import function_schema
-
     if tools is None:
         return {}, []
     if isinstance(tools, Mapping):
         return dict(tools), [function_schema(f) for f in tools.values()]
-    return {}, [t if isinstance(t, Mapping) else function_schema(t) for t in tools]
+    return {}, [tool_schema(t, i) for i, t in enumerate(tools)]
 
 
 class Conversation:
@@ -160,6 +163,7 @@ class Conversation:
         self._cache: Any = None
         self._tokens: list[int] = []  # the token ids whose state the cache holds
         self._lock = threading.Lock()
+        self._saves = threading.Lock()  # saves queue behind each other
 
     # --- what the app calls --------------------------------------------------------------------------------
 
@@ -175,16 +179,17 @@ class Conversation:
     def send(self, content: str | Mapping[str, Any] | None = None, *, sampling: Sampling | None = None,
              max_new_tokens: int = 512, stop: Sequence[str] = (), cancel: threading.Event | None = None,
              allow_special_tokens: bool = False, response_format: Any = None, reasoning_budget: int | None = None,
-             constrain_tools: bool | None = None) -> Iterator[Event]:
+             constrain_tools: bool | None = None,
+             tool_choice: str | Mapping[str, Any] | ToolChoice = "auto") -> Iterator[Event]:
         """Add a user message (a str) or any message (a dict; None adds nothing), then stream the answer as
-        LfmModel.stream does (response_format, reasoning_budget, constrain_tools as there); the answer joins
-        `messages`. Runs when iterated."""
+        LfmModel.stream does (response_format, reasoning_budget, constrain_tools, tool_choice as there); the
+        answer joins `messages`. Runs when iterated."""
         with self._busy():
             if content is not None:
                 self.messages.append({"role": "user", "content": content} if isinstance(content, str)
                                      else dict(content))
             done = yield from self._answer(sampling, max_new_tokens, stop, cancel, allow_special_tokens,
-                                           (response_format, reasoning_budget, constrain_tools))
+                                           (response_format, reasoning_budget, constrain_tools, tool_choice))
             self.messages.append({"role": "assistant", "content": done.raw})
             if self.prepare_next and not done.tool_calls and done.stats.stopped != "cancelled":
                 self._prepare(allow_special_tokens)  # after Done reached the caller: off the next turn's path
@@ -196,24 +201,13 @@ class Conversation:
 
     def run_tools(self, content: str | Mapping[str, Any] | None = None,
                   tools: Mapping[str, Callable[..., Any]] | None = None, max_rounds: int = 4,
-                  on_event: Callable[[Any], None] | None = None, **kwargs: Any) -> ToolRun:
-        """The tool loop of LfmModel.run_tools on this conversation's state: each round prefills only the
-        tool results and what follows. `tools` defaults to the functions the conversation was made with."""
-        from .engine import ToolRun, run_calls
-
+                  on_event: Callable[[Event], None] | None = None, **kwargs: Any) -> ToolRun:
+        """The tool loop (tools.py) on this conversation's state: each round prefills only the tool results and
+        what follows. `tools` defaults to the functions the conversation was made with; `on_event` sees every
+        event, a ToolResult for each call run."""
         functions = dict(tools) if tools is not None else self.functions
-        run = ToolRun(self.messages, None)  # type: ignore[arg-type]
-        for round_ in range(max_rounds):
-            for event in self.send(content if round_ == 0 else None, **kwargs):
-                if on_event:
-                    on_event(event)
-            done = event
-            run.answer = done
-            if not done.tool_calls or done.stats.stopped == "cancelled":
-                break
-            for result in run_calls(done.tool_calls, functions, run.calls, on_event):
-                self.messages.append({"role": "tool", "content": result})
-        return run
+        return tool_loop(lambda n: self.send(content if n == 0 else None, **kwargs), self.messages, functions,
+                         max_rounds, on_event)
 
     def rewind(self, to_turn: int) -> None:
         """Keep the turns before user turn `to_turn` (0: none, only the system message). The state rolls back
@@ -232,12 +226,64 @@ class Conversation:
             self._drop_state()
 
     def save(self, path: str | Path) -> int:
-        """Write messages, token ids, the KV rows in use and the conv snapshots to `path` (safetensors, atomic).
-        Returns the file's size in bytes."""
-        from .persist import save_conversation
+        """Write messages, token ids, the KV rows in use and the conv snapshots to `path` (safetensors, atomic:
+        the previous file or the new one, never half of either). Returns the file's size in bytes. Raises
+        ConversationBusy while a turn generates; concurrent saves wait for each other."""
+        with self._busy(saving=True):
+            cache = self._cache
+            saved = persist.Saved(self.messages, self.schemas, self.template_vars, self.tokens, self.started,
+                                  self.settings, [s.length for s in self.snapshots.items])
+            if cache is None:
+                return persist.save(Path(path), saved, self.model.identity, {}, {}, [])
+            return persist.save(Path(path), saved, self.model.identity, cache.kv_rows(), cache.conv_state(),
+                                [s.conv for s in self.snapshots.items])
 
-        with self._busy():
-            return save_conversation(self, Path(path))
+    @classmethod
+    def load(cls, model: LfmModel, path: str | Path, tools: Mapping[str, Callable[..., Any]] | None = None,
+             **options: Any) -> Conversation:
+        """A conversation saved with `save`, continued exactly where it stopped (LfmModel.load_conversation).
+        StateFileError names the file and what is wrong when it is damaged, edited, from another bundle or
+        from a newer lfm-edge; `options` override the saved settings."""
+        path, session = Path(path), model.session
+        saved = persist.load(path, model.identity, session.state, session.vocab_size, session.context_length)
+        try:
+            conv = cls(model, None, tools if tools is not None else saved.tools,
+                       template_vars=saved.template_vars, **(saved.settings | options))
+        except ValueError as e:  # a setting out of range
+            raise StateFileError(f"{path}: settings: {e}") from None
+        conv.messages, conv.schemas = saved.messages, saved.tools  # as saved: the rendering must be the same
+        conv.started = saved.started
+        if not saved.length:
+            return conv
+        need = min(session.context_length, max(1 << max(saved.length, 1).bit_length(), conv.reserve))
+        cache = session.new_cache(1, need)
+        kv, state, snapshots = persist.state_arrays(path, saved, session.state, cache.conv_dtype, cache.kv_dtype)
+        cache.set_kv_rows(kv, saved.length)
+        cache.set_conv_state(state)
+        for at, snapshot in zip(saved.snapshot_lengths, snapshots, strict=True):
+            conv.snapshots.add(Snapshot(at, snapshot))
+        conv._cache, conv._tokens = cache, saved.tokens
+        return conv
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments that made this conversation (what a saved file restores)."""
+        return {"snapshot_every": self.snapshot_every, "max_snapshots": self.snapshots.max_count,
+                "snapshot_bytes": self.snapshots.max_bytes, "context_policy": self.context_policy,
+                "prefill_chunk": self.prefill_chunk, "reserve": self.reserve, "prepare_next": self.prepare_next}
+
+    @property
+    def memory_bytes(self) -> int:
+        """Memory the state holds as allocated: the KV buffers (their whole capacity on a shared-buffer graph),
+        the conv buffers and the snapshots."""
+        cache = self._cache
+        if cache is None:
+            return self.snapshots.nbytes
+        rows = cache.capacity if self.model.session.share_buffer else cache.length
+        kv = kv_row_bytes(self.model.session.state.kv, cache.batch, cache.kv_dtype) * rows
+        conv = sum(2 * cache.batch * h * k * np.dtype(cache.conv_dtype[i]).itemsize
+                   for i, (h, k) in self.model.session.state.conv.items())
+        return kv + conv + self.snapshots.nbytes
 
     @property
     def state_bytes(self) -> int:
@@ -258,14 +304,16 @@ class Conversation:
     # --- how a turn runs -----------------------------------------------------------------------------------
 
     @contextmanager
-    def _busy(self) -> Iterator[None]:
-        if not self._lock.acquire(blocking=False):
-            raise ConversationBusy("this conversation is generating: one send at a time (wait for its Done, "
-                                   "or set its cancel event)")
-        try:
-            yield
-        finally:
-            self._lock.release()
+    def _busy(self, saving: bool = False) -> Iterator[None]:
+        """Hold the conversation: ConversationBusy while a turn generates; a save waits for another save."""
+        with self._saves if saving else nullcontext():
+            if not self._lock.acquire(blocking=False):
+                raise ConversationBusy("this conversation is generating: one send at a time (wait for its Done, "
+                                       "or set its cancel event)")
+            try:
+                yield
+            finally:
+                self._lock.release()
 
     def _render(self, max_new_tokens: int, allow_special_tokens: bool) -> list[int]:
         limit = self.model.session.context_length
@@ -289,9 +337,9 @@ class Conversation:
     def _answer(self, sampling, max_new_tokens, stop, cancel, allow_special_tokens, held) -> Iterator[Event]:
         model = self.model
         prompt = self._render(max_new_tokens, allow_special_tokens)
-        response_format, reasoning_budget, constrain_tools = held
+        response_format, reasoning_budget, constrain_tools, tool_choice = held
         constraint = model.constraint(prompt, self.schemas or None, response_format, reasoning_budget,
-                                      constrain_tools)
+                                      constrain_tools, tool_choice)
         keeps = model.prefix_cache is not None and (model.prefix_cache.max_bytes or model.prefix_cache.folder)
         prefix = self._shared_prefix(prompt, allow_special_tokens) if keeps else 0
         self._restore(prompt, max_new_tokens)
@@ -337,7 +385,7 @@ class Conversation:
                                           allow_special_tokens, **self.template_context()) for text in probes)
         except ValueError:
             return  # a template that refuses a user turn here: the next turn pays, as it would anyway
-        stable = _common_prefix(a, b)
+        stable = common_prefix(a, b)
         target = a[:stable]
         if self._cache is None or not target or stable >= self.model.session.context_length or \
                 target[:self._cache.length] == self._tokens and len(target) == self._cache.length:
@@ -365,7 +413,7 @@ class Conversation:
         # any conversation with this system prompt and these tools starts with
         ids = self.model.prompt_ids([*head, {"role": "user", "content": ""}], self.schemas or None,
                                     allow_special_tokens, add_generation_prompt=False, **self.template_context())
-        n = _common_prefix(ids, prompt)
+        n = common_prefix(ids, prompt)
         return n if n < len(prompt) else 0
 
     def _restore(self, prompt: list[int], max_new_tokens: int) -> None:
@@ -376,7 +424,7 @@ class Conversation:
             self._cache = session.new_cache(1, max(need, self.reserve))
         cache = self._cache
         # at least one token is fed: its logits start the answer
-        limit = min(_common_prefix(self._tokens, prompt), len(prompt) - 1)
+        limit = min(common_prefix(self._tokens, prompt), len(prompt) - 1)
         self.snapshots.drop_after(limit)
         snapshot = self.snapshots.newest_at_or_before(limit)
         keep = snapshot.length if snapshot else 0
@@ -384,6 +432,9 @@ class Conversation:
             keep = cache.length
         prefixes = self.model.prefix_cache
         entry = prefixes.lookup(prompt, len(prompt) - 1, keep) if prefixes is not None else None
+        if entry is not None and not entry.fits(cache, session.state):
+            prefixes.discard(entry.tokens)  # an entry edited to pass its checksum: a miss, and forgotten
+            entry = None
         if entry is not None:
             cache.set_kv_rows(entry.kv, len(entry.tokens))
             cache.set_conv_state(entry.conv)

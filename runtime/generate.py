@@ -1,25 +1,20 @@
-"""The generation loop: prefill (in chunks), then one token at a time with the state fed back."""
+"""The generation loop, in two pieces: `prefill` feeds the prompt in chunks and returns the last logits;
+`decode` samples a token, feeds it back, and repeats. A `Generation` runs both over any backend's Session."""
 
 from __future__ import annotations
 
-import os
-import resource
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from .backend import Cache, Session
 from .kernels import prefill_bytes_per_pair
+from .memory import peak_rss_mb
 from .sampling import Sampling, next_tokens
-
-if TYPE_CHECKING:  # any backend with LfmSession's surface will do; onnxruntime's binding may be absent
-    from .session import Cache, LfmSession
-
 
 PREFILL_BUDGET = 256 << 20  # bytes a prefill chunk may hold in transient attention tensors (Generation)
 
@@ -68,7 +63,7 @@ class Generation:
     bytes per query head and pair (kernels.py). Chunks halve as the depth grows (down to 16 tokens) so that
     chunk x depth x those bytes stays within the budget."""
 
-    def __init__(self, model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+    def __init__(self, model: Session, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
                  prefill_chunk: int = 512, cancel: threading.Event | None = None, overflow: str = "error",
                  cache: Cache | None = None, cuts: Iterable[int] = (),
@@ -116,84 +111,102 @@ class Generation:
 
     def __iter__(self) -> Iterator[list[int | None]]:
         start = time.perf_counter()
-        prompts, model, stats = self.prompts, self.model, self.stats
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        ids = np.full((batch, width), model.pad_token_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p):] = p
-            mask[r, width - len(p):] = 1
+        stats = self.stats
         cache = self.cache
         if cache is None:
-            cache = model.new_cache(batch, width + self.max_new_tokens)
+            cache = self.model.new_cache(len(self.prompts), max(len(p) for p in self.prompts) + self.max_new_tokens)
         else:
-            cache.reserve(width + self.max_new_tokens)
-        rng = np.random.default_rng(self.sampling.seed)
-        chunk = self.prefill_chunk
-        if model.share_buffer and batch > 1:
-            # GroupQueryAttention (onnxruntime <= 1.31, and genai's mobile builds) takes several new tokens
-            # after a cache only for batch 1; a batch is prefilled in one pass.
-            chunk = width
-        history = np.where(mask == 1, ids, -1)  # context for the repetition penalty
+            cache.reserve(max(len(p) for p in self.prompts) + self.max_new_tokens)
         try:
             if self.max_new_tokens == 0 and self.cache is None:
                 stats.stopped = "length"
                 return
-            per_pair = prefill_bytes_per_pair(getattr(model, "attention_kernel", "flash"),
-                                              getattr(model, "num_heads", 0), batch) if model.state.kv else 0
-            for s, e in prefill_ranges(cache.length, width, chunk, self.cuts, per_pair, self.prefill_budget):
-                if self.cancel.is_set():
-                    stats.stopped = "cancelled"
-                    return
-                logits = cache.step(ids[:, s:e], mask[:, s:e], last=1)  # only the last row is sampled
-                if self.on_prefill:
-                    self.on_prefill(cache)
+            logits = self.prefill(cache)
             prefill_end = time.perf_counter()
-            if self.max_new_tokens == 0:  # a cache's prefill only (a conversation preparing its next turn)
-                stats.stopped = "length"
-                stats.prefill_tokens_per_second = stats.prefilled_tokens / max(prefill_end - start, 1e-9)
+            stats.prefill_tokens_per_second = stats.prefilled_tokens / max(prefill_end - start, 1e-9)
+            if logits is None:  # cancelled, or a cache's prefill only (a conversation preparing its next turn)
+                stats.stopped = stats.stopped or "length"
                 return
-            done = np.zeros(batch, dtype=bool)
-            for n in range(self.max_new_tokens):
-                allowed = None
-                if self.constraints:
-                    mask_start = time.perf_counter()
-                    allowed = [c.mask() if c is not None and not d else None
-                               for c, d in zip(self.constraints, done, strict=True)]
-                    if any(a is not None for a in allowed):
-                        stats.mask_seconds.append(time.perf_counter() - mask_start)
-                tokens = next_tokens(logits[:, -1], self.sampling, rng, history, allowed)
-                for c, t, d in zip(self.constraints or (), tokens, done, strict=False):
-                    if c is not None and not d:
-                        c.advance(int(t))
-                if n == 0:
-                    stats.time_to_first_token = time.perf_counter() - start
-                    stats.prefill_tokens_per_second = stats.prefilled_tokens / max(prefill_end - start, 1e-9)
-                    decode_start = time.perf_counter()
-                stats.generated_tokens += int((~done).sum())
-                for row, (t, d) in enumerate(zip(tokens, done, strict=True)):
-                    if not d:
-                        self.new_tokens[row].append(int(t))
-                yield [None if d else int(t) for t, d in zip(tokens, done, strict=True)]
-                done |= np.isin(tokens, list(self.eos))
-                if done.all():
-                    stats.stopped = "eos"
-                    return
-                if self.cancel.is_set():
-                    stats.stopped = "cancelled"
-                    return
-                if n == self.max_new_tokens - 1:
-                    stats.stopped = "length"
-                    return
-                if self.sampling.repetition_penalty != 1.0:
-                    history = np.concatenate([history, tokens[:, None]], axis=1)
-                logits = cache.step(tokens[:, None], last=1)
-                stats.decode_tokens_per_second = (n + 1) / max(time.perf_counter() - decode_start, 1e-9)
+            yield from self.decode(cache, logits, start)
         finally:
             stats.stopped = stats.stopped or "stop"
             stats.state_tokens = cache.length
             stats.peak_rss_mb = peak_rss_mb()
             stats.timings["total"] = time.perf_counter() - start
+
+    def _inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """The prompts left-padded into one [B, width] batch, and its mask (0 on padding)."""
+        width = max(len(p) for p in self.prompts)
+        ids = np.full((len(self.prompts), width), self.model.pad_token_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for r, p in enumerate(self.prompts):
+            ids[r, width - len(p):] = p
+            mask[r, width - len(p):] = 1
+        return ids, mask
+
+    def prefill(self, cache: Cache) -> np.ndarray | None:
+        """Feed the prompts past what `cache` holds, in chunks (prefill_ranges); the last row's logits [B, 1, V],
+        or None when cancelled or when no token is to be generated."""
+        ids, mask = self._inputs()
+        batch, width = ids.shape
+        chunk = self.prefill_chunk
+        if self.model.share_buffer and batch > 1:
+            # GroupQueryAttention (onnxruntime <= 1.31, and genai's mobile builds) takes several new tokens
+            # after a cache only for batch 1; a batch is prefilled in one pass.
+            chunk = width
+        per_pair = prefill_bytes_per_pair(self.model.attention_kernel, self.model.num_heads, batch) \
+            if self.model.state.kv else 0
+        logits = None
+        for s, e in prefill_ranges(cache.length, width, chunk, self.cuts, per_pair, self.prefill_budget):
+            if self.cancel.is_set():
+                self.stats.stopped = "cancelled"
+                return None
+            logits = cache.step(ids[:, s:e], mask[:, s:e], last=1)  # only the last row is sampled
+            if self.on_prefill:
+                self.on_prefill(cache)
+        return logits if self.max_new_tokens else None
+
+    def decode(self, cache: Cache, logits: np.ndarray, start: float) -> Iterator[list[int | None]]:
+        """Sample, yield, feed back, until every row ends (EOS), max_new_tokens, or `cancel`."""
+        stats = self.stats
+        rng = np.random.default_rng(self.sampling.seed)
+        ids, mask = self._inputs()
+        history = np.where(mask == 1, ids, -1)  # context for the repetition penalty
+        done = np.zeros(len(self.prompts), dtype=bool)
+        for n in range(self.max_new_tokens):
+            allowed = None
+            if self.constraints:
+                mask_start = time.perf_counter()
+                allowed = [c.mask() if c is not None and not d else None
+                           for c, d in zip(self.constraints, done, strict=True)]
+                if any(a is not None for a in allowed):
+                    stats.mask_seconds.append(time.perf_counter() - mask_start)
+            tokens = next_tokens(logits[:, -1], self.sampling, rng, history, allowed)
+            for c, t, d in zip(self.constraints or (), tokens, done, strict=False):
+                if c is not None and not d:
+                    c.advance(int(t))
+            if n == 0:
+                stats.time_to_first_token = time.perf_counter() - start
+                decode_start = time.perf_counter()
+            stats.generated_tokens += int((~done).sum())
+            for row, (t, d) in enumerate(zip(tokens, done, strict=True)):
+                if not d:
+                    self.new_tokens[row].append(int(t))
+            yield [None if d else int(t) for t, d in zip(tokens, done, strict=True)]
+            done |= np.isin(tokens, list(self.eos))
+            if done.all():
+                stats.stopped = "eos"
+                return
+            if self.cancel.is_set():
+                stats.stopped = "cancelled"
+                return
+            if n == self.max_new_tokens - 1:
+                stats.stopped = "length"
+                return
+            if self.sampling.repetition_penalty != 1.0:
+                history = np.concatenate([history, tokens[:, None]], axis=1)
+            logits = cache.step(tokens[:, None], last=1)
+            stats.decode_tokens_per_second = (n + 1) / max(time.perf_counter() - decode_start, 1e-9)
 
 
 def prefill_ranges(start: int, end: int, size: int, cuts: Sequence[int], bytes_per_pair: int = 0,
@@ -213,43 +226,7 @@ def prefill_ranges(start: int, end: int, size: int, cuts: Sequence[int], bytes_p
         s = e
 
 
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
-
-
-def current_rss_mb() -> float:
-    """Resident memory now (Linux and Android; elsewhere the peak stands in)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
-    except (OSError, ValueError, IndexError):
-        return peak_rss_mb()
-
-
-def resident_mb() -> dict[str, float]:
-    """Resident memory now, split: {"rss", "anonymous", "file"} in MB (MiB, as the other RSS figures).
-
-    Anonymous pages are this process's own copies (malloc, onnxruntime's repacked weights, pages written
-    through a private file mapping); file-backed pages are the kernel's page cache mapped in, which it can
-    drop and read again under pressure, and which every process mapping the same file shares. A phone's
-    low-memory killer and the "copied, not mapped" question are about the anonymous part. From
-    /proc/self/smaps_rollup (Linux 4.14+, Android 8+); elsewhere all of it counts as anonymous."""
-    try:
-        fields = {}
-        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-            key, _, value = line.partition(":")
-            parts = value.split()
-            if len(parts) == 2 and parts[1] == "kB":
-                fields[key] = int(parts[0]) / 1024
-        rss, anonymous = fields["Rss"], fields["Anonymous"]
-    except (OSError, KeyError, ValueError):
-        rss = current_rss_mb()
-        return {"rss": rss, "anonymous": rss, "file": 0.0}
-    return {"rss": rss, "anonymous": anonymous, "file": max(rss - anonymous, 0.0)}
-
-
-def generate(model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def generate(model: Session, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
              prefill_chunk: int = 512) -> list[list[int]]:
     """New tokens for each prompt (a batch is left-padded); a row stops at its first EOS, kept in its output."""
@@ -261,7 +238,7 @@ def generate(model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens
     return rows
 
 
-def stream(model: LfmSession, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def stream(model: Session, prompts: Sequence[Sequence[int]], max_new_tokens: int,
            sampling: Sampling | None = None, eos_token_ids: Sequence[int] | None = None,
            prefill_chunk: int = 512) -> Iterator[list[int | None]]:
     """Yields one list per step: each row's new token, or None once that row has finished."""

@@ -5,7 +5,8 @@ memory from malloc. With 4 KiB pages a 5 GB model costs over a million page faul
 which streams all active weights once per token, misses the TLB on every new page. glibc's
 `glibc.malloc.hugetlb=1` tunable makes malloc madvise its large allocations for transparent huge pages,
 which the kernel grants when THP is "madvise" or "always". Tunables are read once, when the process starts,
-so the command-line tools re-execute themselves with it set (device_bench/RESULTS.md has the measurements).
+so the command-line tools re-execute themselves with it set
+(device_bench/results/notes/2026-11-22-full-geometry-vs-llama.md has the measurements).
 `LFM_EDGE_HUGEPAGES=0` turns this off. Android (bionic) and iOS have neither the tunable nor the need to
 re-execute: there the app process is what it is.
 """

@@ -8,7 +8,8 @@ environment variable ORT_GQA_DISABLE_FLASH_ATTENTION, read then and never again)
   float for each of the query heads sharing it, so it decodes no faster than an fp32 cache.
 - "unfused": scores for the whole [batch, heads, chunk, depth] block (4 bytes per query head and pair of new
   token and cache row), then softmax, then values. With an int8 cache, a decode step's attention takes 0.66-0.72x
-  the flash path's time at depths 600 to 32K (device_bench/RESULTS.md); with an fp32 cache it is slower.
+  the flash path's time at depths 600 to 32K (device_bench/results/notes/2026-11-29-long-context.md); with an fp32
+  cache it is slower.
 A session's choice holds for its life; prefill chunks shrink with depth to keep the unfused scores within
 Generation's prefill_budget.
 """
@@ -23,8 +24,8 @@ from contextlib import contextmanager
 ATTENTION_KERNELS = ("flash", "unfused")
 # Config entries every session sets (LfmSession and the phone backends). onnxruntime repacks every MatMulNBits
 # and QMoE weight while a session loads, single-threaded unless asked: with the pool's threads the full int4
-# model is ready in 1.7-2.7 s instead of 2.9-4.8 s on 2 threads (device_bench/RESULTS.md); the packed bytes
-# are the same (tests/test_session.py).
+# model is ready in 1.7-2.7 s instead of 2.9-4.8 s on 2 threads (the packed bytes are the same, tests/test_session.py;
+# measured in device_bench/results/notes/2026-11-30-overhead-and-parallel-load.md).
 SESSION_CONFIG = {"session.prepack.enable_parallel": "1"}
 FLASH_OFF = "ORT_GQA_DISABLE_FLASH_ATTENTION"
 BIAS_BYTES_PER_PAIR = 32  # measured: the contrib graph's [B, 1, chunk, depth] mask tensors (Generation)

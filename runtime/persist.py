@@ -1,47 +1,67 @@
-"""Saving a conversation and continuing it later, in another process, exactly where it stopped.
+"""A conversation on disk: what Conversation.save writes and Conversation.load reads, every field checked.
 
 One safetensors file (statefile.py): tensors `kv.{layer}.key/value` (the rows in use, [1, Hkv, length, D]),
 `conv.{layer}` (the state after the last token) and `snapshot.{n}.conv.{layer}`; the JSON document holds the
-messages, the token ids in the state, the snapshot lengths, the settings and the bundle's fingerprint. A
-file from another bundle, a damaged file or one from a newer lfm-edge is refused, naming what differs: state
-from another model would continue with wrong answers and no error.
+messages, the tool schemas, the token ids in the state, the snapshot lengths, the settings and the bundle's
+fingerprint. A file from another bundle, a damaged or edited file, or one from a newer lfm-edge is refused
+with a StateFileError naming the file and the field: state from another model would continue with wrong
+answers and no error, and a malformed field must never surface as a TypeError deep inside a turn.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from . import statefile
-from .conversation import FORMAT, VERSION, Conversation, Snapshot
+from .bundle import StateSpec
+from .schemas import tool_schema
 from .statefile import StateFileError
 
-if TYPE_CHECKING:
-    from .engine import LfmModel
+FORMAT, VERSION = "lfm-edge conversation", 1
+# the settings a file may carry (Conversation's keyword arguments) and their JSON types
+SETTINGS: dict[str, type] = {"snapshot_every": int, "max_snapshots": int, "snapshot_bytes": int,
+                             "context_policy": str, "prefill_chunk": int, "reserve": int, "prepare_next": bool}
+MAX_SNAPSHOTS = 1024  # in one file; a conversation keeps 32 by default
+MAX_MESSAGES = 100_000
+HEADER_BYTES = 64 << 20  # room for the document in a file's size limit
 
 
-def save_conversation(conv: Conversation, path: Path) -> int:
-    cache = conv._cache
-    tensors: dict[str, np.ndarray] = {}
-    length = cache.length if cache is not None else 0
-    if cache is not None:
-        tensors = statefile.state_tensors(cache.kv_rows(), cache.conv_state())
-        for n, snap in enumerate(conv.snapshots.items):
-            for i, a in snap.conv.items():
-                tensors[f"snapshot.{n}.conv.{i}"] = a
+@dataclass
+class Saved:
+    """A conversation as saved: the document's fields, and its state as arrays (empty when it holds none)."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+    template_vars: dict[str, Any]
+    tokens: list[int]
+    started: float
+    settings: dict[str, Any]
+    snapshot_lengths: list[int] = field(default_factory=list)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+def save(path: Path, saved: Saved, identity: str, kv: dict[int, tuple[np.ndarray, np.ndarray]],
+         conv: dict[int, np.ndarray], snapshots: list[dict[int, np.ndarray]]) -> int:
+    """Write `saved` and its state (KV rows, conv state, one conv state per snapshot length) atomically."""
+    tensors = statefile.state_tensors(kv, conv) if saved.tokens else {}
+    for n, snap in enumerate(snapshots if saved.tokens else []):
+        for i, a in snap.items():
+            tensors[f"snapshot.{n}.conv.{i}"] = a
     document = {
-        "format": FORMAT, "version": VERSION, "bundle": conv.model.identity,
-        "messages": conv.messages, "tools": conv.schemas, "template_vars": conv.template_vars,
-        "tokens": conv.tokens, "length": length, "started": conv.started,
-        "snapshots": [s.length for s in conv.snapshots.items] if cache is not None else [],
-        "settings": {"snapshot_every": conv.snapshot_every, "max_snapshots": conv.snapshots.max_count,
-                     "snapshot_bytes": conv.snapshots.max_bytes, "context_policy": conv.context_policy,
-                     "prefill_chunk": conv.prefill_chunk, "reserve": conv.reserve,
-                     "prepare_next": conv.prepare_next},
+        "format": FORMAT, "version": VERSION, "bundle": identity, "messages": saved.messages, "tools": saved.tools,
+        "template_vars": saved.template_vars, "tokens": saved.tokens, "length": saved.length,
+        "started": saved.started, "snapshots": saved.snapshot_lengths if saved.tokens else [],
+        "settings": saved.settings,
     }
     try:
         json.dumps(document)
@@ -51,54 +71,114 @@ def save_conversation(conv: Conversation, path: Path) -> int:
     return statefile.write(path, tensors, document)
 
 
-def load_conversation(model: LfmModel, path: Path, tools: Mapping[str, Callable[..., Any]] | None = None,
-                      **options: Any) -> Conversation:
-    tensors, doc = statefile.read(path)
+def size_limit(state: StateSpec, context_length: int) -> int:
+    """The largest file a conversation of this model can save (float32 state at the full context, the most
+    snapshots a file may hold): anything bigger is refused before it is read."""
+    kv = sum(2 * h * d * 4 for h, d in state.kv.values()) * context_length
+    conv = sum(h * k * 4 for h, k in state.conv.values())
+    return HEADER_BYTES + kv + conv * (MAX_SNAPSHOTS + 1)
+
+
+def load(path: Path, identity: str, state: StateSpec, vocab_size: int, context_length: int) -> Saved:
+    """The conversation saved at `path`, its document checked (the tensors are checked by `state_arrays`)."""
+    tensors, doc = statefile.read(path, size_limit(state, context_length))
     if doc.get("format") != FORMAT:
-        raise StateFileError(f"{path}: not a saved conversation (format {doc.get('format')!r})")
+        kind = f"an lfm-edge {doc['format']!r} file" if isinstance(doc.get("format"), str) else "another file"
+        raise StateFileError(f"{path}: not a saved conversation ({kind})")
     version = doc.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise StateFileError(f"{path}: format version {version!r} was written by a newer lfm-edge; this one reads "
+    if type(version) is not int or version < 1:
+        raise StateFileError(f"{path}: field 'version' must be an integer >= 1, found {version!r:.40}")
+    if version > VERSION:
+        raise StateFileError(f"{path}: format version {version} was written by a newer lfm-edge; this one reads "
                              f"versions up to {VERSION}")
-    if doc.get("bundle") != model.identity:
+    if doc.get("bundle") != identity:
         raise StateFileError(f"{path}: saved with another bundle (fingerprint {str(doc.get('bundle'))[:12]}..., "
-                             f"{model.folder} is {model.identity[:12]}...): its state is meaningless here")
-    try:
-        messages, schemas, tokens = list(doc["messages"]), list(doc["tools"]), [int(t) for t in doc["tokens"]]
-        length, lengths = int(doc["length"]), [int(n) for n in doc["snapshots"]]
-        settings = dict(doc["settings"]) | options
-    except (KeyError, TypeError, ValueError) as e:
-        raise StateFileError(f"{path}: field {e} is missing or malformed") from None
-    conv = Conversation(model, None, tools if tools is not None else schemas,
-                        template_vars=doc.get("template_vars") or {}, **settings)
-    conv.messages, conv.schemas = messages, schemas  # as saved: the rendering must be the same
-    conv.started = float(doc.get("started", conv.started))
-    if length == 0:
-        return conv
-    if len(tokens) != length or not all(0 <= t < model.session.vocab_size for t in tokens):
-        raise StateFileError(f"{path}: {len(tokens)} token ids for a state of {length} tokens, or ids outside the "
-                             f"vocabulary of {model.session.vocab_size}")
-    session = model.session
-    cache = session.new_cache(1, min(session.context_length, max(1 << max(length, 1).bit_length(), conv.reserve)))
-    state = session.state
+                             f"this bundle is {identity[:12]}...): its state is meaningless here")
+    fields = _Fields(path, doc)
+    messages = fields.list("messages", MAX_MESSAGES)
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict) or type(message.get("role")) is not str:
+            raise StateFileError(f"{path}: messages[{n}] must be an object with a string 'role', found "
+                                 f"{message!r:.60}")
+    tools = fields.list("tools", 4096)
+    for n, tool in enumerate(tools):
+        try:
+            tool_schema(tool, n)
+        except ValueError as e:
+            raise StateFileError(f"{path}: tools[{n}]: {e}") from None
+    template_vars = doc.get("template_vars") or {}
+    if not isinstance(template_vars, dict):
+        raise StateFileError(f"{path}: field 'template_vars' must be an object, found {template_vars!r:.60}")
+    length = fields.integer("length", 0, context_length)
+    tokens = fields.list("tokens", context_length)
+    if len(tokens) != length:
+        raise StateFileError(f"{path}: field 'tokens' holds {len(tokens)} ids for a state of {length} tokens")
+    bad = next((t for t in tokens if type(t) is not int or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise StateFileError(f"{path}: field 'tokens' holds {bad!r:.40}, not a token id of this bundle's vocabulary "
+                             f"[0, {vocab_size})")
+    started = doc.get("started", 0.0)
+    if type(started) not in (int, float) or not math.isfinite(started) or not 0 <= started < 1e11:
+        raise StateFileError(f"{path}: field 'started' must be a time in seconds, found {started!r:.40}")
+    lengths = fields.list("snapshots", MAX_SNAPSHOTS)
+    if not all(type(n) is int and 0 < n <= length for n in lengths) or lengths != sorted(set(lengths)):
+        raise StateFileError(f"{path}: field 'snapshots' must be increasing token counts within the state's "
+                             f"{length}, found {lengths!r:.80}")
+    settings = doc.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise StateFileError(f"{path}: field 'settings' must be an object, found {settings!r:.60}")
+    for key, value in settings.items():
+        kind = SETTINGS.get(key)
+        if kind is None:
+            raise StateFileError(f"{path}: settings.{key} is not a setting of a conversation (expected some of "
+                                 f"{', '.join(SETTINGS)})")
+        if type(value) is not kind:
+            raise StateFileError(f"{path}: settings.{key} must be {kind.__name__}, found {value!r:.40}")
+    return Saved(messages, tools, dict(template_vars), tokens, float(started), dict(settings), lengths, tensors)
+
+
+ConvState = dict[int, np.ndarray]
+
+
+def state_arrays(path: Path, saved: Saved, state: StateSpec, conv_dtype: dict[int, Any], kv_dtype: dict[int, Any]
+                 ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], ConvState, list[ConvState]]:
+    """(KV rows, conv state, conv state per snapshot) of a loaded file, each tensor checked against this bundle's
+    state layout and dtypes."""
+    length = saved.length
 
     def tensor(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        a = tensors.get(name)
+        a = saved.tensors.get(name)
         if a is None or a.shape != shape or a.dtype != dtype:
             found = "missing" if a is None else f"{a.dtype} {list(a.shape)}"
             raise StateFileError(f"{path}: tensor {name!r} is {found}, this bundle needs {np.dtype(dtype)} "
                                  f"{list(shape)}")
         return a
 
-    kv = {i: tuple(tensor(f"kv.{i}.{part}", (1, h, length, d), cache.kv_dtype[i]) for part in ("key", "value"))
+    kv = {i: tuple(tensor(f"kv.{i}.{part}", (1, h, length, d), kv_dtype[i]) for part in ("key", "value"))
           for i, (h, d) in state.kv.items()}
-    conv_shape = {i: ((1, h, k), cache.conv_dtype[i]) for i, (h, k) in state.conv.items()}
-    cache.set_kv_rows(kv, length)
-    cache.set_conv_state({i: tensor(f"conv.{i}", *conv_shape[i]) for i in state.conv})
-    for n, at in enumerate(lengths):
-        if not 0 < at <= length:
-            raise StateFileError(f"{path}: snapshot {n} at {at} tokens lies outside the state's {length}")
-        conv.snapshots.add(Snapshot(at, {i: tensor(f"snapshot.{n}.conv.{i}", *conv_shape[i]).copy()
-                                         for i in state.conv}))
-    conv._cache, conv._tokens = cache, tokens
-    return conv
+    conv = {i: tensor(f"conv.{i}", (1, h, k), conv_dtype[i]) for i, (h, k) in state.conv.items()}
+    snapshots = [{i: tensor(f"snapshot.{n}.conv.{i}", (1, h, k), conv_dtype[i]).copy()
+                  for i, (h, k) in state.conv.items()} for n in range(len(saved.snapshot_lengths))]
+    return kv, conv, snapshots  # type: ignore[return-value]
+
+
+class _Fields:
+    """Typed reads of a document's fields, each failure naming the file and the field."""
+
+    def __init__(self, path: Path, doc: dict[str, Any]):
+        self.path, self.doc = path, doc
+
+    def list(self, name: str, most: int) -> list:
+        value = self.doc.get(name)
+        if not isinstance(value, list):
+            raise StateFileError(f"{self.path}: field {name!r} must be a list, found {value!r:.60}")
+        if len(value) > most:
+            raise StateFileError(f"{self.path}: field {name!r} holds {len(value):,} items, at most {most:,} expected")
+        return value
+
+    def integer(self, name: str, low: int, high: int) -> int:
+        value = self.doc.get(name)
+        if type(value) is not int or not low <= value <= high:
+            raise StateFileError(f"{self.path}: field {name!r} must be an integer in {low}..{high}, found "
+                                 f"{value!r:.40}")
+        return value

@@ -2,8 +2,10 @@
 
 A RAM tier bounded by bytes (least recently used out) and, with a folder, a disk tier in the saved-state
 format (statefile.py) that survives restarts: an app's first conversation after a start prefills only what
-follows its system prompt. Disk entries are tied to the bundle's fingerprint; a damaged or foreign file is a
-miss (the damaged one is removed), never a wrong continuation.
+follows its system prompt. Disk entries are tied to the bundle's fingerprint. Whatever is wrong with a file in
+the folder (unreadable, damaged, edited, another bundle's, not ours at all, a FIFO or a folder under an
+entry's name) makes it a miss, never an error of LfmModel or of a conversation, never a wrong continuation:
+damaged entries are removed, foreign ones ignored.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +24,7 @@ from . import statefile
 from .statefile import StateFileError
 
 FORMAT, VERSION = "lfm-edge prefix", 1
+MAX_FILE_BYTES = 4 << 30  # an entry holds a system prompt's state; a bigger file is not one of ours
 
 
 @dataclass
@@ -32,6 +36,16 @@ class PrefixEntry:
     @property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv.values()) + sum(a.nbytes for a in self.conv.values())
+
+    def fits(self, cache: Any, state: Any) -> bool:
+        """Whether this state's layers, shapes and dtypes are those of `cache` (a backend's Cache) over a model
+        whose state layout is `state` (a file edited to pass its checksum would otherwise be fed in)."""
+        n = len(self.tokens)
+        return self.kv.keys() == state.kv.keys() and self.conv.keys() == state.conv.keys() and all(
+            a.shape == (1, h, n, d) and a.dtype == cache.kv_dtype[i]
+            for i, (h, d) in state.kv.items() for a in self.kv[i]) and all(
+            self.conv[i].shape == (1, h, k) and self.conv[i].dtype == cache.conv_dtype[i]
+            for i, (h, k) in state.conv.items())
 
 
 class PrefixCache:
@@ -51,14 +65,16 @@ class PrefixCache:
         self._lock = threading.Lock()
         self.hits = self.misses = self.disk_hits = 0
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for path in self.folder.glob("prefix-*.safetensors"):
-                try:
-                    doc = statefile.read_document(path)
-                except StateFileError:
-                    continue
-                if doc.get("format") == FORMAT and doc.get("version") == VERSION and doc.get("bundle") == identity:
-                    self._disk[tuple(int(t) for t in doc["tokens"])] = path
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                paths = list(self.folder.glob("prefix-*.safetensors"))
+            except OSError as e:
+                raise ValueError(f"prefix_cache_dir {self.folder}: cannot use it as a folder ({e.strerror or e})") \
+                    from None
+            for path in paths:
+                tokens = _index(path, identity)
+                if tokens is not None:
+                    self._disk[tokens] = path
 
     def lookup(self, prompt: Sequence[int], limit: int, longer_than: int = 0) -> PrefixEntry | None:
         """The longest stored prefix of `prompt` of more than `longer_than` and at most `limit` tokens."""
@@ -111,25 +127,63 @@ class PrefixCache:
         except OSError:  # a full or read-only disk: the RAM tier still serves
             return
         self._disk[entry.tokens] = path
-        files = sorted((p for p in self._disk.values() if p.exists()), key=lambda p: p.stat().st_mtime)
-        while files and sum(p.stat().st_size for p in files) > self.max_disk_bytes:
+        sizes = {}
+        for p in self._disk.values():
+            try:
+                info = p.stat()
+                sizes[p] = (info.st_mtime, info.st_size)
+            except OSError:
+                continue
+        files = sorted(sizes, key=lambda p: sizes[p][0])
+        while files and sum(sizes[p][1] for p in files) > self.max_disk_bytes:
             old = files.pop(0)
-            old.unlink(missing_ok=True)
+            _remove(old)
             self._disk = {t: p for t, p in self._disk.items() if p != old}
+
+    def discard(self, tokens: Sequence[int]) -> None:
+        """Forget an entry that turned out unusable (conversation.py checks an entry against its cache): from
+        RAM, and its file removed."""
+        with self._lock:
+            self._entries.pop(tuple(tokens), None)
+            path = self._disk.pop(tuple(tokens), None)
+            if path is not None:
+                _remove(path)
 
     def _load(self, tokens: tuple[int, ...]) -> PrefixEntry | None:
         path = self._disk[tokens]
         try:
-            tensors, doc = statefile.read(path)
-            if doc.get("bundle") != self.identity or tuple(doc.get("tokens", ())) != tokens:
+            tensors, doc = statefile.read(path, MAX_FILE_BYTES)
+            if doc.get("bundle") != self.identity or doc.get("tokens") != list(tokens):
                 raise StateFileError(f"{path}: not this prefix")
-        except StateFileError:
+            kv = {int(n.split(".")[1]): (tensors[n], tensors[n[:-3] + "value"]) for n in tensors if n.endswith(".key")}
+            conv = {int(n.split(".")[1]): tensors[n].copy() for n in tensors if n.startswith("conv.")}
+            if len(kv) + len(conv) != len(tensors) - sum(n.endswith(".value") for n in tensors):
+                raise StateFileError(f"{path}: unexpected tensors")
+        except (StateFileError, KeyError, ValueError, IndexError):
             del self._disk[tokens]
-            path.unlink(missing_ok=True)  # damaged: a miss now, and not read again
+            _remove(path)  # damaged: a miss now, and not read again
             return None
-        kv = {int(n.split(".")[1]): (tensors[n], tensors[n[:-3] + "value"]) for n in tensors if n.endswith(".key")}
-        conv = {int(n.split(".")[1]): tensors[n].copy() for n in tensors if n.startswith("conv.")}
         return PrefixEntry(tokens, kv, conv)
+
+
+def _index(path: Path, identity: str | None) -> tuple[int, ...] | None:
+    """The prefix a file in the folder holds, if it is an entry of this bundle (else None: ignored)."""
+    try:
+        doc = statefile.read_document(path, MAX_FILE_BYTES)
+    except StateFileError:
+        return None
+    tokens = doc.get("tokens")
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION or doc.get("bundle") != identity or \
+            not isinstance(tokens, list) or not tokens or not all(type(t) is int and t >= 0 for t in tokens):
+        return None
+    return tuple(tokens)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a folder under an entry's name, a read-only disk: it stays a miss
+        pass
 
 
 def _longest(keys, prompt: Sequence[int], limit: int, longer_than: int) -> tuple[int, ...] | None:

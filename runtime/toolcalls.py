@@ -25,12 +25,13 @@ from __future__ import annotations
 import ast
 import json
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
+from .events import ReasoningDelta, TextDelta, ToolCall, ToolCallEvent
+
 __all__ = [
-    "MAX_CALLS", "MAX_DEPTH", "MAX_PAYLOAD_CHARS", "Event", "ReasoningDelta", "StreamParser", "TextDelta", "ToolCall",
-    "ToolCallEvent", "ToolCallParseError", "parse_call_list", "parse_tool_calls", "split_reasoning",
+    "MAX_CALLS", "MAX_DEPTH", "MAX_PAYLOAD_CHARS", "StreamParser", "ToolCallParseError", "parse_call_list",
+    "parse_tool_calls", "split_reasoning",
 ]
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -45,15 +46,6 @@ _JSON_NAMES = {"true": True, "false": False, "null": None}
 
 class ToolCallParseError(ValueError):
     """The model's tool-call text is not a well-formed list of calls with literal keyword arguments."""
-
-
-@dataclass
-class ToolCall:
-    """One call the model asked for: the tool's name and its keyword arguments as plain JSON-like data."""
-
-    name: str
-    arguments: dict[str, Any] = field(default_factory=dict)
-    id: str | None = None
 
 
 # --- one-shot parsing --------------------------------------------------------------------------------------------
@@ -262,32 +254,6 @@ def _first_marker(text: str, start: int, markers: tuple[str, ...]) -> tuple[int,
 # --- streaming -----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TextDelta:
-    """Answer text, ready to show."""
-
-    text: str
-
-
-@dataclass
-class ReasoningDelta:
-    """Text inside `<think>...</think>`."""
-
-    text: str
-
-
-@dataclass
-class ToolCallEvent:
-    """A complete tool-call block. On a malformed block `calls` is empty and `error` says why; `raw` is the
-    payload (cut at MAX_PAYLOAD_CHARS) so it can be logged or shown to the model."""
-
-    calls: list[ToolCall]
-    raw: str = ""
-    error: str | None = None
-
-
-Event = TextDelta | ReasoningDelta | ToolCallEvent
-
 _TEXT, _REASONING, _TOOL = "text", "reasoning", "tool"
 _WATCHED = {
     _TEXT: (THINK_START, THINK_END, CALL_START, CALL_END),
@@ -312,27 +278,27 @@ class StreamParser:
         self._payload_chars = 0
         self._closed = False
 
-    def feed(self, delta: str) -> list[Event]:
+    def feed(self, delta: str) -> list[TextDelta | ReasoningDelta | ToolCallEvent]:
         """Events completed by this delta (possibly none)."""
         if self._closed:
             raise RuntimeError("feed() after close()")
-        events: list[Event] = []
+        events: list = []
         self._held += delta
         self._drain(events, final=False)
         return events
 
-    def close(self) -> list[Event]:
+    def close(self) -> list[TextDelta | ReasoningDelta | ToolCallEvent]:
         """Flush held-back text at the end of generation; an open tool call is reported as unterminated."""
         if self._closed:
             return []
-        events: list[Event] = []
+        events: list = []
         self._drain(events, final=True)
         if self._mode == _TOOL:
             events.append(self._finish_block(f"unterminated tool call: no {CALL_END} before the end"))
         self._closed = True
         return events
 
-    def _drain(self, events: list[Event], final: bool) -> None:
+    def _drain(self, events: list, final: bool) -> None:
         while True:
             index, marker = _first_marker(self._held, 0, _WATCHED[self._mode])
             if index < 0:
@@ -344,7 +310,7 @@ class StreamParser:
             self._held = self._held[index + len(marker):]
             self._on_marker(marker, events)
 
-    def _emit(self, text: str, events: list[Event]) -> None:
+    def _emit(self, text: str, events: list) -> None:
         if not text:
             return
         if self._mode == _TOOL:
@@ -356,7 +322,7 @@ class StreamParser:
         else:
             events.append(TextDelta(text))
 
-    def _on_marker(self, marker: str, events: list[Event]) -> None:
+    def _on_marker(self, marker: str, events: list) -> None:
         if self._mode == _TOOL:  # the closing marker: the block is complete
             events.append(self._finish_block())
             self._mode = _TEXT

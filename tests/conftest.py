@@ -1,8 +1,18 @@
-import os
-import sys
-from pathlib import Path
+"""The test tiers: `make test` runs everything (what CI runs); `make test-fast` (`pytest -m "not slow"`) runs, for
+the edit loop, the tests not marked slow and, of each parametrized test, its first case only (the other cases
+are the same check over more configurations)."""
 
-# tests import their helpers (tiny_models) as top-level modules
-sys.path.insert(0, str(Path(__file__).parent))
-# keep runs reproducible and polite on a shared 2-core machine
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seen: set[tuple[str, str]] = set()
+    for item in items:
+        if getattr(item, "callspec", None) is None:
+            continue
+        key = (item.nodeid.split("::")[0], item.originalname)
+        if key in seen:
+            item.add_marker(pytest.mark.slow)
+        seen.add(key)

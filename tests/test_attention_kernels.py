@@ -7,18 +7,16 @@ import os
 
 import numpy as np
 import pytest
+from shared_bundles import demo_bundle
 
-from lfm_edge.export.cli import demo_model_path
-from lfm_edge.export.exporter import export
 from lfm_edge.runtime import kernels
+from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import Generation, prefill_ranges
-from lfm_edge.runtime.session import LfmSession
 
 
 @pytest.fixture(scope="module")
 def int8_cache_bundle(tmp_path_factory):
-    return export(demo_model_path(), tmp_path_factory.mktemp("kernels") / "demo-int8kv", quant="int4",
-                  kv_cache="int8").bundle
+    return demo_bundle(tmp_path_factory.getbasetemp(), "int4-int8kv")
 
 
 def test_building_sets_the_variable_only_while_a_session_builds(monkeypatch):
@@ -33,6 +31,7 @@ def test_building_sets_the_variable_only_while_a_session_builds(monkeypatch):
         kernels.check("fast")
 
 
+@pytest.mark.slow
 def test_unfused_kernel_gives_the_flash_kernels_results(int8_cache_bundle):
     flash = LfmSession(int8_cache_bundle, threads=1)
     unfused = LfmSession(int8_cache_bundle, threads=1, attention_kernel="unfused")

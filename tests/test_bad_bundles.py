@@ -15,17 +15,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from shared_bundles import demo_bundle
 
-from lfm_edge.export.cli import demo_model_path
-from lfm_edge.export.exporter import export
+from lfm_edge.runtime import LfmModel
 from lfm_edge.runtime.bundle import BundleError, sampled_sha256, sha256
-from lfm_edge.runtime.chat_cli import main as chat_main
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.runtime.cli.chat import main as chat_main
+
+# the no-manifest cases load bundles without manifest.json on purpose: their UnverifiedBundle warning is expected
+pytestmark = pytest.mark.filterwarnings("ignore::lfm_edge.runtime.bundle.UnverifiedBundle")
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    return export(demo_model_path(), tmp_path_factory.mktemp("b") / "demo-int4", quant="int4").bundle
+    return demo_bundle(tmp_path_factory.getbasetemp(), "int4")
 
 
 def _edit(name: str, change: Callable[[dict], None]) -> Callable[[Path], None]:
@@ -104,6 +106,7 @@ def _chat(bundle: Path, capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize("manifest", ["rehashed-manifest", "no-manifest"])
 @pytest.mark.parametrize("case", sorted(FIELD_DAMAGE))
+@pytest.mark.slow
 def test_bad_field_is_named(demo, tmp_path, capsys, case, manifest):
     damage, file, field = FIELD_DAMAGE[case]
     bundle = tmp_path / "bundle"

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import huggingface_hub
+import pytest
 
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
@@ -17,6 +18,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_no_file_in_the_bundle_holds_a_local_path(tmp_path):
     src = tmp_path / "home" / "alice" / "my-checkpoint"
     shutil.copytree(demo_model_path(), src, ignore=shutil.ignore_patterns("__pycache__", "*.py"))

@@ -10,19 +10,18 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
+from shared_bundles import demo_bundle
 
-from lfm_edge.export.cli import demo_model_path
-from lfm_edge.export.exporter import export
+from lfm_edge.runtime import LfmModel
 from lfm_edge.runtime.bundle import MIN_ONNXRUNTIME, BundleError, _version, read_bundle
-from lfm_edge.runtime.chat_cli import main as chat_main
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.runtime.cli.chat import main as chat_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return export(demo_model_path(), tmp_path_factory.mktemp("v") / "demo", quant="int4").bundle
+    return demo_bundle(tmp_path_factory.getbasetemp(), "int4")
 
 
 def test_the_floor_is_the_tested_version():
@@ -34,6 +33,7 @@ def test_the_floor_is_the_tested_version():
         "the tests now run another onnxruntime: re-test and move MIN_ONNXRUNTIME and pyproject's floor with it"
 
 
+@pytest.mark.slow
 def test_bundle_records_what_it_needs_and_what_wrote_it(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["requires"] == {"onnxruntime": MIN_ONNXRUNTIME}

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from lfm_edge.export.checkpoint import Checkpoint
 from lfm_edge.export.exporter import export
-from lfm_edge.runtime.session import Cache, LfmSession
+from lfm_edge.runtime.backends.python import Cache, LfmSession
 from tiny_models import build
 
 PROMPT = [[5, 17, 99, 3, 250, 41, 8, 77]]
@@ -26,6 +26,7 @@ def _hf_logits(model) -> np.ndarray:
         return model(torch.tensor(PROMPT), use_cache=False).logits.numpy()
 
 
+@pytest.mark.slow
 def test_fused_expert_layout_exports_the_same_model(tmp_path):
     model = build("moe_mixed", tmp_path / "per_expert")
     build("moe_mixed", tmp_path / "fused", fused_experts=True)

@@ -13,11 +13,11 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shared_bundles import demo_bundle
 from tokenizers import Tokenizer
 
-from lfm_edge.export.exporter import export
-from lfm_edge.runtime.constrain import ConstraintError, pythonic_calls_grammar, vocabulary
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.runtime import LfmModel, ToolChoice
+from lfm_edge.runtime.constrain import ConstraintError, pythonic_calls_grammar
 from lfm_edge.runtime.toolcalls import parse_tool_calls
 from scripted_model import write_bundle
 
@@ -36,7 +36,7 @@ def ids(text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return LfmModel(export(DEMO, tmp_path_factory.mktemp("constrain") / "int4", quant="int4").bundle)
+    return LfmModel(demo_bundle(tmp_path_factory.getbasetemp(), "int4"))
 
 
 def scripted(folder: Path, at: int, said: str, second_choices: dict[str, float] | None = None) -> LfmModel:
@@ -60,8 +60,9 @@ def scripted(folder: Path, at: int, said: str, second_choices: dict[str, float] 
     ('[{"name": "get_weather", "arguments": {"days": 2}}]<|tool_call_end|>', False),  # JSON, city missing
     ('[{"name": "get_wether", "arguments": {"city": "Paris"}}]<|tool_call_end|>', False),  # JSON, no such tool
 ])
+@pytest.mark.slow
 def test_call_grammar_accepts_valid_calls_only(demo, text, ok):
-    vocab = vocabulary(demo)
+    vocab = demo.constraints.vocabulary
     matcher = vocab.matcher(pythonic_calls_grammar([WEATHER], "<|tool_call_end|>"))
     tokens = ids(text)
     accepted = matcher.validate_tokens(tokens)
@@ -102,6 +103,34 @@ def test_a_model_that_writes_a_malformed_call_writes_a_valid_one(tmp_path):
     assert "[get_weather(city='Paris')]<|tool_call_end|>" in held.messages[1]["content"]
 
 
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}},
+                                    ToolChoice("required", parallel=False)])
+def test_tool_choice_forces_one_turn_that_is_the_call(demo, choice):
+    """Even the random-weights demo, which would never call a tool by itself, answers with a valid call and the
+    turn ends there; parallel False allows one call; "none" never opens a call."""
+    tools = [{"type": "function", "function": {"name": "note", "parameters": {"type": "object", "properties": {
+        "text": {"type": "string", "maxLength": 8}}, "required": ["text"]}}}, WEATHER]
+    done = demo.chat([{"role": "user", "content": "Weather in Paris?"}], tools, tool_choice=choice,
+                         max_new_tokens=120)
+    assert done.stats.stopped == "eos" and done.text == ""
+    assert done.raw.startswith("<|tool_call_start|>") and done.raw.endswith("<|tool_call_end|>")
+    assert done.tool_calls and all(c.name in ("note", "get_weather") for c in done.tool_calls)
+    if isinstance(choice, dict):
+        assert {c.name for c in done.tool_calls} == {"get_weather"}
+    if isinstance(choice, ToolChoice):
+        assert len(done.tool_calls) == 1
+    none = demo.chat([{"role": "user", "content": "Weather in Paris?"}], tools, tool_choice="none",
+                         max_new_tokens=40)
+    assert "<|tool_call_start|>" not in none.raw and not none.tool_calls
+
+
+def test_tool_choice_is_checked(demo):
+    for bad, match in [("sometimes", "tool_choice 'sometimes'"), ({"type": "function"}, "tool_choice"),
+                       ({"type": "function", "function": {"name": "nope"}}, "'nope'.*not among")]:
+        with pytest.raises(ConstraintError, match=match):
+            demo.chat([{"role": "user", "content": "x"}], [WEATHER], tool_choice=bad, max_new_tokens=2)
+
+
 # --- response_format ----------------------------------------------------------------------------------------------
 
 _leaf = st.one_of(
@@ -124,6 +153,7 @@ _schema = st.recursive(
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schema=_schema)
+@pytest.mark.slow
 def test_every_constrained_answer_validates_against_its_schema(demo, schema):
     messages = [{"role": "user", "content": "Give me the data as JSON."}]
     done = demo.chat(messages, response_format=schema, max_new_tokens=160)
@@ -138,9 +168,22 @@ def test_pydantic_models_dataclasses_regex_and_lark(demo):
     from pydantic import BaseModel, ConfigDict, Field
 
     class City(BaseModel):  # bounded, as real schemas are: the tiny demo model would otherwise write on
-        model_config = ConfigDict(extra="forbid")  # no further keys (pydantic allows them by default)
         name: str = Field(max_length=16)
         population: int = Field(ge=0, le=10**8)
+
+    class Open(BaseModel):  # asks for extra keys: kept open
+        model_config = ConfigDict(extra="allow")
+        name: str = Field(max_length=16)
+
+    class Trip(BaseModel):  # a nested model: closed too
+        to: City
+        days: int = Field(ge=1, le=9)
+
+    from lfm_edge.runtime.constrain import response_format
+    assert response_format(City).json_schema["additionalProperties"] is False  # plain BaseModel: closed
+    assert response_format(Open).json_schema["additionalProperties"] is True
+    trip = response_format(Trip).json_schema
+    assert trip["additionalProperties"] is False and trip["$defs"]["City"]["additionalProperties"] is False
 
     @dataclasses.dataclass
     class Point:
@@ -215,11 +258,12 @@ def test_a_reasoning_trace_that_loops_is_ended(tmp_path):
 
 # --- everywhere ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_lfm_chat_json_schema_and_reasoning_budget(demo, tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}},
                                   "required": ["answer"], "additionalProperties": False}))
-    cmd = [sys.executable, "-m", "lfm_edge.runtime.chat_cli", str(demo.folder), "-n", "60", "--no-tools"]
+    cmd = [sys.executable, "-m", "lfm_edge.runtime.cli.chat", str(demo.folder), "-n", "60", "--no-tools"]
     out = subprocess.run(cmd + ["--json-schema", str(schema), "-p", "Say hi"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -231,7 +275,7 @@ def test_lfm_chat_json_schema_and_reasoning_budget(demo, tmp_path):
 
 
 def test_the_mask_cost_benchmark_measures_masks_against_decode_steps(demo, tmp_path):
-    from lfm_edge.device_bench.constrained import measure
+    from lfm_edge.device_bench.studies.constrained import measure
 
     result = measure(demo.folder, tokens=12, runs=1, threads=1)
     assert result["vocab"] == demo.session.vocab_size and result["masked_steps"] >= 6

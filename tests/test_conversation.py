@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_bundles import demo_bundle
 from test_chat import LFM25_MOE_TEMPLATE
 from tokenizers import Tokenizer
 
 from lfm_edge.export.exporter import export
-from lfm_edge.runtime import statefile
+from lfm_edge.runtime import LfmModel, statefile
 from lfm_edge.runtime.conversation import ContextFull, ConversationBusy
-from lfm_edge.runtime.engine import LfmModel
 from lfm_edge.runtime.statefile import StateFileError
 from scripted_model import write_bundle
 from tiny_models import build
@@ -35,10 +35,8 @@ WORD_TEMPLATE = ("{{ bos_token }}{% for m in messages %}w3 {{ m['role'] }} {{ m[
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo model exported three ways: fp32 contrib, fp32 portable, int4."""
-    root = tmp_path_factory.mktemp("conversation")
-    return {"fp32": export(DEMO, root / "fp32").bundle,
-            "portable": export(DEMO, root / "portable", ops="portable").bundle,
-            "int4": export(DEMO, root / "int4", quant="int4").bundle}
+    root = tmp_path_factory.getbasetemp()
+    return {kind: demo_bundle(root, kind) for kind in ("fp32", "portable", "int4")}
 
 
 def _check_continuations(model: LfmModel, conv, questions, max_new_tokens=12) -> list:
@@ -54,6 +52,7 @@ def _check_continuations(model: LfmModel, conv, questions, max_new_tokens=12) ->
 
 
 @pytest.mark.parametrize("kind", ["fp32", "portable", "int4"])
+@pytest.mark.slow
 def test_turns_prefill_only_what_is_new_and_equal_fresh_generation(demo, kind):
     model = LfmModel(demo[kind], prefix_cache_bytes=0)
     conv = model.conversation(system=SYSTEM)
@@ -72,6 +71,7 @@ def test_turns_prefill_only_what_is_new_and_equal_fresh_generation(demo, kind):
     assert len(conv.tokens) == prepared[-1].state_tokens > last.state_tokens  # and the next turn's header is in
 
 
+@pytest.mark.slow
 def test_an_edited_history_rolls_back_and_stays_exact(demo):
     """Editing an earlier answer (what LFM2.5's template does to past reasoning) or question: the state rolls
     back to the newest snapshot before the change, never continues from stale rows."""
@@ -91,6 +91,7 @@ def test_an_edited_history_rolls_back_and_stays_exact(demo):
 
 
 @pytest.mark.parametrize("chunk,every", [(5, 7), (7, 7), (3, 1), (512, 4)])
+@pytest.mark.slow
 def test_chunk_boundaries_on_and_next_to_snapshot_points(demo, chunk, every):
     model = LfmModel(demo["fp32"], prefix_cache_bytes=0)
     conv = model.conversation(system=SYSTEM, snapshot_every=every, prefill_chunk=chunk)
@@ -129,6 +130,7 @@ def test_rewind_reset_and_their_errors(demo):
                                             ("moe_attn_first_last_nobias", "contrib", "fp32"),
                                             ("dense_conv_only_idxs", "portable", "fp32"),
                                             ("moe_attention_only", "contrib", "fp32")])
+@pytest.mark.slow
 def test_tiny_configs_continue_exactly(tmp_path, name, ops, quant):
     build(name, tmp_path / "ckpt")
     cfg_path = tmp_path / "ckpt" / "tokenizer_config.json"
@@ -148,6 +150,7 @@ def test_tiny_configs_continue_exactly(tmp_path, name, ops, quant):
     assert len(system) <= stats.reused_tokens < stats.prompt_tokens and model.prefix_cache.hits == 1
 
 
+@pytest.mark.slow
 def test_saved_conversation_continues_exactly_in_a_new_process(demo, tmp_path):
     model = LfmModel(demo["fp32"])
     conv = model.conversation(system=SYSTEM)
@@ -155,7 +158,7 @@ def test_saved_conversation_continues_exactly_in_a_new_process(demo, tmp_path):
     size = conv.save(tmp_path / "chat.safetensors")
     assert size == (tmp_path / "chat.safetensors").stat().st_size
     here = conv.say(QUESTIONS[2], max_new_tokens=10)
-    code = (f"import json; from lfm_edge.runtime.engine import LfmModel; m = LfmModel({str(demo['fp32'])!r}); "
+    code = (f"import json; from lfm_edge.runtime import LfmModel; m = LfmModel({str(demo['fp32'])!r}); "
             f"c = m.load_conversation({str(tmp_path / 'chat.safetensors')!r}); d = c.say({QUESTIONS[2]!r}, "
             "max_new_tokens=10); print(json.dumps([d.tokens, d.stats.reused_tokens, d.stats.prompt_tokens]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -202,6 +205,7 @@ def test_saved_file_is_safetensors_and_bad_files_are_refused(demo, tmp_path):
         model.load_conversation(tmp_path / "nope.safetensors")
 
 
+@pytest.mark.slow
 def test_context_limit_errors_or_drops_oldest_turns(demo, tmp_path):
     small = tmp_path / "small"
     shutil.copytree(demo["fp32"], small)
@@ -224,6 +228,7 @@ def test_context_limit_errors_or_drops_oldest_turns(demo, tmp_path):
         model.conversation(context_policy="truncate")
 
 
+@pytest.mark.slow
 def test_budgets_of_zero_work_just_slower(demo):
     model = LfmModel(demo["fp32"], prefix_cache_bytes=0)
     conv = model.conversation(system=SYSTEM, max_snapshots=0)
@@ -236,6 +241,7 @@ def test_budgets_of_zero_work_just_slower(demo):
     assert stats.reused_tokens == 0
 
 
+@pytest.mark.slow
 def test_one_send_at_a_time_and_threads_equal_serial(demo):
     model = LfmModel(demo["int4"])
     conv = model.conversation(system=SYSTEM)
@@ -256,6 +262,7 @@ def test_one_send_at_a_time_and_threads_equal_serial(demo):
         assert list(pool.map(talk, range(4))) == serial
 
 
+@pytest.mark.slow
 def test_tool_rounds_prefill_only_the_tool_result_and_what_follows(tmp_path):
     """A scripted model: calls a tool, then answers. The second round reuses the whole first round's state."""
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
@@ -345,6 +352,7 @@ def test_a_conversation_continued_another_day_renders_its_own_date(tmp_path):
     assert again.say("Still there?", max_new_tokens=3).stats.reused_tokens >= len(conv.tokens) - 3
 
 
+@pytest.mark.slow
 def test_snapshot_ring_is_bounded_in_count_and_bytes(demo):
     model = LfmModel(demo["fp32"], prefix_cache_bytes=0)
     conv = model.conversation(system=SYSTEM, snapshot_every=4, max_snapshots=5)
@@ -357,6 +365,7 @@ def test_snapshot_ring_is_bounded_in_count_and_bytes(demo):
     assert conv2.state_bytes > conv2.snapshots.nbytes
 
 
+@pytest.mark.slow
 def test_kv_buffers_double_by_need_or_stay_at_a_reservation(demo):
     model = LfmModel(demo["int4"], prefix_cache_bytes=0)
     grows = model.conversation(system=SYSTEM)
@@ -392,10 +401,11 @@ def test_threads_share_the_prefix_cache_safely(demo):
     assert again.stats.reused_tokens > 0 and model.prefix_cache.hits >= 1
 
 
+@pytest.mark.slow
 def test_lfm_chat_keeps_one_conversation_and_continues_a_session(demo, tmp_path):
     import re
 
-    cmd = [sys.executable, "-m", "lfm_edge.runtime.chat_cli", str(demo["int4"]), "-n", "8", "--no-tools"]
+    cmd = [sys.executable, "-m", "lfm_edge.runtime.cli.chat", str(demo["int4"]), "-n", "8", "--no-tools"]
     session = tmp_path / "chat.safetensors"
     first = subprocess.run(cmd + ["--session", str(session)], input="What is a list?\nAnd a tuple?\n/quit\n",
                            capture_output=True, text=True, timeout=120)
@@ -413,6 +423,7 @@ def test_lfm_chat_keeps_one_conversation_and_continues_a_session(demo, tmp_path)
     assert "(saved 3 turns" in again.stdout and "cannot read" in again.stderr
 
 
+@pytest.mark.slow
 def test_the_prefix_cache_on_disk_serves_the_next_start(demo, tmp_path):
     """A new process (a new LfmModel over the same folder) finds the system prompt's state on disk; a damaged
     file is a miss, and a file of another bundle is never used."""

@@ -13,9 +13,9 @@ from tokenizers import Tokenizer
 
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.runtime import LfmModel
+from lfm_edge.runtime.backends.python import Cache, LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import Cache, LfmSession
 
 DEMO = demo_model_path()
 
@@ -35,6 +35,7 @@ def hf_model():
 
 
 @pytest.mark.parametrize("ops", ["contrib", "portable"])
+@pytest.mark.slow
 def test_demo_export_matches_transformers_on_text(hf_model, tmp_path, ops):
     bundle = export(DEMO, tmp_path / ops, ops=ops).bundle
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
@@ -49,6 +50,7 @@ def test_demo_export_matches_transformers_on_text(hf_model, tmp_path, ops):
     assert generate(LfmSession(bundle), [prompt], 32, eos_token_ids=[])[0] == greedy
 
 
+@pytest.mark.slow
 def test_lfm_export_without_arguments_exports_the_demo(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lfm_edge.export.cli", "--quiet"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)

@@ -11,20 +11,23 @@ import threading
 from pathlib import Path
 
 import pytest
+from shared_bundles import demo_bundle
 
-from lfm_edge.device_bench import bench, roofline
-from lfm_edge.device_bench.cli import adb_commands, main, ratios
-from lfm_edge.device_bench.llama_cpp_peer import llama_decode_in_subprocess
+from lfm_edge.device_bench import roofline, speed
+from lfm_edge.device_bench.cli import main
+from lfm_edge.device_bench.peers.llama_cpp import llama_decode_in_subprocess
+from lfm_edge.device_bench.speed import adb_commands, ratios
 from lfm_edge.export.cli import demo_model_path
-from lfm_edge.export.exporter import export
+from lfm_edge.runtime.bundle import TokenBytes
 from without_module import run_without
 
 
 @pytest.fixture(scope="module")
 def demo_int4(tmp_path_factory):
-    return export(demo_model_path(), tmp_path_factory.mktemp("bench") / "demo-int4", quant="int4").bundle
+    return demo_bundle(tmp_path_factory.getbasetemp(), "int4")
 
 
+@pytest.mark.slow
 def test_bench_writes_json_markdown_and_plot(demo_int4, tmp_path):
     out = tmp_path / "out"
     code = main([str(demo_int4), "--runs", "2", "--prompts", "16,32", "--depths", "0,24", "--decode", "8",
@@ -67,11 +70,47 @@ def test_bench_writes_json_markdown_and_plot(demo_int4, tmp_path):
     for p in roof["phones"]:
         assert p["predicted_tps"] == pytest.approx(p["bandwidth_gbs"] * 1e9 * pred["efficiency"]
                                                    / pred["bytes_per_token"], abs=0.05)
+    # bench.md leads with what was measured; the phone table follows as a prediction, with its basis
     md = (out / "bench.md").read_text()
-    assert "**LFM2.5-8B-A1B int4 on phones: " in md and "the full model's measured efficiency" in md
+    best = max(result["results"]["decode/8@0"]["median"], result["results"]["decode/8@24"]["median"])
+    headline = f"**Measured here: demo_model int4 decodes {best:.1f} tok/s** (8 tokens after "
+    assert md.count("**") == 2 and md.index(headline) < md.index("| metric |")
+    prediction = md.index("## Predicted, not measured: LFM2.5-8B-A1B int4 on phones\n\n45-74 tok/s predicted; ")
+    assert md.index("Roofline:") < md.index("Peer onnxruntime-genai") < prediction
+    assert md.index("the full model's measured efficiency", prediction) < md.index("| phone SoC |")
     assert f"predicted tok/s (at {pred['efficiency']:.0%})" in md
+    assert result["bundle"]["label"] == "demo_model int4"
 
 
+@pytest.mark.slow
+def test_peak_memory_leaves_out_the_bandwidth_probe(demo_int4, tmp_path, monkeypatch):
+    """The bandwidth probe reads a buffer far larger than the demo model (1 GiB by default: lfm-bench reported
+    1093 MB of peak RSS on the demo, 92 MB with --bandwidth given); each run's peaks are its own."""
+    from lfm_edge.runtime.memory import peak_rss_mb
+
+    real, at_probe = roofline.read_bandwidth, []
+
+    def probe(gib: float = 1.0, repeats: int = 5) -> float:  # a 512 MiB probe: quicker, as far above the demo
+        gbs = real(0.5, 1)
+        at_probe.append(peak_rss_mb())
+        return gbs
+
+    monkeypatch.setattr(roofline, "read_bandwidth", probe)
+    out = tmp_path / "out"
+    assert main([str(demo_int4), "--runs", "2", "--prompts", "16", "--depths", "0", "--decode", "8", "--threads", "1",
+                 "--peer", "none", "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    mem, peaks = result["memory"], result["results"]["peak_rss"]
+    assert len(at_probe) == 1 and mem["peak_from"] == "each run"
+    assert peaks["runs"] == 2 and peaks["max"] < at_probe[0] - 400  # the probe's 512 MiB counted in no run
+    # the peak's parts, sampled: each at least what the run held after its load, neither holding the probe
+    assert mem["anon_after_load_mb"] <= mem["peak_anon_mb"] + 1 and mem["file_after_load_mb"] <= mem["peak_file_mb"] + 1
+    assert mem["peak_anon_mb"] < at_probe[0] - 400 and mem["peak_file_mb"] > 0
+    assert f"Peak RSS {mem['peak_rss_mb']:.0f} MB" in (md := (out / "bench.md").read_text())
+    assert "(each run's own, load included; anonymous " in md
+
+
+@pytest.mark.slow
 def test_bench_with_the_prepack_cache_reports_its_disk_and_memory(demo_int4, tmp_path, capsys):
     bundle = shutil.copytree(demo_int4, tmp_path / "bundle")
     out = tmp_path / "out"
@@ -111,7 +150,7 @@ class CountingSession:
 def test_bench_uses_the_given_open_session_and_cancel_stops_within_one_decode_step(demo_int4):
     """The app passes its backend's open_session; Cancel pressed mid-decode (here: after the 3rd step) stops
     the run before the next step, with `Cancelled`."""
-    from lfm_edge.runtime.session import LfmSession
+    from lfm_edge.runtime.backends.python import LfmSession
 
     cancel, opened, sessions = threading.Event(), [], []
 
@@ -121,13 +160,13 @@ def test_bench_uses_the_given_open_session_and_cancel_stops_within_one_decode_st
                                         on_decode=lambda n: n == 3 and cancel.set()))
         return sessions[-1]
 
-    with pytest.raises(bench.Cancelled):
-        bench.run(demo_int4, 1, [16], [0], [64], 1, open_session=open_session, cancel=cancel)
+    with pytest.raises(speed.Cancelled):
+        speed.run(demo_int4, 1, [16], [0], [64], 1, open_session=open_session, cancel=cancel)
     assert opened == [(demo_int4, 1)] and sessions[0].decode_steps == 3
 
 
 def test_bench_cancel_set_by_the_progress_callback_stops_before_the_next_step(demo_int4):
-    from lfm_edge.runtime.session import LfmSession
+    from lfm_edge.runtime.backends.python import LfmSession
 
     cancel, messages, sessions = threading.Event(), [], []
 
@@ -140,16 +179,27 @@ def test_bench_cancel_set_by_the_progress_callback_stops_before_the_next_step(de
         sessions.append(CountingSession(LfmSession(bundle, threads=threads)))
         return sessions[-1]
 
-    with pytest.raises(bench.Cancelled, match="cancelled"):
-        bench.run(demo_int4, 1, [16], [0], [64], 1, progress=progress, open_session=open_session, cancel=cancel)
+    with pytest.raises(speed.Cancelled, match="cancelled"):
+        speed.run(demo_int4, 1, [16], [0], [64], 1, progress=progress, open_session=open_session, cancel=cancel)
     assert messages == ["warm-up: load", "warm-up: prefill 16", "warm-up: decode 64 at depth 0"]
     assert sessions[0].decode_steps == 0
+
+
+def test_speed_plot_keeps_a_single_depth_and_the_target_visible():
+    from lfm_edge.device_bench.report import depth_span, spread_out
+
+    low, high = depth_span(0)  # one depth: a span a reader can see, not +-0.04 tokens, and little below 0
+    assert high >= 256 and -0.1 * high <= low < 0
+    low, high = depth_span(4096)
+    assert low < 4096 < high and high - low >= 512
+    assert spread_out([4726, 30, 573, 410])  # a cache-resident roofline: log scale, so 30 tok/s stays in sight
+    assert not spread_out([38.8, 30, 27.6, 32.7])
 
 
 def test_the_ab_memory_probe_times_copies_not_page_faults():
     """ab.py's per-round memory speed: its buffers are allocated and touched once, so every call times copies
     between resident pages (a first touch would time this VM's page faults, ~10x slower)."""
-    from lfm_edge.device_bench.ab import CopyBandwidth
+    from lfm_edge.device_bench.studies.ab import CopyBandwidth
 
     probe = CopyBandwidth(threads=2, mb=16, tries=2)
     buffers = [a.ctypes.data for a in probe.src + probe.dst]
@@ -182,8 +232,10 @@ def test_bytes_per_token_counts_routed_experts_at_top_k(demo_int4):
     share = config["num_experts_per_tok"] / config["num_experts"]
     import onnx
 
+    from lfm_edge.export.footprint import stored_bytes
+
     model = onnx.load(demo_int4 / "model.onnx", load_external_data=False)
-    expert_bytes = sum(roofline._stored_bytes(i) for i in model.graph.initializer if ".experts." in i.name)
+    expert_bytes = sum(stored_bytes(i) for i in model.graph.initializer if ".experts." in i.name)
     assert tb.by_kind["experts (routed)"] == pytest.approx(expert_bytes * share)
     assert tb.total < tb.stored
     phones = roofline.phone_predictions(tb.total, 0.5)
@@ -207,15 +259,15 @@ def test_phone_predictions_are_for_the_full_model(demo_int4, tmp_path):
     small = roofline.bytes_per_token(demo_int4)
     p = roofline.phone_prediction(demo_int4, small, 0.03, cache_bytes=32 << 20)
     predicted(p, ref, full)
-    assert not p.efficiency_measured_here and p.bytes_from == "its geometry"
+    assert not p.efficiency_measured_here and p.bytes_from == "its int4 bundle's manifest (recorded)"
     assert p.verdict() == "LFM2.5-8B-A1B int4 on phones: 45-74 tok/s predicted; reaches 30 tok/s on all 8"
     assert "the full model's measured efficiency (31.1 tok/s at 35.6 GB/s" in p.basis() and "1.6 MB" in p.basis()
     # no bytes per token for the measured bundle (a phone without onnx, a genai bundle): still the full model's
     p = roofline.phone_prediction(None, None, 0.5)
     predicted(p, ref, full)
-    assert p.basis().endswith("; this bundle's bytes per token are unknown.")
+    assert "; this bundle's bytes per token are unknown. That efficiency was measured on random weights" in p.basis()
     # a memory-bound bundle that is not the model (6 layers of its width): its own efficiency, the model's bytes
-    six_layers = roofline.TokenBytes(358e6, {}, int(1.04e9))
+    six_layers = TokenBytes(358e6, {}, int(1.04e9))
     p = roofline.phone_prediction(demo_int4, six_layers, 0.6, cache_bytes=32 << 20)
     predicted(p, ref, 0.6)
     assert p.efficiency_measured_here and "measured here on this bundle (358 MB per token" in p.basis()
@@ -225,7 +277,7 @@ def test_phone_predictions_are_for_the_full_model(demo_int4, tmp_path):
     bundle = tmp_path / "lfm25-int4"
     bundle.mkdir()
     (bundle / "manifest.json").write_text(json.dumps({"model_type": "lfm2_moe", "quant": "int4"}))
-    itself = roofline.TokenBytes(878_804_076.0, {}, 4_639_796_268)  # an exported bundle's manifest (+50 kB of graph)
+    itself = TokenBytes(878_804_076.0, {}, 4_639_796_268)  # an exported bundle's manifest (+50 kB of graph)
     p = roofline.phone_prediction(bundle, itself, 0.7)
     predicted(p, itself.total, 0.7)
     assert p.bytes_from == "this bundle's manifest" and roofline.is_reference_bundle(bundle, itself)
@@ -239,6 +291,34 @@ def test_phone_predictions_are_for_the_full_model(demo_int4, tmp_path):
     assert slow.verdict().endswith("tok/s predicted; below the 30 tok/s target on all 8")
 
 
+def test_a_share_above_the_ceiling_is_capped_and_random_weights_are_named(tmp_path):
+    """The app measured the full geometry's random-weights bundle at 38.6 tok/s x 879 MB per token against less
+    bandwidth than that (113%): no phone reads faster than its bandwidth, so the efficiency is capped at 1, and
+    the basis says that it comes from random weights, whose tokens reuse experts (fewer bytes than counted)."""
+    bundle = tmp_path / "lfm25-int4"
+    bundle.mkdir()
+    manifest = {"model_type": "lfm2_moe", "quant": "int4", "source": {"random_weights": "lfm2.5-8b-a1b"}}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    itself = TokenBytes(878_804_076.0, {}, 4_639_796_268)
+    above = 38.6 * itself.total / 30e9
+    p = roofline.phone_prediction(bundle, itself, above)
+    assert p.efficiency == 1.0 and p.capped_from == above and p.random_weights
+    for r in p.phones:  # each phone at its peak bandwidth, no faster
+        assert r["predicted_tps"] == round(r["bandwidth_gbs"] * 1e9 / itself.total, 1)
+    assert f"Capped at 100%: decode here reached {above:.0%} of the ceiling" in p.basis()
+    assert "measured on random weights" in p.basis()
+    assert "more than the measured bandwidth allows" in roofline.share_of_ceiling(above)
+    assert roofline.share_of_ceiling(0.77) == "77% of it"
+    # a trained bundle below the ceiling: its share as measured, neither caveat
+    (bundle / "manifest.json").write_text(json.dumps(manifest | {"source": {"hub_id": "LiquidAI/LFM2-8B-A1B"}}))
+    p = roofline.phone_prediction(bundle, itself, 0.7)
+    assert p.efficiency == 0.7 and not p.capped_from and not p.random_weights
+    assert "Capped" not in p.basis() and "random weights" not in p.basis()
+    # the recorded efficiency small bundles borrow was itself measured on random weights: it says so
+    p = roofline.phone_prediction(None, None, 0.0)
+    assert roofline.FULL_MODEL_EFFICIENCY.random_weights and p.random_weights and "random weights" in p.basis()
+
+
 def test_memory_bound_threshold_follows_the_cache():
     assert roofline.memory_bound_bytes(32 << 20) == 8 * (32 << 20)  # this machine's L3: 268 MB
     assert roofline.memory_bound_bytes(8 << 20) == roofline.MEMORY_BOUND_MIN_BYTES  # a phone's: the 256 MB floor
@@ -248,71 +328,54 @@ def test_memory_bound_threshold_follows_the_cache():
 
 
 def test_the_full_models_bytes_per_token_and_recorded_efficiency():
-    """Bytes per token are quant/policy.py's for the default phone policy over the preset's geometry; the recorded
-    constant (phone builds have no exporter) is that computation; the efficiency is the run in
-    device_bench/RESULTS.md."""
-    from lfm_edge.export.cli import TARGET_QUANT
-    from lfm_edge.export.random_weights import RandomCheckpoint
-    from lfm_edge.quant.policy import bytes_per_token, get_policy
+    """The reference bytes per token are the full model's int4 bundle's manifest figure, the bundle the recorded
+    efficiency was measured on (device_bench/RESULTS.md); the phone policy is the one exports for phones use."""
+    from lfm_edge.export.options import TARGET_QUANT
 
     assert TARGET_QUANT["android"] == TARGET_QUANT["ios"] == roofline.REFERENCE_POLICY
-    cfg = RandomCheckpoint(roofline.REFERENCE_PRESET).config
-    computed = bytes_per_token(get_policy(roofline.REFERENCE_POLICY), cfg)
-    assert computed == roofline.REFERENCE_BYTES_PER_TOKEN
-    # the rows a bundle without a readable manifest is assumed to rescore: the policy's, recorded for the same reason
-    assert roofline._rescore_top(Path("no-such-bundle")) == get_policy(roofline.REFERENCE_POLICY).rescore.top
-    assert roofline.reference_bytes_per_token() == (computed, "its geometry")
-    code = ("import sys\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.startswith(('lfm_edge.export', 'lfm_edge.quant')): raise ImportError(name, name=name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "from lfm_edge.device_bench import roofline\n"
-            "print(roofline.reference_bytes_per_token())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == f"({float(computed)!r}, 'its geometry (recorded)')"
-
+    eff = roofline.FULL_MODEL_EFFICIENCY
+    assert roofline.reference_bytes_per_token()[0] == roofline.REFERENCE_BYTES_PER_TOKEN == eff.bytes_per_token
     root = Path(__file__).resolve().parent.parent
     results = root / "device_bench" / "results"
     ab = json.loads((results / "2026-11-30-ab-int4-block256-vs-llama-q4_0-10rounds.json").read_text())
     run = json.loads((results / "2026-11-22-lfm25-8b-a1b-int4-b128.json").read_text())  # the machine's bandwidth
-    eff = roofline.FULL_MODEL_EFFICIENCY
     assert eff.decode_tps == round(ab["median"]["ours_decode"], 2) and len(ab["rounds"]) == 10
-    assert eff.bytes_per_token == pytest.approx(computed, rel=1e-4)  # the bundle's manifest: + 50 kB of graph
     assert eff.read_bandwidth_gbs == run["roofline"]["read_bandwidth_gbs"]
     assert eff.fraction == pytest.approx(0.767, abs=0.001)
-    assert "int4 against Q4_0, 10 rounds** (`ab.py full-int4-b256 full_q4_0.gguf --rounds 10`): decode 31.1" in \
-        (root / "device_bench/RESULTS.md").read_text().replace("\n", " ")
 
 
-def test_bytes_per_token_from_the_manifest_equals_the_graphs(demo_int4, tmp_path):
-    """lfm-export records the roofline's input in manifest.json; reading it back gives the very numbers the
-    graph gives, and a bundle without the entry (onnxruntime-genai's builder) is parsed instead."""
-    recorded = roofline.recorded_bytes_per_token(demo_int4)
-    parsed = roofline.graph_bytes_per_token(demo_int4)
-    assert recorded is not None and recorded == parsed and roofline.bytes_per_token(demo_int4) == parsed
+def test_bytes_per_token_are_computed_once_at_export_and_read_back(demo_int4, tmp_path):
+    """lfm-export records the roofline's input in manifest.json (export/footprint.py); everyone reads it from
+    there (runtime/bundle.py token_bytes), and a bundle without the entry (onnxruntime-genai's builder) is
+    measured by the same function."""
+    from lfm_edge.export.footprint import bytes_per_token
+    from lfm_edge.runtime.bundle import token_bytes
+
     manifest = json.loads((demo_int4 / "manifest.json").read_text())
-    assert manifest["bytes_per_token"] == {"total": parsed.total, "by_kind": parsed.by_kind, "stored": parsed.stored}
-
+    computed = bytes_per_token(demo_int4, manifest["quant_policy"]["rescore"]["top"])
+    assert token_bytes(demo_int4) == computed == roofline.bytes_per_token(demo_int4)
     bare = tmp_path / "bare"
     shutil.copytree(demo_int4, bare)
     del manifest["bytes_per_token"]
     (bare / "manifest.json").write_text(json.dumps(manifest))
-    assert roofline.recorded_bytes_per_token(bare) is None and roofline.bytes_per_token(bare) == parsed
+    assert token_bytes(bare) is None
+    assert roofline.bytes_per_token(bare).stored == computed.stored  # without the manifest's rescore rows
+    for broken in ({"total": "x", "by_kind": {}, "stored": 1}, [1, 2], {"total": 1.0}):
+        manifest["bytes_per_token"] = broken
+        (bare / "manifest.json").write_text(json.dumps(manifest))
+        assert token_bytes(bare) is None
 
 
 def test_bytes_per_token_needs_no_onnx_for_an_exported_bundle(demo_int4):
     code = (
-        "import json, dataclasses\n"
+        "import json, dataclasses, sys\n"
         "from lfm_edge.device_bench import roofline\n"
         f"tokens = roofline.bytes_per_token({str(demo_int4)!r})\n"
         "assert 'onnx' not in sys.modules\n"
         "print(json.dumps(dataclasses.asdict(tokens)))\n")
     out = run_without("onnx", code)
     assert out.returncode == 0, out.stderr[-2000:]
-    tokens = roofline.TokenBytes(**json.loads(out.stdout))
-    assert tokens == roofline.graph_bytes_per_token(demo_int4)
+    assert json.loads(out.stdout)["total"] == roofline.bytes_per_token(demo_int4).total
 
 
 def test_adb_commands_push_run_and_pull(tmp_path):
@@ -320,11 +383,12 @@ def test_adb_commands_push_run_and_pull(tmp_path):
     steps = adb_commands("R5CT", bundle, tmp_path / "out", [str(bundle), "--adb", "R5CT", "--runs", "5",
                                                             "--out", "x"])
     assert steps[1] == ["adb", "-s", "R5CT", "push", str(bundle), "/data/local/tmp/lfm-edge"]
-    assert steps[2][-1] == ("python -m lfm_edge.device_bench.cli /data/local/tmp/lfm-edge/demo-int4 "
+    assert steps[2][-1] == ("python -m lfm_edge.device_bench.cli speed /data/local/tmp/lfm-edge/demo-int4 "
                             "--out /data/local/tmp/lfm-edge/out --runs 5")
     assert steps[3][-2:] == ["/data/local/tmp/lfm-edge/out/bench.json", str(tmp_path / "out" / "bench.json")]
 
 
+@pytest.mark.slow
 def test_adb_without_a_phone_fails_clearly(tmp_path):
     """No phone is reachable here: the command must say so, not hang or crash."""
     result = subprocess.run([sys.executable, "-m", "lfm_edge.device_bench.cli", str(tmp_path), "--adb", "R5CT"],
@@ -334,7 +398,7 @@ def test_adb_without_a_phone_fails_clearly(tmp_path):
 
 
 def _conversation_checks(c: dict, turns: int, answer: int) -> None:
-    """What must hold of any --conversation result, whatever the timings."""
+    """What must hold of any lfm-bench conversation result, whatever the timings."""
     assert [row["turn"] for row in c["turns"]] == list(range(1, turns + 1))
     for row in c["turns"]:
         for system in ("kept", "reprefilled"):
@@ -358,11 +422,12 @@ def _conversation_checks(c: dict, turns: int, answer: int) -> None:
         (mem["snapshots_bytes"] + mem["prefix_cache_budget_bytes"]) / mem["weights_bytes"])
 
 
+@pytest.mark.slow
 def test_conversation_bench_keeps_state_and_restores(demo_int4, tmp_path):
-    """--conversation on the demo bundle (its own tokenizer and template): kept-state turns prefill only what is
+    """lfm-bench conversation on the demo bundle (its own tokenizer and template): kept-state turns prefill only what is
     new, a re-prefilled turn all of it; a saved conversation restores with its whole state reused."""
     out = tmp_path / "conv"
-    code = main([str(demo_int4), "--conversation", "3:24:8", "--runs", "2", "--threads", "1", "--peer", "none",
+    code = main(["conversation", str(demo_int4), "--script", "3:24:8", "--runs", "2", "--threads", "1",
                  "--restore-tokens", "150", "--restore-follow", "6", "--out", str(out)])
     assert code == 0
     result = json.loads((out / "bench.json").read_text())
@@ -389,7 +454,7 @@ def test_conversation_bench_without_a_tokenizer_drops_past_reasoning(demo_int4, 
     """A bundle with no tokenizer (as random-weight exports are) gets a word-level one and LFM2.5-8B-A1B's
     template; with <think> blocks in the answers, the end of each answer already re-prefilled it without its
     reasoning (the conversation prepares its next turn), so each turn prefills only its new message."""
-    from lfm_edge.device_bench import convbench
+    from lfm_edge.device_bench import conversation as convbench
 
     bare = tmp_path / "bare"
     shutil.copytree(demo_int4, bare)
@@ -411,8 +476,8 @@ def test_conversation_bench_llama_cpp_peer_reuses_its_prefix(demo_int4, tmp_path
     template drops past reasoning, it re-evaluates everything by default (a hybrid model's recurrent state
     cannot be cut back) and rolls back with --llama-rollback."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
-    from lfm_edge.device_bench import convbench
-    from lfm_edge.device_bench.gguf_writer import write_gguf
+    from lfm_edge.device_bench import conversation as convbench
+    from lfm_edge.device_bench.peers.gguf_writer import write_gguf
     from lfm_edge.export.checkpoint import Checkpoint
 
     gguf = write_gguf(Checkpoint(demo_model_path()), tmp_path / "demo.gguf", f16=False)
@@ -442,7 +507,7 @@ def test_conversation_bench_llama_cpp_peer_reuses_its_prefix(demo_int4, tmp_path
 
 
 def test_step_profile_counts_nodes_and_splits_a_step_into_weight_kernels_and_overhead(demo_int4):
-    from lfm_edge.device_bench.step_profile import WEIGHT_OPS, format_table, profile_decode
+    from lfm_edge.device_bench.studies.step_profile import WEIGHT_OPS, format_table, profile_decode
 
     result = profile_decode(demo_int4, steps=6, prompt=8, threads=1, rounds=3)
     ops = result["ops"]
@@ -460,6 +525,7 @@ def test_step_profile_counts_nodes_and_splits_a_step_into_weight_kernels_and_ove
     assert "unprofiled: step" in format_table(result)
 
 
+@pytest.mark.slow
 def test_overhead_ablation_runs_the_bundles_weight_kernels_alone_on_its_weights(demo_int4, tmp_path):
     """The weights-only graph holds exactly the bundle's QMoE and MatMulNBits nodes, reading the bundle's own
     initializers (linked, not rewritten), and runs on random activations to the shapes the kernels give; the
@@ -468,7 +534,7 @@ def test_overhead_ablation_runs_the_bundles_weight_kernels_alone_on_its_weights(
     import onnx
     import onnxruntime as ort
 
-    from lfm_edge.device_bench.overhead import _feeds, weight_nodes, weights_only_graph
+    from lfm_edge.device_bench.studies.overhead import _feeds, weight_nodes, weights_only_graph
 
     path = weights_only_graph(demo_int4, tmp_path / "alone")
     full = onnx.load(demo_int4 / "model.onnx", load_external_data=False).graph
@@ -490,7 +556,7 @@ def test_overhead_ablation_runs_the_bundles_weight_kernels_alone_on_its_weights(
         width = next(a.i for a in node.attribute if a.name == "N") if node.op_type == "MatMulNBits" else k
         assert y.shape == (1, 1, width) and np.isfinite(y).all() and np.abs(y).max() > 0
 
-    from lfm_edge.device_bench.overhead import main
+    from lfm_edge.device_bench.studies.overhead import main
 
     assert main([str(demo_int4), "--rounds", "2", "--steps", "5", "--prompt", "8", "--threads", "1",
                  "--json", str(tmp_path / "o.json")]) == 0

@@ -8,11 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from lfm_edge.runtime.engine import Done, LfmModel
+from lfm_edge.runtime import Done, LfmModel
+from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import LfmSession
 from lfm_edge.runtime.toolcalls import ReasoningDelta, TextDelta, ToolCall, ToolCallEvent
 from scripted_model import write_bundle
 
@@ -49,6 +51,7 @@ def _script(at: int, tokens: list[int]) -> dict[int, int]:
     return {at + i: t for i, t in enumerate(tokens)}
 
 
+@pytest.mark.slow
 def test_tool_loop_end_to_end(scripted):
     make, tokenize = scripted
     probe = make({})
@@ -137,6 +140,7 @@ def test_stop_strings(scripted):
     assert done.text == "one two " and done.stats.stopped == "stop"
 
 
+@pytest.mark.slow
 def test_threads_share_one_model_and_match_serial_runs(tmp_path):
     from lfm_edge.export.exporter import export
     from tiny_models import build
@@ -150,19 +154,20 @@ def test_threads_share_one_model_and_match_serial_runs(tmp_path):
     assert parallel == serial
 
 
+@pytest.mark.slow
 def test_lfm_chat_one_shot_and_interactive_commands(scripted):
     import subprocess
     import sys
 
     make, tokenize = scripted
     probe = make({})
-    from lfm_edge.runtime.chat import function_schema
-    from lfm_edge.runtime.chat_cli import DEMO_TOOLS
+    from lfm_edge.runtime import DEMO_TOOLS
+    from lfm_edge.runtime.schemas import function_schema
 
     messages = [{"role": "user", "content": "hello there"}]
     start = len(probe.prompt_ids(messages, [function_schema(f) for f in DEMO_TOOLS.values()]))
     model = make(_script(start, tokenize("General Kenobi.")))
-    cmd = [sys.executable, "-m", "lfm_edge.runtime.chat_cli", str(model.folder)]
+    cmd = [sys.executable, "-m", "lfm_edge.runtime.cli.chat", str(model.folder)]
     one = subprocess.run(cmd + ["-p", "hello there"], capture_output=True, text=True, timeout=60)
     assert one.returncode == 0 and "General Kenobi." in one.stdout
     assert "CPUExecutionProvider" in one.stderr and "tok/s" in one.stderr
@@ -179,7 +184,7 @@ def test_lfm_chat_one_shot_and_interactive_commands(scripted):
 
 
 def test_calculator_tool_computes_and_refuses_code():
-    from lfm_edge.runtime.chat_cli import calculator
+    from lfm_edge.runtime.demo_tools import calculator
 
     assert calculator("2 * (3 + 4) - 1 / 4") == {"result": 13.75}
     assert "error" in calculator("__import__('os').system('true')")
@@ -218,3 +223,41 @@ def test_invalid_text_is_a_clear_error(scripted):
         model.prompt_ids([{"role": "system", "content": "ok"}, {"role": "user", "content": "bad \ud800 text"}])
     with pytest.raises(ValueError, match=r"messages\[0\].content is bytes"):
         model.prompt_ids([{"role": "user", "content": b"\xff\xfe"}])
+    with pytest.raises(TypeError, match=r"got a str; one user message is \[\{'role': 'user'"):
+        model.chat("What is a list?")
+    with pytest.raises(TypeError, match=r"messages\[1\]: expected a dict with a 'role' string"):
+        model.chat([{"role": "user", "content": "a"}, "b"])
+
+
+_PIECES = ["<|im_start|>", "<|im_end|>", "<|tool_call_start|>", "<think>", "</think>", "user\n", "assistant\n",
+           " ", "  ", "\n", "\n\n", "a", "list", " list", "tuple", "Ünï", "日本", "'s", "123", "<|im", "_end|>",
+           "<", "|"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES) | st.text(max_size=6), max_size=40))
+def test_piece_encoding_is_the_tokenizers_own(parts):
+    """PieceEncoder (a turn encodes only its new text) gives exactly the tokenizer's ids, for any text around
+    and across the added tokens, cached or not."""
+    from lfm_edge.runtime.encode import PieceEncoder
+
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    encoder = _PIECE_ENCODER.setdefault("demo", PieceEncoder(tok))
+    text = "".join(parts)
+    assert encoder.exact and encoder.encode(text) == tok.encode(text, add_special_tokens=False).ids
+    assert encoder.encode(text) == tok.encode(text, add_special_tokens=False).ids  # from the kept pieces
+
+
+_PIECE_ENCODER: dict = {}
+
+
+def test_a_tokenizer_whose_added_tokens_strip_whitespace_is_encoded_whole():
+    from tokenizers import AddedToken
+
+    from lfm_edge.runtime.encode import PieceEncoder
+
+    tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<|mark|>", lstrip=True, special=True)])
+    encoder = PieceEncoder(tok)
+    text = "a list   <|mark|> and <|im_end|>\n"
+    assert not encoder.exact and encoder.encode(text) == tok.encode(text, add_special_tokens=False).ids

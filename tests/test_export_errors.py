@@ -144,6 +144,7 @@ def test_reexport_replaces_bundle(checkpoint, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lfm_edge.export.cli", str(tmp_path / "nope"), "--out",
                              str(tmp_path / "out")], capture_output=True, text=True)

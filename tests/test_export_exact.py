@@ -14,8 +14,8 @@ import torch
 
 from genai_greedy import genai_greedy
 from lfm_edge.export.exporter import export
+from lfm_edge.runtime.backends.python import Cache, LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import Cache, LfmSession
 from tiny_models import CONFIGS, build
 
 OP_SETS = ("contrib", "portable")

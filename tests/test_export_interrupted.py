@@ -51,6 +51,7 @@ def _wait_for_partial(parent: Path, proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.slow
 def test_killed_export_keeps_the_previous_bundle(tmp_path, sig):
     out = tmp_path / "bundle"
     export(demo_model_path(), out)  # the user's working fp32 bundle
@@ -88,6 +89,7 @@ def test_interrupted_swap_is_recovered(tmp_path):
     assert (tmp_path / f".bundle.partial-{os.getpid()}-y").exists()
 
 
+@pytest.mark.slow
 def test_full_disk_fails_cleanly(tmp_path):
     """A file-size limit makes writes fail the way a full disk does (EFBIG instead of ENOSPC)."""
     out = tmp_path / "bundle"

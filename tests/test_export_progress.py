@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 LFM_EXPORT = str(Path(sys.executable).parent / "lfm-export")
 
 
+@pytest.mark.slow
 def test_piped_output_has_no_carriage_returns(tmp_path):
     result = subprocess.run([LFM_EXPORT, "--out", str(tmp_path / "bundle")], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, timeout=600, check=True)
@@ -21,8 +25,11 @@ def test_piped_output_has_no_carriage_returns(tmp_path):
     assert stages == ["model.embed_tokens", *(f"layer {i}" for i in range(6)), "model.embedding_norm"]
     assert all(line == line.rstrip() for line in lines)  # no padding to a fixed width
     assert lines[-1].startswith("Wrote ")
+    files = int(re.search(r"MB, (\d+) files\)", lines[-1]).group(1))
+    assert files == len(list((tmp_path / "bundle").iterdir()))  # manifest.json counted too
 
 
+@pytest.mark.slow
 def test_terminal_output_redraws_one_line(tmp_path):
     main, replica = pty.openpty()
     try:

@@ -69,18 +69,19 @@ def test_bad_input_is_named(tmp_path, capsys):
 
 def test_frontier_runs_real_pairs_on_the_demo_model(tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
-    from lfm_edge.device_bench.gguf_writer import write_gguf
-    from lfm_edge.device_bench.llama_cpp_peer import quantize
+    from lfm_edge.device_bench.peers.gguf_writer import write_gguf
+    from lfm_edge.device_bench.peers.llama_cpp import quantize
+    from lfm_edge.device_bench.quality import Variant, evaluate
     from lfm_edge.export.checkpoint import Checkpoint
     from lfm_edge.export.exporter import export
+    from lfm_edge.export.quality import write_report
     from lfm_edge.quant.policy import get_policy
-    from lfm_edge.quant.quality import Variant, evaluate, write_report
 
     ckpt = demo_model_path()
     text = (ckpt / "heldout.txt").read_text()[:2000]
     results = evaluate(ckpt, text, [Variant("int4", get_policy("int4"))], window=64, max_tokens=256,
                        progress=lambda m: None, llama_cpp=[("Q4_0", False)])
-    write_report(results, tmp_path / "quality", "demo")
+    write_report(results, tmp_path / "quality", "demo", "heldout.txt")
     gguf = quantize(write_gguf(Checkpoint(ckpt), tmp_path / "f32.gguf", f16=False), tmp_path / "q4_0.gguf")
     bundle = export(ckpt, tmp_path / "int4", quant="int4").bundle
     out = tmp_path / "frontier"

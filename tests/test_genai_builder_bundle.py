@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 
+from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import LfmSession
 from tiny_models import build
 
 
+@pytest.mark.slow
 def test_genai_builder_bundle_runs_in_our_runtime(tmp_path):
     pytest.importorskip("onnxruntime_genai")
     model = build("moe_mixed", tmp_path / "ckpt")

@@ -12,9 +12,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from gguf_edit import set_fields as _set_fields
 from onnx import numpy_helper
 
-from lfm_edge.device_bench.gguf_writer import write_gguf
+from lfm_edge.device_bench.peers.gguf_writer import write_gguf
 from lfm_edge.export.checkpoint import Checkpoint, CheckpointError
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.cli import main as cli_main
@@ -23,8 +24,8 @@ from lfm_edge.export.gguf_checkpoint import GgufCheckpoint, resolve_gguf
 from lfm_edge.export.reference import TorchReference
 from lfm_edge.quant.blocks import quantize
 from lfm_edge.quant.policy import get_policy, scale_dtype
+from lfm_edge.runtime.backends.python import Cache, LfmSession
 from lfm_edge.runtime.bundle import sha256
-from lfm_edge.runtime.session import Cache, LfmSession
 from tiny_models import build, write_lfm2_tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -244,7 +245,7 @@ def test_demo_gguf_brings_its_tokenizer_template_and_tokens(demo_gguf, tmp_path)
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, [7], 0)
     genai = json.loads((bundle / "genai_config.json").read_text())
     assert genai["model"]["eos_token_id"] == 7
-    from lfm_edge.runtime.engine import LfmModel
+    from lfm_edge.runtime import LfmModel
 
     reply = LfmModel(bundle).chat([{"role": "user", "content": "What is a list?"}], max_new_tokens=4)
     assert isinstance(reply.text, str)
@@ -274,33 +275,6 @@ def test_sampling_defaults_come_from_the_file(tmp_path, tiny):
     g = GgufCheckpoint(tmp_path / "s.gguf", tokenizer=tiny)
     gen = json.loads(g.files()["generation_config.json"])
     assert gen["temperature"] == pytest.approx(0.3) and gen["top_k"] == 40 and gen["do_sample"] is True
-
-
-def _set_fields(src: Path, dst: Path, fields: dict) -> None:
-    """A copy of a GGUF with metadata fields added or replaced (gguf-py: read, then write every part anew)."""
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(dst, arch)
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name in fields or name == "general.architecture":
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
-    for name, value in fields.items():
-        if isinstance(value, str):
-            writer.add_string(name, value)
-        elif isinstance(value, float):
-            writer.add_float32(name, value)
-        else:
-            writer.add_uint32(name, value)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.asarray(t.data), raw_shape=None if t.tensor_type in (Q.F32, Q.F16) else
-                          np.asarray(t.data).shape, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 # ---- splits and the hub ---------------------------------------------------------------------------------------
@@ -411,7 +385,7 @@ def test_failed_gguf_export_leaves_the_previous_bundle(tiny_q4, tiny, tmp_path):
 
 
 def test_ab_benchmark_exports_its_bundle_from_the_gguf_it_compares_with(tiny_q4, tiny, tmp_path, monkeypatch):
-    from lfm_edge.device_bench import ab
+    from lfm_edge.device_bench.studies import ab
 
     shutil.copyfile(tiny / "tokenizer.json", tmp_path / "tokenizer.json")
     gguf_copy = tmp_path / "m.gguf"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lfm_edge.device_bench.gguf_crosscheck import TEXTS, crosscheck, demo_q4_0, llama_tokens
+from lfm_edge.device_bench.studies.gguf_crosscheck import TEXTS, crosscheck, demo_q4_0, llama_tokens
 from lfm_edge.export.cli import demo_model_path
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
@@ -35,7 +35,7 @@ def test_bundle_matches_llama_cpp_on_the_same_file(demo_file, tmp_path):
 
 
 def test_ab_runs_on_a_bundle_made_from_the_file_it_compares_with(demo_file, tmp_path):
-    from lfm_edge.device_bench.ab import alternate, bundle_for
+    from lfm_edge.device_bench.studies.ab import alternate, bundle_for
 
     bundle = bundle_for(demo_file, tmp_path / "bundle")
     result = alternate(bundle, demo_file, threads=1, prompt=16, decode=4, rounds=1)

@@ -20,6 +20,7 @@ def run(env_extra: dict) -> str:
 
 
 @pytest.mark.skipif(not hugepages.wanted(), reason="needs Linux, glibc and transparent huge pages not 'never'")
+@pytest.mark.slow
 def test_restarts_once_with_the_tunable_and_the_same_arguments():
     tunables, _, args = run({}).partition(" | ")
     assert tunables == hugepages.TUNABLE
@@ -35,7 +36,7 @@ def test_opt_out_and_an_explicit_setting_are_respected():
 
 
 def test_bench_records_the_page_setting():
-    from lfm_edge.device_bench.bench import device_info
+    from lfm_edge.device_bench.measure import device_info
 
     info = device_info(1)
     assert info["transparent_hugepages"] in ("always", "madvise", "never", "unavailable")

@@ -21,8 +21,8 @@ from lfm_edge.export.checkpoint import Checkpoint
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import ExportError, export
 from lfm_edge.export.kv_cache import kv_absmax
+from lfm_edge.runtime.backends.python import Cache, LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import Cache, LfmSession
 from tiny_models import build
 
 PROMPT = [1, 1055, 2041, 1279, 1067, 300, 12, 77]
@@ -45,6 +45,7 @@ def _heldout_ids(bundle: Path, n: int) -> list[int]:
     return Tokenizer.from_file(str(bundle / "tokenizer.json")).encode(text).ids[:n]
 
 
+@pytest.mark.slow
 def test_int8_cache_is_recorded_and_typed_in_the_graph(root):
     bundle = demo_bundle(root, "int8")
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -62,6 +63,7 @@ def test_int8_cache_is_recorded_and_typed_in_the_graph(root):
     assert fp32 == {"dtype": "float32", "bits": 32}
 
 
+@pytest.mark.slow
 def test_int4_cache_packs_two_values_a_byte(root):
     bundle = demo_bundle(root, "int4")
     session = LfmSession(bundle)
@@ -71,6 +73,7 @@ def test_int4_cache_packs_two_values_a_byte(root):
     assert cache.kv[2][0].data_type() == "tensor(uint8)"
 
 
+@pytest.mark.slow
 def test_int8_cache_greedy_equals_fp32_cache(root):
     """At a short prompt and at 1024 tokens of held-out text: the same 32 greedy tokens as the fp32 cache
     (quant/README.md measures the agreement at 1K-16K over 256 tokens)."""
@@ -85,6 +88,7 @@ def test_int8_cache_greedy_equals_fp32_cache(root):
     assert 0 < np.abs(a - b).max() < 0.5
 
 
+@pytest.mark.slow
 def test_int8_cache_on_int4_weights_with_a_left_padded_batch(root):
     """The phone combination: int4 weights, int8 cache; a left-padded batch equals its rows run alone."""
     session = LfmSession(demo_bundle(root, "int8", "int4"))
@@ -102,6 +106,7 @@ def test_onnxruntime_genai_runs_the_int8_cache_bundle(root):
     assert genai_greedy(bundle, PROMPT, 24) == ours
 
 
+@pytest.mark.slow
 def test_int8_cache_on_tiny_configs(tmp_path):
     """Grouped and full KV heads, head size 8 and 16, attention first and last: per-channel scales land on the
     right (head, channel), so each prompt position's next token follows the fp32 cache's. (Tiny random
@@ -150,6 +155,7 @@ def test_last_row_logits_equal_all_rows_last(root, ops, tmp_path):
     np.testing.assert_array_equal(two, full[:, -2:])
 
 
+@pytest.mark.slow
 def test_bad_kv_cache_choices_name_the_argument(root, tmp_path):
     with pytest.raises(ExportError, match=r"--kv-cache 'int16': expected one of \('fp32', 'int8', 'int4'\)"):
         export(demo_model_path(), tmp_path / "x", kv_cache="int16")
@@ -171,6 +177,7 @@ def test_bad_kv_cache_choices_name_the_argument(root, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_phone_target_bundle_with_int8_cache_converts_to_ort_format(tmp_path):
     bundle = export(demo_model_path(), tmp_path / "android", quant="int4", target="android",
                     kv_cache="int8").bundle
@@ -180,9 +187,10 @@ def test_phone_target_bundle_with_int8_cache_converts_to_ort_format(tmp_path):
     assert {i.name: i.type for i in session.get_inputs()}["past_key_values.2.key"] == "tensor(int8)"
 
 
+@pytest.mark.slow
 def test_kv_quality_tooling_measures_the_difference(tmp_path):
     """lfm-quant-report --kv-cache: the fp32 cache against itself is exact, int4 costs more than int8."""
-    from lfm_edge.quant.cli import main
+    from lfm_edge.device_bench.quality import main
 
     assert main(["--kv-cache", "int8", "int4", "--depths", "300", "--decode", "16", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "kv_cache.md").read_text()
@@ -197,15 +205,16 @@ def test_kv_quality_tooling_measures_the_difference(tmp_path):
                                      (["--ops", "portable"], "fp32"), (["--kv-cache", "int4"], "int4")])
 def test_cli_kv_cache_defaults_by_target(monkeypatch, tmp_path, args, kv):
     """Phones default to the int8 cache (quant/README.md has the measurements behind it), the desktop and the
-    portable op set to fp32; an explicit --kv-cache wins."""
+    portable op set to fp32; an explicit --kv-cache wins. The CLI and Python callers share the defaults: the CLI
+    builds ExportOptions, which resolve them in one place."""
     from lfm_edge.export import cli
 
-    seen = {}
+    seen = []
 
-    def fake_export(checkpoint, out, **kwargs):
-        seen.update(kwargs)
+    def fake_export(checkpoint, out, options):
+        seen.append(options.resolved())
         raise ExportError("stop here")
 
     monkeypatch.setattr(cli, "export", fake_export)
     assert cli.main([str(demo_model_path()), "--out", str(tmp_path / "b"), *args]) == 2
-    assert seen["kv_cache"] == kv
+    assert seen[0].kv_cache == kv

@@ -7,9 +7,11 @@ import subprocess
 import venv
 from pathlib import Path
 
+import pytest
+
 from lfm_edge.export.exporter import export
+from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import LfmSession
 from tiny_models import build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,9 +19,9 @@ RUNTIME_DEPS = ["onnxruntime", "numpy", "tokenizers", "jinja2"]
 
 PROBE = """
 import importlib.util, json, sys
-from lfm_edge.runtime.session import LfmSession
+from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import generate
-import lfm_edge.runtime.engine, lfm_edge.runtime.chat, lfm_edge.runtime.toolcalls, lfm_edge.runtime.chat_cli
+import lfm_edge.runtime, lfm_edge.runtime.templates, lfm_edge.runtime.toolcalls, lfm_edge.runtime.cli.chat
 heavy = [m for m in ("torch", "transformers", "onnx") if importlib.util.find_spec(m) is not None]
 tokens = generate(LfmSession(sys.argv[1]), [[5, 6, 7, 8]], 8, eos_token_ids=[])[0]
 print(json.dumps({"heavy": heavy, "tokens": tokens, "loaded": sorted(m for m in sys.modules if m in
@@ -27,6 +29,7 @@ print(json.dumps({"heavy": heavy, "tokens": tokens, "loaded": sorted(m for m in 
 """
 
 
+@pytest.mark.slow
 def test_runtime_runs_in_a_clean_environment_without_torch(tmp_path):
     build("moe_mixed", tmp_path / "ckpt")
     bundle = export(tmp_path / "ckpt", tmp_path / "bundle", quant="int4").bundle
@@ -46,13 +49,13 @@ def test_runtime_runs_in_a_clean_environment_without_torch(tmp_path):
 
 
 def test_the_runtime_imports_without_onnxruntimes_python_binding():
-    """A phone build may reach onnxruntime through Java or Objective-C (mobile_app/backends): the engine, the
+    """A phone build may reach onnxruntime through Java or Objective-C (runtime/backends): the runtime's face, the
     generation loop, the bundle checks and the app's model layer must import without `onnxruntime`."""
     from without_module import run_without
 
     code = ("import sys\n"
-            "import lfm_edge.runtime.engine, lfm_edge.runtime.generate, lfm_edge.runtime.bundle\n"
-            "import lfm_edge.mobile_app.backends as b\n"
+            "import lfm_edge.runtime, lfm_edge.runtime.generate, lfm_edge.runtime.bundle\n"
+            "import lfm_edge.runtime.backends as b\n"
             "assert 'onnxruntime' not in sys.modules and 'python' not in b.available()\n"
             "print('ok')\n")
     out = run_without("onnxruntime", code)

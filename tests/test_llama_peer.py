@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lfm_edge.device_bench.gguf_writer import write_gguf
+from lfm_edge.device_bench.peers.gguf_writer import write_gguf
 from lfm_edge.export.checkpoint import Checkpoint
 from lfm_edge.export.cli import demo_model_path
 
@@ -37,7 +37,7 @@ def test_gguf_holds_the_checkpoint_under_llama_cpp_names(demo_gguf):
 def test_llama_cpp_logits_match_our_export(demo_gguf, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
     from lfm_edge.export.exporter import export
-    from lfm_edge.runtime.session import Cache, LfmSession
+    from lfm_edge.runtime.backends.python import Cache, LfmSession
 
     bundle = export(demo_model_path(), tmp_path / "fp32").bundle
     ids = list(range(20, 68))
@@ -50,7 +50,7 @@ def test_llama_cpp_logits_match_our_export(demo_gguf, tmp_path):
 
 def test_quality_report_measures_llama_cpps_own_q4_0(tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
-    from lfm_edge.quant.quality import _fp32_reference, _llama_cpp_rows
+    from lfm_edge.device_bench.quality import _fp32_reference, _llama_cpp_rows
 
     checkpoint = demo_model_path()
     text = (checkpoint / "heldout.txt").read_text()[:3000]
@@ -66,7 +66,7 @@ def test_quality_report_measures_llama_cpps_own_q4_0(tmp_path):
 
 
 def test_quality_report_refuses_an_unknown_llama_cpp_format(tmp_path, capsys):
-    from lfm_edge.quant.cli import main
+    from lfm_edge.device_bench.quality import main
 
     assert main(["--llama-cpp", "Q4_0,Q5_X", "--out", str(tmp_path)]) == 2
     assert "'Q5_X': expected a llama.cpp format" in capsys.readouterr().err
@@ -74,7 +74,7 @@ def test_quality_report_refuses_an_unknown_llama_cpp_format(tmp_path, capsys):
 
 def test_alternated_ab_measures_both_on_the_same_tokens(tmp_path, demo_gguf):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
-    from lfm_edge.device_bench.ab import alternate
+    from lfm_edge.device_bench.studies.ab import alternate
     from lfm_edge.export.exporter import export
 
     bundle = export(demo_model_path(), tmp_path / "int4", quant="int4").bundle

@@ -6,23 +6,23 @@ from __future__ import annotations
 import json
 
 import pytest
+from shared_bundles import demo_bundle
 
-from lfm_edge.device_bench import longctx
+from lfm_edge.device_bench import long_context as longctx
 from lfm_edge.device_bench.cli import main
 from lfm_edge.export.cli import demo_model_path
-from lfm_edge.export.exporter import export
 
 
 @pytest.fixture(scope="module")
 def int8_cache_bundle(tmp_path_factory):
-    return export(demo_model_path(), tmp_path_factory.mktemp("long") / "demo-int8kv", quant="int4",
-                  kv_cache="int8").bundle
+    return demo_bundle(tmp_path_factory.getbasetemp(), "int4-int8kv")
 
 
+@pytest.mark.slow
 def test_long_context_bench_measures_each_depth_and_a_synthetic_fill(int8_cache_bundle, tmp_path):
     out = tmp_path / "out"
-    code = main([str(int8_cache_bundle), "--long-context", "0,600", "--synthetic-depths", "2000", "--decode", "16",
-                 "--threads", "1", "--runs", "1", "--peer", "none", "--out", str(out)])
+    code = main(["long-context", str(int8_cache_bundle), "--depths", "0,600", "--synthetic-depths", "2000",
+                 "--decode", "16", "--threads", "1", "--runs", "1", "--peer", "none", "--out", str(out)])
     assert code == 0
     result = json.loads((out / "bench.json").read_text())
     section = result["long_context"]
@@ -52,7 +52,7 @@ def test_long_context_bench_measures_each_depth_and_a_synthetic_fill(int8_cache_
 
 
 def test_long_context_bench_refuses_a_depth_beyond_the_context(int8_cache_bundle, tmp_path, capsys):
-    code = main([str(int8_cache_bundle), "--long-context", "4090", "--decode", "16", "--peer", "none",
+    code = main(["long-context", str(int8_cache_bundle), "--depths", "4090", "--decode", "16", "--peer", "none",
                  "--out", str(tmp_path / "out")])
     assert code == 2
     err = capsys.readouterr().err
@@ -61,8 +61,9 @@ def test_long_context_bench_refuses_a_depth_beyond_the_context(int8_cache_bundle
 
 
 def test_llama_peer_without_a_gguf_is_refused_before_measuring(int8_cache_bundle, tmp_path, capsys):
-    for workload in (["--long-context", "64"], ["--conversation", "2:8:4"], []):
-        assert main([str(int8_cache_bundle), *workload, "--peer", "llama", "--out", str(tmp_path / "out")]) == 2
+    for workload in (["long-context", str(int8_cache_bundle), "--depths", "64"],
+                     ["conversation", str(int8_cache_bundle), "--script", "2:8:4"], ["speed", str(int8_cache_bundle)]):
+        assert main([*workload, "--peer", "llama", "--out", str(tmp_path / "out")]) == 2
         assert "--peer llama needs --gguf FILE" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -81,7 +82,7 @@ def test_long_context_refuses_a_point_whose_memory_exceeds_what_is_available_sim
 
 def test_llama_cpp_runs_beside_ours_with_both_of_its_caches(int8_cache_bundle, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
-    from lfm_edge.device_bench.gguf_writer import write_gguf
+    from lfm_edge.device_bench.peers.gguf_writer import write_gguf
     from lfm_edge.export.checkpoint import Checkpoint
 
     gguf = write_gguf(Checkpoint(demo_model_path()), tmp_path / "demo.gguf", f16=False)
@@ -97,10 +98,11 @@ def test_llama_cpp_runs_beside_ours_with_both_of_its_caches(int8_cache_bundle, t
     assert "kv_bytes at 700 vs llama.cpp f16" in section["summary"]["ratios"]
 
 
+@pytest.mark.slow
 def test_long_context_bench_runs_ours_with_each_attention_kernel(int8_cache_bundle, tmp_path):
     out = tmp_path / "out"
-    assert main([str(int8_cache_bundle), "--long-context", "300", "--synthetic-depths", "1200", "--decode", "8",
-                 "--threads", "1", "--runs", "1", "--peer", "none", "--attention-kernel", "both",
+    assert main(["long-context", str(int8_cache_bundle), "--depths", "300", "--synthetic-depths", "1200",
+                 "--decode", "8", "--threads", "1", "--runs", "1", "--peer", "none", "--attention-kernel", "both",
                  "--out", str(out)]) == 0
     section = json.loads((out / "bench.json").read_text())["long_context"]
     assert {(p["system"], p["depth"]) for p in section["points"]} == {
@@ -108,5 +110,5 @@ def test_long_context_bench_runs_ours_with_each_attention_kernel(int8_cache_bund
     table = section["summary"]["table"]
     assert table["ours unfused"]["1200 synthetic"]["decode_tps"] > 0
     assert "decode at 1200 synthetic / at 300 (ours unfused)" in section["summary"]["ratios"]
-    assert main([str(int8_cache_bundle), "--attention-kernel", "both", "--peer", "none",
-                 "--out", str(tmp_path / "x")]) == 2
+    assert main(["speed", str(int8_cache_bundle), "--attention-kernel", "both", "--peer", "none",
+                 "--out", str(tmp_path / "x")]) == 2  # "both" is long-context's alone

@@ -1,4 +1,4 @@
-"""The phone backends (mobile_app/backends): selection, the shared planning, and the Java and Objective-C
+"""The phone backends (runtime/backends): selection, the shared planning, and the Java and Objective-C
 sessions driven end to end against the demo bundles.
 
 What runs for real here: pyjnius on this machine's JDK with real java.nio direct buffers (the buffers the
@@ -25,13 +25,13 @@ import pytest
 
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
-from lfm_edge.mobile_app import backends
-from lfm_edge.mobile_app.backends import plan
-from lfm_edge.mobile_app.backends.java import JavaSession
-from lfm_edge.mobile_app.backends.objc import ELEMENT_FLOAT, ELEMENT_INT8, ELEMENT_INT64, ELEMENT_UINT8, ObjcSession
-from lfm_edge.runtime import kernels
+from lfm_edge.runtime import backends, kernels
+from lfm_edge.runtime.backends import plan
+from lfm_edge.runtime.backends.java import JavaSession
+from lfm_edge.runtime.backends.objc import ELEMENT_FLOAT, ELEMENT_INT8, ELEMENT_INT64, ELEMENT_UINT8, ObjcSession
+from lfm_edge.runtime.backends.python import LfmSession
+from lfm_edge.runtime.bundle import BundleError, StateSpec, state_spec
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import LfmSession
 
 PROMPTS = [[1, 1055, 2041, 1279, 1067], [1, 2500, 300, 12, 77, 900, 5, 18]]
 
@@ -88,6 +88,7 @@ def test_mock_explicit_backend_missing_or_unknown(monkeypatch):
         backends.choose("tflite")
 
 
+@pytest.mark.slow
 def test_auto_here_is_the_python_binding(demo):
     session = backends.open_session(demo, threads=1)
     assert isinstance(session, LfmSession)
@@ -104,7 +105,7 @@ def test_plan_matches_the_python_session(demo):
     ref = LfmSession(demo, threads=1)
     cfg = plan.read_bundle(demo)
     pairs = [(i.name, i.shape) for i in ref.session.get_inputs()]
-    assert dims(plan.state_spec(pairs, cfg.decoder)) == dims(ref.state)  # same reading as runtime.session
+    assert dims(state_spec(pairs, cfg.decoder)) == dims(ref.state)  # same reading as the Python backend
     assert dims(plan.state_from_config(cfg.decoder)) == dims(ref.state)  # what the Objective-C backend relies on
     names = plan.step_names(ref.state, cfg.decoder)
     assert sorted(names.inputs) == sorted(i.name for i in ref.session.get_inputs())
@@ -121,23 +122,23 @@ def test_plan_matches_the_python_session(demo):
 def test_plan_java_style_shapes_and_symbolic_dims():
     decoder = {"num_key_value_heads": 4, "head_size": 16}
     pairs = [("past.0.conv", [-1, 32, 2]), ("past_key_values.1.key", [-1, 4, -1, -1]), ("input_ids", [-1, -1])]
-    assert plan.state_spec(pairs, decoder) == plan.StateSpec({0: (32, 2)}, {1: (4, 16)})
-    with pytest.raises(plan.BundleError, match="head_size"):
-        plan.state_spec([("past_key_values.1.key", [-1, 4, -1, -1])], {})
-    with pytest.raises(plan.BundleError, match="static"):
-        plan.state_spec([("past.0.conv", [-1, -1, 2])], {})
+    assert state_spec(pairs, decoder) == StateSpec({0: (32, 2)}, {1: (4, 16)})
+    with pytest.raises(BundleError, match="head_size"):
+        state_spec([("past_key_values.1.key", [-1, 4, -1, -1])], {})
+    with pytest.raises(BundleError, match="static"):
+        state_spec([("past.0.conv", [-1, -1, 2])], {})
 
 
 def test_plan_bundle_errors(tmp_path, demo):
-    with pytest.raises(plan.BundleError, match="not a bundle folder"):
+    with pytest.raises(BundleError, match="not a bundle folder"):
         plan.read_bundle(tmp_path / "nothing")
     torn = tmp_path / "torn"
     shutil.copytree(demo, torn)
     data = torn / "model.onnx.data"
     data.write_bytes(data.read_bytes()[:-10])
-    with pytest.raises(plan.BundleError, match="model.onnx.data.*bytes, manifest.json says"):
+    with pytest.raises(BundleError, match="model.onnx.data.*bytes, manifest.json says"):
         plan.read_bundle(torn)
-    with pytest.raises(plan.BundleError, match="decoder lacks"):
+    with pytest.raises(BundleError, match="decoder lacks"):
         plan.state_from_config({"layer_types": ["conv"]})
 
 
@@ -353,7 +354,7 @@ def test_java_cache_lifetimes(demo):
 def test_java_buffers_through_pyjnius_roundtrip():
     """The exact java.nio calls the backend makes (put(byte[]), asLongBuffer/asFloatBuffer views, duplicate/
     limit/position, put(ByteBuffer) into a heap buffer, array() -> bytes), on the real JVM."""
-    from lfm_edge.mobile_app.backends.java import _Direct
+    from lfm_edge.runtime.backends.java import _Direct
 
     J = java_stand_ins()
     ids = np.arange(6, dtype=np.int64) * 1_000_000_007
@@ -515,6 +516,7 @@ def test_mock_objc_asks_the_graph_for_the_last_row_only(demo):
 
 
 @pytest.mark.parametrize("kv", ["int8", "int4"])
+@pytest.mark.slow
 def test_mock_objc_runs_a_quantized_kv_cache(tmp_path_factory, kv):
     folder = bundle(tmp_path_factory.getbasetemp(), f"kv-{kv}")
     objc = ObjcSession(folder, threads=1, classes=objc_stand_ins())
@@ -540,9 +542,9 @@ def test_phone_backends_refuse_a_kv_cache_they_cannot_hold(tmp_path, demo):
     manifest = json.loads((odd / "manifest.json").read_text())
     manifest["kv_cache"] = {"dtype": "float8e4m3fn", "bits": 7}
     (odd / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(plan.BundleError, match=r"manifest.json: kv_cache.bits is 7.*Objective-C backend supports"):
+    with pytest.raises(BundleError, match=r"manifest.json: kv_cache.bits is 7.*Objective-C backend supports"):
         ObjcSession(odd, classes=objc_stand_ins(), verify="none")
-    with pytest.raises(plan.BundleError, match=r"manifest.json: kv_cache.bits is 7.*Java backend supports"):
+    with pytest.raises(BundleError, match=r"manifest.json: kv_cache.bits is 7.*Java backend supports"):
         JavaSession(odd, classes=SimpleNamespace(), verify="none")  # refused before any Java class is touched
 
 
@@ -554,7 +556,7 @@ def test_mock_objc_refuses_a_graph_that_disagrees_with_genai_config(tmp_path, de
     cfg = json.loads((bad / "genai_config.json").read_text())
     cfg["model"]["decoder"]["layer_types"] = ["conv"] * len(cfg["model"]["decoder"]["layer_types"])
     (bad / "genai_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(plan.BundleError, match="does not match genai_config.json"):
+    with pytest.raises(BundleError, match="does not match genai_config.json"):
         ObjcSession(bad, classes=objc_stand_ins(), verify="none")
 
 
@@ -564,9 +566,9 @@ def test_backends_import_without_onnxruntime():
     import sys
 
     code = ("import sys; sys.modules['onnxruntime'] = None\n"
-            "import lfm_edge.mobile_app.backends.plan, lfm_edge.mobile_app.backends.java, "
-            "lfm_edge.mobile_app.backends.objc\n"
-            "from lfm_edge.mobile_app import backends\n"
+            "import lfm_edge.runtime.backends.plan, lfm_edge.runtime.backends.java, "
+            "lfm_edge.runtime.backends.objc\n"
+            "from lfm_edge.runtime import backends\n"
             "assert 'python' not in backends.available()\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -590,8 +592,9 @@ def _conversation_tokens(model, save_to: Path | None = None, load_from: Path | N
 
 
 @pytest.mark.parametrize("backend", ["java-pinned", "java-result-fallback", "objc"])
+@pytest.mark.slow
 def test_mock_conversations_on_phone_backends_match_lfm_session(demo, backend, tmp_path):
-    from lfm_edge.runtime.engine import LfmModel
+    from lfm_edge.runtime import LfmModel
 
     if backend.startswith("java"):
         pinned = backend == "java-pinned"

@@ -40,6 +40,8 @@ def test_spec_requirements_and_onnxruntime_aar(spec):
     reqs = {re.split("[=<>]", r)[0] for r in listed(spec["requirements"])}
     assert {"python3", "kivy", "numpy", "pyjnius", "jinja2", "tokenizers", "llguidance"} <= reqs
     assert "plyer" in reqs  # the battery tool (mobile_app/app/tools.py) reads the phone's battery through it
+    assert {"starlette", "uvicorn", "h11", "anyio", "idna", "click"} <= reqs  # the Serve switch (app/serving.py)
+    assert not {"uvloop", "httptools"} & reqs  # compiled: uvicorn runs without them
     assert "onnxruntime" not in reqs  # no p4a recipe: the Java backend reaches the AAR instead
     deps = listed(spec["android.gradle_dependencies"])
     aar = [d for d in deps if d.startswith("com.microsoft.onnxruntime:onnxruntime-android:")]
@@ -72,8 +74,8 @@ def test_spec_source_dir_is_the_staged_tree_with_the_app(spec, tmp_path):
     assert (MOBILE / spec["source.dir"]).resolve() == stage.DEFAULT_OUT.resolve()
     assert (MOBILE / "main.py").is_file()
     out = stage.stage(tmp_path / "src")
-    for path in ["main.py", "lfm_edge/__init__.py", "lfm_edge/runtime/engine.py", "lfm_edge/device_bench/bench.py",
-                 "lfm_edge/mobile_app/backends/java.py", "lfm_edge/mobile_app/backends/objc.py",
+    for path in ["main.py", "lfm_edge/__init__.py", "lfm_edge/runtime/model.py", "lfm_edge/device_bench/speed.py",
+                 "lfm_edge/runtime/backends/java.py", "lfm_edge/runtime/backends/objc.py",
                  "lfm_edge/mobile_app/app/main.py"]:
         assert (out / path).is_file(), path
     assert not (out / "lfm_edge" / "export").exists() and not (out / "lfm_edge" / "mobile_app" / "arm_check").exists()

@@ -1,4 +1,4 @@
-"""runtime/pages.py: weight pages onnxruntime keeps mapped are given back, and nothing is lost doing it."""
+"""runtime/backends/pages.py: weight pages onnxruntime keeps mapped are given back, and nothing is lost doing it."""
 
 import mmap
 import sys
@@ -8,8 +8,8 @@ import pytest
 
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
-from lfm_edge.runtime import pages
-from lfm_edge.runtime.session import LfmSession
+from lfm_edge.runtime.backends import pages
+from lfm_edge.runtime.backends.python import LfmSession
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps is Linux's")
 
@@ -31,6 +31,7 @@ def test_only_never_written_mappings_are_released_and_reads_still_see_the_file(t
     assert dirty[0] == (content[0] + 1) % 256 and dirty[1:] == content[1:]  # the written mapping was kept
 
 
+@pytest.mark.slow
 def test_a_session_gives_logits_identical_to_one_that_keeps_its_pages(tmp_path, monkeypatch):
     bundle = export(demo_model_path(), tmp_path / "int4", quant="int4").bundle
     prompt = np.array([[5, 17, 99, 3, 250, 42]])
@@ -43,7 +44,7 @@ def test_a_session_gives_logits_identical_to_one_that_keeps_its_pages(tmp_path, 
         return np.stack(out)
 
     released = LfmSession(bundle, threads=1)
-    monkeypatch.setattr("lfm_edge.runtime.session.release_clean_pages", lambda files: 0)
+    monkeypatch.setattr("lfm_edge.runtime.backends.python.release_clean_pages", lambda files: 0)
     kept = LfmSession(bundle, threads=1)
     assert kept.released_bytes == 0
     np.testing.assert_array_equal(run(released), run(kept))

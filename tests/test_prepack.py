@@ -1,4 +1,4 @@
-"""The prepack cache (runtime/prepack.py): written once next to a bundle, mapped afterwards with the same
+"""The prepack cache (runtime/backends/prepack.py): written once next to a bundle, mapped afterwards with the same
 answers, and refused with a reason whenever it does not fit: another CPU, onnxruntime or bundle, a truncated or
 altered file; never written into a read-only folder or left half-written by a full disk. Real int4 bundles and
 real onnxruntime sessions throughout."""
@@ -16,12 +16,13 @@ from pathlib import Path
 import onnx
 import pytest
 
-from lfm_edge.device_bench import roofline
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
-from lfm_edge.runtime import prepack
-from lfm_edge.runtime.generate import generate, resident_mb
-from lfm_edge.runtime.session import LfmSession
+from lfm_edge.export.footprint import stored_bytes
+from lfm_edge.runtime.backends import prepack
+from lfm_edge.runtime.backends.python import LfmSession
+from lfm_edge.runtime.generate import generate
+from lfm_edge.runtime.memory import resident_mb
 
 PROMPTS = [[1, 6, 100, 200, 300]]
 
@@ -45,6 +46,7 @@ def _info(bundle: Path) -> dict:
     return json.loads((bundle / prepack.FOLDER / prepack.INFO).read_text())
 
 
+@pytest.mark.slow
 def test_written_once_then_mapped_with_the_same_answers(bundle, expected):
     first = LfmSession(bundle, threads=1, prepack_cache="auto")
     assert first.prepack.state == "written" and first.prepack.mapped, first.prepack.message()
@@ -68,13 +70,14 @@ def test_written_once_then_mapped_with_the_same_answers(bundle, expected):
     assert LfmSession(bundle, threads=1).prepack.state == "off"  # the default does not look for one
 
 
+@pytest.mark.slow
 def test_weights_are_file_backed_not_copied_when_mapped(bundle):
     """The repacked weights move from anonymous memory into the file mapping (the point of the cache)."""
     LfmSession(bundle, threads=1, prepack_cache="auto")
     code = textwrap.dedent(f"""
         import json, sys
-        from lfm_edge.runtime.generate import resident_mb
-        from lfm_edge.runtime.session import LfmSession
+        from lfm_edge.runtime.memory import resident_mb
+        from lfm_edge.runtime.backends.python import LfmSession
         base = resident_mb()
         s = LfmSession({str(bundle)!r}, threads=1, prepack_cache=sys.argv[1])
         now = resident_mb()
@@ -85,7 +88,7 @@ def test_weights_are_file_backed_not_copied_when_mapped(bundle):
     # the weights onnxruntime repacks: the data file less what is read in place, never repacked (GQA's rotary
     # tables, the rescored head's 8-bit vocabulary copy that only GatherBlockQuantized reads)
     model = onnx.load(bundle / "model.onnx", load_external_data=False)
-    in_place = sum(roofline._stored_bytes(t) for t in model.graph.initializer
+    in_place = sum(stored_bytes(t) for t in model.graph.initializer
                    if t.name.startswith("rotary.") or ".rescore." in t.name)
     packed_mb = ((bundle / "model.onnx.data").stat().st_size - in_place) / (1 << 20)
     assert grown["off"]["anonymous"] > 0.8 * packed_mb  # every weight repacked into malloc'd memory
@@ -99,6 +102,7 @@ def test_weights_are_file_backed_not_copied_when_mapped(bundle):
     ("onnxruntime", "1.31.0", "written by onnxruntime 1.31.0"),
     ("format", "lfm-edge-prepacked/0", "format 'lfm-edge-prepacked/0'"),
 ])
+@pytest.mark.slow
 def test_a_cache_from_another_cpu_or_runtime_is_refused_and_the_bundle_still_runs(bundle, expected, field, value,
                                                                                    reason):
     LfmSession(bundle, threads=1, prepack_cache="auto")
@@ -125,6 +129,7 @@ def test_a_cache_of_another_bundle_is_refused(bundle, exported, tmp_path):
     assert used.prepack.state == "refused" and "made from other model files" in used.prepack.reason
 
 
+@pytest.mark.slow
 def test_truncated_or_altered_caches_are_refused(bundle, expected):
     LfmSession(bundle, threads=1, prepack_cache="auto")
     data = bundle / prepack.FOLDER / prepack.DATA
@@ -180,6 +185,7 @@ def test_a_read_only_bundle_folder_gets_no_cache_a_clear_message_and_still_runs(
         undo()
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_leaves_nothing_that_is_used(bundle, expected):
     """Files may not grow past 1 MB in the child (RLIMIT_FSIZE; SIGXFSZ ignored, so a write fails with EFBIG as
     on a full disk): the session loads from the bundle, says why no cache was kept, and leaves no files."""
@@ -188,7 +194,7 @@ def test_a_full_disk_while_writing_leaves_nothing_that_is_used(bundle, expected)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
         from lfm_edge.runtime.generate import generate
-        from lfm_edge.runtime.session import LfmSession
+        from lfm_edge.runtime.backends.python import LfmSession
         s = LfmSession({str(bundle)!r}, threads=1, prepack_cache="auto")
         print(json.dumps([s.prepack.state, s.prepack.reason, generate(s, {PROMPTS!r}, 8)]))
     """)
@@ -206,6 +212,7 @@ def test_not_enough_free_space_is_said_before_writing(bundle, monkeypatch):
     assert session.prepack.state == "not written" and "GB free, a cache needs" in session.prepack.reason
 
 
+@pytest.mark.slow
 def test_an_unfinished_write_is_never_used_and_is_cleaned_up(bundle, expected):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
@@ -230,6 +237,7 @@ def test_the_graph_reader_needs_no_onnx_package(bundle):
     assert any(k.startswith("prepacked_") for entries in prepack.external_data(model.read_bytes()) for k in entries)
 
 
+@pytest.mark.slow
 def test_the_cold_start_ab_alternates_fresh_processes_and_reports_both_sides(bundle, capsys):
     from lfm_edge.device_bench import coldstart
 

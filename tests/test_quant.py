@@ -17,12 +17,13 @@ from onnx import TensorProto, helper, numpy_helper
 from genai_greedy import genai_greedy
 from lfm_edge.export.calibration import linear_hessians
 from lfm_edge.export.checkpoint import Checkpoint
+from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import ExportError, export
 from lfm_edge.export.reference import TorchReference
 from lfm_edge.quant.blocks import quantize
 from lfm_edge.quant.policy import QuantSpec, get_policy
+from lfm_edge.runtime.backends.python import Cache, LfmSession
 from lfm_edge.runtime.generate import generate
-from lfm_edge.runtime.session import Cache, LfmSession
 from tiny_models import CONFIGS, build
 
 RNG = np.random.default_rng(0)
@@ -172,6 +173,7 @@ def int4_case(request, tmp_path_factory):
     return root / "ckpt", bundle, policy
 
 
+@pytest.mark.slow
 def test_int4_export_matches_fake_quant_reference(int4_case):
     ckpt, bundle, policy = int4_case
     reference, prompt, want, got = _against_fake_quant(ckpt, bundle, policy)
@@ -182,6 +184,7 @@ def test_int4_export_matches_fake_quant_reference(int4_case):
 
 
 @pytest.mark.parametrize("name, config", [("int4-hq", "moe_scaled_unnormed"), ("int4-hq", "dense_mixed")])
+@pytest.mark.slow
 def test_mixed_block_and_8bit_vocabulary_policies_match_fake_quant_reference(tmp_path, name, config):
     """A policy mixing block sizes (experts and linears 64) with an 8-bit vocabulary: the same fake-quant
     exactness as int4, greedy tokens included."""
@@ -197,6 +200,7 @@ def test_mixed_block_and_8bit_vocabulary_policies_match_fake_quant_reference(tmp
 @pytest.mark.parametrize("name, config", [("int4-fine", "moe_mixed"), ("int4-fine", "moe_attn_first_last_nobias"),
                                           ("int4-fine", "dense_mixed"), ("int4", "moe_scaled_unnormed"),
                                           ("int4", "moe_wide_256")])
+@pytest.mark.slow
 def test_rescored_vocabulary_matches_fake_quant_reference(tmp_path, name, config):
     """The LM head scans at 4 bits, then recomputes each row's top logits from the 8-bit copy: the export matches
     the reference doing the same, and those logits (only those) are not the 4-bit scan's. moe_wide_256's rows
@@ -237,6 +241,7 @@ def test_int4_bundle_holds_no_float_vocabulary(int4_case):
     assert manifest["quant"] == "int4" and manifest["quant_policy"]["experts"]["bits"] == 4
 
 
+@pytest.mark.slow
 def test_genai_runs_the_int4_bundle_like_our_runtime(tmp_path):
     pytest.importorskip("onnxruntime_genai")
     build("moe_mixed", tmp_path / "ckpt")
@@ -344,6 +349,7 @@ def test_qmoe_reads_our_2bit_packing():
 
 @pytest.mark.parametrize("name, config", [("int3-experts", "moe_mixed"), ("int3-experts", "moe_scaled_unnormed"),
                                           ("int3-experts", "moe_attention_only"), ("int2-experts", "moe_conv_only")])
+@pytest.mark.slow
 def test_low_bit_experts_match_fake_quant_reference(tmp_path, name, config):
     """Against the torch reference with the same fake quantization, at the kernels' activation precision
     (fp16 at 3 bits, int8 at 2 bits); norm_topk_prob on and off, scaled, with and without expert bias.
@@ -372,30 +378,34 @@ def test_bit_widths_onnxruntime_cannot_run_are_refused_at_export(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_bytes_per_token_of_the_policies():
-    from lfm_edge.export.random_weights import RandomCheckpoint
-    from lfm_edge.quant.policy import bytes_per_token
+@pytest.mark.slow
+def test_bytes_per_token_follow_the_policies_layouts(tmp_path):
+    """Bytes per token come from the exported graph (export/footprint.py, recorded in the manifest): two policies
+    that differ only in the linears' block size differ by exactly what MatMulNBits stores per block (codes padded
+    to whole blocks, an fp32 scale, a 4-bit zero point), and fewer bits read fewer bytes."""
+    from lfm_edge.export.lfm2 import Lfm2Model
+    from lfm_edge.runtime.bundle import token_bytes
 
-    cfg = RandomCheckpoint("lfm2.5-8b-a1b").config
-    names = ("int4", "int3-experts", "int2-experts", "int4-fine", "int4-hq")
-    mb = {name: bytes_per_token(get_policy(name), cfg) / 1e6 for name in names}
-    assert 875 < mb["int4"] < 885  # device_bench/RESULTS.md: 879 MB read per token
-    assert mb["int2-experts"] < mb["int3-experts"] < mb["int4"] < mb["int4-fine"] < mb["int4-hq"]
-    # int4-fine over int4: the 453M linear weights at block 32 instead of 128 (per block an fp32 scale and a 4-bit
-    # zero point); the same experts and vocabulary, both rescore 64 rows of the 8-bit copy
-    linears = 452_984_832
-    extra_bits = linears * (32 / 32 + 4 / 32 - 32 / 128 - 4 / 128)
-    assert mb["int4-fine"] - mb["int4"] == pytest.approx(extra_bits / 8 / 1e6, abs=0.01)
-    # int4's experts and vocabulary at block 256 instead of 128: half the blocks, each an fp16 (experts) or fp32
-    # (vocabulary) scale and a 4-bit zero point
-    at_128 = replace(get_policy("int4"), experts=QuantSpec(4, 128, "mse"), embedding=QuantSpec(4, 128, "mse"))
-    vocab = 128_000 * 2048
-    active_experts = (24 - 2) * 4 * 3 * 2048 * 1792  # MoE layers x top 4 x w1/w2/w3
-    saved_bits = vocab * (36 / 128 - 36 / 256) + active_experts * (20 / 128 - 20 / 256)
-    assert bytes_per_token(at_128, cfg) - mb["int4"] * 1e6 == pytest.approx(saved_bits / 8, abs=1)
-    rescored_rows = 64 * 2048 * (1 + 4 / 128)  # 8 bits and an fp32 scale per block of 128
-    unrescored = bytes_per_token(replace(get_policy("int4"), rescore=None), cfg)
-    assert mb["int4"] * 1e6 - unrescored == pytest.approx(rescored_rows, abs=1)
+    ckpt = demo_model_path()
+    per_policy = {}
+    for name in ("int4", "int4-fine", "int2-experts"):
+        bundle = export(ckpt, tmp_path / name, quant=name).bundle
+        per_policy[name] = token_bytes(bundle)
+    cfg = Checkpoint(ckpt).config
+
+    def linear_bytes(block: int) -> int:
+        total = 0
+        for w in Lfm2Model(cfg).weights():
+            if get_policy("int4").spec(w.name) is get_policy("int4").linears:
+                n, k = w.shape
+                blocks = -(-k // block)
+                total += n * (blocks * block // 2 + blocks * 4 + -(-blocks // 2))
+        return total
+
+    fine, coarse = per_policy["int4-fine"], per_policy["int4"]
+    assert fine.total - coarse.total == linear_bytes(32) - linear_bytes(128)
+    assert per_policy["int2-experts"].total < coarse.total
+    assert per_policy["int2-experts"].by_kind["experts (routed)"] < coarse.by_kind["experts (routed)"]
 
 
 def test_fused_residual_norms_stay_exact(tmp_path, monkeypatch):

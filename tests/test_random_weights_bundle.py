@@ -8,13 +8,14 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
+from lfm_edge.export.cli import main as export_main
 from lfm_edge.export.exporter import export
 from lfm_edge.export.random_tokenizer import random_tokenizer_files
 from lfm_edge.export.random_weights import PRESETS, preset
 from lfm_edge.mobile_app.app.model import check_folder
-from lfm_edge.runtime.chat import ChatTemplate
-from lfm_edge.runtime.chat_cli import main as chat_main
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.runtime import LfmModel
+from lfm_edge.runtime.cli.chat import main as chat_main
+from lfm_edge.runtime.templates import ChatTemplate
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -37,6 +38,18 @@ def test_tokenizer_has_the_geometry_vocabulary_and_special_ids(tmp_path, name):
         "lfm_edge_note"]
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_help_says_how_many_layers_hold_every_layer_kind(name, capsys):
+    two, three = preset(f"{name}:2"), preset(f"{name}:3")
+    # two layers: conv with a dense FFN only; three: an attention layer and an MoE one too
+    assert set(two["layer_types"]) == {"conv"} and two["num_dense_layers"] == 2
+    assert "full_attention" in three["layer_types"] and three["num_hidden_layers"] > three["num_dense_layers"]
+    with pytest.raises(SystemExit):
+        export_main(["--help"])
+    assert "keep at least 3 for an attention layer and an MoE one" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.slow
 def test_random_weights_bundle_chats(tmp_path, capsys):
     # the real LFM2-8B-A1B widths and 65,536-token vocabulary, one layer deep to keep the test short
     bundle = export(None, tmp_path / "random", quant="int4", random_weights="lfm2-8b-a1b:1").bundle

@@ -10,9 +10,9 @@ import torch
 from transformers.generation.logits_process import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
 
 from lfm_edge.export.exporter import export
+from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import Generation, generate
 from lfm_edge.runtime.sampling import Sampling, next_tokens
-from lfm_edge.runtime.session import LfmSession
 from tiny_models import build
 
 RNG = np.random.default_rng(0)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from lfm_edge.export.exporter import export
-from lfm_edge.runtime import providers
-from lfm_edge.runtime.session import BundleError, LfmSession
+from lfm_edge.runtime.backends import providers
+from lfm_edge.runtime.backends.python import BundleError, LfmSession
 from tiny_models import build
 
 
@@ -105,7 +105,7 @@ def test_prefill_chunks_shrink_with_depth_and_tokens_do_not_change(bundle):
 def test_kv_growth_fits_the_memory_available():
     """A power of two that would not fit shrinks to the rows asked for; rows that do not fit are refused with
     the numbers, before anything is allocated."""
-    from lfm_edge.runtime.growth import capacity_for
+    from lfm_edge.runtime.backend import capacity_for
 
     assert capacity_for(600, 256, 4096, bytes_per_row=1000, available=10**9) == 1024
     assert capacity_for(600, 256, 4096, bytes_per_row=1000, available=700_000) == 600
@@ -117,7 +117,7 @@ def test_kv_growth_fits_the_memory_available():
 def test_a_cache_larger_than_memory_is_refused_simulated_small_phone(bundle, monkeypatch):
     """MemAvailable stands in for a phone with little memory: the cache names what it needed and what there is;
     growing past what fits takes exactly the rows asked for."""
-    from lfm_edge.runtime import growth
+    from lfm_edge.runtime import backend as growth
 
     session = LfmSession(bundle, threads=1)
     row = growth.kv_row_bytes(session.state.kv, 1, np.float32)
@@ -157,6 +157,7 @@ def test_decode_steps_with_bindings_kept_match_a_fresh_prefill(tmp_path, ops):
     assert last.shape == (1, 1, whole.shape[-1])
 
 
+@pytest.mark.slow
 def test_weights_repacked_in_parallel_decode_as_repacked_serially(tmp_path, capfd):
     """Sessions repack the quantized weights with the pool's threads (session.prepack.enable_parallel, as
     onnxruntime's verbose log says); the packed weights, and so every logit, are those of the serial repacking."""

@@ -376,6 +376,7 @@ calls = st.lists(st.builds(ToolCall, identifiers, st.dictionaries(identifiers, v
 
 @settings(FUZZ, max_examples=150)  # generating nested values is the slow part
 @given(calls)
+@pytest.mark.slow
 def test_round_trip_through_both_forms(expected):
     pythonic = "[" + ", ".join(f"{c.name}(" + ", ".join(f"{k}={v!r}" for k, v in c.arguments.items()) + ")"
                                for c in expected) + "]"

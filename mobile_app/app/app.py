@@ -8,16 +8,16 @@ from typing import Any
 from kivy.app import App
 from kivy.clock import Clock
 from kivy.core.window import Window
-from kivy.metrics import dp, sp
+from kivy.metrics import Metrics, dp, sp
 from kivy.uix.boxlayout import BoxLayout
 from kivy.uix.label import Label
 from kivy.uix.screenmanager import NoTransition, ScreenManager
 
-from .chat import IDLE, ChatController
 from .model import LoadTimes, default_bundle
 from .screen_bench import BenchScreen
 from .screen_chat import ChatScreen
 from .screen_model import ModelScreen
+from .transcript import IDLE, ChatController
 from .widgets import BACKGROUND, MUTED, TEXT, toggle
 
 TABS = (("chat", "Chat"), ("benchmark", "Benchmark"), ("model", "Model"))
@@ -26,7 +26,7 @@ TABS = (("chat", "Chat"), ("benchmark", "Benchmark"), ("model", "Model"))
 def sessions() -> dict:
     """onnxruntime sessions this process opened and still holds, per bundle (empty on a phone backend)."""
     try:
-        from lfm_edge.runtime.session import live_sessions, sessions_opened
+        from lfm_edge.runtime.backends.python import live_sessions, sessions_opened  # absent on phone backends
     except ImportError:
         return {}
     return {"opened": sessions_opened(), "live": live_sessions()}
@@ -44,7 +44,7 @@ class LfmApp(App):
                  autopilot: list[dict] | None = None, max_new_tokens: int = 512,
                  conversation_file: Path | None = None, prepack_cache: str = "off", **kwargs: Any):
         super().__init__(**kwargs)
-        self.prepack_cache = prepack_cache  # runtime/prepack.py; see model.load_model for why it is off
+        self.prepack_cache = prepack_cache  # runtime/backends/prepack.py; see model.load_model for why it is off
         self.conversation_file = conversation_file  # default: conversation.safetensors in user_data_dir
         self.start_bundle, self.threads = bundle, threads
         self.downloads_dir = downloads
@@ -65,7 +65,7 @@ class LfmApp(App):
         self.model_screen = ModelScreen(post, self._model_loaded, busy=lambda: self.busy("model"),
                                         downloads=downloads, threads=self.threads, on_unload=self._release_model,
                                         load_times=LoadTimes(Path(self.user_data_dir) / "load_times.json"),
-                                        prepack_cache=self.prepack_cache)
+                                        prepack_cache=self.prepack_cache, model=lambda: self.model)
         self.screens = ScreenManager(transition=NoTransition())
         for screen in (self.chat_screen, self.bench_screen, self.model_screen):
             self.screens.add_widget(screen)
@@ -104,7 +104,7 @@ class LfmApp(App):
             self.show("model")
         self._show_loading()
         if self.autopilot_steps is not None:
-            from .autopilot import Autopilot
+            from .autopilot import Autopilot  # the test driver, loaded only when asked for
 
             self.autopilot = Autopilot(self, self.autopilot_steps)  # kept: Kivy's clock only holds a weak reference
             self.autopilot.start()
@@ -137,6 +137,7 @@ class LfmApp(App):
         is saved first, so loading the same bundle again continues it."""
         if self.model is None:
             return
+        self.model_screen.stop_serving("the model was unloaded")
         self.save_conversation()
         self.chat.set_model(None)
         self.model = None
@@ -174,9 +175,12 @@ class LfmApp(App):
         return {"screen": self.screens.current, "model": self.model_screen.snapshot(),
                 "chat": {"state": self.chat.state, "status": self.chat_screen.status.text,
                          "items": [{"kind": type(i).__name__, **asdict(i)} for i in self.chat.items]},
-                "bench": self.bench_screen.snapshot(), "sessions": sessions()}
+                "bench": self.bench_screen.snapshot(), "sessions": sessions(),
+                "window": {"size": list(Window.size), "density": Metrics.density,
+                           "tab_height": self.tabs["chat"].height}}
 
     def on_stop(self) -> None:
+        self.model_screen.stop_serving("the app closed")
         self.chat.cancel()
         if self.chat.wait(5):
             self.save_conversation()

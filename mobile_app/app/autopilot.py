@@ -10,17 +10,21 @@ Steps (JSON objects, run in order, each after the previous one's work has finish
     {"reasoning": 1}                    tap the reasoning toggle of transcript item 1
     {"bench": "quick"}                  pick the preset, press Run; waits for the report
     {"download": "http://..."}          type the URL on the Model screen and press Download; waits
+    {"serve": true}                     switch the Model screen's Serve on (false: off)
+    {"wait_file": "path"}               wait until the file exists (a test outside the app says it is done)
     {"shot": "build/screenshots/chat.png"}
     {"state": "build/screenshots/state.json"}   the app's snapshot() as JSON
     {"quit": true}
 A step that does not finish within `timeout` seconds, or fails, ends the app with exit code 1 after
-writing the state file named by the last "state" step (if any) with the error.
+writing the state file named by the last "state" step (if any) with the error, and says on stderr which step
+(its number, from 1, and the step itself) and why.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +32,7 @@ from pathlib import Path
 from kivy.clock import Clock
 from kivy.core.window import Window
 
-from .chat import IDLE
+from .transcript import IDLE
 
 SETTLE = 0.4  # seconds for layout and a few frames to be drawn before a screenshot
 
@@ -41,6 +45,7 @@ class Autopilot:
         self._until: Callable[[], bool] | None = None
         self._deadline = 0.0
         self._step: dict | None = None
+        self._number = 0  # of the current step, from 1
 
     def start(self) -> None:
         self.at_start = self.app.snapshot()  # what shows before the start bundle is ready (the state file has it)
@@ -60,15 +65,19 @@ class Autopilot:
             if self._until is not None:
                 if not self._until():
                     if time.monotonic() > self._deadline:
-                        raise TimeoutError(f"step {self._step} did not finish in time")
+                        raise TimeoutError(f"did not finish in {self.timeout:.0f} s")
                     return None
                 self._until = None
             if not self.steps:
                 return False
-            self._step = self.steps.pop(0)
+            self._step, self._number = self.steps.pop(0), self._number + 1
             self._run(self._step)
         except Exception as e:  # report and leave: a stuck GUI test must fail, not hang
-            self.errors.append(f"{type(e).__name__}: {e}")
+            where = (f"step {self._number} {json.dumps(self._step, default=str)}" if self._step is not None
+                     else "waiting for the start bundle's load")
+            self.errors.append(f"{where}: {type(e).__name__}: {e}")
+            # the real stderr: Kivy's stand-in for sys.stderr turns each line into a log record of its own
+            print(f"lfm-app: autopilot {self.errors[-1]}", file=sys.__stderr__ or sys.stderr, flush=True)
             self._write_state()
             self.app.exit_code = 1
             self.app.stop()
@@ -121,6 +130,14 @@ class Autopilot:
             app.model_screen.download_button.trigger_action(0)
             self._wait(lambda: not (app.model_screen.fetcher.running or app.model_screen.loader.running),
                        self.timeout)
+        elif kind == "serve":
+            app.show("model")
+            if bool(value) != app.model_screen.server.running:
+                app.model_screen.serve_button.trigger_action(0)
+            self._then(lambda: app.model_screen.server.running == bool(value),
+                       lambda: f"serve {value}: {app.model_screen.serve_status.text}")
+        elif kind == "wait_file":
+            self._wait(lambda: Path(value).exists(), self.timeout)
         elif kind == "shot":
             self._pause(SETTLE, then=lambda: self._shot(Path(value)))
         elif kind == "state":

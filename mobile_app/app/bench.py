@@ -1,10 +1,10 @@
 """The benchmark screen's logic: lfm-bench's workload and roofline, summarized into what a user reads.
 
 Numbers are chosen as `lfm-bench` chooses them (the best decode median against the roofline ceiling), so the
-app and the CLI agree. The verdict is about the model that matters on a phone, LFM2.5-8B-A1B int4, whatever
-bundle was measured: each phone's decode predicted from its bytes per token and an efficiency measured on a
-memory-bound model (device_bench/roofline.py `phone_prediction`). The measured bundle's own speed is shown,
-labelled as its own.
+app and the CLI agree. What was measured leads: the loaded bundle's own speed and memory on this device. Then,
+labelled as a prediction with its basis, the verdict about the model that matters on a phone, LFM2.5-8B-A1B
+int4, whatever bundle was measured: each phone's decode predicted from its bytes per token and an efficiency
+measured on a memory-bound model (device_bench/roofline.py `phone_prediction`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm_edge.device_bench import bench, roofline
-from lfm_edge.mobile_app import backends
+from lfm_edge.device_bench import roofline, speed
+from lfm_edge.device_bench.measure import Metric
+from lfm_edge.runtime import backends
 
 TARGET = roofline.TARGET_TOKENS_PER_SECOND
 
@@ -41,7 +42,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-Cancelled = bench.Cancelled  # what a cancelled `run_benchmark` raises
+Cancelled = speed.Cancelled  # what a cancelled `run_benchmark` raises
 
 
 @dataclass
@@ -63,6 +64,12 @@ class BenchReport:
     file_after_load_mb: float = 0.0
     anon_decoding_mb: float = 0.0
     file_decoding_mb: float = 0.0
+    # peaks, split the same way (runtime/memory.py PeakMemory): the benchmark's runs (their loads too when
+    # load_measured is "benchmark"), and the app's load of the model (a mapped bundle beside its repacked copy)
+    peak_anon_mb: float = 0.0
+    peak_file_mb: float = 0.0
+    load_peak_anon_mb: float = 0.0
+    load_peak_file_mb: float = 0.0
     load_measured: str = "benchmark"  # "benchmark": loaded by each run; "app": the app's own load, measured once
     weights_mb: float = 0.0  # the bundle's weights (model.onnx*), for the memory ratios
     bandwidth_gbs: float = 0.0
@@ -86,41 +93,51 @@ class BenchReport:
         """Every phone in the table is predicted to decode the model at the target or faster."""
         return bool(self.phones) and all(p["meets_target"] for p in self.phones)
 
+    def headline(self) -> str:
+        """The first line: what was measured, on this device."""
+        return f"Measured here: {self.model_label or 'this bundle'} decodes {self.decode_tps:.1f} tok/s"
+
+    def headline_note(self) -> str:
+        return (f"Best decode median of this {self.preset} run, on this device, {self.threads} "
+                f"thread{'s' if self.threads != 1 else ''}.")
+
     @property
     def verdict(self) -> str:
+        """The prediction's line: LFM2.5-8B-A1B int4 on phones, predicted (not this bundle, not measured)."""
         return verdict(self.prediction) if self.prediction else "no phone prediction yet"
 
-    def verdict_notes(self) -> list[str]:
-        """Under the verdict: what it is computed from, and what was measured here (labelled as such)."""
-        basis = [self.prediction.basis()] if self.prediction else []
-        return [*basis, f"Measured here: {self.model_label or 'this bundle'} decodes {self.decode_tps:.1f} tok/s (best "
-                        f"decode median of this run, on this device). Target: {TARGET:.0f} tok/s decode on the phone."]
+    def prediction_heading(self) -> str:
+        model = f"{self.prediction.model} on phones" if self.prediction else "phones"
+        return f"Predicted, not measured: {model}"
 
-    def phone_heading(self) -> str:
-        return f"Predicted on phones: {self.prediction.model}" if self.prediction else "Predicted on phones"
-
-    def phone_note(self) -> str:
+    def prediction_lines(self) -> list[str]:
+        """Under the heading: the predicted range against the target, and its basis."""
         p = self.prediction
         if p is None:
-            return ""
-        return (f"{p.bytes_per_token / 1e6:.0f} MB read per token at {p.efficiency:.0%} of each SoC's memory "
-                "bandwidth" + (" (measured here)." if p.efficiency_measured_here else " (the full model's, recorded)."))
+            return []
+        return [f"{p.predicted_range(TARGET)} (target: {TARGET:.0f} tok/s decode).", p.basis()]
 
     def over_weights(self, mb: float) -> str:
         return f" ({mb * (1 << 20) / (self.weights_mb * 1e6):.2f}x weights)" if self.weights_mb else ""
 
     def metric_rows(self) -> list[tuple[str, str]]:
-        split = [(label, f"{anon:.0f} / {file:.0f} MB") for label, anon, file in (
-            ("After load: anon / file", self.anon_after_load_mb, self.file_after_load_mb),
-            ("Decoding: anon / file", self.anon_decoding_mb, self.file_decoding_mb)) if anon or file]
+        def split(rows: tuple[tuple[str, float, float], ...]) -> list[tuple[str, str]]:
+            return [(label, f"{anon:.0f} / {file:.0f} MB") for label, anon, file in rows if anon or file]
+
+        run = "Peak in benchmark" if self.load_measured == "app" else "Peak in load + run"
+        # anonymous (the process's own: what a low-memory killer weighs) and file-backed (mapped, reclaimable)
+        # peaks apart; one total only where they could not be read
+        peaks = split((("Peak in load: anon / file", self.load_peak_anon_mb, self.load_peak_file_mb),
+                       (f"{run}: anon / file", self.peak_anon_mb, self.peak_file_mb)))
         return [
             (f"Decode ({self.model_label})" if self.model_label else "Decode", f"{self.decode_tps:.1f} tok/s"),
             (f"Prefill ({self.prefill_tokens} tokens)", f"{self.prefill_tps:.0f} tok/s"),
             ("Time to first token", f"{self.ttft_s * 1000:.0f} ms"),
-            ("Peak memory (process)", f"{self.peak_rss_mb:.0f} MB"),
+            *(peaks or [("Peak memory", f"{self.peak_rss_mb:.0f} MB")]),
             *([("Memory while decoding", f"{self.rss_decoding_mb:.0f} MB{self.over_weights(self.rss_decoding_mb)}")]
               if self.rss_decoding_mb else []),
-            *split,
+            *split((("After load: anon / file", self.anon_after_load_mb, self.file_after_load_mb),
+                    ("Decoding: anon / file", self.anon_decoding_mb, self.file_decoding_mb))),
             ("Load (the app's)" if self.load_measured == "app" else "Load", f"{self.load_s:.2f} s"),
             ("Threads", str(self.threads)),
         ]
@@ -129,7 +146,7 @@ class BenchReport:
         if self.roofline_error:
             return f"Roofline unavailable: {self.roofline_error}"
         return (f"Roofline: {self.bytes_per_token / 1e6:.1f} MB read per token at {self.bandwidth_gbs:.1f} GB/s "
-                f"allows {self.ceiling_tps:.0f} tok/s here; decode reached {self.fraction:.0%} of it.")
+                f"allows {self.ceiling_tps:.0f} tok/s here; decode reached {roofline.share_of_ceiling(self.fraction)}.")
 
     def phone_rows(self) -> list[tuple[str, str, str]]:
         """(SoC, predicted tok/s of LFM2.5-8B-A1B int4, meets 30 tok/s)."""
@@ -141,10 +158,11 @@ def verdict(prediction: roofline.PhonePrediction, target: float = TARGET) -> str
     return prediction.verdict(target)
 
 
-def summarize(metrics: dict[str, bench.Metric], bundle: Path, preset: Preset, threads: int | None = None,
+def summarize(metrics: dict[str, Metric], bundle: Path, preset: Preset, threads: int | None = None,
               app_load: tuple[float, dict] | None = None) -> BenchReport:
-    """The report's measured part, from `device_bench.bench.run`'s metrics. `app_load`: (seconds, resident
-    memory right after) of the app's own load, when the benchmark measured the app's session."""
+    """The report's measured part, from `device_bench.speed.run`'s metrics. `app_load`: (seconds, memory) of
+    the app's own load, when the benchmark measured the app's session: memory as the Model screen records it,
+    resident right after ("anonymous", "file") and the load's peaks ("peak_anonymous", "peak_file")."""
     summary = {k: m.summary() for k, m in metrics.items() if m.samples}
     decode = [v for k, v in summary.items() if k.startswith("decode/")]
     prefill = {int(k.split("/")[1]): v for k, v in summary.items() if k.startswith("prefill/")}
@@ -154,8 +172,9 @@ def summarize(metrics: dict[str, bench.Metric], bundle: Path, preset: Preset, th
         return summary[key]["median"] if key in summary else 0.0
 
     anon_after, file_after = median("anon_after_load"), median("file_after_load")
-    if app_load is not None and app_load[1]:  # right after the app's load beats "before the warm-up"
-        anon_after, file_after = app_load[1].get("anonymous", 0.0), app_load[1].get("file", 0.0)
+    load_memory = app_load[1] if app_load is not None and app_load[1] else {}
+    if load_memory:  # right after the app's load beats "before the warm-up"
+        anon_after, file_after = load_memory.get("anonymous", 0.0), load_memory.get("file", 0.0)
     try:
         weights = sum(p.stat().st_size for p in Path(bundle).iterdir() if p.name.startswith("model.onnx"))
     except OSError:
@@ -169,6 +188,8 @@ def summarize(metrics: dict[str, bench.Metric], bundle: Path, preset: Preset, th
         disturbed=any(v["quiet_runs"] == 0 for v in decode),
         anon_after_load_mb=anon_after, file_after_load_mb=file_after,
         anon_decoding_mb=median("anon_decoding"), file_decoding_mb=median("file_decoding"),
+        peak_anon_mb=median("peak_anon"), peak_file_mb=median("peak_file"),
+        load_peak_anon_mb=load_memory.get("peak_anonymous", 0.0), load_peak_file_mb=load_memory.get("peak_file", 0.0),
         load_measured="app" if app_load is not None else "benchmark", weights_mb=weights / 1e6,
         model_label=roofline.bundle_label(bundle))
 
@@ -192,7 +213,7 @@ def add_roofline(report: BenchReport, bundle: Path, bandwidth_gbs: float) -> Ben
 
 
 def stage_count(preset: Preset, loads: bool = True) -> int:
-    """How many progress messages `bench.run` sends, plus the bandwidth probe: the progress bar's length.
+    """How many progress messages `speed.run` sends, plus the bandwidth probe: the progress bar's length.
     `loads`: whether each run loads the bundle (not when the app's session is measured)."""
     per_run = int(loads) + len(preset.prompts) + len(preset.depths) * len(preset.decode)
     return 1 + (preset.runs + 1) * per_run
@@ -222,7 +243,7 @@ def run_benchmark(bundle: Path, preset: Preset, progress: Callable[[int, int, st
     step("measuring read bandwidth")
     bandwidth = roofline.read_bandwidth(gib=preset.bandwidth_gib)
     threads = (getattr(session, "threads", 0) or None) if session is not None else None
-    metrics = bench.run(bundle, threads or preset.threads, list(preset.prompts), list(preset.depths),
+    metrics = speed.run(bundle, threads or preset.threads, list(preset.prompts), list(preset.depths),
                         list(preset.decode), preset.runs, progress=step, open_session=backends.open_session,
                         cancel=cancel, session=session)
     progress(total, total, "done")

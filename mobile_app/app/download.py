@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lfm_edge.runtime.bundle import install_folder, sha256  # not runtime.session: that imports onnxruntime
+from lfm_edge.runtime.bundle import sha256
+from lfm_edge.runtime.files import install_folder
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 16

@@ -7,8 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lfm_edge.mobile_app.backends import open_session
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.runtime import LfmModel
+from lfm_edge.runtime.backends import open_session
+from lfm_edge.runtime.files import write_text
 
 # what `lfm-export --target android` and `make export` write from the bundled demo model, best first
 DEFAULT_BUNDLES = ("build/demo_model-int4-contrib", "build/demo_model-fp32-contrib")
@@ -50,9 +51,9 @@ def load_model(folder: str | Path, threads: int | None = None,
     creation, which is most of the time)."""
     folder = Path(folder).expanduser()
     progress("preparing the weights")
-    # prepack_cache "auto" maps the weights from a cache next to the bundle (runtime/prepack.py): the app's
+    # prepack_cache "auto" maps the weights from a cache next to the bundle (runtime/backends/prepack.py): the app's
     # memory is then mostly file pages the system can reclaim, but the cache costs 2.1x the bundle on disk,
-    # its first load a minute on the 8B, and decode ran at 0.85x (device_bench/RESULTS.md): off unless memory
+    # its first load a minute on the 8B, and decode ran at 0.85x (the cold-start note of 2026-11-29): off unless memory
     # is the limit
     session = open_session(folder, threads, prepack_cache=prepack_cache)
     progress("reading the tokenizer")
@@ -82,10 +83,8 @@ class LoadTimes:
         data = self._read() | {str(folder): round(seconds, 2)}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(self.path)
-        except OSError:
+            write_text(self.path, json.dumps(data))
+        except OSError:  # a record of load times: without it the progress bar guesses
             pass
 
 

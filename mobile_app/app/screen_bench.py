@@ -1,4 +1,5 @@
-"""Benchmark screen: pick a workload, run it off the UI thread with a progress bar, read the verdict."""
+"""Benchmark screen: pick a workload, run it off the UI thread with a progress bar, read what was measured and
+then, as a prediction, the verdict about phones."""
 
 from __future__ import annotations
 
@@ -94,25 +95,22 @@ class BenchScreen(Screen):
         self.run_button.disabled, self.cancel_button.disabled = False, True
 
     def show(self, report: bench.BenchReport) -> None:
+        """What was measured first (large), then the prediction about phones under a heading that says it is one."""
         self.results.clear_widgets()
-        verdict = Panel()
-        self.verdict = Text(text=report.verdict, font_size=sp(22), bold=True,
-                            color=GOOD if report.reaches_target else WARN)
-        verdict.add_widget(self.verdict)
-        for note in report.verdict_notes():  # what the verdict is computed from; this bundle's own speed
-            verdict.add_widget(Text(text=note, color=MUTED, font_size=sp(13)))
-        self.results.add_widget(verdict)
-        metrics = Panel()
-        metrics.add_widget(heading(f"This device: {report.model_label}" if report.model_label else "This device"))
-        metrics.add_widget(self._grid(report.metric_rows(), cols=2))
-        metrics.add_widget(Text(text=report.roofline_text(), color=MUTED, font_size=sp(13)))
-        self.results.add_widget(metrics)
-        if report.phones:
-            phones = Panel()
-            phones.add_widget(heading(report.phone_heading()))
-            phones.add_widget(Text(text=report.phone_note(), color=MUTED, font_size=sp(13)))
-            phones.add_widget(self._grid([("SoC", "tok/s", "30?"), *report.phone_rows()], cols=3))
-            self.results.add_widget(phones)
+        measured = Panel()
+        measured.add_widget(Text(text=report.headline(), font_size=sp(20), bold=True))
+        measured.add_widget(Text(text=report.headline_note(), color=MUTED, font_size=sp(13)))
+        measured.add_widget(self._grid(report.metric_rows(), cols=2))
+        measured.add_widget(Text(text=report.roofline_text(), color=MUTED, font_size=sp(13)))
+        self.results.add_widget(measured)
+        if report.prediction is not None:
+            predicted = Panel()
+            predicted.add_widget(heading(report.prediction_heading()))
+            verdict, basis = report.prediction_lines()
+            predicted.add_widget(Text(text=verdict, color=GOOD if report.reaches_target else WARN))
+            predicted.add_widget(Text(text=basis, color=MUTED, font_size=sp(13)))
+            predicted.add_widget(self._grid([("SoC", "tok/s", "30?"), *report.phone_rows()], cols=3))
+            self.results.add_widget(predicted)
 
     @staticmethod
     def _grid(rows, cols: int) -> GridLayout:
@@ -131,6 +129,7 @@ class BenchScreen(Screen):
 
     def snapshot(self) -> dict:
         return {"status": self.status.text, "running": self.job.running,
+                "headline": self.report.headline() if self.report else None,
                 "verdict": self.report.verdict if self.report else None,
                 "report": asdict(self.report) if self.report else None,
                 "shown": self.shown()}

@@ -14,7 +14,7 @@ from kivy.uix.scrollview import ScrollView
 from kivy.uix.textinput import TextInput
 from kivy.uix.widget import Widget
 
-from .chat import IDLE, Bubble, ChatController, ToolCard, thinking_label
+from .transcript import IDLE, Bubble, ChatController, ToolCard, thinking_label
 from .widgets import ACCENT, ERROR, MONO, MUTED, SURFACE, TEXT, TOOL, TOOL_EDGE, USER, Panel, Text, button, row
 
 ROLE_COLORS = {"user": USER, "assistant": SURFACE, "error": ERROR}

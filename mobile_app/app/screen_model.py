@@ -1,4 +1,5 @@
-"""Model screen: pick a bundle folder (typed or browsed) and load it, or download one from a URL."""
+"""Model screen: pick a bundle folder (typed or browsed) and load it, or download one from a URL; serve the loaded
+model to other apps on the device (serving.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from kivy.uix.progressbar import ProgressBar
 from kivy.uix.screenmanager import Screen
 from kivy.uix.textinput import TextInput
 
-from lfm_edge.runtime.generate import resident_mb
+from lfm_edge.runtime.memory import PeakMemory, resident_mb
 
 from . import download
 from .jobs import Job, Post
 from .model import LoadTimes, bundle_info, check_folder, load_model
-from .widgets import ACCENT, ERROR, GOOD, MUTED, SURFACE, TEXT, WARN, Panel, Text, button, heading, row
+from .serving import LocalServer, available
+from .widgets import ACCENT, ERROR, GOOD, MUTED, SURFACE, TEXT, WARN, Panel, Text, button, heading, row, toggle
 
 
 def field(hint: str, text: str = "") -> TextInput:
@@ -28,12 +30,15 @@ def field(hint: str, text: str = "") -> TextInput:
 
 class ModelScreen(Screen):
     def __init__(self, post: Post, on_loaded, busy, downloads: Path, threads: int | None,
-                 on_unload=lambda: None, load_times: LoadTimes | None = None, prepack_cache: str = "off", **kwargs):
+                 on_unload=lambda: None, load_times: LoadTimes | None = None, prepack_cache: str = "off",
+                 model=lambda: None, server: LocalServer | None = None, **kwargs):
         """`on_loaded(folder, model)` hands a loaded model to the app; `on_unload()` makes the app drop the
-        model it holds before another loads (two would be in memory at once); `busy()`: why not now, or None."""
+        model it holds before another loads (two would be in memory at once); `busy()`: why not now, or None;
+        `model()`: the app's model, which the Serve switch serves through `server`."""
         super().__init__(name="model", **kwargs)
         self.post, self.on_loaded, self.on_unload, self.busy = post, on_loaded, on_unload, busy
         self.downloads, self.threads, self.prepack_cache = downloads, threads, prepack_cache
+        self.model, self.server = model, server or LocalServer()
         self.load_times = load_times or LoadTimes(None)
         self.loader, self.fetcher = Job(post, "load-model"), Job(post, "download")
         self.loaded: Path | None = None
@@ -41,6 +46,8 @@ class ModelScreen(Screen):
         self.loading: Path | None = None
         self.stage, self.started, self.expected = "", 0.0, None
         self.load_seconds = 0.0
+        # resident_mb() right after the load ("rss", "anonymous", "file") and the load's own peaks ("peak_rss",
+        # "peak_anonymous", "peak_file": the bundle mapped while its weights are repacked), MB
         self.memory_after_load: dict[str, float] = {}
         outer = BoxLayout(orientation="vertical", padding=dp(10), spacing=dp(8))
 
@@ -54,6 +61,14 @@ class ModelScreen(Screen):
         self.load_status = Text(color=MUTED, font_size=sp(13))
         local.add_widget(row(self.load_button, self.load_status))
         outer.add_widget(local)
+
+        serve = Panel()
+        serve.add_widget(heading("Serve to other apps (OpenAI API, this device only)"))
+        self.serve_button = toggle("Serve", None, "normal", size_hint_x=None, width=dp(96))
+        self.serve_button.bind(on_press=lambda _b: self.toggle_serve())
+        self.serve_status = Text(color=MUTED, font_size=sp(13), text=available() or "Load a model, then switch on.")
+        serve.add_widget(row(self.serve_button, self.serve_status, height=dp(52)))
+        outer.add_widget(serve)
 
         remote = Panel()
         remote.add_widget(heading("Download a bundle"))
@@ -102,9 +117,11 @@ class ModelScreen(Screen):
 
         def work(cancel):
             started = time.perf_counter()
-            model = load_model(folder, self.threads, progress=lambda stage: self.post(lambda: self._stage(stage)),
-                               prepack_cache=self.prepack_cache)
-            return model, time.perf_counter() - started, resident_mb()
+            with PeakMemory() as peak:
+                model = load_model(folder, self.threads, progress=lambda stage: self.post(lambda: self._stage(stage)),
+                                   prepack_cache=self.prepack_cache)
+            seconds = time.perf_counter() - started
+            return model, seconds, resident_mb() | {f"peak_{k}": v for k, v in peak.peaks().items()}
 
         if self.loader.start(work, lambda result: self._loaded(folder, *result), self._load_failed):
             self.load_button.disabled = True
@@ -151,6 +168,34 @@ class ModelScreen(Screen):
     def _status(self, text: str, color) -> None:
         self.load_status.text, self.load_status.color = text, color
 
+    # --- serving ---------------------------------------------------------------------------------------------------
+
+    def toggle_serve(self) -> None:
+        """Start the server on the app's model, or stop it; the button shows which."""
+        if self.server.running:
+            self.stop_serving("stopped")
+            return
+        model, problem = self.model(), available()
+        if model is None or problem or self.loaded is None:
+            self.serve_button.state = "normal"
+            self.serve_status.text, self.serve_status.color = problem or "load a model first", WARN
+            return
+        try:
+            address = self.server.start(model, self.loaded.name)
+        except OSError as e:
+            self.serve_button.state = "normal"
+            self.serve_status.text, self.serve_status.color = str(e), WARN
+            return
+        self.serve_button.state, self.serve_button.text = "down", "Serving"
+        self.serve_status.text = f"{address}\nmodel {self.loaded.name}, key {self.server.key}"
+        self.serve_status.color = GOOD
+
+    def stop_serving(self, why: str) -> None:
+        if self.server.running:
+            self.server.stop()
+            self.serve_status.text, self.serve_status.color = f"not serving ({why})", MUTED
+        self.serve_button.state, self.serve_button.text = "normal", "Serve"
+
     # --- downloading ----------------------------------------------------------------------------------------------
 
     def fetch(self) -> None:
@@ -193,4 +238,5 @@ class ModelScreen(Screen):
                 "load_status": self.load_status.text, "download_status": self.download_status.text,
                 "busy": self.loader.running or self.fetcher.running,
                 "loading": str(self.loading) if self.loading else None, "load_seconds": self.load_seconds,
-                "memory_after_load": self.memory_after_load}
+                "memory_after_load": self.memory_after_load, "serve": self.server.snapshot(),
+                "serve_status": self.serve_status.text}

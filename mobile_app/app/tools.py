@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lfm_edge.runtime.chat_cli import calculator, current_time
+from lfm_edge.runtime.demo_tools import calculator, current_time
 
 POWER_SUPPLY = Path("/sys/class/power_supply")
 

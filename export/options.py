@@ -1,0 +1,107 @@
+"""What an export is asked to do, as data, checked in one place (`ExportOptions.resolved`).
+
+`lfm-export` builds one from its arguments and Python callers from keywords (`export(checkpoint, out, **kw)`):
+the same defaults and the same checks for both. Defaults follow the target: phones get the int4 policy and an
+int8 KV cache, a desktop fp32 for both; the portable op set has only the fp32 cache; a quantized GGUF keeps its
+blocks (int4), even for a desktop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..quant.policy import Policy, get_policy
+from .kernel_support import check_policy
+from .kv_cache import DEFAULT_MARGIN, KV_CACHES
+from .onnx_ops import WeightTransform
+
+__all__ = ["OP_SETS", "TARGETS", "ExportError", "ExportOptions"]
+
+TARGETS = ("desktop", "android", "ios")
+OP_SETS = ("contrib", "portable")
+# Phones decode at the speed of memory: every bit per weight is speed there.
+TARGET_QUANT = {"desktop": "fp32", "android": "int4", "ios": "int4"}
+# ... and long context lives in the KV cache: int8 holds 4x the context of fp32 in the same memory, at the
+# measured cost in quant/README.md ("KV cache precision"). Desktop keeps the exact fp32 cache.
+TARGET_KV_CACHE = {"desktop": "fp32", "android": "int8", "ios": "int8"}
+# Decode threads a target's runtime starts with (genai_config's session_options; LfmSession reads it too):
+# phones decode fastest on their big cores only (4 on current Snapdragon/Dimensity/Tensor parts, Apple's 2
+# performance cores); on a desktop onnxruntime's default, one thread per physical core, is right.
+TARGET_THREADS = {"desktop": None, "android": 4, "ios": 2}
+
+
+class ExportError(ValueError):
+    """An export that cannot proceed; the message names the argument, file or tensor."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export. `quant`: a policy's name (quant/policy.py) or a Policy, None for the target's default;
+    `kv_cache`: fp32 / int8 / int4, None for the target's; `transform` rewrites each float weight as it is read
+    (tests use it for fake quantization); `random_weights`: a preset of random_weights.py instead of a checkpoint;
+    `eval_text`: held-out text for a quality report against fp32 (quality.md), `eval_text_name` what the report
+    calls it (the CLI: the file's name); `tokenizer`: a GGUF's
+    tokenizer.json (or its folder) when the file carries none; `force`: replace an `out` folder that holds
+    something other than an lfm-edge bundle."""
+
+    ops: str = "contrib"
+    quant: str | Policy | None = None
+    target: str = "desktop"
+    kv_cache: str | None = None
+    kv_margin: float = DEFAULT_MARGIN
+    kv_calibration_text: str | None = None
+    eval_text: str | None = None
+    eval_text_name: str | None = None
+    tokenizer: str | Path | None = None
+    random_weights: str | None = None
+    transform: WeightTransform | None = None
+    progress: Callable[[str], None] | None = None
+    force: bool = False
+
+    def resolved(self, quantized_gguf: bool = False) -> ExportOptions:
+        """These options with every default filled in (`quantized_gguf`: the checkpoint is a GGUF whose weights
+        are stored in blocks) and every value checked; ExportError names the option that is wrong."""
+        if self.target not in TARGETS:
+            raise ExportError(f"--target {self.target!r}: expected one of {TARGETS}")
+        if self.ops not in OP_SETS:
+            raise ExportError(f"--ops {self.ops!r}: expected one of {OP_SETS}")
+        quant = self.quant if self.quant is not None else "int4" if quantized_gguf else TARGET_QUANT[self.target]
+        try:
+            policy = quant if isinstance(quant, Policy) else get_policy(quant)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+        quantized = any((policy.experts, policy.linears, policy.embedding))
+        if quantized and self.ops != "contrib":
+            raise ExportError(f"--quant {policy.name} needs --ops contrib (its kernels are onnxruntime contrib ops)")
+        if quantized:
+            try:  # before any tracing: the installed onnxruntime runs every kernel the policy needs
+                check_policy(policy)
+            except ValueError as e:
+                raise ExportError(str(e)) from None
+        kv = self.kv_cache or ("fp32" if self.ops == "portable" else TARGET_KV_CACHE[self.target])
+        if kv not in KV_CACHES:
+            raise ExportError(f"--kv-cache {kv!r}: expected one of {KV_CACHES}")
+        if kv != "fp32" and self.ops != "contrib":
+            raise ExportError(f"--kv-cache {kv} needs --ops contrib: the quantized cache is GroupQueryAttention's "
+                              "(com.microsoft); the portable op set has no standard op that attends over an int8 "
+                              "cache, so it keeps --kv-cache fp32")
+        if isinstance(self.kv_margin, bool) or not isinstance(self.kv_margin, (int, float)) or \
+                not math.isfinite(self.kv_margin) or self.kv_margin <= 0:
+            raise ExportError(f"--kv-margin {self.kv_margin!r}: expected a number > 0")
+        if self.tokenizer is not None and self.random_weights:
+            raise ExportError("--tokenizer is for GGUF files; --random-weights brings a stand-in tokenizer")
+        return dataclasses.replace(self, quant=policy, kv_cache=kv)
+
+    @property
+    def policy(self) -> Policy:
+        """The quantization policy (after `resolved`)."""
+        assert isinstance(self.quant, Policy), "ExportOptions.resolved() first"
+        return self.quant
+
+    @property
+    def quantized(self) -> bool:
+        return any((self.policy.experts, self.policy.linears, self.policy.embedding))
