@@ -8,14 +8,14 @@ it. Kinds of chat, each offered a varied list of the demo tools (one to four, sh
   `<|tool_call_start|>[calculator(expression="...")]<|tool_call_end|>` with the expression copied, the tool
   answers calculator()'s own JSON ({"result": 87}), the assistant answers "12*7+3 = 87.";
 - the weather in a city: `get_weather(city="...")`, then e.g. "It is 18 °C and cloudy in Paris.";
-- the time (`current_time()`) and the battery (`battery()`);
+- the time (`current_time()`) and the battery (`battery()`, the app's tool, offered as BATTERY_SCHEMA);
 - a question about Python, or small talk: answered in plain text (the first sentences of a pydoc topic of
   the training split), also when tools are offered;
 - a question whose tool is not offered: a plain-text "I have no ... tool" answer.
 
 Question frames, numbers and cities are drawn from TRAIN_* lists with a seeded random.Random. The tool test
 (tests/test_demo_tools.py) asks with frames, numbers and cities that are not in them: operands n >= 10 with
-n % 11 == 5 never appear in a training question (HELD_OUT_NUMBER).
+n % 11 == 5 never appear in a training question (held_out_number).
 """
 
 from __future__ import annotations
@@ -23,14 +23,19 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable
 from typing import Any
 
-from lfm_edge.mobile_app.app.tools import battery
-from lfm_edge.runtime.chat import ChatTemplate, function_schema
-from lfm_edge.runtime.chat_cli import calculator, current_time
+from lfm_edge.runtime.demo_tools import calculator, current_time
+from lfm_edge.runtime.templates import ChatTemplate
 
 CALL_START, CALL_END = "<|tool_call_start|>", "<|tool_call_end|>"
+
+
+# The app's battery tool (mobile_app/app/tools.py) as function_schema renders it: data here, since demo_model/ may
+# not import the app (lfm_edge/layers.py); tests/test_demo_tools.py holds the two equal.
+BATTERY_SCHEMA: dict[str, Any] = {"type": "function", "function": {
+    "name": "battery", "description": "The device's battery charge and whether it is charging.",
+    "parameters": {"type": "object", "properties": {}}, "return": {"type": "object"}}}
 
 
 def get_weather(city: str) -> dict:
@@ -45,9 +50,6 @@ def get_weather(city: str) -> dict:
 def held_out_number(n: int) -> bool:
     """Operands kept out of the training questions (the tool test asks with them)."""
     return n >= 10 and n % 11 == 5
-
-
-HELD_OUT_NUMBER = held_out_number
 
 # --- tool schemas, as apps and the OpenAI-compatible server offer them ---------------------------------------------
 
@@ -85,8 +87,7 @@ OTHER_SCHEMAS: list[Any] = [
                                       "parameters": {"type": "object", "properties": {
                                           "minutes": {"type": "integer"}}, "required": ["minutes"]}}},
 ]
-TOOL_FUNCTIONS: dict[str, Callable[..., Any]] = {"calculator": calculator, "current_time": current_time,
-                                                 "battery": battery, "get_weather": get_weather}
+TOOL_NAMES = ("calculator", "current_time", "battery", "get_weather")  # the tools a chat's assistant calls
 
 # --- training phrasings and values ------------------------------------------------------------------------------------
 
@@ -230,7 +231,7 @@ def _heading(text: str) -> str:
 def _tools_for(rng: random.Random, needed: str | None, offer_needed: bool = True) -> list[Any]:
     """A shuffled list of one to four tool schemas; `needed` is in it when offer_needed, else kept out."""
     pool = {"calculator": CALCULATOR_SCHEMAS, "get_weather": WEATHER_SCHEMAS, "current_time": [current_time],
-            "battery": [battery]}
+            "battery": [BATTERY_SCHEMA]}
     names = [n for n in pool if n != needed]
     rng.shuffle(names)
     chosen = names[: rng.randint(0 if offer_needed and needed else 1, 3)]
@@ -321,7 +322,7 @@ def make_chat(rng: random.Random, docs: list[str]) -> tuple[list[dict[str, str]]
         earlier = _plain_turns(rng, docs) if rng.random() < 0.5 or not tools else None
         if earlier is None:
             names = [(t.get("function", t) if isinstance(t, dict) else {"name": t.__name__})["name"] for t in tools]
-            callable_names = [n for n in names if n in TOOL_FUNCTIONS]
+            callable_names = [n for n in names if n in TOOL_NAMES]
             earlier = _tool_turns(rng.choice(callable_names), rng)[1] if callable_names else _plain_turns(rng, docs)
         turns = earlier + turns
     system = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
@@ -343,6 +344,3 @@ def render_with_spans(template: ChatTemplate, messages: list[dict[str, str]], to
         spans.append((start, end))
     return text, spans
 
-
-def schemas_of(tools: list[Any] | None) -> list[dict[str, Any]]:
-    return [function_schema(t) if callable(t) else t for t in tools or []]

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, Lfm2MoeConfig, Lfm2MoeForCausalLM
 
+from lfm_edge.runtime.templates import ChatTemplate
+
 try:  # run as a script (python demo_model/train.py) or imported as lfm_edge.demo_model.train
     import tool_chats
 except ImportError:
@@ -139,8 +141,6 @@ def encode_docs(tok: Tokenizer, docs: list[str]) -> torch.Tensor:
 def build_chats(tok: Tokenizer, docs: list[str], count: int, seed: int) -> list[tuple[list[int], list[int]]]:
     """`count` synthetic tool chats as (token ids, labels): ids as the runtime renders and tokenizes the chat
     (LfmModel.prompt_ids), labels = ids on the assistant's own tokens, IGNORE elsewhere."""
-    from lfm_edge.runtime.chat import ChatTemplate
-
     template = ChatTemplate(CHAT_TEMPLATE, {"bos_token": "<|startoftext|>", "eos_token": "<|im_end|>",
                                             "pad_token": "<|pad|>"})
     rng, chats = random.Random(seed), []

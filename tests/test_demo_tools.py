@@ -7,16 +7,14 @@ import math
 import re
 
 import pytest
+from shared_bundles import demo_bundle
 
 from lfm_edge.demo_model import tool_chats
-from lfm_edge.export.cli import demo_model_path
-from lfm_edge.export.exporter import export
 from lfm_edge.mobile_app.app.tools import battery
-from lfm_edge.runtime.chat_cli import calculator, current_time
-from lfm_edge.runtime.engine import LfmModel
+from lfm_edge.runtime import LfmModel, function_schema
+from lfm_edge.runtime.demo_tools import calculator, current_time
 
-DEMO = demo_model_path()
-HIT_RATE = 0.8  # of PROMPTS answered right (fp32)
+HIT_RATE = 0.8  # of PROMPTS answered right
 CALL_START = "<|tool_call_start|>"
 
 
@@ -92,9 +90,9 @@ def hit_rate(model: LfmModel) -> tuple[float, list[str]]:
     return 1 - len(misses) / len(PROMPTS), misses
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return LfmModel(export(DEMO, tmp_path_factory.mktemp("demo_tools") / "fp32", ops="contrib", quant="fp32").bundle)
+@pytest.fixture(scope="module", params=["fp32", "int4"])
+def model(request, tmp_path_factory):
+    return LfmModel(demo_bundle(tmp_path_factory.getbasetemp(), request.param))
 
 
 def test_the_prompts_are_held_out():
@@ -114,6 +112,10 @@ def test_the_prompts_are_held_out():
             frame = question
             assert question not in small_talk
         assert frame not in frames, frame
+
+
+def test_the_battery_schema_trained_on_is_the_apps():
+    assert tool_chats.BATTERY_SCHEMA == function_schema(battery)
 
 
 def test_the_demo_model_calls_the_right_tool_on_held_out_prompts(model):
