@@ -162,6 +162,17 @@ def _city_name(rng: random.Random) -> str:
     return name if rng.random() < 0.85 else f"{name} {rng.choice(['City', 'Bay', 'Falls', 'Springs'])}"
 
 
+def random_name(rng: random.Random) -> str:
+    """A made-up name of 4-11 letters, consonants and vowels mostly alternating ("Rotuvekka"): any letters, so it
+    tokenizes into pieces the training cities do not (train.py's --echo-letters rows copy it)."""
+    vowels, consonants = "aeiou", "bcdfghklmnprstvwyz"
+    vowel, letters = rng.random() < 0.3, []
+    for _ in range(rng.randint(4, 11)):
+        letters.append(rng.choice(vowels if vowel else consonants))
+        vowel = vowel if rng.random() < 0.2 else not vowel
+    return "".join(letters).capitalize()
+
+
 def _operand(rng: random.Random) -> str:
     while True:
         r = rng.random()

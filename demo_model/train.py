@@ -35,7 +35,7 @@ from pydoc_data.topics import topics
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, Lfm2MoeConfig, Lfm2MoeForCausalLM
 
 from lfm_edge.runtime.templates import ChatTemplate
@@ -52,8 +52,9 @@ SPECIAL_TOKENS = [
 ]  # fmt: skip
 PAD, BOS, EOT, IM_END = 0, 1, 2, 7
 VOCAB_SIZE, SEQ_LEN, BATCH, HELDOUT_MAX_CHARS = 3000, 128, 16, 60_000
-# a chat is one row of at most CHAT_LEN tokens; IGNORE: a label not trained on
-CHAT_LEN, IGNORE = 512, -100
+# a chat is one row of at most CHAT_LEN tokens (of 1,000 chats drawn, the longest had 790: five tool schemas);
+# IGNORE: a label not trained on
+CHAT_LEN, IGNORE = 800, -100
 # LFM2-style ChatML: bos, optional system prompt (+ tool list), one block per message.
 CHAT_TEMPLATE = r"""{{- bos_token -}}
 {%- set ns = namespace(system_prompt="") -%}
@@ -88,15 +89,25 @@ def build_corpus() -> tuple[list[str], str]:
 
 
 def train_tokenizer(docs: list[str]) -> Tokenizer:
-    """Byte-level BPE; LFM2's special tokens get ids 0..15; every encoding starts with bos."""
+    """Byte-level BPE (GPT-2's split); LFM2's special tokens get ids 0..15; every encoding starts with bos.
+
+    No token mixes spaces with anything else: the merges are learned on GPT-2's pieces with their runs of spaces
+    cut off ("Ġ" + "Halifax", not "ĠHalifax"), so a word has the same tokens after a space as after a quote. The
+    tool calls copy a city or an expression from the question (`... in Halifax?` -> `city="Halifax"`), and a
+    two-attention-layer model learns a token-for-token copy, not the spelling of "ĠHal" as "Hal". The saved
+    pre-tokenizer is plain GPT-2 ByteLevel (llama.cpp's `gpt-2`, so GGUF export names it): with no merge across a
+    space, BPE on GPT-2's pieces gives the same tokens as on the cut pieces."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([byte_level, pre_tokenizers.Split(Regex("Ġ+"), "isolated")])
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(docs, trainer=trainer)
+    tok.pre_tokenizer = byte_level
+    assert not [t for t in tok.get_vocab() if "Ġ" in t and t.strip("Ġ")], "a token mixes spaces with text"
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     bos = [("<|startoftext|>", BOS)]
     tok.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A", special_tokens=bos)
@@ -188,20 +199,24 @@ def dropout_hook(rate: list[float], module: torch.nn.Module, _inputs: tuple, out
     return (F.dropout(out[0], p, on), *out[1:]) if isinstance(out, tuple) else F.dropout(out, p, on)
 
 
-def echo_rows(tok: Tokenizer, words: list[str], rows: int, rng: random.Random, cities: float = 0.0
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def echo_rows(tok: Tokenizer, words: list[str], rows: int, rng: random.Random, cities: float = 0.0,
+              letters: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Copying rows, framed as chats: the user writes a short text (words of the pydoc text, an invented city, an
     arithmetic expression), the assistant writes it back once and ends its turn; trained on the copy and its
     <|im_end|>. A tool call copies the expression or the city from the question, and the pydoc text and the chats
     alone did not make the model learn to copy (it called get_weather(city="Bello") whatever city was asked).
-    Half of the texts follow a space in the user's turn, so the model also learns that " Lisbon" (tokens
-    "ĠL", "is", ...) is written "Lisbon" ("L", "is", ...) after `city="`. Earlier versions repeated random token
+    Half of the texts follow a space in the user's turn, as a city or an expression does in a question (the same
+    tokens after a space as after `city="`: train_tokenizer). Earlier versions repeated random token
     spans many times in a plain row: the model learned to repeat in documents too ("The listThe list...").
-    A share `cities` of the rows is one city name after a space instead (the weather calls' copy)."""
+    A share `cities` of the rows is one city name after a space instead (the weather calls' copy), and a share
+    `letters` one made-up name of any letters (tool_chats.random_name): held-out cities ("Halifax": H al if a x)
+    are made of pieces the training cities rarely have, and the model cut them short or looped in them."""
     encoded = []
     for _ in range(rows):
-        pieces, space = [], None  # random draws in the order of the runs without `cities` (same rows for 0.0)
-        if cities and rng.random() < cities:
+        pieces, space = [], None  # random draws in the order of the runs without them (same rows for 0.0)
+        if letters and rng.random() < letters:
+            pieces, space = [tool_chats.random_name(rng)], True
+        elif cities and rng.random() < cities:
             pieces, space = [tool_chats._city_name(rng)], True
         for _ in range(0 if pieces else rng.randint(1, 3)):
             kind = rng.random()
@@ -242,6 +257,8 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=0, help="also save the model to OUT/step-N every N steps")
     parser.add_argument("--echo-cities", type=float, default=0.0, help="share of the copying rows that are one "
                         "city name after a space")
+    parser.add_argument("--echo-letters", type=float, default=0.0, help="share of the copying rows that are one "
+                        "made-up name of any letters after a space")
     parser.add_argument("--chats", type=int, default=12_000, help="synthetic tool chats in the pool")
     parser.add_argument("--chat-batch", type=int, default=None, help="chats per step (default: 4 for the demo, "
                         "0 for the quality model, which is trained on pydoc alone)")
@@ -315,7 +332,7 @@ def main() -> None:
             chat_loss = model(input_ids=ids, labels=labels).loss
         if args.copy_batch:
             rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
-            ids, labels = echo_rows(tok, words, args.copy_batch, rng, args.echo_cities)
+            ids, labels = echo_rows(tok, words, args.copy_batch, rng, args.echo_cities, args.echo_letters)
             copy_loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         (loss + chat_loss + copy_loss).backward()
