@@ -8,12 +8,12 @@ Deterministic for a given seed.
     nice -n 10 python demo_model/train.py --steps 1500 --seed 0 --chat-batch 0 --copy-batch 0
 
 The shipped weights are the pydoc-only recipe (``--chat-batch 0 --copy-batch 0``). The tool stage, work in
-progress (README: Tool calls), starts from them (``--init``) and mixes the tool chats and the echo rows into the
-pydoc batches:
+progress (README: Tool calls), starts from a pydoc-only model (``--init``) and mixes the tool chats and the echo
+rows into the pydoc batches; its latest runs use a tokenizer that keeps spaces apart from words (``--spaces-apart``):
 
-    nice -n 19 python demo_model/train.py --chat-batch 0 --copy-batch 0 --out build/demo-stage1
-    nice -n 19 python demo_model/train.py --init build/demo-stage1 --out build/demo-tools --steps 1000 --lr 2e-3 \
-        --warmup 20 --save-every 200
+    nice -n 19 python demo_model/train.py --spaces-apart --chat-batch 0 --copy-batch 0 --out build/demo-stage1
+    nice -n 19 python demo_model/train.py --spaces-apart --init build/demo-stage1 --out build/demo-tools \
+        --steps 800 --lr 2e-3 --warmup 20 --save-every 100
 
 ``--preset quality`` trains the demo's wider sibling, the model quantization quality is compared on: every
 weight row a multiple of 256 (hidden 256, expert size 256, dense intermediate 768), so llama.cpp's K-quants
@@ -88,18 +88,20 @@ def build_corpus() -> tuple[list[str], str]:
     return train, heldout[:HELDOUT_MAX_CHARS]
 
 
-def train_tokenizer(docs: list[str]) -> Tokenizer:
+def train_tokenizer(docs: list[str], spaces_apart: bool = False) -> Tokenizer:
     """Byte-level BPE (GPT-2's split); LFM2's special tokens get ids 0..15; every encoding starts with bos.
 
-    No token mixes spaces with anything else: the merges are learned on GPT-2's pieces with their runs of spaces
-    cut off ("Ġ" + "Halifax", not "ĠHalifax"), so a word has the same tokens after a space as after a quote. The
-    tool calls copy a city or an expression from the question (`... in Halifax?` -> `city="Halifax"`), and a
-    two-attention-layer model learns a token-for-token copy, not the spelling of "ĠHal" as "Hal". The saved
-    pre-tokenizer is plain GPT-2 ByteLevel (llama.cpp's `gpt-2`, so GGUF export names it): with no merge across a
-    space, BPE on GPT-2's pieces gives the same tokens as on the cut pieces."""
+    `spaces_apart`: no token mixes spaces with anything else. The merges are learned on GPT-2's pieces with their
+    runs of spaces cut off ("Ġ" + "Halifax", not "ĠHalifax"), so a word has the same tokens after a space as after
+    a quote: the tool calls copy a city or an expression from the question (`... in Halifax?` ->
+    `city="Halifax"`), token for token instead of spelling "ĠHal" as "Hal" (README: Tool calls). The saved
+    pre-tokenizer is plain GPT-2 ByteLevel either way (llama.cpp's `gpt-2`, so GGUF export names it): with no
+    merge across a space, BPE on GPT-2's pieces gives the same tokens as on the cut pieces. About 1.5x the tokens
+    of the default for the same text."""
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([byte_level, pre_tokenizers.Split(Regex("Ġ+"), "isolated")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([byte_level, pre_tokenizers.Split(Regex("Ġ+"), "isolated")]) \
+        if spaces_apart else byte_level
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
@@ -107,7 +109,7 @@ def train_tokenizer(docs: list[str]) -> Tokenizer:
     )
     tok.train_from_iterator(docs, trainer=trainer)
     tok.pre_tokenizer = byte_level
-    assert not [t for t in tok.get_vocab() if "Ġ" in t and t.strip("Ġ")], "a token mixes spaces with text"
+    assert not spaces_apart or not [t for t in tok.get_vocab() if "Ġ" in t and t.strip("Ġ")], "a space mixed in"
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     bos = [("<|startoftext|>", BOS)]
     tok.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A", special_tokens=bos)
@@ -205,9 +207,10 @@ def echo_rows(tok: Tokenizer, words: list[str], rows: int, rng: random.Random, c
     arithmetic expression), the assistant writes it back once and ends its turn; trained on the copy and its
     <|im_end|>. A tool call copies the expression or the city from the question, and the pydoc text and the chats
     alone did not make the model learn to copy (it called get_weather(city="Bello") whatever city was asked).
-    Half of the texts follow a space in the user's turn, as a city or an expression does in a question (the same
-    tokens after a space as after `city="`: train_tokenizer). Earlier versions repeated random token
-    spans many times in a plain row: the model learned to repeat in documents too ("The listThe list...").
+    Half of the texts follow a space in the user's turn, as a city or an expression does in a question, so the
+    model also learns that " Lisbon" (tokens "ĠL", "is", ...) is written "Lisbon" ("L", "is", ...) after `city="`
+    (with --spaces-apart: "Ġ", "L", "is", ... and the same tokens after `city="`). Earlier versions repeated random
+    token spans many times in a plain row: the model learned to repeat in documents too ("The listThe list...").
     A share `cities` of the rows is one city name after a space instead (the weather calls' copy), and a share
     `letters` one made-up name of any letters (tool_chats.random_name): held-out cities ("Halifax": H al if a x)
     are made of pieces the training cities rarely have, and the model cut them short or looped in them."""
@@ -259,6 +262,8 @@ def main() -> None:
                         "city name after a space")
     parser.add_argument("--echo-letters", type=float, default=0.0, help="share of the copying rows that are one "
                         "made-up name of any letters after a space")
+    parser.add_argument("--spaces-apart", action="store_true", help="a tokenizer with no token that mixes a space "
+                        "with text (train_tokenizer); a stage started with --init must use the same")
     parser.add_argument("--chats", type=int, default=12_000, help="synthetic tool chats in the pool")
     parser.add_argument("--chat-batch", type=int, default=None, help="chats per step (default: 4 for the demo, "
                         "0 for the quality model, which is trained on pydoc alone)")
@@ -273,7 +278,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     train_docs, heldout = build_corpus()
-    tok = train_tokenizer(train_docs)
+    tok = train_tokenizer(train_docs, args.spaces_apart)
     if args.init:  # the model's token ids must mean what they meant when it was trained
         if Tokenizer.from_file(str(args.init / "tokenizer.json")).to_str() != tok.to_str():
             raise SystemExit(f"{args.init}: its tokenizer is not the one this script trains")
