@@ -5,20 +5,22 @@ Corpus: ``pydoc_data.topics.topics`` (shipped with CPython, PSF license). Every 
 (tool_chats.py), rendered with the runtime's chat template, trained on what the assistant writes.
 Deterministic for a given seed.
 
-    nice -n 10 python demo_model/train.py --steps 1500 --seed 0 --chat-batch 0 --copy-batch 0
-
-The shipped weights are the pydoc-only recipe (``--chat-batch 0 --copy-batch 0``). The tool stage, work in
-progress (README: Tool calls), starts from a pydoc-only model (``--init``) and mixes the tool chats and the echo
-rows into the pydoc batches; its latest runs use a tokenizer that keeps spaces apart from words (``--spaces-apart``):
+The shipped weights call the demo tools (README: Tool calls). Three runs, each from the one before (``--init``): a
+pydoc-only model, then the tool stage, which mixes the tool chats and the echo rows into the pydoc batches, then
+a short stage with echo rows of city names and made-up names. All use a tokenizer that keeps spaces apart from
+words (``--spaces-apart``), so a tool call copies a city or an expression from the question token for token:
 
     nice -n 19 python demo_model/train.py --spaces-apart --chat-batch 0 --copy-batch 0 --out build/demo-stage1
-    nice -n 19 python demo_model/train.py --spaces-apart --init build/demo-stage1 --out build/demo-tools \
-        --steps 800 --lr 2e-3 --warmup 20 --save-every 100
+    nice -n 19 python demo_model/train.py --spaces-apart --init build/demo-stage1 --out build/demo-stage2 \
+        --steps 800 --lr 2e-3 --warmup 20
+    nice -n 19 python demo_model/train.py --spaces-apart --init build/demo-stage2 --out demo_model \
+        --steps 300 --lr 1e-3 --warmup 10 --echo-cities 0.3 --echo-letters 0.4
 
 ``--preset quality`` trains the demo's wider sibling, the model quantization quality is compared on: every
 weight row a multiple of 256 (hidden 256, expert size 256, dense intermediate 768), so llama.cpp's K-quants
 (Q4_K, Q3_K, Q2_K: 256-wide super-blocks) apply to every tensor instead of falling back to other formats.
-It is rebuilt, not shipped (about 40 MB):
+It is rebuilt, not shipped (about 40 MB), with the default tokenizer (the pydoc-only demo's before the tool stage)
+and its pydoc-only recipe:
 
     nice -n 10 python demo_model/train.py --preset quality --out build/quality-model --steps 1000 --threads 2
 """
