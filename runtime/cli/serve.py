@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if not _loopback(args.host):
         print(f"lfm-serve: warning: listening on {args.host}: other machines can reach this model"
               + ("" if args.api_key else " with no API key (--api-key)"), file=sys.stderr)
-    options = ServeOptions(model_id=args.model_id or Path(args.bundle).resolve().name, api_key=args.api_key,
+    options = ServeOptions(model_id=args.model_id or Path(os.path.abspath(args.bundle)).name, api_key=args.api_key,
                            state_bytes=int(args.state_mb * (1 << 20)), queue=args.queue)
     print(f"lfm-serve: {options.model_id} at http://{args.host}:{args.port}/v1 "
           f"({model.session.provider_choice.providers[0]}; {model.session.prepack.message()})", file=sys.stderr)
