@@ -30,7 +30,9 @@ from .backend import capacity_for, kv_row_bytes
 from .constrain import ToolChoice
 from .events import Done, Event, ToolRun
 from .generate import Generation, GenerationStats
+from .memory import release_free_heap
 from .prefixcache import PrefixEntry
+from .pressure import TrimLevel
 from .sampling import Sampling
 from .schemas import function_schema, tool_schema
 from .statefile import StateFileError
@@ -164,6 +166,9 @@ class Conversation:
         self._tokens: list[int] = []  # the token ids whose state the cache holds
         self._lock = threading.Lock()
         self._saves = threading.Lock()  # saves queue behind each other
+        track = getattr(model, "track", None)
+        if track is not None:
+            track(self)  # LfmModel.trim_memory reaches this conversation
 
     # --- what the app calls --------------------------------------------------------------------------------
 
@@ -284,6 +289,41 @@ class Conversation:
         conv = sum(2 * cache.batch * h * k * np.dtype(cache.conv_dtype[i]).itemsize
                    for i, (h, k) in self.model.session.state.conv.items())
         return kv + conv + self.snapshots.nbytes
+
+    def trim_memory(self, level: TrimLevel | int | str = TrimLevel.COMPLETE) -> int:
+        """Release what this conversation holds only to save time (runtime/pressure.py): from BACKGROUND on,
+        its snapshots (the live state stays: appending to it costs nothing, an edit of the history re-prefills
+        from the start or the prefix cache), at COMPLETE also the KV rows its buffers hold beyond those in use
+        (the next turn grows them again). The model's prefix cache is LfmModel.trim_memory's. Skipped (0) while
+        the conversation generates or saves. Returns the bytes released."""
+        freed = self._trim(TrimLevel.of(level))
+        if freed:
+            release_free_heap()
+        return freed
+
+    def _trim(self, level: TrimLevel) -> int:
+        if not self._lock.acquire(blocking=False):
+            return 0
+        try:
+            freed = 0
+            if level >= TrimLevel.BACKGROUND:
+                freed += self.snapshots.nbytes
+                self.snapshots.items.clear()
+            if level >= TrimLevel.COMPLETE and self._cache is not None:
+                freed += self._cache.shrink()
+            return freed
+        finally:
+            self._lock.release()
+
+    @property
+    def trimmable_bytes(self) -> int:
+        """What `trim_memory(COMPLETE)` would release now: the snapshots and the unused KV rows."""
+        cache = self._cache
+        unused = 0
+        if cache is not None and self.model.session.share_buffer:
+            unused = (cache.capacity - cache.length) * kv_row_bytes(self.model.session.state.kv, cache.batch,
+                                                                    cache.kv_dtype)
+        return self.snapshots.nbytes + unused
 
     @property
     def state_bytes(self) -> int:
