@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import persist
+from . import journal, persist
 from .backend import capacity_for, kv_row_bytes
 from .constrain import ToolChoice
 from .events import Done, Event, ToolRun
@@ -166,6 +166,8 @@ class Conversation:
         self._tokens: list[int] = []  # the token ids whose state the cache holds
         self._lock = threading.Lock()
         self._saves = threading.Lock()  # saves queue behind each other
+        self.partial: dict[str, Any] | None = None  # an answer cut short, loaded from a file (continue_answer)
+        self._journal: journal.Writer | None = None  # autosave's checkpoints
         track = getattr(model, "track", None)
         if track is not None:
             track(self)  # LfmModel.trim_memory reaches this conversation
@@ -190,14 +192,58 @@ class Conversation:
         LfmModel.stream does (response_format, reasoning_budget, constrain_tools, tool_choice as there); the
         answer joins `messages`. Runs when iterated."""
         with self._busy():
+            self.partial = None  # a partial answer left as it is stays a message (marked "partial")
             if content is not None:
                 self.messages.append({"role": "user", "content": content} if isinstance(content, str)
                                      else dict(content))
             done = yield from self._answer(sampling, max_new_tokens, stop, cancel, allow_special_tokens,
                                            (response_format, reasoning_budget, constrain_tools, tool_choice))
-            self.messages.append({"role": "assistant", "content": done.raw})
-            if self.prepare_next and not done.tool_calls and done.stats.stopped != "cancelled":
-                self._prepare(allow_special_tokens)  # after Done reached the caller: off the next turn's path
+            self._answered(done, allow_special_tokens)
+
+    def continue_answer(self, *, sampling: Sampling | None = None, cancel: threading.Event | None = None,
+                        response_format: Any = None, constrain_tools: bool | None = None,
+                        tool_choice: str | Mapping[str, Any] | ToolChoice = "auto") -> Iterator[Event]:
+        """Continue the answer an interrupted process left (`partial`, loaded from an autosaved file): the events
+        of what follows, as `send` streams them, then a Done for the whole answer, which replaces the partial
+        message. Greedy, the answer is token for token the one the interrupted process would have given; a
+        sampled one continues with a fresh random state. `response_format`, `constrain_tools` and `tool_choice`
+        are not saved: pass them again if the answer had them."""
+        with self._busy():
+            partial = self.partial
+            if partial is None or self._cache is None or not self.messages or not self.messages[-1].get("partial"):
+                raise ValueError("no partial answer to continue (continue_answer follows a load of a conversation "
+                                 "whose answer was cut short: see `partial`)")
+            p = partial["prompt_length"]
+            prompt, before = self._tokens[:p], self._tokens[p:] + [partial["pending"]]
+            constraint = self.model.constraint(prompt, self.schemas or None, response_format,
+                                               partial["reasoning_budget"], constrain_tools, tool_choice)
+            for token in before if constraint is not None else ():  # the constraint's state after those tokens
+                constraint.mask()
+                constraint.advance(token)
+            self.messages.pop()
+            self.partial = None
+            generation = Generation(self.model.session, [prompt + before], partial["max_new_tokens"] - len(before),
+                                    sampling or self.model.default_sampling(), prefill_chunk=self.prefill_chunk,
+                                    cancel=cancel, cache=self._cache, constraints=[constraint])
+            done = yield from self._generate(generation, prompt, before, partial["stop"], response_format,
+                                             partial["reasoning_budget"], partial["allow_special_tokens"])
+            self._answered(done, partial["allow_special_tokens"])
+
+    def autosave(self, path: str | Path | None, every_tokens: int = 32, every_seconds: float = 2.0) -> None:
+        """Keep `path` up to date while answers are generated, so that a process killed at any moment loses
+        at most the last interval: the conversation's state is appended to a journal beside the file
+        (journal.py) when an answer starts, every `every_tokens` tokens or `every_seconds` seconds of it, and
+        when it ends; the file itself is rewritten (atomically) only when the state rolled back before it or the
+        journal outgrew it. `load` applies the journal; an answer cut short is then the last message, marked
+        `"partial": True`, and `continue_answer` finishes it. None turns autosave off."""
+        with self._busy():
+            self._journal = None if path is None else journal.Writer(Path(path), every_tokens, every_seconds)
+
+    @property
+    def autosave_error(self) -> str:
+        """Why the last checkpoint could not be written ("" when it was, or autosave is off); the next answer
+        tries again."""
+        return self._journal.error if self._journal is not None else ""
 
     def say(self, content: str | Mapping[str, Any] | None = None, **kwargs: Any) -> Done:
         """`send`, returning the Done at once."""
@@ -235,13 +281,21 @@ class Conversation:
         the previous file or the new one, never half of either). Returns the file's size in bytes. Raises
         ConversationBusy while a turn generates; concurrent saves wait for each other."""
         with self._busy(saving=True):
-            cache = self._cache
-            saved = persist.Saved(self.messages, self.schemas, self.template_vars, self.tokens, self.started,
-                                  self.settings, [s.length for s in self.snapshots.items])
-            if cache is None:
-                return persist.save(Path(path), saved, self.model.identity, {}, {}, [])
-            return persist.save(Path(path), saved, self.model.identity, cache.kv_rows(), cache.conv_state(),
-                                [s.conv for s in self.snapshots.items])
+            size = self._write(Path(path), self.tokens, self.partial)
+            writer = self._journal
+            if writer is not None and Path(path).resolve() == writer.base.resolve():
+                self._journal_started(size, self.tokens)  # the journal follows the new file
+            return size
+
+    def _write(self, path: Path, tokens: list[int], answer: dict[str, Any] | None) -> int:
+        """Save the state, which holds `tokens`, to `path` (the caller holds the conversation)."""
+        cache = self._cache
+        saved = persist.Saved(self.messages, self.schemas, self.template_vars, tokens, self.started,
+                              self.settings, [s.length for s in self.snapshots.items], answer=answer)
+        if cache is None:
+            return persist.save(path, saved, self.model.identity, {}, {}, [])
+        return persist.save(path, saved, self.model.identity, cache.kv_rows(), cache.conv_state(),
+                            [s.conv for s in self.snapshots.items])
 
     @classmethod
     def load(cls, model: LfmModel, path: str | Path, tools: Mapping[str, Callable[..., Any]] | None = None,
@@ -250,24 +304,42 @@ class Conversation:
         StateFileError names the file and what is wrong when it is damaged, edited, from another bundle or
         from a newer lfm-edge; `options` override the saved settings."""
         path, session = Path(path), model.session
-        saved = persist.load(path, model.identity, session.state, session.vocab_size, session.context_length)
+        eos = session.eos_token_ids
+        saved = persist.load(path, model.identity, session.state, session.vocab_size, session.context_length, eos)
         try:
             conv = cls(model, None, tools if tools is not None else saved.tools,
                        template_vars=saved.template_vars, **(saved.settings | options))
         except ValueError as e:  # a setting out of range
             raise StateFileError(f"{path}: settings: {e}") from None
         conv.messages, conv.schemas = saved.messages, saved.tools  # as saved: the rendering must be the same
-        conv.started = saved.started
-        if not saved.length:
+        conv.started, conv.partial = saved.started, saved.answer
+        if not saved.length and not journal.path_for(path).exists():
             return conv
         need = min(session.context_length, max(1 << max(saved.length, 1).bit_length(), conv.reserve))
         cache = session.new_cache(1, need)
-        kv, state, snapshots = persist.state_arrays(path, saved, session.state, cache.conv_dtype, cache.kv_dtype)
-        cache.set_kv_rows(kv, saved.length)
-        cache.set_conv_state(state)
+        if saved.length:
+            kv, state, snapshots = persist.state_arrays(path, saved, session.state, cache.conv_dtype, cache.kv_dtype)
+        else:
+            kv, state, snapshots = cache.kv_rows(), cache.conv_state(), []
         for at, snapshot in zip(saved.snapshot_lengths, snapshots, strict=True):
             conv.snapshots.add(Snapshot(at, snapshot))
-        conv._cache, conv._tokens = cache, saved.tokens
+        records = journal.read(journal.path_for(path), saved.checksum, saved.length, session.state, cache.conv_dtype,
+                               cache.kv_dtype, session.vocab_size, session.context_length, eos)
+        now = journal.replay(saved.tokens, kv, state, records)
+        for at, snapshot in now.snapshots:
+            conv.snapshots.drop_after(at)
+            conv.snapshots.add(Snapshot(at, snapshot))
+        if records:
+            conv.messages, conv.partial = list(now.messages or conv.messages), now.answer
+        if conv.partial is not None and not (conv.messages and conv.messages[-1].get("partial")):
+            answer = now.tokens[conv.partial["prompt_length"]:] + [conv.partial["pending"]]
+            conv.messages.append({"role": "assistant", "content": model.tokenizer.decode(answer,
+                                  skip_special_tokens=False), "partial": True})
+        if not now.tokens:
+            return conv
+        cache.set_kv_rows(now.kv, len(now.tokens))
+        cache.set_conv_state(now.conv)
+        conv._cache, conv._tokens = cache, now.tokens
         return conv
 
     @property
@@ -396,9 +468,20 @@ class Conversation:
                                 prefill_chunk=self.prefill_chunk, cancel=cancel, cache=self._cache, cuts=wanted,
                                 on_prefill=on_prefill, constraints=[constraint])
         self._tokens = list(prompt[:self._cache.length])
+        self._checkpoint(self._tokens, None, start=True)  # the new message is in the file before anything runs
+        return (yield from self._generate(generation, prompt, [], stop, response_format, reasoning_budget,
+                                          allow_special_tokens))
+
+    def _generate(self, generation: Generation, prompt: list[int], before: list[int], stop: Sequence[str],
+                  response_format: Any, reasoning_budget: int | None, allow_special_tokens: bool) -> Iterator[Event]:
+        """Run `generation` (its prompt: `prompt` and the answer's tokens `before` it) over the state; the state
+        follows what was fed, and autosave checkpoints the answer as it grows."""
+        if self._journal is not None:
+            generation.on_decode = self._checkpointer(generation, prompt, before, stop, reasoning_budget,
+                                                      allow_special_tokens)
         done = None
         try:
-            for event in model.events(generation, prompt, stop, response_format):
+            for event in self.model.events(generation, prompt, stop, response_format, before):
                 done = event
                 yield event
         except GeneratorExit:  # the caller stopped listening: the state stays what was fed
@@ -408,11 +491,68 @@ class Conversation:
             raise
         finally:
             if self._cache is not None:
-                fed = list(prompt) + generation.new_tokens[0]
+                fed = list(generation.prompts[0]) + generation.new_tokens[0]
                 self._tokens = fed[:self._cache.length]
                 self.snapshots.add(Snapshot(self._cache.length, self._cache.conv_state()))
                 self.stats.append(generation.stats)
         return done
+
+    def _answered(self, done: Done, allow_special_tokens: bool) -> None:
+        """An answer ended: it joins the messages, the next turn is prepared, the file follows."""
+        self.messages.append({"role": "assistant", "content": done.raw})
+        if self.prepare_next and not done.tool_calls and done.stats.stopped != "cancelled":
+            self._prepare(allow_special_tokens)  # after Done reached the caller: off the next turn's path
+        self._checkpoint(self._tokens, None, start=True)
+
+    # --- autosave (journal.py) -----------------------------------------------------------------------------
+
+    def _checkpoint(self, tokens: list[int], answer: dict[str, Any] | None, start: bool = False) -> None:
+        """Append the state (the cache holds `tokens`) to the autosave journal; at the start and the end of an
+        answer (`start`: with the messages) the file is rewritten instead when the journal cannot extend it or
+        has outgrown it. A failure is kept in `autosave_error`, never raised into the answer."""
+        writer = self._journal
+        if writer is None or self._cache is None and tokens:
+            return
+        try:
+            known = writer.tokens
+            keep = -1 if known is None else len(known) if tokens[:len(known)] == known else common_prefix(known, tokens)
+            if keep < writer.base_length or start and writer.size > max(writer.base_size, 1 << 20):
+                self._journal_started(self._write(writer.base, tokens, answer), tokens)
+                return
+            kv = self._cache.kv_rows(keep) if self._cache is not None else {}
+            conv = self._cache.conv_state() if self._cache is not None else {}
+            writer.append(journal.Record(keep, tokens[keep:], kv, conv, list(self.messages) if start else None,
+                                         answer))
+            writer.error = ""
+        except (OSError, ValueError) as e:
+            writer.error, writer.tokens = str(e), None  # the next checkpoint rewrites the file
+
+    def _journal_started(self, size: int, tokens: list[int]) -> None:
+        writer = self._journal
+        try:
+            writer.started(size, tokens)
+        except (OSError, StateFileError) as e:
+            writer.error, writer.tokens = str(e), None
+
+    def _checkpointer(self, generation: Generation, prompt: list[int], before: list[int], stop: Sequence[str],
+                      reasoning_budget: int | None, allow_special_tokens: bool) -> Callable[[Any], None]:
+        """Generation's on_decode: a checkpoint every so many tokens or seconds. The state then holds the prompt
+        and the answer but its last token (sampled, not yet fed: `pending`). The answer's last token (an end
+        token, max_new_tokens, a cancel) is not checkpointed: the turn's end follows at once."""
+        writer, eos = self._journal, set(self.model.session.eos_token_ids)
+        total = len(before) + generation.max_new_tokens
+        last = [len(before), time.monotonic()]
+
+        def on_decode(cache: Any) -> None:
+            answer = before + generation.new_tokens[0]
+            if answer[-1] in eos or len(answer) >= total or generation.cancel.is_set() or \
+                    len(answer) - last[0] < writer.every_tokens and time.monotonic() - last[1] < writer.every_seconds:
+                return
+            last[:] = [len(answer), time.monotonic()]
+            self._checkpoint(prompt + answer[:-1], {
+                "prompt_length": len(prompt), "pending": answer[-1], "max_new_tokens": total, "stop": list(stop),
+                "reasoning_budget": reasoning_budget, "allow_special_tokens": allow_special_tokens})
+        return on_decode
 
     def _prepare(self, allow_special_tokens: bool) -> None:
         """Bring the state to the tokens every next user turn starts with: rendered with two different user

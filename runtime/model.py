@@ -196,24 +196,33 @@ class LfmModel:
                                       constrain_tools, tool_choice=tool_choice)
 
     def events(self, generation: Generation, prompt: Sequence[int], stop: Sequence[str] = (),
-               response_format: Any = None) -> Iterator[Event]:
-        """Run `generation` over `prompt`, as typed events; the last one is Done."""
+               response_format: Any = None, replay: Sequence[int] = ()) -> Iterator[Event]:
+        """Run `generation` over `prompt`, as typed events; the last one is Done. `replay`: tokens of the answer
+        generated before (an answer continued after an interruption): they count in Done, without events."""
         parser = StreamParser(start_in_reasoning=self.in_reasoning(prompt))
         decoder = IncrementalDecoder(self.tokenizer)
         text, reasoning, calls, tokens = [], [], [], []
         eos = set(self.session.eos_token_ids)
         stopped_by_string = False
-        for (token,) in generation:
-            if token is None:
-                continue
+
+        def add(token: int) -> Iterator[Event]:
             tokens.append(token)
             if token in eos:
-                continue
+                return
             delta = decoder.add(token)
-            if not delta:
-                continue
-            for event in parser.feed(delta):
+            for event in parser.feed(delta) if delta else ():
                 yield from self._record(event, text, reasoning, calls)
+
+        for token in replay:
+            for _ in add(token):
+                pass
+        if stop and any(s in "".join(text) for s in stop):  # the replayed answer had already stopped
+            stopped_by_string = True
+            generation.cancel.set()
+        for (token,) in generation:
+            if token is None or stopped_by_string:
+                continue
+            yield from add(token)
             if stop and any(s in "".join(text) for s in stop):
                 stopped_by_string = True
                 generation.cancel.set()
