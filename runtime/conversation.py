@@ -167,7 +167,8 @@ class Conversation:
         self._lock = threading.Lock()
         self._saves = threading.Lock()  # saves queue behind each other
         self.partial: dict[str, Any] | None = None  # an answer cut short, loaded from a file (continue_answer)
-        self._journal: journal.Writer | None = None  # autosave's checkpoints
+        self._journal: journal.Autosave | None = None  # autosave's checkpoints
+        self._found: tuple | None = None  # the journal this conversation was loaded from (load)
         track = getattr(model, "track", None)
         if track is not None:
             track(self)  # LfmModel.trim_memory reaches this conversation
@@ -237,7 +238,13 @@ class Conversation:
         journal outgrew it. `load` applies the journal; an answer cut short is then the last message, marked
         `"partial": True`, and `continue_answer` finishes it. None turns autosave off."""
         with self._busy():
-            self._journal = None if path is None else journal.Writer(Path(path), every_tokens, every_seconds)
+            self._journal = None if path is None else journal.Autosave(Path(path), every_tokens, every_seconds)
+            if self._journal is not None and self._found is not None and self._found[0] == Path(path).resolve():
+                try:
+                    self._journal.adopt(*self._found[1:])  # no rewrite of the file: records follow the last one
+                except (OSError, StateFileError) as e:
+                    self._journal.error = str(e)  # the first checkpoint rewrites the file
+            self._found = None
 
     @property
     def autosave_error(self) -> str:
@@ -284,7 +291,7 @@ class Conversation:
             size = self._write(Path(path), self.tokens, self.partial)
             writer = self._journal
             if writer is not None and Path(path).resolve() == writer.base.resolve():
-                self._journal_started(size, self.tokens)  # the journal follows the new file
+                writer.follow(size, self.tokens)  # the journal follows the new file
             return size
 
     def _write(self, path: Path, tokens: list[int], answer: dict[str, Any] | None) -> int:
@@ -323,9 +330,12 @@ class Conversation:
             kv, state, snapshots = cache.kv_rows(), cache.conv_state(), []
         for at, snapshot in zip(saved.snapshot_lengths, snapshots, strict=True):
             conv.snapshots.add(Snapshot(at, snapshot))
-        records = journal.read(journal.path_for(path), saved.checksum, saved.length, session.state, cache.conv_dtype,
-                               cache.kv_dtype, session.vocab_size, session.context_length, eos)
+        found = journal.read(journal.path_for(path), saved.checksum, saved.length, session.state, cache.conv_dtype,
+                             cache.kv_dtype, session.vocab_size, session.context_length, eos)
+        records = found.records
         now = journal.replay(saved.tokens, kv, state, records)
+        if found.end:  # autosave to this file continues this journal
+            conv._found = (path.resolve(), found, saved.checksum, saved.length, list(now.tokens))
         for at, snapshot in now.snapshots:
             conv.snapshots.drop_after(at)
             conv.snapshots.add(Snapshot(at, snapshot))
@@ -468,7 +478,8 @@ class Conversation:
                                 prefill_chunk=self.prefill_chunk, cancel=cancel, cache=self._cache, cuts=wanted,
                                 on_prefill=on_prefill, constraints=[constraint])
         self._tokens = list(prompt[:self._cache.length])
-        self._checkpoint(self._tokens, None, start=True)  # the new message is in the file before anything runs
+        if self._journal is not None:  # the new message is in the file before anything runs
+            self._journal.checkpoint(self, self._tokens, None, start=True)
         return (yield from self._generate(generation, prompt, [], stop, response_format, reasoning_budget,
                                           allow_special_tokens))
 
@@ -477,8 +488,8 @@ class Conversation:
         """Run `generation` (its prompt: `prompt` and the answer's tokens `before` it) over the state; the state
         follows what was fed, and autosave checkpoints the answer as it grows."""
         if self._journal is not None:
-            generation.on_decode = self._checkpointer(generation, prompt, before, stop, reasoning_budget,
-                                                      allow_special_tokens)
+            generation.on_decode = self._journal.checkpointer(self, generation, prompt, before, stop,
+                                                              reasoning_budget, allow_special_tokens)
         done = None
         try:
             for event in self.model.events(generation, prompt, stop, response_format, before):
@@ -502,57 +513,8 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": done.raw})
         if self.prepare_next and not done.tool_calls and done.stats.stopped != "cancelled":
             self._prepare(allow_special_tokens)  # after Done reached the caller: off the next turn's path
-        self._checkpoint(self._tokens, None, start=True)
-
-    # --- autosave (journal.py) -----------------------------------------------------------------------------
-
-    def _checkpoint(self, tokens: list[int], answer: dict[str, Any] | None, start: bool = False) -> None:
-        """Append the state (the cache holds `tokens`) to the autosave journal; at the start and the end of an
-        answer (`start`: with the messages) the file is rewritten instead when the journal cannot extend it or
-        has outgrown it. A failure is kept in `autosave_error`, never raised into the answer."""
-        writer = self._journal
-        if writer is None or self._cache is None and tokens:
-            return
-        try:
-            known = writer.tokens
-            keep = -1 if known is None else len(known) if tokens[:len(known)] == known else common_prefix(known, tokens)
-            if keep < writer.base_length or start and writer.size > max(writer.base_size, 1 << 20):
-                self._journal_started(self._write(writer.base, tokens, answer), tokens)
-                return
-            kv = self._cache.kv_rows(keep) if self._cache is not None else {}
-            conv = self._cache.conv_state() if self._cache is not None else {}
-            writer.append(journal.Record(keep, tokens[keep:], kv, conv, list(self.messages) if start else None,
-                                         answer))
-            writer.error = ""
-        except (OSError, ValueError) as e:
-            writer.error, writer.tokens = str(e), None  # the next checkpoint rewrites the file
-
-    def _journal_started(self, size: int, tokens: list[int]) -> None:
-        writer = self._journal
-        try:
-            writer.started(size, tokens)
-        except (OSError, StateFileError) as e:
-            writer.error, writer.tokens = str(e), None
-
-    def _checkpointer(self, generation: Generation, prompt: list[int], before: list[int], stop: Sequence[str],
-                      reasoning_budget: int | None, allow_special_tokens: bool) -> Callable[[Any], None]:
-        """Generation's on_decode: a checkpoint every so many tokens or seconds. The state then holds the prompt
-        and the answer but its last token (sampled, not yet fed: `pending`). The answer's last token (an end
-        token, max_new_tokens, a cancel) is not checkpointed: the turn's end follows at once."""
-        writer, eos = self._journal, set(self.model.session.eos_token_ids)
-        total = len(before) + generation.max_new_tokens
-        last = [len(before), time.monotonic()]
-
-        def on_decode(cache: Any) -> None:
-            answer = before + generation.new_tokens[0]
-            if answer[-1] in eos or len(answer) >= total or generation.cancel.is_set() or \
-                    len(answer) - last[0] < writer.every_tokens and time.monotonic() - last[1] < writer.every_seconds:
-                return
-            last[:] = [len(answer), time.monotonic()]
-            self._checkpoint(prompt + answer[:-1], {
-                "prompt_length": len(prompt), "pending": answer[-1], "max_new_tokens": total, "stop": list(stop),
-                "reasoning_budget": reasoning_budget, "allow_special_tokens": allow_special_tokens})
-        return on_decode
+        if self._journal is not None:
+            self._journal.checkpoint(self, self._tokens, None, start=True)
 
     def _prepare(self, allow_special_tokens: bool) -> None:
         """Bring the state to the tokens every next user turn starts with: rendered with two different user

@@ -31,7 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ FORMAT, VERSION = "lfm-edge journal", 1
 HEADER_MAGIC, RECORD_MAGIC = b"LFMJ", b"LFMR"
 RECORD_PREFIX = struct.Struct("<4sIQ")
 MAX_JSON = 64 << 20
+MAX_RECORD_OVERHEAD = 64 << 10  # a record's JSON and framing, per token, in the size limit of a journal
 
 
 def path_for(base: Path) -> Path:
@@ -78,6 +80,17 @@ class Writer:
         self.digest = b""
         self.error = ""  # why the last write failed ("" when none did)
 
+    def adopt(self, found: Found, checksum: str, base_length: int, tokens: Sequence[int]) -> None:
+        """Continue the journal `read` found for this base (a conversation loaded from it autosaves to it
+        again): its unfinished last write, if any, is cut off, and records follow the last good one. OSError when
+        the base is no longer the file it was read from."""
+        if statefile.read_document(self.base).get(statefile.CHECKSUM) != checksum:
+            raise OSError(f"{self.base}: saved again since it was loaded")
+        with open(self.path, "r+b") as f:
+            f.truncate(found.end)
+        self.size, self.digest, self.tokens = found.end, found.digest, list(tokens)
+        self.base_length, self.base_size = base_length, self.base.stat().st_size
+
     def started(self, base_size: int, tokens: Sequence[int]) -> None:
         """The base file was just written (`base_size` bytes, holding `tokens`): start a journal for it."""
         checksum = statefile.read_document(self.base).get(statefile.CHECKSUM)
@@ -98,43 +111,114 @@ class Writer:
             doc["messages"] = record.messages
         doc["answer"] = record.answer
         text = json.dumps(doc, separators=(",", ":")).encode()
-        data = b"".join(np.ascontiguousarray(a).tobytes() for a in _arrays(record.kv, record.conv))
-        prefix = RECORD_PREFIX.pack(RECORD_MAGIC, len(text), len(data))
-        digest = hashlib.sha256(self.digest + prefix + text + data).digest()
-        blob = prefix + text + data + digest
+        data = [np.ascontiguousarray(a).tobytes() for a in _arrays(record.kv, record.conv)]
+        prefix = RECORD_PREFIX.pack(RECORD_MAGIC, len(text), sum(len(d) for d in data))
+        h = hashlib.sha256(self.digest + prefix + text)
+        for d in data:
+            h.update(d)
+        digest = h.digest()
         with open(self.path, "r+b") as f:
             try:
                 f.seek(self.size)
-                f.write(blob)
+                for piece in (prefix, text, *data, digest):
+                    f.write(piece)
                 f.flush()
+                end = f.tell()
             except BaseException:
                 f.truncate(self.size)  # never a torn record with more after it
                 raise
-        self.size += len(blob)
-        self.digest = digest
+        self.size, self.digest = end, digest
         self.tokens = self.tokens[:record.start] + list(record.tokens)
+
+
+class Autosave(Writer):
+    """When a conversation checkpoints (Conversation.autosave), over a Writer. A failure to write is kept in
+    `error`, never raised into the answer; the next checkpoint then rewrites the file."""
+
+    def checkpoint(self, conv: Any, tokens: list[int], answer: dict[str, Any] | None, start: bool = False) -> None:
+        """Append `conv`'s state (its cache holds `tokens`); at the start and the end of an answer (`start`: with
+        the messages) the file is rewritten instead when the journal cannot extend it or has outgrown it."""
+        cache = conv._cache
+        if cache is None and tokens:
+            return
+        try:
+            known = self.tokens
+            keep = -1 if known is None else len(known) if tokens[:len(known)] == known else _common(known, tokens)
+            if keep < self.base_length or start and self.size > max(self.base_size, 1 << 20):
+                self.follow(conv._write(self.base, tokens, answer), tokens)
+                return
+            kv = cache.kv_rows(keep) if cache is not None else {}
+            state = cache.conv_state() if cache is not None else {}
+            self.append(Record(keep, tokens[keep:], kv, state, list(conv.messages) if start else None, answer))
+            self.error = ""
+        except (OSError, ValueError) as e:
+            self.error, self.tokens = str(e), None
+
+    def follow(self, size: int, tokens: list[int]) -> None:
+        """The base file was rewritten (`size` bytes, holding `tokens`): a new journal for it."""
+        try:
+            self.started(size, tokens)
+            self.error = ""
+        except (OSError, StateFileError) as e:
+            self.error, self.tokens = str(e), None
+
+    def checkpointer(self, conv: Any, generation: Any, prompt: list[int], before: list[int], stop: Sequence[str],
+                     reasoning_budget: int | None, allow_special_tokens: bool) -> Callable[[Any], None]:
+        """Generation's on_decode: a checkpoint every so many tokens or seconds. The state then holds the prompt
+        and the answer but its last token (sampled, not yet fed: `pending`). The answer's last token (an end
+        token, max_new_tokens, a cancel) is not checkpointed: the turn's end follows at once."""
+        eos = set(conv.model.session.eos_token_ids)
+        total = len(before) + generation.max_new_tokens
+        last = [len(before), time.monotonic()]
+
+        def on_decode(cache: Any) -> None:
+            answer = before + generation.new_tokens[0]
+            if answer[-1] in eos or len(answer) >= total or generation.cancel.is_set() or \
+                    len(answer) - last[0] < self.every_tokens and time.monotonic() - last[1] < self.every_seconds:
+                return
+            last[:] = [len(answer), time.monotonic()]
+            self.checkpoint(conv, prompt + answer[:-1], {
+                "prompt_length": len(prompt), "pending": answer[-1], "max_new_tokens": total, "stop": list(stop),
+                "reasoning_budget": reasoning_budget, "allow_special_tokens": allow_special_tokens})
+        return on_decode
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((n for n, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _arrays(kv: dict[int, tuple[np.ndarray, np.ndarray]], conv: dict[int, np.ndarray]) -> list[np.ndarray]:
     return [a for i in sorted(kv) for a in kv[i]] + [conv[i] for i in sorted(conv)]
 
 
+@dataclass
+class Found:
+    """A journal as read: its good records, where the last one ends and its digest (a writer continues there)."""
+
+    records: list[Record]
+    end: int = 0
+    digest: bytes = b""
+
+
 def read(path: Path, base_checksum: str, base_length: int, state: StateSpec, conv_dtype: dict[int, Any],
-         kv_dtype: dict[int, Any], vocab_size: int, context_length: int, eos: Sequence[int]) -> list[Record]:
-    """The records of the journal at `path` for the base whose checksum and length are given; [] when there is
-    no journal or it belongs to another base. StateFileError for a damaged or edited one."""
+         kv_dtype: dict[int, Any], vocab_size: int, context_length: int, eos: Sequence[int]) -> Found:
+    """The records of the journal at `path` for the base whose checksum and length are given; none when there
+    is no journal or it belongs to another base. StateFileError for a damaged or edited one."""
+    # the largest journal this model can write: a base's worth, and a record per token of the context
+    limit = persist.size_limit(state, context_length) + context_length * (
+        sum(h * k * 4 for h, k in state.conv.values()) + MAX_RECORD_OVERHEAD)
     try:
-        with open_regular(path, None) as f:
+        with open_regular(path, limit) as f:
             raw = f.read()
     except FileNotFoundError:
-        return []
+        return Found([])
     except OSError as e:
         raise StateFileError(f"{path}: cannot read ({describe(e)})") from None
     if len(raw) < 8 or raw[:4] != HEADER_MAGIC:
         raise StateFileError(f"{path}: not a journal of lfm-edge")
     (n,) = struct.unpack_from("<I", raw, 4)
     if 8 + n + 32 > len(raw):
-        return []  # its header was never completely written: the journal was being replaced (stale)
+        return Found([])  # its header was never completely written: the journal was being replaced (stale)
     text, digest = raw[8:8 + n], raw[8 + n:8 + n + 32]
     if hashlib.sha256(text).digest() != digest:
         raise StateFileError(f"{path}: its header does not match its checksum")
@@ -147,7 +231,7 @@ def read(path: Path, base_checksum: str, base_length: int, state: StateSpec, con
     if header.get("version") != VERSION:
         raise StateFileError(f"{path}: journal version {header.get('version')!r:.20}, this lfm-edge reads {VERSION}")
     if header.get("base") != base_checksum:
-        return []  # written for another save of the base: stale
+        return Found([])  # written for another save of the base: stale
     if header.get("base_length") != base_length:
         raise StateFileError(f"{path}: field 'base_length' is {header.get('base_length')!r:.20}, the base holds "
                              f"{base_length} tokens")
@@ -175,7 +259,7 @@ def read(path: Path, base_checksum: str, base_length: int, state: StateSpec, con
         length = record.start + len(record.tokens)
         records.append(record)
         offset = end
-    return records
+    return Found(records, offset, digest)
 
 
 def _record(where: str, text: bytes, data: bytes, length: int, base_length: int, state: StateSpec,
@@ -199,7 +283,7 @@ def _record(where: str, text: bytes, data: bytes, length: int, base_length: int,
                              f"context length {context_length}")
     messages = doc.get("messages")
     if messages is not None:
-        persist.check_messages(f"{where}: field 'messages'", messages)
+        persist.check_messages(where, messages)
     answer = doc.get("answer")
     if answer is not None:
         answer = persist.check_answer(f"{where}: field 'answer'", answer, start + len(tokens), vocab_size, eos)

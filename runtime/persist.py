@@ -101,7 +101,7 @@ def load(path: Path, identity: str, state: StateSpec, vocab_size: int, context_l
         raise StateFileError(f"{path}: saved with another bundle (fingerprint {str(doc.get('bundle'))[:12]}..., "
                              f"this bundle is {identity[:12]}...): its state is meaningless here")
     fields = _Fields(path, doc)
-    messages = check_messages(f"{path}: field 'messages'", doc.get("messages"))
+    messages = check_messages(str(path), doc.get("messages"))
     tools = fields.list("tools", 4096)
     for n, tool in enumerate(tools):
         try:
@@ -148,14 +148,17 @@ ANSWER_FIELDS = {"prompt_length": int, "pending": int, "max_new_tokens": int, "s
 
 
 def check_messages(where: str, messages: Any) -> list[dict[str, Any]]:
-    """A document's messages: a list of objects with a string 'role'; StateFileError starting with `where`."""
+    """A document's messages: a list of objects with a string 'role'; StateFileError starting with `where` (the
+    file, or the file and its record)."""
     if not isinstance(messages, list):
-        raise StateFileError(f"{where} must be a list, found {messages!r:.60}")
+        raise StateFileError(f"{where}: field 'messages' must be a list, found {messages!r:.60}")
     if len(messages) > MAX_MESSAGES:
-        raise StateFileError(f"{where} holds {len(messages):,} items, at most {MAX_MESSAGES:,} expected")
+        raise StateFileError(f"{where}: field 'messages' holds {len(messages):,} items, at most {MAX_MESSAGES:,} "
+                             "expected")
     for n, message in enumerate(messages):
         if not isinstance(message, dict) or type(message.get("role")) is not str:
-            raise StateFileError(f"{where}[{n}] must be an object with a string 'role', found {message!r:.60}")
+            raise StateFileError(f"{where}: messages[{n}] must be an object with a string 'role', found "
+                                 f"{message!r:.60}")
     return messages
 
 

@@ -195,3 +195,24 @@ def test_answer_fields_are_checked(tmp_path):
                           ({"pending": True}, "pending has the wrong type"), ({"extra": 1}, "must be an object")]:
         with pytest.raises(StateFileError, match=words):
             persist.check_answer("f: field 'answer'", good | change, 15, 100, [7])
+
+
+def test_a_loaded_conversation_keeps_appending_to_its_journal(bundle, reference, tmp_path):
+    """Killed twice in one answer: the second process continues the first one's journal (the file itself is
+    not rewritten) and the third still finishes the answer exactly."""
+    model = LfmModel(bundle, threads=1)
+    path = tmp_path / "chat.safetensors"
+    _, running = _interrupted(model, path, every=2, events=6)
+    running.close()
+    base = path.stat()
+    first = model.load_conversation(path)
+    first.autosave(path, every_tokens=2)
+    cut = len(first.tokens)
+    continuing = first.continue_answer()
+    for _ in range(10):
+        next(continuing)
+    assert path.stat().st_mtime_ns == base.st_mtime_ns and path.stat().st_ino == base.st_ino
+    second = model.load_conversation(path)
+    assert second.partial is not None and len(second.tokens) >= cut + 8
+    assert _finish(model, path, reference) == "partial"
+    continuing.close()

@@ -59,6 +59,7 @@ class LfmApp(App):
         downloads = self.downloads_dir or Path(self.user_data_dir) / "bundles"
         self.conversation_file = self.conversation_file or Path(self.user_data_dir) / "conversation.safetensors"
         self.chat = ChatController(post, max_new_tokens=self.max_new_tokens)
+        self.chat.autosave = self.conversation_file  # answers in progress survive a kill (runtime autosave)
         self.chat_screen = ChatScreen(self.chat, busy=lambda: self.busy("chat"))
         # the benchmark measures the model the chat holds: a second session of the same bundle would double
         # the app's memory (10 GB for LFM2.5-8B-A1B)

@@ -88,6 +88,7 @@ class ChatController:
         self.system = system
         self.reasoning_budget: int | None = None  # one of THINKING
         self.model: LfmModel | None = None
+        self.autosave: Path | None = None  # where the conversation checkpoints while it answers (the app's file)
         self.loading = ""  # what the app says while a model loads in the background ("" when none does)
         self.conversation: Conversation | None = None  # the messages and the state that matches them
         self.items: list[Item] = []
@@ -113,7 +114,13 @@ class ChatController:
             raise RuntimeError("a chat turn is running: cancel it first")
         self.items.clear()
         self.conversation = self.model.conversation(self.system, self.tools) if self.model is not None else None
+        self._autosave()
         self._changed(None)
+
+    def _autosave(self) -> None:
+        """An answer being generated when the app is killed is in the file (Conversation.autosave)."""
+        if self.conversation is not None and self.autosave is not None:
+            self.conversation.autosave(self.autosave)
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -142,6 +149,7 @@ class ChatController:
         except (StateFileError, ValueError) as e:
             return str(e)
         self.items = transcript(self.conversation.messages)
+        self._autosave()
         self._changed(None)
         return None
 
@@ -292,6 +300,8 @@ def transcript(messages: list[dict[str, Any]]) -> list[Item]:
                 elif isinstance(event, ToolCallEvent):
                     cards += [ToolCard(c.name, dict(c.arguments)) for c in event.calls]
             bubble.text, bubble.reasoning = bubble.text.strip(), bubble.reasoning.strip()
+            if message.get("partial"):  # cut short when the app was killed (Conversation.autosave)
+                bubble.footer = "interrupted: the app was closed while this answer was written"
             items += ([bubble] if bubble.text or bubble.reasoning else []) + cards
         elif role == "tool":
             card = next((i for i in items if isinstance(i, ToolCard) and i.result is None and not i.error), None)
