@@ -216,3 +216,27 @@ def test_a_loaded_conversation_keeps_appending_to_its_journal(bundle, reference,
     assert second.partial is not None and len(second.tokens) >= cut + 8
     assert _finish(model, path, reference) == "partial"
     continuing.close()
+
+
+def test_the_app_shows_a_cut_answer_and_finishes_it(bundle, reference, tmp_path):
+    """The chat controller restores the file a killed app left: the answer so far, marked; Send with no text
+    finishes it into the same bubble, exactly."""
+    from test_mobile_app_logic import UiQueue
+
+    from lfm_edge.mobile_app.app.transcript import IDLE, ChatController
+
+    model = LfmModel(bundle, threads=1)
+    path = tmp_path / "chat.safetensors"
+    _interrupted(model, path, every=2, events=7)[1].close()
+    ui = UiQueue()
+    chat = ChatController(ui.post, tools={}, max_new_tokens=MAX_NEW, system=SYSTEM)
+    chat.autosave = path
+    chat.set_model(model)
+    assert chat.restore(path) is None
+    bubble = chat.items[-1]
+    assert bubble.role == "assistant" and bubble.footer.startswith("interrupted") and bubble.text
+    assert chat.send("") is None
+    ui.run_until(lambda: chat.state == IDLE and chat.wait(0))
+    assert chat.items[-1] is bubble and not bubble.footer.startswith("interrupted")
+    assert chat.conversation.messages == reference[1] and chat.conversation.partial is None
+    assert chat.send("") == "nothing to send"
