@@ -276,11 +276,13 @@ class Conversation:
         with self._busy():
             if to_turn < len(users):
                 del self.messages[users[to_turn]:]
+                self.partial = None  # (a partial answer is the last message)
 
     def reset(self) -> None:
         """Forget every turn (the system message stays) and free the state."""
         with self._busy():
             self.messages = [m for m in self.messages[:1] if m.get("role") == "system"]
+            self.partial = None
             self._drop_state()
 
     def save(self, path: str | Path) -> int:

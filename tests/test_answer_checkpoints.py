@@ -240,3 +240,21 @@ def test_the_app_shows_a_cut_answer_and_finishes_it(bundle, reference, tmp_path)
     assert chat.items[-1] is bubble and not bubble.footer.startswith("interrupted")
     assert chat.conversation.messages == reference[1] and chat.conversation.partial is None
     assert chat.send("") == "nothing to send"
+
+
+def test_checkpoints_by_time_and_a_rewound_partial_answer(bundle, reference, tmp_path):
+    model = LfmModel(bundle, threads=1)
+    path = tmp_path / "chat.safetensors"
+    conv = model.conversation(system=SYSTEM)
+    conv.autosave(path, every_tokens=10_000, every_seconds=1e-9)  # every token, by the clock
+    running = conv.send(QUESTIONS[0], max_new_tokens=MAX_NEW)
+    for _ in range(6):
+        next(running)
+    loaded = model.load_conversation(path)
+    assert len(loaded.tokens) - loaded.partial["prompt_length"] == 5  # a checkpoint at each of tokens 1..6
+    assert _finish(model, path, reference) == "partial"
+    running.close()
+    loaded.rewind(0)
+    assert loaded.partial is None and loaded.messages == [{"role": "system", "content": SYSTEM}]
+    with pytest.raises(ValueError, match="no partial answer"):
+        next(loaded.continue_answer())
