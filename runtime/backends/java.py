@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -364,3 +365,33 @@ def _close_all(res: SimpleNamespace) -> None:
         t.close()
     res.tensors.clear()
     res.direct.clear()
+
+
+def watch_trim_memory(callback: Callable[[int], None], activity: Any = None) -> Any:
+    """Call `callback(level)` on Android's onTrimMemory(level) (ComponentCallbacks2's TRIM_MEMORY_* values;
+    onLowMemory as 80, TRIM_MEMORY_COMPLETE), through a ComponentCallbacks2 registered on the app's activity
+    (python-for-android's PythonActivity by default). The callback runs on Android's main thread. Returns the
+    registered object: keep it referenced (pyjnius drops a collected one) and pass it to
+    `activity.unregisterComponentCallbacks` to stop. runtime/pressure.py maps the levels."""
+    from jnius import PythonJavaClass, autoclass, java_method  # pyjnius: on Android only
+
+    class TrimCallbacks(PythonJavaClass):
+        __javainterfaces__ = ["android/content/ComponentCallbacks2"]
+        __javacontext__ = "app"
+
+        @java_method("(I)V")
+        def onTrimMemory(self, level: int) -> None:  # noqa: N802 (Java's name)
+            callback(int(level))
+
+        @java_method("()V")
+        def onLowMemory(self) -> None:  # noqa: N802
+            callback(80)
+
+        @java_method("(Landroid/content/res/Configuration;)V")
+        def onConfigurationChanged(self, config: Any) -> None:  # noqa: N802
+            pass
+
+    watcher = TrimCallbacks()
+    activity = activity or autoclass("org.kivy.android.PythonActivity").mActivity
+    activity.registerComponentCallbacks(watcher)
+    return watcher
