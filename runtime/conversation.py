@@ -169,9 +169,7 @@ class Conversation:
         self.partial: dict[str, Any] | None = None  # an answer cut short, loaded from a file (continue_answer)
         self._journal: journal.Autosave | None = None  # autosave's checkpoints
         self._found: tuple | None = None  # the journal this conversation was loaded from (load)
-        track = getattr(model, "track", None)
-        if track is not None:
-            track(self)  # LfmModel.trim_memory reaches this conversation
+        model.track(self)  # LfmModel.trim_memory reaches this conversation
 
     # --- what the app calls --------------------------------------------------------------------------------
 
