@@ -98,6 +98,7 @@ def test_int8_cache_on_int4_weights_with_a_left_padded_batch(root):
            [generate(session, [p], 12, eos_token_ids=[])[0] for p in prompts]
 
 
+@pytest.mark.slow
 def test_onnxruntime_genai_runs_the_int8_cache_bundle(root):
     pytest.importorskip("onnxruntime_genai")
     from genai_greedy import genai_greedy
