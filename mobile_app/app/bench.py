@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm_edge.device_bench import roofline, speed
+from lfm_edge.device_bench import roofline, speed, sustained
 from lfm_edge.device_bench.measure import Metric
 from lfm_edge.runtime import backends
 
@@ -42,7 +42,8 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-Cancelled = speed.Cancelled  # what a cancelled `run_benchmark` raises
+Cancelled = speed.Cancelled  # what a cancelled `run_benchmark` or `run_sustained` raises
+SUSTAINED_MINUTES = 10.0  # the Sustained workload: long enough for a phone to heat and throttle
 
 
 @dataclass
@@ -249,3 +250,51 @@ def run_benchmark(bundle: Path, preset: Preset, progress: Callable[[int, int, st
     progress(total, total, "done")
     return add_roofline(summarize(metrics, bundle, preset, threads, app_load if session is not None else None),
                         bundle, bandwidth)
+
+
+@dataclass
+class SustainedReport:
+    """The Sustained workload's result (device_bench/sustained.py `run`): speed per window beside heat."""
+
+    bundle: str
+    minutes: float
+    threads: int
+    result: dict
+
+    @property
+    def summary(self) -> dict:
+        return self.result["summary"]
+
+    def headline(self) -> str:
+        s = self.summary
+        if not s["first_tps"] or not s["last_tps"]:
+            return "Sustained: too short to compare a first and a last stretch"
+        edge = "minute" if s["edge_s"] >= 60 else f"{s['edge_s']:.0f} s"
+        return (f"Sustained: last {edge} {s['last_tps']:.1f} tok/s, {s['last_over_first']:.2f}x the first "
+                f"({s['first_tps']:.1f})")
+
+    def rows(self) -> list[tuple[str, str]]:
+        s, windows = self.summary, self.result["windows"]
+        statuses = [w["platform_thermal_status"] for w in windows if w.get("platform_thermal_status")]
+        return [("Decoded", f"{s['decoded_tokens']:,} tokens in {s['duration_s']:.0f} s ({s['turns']} turns)"),
+                ("Overall decode", f"{s['overall_tps']:.1f} tok/s" if s["overall_tps"] else "n/a"),
+                ("Hottest thermal zone", f"{s['hottest_c']:.1f} °C" if s["hottest_c"] is not None else "not exposed"),
+                ("Thermal status (last)", statuses[-1] if statuses else "not exposed"),
+                ("Anonymous memory (last)", f"{windows[-1]['anonymous_mb']:.0f} MB" if windows else "n/a"),
+                ("Threads", str(self.threads))]
+
+    def missing_text(self) -> str:
+        missing = self.summary["missing_sensors"]
+        return ("Not exposed on this device (missing, not zero): " + "; ".join(missing)) if missing else ""
+
+
+def run_sustained(bundle: Path, session: Any, minutes: float = SUSTAINED_MINUTES,
+                  progress: Callable[[int, int, str], None] = lambda *a: None,
+                  cancel: threading.Event | None = None) -> SustainedReport:
+    """Blocking; call it from a worker thread. Decodes on the app's session for `minutes` (a set `cancel` stops it
+    with `Cancelled` within one step); `progress(done, total, message)` per window."""
+    threads = getattr(session, "threads", 0) or 1
+    result = sustained.run(session, minutes * 60, progress=lambda f, m: progress(int(f * 1000), 1000, m),
+                           cancel=cancel, threads=threads)
+    progress(1000, 1000, "done")
+    return SustainedReport(str(bundle), minutes, threads, result)

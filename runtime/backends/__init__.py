@@ -71,6 +71,26 @@ def open_session(bundle: str | Path, threads: int | None = None, backend: str = 
     return LfmSession(bundle, threads=threads, prepack_cache=prepack_cache, attention_kernel=attention_kernel)
 
 
+def thermal_status() -> str | None:
+    """The platform's thermal status where a phone backend can ask it (Android 10+: "none" ... "shutdown"; iOS:
+    "nominal" ... "critical"); None where it cannot (a desktop, a Python with onnxruntime's own binding, an older
+    Android): missing, which a benchmark reports as missing."""
+    try:
+        backend = choose()
+    except RuntimeError:
+        return None
+    if backend == "java":
+        from .java import thermal_status as status  # pyjnius: on Android only
+    elif backend == "objc":
+        from .objc import thermal_status as status  # pyobjus: on iOS only
+    else:
+        return None
+    try:
+        return status()
+    except Exception:  # noqa: BLE001 (an OS without the call, or a JVM/ObjC error: the reading is missing)
+        return None
+
+
 def release_thread() -> None:
     """Call at the end of a worker thread that ran a generation: pyjnius attaches each Python thread to the
     JVM on first use and the thread must detach before it exits (on Android an attached thread that exits

@@ -395,3 +395,18 @@ def watch_trim_memory(callback: Callable[[int], None], activity: Any = None) -> 
     activity = activity or autoclass("org.kivy.android.PythonActivity").mActivity
     activity.registerComponentCallbacks(watcher)
     return watcher
+
+
+ANDROID_THERMAL = ("none", "light", "moderate", "severe", "critical", "emergency", "shutdown")  # PowerManager
+
+
+def thermal_status(activity: Any = None) -> str:
+    """Android's thermal status (PowerManager.getCurrentThermalStatus, API 29+: THERMAL_STATUS_NONE ... SHUTDOWN)
+    as a word; the benchmark records it beside the temperatures /sys exposes."""
+    from jnius import autoclass, cast  # pyjnius: on Android only
+
+    activity = activity or autoclass("org.kivy.android.PythonActivity").mActivity
+    context = autoclass("android.content.Context")
+    power = cast("android.os.PowerManager", activity.getSystemService(context.POWER_SERVICE))
+    level = int(power.getCurrentThermalStatus())
+    return ANDROID_THERMAL[level] if 0 <= level < len(ANDROID_THERMAL) else f"status {level}"

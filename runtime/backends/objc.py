@@ -193,3 +193,15 @@ class ObjcCache(CacheBase):
             self.conv[i].reverse()
         self.kv.update(grown)
         return logits[:, -1:].copy()
+
+
+IOS_THERMAL = ("nominal", "fair", "serious", "critical")  # NSProcessInfoThermalState
+
+
+def thermal_status() -> str:
+    """iOS's thermal state (NSProcessInfo.processInfo.thermalState) as a word; the benchmark records it (iOS exposes
+    no temperatures to apps)."""
+    from pyobjus import autoclass  # pyobjus: on iOS only
+
+    level = int(autoclass("NSProcessInfo").processInfo().thermalState())
+    return IOS_THERMAL[level] if 0 <= level < len(IOS_THERMAL) else f"state {level}"
