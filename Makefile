@@ -47,3 +47,10 @@ display-deps:
 	else \
 		echo "note: the GUI test needs: apt-get install --no-install-recommends $$missing"; \
 	fi
+
+# arm64 correctness of the phone default: the --target android bundle must decode to the x86 greedy tokens
+# on arm64 onnxruntime under qemu (mobile_app/arm_check/README.md). Needs root; installs qemu-user-static,
+# debootstrap and binfmt-support with apt when missing; exits 2 (never skips) when it cannot run here.
+.PHONY: arm-check
+arm-check: install
+	ARMCHECK_PYTHON=$(abspath $(PY)) bash mobile_app/arm_check/run.sh
