@@ -43,13 +43,16 @@ mkdir -p "$WORK"
 cd "$WORK"
 
 # --- host tools --------------------------------------------------------------------------
+# debian-archive-keyring: debootstrap verifies the bookworm Release file with it (not installed on
+# Ubuntu by default); debootstrap's recommends bring gpgv and arch-test.
 if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null \
-  || ! command -v update-binfmts >/dev/null; then
-  command -v apt-get >/dev/null || cannot "needs qemu-user-static, debootstrap, binfmt-support (no apt-get here)"
-  log "installing qemu-user-static debootstrap binfmt-support"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $NICE apt-get install -y -qq --no-install-recommends \
-    qemu-user-static debootstrap binfmt-support >/dev/null
+  || ! command -v update-binfmts >/dev/null || [ ! -e /usr/share/keyrings/debian-archive-keyring.gpg ]; then
+  tools="qemu-user-static debootstrap binfmt-support debian-archive-keyring"
+  command -v apt-get >/dev/null || cannot "needs $tools (no apt-get here)"
+  log "installing $tools"
+  apt-get update -qq -o Acquire::Retries=3
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $NICE apt-get install -y -qq -o Acquire::Retries=3 $tools >/dev/null
 fi
 
 # The kernel must hand arm64 binaries to qemu: binfmt_misc with the qemu-aarch64 entry. A fresh VM
@@ -102,8 +105,13 @@ if [ "$(cat "$ROOTFS/.armcheck" 2>/dev/null)" != "$marker" ]; then
   log "building the arm64 $SUITE rootfs in $ROOTFS"
   unmount_all
   rm -rf --one-file-system "$ROOTFS"
-  $NICE debootstrap --arch=arm64 --foreign --variant=minbase --include=python3 "$SUITE" "$ROOTFS" "$MIRROR" \
-    >"$WORK/debootstrap.out" 2>&1 || { tail -20 "$WORK/debootstrap.out" >&2; cannot "debootstrap failed"; }
+  for attempt in 1 2; do  # a second try for a network hiccup on the mirror
+    $NICE debootstrap --arch=arm64 --foreign --variant=minbase --include=python3 "$SUITE" "$ROOTFS" "$MIRROR" \
+      >"$WORK/debootstrap.out" 2>&1 && break
+    tail -20 "$WORK/debootstrap.out" >&2
+    [ "$attempt" = 2 ] && cannot "debootstrap failed twice"
+    rm -rf --one-file-system "$ROOTFS"
+  done
   # debpaths: "package path-of-deb" for every downloaded package. --keep-directory-symlink keeps the
   # merged-/usr links (/lib -> usr/lib) that the first stage made, as debootstrap itself does.
   while read -r _ deb; do
