@@ -46,7 +46,7 @@ from .memory import available_memory
 
 __all__ = ["AFFINITY_KEY", "MARGIN", "Candidate", "ThreadChoice", "ThreadsCache", "Topology", "Trial", "affinity",
            "beats", "candidates", "check_cores", "choose", "decide", "default_cache_path", "device_key",
-           "device_topology", "incumbent", "measure", "read_topology"]
+           "device_topology", "incumbent", "measure", "read_topology", "sweep"]
 
 SYSFS_CPU = Path("/sys/devices/system/cpu")
 AFFINITY_KEY = "session.intra_op_thread_affinities"  # onnxruntime's session config entry
@@ -390,6 +390,19 @@ def choose(bundle: str | Path, open_candidate: Callable[[Candidate], Any], bundl
     known = cache.get(device, identity, topology) or _memo.get(key)
     if known is not None:
         return known, None
+    choice, last = sweep(bundle, open_candidate, bundle_threads, topology, steps, rounds, weights_bytes, margin)
+    if cache.put(device, identity, choice):
+        choice.cache_file = str(cache.path)
+    _memo[key] = choice
+    return choice, last
+
+
+def sweep(bundle: str | Path, open_candidate: Callable[[Candidate], Any], bundle_threads: int | None = None,
+          topology: Topology | None = None, steps: int = 4, rounds: int = 5, weights_bytes: int | None = None,
+          margin: float = MARGIN) -> tuple[ThreadChoice, Any]:
+    """Measure the candidates now (no cache: what lfm-bench reports) and decide. Returns the choice and, when the
+    chosen configuration's session was the last one opened, that session (else None)."""
+    topology = topology or device_topology()
     cands = candidates(topology, bundle_threads)
     if weights_bytes is None:
         weights_bytes = sum(p.stat().st_size for p in Path(bundle).iterdir() if p.name.startswith("model.onnx"))
@@ -399,13 +412,9 @@ def choose(bundle: str | Path, open_candidate: Callable[[Candidate], Any], bundl
     start = time.perf_counter()
     trials, last = measure(open_candidate, cands, steps, rounds, together)
     chosen, reason = decide(trials, incumbent(topology, bundle_threads), margin)
-    sweep = [{"threads": t.candidate.threads, "cores": list(t.candidate.cores), "label": t.candidate.label(),
+    table = [{"threads": t.candidate.threads, "cores": list(t.candidate.cores), "label": t.candidate.label(),
               "tokens_per_second": round(t.tokens_per_second, 2), "median_step_ms": round(t.median * 1e3, 3),
               "steps": len(t.step_seconds)} for t in trials]
-    choice = ThreadChoice(chosen.threads, chosen.cores, reason, topology.describe(), sweep, measured=True,
+    choice = ThreadChoice(chosen.threads, chosen.cores, reason, topology.describe(), table, measured=True,
                           seconds=time.perf_counter() - start)
-    if cache.put(device, identity, choice):
-        choice.cache_file = str(cache.path)
-    _memo[key] = choice
-    keep = last if last is not None and trials[-1].candidate == chosen else None
-    return choice, keep
+    return choice, (last if last is not None and trials[-1].candidate == chosen else None)

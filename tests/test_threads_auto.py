@@ -238,3 +238,36 @@ def test_an_explicit_count_is_kept_and_cores_are_pinned_as_onnxruntime_accepts(b
         LfmSession(bundle, threads=2, cores=(4096,))
     with pytest.raises(ValueError, match="expected a count, None or 'auto'"):
         LfmSession(bundle, threads="fast")
+
+
+@pytest.mark.slow  # 5 s: the benchmark's report and plot
+def test_lfm_bench_speed_reports_the_sweep_and_runs_with_the_choice(bundle, tmp_path):
+    from lfm_edge.device_bench import speed
+
+    out = tmp_path / "bench"
+    assert speed.main([str(bundle), "--sweep-threads", "--prompts", "16", "--depths", "0", "--decode", "8",
+                       "--runs", "1", "--peer", "none", "--bandwidth", "10", "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    sweep = result["threads_sweep"]
+    assert [s["threads"] for s in sweep["sweep"]] == [len(T.device_topology().cpus), 1][:len(sweep["sweep"])]
+    assert sweep["measured"] and sweep["cache_file"] is None  # a benchmark measures afresh, and keeps nothing
+    assert result["settings"]["threads"] == sweep["threads"] == result["device"]["threads"]
+    md = (out / "bench.md").read_text()
+    assert f"Threads (\"auto\", {sweep['topology']}): chose {sweep['label']}" in md
+    assert all(f"| {s['label']} | {s['tokens_per_second']:.1f} | {s['steps']} |" in md for s in sweep["sweep"])
+
+
+def test_the_benchmark_screen_shows_the_choice(bundle, tmp_path, monkeypatch):
+    from lfm_edge.mobile_app.app import bench
+
+    monkeypatch.setattr(T, "_memo", {})
+    session = LfmSession(bundle, threads="auto", threads_cache=tmp_path / "threads.json")
+    report = bench.run_benchmark(bundle, bench.PRESETS["quick"], session=session)
+    rows = dict(report.metric_rows())
+    choice = session.thread_choice
+    assert report.threads == choice.threads
+    assert rows["Threads"].startswith(f"{choice.threads} (auto, measured at load; tok/s: {choice.sweep[0]['label']} ")
+    # a choice from an earlier start, big cores pinned: said so
+    earlier = T.ThreadChoice(4, (4, 5, 6, 7), "", "8 CPUs", [], measured=False)
+    assert bench.thread_note(earlier) == "auto on CPUs 4,5,6,7, measured earlier on this device"
+    assert bench.thread_note(None) == ""
