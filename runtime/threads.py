@@ -27,6 +27,7 @@ everywhere (export/options.py TARGET_THREADS is a guess per platform).
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -46,7 +47,8 @@ from .memory import available_memory
 
 __all__ = ["AFFINITY_KEY", "MARGIN", "Candidate", "ThreadChoice", "ThreadsCache", "Topology", "Trial", "affinity",
            "beats", "candidates", "check_cores", "choose", "decide", "default_cache_path", "device_key",
-           "device_topology", "incumbent", "measure", "read_topology", "sweep"]
+           "device_topology", "incumbent", "measure", "read_topology", "sweep",
+           "threads_arg"]
 
 SYSFS_CPU = Path("/sys/devices/system/cpu")
 AFFINITY_KEY = "session.intra_op_thread_affinities"  # onnxruntime's session config entry
@@ -159,6 +161,19 @@ def check_cores(cores: Sequence[int]) -> None:
     if bad:
         raise ValueError(f"cores {list(cores)}: CPU {bad[0]} is not one this process may run on "
                          f"({sorted(allowed) if allowed is not None else 'ids start at 0'})")
+
+
+def threads_arg(text: str) -> int | str:
+    """argparse type of the CLIs' --threads: a positive count or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:  # argparse prints this message as it is
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive count or 'auto'")
+    return value
 
 
 def incumbent(topology: Topology, bundle_threads: int | None) -> Candidate:

@@ -271,3 +271,12 @@ def test_the_benchmark_screen_shows_the_choice(bundle, tmp_path, monkeypatch):
     earlier = T.ThreadChoice(4, (4, 5, 6, 7), "", "8 CPUs", [], measured=False)
     assert bench.thread_note(earlier) == "auto on CPUs 4,5,6,7, measured earlier on this device"
     assert bench.thread_note(None) == ""
+
+
+def test_the_clis_take_auto_or_a_positive_count():
+    import argparse
+
+    assert T.threads_arg("auto") == "auto" and T.threads_arg("3") == 3
+    for bad in ("0", "-1", "many"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a positive count or 'auto'"):
+            T.threads_arg(bad)
