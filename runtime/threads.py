@@ -269,6 +269,9 @@ def decide(trials: Sequence[Trial], default: Candidate, margin: float = MARGIN) 
                                 f"{base.median / best.median - 1:.0%} faster than the default {default.label()}")
     runner = min((t for t in trials if t is not base), key=lambda t: t.median, default=None)
     than = f"; fastest other: {runner.candidate.label()} at {runner.tokens_per_second:.1f}" if runner else ""
+    if runner is not None and runner.median <= base.median * (1 - margin):
+        than += (f" (median step {base.median / runner.median - 1:.0%} shorter, but the middle halves of the "
+                 f"step times overlap: noise)")
     return default, (f"the default {default.label()}: {base.tokens_per_second:.1f} tok/s, no candidate "
                      f"clearly faster (by {margin:.0%} and beyond the noise){than}")
 
