@@ -280,3 +280,27 @@ def test_the_clis_take_auto_or_a_positive_count():
     for bad in ("0", "-1", "many"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a positive count or 'auto'"):
             T.threads_arg(bad)
+
+
+def test_the_java_backend_measures_through_open_session_and_pins_through_its_options(bundle, tmp_path, monkeypatch):
+    """Android's path: open_session(threads="auto") measures through JavaSession and keeps the choice; `cores`
+    reach onnxruntime as the same config entry (the stand-ins of ai.onnxruntime build a real session from it)."""
+    from test_mobile_backends import java_stand_ins
+
+    from lfm_edge.runtime import backends
+    from lfm_edge.runtime.backends import java
+
+    monkeypatch.setattr(java, "java_classes", java_stand_ins)
+    monkeypatch.setattr(T, "_memo", {})
+    cache = tmp_path / "threads.json"
+    session = backends.open_session(bundle, threads="auto", backend="java", threads_cache=cache)
+    choice = session.thread_choice
+    assert isinstance(session, java.JavaSession) and choice.measured and cache.is_file()
+    assert session.threads == choice.threads and [s["steps"] for s in choice.sweep] == [20] * len(choice.sweep)
+    monkeypatch.setattr(T, "_memo", {})
+    again = backends.open_session(bundle, threads="auto", backend="java", threads_cache=cache)
+    assert again.thread_choice.measured is False and again.threads == choice.threads
+    cpus = tuple(sorted(os.sched_getaffinity(0)))[:2]
+    pinned = java.JavaSession(bundle, threads=2, cores=cpus, classes=java_stand_ins())
+    assert pinned._options.config[T.AFFINITY_KEY] == ",".join(str(c + 1) for c in cpus) and pinned.cores == cpus
+    assert pinned.new_cache(1, 8).step(np.array([[1, 6, 100]])).shape[-1] == pinned.vocab_size
