@@ -22,7 +22,9 @@ everywhere (export/options.py TARGET_THREADS is a guess per platform).
   otherwise one after the other.
 - **Cache** (`ThreadsCache`): a JSON file keyed by device (architecture, CPU name, topology) and bundle
   (bundle.bundle_identity); written atomically (files.py); a damaged, foreign or unreadable file is a miss, never
-  an error, and an entry naming CPUs this device does not have is ignored.
+  an error, and an entry naming CPUs this device does not have is ignored. A sweep during which other processes
+  used more than BUSY_LIMIT of the CPUs (/proc/stat, where readable) is "disturbed": its choice serves this
+  process, and the next starts measure again, up to DISTURBED_RETRIES sweeps.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +239,12 @@ class ThreadChoice:
     measured: bool
     seconds: float = 0.0  # spent measuring
     cache_file: str | None = None
+    other_work: float | None = None  # share of the CPUs other processes used during the sweep (None: unknown)
+    attempts: int = 1  # sweeps so far for this device and bundle (disturbed ones are repeated, DISTURBED_RETRIES)
+
+    @property
+    def disturbed(self) -> bool:
+        return self.other_work is not None and self.other_work > BUSY_LIMIT
 
     @property
     def candidate(self) -> Candidate:
@@ -322,6 +330,42 @@ def measure(open_candidate: Callable[[Candidate], Any], cands: Sequence[Candidat
     return trials, session
 
 
+BUSY_LIMIT = 0.25  # other processes using more than this share of the CPUs during a sweep: it is "disturbed"
+DISTURBED_RETRIES = 3  # starts that measure again after a disturbed sweep before its choice is kept for good
+
+
+def _cpu_busy_seconds() -> float | None:
+    """CPU seconds all processes have used (Linux /proc/stat; None where it cannot be read, e.g. Android apps)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        ticks = [int(v) for v in fields[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class OtherWork:
+    """The share of the CPUs other processes used while the block ran (None where the OS does not say)."""
+
+    def __enter__(self) -> OtherWork:
+        self.share: float | None = None
+        self._busy, self._own, self._wall = _cpu_busy_seconds(), _own_seconds(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, wall = _cpu_busy_seconds(), time.monotonic() - self._wall
+        if busy is None or self._busy is None or wall <= 0:
+            return
+        others = (busy - self._busy) - (_own_seconds() - self._own)
+        self.share = max(0.0, others / (wall * (os.cpu_count() or 1)))
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def device_key(topology: Topology) -> str:
     """Which device a measurement belongs to: architecture, CPU name, topology."""
     name = platform.machine()
@@ -371,10 +415,21 @@ class ThreadsCache:
                     not all(type(c) is int and c in topology.cpus for c in cores):
                 return None
             sweep = [s for s in entry.get("sweep", []) if isinstance(s, dict)]
-            return ThreadChoice(threads, cores, str(entry.get("reason", "")), topology.describe(), sweep,
-                                measured=False, cache_file=str(self.path))
+            other, attempts = entry.get("other_work"), entry.get("attempts", 1)
+            choice = ThreadChoice(threads, cores, str(entry.get("reason", "")), topology.describe(), sweep,
+                                  measured=False, cache_file=str(self.path),
+                                  other_work=float(other) if isinstance(other, int | float) else None,
+                                  attempts=attempts if type(attempts) is int else 1)
         except (TypeError, KeyError):  # no entry, or one of another shape
             return None
+        # measured while other work took the CPUs: measure again at the next starts, a few times
+        return None if choice.disturbed and choice.attempts < DISTURBED_RETRIES else choice
+
+    def attempts(self, device: str, bundle: str) -> int:
+        """Sweeps recorded so far for this device and bundle (0 if none)."""
+        entry = self._entries().get(f"{device} | {bundle}")
+        n = entry.get("attempts", 1) if isinstance(entry, dict) else 0
+        return n if type(n) is int and n >= 0 else 1
 
     def put(self, device: str, bundle: str, choice: ThreadChoice) -> bool:
         if self.path is None:
@@ -382,6 +437,7 @@ class ThreadsCache:
         entries = self._entries()
         entries[f"{device} | {bundle}"] = {"threads": choice.threads, "cores": list(choice.cores),
                                            "reason": choice.reason, "sweep": choice.sweep,
+                                           "other_work": choice.other_work, "attempts": choice.attempts,
                                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -405,10 +461,13 @@ def choose(bundle: str | Path, open_candidate: Callable[[Candidate], Any], bundl
     device, identity = device_key(topology), bundle_identity(bundle)
     cache = ThreadsCache(cache_path)
     key = f"{device} | {identity} | {cache_path}"
-    known = cache.get(device, identity, topology) or _memo.get(key)
+    known = cache.get(device, identity, topology)
+    if known is None and key in _memo:  # measured earlier in this process (and not in the file, or disturbed)
+        known = replace(_memo[key], measured=False)
     if known is not None:
         return known, None
     choice, last = sweep(bundle, open_candidate, bundle_threads, topology, steps, rounds, weights_bytes, margin)
+    choice.attempts = cache.attempts(device, identity) + 1
     if cache.put(device, identity, choice):
         choice.cache_file = str(cache.path)
     _memo[key] = choice
@@ -428,11 +487,14 @@ def sweep(bundle: str | Path, open_candidate: Callable[[Candidate], Any], bundle
     # (unknown memory, as on iOS: one at a time)
     together = weights_bytes * len(cands) * 2 < (available_memory() or 0)
     start = time.perf_counter()
-    trials, last = measure(open_candidate, cands, steps, rounds, together)
+    with OtherWork() as other:
+        trials, last = measure(open_candidate, cands, steps, rounds, together)
     chosen, reason = decide(trials, incumbent(topology, bundle_threads), margin)
+    if other.share is not None and other.share > BUSY_LIMIT:
+        reason += f"; disturbed: other processes used {other.share:.0%} of the CPUs meanwhile"
     table = [{"threads": t.candidate.threads, "cores": list(t.candidate.cores), "label": t.candidate.label(),
               "tokens_per_second": round(t.tokens_per_second, 2), "median_step_ms": round(t.median * 1e3, 3),
               "steps": len(t.step_seconds)} for t in trials]
     choice = ThreadChoice(chosen.threads, chosen.cores, reason, topology.describe(), table, measured=True,
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start, other_work=other.share)
     return choice, (last if last is not None and trials[-1].candidate == chosen else None)
