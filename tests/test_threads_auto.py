@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,19 @@ def test_the_big_cores_are_chosen_measured_once_and_remembered(bundle, tmp_path,
     again, _ = T.choose(bundle, open_candidate, 4, cache, topology)
     assert not again.measured and again.candidate == choice.candidate and again.sweep == choice.sweep
     assert len(opened) == 4
+    # too little memory for all candidates at once: one session at a time, each dropped before the next loads
+    alive: list[weakref.ref] = []
+
+    def one_at_a_time(c: T.Candidate) -> FakeSession:
+        assert all(r() is None for r in alive), "the previous candidate's session is still alive"
+        session = open_candidate(c)
+        alive.append(weakref.ref(session))
+        return session
+
+    monkeypatch.setattr(T, "_memo", {})
+    alone, _ = T.choose(bundle, one_at_a_time, 4, None, topology, weights_bytes=1 << 60)
+    assert alone.candidate == choice.candidate and len(opened) == 8 and len(alive) == 4
+    del opened[4:]
     # another bundle on the same device is measured for itself
     other = tmp_path / "other"
     other.mkdir()
