@@ -73,12 +73,14 @@ class LfmModel:
     """A loaded bundle: its session, tokenizer, chat template and sampling defaults, and what is kept between
     generations (the prefix cache, the constraint vocabulary)."""
 
-    def __init__(self, bundle: str | Path, threads: int | None = None, providers: Any = "auto",
+    def __init__(self, bundle: str | Path, threads: int | str | None = None, providers: Any = "auto",
                  verify: str = "sampled", session: Session | None = None, prefix_cache_bytes: int = 64 << 20,
-                 prefix_cache_dir: str | Path | None = None, prepack_cache: str = "off"):
+                 prefix_cache_dir: str | Path | None = None, prepack_cache: str = "off",
+                 threads_cache: str | Path | None = None):
         """`session`: an already-loaded backend (runtime/backend.py's Session: LfmSession, or a phone
         backend from backends.open_session); by default the bundle is loaded with onnxruntime's Python binding
-        (`threads`, `providers`, `verify`, `prepack_cache`: see backends/python.py LfmSession).
+        (`threads` (a count, None or "auto": runtime/threads.py), `threads_cache`, `providers`, `verify`,
+        `prepack_cache`: see backends/python.py LfmSession).
         `prefix_cache_bytes`: RAM for the state after shared conversation prefixes (0: none);
         `prefix_cache_dir`: also keep them in files there, across restarts (prefixcache.py)."""
         self.folder = Path(bundle)
@@ -86,7 +88,7 @@ class LfmModel:
             from .backends.python import LfmSession  # onnxruntime's Python binding: imported where it is used
 
             session = LfmSession(bundle, threads=threads, providers=providers, verify=verify,
-                                 prepack_cache=prepack_cache)
+                                 prepack_cache=prepack_cache, threads_cache=threads_cache)
         self.session: Session = session
         path = self.folder / "tokenizer.json"
         try:

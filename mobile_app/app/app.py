@@ -65,9 +65,11 @@ class LfmApp(App):
         # the app's memory (10 GB for LFM2.5-8B-A1B)
         self.bench_screen = BenchScreen(post, loaded=self._loaded_model, busy=lambda: self.busy("bench"))
         self.model_screen = ModelScreen(post, self._model_loaded, busy=lambda: self.busy("model"),
-                                        downloads=downloads, threads=self.threads, on_unload=self._release_model,
+                                        downloads=downloads, on_unload=self._release_model,
+                                        threads=self.threads if self.threads is not None else "auto",
                                         load_times=LoadTimes(Path(self.user_data_dir) / "load_times.json"),
                                         prepack_cache=self.prepack_cache, model=lambda: self.model)
+        self.model_screen.threads_cache = Path(self.user_data_dir) / "threads.json"  # runtime/threads.py
         self.screens = ScreenManager(transition=NoTransition())
         for screen in (self.chat_screen, self.bench_screen, self.model_screen):
             self.screens.add_widget(screen)

@@ -79,6 +79,7 @@ class BenchReport:
     roofline_error: str = ""
     model_label: str = ""  # what was measured (roofline.bundle_label), e.g. "demo_model int4"
     prediction: roofline.PhonePrediction | None = None  # phones, for LFM2.5-8B-A1B int4
+    threads_note: str = ""  # how threads="auto" chose `threads` (thread_note), "" for a given count
 
     @property
     def fraction(self) -> float:
@@ -140,7 +141,7 @@ class BenchReport:
             *split((("After load: anon / file", self.anon_after_load_mb, self.file_after_load_mb),
                     ("Decoding: anon / file", self.anon_decoding_mb, self.file_decoding_mb))),
             ("Load (the app's)" if self.load_measured == "app" else "Load", f"{self.load_s:.2f} s"),
-            ("Threads", str(self.threads)),
+            ("Threads", f"{self.threads} ({self.threads_note})" if self.threads_note else str(self.threads)),
         ]
 
     def roofline_text(self) -> str:
@@ -152,6 +153,16 @@ class BenchReport:
     def phone_rows(self) -> list[tuple[str, str, str]]:
         """(SoC, predicted tok/s of LFM2.5-8B-A1B int4, meets 30 tok/s)."""
         return [(p["soc"], f"{p['predicted_tps']:.1f}", "yes" if p["meets_target"] else "no") for p in self.phones]
+
+
+def thread_note(choice: Any) -> str:
+    """How threads="auto" (runtime/threads.py ThreadChoice) chose: when, the cores, each candidate's decode."""
+    if choice is None:
+        return ""
+    sweep = ", ".join(f"{s['label']} {s['tokens_per_second']:.0f}" for s in choice.sweep)
+    cores = f" on CPUs {','.join(map(str, choice.cores))}" if choice.cores else ""
+    when = "measured at load" if choice.measured else "measured earlier on this device"
+    return f"auto{cores}, {when}" + (f"; tok/s: {sweep}" if sweep else "")
 
 
 def verdict(prediction: roofline.PhonePrediction, target: float = TARGET) -> str:
@@ -248,8 +259,10 @@ def run_benchmark(bundle: Path, preset: Preset, progress: Callable[[int, int, st
                         list(preset.decode), preset.runs, progress=step, open_session=backends.open_session,
                         cancel=cancel, session=session)
     progress(total, total, "done")
-    return add_roofline(summarize(metrics, bundle, preset, threads, app_load if session is not None else None),
-                        bundle, bandwidth)
+    report = add_roofline(summarize(metrics, bundle, preset, threads, app_load if session is not None else None),
+                          bundle, bandwidth)
+    report.threads_note = thread_note(getattr(session, "thread_choice", None))
+    return report
 
 
 @dataclass

@@ -14,7 +14,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from .. import threads as tuning
 from ..backend import Session
+from .plan import read_bundle
 
 BACKENDS = ("python", "java", "objc")  # in order of preference
 MODULES = {"python": "onnxruntime", "java": "jnius", "objc": "pyobjus"}  # what each backend imports
@@ -51,24 +53,38 @@ def choose(backend: str = "auto") -> str:
     return backend
 
 
-def open_session(bundle: str | Path, threads: int | None = None, backend: str = "auto",
-                 prepack_cache: str = "off", attention_kernel: str = "flash") -> Session:
+def open_session(bundle: str | Path, threads: int | str | None = None, backend: str = "auto",
+                 prepack_cache: str = "off", attention_kernel: str = "flash",
+                 threads_cache: str | Path | None = None) -> Session:
     """Load `bundle` through `backend` ("auto": python if onnxruntime imports, else java if jnius does
     (Android), else objc if pyobjus does (iOS)). `prepack_cache` (runtime/backends/prepack.py) applies to the python
     backend; the Java and Objective-C backends do not write or map one yet. `attention_kernel`:
-    runtime/kernels.py, on every backend."""
+    runtime/kernels.py, on every backend. `threads="auto"` (runtime/threads.py): measured once per device and
+    bundle through the same backend, remembered in `threads_cache` (an app passes a file in its data folder);
+    the session's `thread_choice` says what was chosen and why."""
     backend = choose(backend)
+    if backend == "python":
+        from .python import LfmSession  # onnxruntime's Python binding, which a phone build may lack
+
+        return LfmSession(bundle, threads=threads, prepack_cache=prepack_cache, attention_kernel=attention_kernel,
+                          threads_cache=threads_cache)
     if backend == "java":
-        from .java import JavaSession  # pyjnius: on Android only
+        from .java import JavaSession as Phone  # pyjnius: on Android only
+    else:
+        from .objc import ObjcSession as Phone  # pyobjus: on iOS only
 
-        return JavaSession(bundle, threads=threads, attention_kernel=attention_kernel)
-    if backend == "objc":
-        from .objc import ObjcSession  # pyobjus: on iOS only
+    def load(count: int | None, cores: tuple[int, ...] = ()) -> Session:
+        return Phone(bundle, threads=count, attention_kernel=attention_kernel, cores=cores)
 
-        return ObjcSession(bundle, threads=threads, attention_kernel=attention_kernel)
-    from .python import LfmSession  # onnxruntime's Python binding, which a phone build may lack
-
-    return LfmSession(bundle, threads=threads, prepack_cache=prepack_cache, attention_kernel=attention_kernel)
+    if threads != "auto":
+        return load(threads)  # type: ignore[arg-type]
+    decoder = read_bundle(bundle, "none").decoder
+    bundle_threads = int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)) or None
+    choice, kept = tuning.choose(bundle, lambda c: load(c.threads, c.cores), bundle_threads,
+                                 threads_cache or tuning.default_cache_path())
+    session = kept or load(choice.threads, choice.cores)
+    session.thread_choice = choice  # type: ignore[attr-defined]
+    return session
 
 
 def thermal_status() -> str | None:

@@ -56,6 +56,8 @@ import numpy as np
 from .. import kernels
 from ..backend import CacheBase
 from ..bundle import BundleError, StateSpec, state_spec
+from ..threads import AFFINITY_KEY
+from ..threads import affinity as thread_affinity
 from .plan import kv_cache_type, read_bundle, step_names
 
 LITTLE = sys.byteorder == "little"
@@ -82,7 +84,8 @@ class JavaSession:
     stand-ins). `pinned`: use OrtSession.run with pinned outputs (None: detect the overload)."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None, classes: Any = None,
-                 pinned: bool | None = None, verify: str = "size", attention_kernel: str = "flash"):
+                 pinned: bool | None = None, verify: str = "size", attention_kernel: str = "flash",
+                 cores: tuple[int, ...] = ()):
         kernels.check(attention_kernel)
         cfg = read_bundle(bundle, verify)
         self.attention_kernel, self.num_heads = attention_kernel, int(cfg.decoder.get("num_attention_heads", 0))
@@ -95,6 +98,10 @@ class JavaSession:
         options = J.SessionOptions()
         if threads:
             options.setIntraOpNumThreads(int(threads))
+        affinity = thread_affinity(int(threads or 0), cores)  # the pool's threads on these CPUs (threads.py)
+        if affinity:
+            options.addConfigEntry(AFFINITY_KEY, affinity)
+        self.threads, self.cores = int(threads or 0), tuple(cores) if affinity else ()
         for key, value in kernels.SESSION_CONFIG.items():  # as LfmSession
             options.addConfigEntry(key, value)
         try:
