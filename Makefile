@@ -47,3 +47,11 @@ display-deps:
 	else \
 		echo "note: the GUI test needs: apt-get install --no-install-recommends $$missing"; \
 	fi
+
+# arm64 correctness of the phone default: the --target android bundle must decode to the x86 greedy tokens
+# on arm64 onnxruntime under qemu (mobile_app/arm_check/README.md). Needs root; installs qemu-user-static,
+# debootstrap, binfmt-support and debian-archive-keyring with apt when missing; exits 2 (never skips) when
+# it cannot run here. About 4 min on a fresh machine, 1.5 min with its cache (~/.cache/lfm-edge/arm_check).
+.PHONY: arm-check
+arm-check: install
+	ARMCHECK_PYTHON=$(abspath $(PY)) bash mobile_app/arm_check/run.sh

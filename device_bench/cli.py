@@ -8,6 +8,7 @@
     quality        quantization variants (and KV caches) against fp32 on held-out text
     serve          a scripted chat through lfm-serve's HTTP API (openai client), against the Python API and
                    llama-server
+    sustained      minutes of decoding: speed per 10 s window beside temperatures, CPU frequencies and memory
 
 `lfm-bench BUNDLE ...` (a folder first) is `lfm-bench speed BUNDLE ...`. The profiling studies run as
 `python -m lfm_edge.device_bench.studies.NAME` (device_bench/README.md has the table).
@@ -22,7 +23,7 @@ from ..runtime.hugepages import reexec_with_hugepages
 
 COMMANDS = {  # name -> the module whose main(argv) runs it
     "speed": "speed", "conversation": "conversation", "long-context": "long_context", "coldstart": "coldstart",
-    "frontier": "frontier", "quality": "quality", "serve": "serve",
+    "frontier": "frontier", "quality": "quality", "serve": "serve", "sustained": "sustained",
 }
 
 

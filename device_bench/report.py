@@ -39,6 +39,7 @@ def write_markdown(result: dict, path: Path) -> None:
               f"{roof['read_bandwidth_gbs']:.1f} GB/s -> ceiling {roof['ceiling_tps']:.1f} tok/s; best decode reaches "
               f"{roofline.share_of_ceiling(roof['fraction_reached'])}."]
     lines += _memory_lines(result.get("memory") or {})
+    lines += _threads_lines(result.get("threads_sweep"))
     for name, peer in result.get("peers", {}).items():
         if not peer.get("decode_tps"):
             lines += ["", f"Peer {name}: {peer.get('error', 'no result')}"]
@@ -51,6 +52,15 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += [f"| {k} | {v:.2f}x |" for k, v in result.get("ratios", {}).get(name, {}).items()]
     lines += _phone_lines(roof)
     write_text(path, "\n".join(lines) + "\n")
+
+
+def _threads_lines(sweep: dict | None) -> list[str]:
+    """threads="auto"'s sweep (speed --sweep-threads): decode tok/s per candidate, the choice and why."""
+    if not sweep:
+        return []
+    lines = ["", f"Threads (\"auto\", {sweep['topology']}): chose {sweep['label']}: {sweep['reason']}.", "",
+             "| candidate | decode tok/s (median step) | steps |", "|---|---|---|"]
+    return lines + [f"| {s['label']} | {s['tokens_per_second']:.1f} | {s['steps']} |" for s in sweep["sweep"]]
 
 
 def _memory_lines(mem: dict) -> list[str]:

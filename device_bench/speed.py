@@ -10,6 +10,7 @@ runs the same benchmark on an Android phone's Python (Termux) and pulls the JSON
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime import threads as tuning
 from ..runtime.backends import prepack
 from ..runtime.hugepages import reexec_with_hugepages
 from ..runtime.memory import PeakMemory, can_reset_peak, current_rss_mb, resident_mb
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention-kernel", choices=["flash", "unfused"], default="flash",
                         help="GroupQueryAttention's kernel (runtime/kernels.py)")
     parser.add_argument("--adb", metavar="SERIAL", help="run on an Android device over adb (Termux python)")
+    parser.add_argument("--sweep-threads", action="store_true",
+                        help="first measure threads=\"auto\"'s candidates (runtime/threads.py), report the sweep, and "
+                             "benchmark with its choice instead of --threads")
     args = parser.parse_args(argv)
     bundle = Path(args.bundle)
     if args.adb:
@@ -186,11 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     if common.check("speed", bundle, args.peer, args.gguf):
         return 2
 
+    cores: tuple[int, ...] = ()  # pinned by the thread sweep's choice on big.LITTLE
+
     def open_session(folder: Path, threads: int) -> Any:
         session = _lfm_session(folder, threads, prepack_cache=args.prepack_cache,
-                               attention_kernel=args.attention_kernel)
+                               attention_kernel=args.attention_kernel, cores=cores)
         common.progress(session.prepack.message())
         return session
+
+    sweep = thread_sweep(bundle, args.attention_kernel) if args.sweep_threads else None
+    if sweep is not None:
+        args.threads, cores = sweep["threads"], tuple(sweep["cores"])
 
     common.progress("measuring read bandwidth")
     bandwidth = args.bandwidth or roofline.read_bandwidth()
@@ -213,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": summary,
         "memory": memory(summary, tokens.stored) | prepack_disk(bundle, args.prepack_cache),
         "peers": peers,
+        **({"threads_sweep": sweep} if sweep is not None else {}),
         "ratios": {name: ratios(summary, peer) for name, peer in peers.items() if peer.get("decode_tps")},
         "settings": {"threads": args.threads, "runs": args.runs, "prompts": args.prompts, "depths": args.depths,
                      "decode": args.decode, "prepack_cache": args.prepack_cache,
@@ -221,6 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     result["bundle"] |= {"label": roofline.bundle_label(bundle), "bytes_per_token": tokens.total,
                          "bytes_per_token_by_kind": tokens.by_kind}
     return common.write_reports(result, Path(args.out), write_markdown, write_plot)
+
+
+def thread_sweep(bundle: Path, attention_kernel: str) -> dict:
+    """threads="auto"'s measurement, fresh (its cache file is neither read nor written): each candidate's decode
+    tok/s, the choice and why (bench.json "threads_sweep")."""
+    common.progress("measuring decode at each thread count (threads=\"auto\")")
+    bundle_threads = int(json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"]
+                         .get("session_options", {}).get("intra_op_num_threads", 0)) or None
+    choice, _ = tuning.sweep(bundle, lambda c: _lfm_session(bundle, c.threads, cores=c.cores,
+                                                              attention_kernel=attention_kernel), bundle_threads)
+    return choice.to_json()
 
 
 def measure_peers(args: Any, bundle: Path) -> dict:

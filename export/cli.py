@@ -13,6 +13,7 @@ from ..quant.blocks import METHODS
 from ..quant.policy import POLICIES, get_policy
 from ..runtime.files import describe, read_text
 from ..runtime.memory import peak_rss_mb
+from .calibration import GPTQ_TOKENS
 from .checkpoint import CheckpointError, is_gguf
 from .config import ConfigError
 from .exporter import export
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="rtn (symmetric), rtn-asym, mse (clipping searched per block), or gptq (mse's grid, "
                              "the linears' codes by error feedback from calibration text; experts and vocabulary "
                              "take mse)")
+    parser.add_argument("--calibration-tokens", type=int, default=GPTQ_TOKENS,
+                        help=f"tokens of calibration text GPTQ reads (default {GPTQ_TOKENS}; fewer: a faster export, "
+                             "a noisier estimate of each linear's inputs)")
     parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
                         help="MatMulNBits/QMoE activation precision: 4 = int8 (fastest), 0 = fp32")
     parser.add_argument("--kv-cache", choices=KV_CACHES, default=None,
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.quant or any(o is not None for o in overrides) else None
         options = ExportOptions(
             ops=args.ops, quant=quant, target=args.target, kv_cache=args.kv_cache, kv_margin=args.kv_margin,
+            calibration_tokens=args.calibration_tokens,
             kv_calibration_text=_text("--kv-calibration", args.kv_calibration),
             eval_text=_text("--eval-text", args.eval_text),
             eval_text_name=Path(args.eval_text).name if args.eval_text else None, tokenizer=args.tokenizer,

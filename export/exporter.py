@@ -94,7 +94,8 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         return policy.calibrated(name) and not stored_in_blocks(ckpt, name)
 
     if options.quantized:
-        hessians, calibration = linear_hessians(ckpt, calibrated, progress=progress or (lambda m: None))
+        hessians, calibration = linear_hessians(ckpt, calibrated, tokens=options.calibration_tokens,
+                                                progress=progress or (lambda m: None))
     parent = _writable_parent(out)
     _recover_interrupted(out)
 

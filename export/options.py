@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..quant.policy import Policy, get_policy
+from .calibration import GPTQ_TOKENS, WINDOW
 from .kernel_support import check_policy
 from .kv_cache import DEFAULT_MARGIN, KV_CACHES
 from .onnx_ops import WeightTransform
@@ -43,8 +44,9 @@ class ExportOptions:
     """How to export. `quant`: a policy's name (quant/policy.py) or a Policy, None for the target's default;
     `kv_cache`: fp32 / int8 / int4, None for the target's; `transform` rewrites each float weight as it is read
     (tests use it for fake quantization); `random_weights`: a preset of random_weights.py instead of a checkpoint;
-    `eval_text`: held-out text for a quality report against fp32 (quality.md), `eval_text_name` what the report
-    calls it (the CLI: the file's name); `tokenizer`: a GGUF's
+    `calibration_tokens`: how many tokens GPTQ's calibration pass reads (more: a steadier estimate of each
+    linear's inputs, a slower export); `eval_text`: held-out text for a quality report against fp32
+    (quality.md), `eval_text_name` what the report calls it (the CLI: the file's name); `tokenizer`: a GGUF's
     tokenizer.json (or its folder) when the file carries none; `force`: replace an `out` folder that holds
     something other than an lfm-edge bundle."""
 
@@ -53,6 +55,7 @@ class ExportOptions:
     target: str = "desktop"
     kv_cache: str | None = None
     kv_margin: float = DEFAULT_MARGIN
+    calibration_tokens: int = GPTQ_TOKENS
     kv_calibration_text: str | None = None
     eval_text: str | None = None
     eval_text_name: str | None = None
@@ -92,6 +95,10 @@ class ExportOptions:
         if isinstance(self.kv_margin, bool) or not isinstance(self.kv_margin, (int, float)) or \
                 not math.isfinite(self.kv_margin) or self.kv_margin <= 0:
             raise ExportError(f"--kv-margin {self.kv_margin!r}: expected a number > 0")
+        if isinstance(self.calibration_tokens, bool) or not isinstance(self.calibration_tokens, int) or \
+                not WINDOW // 8 <= self.calibration_tokens <= 1 << 20:
+            raise ExportError(f"--calibration-tokens {self.calibration_tokens!r}: expected an integer in "
+                              f"{WINDOW // 8}..{1 << 20}")
         if self.tokenizer is not None and self.random_weights:
             raise ExportError("--tokenizer is for GGUF files; --random-weights brings a stand-in tokenizer")
         return dataclasses.replace(self, quant=policy, kv_cache=kv)

@@ -19,6 +19,7 @@ from .events import Done, Event, ReasoningDelta, TextDelta, ToolCall, ToolCallEv
 from .generate import Generation, GenerationStats
 from .memory import resident_mb
 from .model import LfmModel
+from .pressure import TrimLevel, memory_warning, on_memory_warning
 from .sampling import Sampling
 from .schemas import function_schema
 from .statefile import StateFileError
@@ -28,6 +29,6 @@ __all__ = [
     "DEMO_TOOLS", "BundleError", "Cache", "ConstraintError", "ContextFull", "Conversation", "ConversationBusy", "Done",
     "Event", "Generation", "GenerationStats", "LfmModel", "ReasoningDelta", "Sampling", "Session", "StateFileError",
     "TextDelta", "ToolCall", "ToolCallEvent", "ToolCallParseError", "ToolChoice", "ToolResult", "ToolRun",
-    "function_schema",
+    "TrimLevel", "function_schema", "memory_warning", "on_memory_warning",
     "open_session", "parse_tool_calls", "resident_mb",
 ]

@@ -4,9 +4,9 @@ A backend loads a bundle through one of onnxruntime's APIs (backends/python.py: 
 backends/java.py: the Android AAR through pyjnius; backends/objc.py: the iOS pod through pyobjus) and
 provides a `Session`: what the bundle is (its state layout, context length, vocabulary, end tokens) and
 `new_cache(batch, max_length)`, the state of one token sequence. A `Cache` runs forward passes (`step`) and
-keeps the state between them: KV rows that roll back by length (`truncate`), buffers that grow (`reserve`),
-and the state read and written as numpy arrays (`conv_state` / `set_conv_state`, `kv_rows` /
-`set_kv_rows`: snapshots, saved conversations, the prefix cache).
+keeps the state between them: KV rows that roll back by length (`truncate`), buffers that grow (`reserve`) and
+shrink back under memory pressure (`shrink`), and the state read and written as numpy arrays (`conv_state` /
+`set_conv_state`, `kv_rows` / `set_kv_rows`: snapshots, saved conversations, the prefix cache).
 
 `CacheBase` holds everything about that which does not depend on the API: the attention mask, the length,
 growth by powers of two within the memory available, rollback, and the state as arrays. A backend gives it
@@ -65,11 +65,13 @@ class Cache(Protocol):
 
     def reserve(self, rows: int) -> None: ...
 
+    def shrink(self) -> int: ...
+
     def conv_state(self) -> dict[int, np.ndarray]: ...
 
     def set_conv_state(self, state: dict[int, np.ndarray]) -> None: ...
 
-    def kv_rows(self) -> dict[int, tuple[np.ndarray, np.ndarray]]: ...
+    def kv_rows(self, start: int = 0) -> dict[int, tuple[np.ndarray, np.ndarray]]: ...
 
     def set_kv_rows(self, rows: dict[int, tuple[np.ndarray, np.ndarray]], length: int) -> None: ...
 
@@ -162,8 +164,23 @@ class CacheBase:
         length; exactly `rows` where the power of two would not fit in memory, and MemoryError where `rows` do
         not either), and the rows in use are copied over."""
         new = capacity_for(rows, self.max_length, self.model.context_length, self.row_bytes)
-        if new == self.max_length:
-            return
+        if new != self.max_length:
+            self._resize(new)
+
+    def shrink(self) -> int:
+        """Release grown-but-unused KV rows: a shared buffer's capacity beyond `length` (memory pressure,
+        LfmModel.trim_memory). The rows in use are copied into buffers of exactly that length; the next
+        `reserve` grows them again. Returns the bytes released (0 on a concatenating graph, whose tensors hold
+        only the rows in use)."""
+        new = max(self.length, 1)
+        if not self.model.share_buffer or new >= self.max_length:
+            return 0
+        freed = (self.max_length - new) * self.row_bytes
+        self._resize(new)
+        return freed
+
+    def _resize(self, new: int) -> None:
+        """Buffers of `new` rows (>= length), the rows in use copied over."""
         kept = {i: [self._array(t, self._kv_shape(i), self.kv_dtype[i])[:, :, :self.length] for t in pair]
                 for i, pair in self.kv.items()} if self.model.share_buffer else {}
         grown = np.zeros((self.batch, new), dtype=np.int64)
@@ -182,9 +199,10 @@ class CacheBase:
         for i, pair in self.conv.items():
             pair[0] = self._write(pair[0], np.ascontiguousarray(state[i], dtype=self.conv_dtype[i]))
 
-    def kv_rows(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """A copy of each attention layer's key and value rows in use, [B, Hkv, length, D]."""
-        return {i: tuple(self._array(t, self._kv_shape(i), self.kv_dtype[i])[:, :, :self.length].copy()
+    def kv_rows(self, start: int = 0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """A copy of each attention layer's key and value rows in use from row `start` on, [B, Hkv, length -
+        start, D] (a conversation's checkpoint journal appends only the new rows)."""
+        return {i: tuple(self._array(t, self._kv_shape(i), self.kv_dtype[i])[:, :, start:self.length].copy()
                          for t in pair) for i, pair in self.kv.items()}
 
     def set_kv_rows(self, rows: dict[int, tuple[np.ndarray, np.ndarray]], length: int) -> None:

@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import persist
+from . import journal, persist
 from .backend import capacity_for, kv_row_bytes
 from .constrain import ToolChoice
 from .events import Done, Event, ToolRun
 from .generate import Generation, GenerationStats
+from .memory import release_free_heap
 from .prefixcache import PrefixEntry
+from .pressure import TrimLevel
 from .sampling import Sampling
 from .schemas import function_schema, tool_schema
 from .statefile import StateFileError
@@ -164,6 +166,10 @@ class Conversation:
         self._tokens: list[int] = []  # the token ids whose state the cache holds
         self._lock = threading.Lock()
         self._saves = threading.Lock()  # saves queue behind each other
+        self.partial: dict[str, Any] | None = None  # an answer cut short, loaded from a file (continue_answer)
+        self._journal: journal.Autosave | None = None  # autosave's checkpoints
+        self._found: tuple | None = None  # the journal this conversation was loaded from (load)
+        model.track(self)  # LfmModel.trim_memory reaches this conversation
 
     # --- what the app calls --------------------------------------------------------------------------------
 
@@ -185,14 +191,64 @@ class Conversation:
         LfmModel.stream does (response_format, reasoning_budget, constrain_tools, tool_choice as there); the
         answer joins `messages`. Runs when iterated."""
         with self._busy():
+            self.partial = None  # a partial answer left as it is stays a message (marked "partial")
             if content is not None:
                 self.messages.append({"role": "user", "content": content} if isinstance(content, str)
                                      else dict(content))
             done = yield from self._answer(sampling, max_new_tokens, stop, cancel, allow_special_tokens,
                                            (response_format, reasoning_budget, constrain_tools, tool_choice))
-            self.messages.append({"role": "assistant", "content": done.raw})
-            if self.prepare_next and not done.tool_calls and done.stats.stopped != "cancelled":
-                self._prepare(allow_special_tokens)  # after Done reached the caller: off the next turn's path
+            self._answered(done, allow_special_tokens)
+
+    def continue_answer(self, *, sampling: Sampling | None = None, cancel: threading.Event | None = None,
+                        response_format: Any = None, constrain_tools: bool | None = None,
+                        tool_choice: str | Mapping[str, Any] | ToolChoice = "auto") -> Iterator[Event]:
+        """Continue the answer an interrupted process left (`partial`, loaded from an autosaved file): the events
+        of what follows, as `send` streams them, then a Done for the whole answer, which replaces the partial
+        message. Greedy, the answer is token for token the one the interrupted process would have given; a
+        sampled one continues with a fresh random state. `response_format`, `constrain_tools` and `tool_choice`
+        are not saved: pass them again if the answer had them."""
+        with self._busy():
+            partial = self.partial
+            if partial is None or self._cache is None or not self.messages or not self.messages[-1].get("partial"):
+                raise ValueError("no partial answer to continue (continue_answer follows a load of a conversation "
+                                 "whose answer was cut short: see `partial`)")
+            p = partial["prompt_length"]
+            prompt, before = self._tokens[:p], self._tokens[p:] + [partial["pending"]]
+            constraint = self.model.constraint(prompt, self.schemas or None, response_format,
+                                               partial["reasoning_budget"], constrain_tools, tool_choice)
+            for token in before if constraint is not None else ():  # the constraint's state after those tokens
+                constraint.mask()
+                constraint.advance(token)
+            self.messages.pop()
+            self.partial = None
+            generation = Generation(self.model.session, [prompt + before], partial["max_new_tokens"] - len(before),
+                                    sampling or self.model.default_sampling(), prefill_chunk=self.prefill_chunk,
+                                    cancel=cancel, cache=self._cache, constraints=[constraint])
+            done = yield from self._generate(generation, prompt, before, partial["stop"], response_format,
+                                             partial["reasoning_budget"], partial["allow_special_tokens"])
+            self._answered(done, partial["allow_special_tokens"])
+
+    def autosave(self, path: str | Path | None, every_tokens: int = 32, every_seconds: float = 2.0) -> None:
+        """Keep `path` up to date while answers are generated, so that a process killed at any moment loses
+        at most the last interval: the conversation's state is appended to a journal beside the file
+        (journal.py) when an answer starts, every `every_tokens` tokens or `every_seconds` seconds of it, and
+        when it ends; the file itself is rewritten (atomically) only when the state rolled back before it or the
+        journal outgrew it. `load` applies the journal; an answer cut short is then the last message, marked
+        `"partial": True`, and `continue_answer` finishes it. None turns autosave off."""
+        with self._busy():
+            self._journal = None if path is None else journal.Autosave(Path(path), every_tokens, every_seconds)
+            if self._journal is not None and self._found is not None and self._found[0] == Path(path).resolve():
+                try:
+                    self._journal.adopt(*self._found[1:])  # no rewrite of the file: records follow the last one
+                except (OSError, StateFileError) as e:
+                    self._journal.error = str(e)  # the first checkpoint rewrites the file
+            self._found = None
+
+    @property
+    def autosave_error(self) -> str:
+        """Why the last checkpoint could not be written ("" when it was, or autosave is off); the next answer
+        tries again."""
+        return self._journal.error if self._journal is not None else ""
 
     def say(self, content: str | Mapping[str, Any] | None = None, **kwargs: Any) -> Done:
         """`send`, returning the Done at once."""
@@ -218,11 +274,13 @@ class Conversation:
         with self._busy():
             if to_turn < len(users):
                 del self.messages[users[to_turn]:]
+                self.partial = None  # (a partial answer is the last message)
 
     def reset(self) -> None:
         """Forget every turn (the system message stays) and free the state."""
         with self._busy():
             self.messages = [m for m in self.messages[:1] if m.get("role") == "system"]
+            self.partial = None
             self._drop_state()
 
     def save(self, path: str | Path) -> int:
@@ -230,13 +288,21 @@ class Conversation:
         the previous file or the new one, never half of either). Returns the file's size in bytes. Raises
         ConversationBusy while a turn generates; concurrent saves wait for each other."""
         with self._busy(saving=True):
-            cache = self._cache
-            saved = persist.Saved(self.messages, self.schemas, self.template_vars, self.tokens, self.started,
-                                  self.settings, [s.length for s in self.snapshots.items])
-            if cache is None:
-                return persist.save(Path(path), saved, self.model.identity, {}, {}, [])
-            return persist.save(Path(path), saved, self.model.identity, cache.kv_rows(), cache.conv_state(),
-                                [s.conv for s in self.snapshots.items])
+            size = self._write(Path(path), self.tokens, self.partial)
+            writer = self._journal
+            if writer is not None and Path(path).resolve() == writer.base.resolve():
+                writer.follow(size, self.tokens)  # the journal follows the new file
+            return size
+
+    def _write(self, path: Path, tokens: list[int], answer: dict[str, Any] | None) -> int:
+        """Save the state, which holds `tokens`, to `path` (the caller holds the conversation)."""
+        cache = self._cache
+        saved = persist.Saved(self.messages, self.schemas, self.template_vars, tokens, self.started,
+                              self.settings, [s.length for s in self.snapshots.items], answer=answer)
+        if cache is None:
+            return persist.save(path, saved, self.model.identity, {}, {}, [])
+        return persist.save(path, saved, self.model.identity, cache.kv_rows(), cache.conv_state(),
+                            [s.conv for s in self.snapshots.items])
 
     @classmethod
     def load(cls, model: LfmModel, path: str | Path, tools: Mapping[str, Callable[..., Any]] | None = None,
@@ -245,24 +311,45 @@ class Conversation:
         StateFileError names the file and what is wrong when it is damaged, edited, from another bundle or
         from a newer lfm-edge; `options` override the saved settings."""
         path, session = Path(path), model.session
-        saved = persist.load(path, model.identity, session.state, session.vocab_size, session.context_length)
+        eos = session.eos_token_ids
+        saved = persist.load(path, model.identity, session.state, session.vocab_size, session.context_length, eos)
         try:
             conv = cls(model, None, tools if tools is not None else saved.tools,
                        template_vars=saved.template_vars, **(saved.settings | options))
         except ValueError as e:  # a setting out of range
             raise StateFileError(f"{path}: settings: {e}") from None
         conv.messages, conv.schemas = saved.messages, saved.tools  # as saved: the rendering must be the same
-        conv.started = saved.started
-        if not saved.length:
+        conv.started, conv.partial = saved.started, saved.answer
+        if not saved.length and not journal.path_for(path).exists():
             return conv
         need = min(session.context_length, max(1 << max(saved.length, 1).bit_length(), conv.reserve))
         cache = session.new_cache(1, need)
-        kv, state, snapshots = persist.state_arrays(path, saved, session.state, cache.conv_dtype, cache.kv_dtype)
-        cache.set_kv_rows(kv, saved.length)
-        cache.set_conv_state(state)
+        if saved.length:
+            kv, state, snapshots = persist.state_arrays(path, saved, session.state, cache.conv_dtype, cache.kv_dtype)
+        else:
+            kv, state, snapshots = cache.kv_rows(), cache.conv_state(), []
         for at, snapshot in zip(saved.snapshot_lengths, snapshots, strict=True):
             conv.snapshots.add(Snapshot(at, snapshot))
-        conv._cache, conv._tokens = cache, saved.tokens
+        found = journal.read(journal.path_for(path), saved.checksum, saved.length, session.state, cache.conv_dtype,
+                             cache.kv_dtype, session.vocab_size, session.context_length, eos)
+        records = found.records
+        now = journal.replay(saved.tokens, kv, state, records)
+        if found.end:  # autosave to this file continues this journal
+            conv._found = (path.resolve(), found, saved.checksum, saved.length, list(now.tokens))
+        for at, snapshot in now.snapshots:
+            conv.snapshots.drop_after(at)
+            conv.snapshots.add(Snapshot(at, snapshot))
+        if records:
+            conv.messages, conv.partial = list(now.messages or conv.messages), now.answer
+        if conv.partial is not None and not (conv.messages and conv.messages[-1].get("partial")):
+            answer = now.tokens[conv.partial["prompt_length"]:] + [conv.partial["pending"]]
+            conv.messages.append({"role": "assistant", "content": model.tokenizer.decode(answer,
+                                  skip_special_tokens=False), "partial": True})
+        if not now.tokens:
+            return conv
+        cache.set_kv_rows(now.kv, len(now.tokens))
+        cache.set_conv_state(now.conv)
+        conv._cache, conv._tokens = cache, now.tokens
         return conv
 
     @property
@@ -284,6 +371,41 @@ class Conversation:
         conv = sum(2 * cache.batch * h * k * np.dtype(cache.conv_dtype[i]).itemsize
                    for i, (h, k) in self.model.session.state.conv.items())
         return kv + conv + self.snapshots.nbytes
+
+    def trim_memory(self, level: TrimLevel | int | str = TrimLevel.COMPLETE) -> int:
+        """Release what this conversation holds only to save time (runtime/pressure.py): from BACKGROUND on,
+        its snapshots (the live state stays: appending to it costs nothing, an edit of the history re-prefills
+        from the start or the prefix cache), at COMPLETE also the KV rows its buffers hold beyond those in use
+        (the next turn grows them again). The model's prefix cache is LfmModel.trim_memory's. Skipped (0) while
+        the conversation generates or saves. Returns the bytes released."""
+        freed = self._trim(TrimLevel.of(level))
+        if freed:
+            release_free_heap()
+        return freed
+
+    def _trim(self, level: TrimLevel) -> int:
+        if not self._lock.acquire(blocking=False):
+            return 0
+        try:
+            freed = 0
+            if level >= TrimLevel.BACKGROUND:
+                freed += self.snapshots.nbytes
+                self.snapshots.items.clear()
+            if level >= TrimLevel.COMPLETE and self._cache is not None:
+                freed += self._cache.shrink()
+            return freed
+        finally:
+            self._lock.release()
+
+    @property
+    def trimmable_bytes(self) -> int:
+        """What `trim_memory(COMPLETE)` would release now: the snapshots and the unused KV rows."""
+        cache = self._cache
+        unused = 0
+        if cache is not None and self.model.session.share_buffer:
+            unused = (cache.capacity - cache.length) * kv_row_bytes(self.model.session.state.kv, cache.batch,
+                                                                    cache.kv_dtype)
+        return self.snapshots.nbytes + unused
 
     @property
     def state_bytes(self) -> int:
@@ -356,9 +478,21 @@ class Conversation:
                                 prefill_chunk=self.prefill_chunk, cancel=cancel, cache=self._cache, cuts=wanted,
                                 on_prefill=on_prefill, constraints=[constraint])
         self._tokens = list(prompt[:self._cache.length])
+        if self._journal is not None:  # the new message is in the file before anything runs
+            self._journal.checkpoint(self, self._tokens, None, start=True)
+        return (yield from self._generate(generation, prompt, [], stop, response_format, reasoning_budget,
+                                          allow_special_tokens))
+
+    def _generate(self, generation: Generation, prompt: list[int], before: list[int], stop: Sequence[str],
+                  response_format: Any, reasoning_budget: int | None, allow_special_tokens: bool) -> Iterator[Event]:
+        """Run `generation` (its prompt: `prompt` and the answer's tokens `before` it) over the state; the state
+        follows what was fed, and autosave checkpoints the answer as it grows."""
+        if self._journal is not None:
+            generation.on_decode = self._journal.checkpointer(self, generation, prompt, before, stop,
+                                                              reasoning_budget, allow_special_tokens)
         done = None
         try:
-            for event in model.events(generation, prompt, stop, response_format):
+            for event in self.model.events(generation, prompt, stop, response_format, before):
                 done = event
                 yield event
         except GeneratorExit:  # the caller stopped listening: the state stays what was fed
@@ -368,11 +502,19 @@ class Conversation:
             raise
         finally:
             if self._cache is not None:
-                fed = list(prompt) + generation.new_tokens[0]
+                fed = list(generation.prompts[0]) + generation.new_tokens[0]
                 self._tokens = fed[:self._cache.length]
                 self.snapshots.add(Snapshot(self._cache.length, self._cache.conv_state()))
                 self.stats.append(generation.stats)
         return done
+
+    def _answered(self, done: Done, allow_special_tokens: bool) -> None:
+        """An answer ended: it joins the messages, the next turn is prepared, the file follows."""
+        self.messages.append({"role": "assistant", "content": done.raw})
+        if self.prepare_next and not done.tool_calls and done.stats.stopped != "cancelled":
+            self._prepare(allow_special_tokens)  # after Done reached the caller: off the next turn's path
+        if self._journal is not None:
+            self._journal.checkpoint(self, self._tokens, None, start=True)
 
     def _prepare(self, allow_special_tokens: bool) -> None:
         """Bring the state to the tokens every next user turn starts with: rendered with two different user

@@ -53,8 +53,9 @@ class Generation:
     the rest is prefilled, and the cache keeps every token fed to it (the last sampled token is not fed);
     with `max_new_tokens=0` it only prefills.
     Prefill chunks end at multiples of `prefill_chunk` and at each position in `cuts`; `on_prefill(cache)`
-    runs after each chunk (a conversation snapshots its conv state there). `constraints`: per row, an object
-    with mask() and advance(token) (runtime/constrain.py), or None.
+    runs after each chunk (a conversation snapshots its conv state there); `on_decode(cache)` after each token is
+    sampled, before it is yielded and fed (new_tokens holds it; a conversation checkpoints there).
+    `constraints`: per row, an object with mask() and advance(token) (runtime/constrain.py), or None.
 
     `prefill_budget` bounds what a prefill chunk costs in memory deep in a long context: graphs with attention
     build their causal + padding bias as [B, 1, chunk, depth] tensors, about 32 bytes per (position, depth)
@@ -68,7 +69,7 @@ class Generation:
                  prefill_chunk: int = 512, cancel: threading.Event | None = None, overflow: str = "error",
                  cache: Cache | None = None, cuts: Iterable[int] = (),
                  on_prefill: Callable[[Cache], None] | None = None, constraints: Sequence[Any] | None = None,
-                 prefill_budget: int = PREFILL_BUDGET):
+                 prefill_budget: int = PREFILL_BUDGET, on_decode: Callable[[Cache], None] | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected at least one prompt, each with at least one token")
         if max_new_tokens < 0:
@@ -99,7 +100,7 @@ class Generation:
         self.eos = set(model.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.prefill_chunk = prefill_chunk
         self.cancel = cancel or threading.Event()
-        self.cache, self.cuts, self.on_prefill = cache, sorted(set(cuts)), on_prefill
+        self.cache, self.cuts, self.on_prefill, self.on_decode = cache, sorted(set(cuts)), on_prefill, on_decode
         self.prefill_budget = prefill_budget
         self.new_tokens: list[list[int]] = [[] for _ in prompts]  # each row's sampled tokens, as they come
         if constraints is not None and len(constraints) != len(prompts):
@@ -192,6 +193,8 @@ class Generation:
             for row, (t, d) in enumerate(zip(tokens, done, strict=True)):
                 if not d:
                     self.new_tokens[row].append(int(t))
+            if self.on_decode:
+                self.on_decode(cache)
             yield [None if d else int(t) for t, d in zip(tokens, done, strict=True)]
             done |= np.isin(tokens, list(self.eos))
             if done.all():

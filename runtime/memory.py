@@ -12,8 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
-__all__ = ["PeakMemory", "available_memory", "can_reset_peak", "current_rss_mb", "peak_rss_mb", "reset_peak_rss",
-           "resident_mb"]
+__all__ = ["PeakMemory", "available_memory", "can_reset_peak", "current_rss_mb", "peak_rss_mb", "release_free_heap",
+           "reset_peak_rss", "resident_mb"]
 
 CLEAR_REFS = "/proc/self/clear_refs"
 
@@ -145,6 +145,25 @@ def resident_mb() -> dict[str, float]:
         rss = current_rss_mb()
         return {"rss": rss, "anonymous": rss, "file": 0.0}
     return {"rss": rss, "anonymous": anonymous, "file": max(rss - anonymous, 0.0)}
+
+
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the system, where the C library can: glibc's malloc_trim (freed
+    buffers of a few MB sit in the heap otherwise: glibc raises its mmap threshold as buffers come and go), and
+    Android's bionic mallopt(M_PURGE). False where neither exists (the pages then go back as the allocator
+    decides). Milliseconds: memory pressure calls it, never a token step."""
+    import ctypes  # here only: the one caller is memory pressure
+
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+        return True
+    if sys.platform == "linux" and hasattr(libc, "mallopt"):  # bionic (Android 9+): M_PURGE
+        return bool(libc.mallopt(-101, 0))
+    return False
 
 
 def available_memory() -> int | None:

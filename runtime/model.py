@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ from .encode import PieceEncoder
 from .events import Done, Event, ReasoningDelta, TextDelta, ToolCallEvent, ToolRun
 from .files import describe, read_text
 from .generate import Generation
+from .memory import release_free_heap
 from .prefixcache import PrefixCache
+from .pressure import TrimLevel
 from .sampling import Sampling
 from .schemas import function_schema, tool_schema
 from .templates import ChatTemplate
@@ -70,12 +73,14 @@ class LfmModel:
     """A loaded bundle: its session, tokenizer, chat template and sampling defaults, and what is kept between
     generations (the prefix cache, the constraint vocabulary)."""
 
-    def __init__(self, bundle: str | Path, threads: int | None = None, providers: Any = "auto",
+    def __init__(self, bundle: str | Path, threads: int | str | None = None, providers: Any = "auto",
                  verify: str = "sampled", session: Session | None = None, prefix_cache_bytes: int = 64 << 20,
-                 prefix_cache_dir: str | Path | None = None, prepack_cache: str = "off"):
+                 prefix_cache_dir: str | Path | None = None, prepack_cache: str = "off",
+                 threads_cache: str | Path | None = None):
         """`session`: an already-loaded backend (runtime/backend.py's Session: LfmSession, or a phone
         backend from backends.open_session); by default the bundle is loaded with onnxruntime's Python binding
-        (`threads`, `providers`, `verify`, `prepack_cache`: see backends/python.py LfmSession).
+        (`threads` (a count, None or "auto": runtime/threads.py), `threads_cache`, `providers`, `verify`,
+        `prepack_cache`: see backends/python.py LfmSession).
         `prefix_cache_bytes`: RAM for the state after shared conversation prefixes (0: none);
         `prefix_cache_dir`: also keep them in files there, across restarts (prefixcache.py)."""
         self.folder = Path(bundle)
@@ -83,7 +88,7 @@ class LfmModel:
             from .backends.python import LfmSession  # onnxruntime's Python binding: imported where it is used
 
             session = LfmSession(bundle, threads=threads, providers=providers, verify=verify,
-                                 prepack_cache=prepack_cache)
+                                 prepack_cache=prepack_cache, threads_cache=threads_cache)
         self.session: Session = session
         path = self.folder / "tokenizer.json"
         try:
@@ -109,6 +114,8 @@ class LfmModel:
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_cache_dir,
                                         self.identity if prefix_cache_dir is not None else None)
         self.generation_config = read_generation_config(self.folder)
+        self._conversations: weakref.WeakSet[Conversation] = weakref.WeakSet()  # trim_memory reaches them
+        self._conversations_lock = threading.Lock()
 
     def default_sampling(self, **overrides: Any) -> Sampling:
         """The checkpoint's recommended sampling (generation_config.json), with overrides."""
@@ -191,24 +198,33 @@ class LfmModel:
                                       constrain_tools, tool_choice=tool_choice)
 
     def events(self, generation: Generation, prompt: Sequence[int], stop: Sequence[str] = (),
-               response_format: Any = None) -> Iterator[Event]:
-        """Run `generation` over `prompt`, as typed events; the last one is Done."""
+               response_format: Any = None, replay: Sequence[int] = ()) -> Iterator[Event]:
+        """Run `generation` over `prompt`, as typed events; the last one is Done. `replay`: tokens of the answer
+        generated before (an answer continued after an interruption): they count in Done, without events."""
         parser = StreamParser(start_in_reasoning=self.in_reasoning(prompt))
         decoder = IncrementalDecoder(self.tokenizer)
         text, reasoning, calls, tokens = [], [], [], []
         eos = set(self.session.eos_token_ids)
         stopped_by_string = False
-        for (token,) in generation:
-            if token is None:
-                continue
+
+        def add(token: int) -> Iterator[Event]:
             tokens.append(token)
             if token in eos:
-                continue
+                return
             delta = decoder.add(token)
-            if not delta:
-                continue
-            for event in parser.feed(delta):
+            for event in parser.feed(delta) if delta else ():
                 yield from self._record(event, text, reasoning, calls)
+
+        for token in replay:
+            for _ in add(token):
+                pass
+        if stop and any(s in "".join(text) for s in stop):  # the replayed answer had already stopped
+            stopped_by_string = True
+            generation.cancel.set()
+        for (token,) in generation:
+            if token is None or stopped_by_string:
+                continue
+            yield from add(token)
             if stop and any(s in "".join(text) for s in stop):
                 stopped_by_string = True
                 generation.cancel.set()
@@ -283,6 +299,30 @@ class LfmModel:
         refused with StateFileError when the file is damaged, edited, from another bundle or from a newer
         lfm-edge."""
         return Conversation.load(self, path, tools, **options)
+
+    def track(self, conversation: Conversation) -> None:
+        """Remember a live conversation over this model (weakly: a conversation the app dropped is not kept)."""
+        with self._conversations_lock:
+            self._conversations.add(conversation)
+
+    @property
+    def conversations(self) -> list[Conversation]:
+        """The conversations over this model that are still alive."""
+        with self._conversations_lock:
+            return list(self._conversations)
+
+    def trim_memory(self, level: TrimLevel | int | str = TrimLevel.COMPLETE) -> int:
+        """Release what only saves time, as far as `level` says (runtime/pressure.py): the prefix cache's RAM
+        tier, then every live conversation's snapshots, then their grown-but-unused KV rows. A conversation
+        that is generating is skipped (its turn uses what it holds; trim again when it ends). Answers never
+        change, later turns may re-prefill. Returns the bytes released. Safe from any thread."""
+        level = TrimLevel.of(level)
+        freed = self.prefix_cache.trim()
+        for conversation in self.conversations:
+            freed += conversation._trim(level)
+        if freed:
+            release_free_heap()  # freed buffers of a few MB otherwise stay in the C heap
+        return freed
 
     @property
     def identity(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ class Saved:
     settings: dict[str, Any]
     snapshot_lengths: list[int] = field(default_factory=list)
     tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    answer: dict[str, Any] | None = None  # an answer cut short, to continue (check_answer)
+    checksum: str = ""  # the file's, as read (a journal names its base by it)
 
     @property
     def length(self) -> int:
@@ -63,6 +66,8 @@ def save(path: Path, saved: Saved, identity: str, kv: dict[int, tuple[np.ndarray
         "started": saved.started, "snapshots": saved.snapshot_lengths if saved.tokens else [],
         "settings": saved.settings,
     }
+    if saved.answer is not None:  # (a reader before this field shows the partial answer as a finished one)
+        document["answer"] = saved.answer
     try:
         json.dumps(document)
     except (TypeError, ValueError) as e:
@@ -79,7 +84,8 @@ def size_limit(state: StateSpec, context_length: int) -> int:
     return HEADER_BYTES + kv + conv * (MAX_SNAPSHOTS + 1)
 
 
-def load(path: Path, identity: str, state: StateSpec, vocab_size: int, context_length: int) -> Saved:
+def load(path: Path, identity: str, state: StateSpec, vocab_size: int, context_length: int,
+         eos: Sequence[int] = ()) -> Saved:
     """The conversation saved at `path`, its document checked (the tensors are checked by `state_arrays`)."""
     tensors, doc = statefile.read(path, size_limit(state, context_length))
     if doc.get("format") != FORMAT:
@@ -95,11 +101,7 @@ def load(path: Path, identity: str, state: StateSpec, vocab_size: int, context_l
         raise StateFileError(f"{path}: saved with another bundle (fingerprint {str(doc.get('bundle'))[:12]}..., "
                              f"this bundle is {identity[:12]}...): its state is meaningless here")
     fields = _Fields(path, doc)
-    messages = fields.list("messages", MAX_MESSAGES)
-    for n, message in enumerate(messages):
-        if not isinstance(message, dict) or type(message.get("role")) is not str:
-            raise StateFileError(f"{path}: messages[{n}] must be an object with a string 'role', found "
-                                 f"{message!r:.60}")
+    messages = check_messages(str(path), doc.get("messages"))
     tools = fields.list("tools", 4096)
     for n, tool in enumerate(tools):
         try:
@@ -134,7 +136,53 @@ def load(path: Path, identity: str, state: StateSpec, vocab_size: int, context_l
                                  f"{', '.join(SETTINGS)})")
         if type(value) is not kind:
             raise StateFileError(f"{path}: settings.{key} must be {kind.__name__}, found {value!r:.40}")
-    return Saved(messages, tools, dict(template_vars), tokens, float(started), dict(settings), lengths, tensors)
+    answer = doc.get("answer")
+    if answer is not None:
+        answer = check_answer(f"{path}: field 'answer'", answer, length, vocab_size, eos)
+    return Saved(messages, tools, dict(template_vars), tokens, float(started), dict(settings), lengths, tensors,
+                 answer, str(doc.get(statefile.CHECKSUM, "")))
+
+
+ANSWER_FIELDS = {"prompt_length": int, "pending": int, "max_new_tokens": int, "stop": list,
+                 "reasoning_budget": (int, type(None)), "allow_special_tokens": bool}
+
+
+def check_messages(where: str, messages: Any) -> list[dict[str, Any]]:
+    """A document's messages: a list of objects with a string 'role'; StateFileError starting with `where` (the
+    file, or the file and its record)."""
+    if not isinstance(messages, list):
+        raise StateFileError(f"{where}: field 'messages' must be a list, found {messages!r:.60}")
+    if len(messages) > MAX_MESSAGES:
+        raise StateFileError(f"{where}: field 'messages' holds {len(messages):,} items, at most {MAX_MESSAGES:,} "
+                             "expected")
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict) or type(message.get("role")) is not str:
+            raise StateFileError(f"{where}: messages[{n}] must be an object with a string 'role', found "
+                                 f"{message!r:.60}")
+    return messages
+
+
+def check_answer(where: str, answer: Any, length: int, vocab_size: int, eos: Sequence[int]) -> dict[str, Any]:
+    """An answer cut short (journal.py): the state holds its prompt (`prompt_length` tokens) and the answer's
+    tokens but the last, `pending` (sampled, not yet fed); it continues for up to `max_new_tokens` in all."""
+    if not isinstance(answer, dict) or answer.keys() != ANSWER_FIELDS.keys():
+        raise StateFileError(f"{where} must be an object with the fields {', '.join(ANSWER_FIELDS)}, found "
+                             f"{answer!r:.80}")
+    for key, kind in ANSWER_FIELDS.items():
+        if not isinstance(answer[key], kind) or isinstance(answer[key], bool) and kind is int:
+            raise StateFileError(f"{where}: {key} has the wrong type ({answer[key]!r:.40})")
+    prompt, pending, most = answer["prompt_length"], answer["pending"], answer["max_new_tokens"]
+    if not 1 <= prompt <= length:
+        raise StateFileError(f"{where}: prompt_length {prompt} is not within the state's {length} tokens")
+    if not 0 <= pending < vocab_size or pending in eos:
+        raise StateFileError(f"{where}: pending {pending} is not a token id that continues an answer")
+    if not length - prompt + 1 < most:
+        raise StateFileError(f"{where}: max_new_tokens {most} leaves nothing to continue after "
+                             f"{length - prompt + 1} tokens")
+    budget = answer["reasoning_budget"]
+    if budget is not None and budget < 0 or not all(isinstance(x, str) for x in answer["stop"]):
+        raise StateFileError(f"{where}: reasoning_budget must be >= 0 and stop a list of strings")
+    return dict(answer)
 
 
 ConvState = dict[int, np.ndarray]

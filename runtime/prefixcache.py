@@ -109,6 +109,13 @@ class PrefixCache:
         with self._lock:
             return sum(e.nbytes for e in self._entries.values())
 
+    def trim(self) -> int:
+        """Empty the RAM tier (memory pressure); the disk tier stays. Returns the bytes released."""
+        with self._lock:
+            freed = sum(e.nbytes for e in self._entries.values())
+            self._entries.clear()
+            return freed
+
     def _remember(self, entry: PrefixEntry) -> None:
         if entry.nbytes > self.max_bytes:
             return

@@ -10,7 +10,8 @@ from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
 
 KINDS = {"fp32": {}, "portable": {"ops": "portable"}, "int4": {"quant": "int4"},
-         "int4-int8kv": {"quant": "int4", "kv_cache": "int8"}}
+         "int4-int8kv": {"quant": "int4", "kv_cache": "int8"}, "int4-int4kv": {"quant": "int4", "kv_cache": "int4"},
+         "android": {"quant": "int4", "target": "android"}}
 
 
 @functools.cache

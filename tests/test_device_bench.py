@@ -566,3 +566,15 @@ def test_overhead_ablation_runs_the_bundles_weight_kernels_alone_on_its_weights(
         assert 0 < row["weights_ms"] and 0 < row["step_ms"]
         assert row["share"] < 1
     assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_load_memory_study_tables_each_stage_against_the_weights(demo_int4, tmp_path, capsys):
+    from lfm_edge.device_bench.studies.load_memory import main
+
+    assert main([str(demo_int4), "--prefill", "16", "--threads", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "load_memory.json").read_text())
+    stages = {s["stage"]: s for s in result["stages"]}
+    assert list(stages)[:3] == ["before import", "onnxruntime imported", "after load"]
+    weights = result["weights_mib"]
+    assert 0 < weights < 10 and stages["after load"]["peaks"]["anonymous"] >= stages["after load"]["anonymous"] > 0
+    assert "| after load |" in capsys.readouterr().out and (tmp_path / "load_memory.md").exists()

@@ -234,6 +234,7 @@ _PIECES = ["<|im_start|>", "<|im_end|>", "<|tool_call_start|>", "<think>", "</th
            "<", "|"]
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(_PIECES) | st.text(max_size=6), max_size=40))
 def test_piece_encoding_is_the_tokenizers_own(parts):

@@ -145,6 +145,13 @@ def test_reexport_replaces_bundle(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tokens", [0, 63, 1 << 21, 2.5, True])
+def test_calibration_tokens_out_of_range(checkpoint, tmp_path, tokens):
+    with pytest.raises(ExportError, match=f"--calibration-tokens {tokens!r}: expected an integer in 64.."):
+        export(checkpoint, tmp_path / "out", quant="int4", calibration_tokens=tokens)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_reports_errors_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lfm_edge.export.cli", str(tmp_path / "nope"), "--out",
                              str(tmp_path / "out")], capture_output=True, text=True)

@@ -134,6 +134,7 @@ def test_q8_0_stays_8_bit_and_exact(tiny, tmp_path):
     np.testing.assert_array_equal(dequantized, GgufCheckpoint(path, tokenizer=tiny).tensor(name))
 
 
+@pytest.mark.slow
 def test_f16_tensors_take_the_policy_as_from_safetensors(tiny, tmp_path):
     path = write_gguf(Checkpoint(tiny), tmp_path / "f16.gguf", f16=True)
     bundle = export(path, tmp_path / "b", quant="int4", tokenizer=tiny).bundle

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from shared_bundles import demo_bundle as shared_bundle
 
 from lfm_edge.export.checkpoint import Checkpoint
 from lfm_edge.export.cli import demo_model_path
@@ -97,6 +98,7 @@ def test_int8_cache_on_int4_weights_with_a_left_padded_batch(root):
            [generate(session, [p], 12, eos_token_ids=[])[0] for p in prompts]
 
 
+@pytest.mark.slow
 def test_onnxruntime_genai_runs_the_int8_cache_bundle(root):
     pytest.importorskip("onnxruntime_genai")
     from genai_greedy import genai_greedy
@@ -178,9 +180,8 @@ def test_bad_kv_cache_choices_name_the_argument(root, tmp_path):
 
 
 @pytest.mark.slow
-def test_phone_target_bundle_with_int8_cache_converts_to_ort_format(tmp_path):
-    bundle = export(demo_model_path(), tmp_path / "android", quant="int4", target="android",
-                    kv_cache="int8").bundle
+def test_phone_target_bundle_with_int8_cache_converts_to_ort_format(tmp_path_factory):
+    bundle = shared_bundle(tmp_path_factory.getbasetemp(), "android")  # the target's default cache is int8
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["ort_format"]["file"] == "model.ort" and manifest["kv_cache"]["bits"] == 8
     session = ort.InferenceSession(str(bundle / "model.ort"), providers=["CPUExecutionProvider"])

@@ -18,6 +18,11 @@ def int8_cache_bundle(tmp_path_factory):
     return demo_bundle(tmp_path_factory.getbasetemp(), "int4-int8kv")
 
 
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):  # for refusals, which any bundle gets: the session's most shared one
+    return demo_bundle(tmp_path_factory.getbasetemp(), "int4")
+
+
 @pytest.mark.slow
 def test_long_context_bench_measures_each_depth_and_a_synthetic_fill(int8_cache_bundle, tmp_path):
     out = tmp_path / "out"
@@ -51,6 +56,7 @@ def test_long_context_bench_measures_each_depth_and_a_synthetic_fill(int8_cache_
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_long_context_bench_refuses_a_depth_beyond_the_context(int8_cache_bundle, tmp_path, capsys):
     code = main(["long-context", str(int8_cache_bundle), "--depths", "4090", "--decode", "16", "--peer", "none",
                  "--out", str(tmp_path / "out")])
@@ -60,19 +66,19 @@ def test_long_context_bench_refuses_a_depth_beyond_the_context(int8_cache_bundle
     assert not (tmp_path / "out").exists()
 
 
-def test_llama_peer_without_a_gguf_is_refused_before_measuring(int8_cache_bundle, tmp_path, capsys):
-    for workload in (["long-context", str(int8_cache_bundle), "--depths", "64"],
-                     ["conversation", str(int8_cache_bundle), "--script", "2:8:4"], ["speed", str(int8_cache_bundle)]):
+def test_llama_peer_without_a_gguf_is_refused_before_measuring(bundle, tmp_path, capsys):
+    for workload in (["long-context", str(bundle), "--depths", "64"],
+                     ["conversation", str(bundle), "--script", "2:8:4"], ["speed", str(bundle)]):
         assert main([*workload, "--peer", "llama", "--out", str(tmp_path / "out")]) == 2
         assert "--peer llama needs --gguf FILE" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_long_context_refuses_a_point_whose_memory_exceeds_what_is_available_simulated_small_phone(
-        int8_cache_bundle, monkeypatch):
+        bundle, monkeypatch):
     """MemAvailable stands in for a phone with little memory; the point is refused before any process runs."""
     monkeypatch.setattr(longctx, "available_memory", lambda: 1_000_000)
-    section = longctx.run(int8_cache_bundle, [1000], 16, 1, None, [])
+    section = longctx.run(bundle, [1000], 16, 1, None, [])
     (point,) = section["points"]
     assert point["runs"] == [] and "MemAvailable is 0.00 GB" in point["refused"]
     assert "KV cache for 1,017 rows" in point["refused"]

@@ -214,6 +214,7 @@ def test_a_failing_step_says_which_and_why_the_start_is_quiet_and_a_phone_size_i
     assert state["window"]["tab_height"] == 2 * 52  # the tab bar's 52 dp, at that density
 
 
+@pytest.mark.slow
 def test_the_serve_switch_serves_the_chats_model_to_an_openai_client(display, demo_int4, tmp_path):
     """Model screen, Serve on: an OpenAI client on this device (the official one) lists the model and gets an
     answer with the key the screen shows, nothing without it; the app holds one session; Serve off closes the

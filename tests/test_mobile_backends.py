@@ -13,7 +13,6 @@ binding over the very memory the backend allocated, so greedy tokens must equal 
 from __future__ import annotations
 
 import ctypes
-import functools
 import importlib.util
 import shutil
 from pathlib import Path
@@ -22,9 +21,8 @@ from types import SimpleNamespace
 import numpy as np
 import onnxruntime as ort
 import pytest
+from shared_bundles import demo_bundle
 
-from lfm_edge.export.cli import demo_model_path
-from lfm_edge.export.exporter import export
 from lfm_edge.runtime import backends, kernels
 from lfm_edge.runtime.backends import plan
 from lfm_edge.runtime.backends.java import JavaSession
@@ -36,13 +34,12 @@ from lfm_edge.runtime.generate import generate
 PROMPTS = [[1, 1055, 2041, 1279, 1067], [1, 2500, 300, 12, 77, 900, 5, 18]]
 
 
-@functools.cache
 def bundle(root: Path, kind: str) -> Path:
     if kind == "int4":  # GroupQueryAttention, shared KV buffer
-        return export(demo_model_path(), root / "backend-int4", quant="int4").bundle
+        return demo_bundle(root, "int4")
     if kind.startswith("kv-"):  # the same with an int8 / int4 KV cache (int8/uint8 state tensors)
-        return export(demo_model_path(), root / f"backend-{kind}", quant="int4", kv_cache=kind[3:]).bundle
-    return export(demo_model_path(), root / "backend-portable", ops="portable").bundle  # concatenating KV
+        return demo_bundle(root, f"int4-{kind[3:]}kv")
+    return demo_bundle(root, "portable")  # concatenating KV
 
 
 @pytest.fixture(scope="module", params=["int4", "portable"])

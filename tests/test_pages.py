@@ -5,9 +5,8 @@ import sys
 
 import numpy as np
 import pytest
+from shared_bundles import demo_bundle
 
-from lfm_edge.export.cli import demo_model_path
-from lfm_edge.export.exporter import export
 from lfm_edge.runtime.backends import pages
 from lfm_edge.runtime.backends.python import LfmSession
 
@@ -32,8 +31,8 @@ def test_only_never_written_mappings_are_released_and_reads_still_see_the_file(t
 
 
 @pytest.mark.slow
-def test_a_session_gives_logits_identical_to_one_that_keeps_its_pages(tmp_path, monkeypatch):
-    bundle = export(demo_model_path(), tmp_path / "int4", quant="int4").bundle
+def test_a_session_gives_logits_identical_to_one_that_keeps_its_pages(tmp_path_factory, monkeypatch):
+    bundle = demo_bundle(tmp_path_factory.getbasetemp(), "int4")
     prompt = np.array([[5, 17, 99, 3, 250, 42]])
 
     def run(session):

@@ -9,17 +9,17 @@ import tempfile
 import numpy as np
 import onnxruntime as ort
 import pytest
+from shared_bundles import demo_bundle
 
-from lfm_edge.export.cli import demo_model_path
-from lfm_edge.export.exporter import export
 from lfm_edge.export.mobile import ort_warnings
+from lfm_edge.export.options import TARGET_THREADS
 from lfm_edge.runtime.backends.python import LfmSession
 from lfm_edge.runtime.generate import generate
 
 
 @pytest.mark.slow
-def test_android_bundle_has_usability_report_and_ort_format(tmp_path):
-    bundle = export(demo_model_path(), tmp_path / "android", quant="int4", target="android").bundle
+def test_android_bundle_has_usability_report_and_ort_format(tmp_path_factory):
+    bundle = demo_bundle(tmp_path_factory.getbasetemp(), "android")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["target"] == "android"
     report = (bundle / "mobile_usability.txt").read_text()
@@ -65,9 +65,9 @@ def test_android_bundle_has_usability_report_and_ort_format(tmp_path):
 
 
 @pytest.mark.slow
-def test_targets_set_threads_for_their_cores(tmp_path):
-    for target, threads in (("ios", 2), ("desktop", None)):
-        bundle = export(demo_model_path(), tmp_path / target, quant="int4", target=target).bundle
+def test_targets_set_threads_for_their_cores(tmp_path_factory):
+    for kind, threads in (("android", TARGET_THREADS["android"]), ("int4", None)):  # int4: the desktop target
+        bundle = demo_bundle(tmp_path_factory.getbasetemp(), kind)
         options = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
         assert options.get("intra_op_num_threads") == threads
 

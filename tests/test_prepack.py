@@ -15,9 +15,8 @@ from pathlib import Path
 
 import onnx
 import pytest
+from shared_bundles import demo_bundle
 
-from lfm_edge.export.cli import demo_model_path
-from lfm_edge.export.exporter import export
 from lfm_edge.export.footprint import stored_bytes
 from lfm_edge.runtime.backends import prepack
 from lfm_edge.runtime.backends.python import LfmSession
@@ -29,7 +28,7 @@ PROMPTS = [[1, 6, 100, 200, 300]]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    return export(demo_model_path(), tmp_path_factory.mktemp("prepack") / "demo-int4", quant="int4").bundle
+    return demo_bundle(tmp_path_factory.getbasetemp(), "int4")  # tests copy it before they write
 
 
 @pytest.fixture(scope="module")

@@ -132,11 +132,16 @@ def _against_fake_quant(ckpt, bundle, policy):
     return reference, prompt, want, got
 
 
+# GPTQ's calibration tokens in the exactness tests: the reference reads the same Hessians as the export, whatever
+# their count; 512 instead of the default 4096 halves a tiny model's calibration pass (two per case)
+CALIBRATION = 512
+
+
 @cache
 def _fake_quant(ckpt, policy):
     """The policy's reference transform, with the calibration an export of `ckpt` computes for GPTQ weights
     (one calibration pass per checkpoint and policy, however many references a test builds)."""
-    hessians = linear_hessians(Checkpoint(ckpt), policy.calibrated)[0]
+    hessians = linear_hessians(Checkpoint(ckpt), policy.calibrated, tokens=CALIBRATION)[0]
     return partial(policy.fake_quant, hessians=hessians)
 
 
@@ -160,7 +165,7 @@ def _policy_case(tmp_path, name, config):
     """A tiny checkpoint of `config` exported with policy `name` at fp32 activations (exact against fake-quant)."""
     build(config, tmp_path / "ckpt", seed=3)
     policy = get_policy(name).with_overrides(accuracy_level=0)
-    bundle = export(tmp_path / "ckpt", tmp_path / "q", quant=policy).bundle
+    bundle = export(tmp_path / "ckpt", tmp_path / "q", quant=policy, calibration_tokens=CALIBRATION).bundle
     return bundle, policy, *_against_fake_quant(tmp_path / "ckpt", bundle, policy)
 
 
@@ -169,7 +174,7 @@ def int4_case(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     build(request.param, root / "ckpt", seed=3)
     policy = get_policy("int4").with_overrides(accuracy_level=0)  # fp32 activations: exact against fake-quant
-    bundle = export(root / "ckpt", root / "int4", quant=policy).bundle
+    bundle = export(root / "ckpt", root / "int4", quant=policy, calibration_tokens=CALIBRATION).bundle
     return root / "ckpt", bundle, policy
 
 
@@ -218,7 +223,7 @@ def test_rescored_vocabulary_matches_fake_quant_reference(tmp_path, name, config
     np.testing.assert_allclose(got[rest], scanned[rest], atol=1e-4, rtol=0)
     assert np.abs(np.take_along_axis(got - scanned, top, -1)).mean() > 1e-3
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["gptq_calibration"].startswith("4096 tokens of ")  # the linears' GPTQ, and its text
+    assert manifest["gptq_calibration"].startswith(f"{CALIBRATION} tokens of ")  # the linears' GPTQ, and its text
     recorded = manifest["quant_policy"]
     assert recorded["linears"]["method"] == "gptq"
     assert recorded["rescore"] == {"top": 64,

@@ -560,6 +560,7 @@ def test_gguf_metadata_out_of_range_is_refused_before_allocation(tiny_gguf, tmp_
         _refused_quickly(bad, tmp_path / "out", match, tokenizer=ckpt / "tokenizer.json")
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(field=st.sampled_from(["context_length", "vocab_size", "block_count", "embedding_length",
                               "attention.head_count", "attention.key_length", "expert_count", "expert_used_count",

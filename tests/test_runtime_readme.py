@@ -6,16 +6,22 @@ import re
 from pathlib import Path
 
 import pytest
-
-from lfm_edge.export.cli import demo_model_path
-from lfm_edge.export.exporter import export
+from shared_bundles import demo_bundle
 
 README = Path(__file__).resolve().parent.parent / "runtime" / "README.md"
 
 
+def _build_folder(cwd: Path, tmp_path_factory, *kinds: str) -> None:
+    """cwd/build/demo_model-{kind}-contrib as `make export` names them: links to the session's shared bundles
+    (the examples read them, never write into them)."""
+    (cwd / "build").mkdir()
+    for kind in kinds:
+        (cwd / "build" / f"demo_model-{kind}-contrib").symlink_to(demo_bundle(tmp_path_factory.getbasetemp(), kind))
+
+
 @pytest.mark.slow
-def test_readme_examples_run(tmp_path, monkeypatch, capsys):
-    export(demo_model_path(), tmp_path / "build" / "demo_model-int4-contrib", quant="int4")
+def test_readme_examples_run(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    _build_folder(tmp_path, tmp_path_factory, "int4")
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 4
@@ -27,7 +33,7 @@ def test_readme_examples_run(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_top_level_readme_python_runs(tmp_path, monkeypatch, capsys):
+def test_top_level_readme_python_runs(tmp_path, tmp_path_factory, monkeypatch, capsys):
     """Every Python block of README.md; the lfm-serve client example against `lfm-serve` started as the README
     starts it (on a free port instead of 8000)."""
     import socket
@@ -37,8 +43,7 @@ def test_top_level_readme_python_runs(tmp_path, monkeypatch, capsys):
 
     import httpx2
 
-    export(demo_model_path(), tmp_path / "build" / "demo_model-fp32-contrib")
-    export(demo_model_path(), tmp_path / "build" / "demo_model-int4-contrib", quant="int4")
+    _build_folder(tmp_path, tmp_path_factory, "fp32", "int4")
     monkeypatch.chdir(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

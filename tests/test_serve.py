@@ -260,6 +260,7 @@ def test_memory_stays_flat_over_many_bad_requests(served):
         assert rss() - before < 4096  # kB
 
 
+@pytest.mark.slow
 def test_the_serve_benchmark_drives_the_script_through_http(bundle, tmp_path):
     """lfm-bench serve on the demo bundle: every turn's answer through HTTP is the script's, from turn 2 on the
     kept state serves the earlier turns (cached = what the Python API's kept conversation reuses), the

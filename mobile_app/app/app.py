@@ -14,6 +14,7 @@ from kivy.uix.label import Label
 from kivy.uix.screenmanager import NoTransition, ScreenManager
 
 from .model import LoadTimes, default_bundle
+from .pressure import MemoryWatch, watch_platform
 from .screen_bench import BenchScreen
 from .screen_chat import ChatScreen
 from .screen_model import ModelScreen
@@ -58,17 +59,23 @@ class LfmApp(App):
         downloads = self.downloads_dir or Path(self.user_data_dir) / "bundles"
         self.conversation_file = self.conversation_file or Path(self.user_data_dir) / "conversation.safetensors"
         self.chat = ChatController(post, max_new_tokens=self.max_new_tokens)
+        self.chat.autosave = self.conversation_file  # answers in progress survive a kill (runtime autosave)
         self.chat_screen = ChatScreen(self.chat, busy=lambda: self.busy("chat"))
         # the benchmark measures the model the chat holds: a second session of the same bundle would double
         # the app's memory (10 GB for LFM2.5-8B-A1B)
         self.bench_screen = BenchScreen(post, loaded=self._loaded_model, busy=lambda: self.busy("bench"))
         self.model_screen = ModelScreen(post, self._model_loaded, busy=lambda: self.busy("model"),
-                                        downloads=downloads, threads=self.threads, on_unload=self._release_model,
+                                        downloads=downloads, on_unload=self._release_model,
+                                        threads=self.threads if self.threads is not None else "auto",
                                         load_times=LoadTimes(Path(self.user_data_dir) / "load_times.json"),
                                         prepack_cache=self.prepack_cache, model=lambda: self.model)
+        self.model_screen.threads_cache = Path(self.user_data_dir) / "threads.json"  # runtime/threads.py
         self.screens = ScreenManager(transition=NoTransition())
         for screen in (self.chat_screen, self.bench_screen, self.model_screen):
             self.screens.add_widget(screen)
+        # memory warnings (pressure.py): the first saves the chat, each trims the model and says what it released
+        self.memory = MemoryWatch(lambda: self.model, self._save_for_warning,
+                                  lambda text: post(lambda: setattr(self.chat_screen.status, "text", text)))
 
         root = BoxLayout(orientation="vertical")
         header = BoxLayout(size_hint_y=None, height=dp(52), padding=(dp(12), dp(6)), spacing=dp(8))
@@ -93,6 +100,7 @@ class LfmApp(App):
         return root
 
     def on_start(self) -> None:
+        self._platform_watch = watch_platform()  # kept: pyjnius drops a collected Java callback
         # the chat screen is up before the model is ready: it loads on a worker thread, with progress here
         Clock.schedule_interval(lambda _dt: self._show_loading(), 0.25)
         if self.start_bundle is None:
@@ -164,6 +172,14 @@ class LfmApp(App):
         except (OSError, ValueError) as e:  # a full disk must not crash the app on its way out
             print(f"lfm-app: conversation not saved: {e}")
 
+    def _save_for_warning(self) -> bool:
+        """Save the chat at a memory warning (the killer may follow); False when it could not (a turn runs)."""
+        try:
+            return self.chat.save(self.conversation_file)
+        except (OSError, ValueError) as e:
+            print(f"lfm-app: conversation not saved at a memory warning: {e}")
+            return False
+
     def on_pause(self) -> bool:
         self.save_conversation()
         return True  # stay alive in the background
@@ -180,6 +196,7 @@ class LfmApp(App):
                            "tab_height": self.tabs["chat"].height}}
 
     def on_stop(self) -> None:
+        self.memory.close()
         self.model_screen.stop_serving("the app closed")
         self.chat.cancel()
         if self.chat.wait(5):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm_edge.device_bench import roofline, speed
+from lfm_edge.device_bench import roofline, speed, sustained
 from lfm_edge.device_bench.measure import Metric
 from lfm_edge.runtime import backends
 
@@ -42,7 +42,8 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-Cancelled = speed.Cancelled  # what a cancelled `run_benchmark` raises
+Cancelled = speed.Cancelled  # what a cancelled `run_benchmark` or `run_sustained` raises
+SUSTAINED_MINUTES = 10.0  # the Sustained workload: long enough for a phone to heat and throttle
 
 
 @dataclass
@@ -78,6 +79,7 @@ class BenchReport:
     roofline_error: str = ""
     model_label: str = ""  # what was measured (roofline.bundle_label), e.g. "demo_model int4"
     prediction: roofline.PhonePrediction | None = None  # phones, for LFM2.5-8B-A1B int4
+    threads_note: str = ""  # how threads="auto" chose `threads` (thread_note), "" for a given count
 
     @property
     def fraction(self) -> float:
@@ -139,7 +141,7 @@ class BenchReport:
             *split((("After load: anon / file", self.anon_after_load_mb, self.file_after_load_mb),
                     ("Decoding: anon / file", self.anon_decoding_mb, self.file_decoding_mb))),
             ("Load (the app's)" if self.load_measured == "app" else "Load", f"{self.load_s:.2f} s"),
-            ("Threads", str(self.threads)),
+            ("Threads", f"{self.threads} ({self.threads_note})" if self.threads_note else str(self.threads)),
         ]
 
     def roofline_text(self) -> str:
@@ -151,6 +153,16 @@ class BenchReport:
     def phone_rows(self) -> list[tuple[str, str, str]]:
         """(SoC, predicted tok/s of LFM2.5-8B-A1B int4, meets 30 tok/s)."""
         return [(p["soc"], f"{p['predicted_tps']:.1f}", "yes" if p["meets_target"] else "no") for p in self.phones]
+
+
+def thread_note(choice: Any) -> str:
+    """How threads="auto" (runtime/threads.py ThreadChoice) chose: when, the cores, each candidate's decode."""
+    if choice is None:
+        return ""
+    sweep = ", ".join(f"{s['label']} {s['tokens_per_second']:.0f}" for s in choice.sweep)
+    cores = f" on CPUs {','.join(map(str, choice.cores))}" if choice.cores else ""
+    when = "measured at load" if choice.measured else "measured earlier on this device"
+    return f"auto{cores}, {when}" + (f"; tok/s: {sweep}" if sweep else "")
 
 
 def verdict(prediction: roofline.PhonePrediction, target: float = TARGET) -> str:
@@ -247,5 +259,55 @@ def run_benchmark(bundle: Path, preset: Preset, progress: Callable[[int, int, st
                         list(preset.decode), preset.runs, progress=step, open_session=backends.open_session,
                         cancel=cancel, session=session)
     progress(total, total, "done")
-    return add_roofline(summarize(metrics, bundle, preset, threads, app_load if session is not None else None),
-                        bundle, bandwidth)
+    report = add_roofline(summarize(metrics, bundle, preset, threads, app_load if session is not None else None),
+                          bundle, bandwidth)
+    report.threads_note = thread_note(getattr(session, "thread_choice", None))
+    return report
+
+
+@dataclass
+class SustainedReport:
+    """The Sustained workload's result (device_bench/sustained.py `run`): speed per window beside heat."""
+
+    bundle: str
+    minutes: float
+    threads: int
+    result: dict
+
+    @property
+    def summary(self) -> dict:
+        return self.result["summary"]
+
+    def headline(self) -> str:
+        s = self.summary
+        if not s["first_tps"] or not s["last_tps"]:
+            return "Sustained: too short to compare a first and a last stretch"
+        edge = "minute" if s["edge_s"] >= 60 else f"{s['edge_s']:.0f} s"
+        return (f"Sustained: last {edge} {s['last_tps']:.1f} tok/s, {s['last_over_first']:.2f}x the first "
+                f"({s['first_tps']:.1f})")
+
+    def rows(self) -> list[tuple[str, str]]:
+        s, windows = self.summary, self.result["windows"]
+        statuses = [w["platform_thermal_status"] for w in windows if w.get("platform_thermal_status")]
+        return [("Decoded", f"{s['decoded_tokens']:,} tokens in {s['duration_s']:.0f} s ({s['turns']} turns)"),
+                ("Overall decode", f"{s['overall_tps']:.1f} tok/s" if s["overall_tps"] else "n/a"),
+                ("Hottest thermal zone", f"{s['hottest_c']:.1f} °C" if s["hottest_c"] is not None else "not exposed"),
+                ("Thermal status (last)", statuses[-1] if statuses else "not exposed"),
+                ("Anonymous memory (last)", f"{windows[-1]['anonymous_mb']:.0f} MB" if windows else "n/a"),
+                ("Threads", str(self.threads))]
+
+    def missing_text(self) -> str:
+        missing = self.summary["missing_sensors"]
+        return ("Not exposed on this device (missing, not zero): " + "; ".join(missing)) if missing else ""
+
+
+def run_sustained(bundle: Path, session: Any, minutes: float = SUSTAINED_MINUTES,
+                  progress: Callable[[int, int, str], None] = lambda *a: None,
+                  cancel: threading.Event | None = None) -> SustainedReport:
+    """Blocking; call it from a worker thread. Decodes on the app's session for `minutes` (a set `cancel` stops it
+    with `Cancelled` within one step); `progress(done, total, message)` per window."""
+    threads = getattr(session, "threads", 0) or 1
+    result = sustained.run(session, minutes * 60, progress=lambda f, m: progress(int(f * 1000), 1000, m),
+                           cancel=cancel, threads=threads)
+    progress(1000, 1000, "done")
+    return SustainedReport(str(bundle), minutes, threads, result)

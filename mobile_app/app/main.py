@@ -19,7 +19,8 @@ from .model import check_folder
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lfm-app", description=__doc__)
     parser.add_argument("bundle", nargs="?", help="bundle folder to load at start")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads for chat (default: its own)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads for chat (default: measured "
+                        "on this device the first time a bundle loads, runtime/threads.py)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="longest answer per chat round")
     parser.add_argument("--downloads", type=Path, default=None, help="where downloaded bundles go "
                         "(default: the app's data folder)")

@@ -43,19 +43,22 @@ def check_folder(folder: str | Path) -> str | None:
     return None
 
 
-def load_model(folder: str | Path, threads: int | None = None,
-               progress: Callable[[str], None] = lambda stage: None, prepack_cache: str = "off") -> LfmModel:
+def load_model(folder: str | Path, threads: int | str | None = None,
+               progress: Callable[[str], None] = lambda stage: None, prepack_cache: str = "off",
+               threads_cache: Path | None = None) -> LfmModel:
     """Blocking (seconds for a large bundle): call it from a worker thread. The session comes from
     `backends.open_session`, so a phone build without onnxruntime's Python binding plugs in its own.
     `progress(stage)` names each stage as it starts (onnxruntime gives no progress inside a session's
-    creation, which is most of the time)."""
+    creation, which is most of the time). `threads="auto"` (what the app passes unless told a count) measures
+    the thread counts the first time a bundle loads on this device and keeps the choice in `threads_cache`
+    (runtime/threads.py)."""
     folder = Path(folder).expanduser()
     progress("preparing the weights")
     # prepack_cache "auto" maps the weights from a cache next to the bundle (runtime/backends/prepack.py): the app's
     # memory is then mostly file pages the system can reclaim, but the cache costs 2.1x the bundle on disk,
     # its first load a minute on the 8B, and decode ran at 0.85x (the cold-start note of 2026-11-29): off unless memory
     # is the limit
-    session = open_session(folder, threads, prepack_cache=prepack_cache)
+    session = open_session(folder, threads, prepack_cache=prepack_cache, threads_cache=threads_cache)
     progress("reading the tokenizer")
     return LfmModel(folder, session=session)
 

@@ -26,10 +26,11 @@ class BenchScreen(Screen):
         self.post, self.loaded, self.busy = post, loaded, busy
         self.job = Job(post, "benchmark")
         self.report: bench.BenchReport | None = None
+        self.sustained: bench.SustainedReport | None = None
         self.preset = "quick"
         outer = BoxLayout(orientation="vertical", padding=dp(10), spacing=dp(8))
         self.presets = {name: toggle(name.title(), "preset", "down" if name == self.preset else "normal")
-                        for name in bench.PRESETS}
+                        for name in (*bench.PRESETS, "sustained")}
         for name, t in self.presets.items():
             t.bind(on_press=lambda _t, n=name: self.pick(n))
         outer.add_widget(row(*self.presets.values()))
@@ -51,7 +52,10 @@ class BenchScreen(Screen):
     def pick(self, name: str) -> None:
         self.preset = name
         if not self.job.running:
-            self.status.text = f"{name.title()}: {self._describe(bench.PRESETS[name])}."
+            self.status.text = f"{name.title()}: " + (
+                f"decode without pause for {bench.SUSTAINED_MINUTES:.0f} minutes, speed beside the device's "
+                "temperatures, as a long answer heats a phone" if name == "sustained"
+                else f"{self._describe(bench.PRESETS[name])}.")
 
     @staticmethod
     def _describe(p: bench.Preset) -> str:
@@ -65,14 +69,19 @@ class BenchScreen(Screen):
             self.status.text = reason or "no model loaded: pick one on the Model screen"
             return
         folder, model, load_seconds, memory = loaded
-        preset = bench.PRESETS[self.preset]
 
         def progress(done: int, total: int, message: str) -> None:  # on the worker thread
             self.post(lambda: self._progress(done, total, message))
 
+        self.run_button.disabled, self.cancel_button.disabled = True, False
+        if self.preset == "sustained":
+            self.job.start(lambda cancel: bench.run_sustained(folder, model.session, progress=progress, cancel=cancel),
+                           self._done_sustained, self._failed)
+            self.status.text = f"decoding on {folder.name} for {bench.SUSTAINED_MINUTES:.0f} minutes..."
+            return
+        preset = bench.PRESETS[self.preset]
         self.job.start(lambda cancel: bench.run_benchmark(folder, preset, progress, cancel, session=model.session,
                                                           app_load=(load_seconds, memory)), self._done, self._failed)
-        self.run_button.disabled, self.cancel_button.disabled = True, False
         self.status.text = f"running the {preset.name} workload on {folder.name}..."
 
     def _progress(self, done: int, total: int, message: str) -> None:
@@ -90,6 +99,18 @@ class BenchScreen(Screen):
         self.status.text = f"{report.preset} workload on {report.bundle.rsplit('/', 1)[-1]}" + (
             " (disturbed: another process competed for the CPU)" if report.disturbed else "")
         self.show(report)
+
+    def _done_sustained(self, report: bench.SustainedReport) -> None:
+        self._idle()
+        self.sustained = report
+        self.status.text = f"sustained workload on {report.bundle.rsplit('/', 1)[-1]}"
+        self.results.clear_widgets()
+        panel = Panel()
+        panel.add_widget(Text(text=report.headline(), font_size=sp(20), bold=True))
+        panel.add_widget(self._grid(report.rows(), cols=2))
+        if report.missing_text():
+            panel.add_widget(Text(text=report.missing_text(), color=MUTED, font_size=sp(13)))
+        self.results.add_widget(panel)
 
     def _idle(self) -> None:
         self.run_button.disabled, self.cancel_button.disabled = False, True

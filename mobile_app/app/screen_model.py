@@ -38,6 +38,7 @@ class ModelScreen(Screen):
         super().__init__(name="model", **kwargs)
         self.post, self.on_loaded, self.on_unload, self.busy = post, on_loaded, on_unload, busy
         self.downloads, self.threads, self.prepack_cache = downloads, threads, prepack_cache
+        self.threads_cache: Path | None = None  # where threads="auto" keeps its choices (the app's data folder)
         self.model, self.server = model, server or LocalServer()
         self.load_times = load_times or LoadTimes(None)
         self.loader, self.fetcher = Job(post, "load-model"), Job(post, "download")
@@ -119,7 +120,7 @@ class ModelScreen(Screen):
             started = time.perf_counter()
             with PeakMemory() as peak:
                 model = load_model(folder, self.threads, progress=lambda stage: self.post(lambda: self._stage(stage)),
-                                   prepack_cache=self.prepack_cache)
+                                   prepack_cache=self.prepack_cache, threads_cache=self.threads_cache)
             seconds = time.perf_counter() - started
             return model, seconds, resident_mb() | {f"peak_{k}": v for k, v in peak.peaks().items()}
 

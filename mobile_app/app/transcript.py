@@ -1,6 +1,6 @@
 """One chat turn as a state machine, without any widget: idle -> generating (-> cancelling) -> idle.
 
-The model runs on a worker thread (`Conversation.run_tools`, so tool calls loop back to the model and each
+The model runs on a worker thread (the tool loop on a `Conversation`, so tool calls loop back to the model and each
 turn prefills only what is new); every event it streams is handed to `post`, which the app points at Kivy's
 clock so that the transcript is only ever changed on the UI thread. Tests pass a poster that queues, and
 drain the queue themselves. `save`/`restore` keep the conversation across app restarts (Android kills apps
@@ -30,6 +30,7 @@ from lfm_edge.runtime import (
 from lfm_edge.runtime.schemas import function_schema
 from lfm_edge.runtime.statefile import StateFileError
 from lfm_edge.runtime.toolcalls import StreamParser
+from lfm_edge.runtime.tools import tool_loop
 
 from .tools import DEMO_TOOLS
 
@@ -88,6 +89,7 @@ class ChatController:
         self.system = system
         self.reasoning_budget: int | None = None  # one of THINKING
         self.model: LfmModel | None = None
+        self.autosave: Path | None = None  # where the conversation checkpoints while it answers (the app's file)
         self.loading = ""  # what the app says while a model loads in the background ("" when none does)
         self.conversation: Conversation | None = None  # the messages and the state that matches them
         self.items: list[Item] = []
@@ -113,7 +115,13 @@ class ChatController:
             raise RuntimeError("a chat turn is running: cancel it first")
         self.items.clear()
         self.conversation = self.model.conversation(self.system, self.tools) if self.model is not None else None
+        self._autosave()
         self._changed(None)
+
+    def _autosave(self) -> None:
+        """An answer being generated when the app is killed is in the file (Conversation.autosave)."""
+        if self.conversation is not None and self.autosave is not None:
+            self.conversation.autosave(self.autosave)
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -142,6 +150,7 @@ class ChatController:
         except (StateFileError, ValueError) as e:
             return str(e)
         self.items = transcript(self.conversation.messages)
+        self._autosave()
         self._changed(None)
         return None
 
@@ -150,8 +159,17 @@ class ChatController:
         return [*self.history, {"role": "user", "content": text}]
 
     def send(self, text: str) -> str | None:
-        """Start a turn; returns why it cannot start, or None when it did."""
+        """Start a turn; returns why it cannot start, or None when it did. Empty text finishes an answer the app
+        was killed in (the restored conversation's partial answer), if there is one."""
         text = text.strip()
+        if not text and self.conversation is not None and self.conversation.partial is not None and \
+                self.model is not None and self.state == IDLE:
+            last = self.items[-1] if self.items else None
+            if isinstance(last, Bubble) and last.role == "assistant":
+                last.footer = ""
+                self._changed(len(self.items) - 1)
+            self._start(None, len(self.items) - 1 if isinstance(last, Bubble) else None)
+            return None
         if not text:
             return "nothing to send"
         if self.model is None:
@@ -164,12 +182,16 @@ class ChatController:
             self.reset()
         self.items.append(Bubble("user", text))
         self._changed(len(self.items) - 1)
-        self.state, self.tokens, self._current = GENERATING, 0, None
+        self._start(text, None)
+        return None
+
+    def _start(self, text: str | None, current: int | None) -> None:
+        """A turn on the worker thread: `text` sent, or (None) the partial answer continued into item `current`."""
+        self.state, self.tokens, self._current = GENERATING, 0, current
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._work, args=(self.conversation, text, self._cancel),
                                         name="chat-turn", daemon=True)
         self._thread.start()
-        return None
 
     def cycle_thinking(self) -> str:
         """The next reasoning budget of THINKING; returns its label ("Think: full", "Think: 64", "Think: off")."""
@@ -197,11 +219,17 @@ class ChatController:
 
     # --- the worker thread: only reads its arguments and posts ----------------------------------------------
 
-    def _work(self, conversation: Conversation, text: str, cancel: threading.Event) -> None:
+    def _work(self, conversation: Conversation, text: str | None, cancel: threading.Event) -> None:
+        options = {"cancel": cancel, "max_new_tokens": self.max_new_tokens, "reasoning_budget": self.reasoning_budget}
+
+        def answer(round_: int):  # round 0 continues a partial answer when there is no text (send); tools loop on
+            if round_ == 0 and text is None:
+                return conversation.continue_answer(cancel=cancel)
+            return conversation.send(text if round_ == 0 else None, **options)
+
         try:
-            run = conversation.run_tools(text, self.tools, cancel=cancel, max_new_tokens=self.max_new_tokens,
-                                         reasoning_budget=self.reasoning_budget,
-                                         on_event=lambda event: self.post(lambda: self._apply(event)))
+            run = tool_loop(answer, conversation.messages, self.tools, 4,
+                            on_event=lambda event: self.post(lambda: self._apply(event)))
         except Exception as e:  # a failed turn is shown in the transcript; the app keeps running
             error = f"{type(e).__name__}: {e}"
             self.post(lambda: self._finish(None, error))
@@ -292,6 +320,8 @@ def transcript(messages: list[dict[str, Any]]) -> list[Item]:
                 elif isinstance(event, ToolCallEvent):
                     cards += [ToolCard(c.name, dict(c.arguments)) for c in event.calls]
             bubble.text, bubble.reasoning = bubble.text.strip(), bubble.reasoning.strip()
+            if message.get("partial"):  # cut short when the app was killed (Conversation.autosave)
+                bubble.footer = "interrupted when the app was closed: Send with no text finishes it"
             items += ([bubble] if bubble.text or bubble.reasoning else []) + cards
         elif role == "tool":
             card = next((i for i in items if isinstance(i, ToolCard) and i.result is None and not i.error), None)

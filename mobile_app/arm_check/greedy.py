@@ -19,7 +19,10 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 PROMPTS = ["The list", "A class", "If the"]
-NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+# Every element type a bundle's inputs can have: fp32/fp16 conv state and KV, int8 KV (--kv-cache int8, the
+# phone default), uint8 KV (int4, two values a byte), int64 ids and mask.
+NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+            "tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 def zero_state(session: ort.InferenceSession, maxlen: int) -> dict[str, np.ndarray]:
@@ -28,6 +31,8 @@ def zero_state(session: ort.InferenceSession, maxlen: int) -> dict[str, np.ndarr
     for inp in session.get_inputs():
         if inp.name in ("input_ids", "attention_mask"):
             continue
+        if inp.type not in NP_TYPES:
+            raise SystemExit(f"greedy.py: input {inp.name} has element type {inp.type}, which has no numpy type here")
         dims = [1] + [d if isinstance(d, int) else maxlen for d in inp.shape[1:]]
         state[inp.name] = np.zeros(dims, dtype=NP_TYPES[inp.type])
     return state

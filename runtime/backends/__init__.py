@@ -14,7 +14,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from .. import threads as tuning
 from ..backend import Session
+from .plan import read_bundle
 
 BACKENDS = ("python", "java", "objc")  # in order of preference
 MODULES = {"python": "onnxruntime", "java": "jnius", "objc": "pyobjus"}  # what each backend imports
@@ -51,24 +53,58 @@ def choose(backend: str = "auto") -> str:
     return backend
 
 
-def open_session(bundle: str | Path, threads: int | None = None, backend: str = "auto",
-                 prepack_cache: str = "off", attention_kernel: str = "flash") -> Session:
+def open_session(bundle: str | Path, threads: int | str | None = None, backend: str = "auto",
+                 prepack_cache: str = "off", attention_kernel: str = "flash",
+                 threads_cache: str | Path | None = None) -> Session:
     """Load `bundle` through `backend` ("auto": python if onnxruntime imports, else java if jnius does
     (Android), else objc if pyobjus does (iOS)). `prepack_cache` (runtime/backends/prepack.py) applies to the python
     backend; the Java and Objective-C backends do not write or map one yet. `attention_kernel`:
-    runtime/kernels.py, on every backend."""
+    runtime/kernels.py, on every backend. `threads="auto"` (runtime/threads.py): measured once per device and
+    bundle through the same backend, remembered in `threads_cache` (an app passes a file in its data folder);
+    the session's `thread_choice` says what was chosen and why."""
     backend = choose(backend)
+    if backend == "python":
+        from .python import LfmSession  # onnxruntime's Python binding, which a phone build may lack
+
+        return LfmSession(bundle, threads=threads, prepack_cache=prepack_cache, attention_kernel=attention_kernel,
+                          threads_cache=threads_cache)
     if backend == "java":
-        from .java import JavaSession  # pyjnius: on Android only
+        from .java import JavaSession as Phone  # pyjnius: on Android only
+    else:
+        from .objc import ObjcSession as Phone  # pyobjus: on iOS only
 
-        return JavaSession(bundle, threads=threads, attention_kernel=attention_kernel)
-    if backend == "objc":
-        from .objc import ObjcSession  # pyobjus: on iOS only
+    def load(count: int | None, cores: tuple[int, ...] = ()) -> Session:
+        return Phone(bundle, threads=count, attention_kernel=attention_kernel, cores=cores)
 
-        return ObjcSession(bundle, threads=threads, attention_kernel=attention_kernel)
-    from .python import LfmSession  # onnxruntime's Python binding, which a phone build may lack
+    if threads != "auto":
+        return load(threads)  # type: ignore[arg-type]
+    decoder = read_bundle(bundle, "none").decoder
+    bundle_threads = int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)) or None
+    choice, kept = tuning.choose(bundle, lambda c: load(c.threads, c.cores), bundle_threads,
+                                 threads_cache or tuning.default_cache_path())
+    session = kept or load(choice.threads, choice.cores)
+    session.thread_choice = choice  # type: ignore[attr-defined]
+    return session
 
-    return LfmSession(bundle, threads=threads, prepack_cache=prepack_cache, attention_kernel=attention_kernel)
+
+def thermal_status() -> str | None:
+    """The platform's thermal status where a phone backend can ask it (Android 10+: "none" ... "shutdown"; iOS:
+    "nominal" ... "critical"); None where it cannot (a desktop, a Python with onnxruntime's own binding, an older
+    Android): missing, which a benchmark reports as missing."""
+    try:
+        backend = choose()
+    except RuntimeError:
+        return None
+    if backend == "java":
+        from .java import thermal_status as status  # pyjnius: on Android only
+    elif backend == "objc":
+        from .objc import thermal_status as status  # pyobjus: on iOS only
+    else:
+        return None
+    try:
+        return status()
+    except Exception:  # noqa: BLE001 (an OS without the call, or a JVM/ObjC error: the reading is missing)
+        return None
 
 
 def release_thread() -> None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -55,6 +56,8 @@ import numpy as np
 from .. import kernels
 from ..backend import CacheBase
 from ..bundle import BundleError, StateSpec, state_spec
+from ..threads import AFFINITY_KEY
+from ..threads import affinity as thread_affinity
 from .plan import kv_cache_type, read_bundle, step_names
 
 LITTLE = sys.byteorder == "little"
@@ -81,7 +84,8 @@ class JavaSession:
     stand-ins). `pinned`: use OrtSession.run with pinned outputs (None: detect the overload)."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None, classes: Any = None,
-                 pinned: bool | None = None, verify: str = "size", attention_kernel: str = "flash"):
+                 pinned: bool | None = None, verify: str = "size", attention_kernel: str = "flash",
+                 cores: tuple[int, ...] = ()):
         kernels.check(attention_kernel)
         cfg = read_bundle(bundle, verify)
         self.attention_kernel, self.num_heads = attention_kernel, int(cfg.decoder.get("num_attention_heads", 0))
@@ -94,6 +98,10 @@ class JavaSession:
         options = J.SessionOptions()
         if threads:
             options.setIntraOpNumThreads(int(threads))
+        affinity = thread_affinity(int(threads or 0), cores)  # the pool's threads on these CPUs (threads.py)
+        if affinity:
+            options.addConfigEntry(AFFINITY_KEY, affinity)
+        self.threads, self.cores = int(threads or 0), tuple(cores) if affinity else ()
         for key, value in kernels.SESSION_CONFIG.items():  # as LfmSession
             options.addConfigEntry(key, value)
         try:
@@ -364,3 +372,48 @@ def _close_all(res: SimpleNamespace) -> None:
         t.close()
     res.tensors.clear()
     res.direct.clear()
+
+
+def watch_trim_memory(callback: Callable[[int], None], activity: Any = None) -> Any:
+    """Call `callback(level)` on Android's onTrimMemory(level) (ComponentCallbacks2's TRIM_MEMORY_* values;
+    onLowMemory as 80, TRIM_MEMORY_COMPLETE), through a ComponentCallbacks2 registered on the app's activity
+    (python-for-android's PythonActivity by default). The callback runs on Android's main thread. Returns the
+    registered object: keep it referenced (pyjnius drops a collected one) and pass it to
+    `activity.unregisterComponentCallbacks` to stop. runtime/pressure.py maps the levels."""
+    from jnius import PythonJavaClass, autoclass, java_method  # pyjnius: on Android only
+
+    class TrimCallbacks(PythonJavaClass):
+        __javainterfaces__ = ["android/content/ComponentCallbacks2"]
+        __javacontext__ = "app"
+
+        @java_method("(I)V")
+        def onTrimMemory(self, level: int) -> None:  # noqa: N802 (Java's name)
+            callback(int(level))
+
+        @java_method("()V")
+        def onLowMemory(self) -> None:  # noqa: N802
+            callback(80)
+
+        @java_method("(Landroid/content/res/Configuration;)V")
+        def onConfigurationChanged(self, config: Any) -> None:  # noqa: N802
+            pass
+
+    watcher = TrimCallbacks()
+    activity = activity or autoclass("org.kivy.android.PythonActivity").mActivity
+    activity.registerComponentCallbacks(watcher)
+    return watcher
+
+
+ANDROID_THERMAL = ("none", "light", "moderate", "severe", "critical", "emergency", "shutdown")  # PowerManager
+
+
+def thermal_status(activity: Any = None) -> str:
+    """Android's thermal status (PowerManager.getCurrentThermalStatus, API 29+: THERMAL_STATUS_NONE ... SHUTDOWN)
+    as a word; the benchmark records it beside the temperatures /sys exposes."""
+    from jnius import autoclass, cast  # pyjnius: on Android only
+
+    activity = activity or autoclass("org.kivy.android.PythonActivity").mActivity
+    context = autoclass("android.content.Context")
+    power = cast("android.os.PowerManager", activity.getSystemService(context.POWER_SERVICE))
+    level = int(power.getCurrentThermalStatus())
+    return ANDROID_THERMAL[level] if 0 <= level < len(ANDROID_THERMAL) else f"status {level}"

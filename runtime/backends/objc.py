@@ -34,6 +34,8 @@ import numpy as np
 from .. import kernels
 from ..backend import CacheBase
 from ..bundle import BundleError, StateSpec
+from ..threads import AFFINITY_KEY
+from ..threads import affinity as thread_affinity
 from .plan import kv_cache_type, read_bundle, state_from_config, step_names
 
 # ort_enums.h: ORTTensorElementDataType {Undefined, Float, Int8, UInt8, Int32, UInt32, Int64, ...}
@@ -65,7 +67,7 @@ class ObjcSession:
     """One loaded bundle over onnxruntime-objc. `classes`: what objc_classes() returns (tests pass stand-ins)."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None, classes: Any = None, verify: str = "size",
-                 attention_kernel: str = "flash"):
+                 attention_kernel: str = "flash", cores: tuple[int, ...] = ()):
         kernels.check(attention_kernel)
         cfg = read_bundle(bundle, verify)
         self.attention_kernel, self.num_heads = attention_kernel, int(cfg.decoder.get("num_attention_heads", 0))
@@ -78,6 +80,10 @@ class ObjcSession:
         options = C.ORTSessionOptions.alloc().initWithError_(None)
         if threads:
             options.setIntraOpNumThreads_error_(int(threads), None)
+        affinity = thread_affinity(int(threads or 0), cores)  # iOS does not pin threads; kept for the contract
+        if affinity:
+            options.addConfigEntryWithKey_value_error_(AFFINITY_KEY, affinity, None)
+        self.threads, self.cores = int(threads or 0), tuple(cores) if affinity else ()
         for key, value in kernels.SESSION_CONFIG.items():  # as LfmSession
             options.addConfigEntryWithKey_value_error_(key, value, None)
         with kernels.building(attention_kernel):  # onnxruntime reads it from this process's environment
@@ -193,3 +199,15 @@ class ObjcCache(CacheBase):
             self.conv[i].reverse()
         self.kv.update(grown)
         return logits[:, -1:].copy()
+
+
+IOS_THERMAL = ("nominal", "fair", "serious", "critical")  # NSProcessInfoThermalState
+
+
+def thermal_status() -> str:
+    """iOS's thermal state (NSProcessInfo.processInfo.thermalState) as a word; the benchmark records it (iOS exposes
+    no temperatures to apps)."""
+    from pyobjus import autoclass  # pyobjus: on iOS only
+
+    level = int(autoclass("NSProcessInfo").processInfo().thermalState())
+    return IOS_THERMAL[level] if 0 <= level < len(IOS_THERMAL) else f"state {level}"

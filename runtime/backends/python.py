@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .. import kernels
+from .. import threads as thread_choice
 from ..backend import CacheBase
 from ..bundle import BundleError, read_bundle, state_spec
 from . import prepack
@@ -55,10 +56,16 @@ class LfmSession:
     {"intra_op_num_threads": 4}), "CPUExecutionProvider"]; the choice and its reason are in
     `provider_choice`. `verify`: see verify_bundle ("sampled" by default)."""
 
-    def __init__(self, bundle: str | Path, threads: int | None = None, providers: str | ProviderList = "auto",
+    def __init__(self, bundle: str | Path, threads: int | str | None = None, providers: str | ProviderList = "auto",
                  verify: str = "sampled", prepack_cache: str = "off",
-                 configure: Callable[[ort.SessionOptions], None] | None = None, attention_kernel: str = "flash"):
-        """`prepack_cache` (prepack.py): "off"; "use" (map a valid cache next to the bundle if there is one);
+                 configure: Callable[[ort.SessionOptions], None] | None = None, attention_kernel: str = "flash",
+                 cores: tuple[int, ...] = (), threads_cache: str | Path | None = None):
+        """`threads`: onnxruntime's intra-op threads; None: the bundle's genai_config value (export/options.py
+        TARGET_THREADS) capped at this machine's CPUs, else onnxruntime's own choice; "auto": measured on this
+        device once per bundle (runtime/threads.py) and remembered in `threads_cache` (a JSON file; None: the
+        user's cache folder), the choice and its sweep in `thread_choice`. `cores`: pin the pool's threads to
+        these logical CPUs (0-based; "auto" sets it on big.LITTLE phones).
+        `prepack_cache` (prepack.py): "off"; "use" (map a valid cache next to the bundle if there is one);
         "auto" (the same, and write one when there is none, the folder is writable and has room). What
         happened and why is in `prepack` (a PrepackStatus); a cache never stops a bundle from loading.
         `configure`: a caller's extra settings on every SessionOptions made here (device_bench/step_profile.py
@@ -73,14 +80,29 @@ class LfmSession:
         self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
         self.attention_kernel, self.num_heads = attention_kernel, int(decoder.get("num_attention_heads", 0))
         self._decoder = decoder
+        bundle_threads = int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)) or None
+        self.thread_choice: thread_choice.ThreadChoice | None = None
+        if threads == "auto":
+            def candidate(c: thread_choice.Candidate) -> LfmSession:
+                return LfmSession(self.folder, threads=c.threads, cores=c.cores, providers=providers, verify="none",
+                                  configure=configure, attention_kernel=attention_kernel)
+
+            self.thread_choice, _ = thread_choice.choose(self.folder, candidate, bundle_threads,
+                                                         threads_cache or thread_choice.default_cache_path())
+            threads, cores = self.thread_choice.threads, self.thread_choice.cores
+        elif isinstance(threads, str) or (threads is not None and threads < 0):
+            raise ValueError(f"threads {threads!r}: expected a count, None or 'auto'")
         # the bundle's target default (export/options.py TARGET_THREADS), never more than this machine's CPUs
-        threads = threads or min(int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)),
-                                 os.cpu_count() or 1)
+        threads = threads or min(bundle_threads or 0, os.cpu_count() or 1)
+        thread_choice.check_cores(cores)
+        affinity = thread_choice.affinity(threads, cores)
 
         def session_options() -> ort.SessionOptions:
             options = ort.SessionOptions()
             if threads:
                 options.intra_op_num_threads = threads
+            if affinity:  # one entry per pool thread beyond the caller's (threads.affinity)
+                options.add_session_config_entry(thread_choice.AFFINITY_KEY, affinity)
             # The CPU arena keeps the largest buffers any run needed (a 512-token prefill's logits alone are
             # 512 x vocab floats) for the session's life; without it they go back after the run. 6 layers at
             # full width: RSS while decoding after a 512-token prefill 1616 -> 1315 MB, decode speed unchanged.
@@ -123,6 +145,7 @@ class LfmSession:
             cache = self.prepack.folder
             self.released_bytes = release_clean_pages([cache / prepack.DATA], prepack.raw_ranges(cache / prepack.MODEL))
         self.threads = threads or 0  # 0: onnxruntime's own choice
+        self.cores = tuple(cores) if affinity else ()
         _opened[str(self.folder)] += 1
         _live.add(self)
 

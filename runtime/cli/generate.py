@@ -15,6 +15,7 @@ from ..files import describe, read_text
 from ..generate import stream
 from ..hugepages import reexec_with_hugepages
 from ..sampling import Sampling
+from ..threads import threads_arg
 from . import warn_in_one_line
 
 
@@ -30,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=threads_arg, default=None,
+                        help='onnxruntime threads; "auto": measured once per device and bundle (runtime/threads.py); '
+                             "default: the bundle's count")
     args = parser.parse_args(argv)
 
     if not Path(args.bundle).is_dir():
