@@ -175,22 +175,28 @@ class Script:
 
 
 def word_ids(tokenizer: Any, vocab_size: int, banned: set[int], rng: np.random.Generator,
-             want: int = 4000) -> list[int]:
-    """Ids of plain words that are one token with a leading space and decode back to themselves."""
-    out = []
-    for t in rng.permutation(vocab_size)[:min(vocab_size, 40 * want)]:
-        t = int(t)
-        if t in banned:
-            continue
-        w = tokenizer.decode([t], skip_special_tokens=False).strip()
-        alone = tokenizer.encode(" " + w, add_special_tokens=False).ids
-        if len(w) >= 2 and w.isascii() and w.isalnum() and alone == [t]:
-            out.append(t)
-            if len(out) >= want:
-                break
-    if len(out) < 16:
-        raise ValueError(f"the tokenizer has only {len(out)} single-token words: no script can be made")
-    return out
+             want: int = 4000) -> tuple[list[int], list[int]]:
+    """Ids of plain words that are one token after a space and decode back to themselves, and `lead`, what comes
+    before each: nothing when the space is part of the word's token (`Ġword`), or the space's own token in a
+    tokenizer that keeps spaces apart from words (the demo model's: `Ġ`, `word`)."""
+    space = tokenizer.encode(" ", add_special_tokens=False).ids
+    for lead in ([], space if len(space) == 1 else None):
+        if lead is None:
+            break
+        out = []
+        for t in rng.permutation(vocab_size)[:min(vocab_size, 40 * want)]:
+            t = int(t)
+            if t in banned:
+                continue
+            w = tokenizer.decode([t], skip_special_tokens=False).strip()
+            alone = tokenizer.encode(" " + w, add_special_tokens=False).ids
+            if len(w) >= 2 and w.isascii() and w.isalnum() and alone == [*lead, t]:
+                out.append(t)
+                if len(out) >= want:
+                    break
+        if len(out) >= 16:
+            return out, lead
+    raise ValueError(f"the tokenizer has only {len(out)} single-token words: no script can be made")
 
 
 def make_script(model: Any, turns: int, user: int, answer: int, reasoning: int, seed: int = 0) -> Script:
@@ -198,7 +204,11 @@ def make_script(model: Any, turns: int, user: int, answer: int, reasoning: int, 
     rng = np.random.default_rng(seed)
     banned = set(session.eos_token_ids) | {session.pad_token_id}
     banned |= set(tokenizer.get_added_tokens_decoder())
-    pool = word_ids(tokenizer, session.vocab_size, banned, rng)
+    pool, lead = word_ids(tokenizer, session.vocab_size, banned, rng)
+
+    def spoken(ids: list[int]) -> list[int]:  # the words' tokens, each after its space token if it has one
+        return [x for t in ids for x in (*lead, t)]
+
     think, end_think = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
     if reasoning and (think is None or end_think is None):
         raise ValueError("--reasoning needs <think> and </think> tokens in the tokenizer")
@@ -206,10 +216,10 @@ def make_script(model: Any, turns: int, user: int, answer: int, reasoning: int, 
         raise ValueError(f"--reasoning {reasoning}: expected 2 <= R < ANSWER ({answer})")
     users, counts, answers = [], [], []
     for _ in range(turns):
-        text = tokenizer.decode(rng.choice(pool, user).tolist(), skip_special_tokens=False).strip()
+        text = tokenizer.decode(spoken(rng.choice(pool, user).tolist()), skip_special_tokens=False).strip()
         users.append(text)
         counts.append(len(tokenizer.encode(text, add_special_tokens=False).ids))
-        words = rng.choice(pool, answer).tolist()
+        words = spoken(rng.choice(pool, answer).tolist())[:answer]
         answers.append([think, *words[:reasoning - 2], end_think, *words[reasoning:]] if reasoning else words)
     return Script(users, counts, answers, pool)
 

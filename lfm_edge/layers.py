@@ -3,6 +3,9 @@ docs/pipeline.py draws it into docs/pipeline.png).
 
     quant    numpy-level primitives (policies, blocks, GPTQ): imports no other folder
     runtime  what a phone carries (onnxruntime, numpy, tokenizers, jinja2): imports no other folder
+    demo_model  the bundled demo checkpoint and its training script: the tool chats it is trained on are rendered
+             by the runtime's own chat template, tool schemas and demo tools, so the model learns exactly the
+             tokens LfmModel feeds it (a copy of them would drift)
     export   checkpoint -> bundle: quantizes with quant, writes the runtime's bundle format and measures what
              it wrote with the runtime
     device_bench, mobile_app   the runtime measured and put in an app (the app's Benchmark screen runs the
@@ -18,7 +21,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "quant": (),
     "runtime": (),
     "export": ("quant", "runtime", "lfm_edge"),
-    "demo_model": (),
+    "demo_model": ("runtime",),
     "device_bench": ("export", "quant", "runtime", "lfm_edge"),
     "mobile_app": ("runtime", "device_bench", "lfm_edge"),
 }

@@ -20,7 +20,8 @@ from shared_bundles import demo_bundle
 from lfm_edge.runtime import LfmModel, StateFileError, journal, persist
 
 SYSTEM = "You are brief."
-QUESTIONS = ["What is a list?", "And a tuple?"]
+# questions the demo model answers at length (to "What is a list?" after "You are brief." it answers 9 tokens, no text)
+QUESTIONS = ["Tell me about lists.", "And tuples?"]
 MAX_NEW = 40
 
 CHILD = textwrap.dedent("""

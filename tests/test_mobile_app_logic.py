@@ -67,9 +67,9 @@ def scripted_tool_bundle(folder: Path, controller: ChatController, question: str
 
 
 def talker_bundle(folder: Path) -> Path:
-    """A real ONNX bundle that says " la" at every position: an answer only max_new_tokens or Cancel ends."""
+    """A real ONNX bundle that says "la" at every position: an answer only max_new_tokens or Cancel ends."""
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
-    word = tok.encode(" la", add_special_tokens=False).ids[0]
+    word = tok.encode(" la", add_special_tokens=False).ids[-1]  # "la" (the demo's tokenizer keeps spaces apart)
     # ~3 ms of work per token: Cancel must land mid-answer even on a fast machine (without it 1200 tokens
     # took 0.13 s, less than the UI needs to see the first five)
     return write_bundle(folder, DEMO, dict.fromkeys(range(2048), word), tok.get_vocab_size(),

@@ -136,9 +136,11 @@ def test_tool_choice_none_and_a_named_function(client):
     none = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather?"}],
                                           tools=[WEATHER], tool_choice="none", max_tokens=8, temperature=0)
     assert not none.choices[0].message.tool_calls
-    named = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], tools=[WEATHER],
+    # a greeting, forced into a call ("Hi" forced gets a city the demo model never closes within 120 tokens)
+    named = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
+                                           tools=[WEATHER], max_tokens=120,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                                           max_tokens=120, temperature=0)
+                                           temperature=0)
     assert named.choices[0].message.tool_calls[0].function.name == "get_weather"
 
 
@@ -151,7 +153,7 @@ def test_json_schema_answers_are_valid_by_construction(client):
     data = json.loads(done.choices[0].message.content)
     assert set(data) == {"city"} and isinstance(data["city"], str)
     # json_object has no length bound: a prompt on which the demo's JSON closes within max_tokens
-    obj = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object."}],
+    obj = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "A JSON object, please."}],
                                          max_tokens=100, temperature=0, response_format={"type": "json_object"})
     assert obj.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(obj.choices[0].message.content), dict)
@@ -212,7 +214,9 @@ def test_a_disconnect_mid_stream_cancels_the_generation(server):
 def test_requests_beyond_the_queue_get_429(server):
     import threading
 
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write at length."}], "max_tokens": 400}
+    # a JSON answer the demo model never closes: each request runs its 400 tokens (its plain answers end in 30-90)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is a list?"}], "max_tokens": 400,
+            "response_format": {"type": "json_object"}}
     statuses = []
 
     def post() -> None:
@@ -309,8 +313,9 @@ def test_reasoning_comes_back_as_reasoning_content_and_its_budget_holds(tmp_path
                 reasoning.append((delta.model_extra or {}).get("reasoning_content") or "")
                 content.append(delta.content or "")
         assert "".join(reasoning) == whole.model_extra["reasoning_content"] and "".join(content) == whole.content
+        budget = len(tok.encode(" step one", add_special_tokens=False).ids)  # 4 tokens: the demo keeps spaces apart
         capped = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40,
-                                                extra_body={"reasoning_budget": 2})
+                                                extra_body={"reasoning_budget": budget})
         assert capped.choices[0].message.model_extra["reasoning_content"].strip() == "step one"
     finally:
         proc.terminate()
