@@ -35,7 +35,10 @@ SHOTS = ROOT / "build" / "screenshots"
 
 @pytest.fixture(scope="module")
 def demo_int4(tmp_path_factory):
-    return demo_int4_bundle(tmp_path_factory.getbasetemp())  # exported once per session, shared with the logic tests
+    # the session's shared int4 bundle, copied: the app writes its prepack cache next to the bundle it loads, and
+    # a shared bundle is never written into (test_prepack copies it and expects no cache there)
+    shared = demo_int4_bundle(tmp_path_factory.getbasetemp())
+    return Path(shutil.copytree(shared, tmp_path_factory.mktemp("gui") / shared.name))
 
 
 @pytest.fixture(scope="module")

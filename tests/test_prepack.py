@@ -28,7 +28,9 @@ PROMPTS = [[1, 6, 100, 200, 300]]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    return demo_bundle(tmp_path_factory.getbasetemp(), "int4")  # tests copy it before they write
+    shared = demo_bundle(tmp_path_factory.getbasetemp(), "int4")  # tests copy it before they write
+    assert not (shared / prepack.FOLDER).exists(), "a test wrote a prepack cache into the session's shared bundle"
+    return shared
 
 
 @pytest.fixture(scope="module")
