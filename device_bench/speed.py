@@ -10,7 +10,6 @@ runs the same benchmark on an Android phone's Python (Termux) and pulls the JSON
 from __future__ import annotations
 
 import gc
-import json
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ import numpy as np
 
 from ..runtime import threads as tuning
 from ..runtime.backends import prepack
+from ..runtime.bundle import read_bundle
 from ..runtime.hugepages import reexec_with_hugepages
 from ..runtime.memory import PeakMemory, can_reset_peak, current_rss_mb, resident_mb
 from . import common, roofline
@@ -239,10 +239,9 @@ def thread_sweep(bundle: Path, attention_kernel: str) -> dict:
     """threads="auto"'s measurement, fresh (its cache file is neither read nor written): each candidate's decode
     tok/s, the choice and why (bench.json "threads_sweep")."""
     common.progress("measuring decode at each thread count (threads=\"auto\")")
-    bundle_threads = int(json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"]
-                         .get("session_options", {}).get("intra_op_num_threads", 0)) or None
     choice, _ = tuning.sweep(bundle, lambda c: _lfm_session(bundle, c.threads, cores=c.cores,
-                                                              attention_kernel=attention_kernel), bundle_threads)
+                                                              attention_kernel=attention_kernel),
+                             read_bundle(bundle, "none").threads)
     return choice.to_json()
 
 

@@ -81,6 +81,12 @@ class BundleConfig:
     pad_token_id: int
     vocab_size: int | None  # genai_config's model.vocab_size; the graph's logits shape wins where static
 
+    @property
+    def threads(self) -> int | None:
+        """The decode threads the bundle's target starts with (session_options.intra_op_num_threads, written
+        from export/options.py TARGET_THREADS); None where the bundle leaves it to the runtime."""
+        return int(self.decoder.get("session_options", {}).get("intra_op_num_threads", 0)) or None
+
 
 VERIFY_MODES = ("none", "size", "sampled", "sha256")
 

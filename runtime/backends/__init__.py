@@ -78,9 +78,7 @@ def open_session(bundle: str | Path, threads: int | str | None = None, backend: 
 
     if threads != "auto":
         return load(threads)  # type: ignore[arg-type]
-    decoder = read_bundle(bundle, "none").decoder
-    bundle_threads = int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)) or None
-    choice, kept = tuning.choose(bundle, lambda c: load(c.threads, c.cores), bundle_threads,
+    choice, kept = tuning.choose(bundle, lambda c: load(c.threads, c.cores), read_bundle(bundle, "none").threads,
                                  threads_cache or tuning.default_cache_path())
     session = kept or load(choice.threads, choice.cores)
     session.thread_choice = choice  # type: ignore[attr-defined]

@@ -80,7 +80,7 @@ class LfmSession:
         self.eos_token_ids, self.pad_token_id = cfg.eos_token_ids, cfg.pad_token_id
         self.attention_kernel, self.num_heads = attention_kernel, int(decoder.get("num_attention_heads", 0))
         self._decoder = decoder
-        bundle_threads = int(decoder.get("session_options", {}).get("intra_op_num_threads", 0)) or None
+        bundle_threads = cfg.threads
         self.thread_choice: thread_choice.ThreadChoice | None = None
         if threads == "auto":
             def candidate(c: thread_choice.Candidate) -> LfmSession:
