@@ -11,8 +11,11 @@ whatever bundle was measured (`phone_prediction`): its bytes per token (from its
 measured bundle's manifest when that bundle is it) times phone bandwidth times an efficiency (the share of
 the bandwidth ceiling decode reaches) measured on a memory-bound model. A small bundle (the demo model: under
 1 MB per token, in the CPU's caches) says nothing about that share, so then the full model's recorded one is used.
-A share above 1 (decode faster than the measured bandwidth allows for the geometry's bytes) is capped at 1, and
-a share measured on random weights says so: their routing is not a trained model's.
+A share above 1 (decode faster than the measured bandwidth allows for the geometry's bytes) is capped at 1: counted
+from the router (studies/expert_reads.py), a decode step reads the geometry's bytes (k distinct experts per layer,
+and random weights route like chance, so a cache could not serve the previous token's experts either), so such a
+share says the bandwidth probe read low that day, not that a token read less. A share measured on random weights
+says so.
 """
 
 from __future__ import annotations
@@ -123,8 +126,8 @@ def ceiling(bandwidth_gbs: float, token_bytes: float) -> float:
 
 def share_of_ceiling(fraction: float) -> str:
     """"N% of it" after a ceiling (bench.md, the app), and what a share above 100% means."""
-    above = (", more than the measured bandwidth allows: a token read fewer bytes than counted (random weights' "
-             "routing can reuse experts from token to token)")
+    above = (", more than the measured bandwidth allows: the bandwidth probe read low (a token reads the bytes "
+             "counted: studies/expert_reads.py)")
     return f"{fraction:.0%} of it" + (above if fraction > 1 else "")
 
 
@@ -255,11 +258,12 @@ class PhonePrediction:
                f"{self.efficiency:.0%} of each phone's memory bandwidth, {eff}.")
         if self.capped_from:
             out += (f" Capped at 100%: decode here reached {self.capped_from:.0%} of the ceiling, faster than the "
-                    "measured bandwidth allows for the bytes counted per token, so a token read fewer bytes than "
-                    "counted.")
+                    "measured bandwidth allows for the bytes a token reads (counted from the router: the "
+                    "geometry's), so the bandwidth measured here is low.")
         if self.random_weights:
-            out += (" That efficiency was measured on random weights: their routing is not a trained model's "
-                    "(tokens that reuse experts read fewer bytes than counted), so a trained model's may be lower.")
+            out += (" That efficiency was measured on random weights, whose tokens read the geometry's bytes (k "
+                    "experts per layer, routed like chance); a trained model reads as many per token, but its "
+                    "routing and values are not these.")
         return out
 
 
@@ -273,7 +277,8 @@ def phone_prediction(bundle: Path | None, tokens: TokenBytes | None, fraction_he
         ref_bytes, bytes_from = tokens.total, "this bundle's manifest"
     threshold = memory_bound_bytes(cache_bytes)
     own = tokens is not None and tokens.total >= threshold and fraction_here > 0
-    # a share above 1 is no efficiency: the bundle read fewer bytes than counted (random weights' routing)
+    # a share above 1 is no efficiency: a token reads the geometry's bytes (studies/expert_reads.py), so the
+    # bandwidth measured for the ceiling was low
     efficiency = min(fraction_here, 1.0) if own else FULL_MODEL_EFFICIENCY.fraction
     source = "measured here" if own else FULL_MODEL_EFFICIENCY.describe()
     random = random_weights_preset(bundle) is not None if own else FULL_MODEL_EFFICIENCY.random_weights

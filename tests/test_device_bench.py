@@ -294,7 +294,8 @@ def test_phone_predictions_are_for_the_full_model(demo_int4, tmp_path):
 def test_a_share_above_the_ceiling_is_capped_and_random_weights_are_named(tmp_path):
     """The app measured the full geometry's random-weights bundle at 38.6 tok/s x 879 MB per token against less
     bandwidth than that (113%): no phone reads faster than its bandwidth, so the efficiency is capped at 1, and
-    the basis says that it comes from random weights, whose tokens reuse experts (fewer bytes than counted)."""
+    the basis says that it comes from random weights and that the bandwidth measured was low (a token reads the
+    geometry's bytes: studies/expert_reads.py counted them from the router)."""
     bundle = tmp_path / "lfm25-int4"
     bundle.mkdir()
     manifest = {"model_type": "lfm2_moe", "quant": "int4", "source": {"random_weights": "lfm2.5-8b-a1b"}}
@@ -306,6 +307,7 @@ def test_a_share_above_the_ceiling_is_capped_and_random_weights_are_named(tmp_pa
     for r in p.phones:  # each phone at its peak bandwidth, no faster
         assert r["predicted_tps"] == round(r["bandwidth_gbs"] * 1e9 / itself.total, 1)
     assert f"Capped at 100%: decode here reached {above:.0%} of the ceiling" in p.basis()
+    assert "the bandwidth measured here is low" in p.basis()
     assert "measured on random weights" in p.basis()
     assert "more than the measured bandwidth allows" in roofline.share_of_ceiling(above)
     assert roofline.share_of_ceiling(0.77) == "77% of it"

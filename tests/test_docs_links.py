@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Files the tools write into bundles and reports, named in the docs but not part of the repository.
 GENERATED = {"quality.md", "bench.md", "frontier.md", "quality.json/.md", "conversion.md", "conversion.json/.md",
-             "kv_cache.md", "load_memory.md"}
+             "kv_cache.md", "load_memory.md", "expert_reads.md"}
 MD_PATH = re.compile(r"[A-Za-z0-9_./-]*\.md\b")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
