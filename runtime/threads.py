@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -47,9 +48,9 @@ from .bundle import bundle_identity
 from .files import read_text, write_text
 from .memory import available_memory
 
-__all__ = ["AFFINITY_KEY", "MARGIN", "Candidate", "ThreadChoice", "ThreadsCache", "Topology", "Trial", "affinity",
-           "beats", "candidates", "check_cores", "choose", "decide", "default_cache_path", "device_key",
-           "device_topology", "incumbent", "measure", "read_topology", "sweep",
+__all__ = ["AFFINITY_KEY", "CACHE_ENV", "CLI_HELP", "MARGIN", "Candidate", "ThreadChoice", "ThreadsCache",
+           "Topology", "Trial", "affinity", "announce", "beats", "candidates", "check_cores", "choose", "decide",
+           "default_cache_path", "device_key", "device_topology", "incumbent", "measure", "read_topology", "sweep",
            "threads_arg"]
 
 SYSFS_CPU = Path("/sys/devices/system/cpu")
@@ -57,6 +58,9 @@ AFFINITY_KEY = "session.intra_op_thread_affinities"  # onnxruntime's session con
 MARGIN = 0.10  # a candidate must be this much faster (median step time) than the default to replace it
 FORMAT = "lfm-edge-threads/1"
 MAX_CACHE_BYTES = 1 << 20
+CACHE_ENV = "LFM_EDGE_THREADS_CACHE"  # where default_cache_path keeps the choices, when set
+CLI_HELP = ('onnxruntime threads: a count, or "auto" (the default): the fastest of a few counts, measured once per '
+            f"device and bundle and remembered in ${CACHE_ENV} or ~/.cache/lfm-edge/threads.json")
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,12 @@ def check_cores(cores: Sequence[int]) -> None:
                          f"({sorted(allowed) if allowed is not None else 'ids start at 0'})")
 
 
+def announce(prog: str, choice: ThreadChoice | None) -> None:
+    """The command lines' line on stderr about what "auto" chose (nothing for a given count)."""
+    if choice is not None:
+        print(f"{prog}: {choice.threads} threads ({choice.note()})", file=sys.stderr)
+
+
 def threads_arg(text: str) -> int | str:
     """argparse type of the CLIs' --threads: a positive count or "auto"."""
     if text == "auto":
@@ -255,6 +265,14 @@ class ThreadChoice:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"cores": list(self.cores), "label": self.label()}
+
+    def note(self) -> str:
+        """How it was chosen, e.g. "auto, measured at load; tok/s: 2 threads 14, 1 thread 9" (the app's Threads
+        row and the command lines print it after the count)."""
+        sweep = ", ".join(f"{s['label']} {s['tokens_per_second']:.0f}" for s in self.sweep)
+        cores = f" on CPUs {','.join(map(str, self.cores))}" if self.cores else ""
+        when = "measured at load" if self.measured else "measured earlier on this device"
+        return f"auto{cores}, {when}" + (f"; tok/s: {sweep}" if sweep else "")
 
 
 def beats(challenger: Trial, base: Trial, margin: float = MARGIN) -> bool:
@@ -382,8 +400,10 @@ def device_key(topology: Topology) -> str:
 
 
 def default_cache_path() -> Path:
-    """$XDG_CACHE_HOME/lfm-edge/threads.json (~/.cache/...): where a desktop keeps its choices. An app passes a
-    file in its own data folder."""
+    """$LFM_EDGE_THREADS_CACHE if set, else $XDG_CACHE_HOME/lfm-edge/threads.json (~/.cache/...): where a desktop
+    keeps its choices. An app passes a file in its own data folder."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "lfm-edge" / "threads.json"
 

@@ -4,7 +4,19 @@ are the same check over more configurations)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
+
+from lfm_edge.runtime.threads import CACHE_ENV
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # threads="auto", the command lines' default, remembers what it measured per device and bundle: for this run
+    # (and the command lines it starts) in a file of its own, never in the user's cache
+    os.environ[CACHE_ENV] = str(Path(tempfile.mkdtemp(prefix="lfm-edge-threads-")) / "threads.json")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from lfm_edge.device_bench import roofline, speed, sustained
 from lfm_edge.device_bench.measure import Metric
 from lfm_edge.runtime import backends
+from lfm_edge.runtime.threads import ThreadChoice
 
 TARGET = roofline.TARGET_TOKENS_PER_SECOND
 
@@ -155,14 +156,9 @@ class BenchReport:
         return [(p["soc"], f"{p['predicted_tps']:.1f}", "yes" if p["meets_target"] else "no") for p in self.phones]
 
 
-def thread_note(choice: Any) -> str:
-    """How threads="auto" (runtime/threads.py ThreadChoice) chose: when, the cores, each candidate's decode."""
-    if choice is None:
-        return ""
-    sweep = ", ".join(f"{s['label']} {s['tokens_per_second']:.0f}" for s in choice.sweep)
-    cores = f" on CPUs {','.join(map(str, choice.cores))}" if choice.cores else ""
-    when = "measured at load" if choice.measured else "measured earlier on this device"
-    return f"auto{cores}, {when}" + (f"; tok/s: {sweep}" if sweep else "")
+def thread_note(choice: ThreadChoice | None) -> str:
+    """How threads="auto" chose: when, the cores, each candidate's decode ("" for a given count)."""
+    return choice.note() if choice is not None else ""
 
 
 def verdict(prediction: roofline.PhonePrediction, target: float = TARGET) -> str:

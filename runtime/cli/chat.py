@@ -27,7 +27,8 @@ from ..files import describe, read_text
 from ..hugepages import reexec_with_hugepages
 from ..model import LfmModel
 from ..statefile import StateFileError
-from ..threads import threads_arg
+from ..threads import CLI_HELP as THREADS_HELP
+from ..threads import announce, threads_arg
 from . import warn_in_one_line
 
 COMMANDS = {"/help": "this list", "/reset": "start a fresh conversation (the system prompt stays)",
@@ -49,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--threads", type=threads_arg, default=None,
-                        help='onnxruntime threads; "auto": measured once per device and bundle (runtime/threads.py); '
-                             "default: the bundle's count")
+    parser.add_argument("--threads", type=threads_arg, default="auto", help=THREADS_HELP)
     parser.add_argument("--prepack-cache", choices=["off", "use", "auto"], default="off",
                         help="map the repacked weights from BUNDLE/prepacked/ instead of holding a copy in memory; "
                              "'auto' writes it at this load if missing (~2x the weights on disk; runtime/README.md)")
@@ -92,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     print(f"lfm-chat: {args.bundle} on {model.session.provider_choice.providers[0]} "
           f"({model.session.provider_choice.reason}); {model.session.prepack.message()}", file=sys.stderr)
+    announce("lfm-chat", model.session.thread_choice)
     chat = _Chat(model, conversation, tools, sampling, args, schema)
     if args.prompt is not None:
         return chat.turn(args.prompt, one_shot=True)

@@ -15,7 +15,8 @@ from ..files import describe, read_text
 from ..generate import stream
 from ..hugepages import reexec_with_hugepages
 from ..sampling import Sampling
-from ..threads import threads_arg
+from ..threads import CLI_HELP as THREADS_HELP
+from ..threads import announce, threads_arg
 from . import warn_in_one_line
 
 
@@ -31,9 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--threads", type=threads_arg, default=None,
-                        help='onnxruntime threads; "auto": measured once per device and bundle (runtime/threads.py); '
-                             "default: the bundle's count")
+    parser.add_argument("--threads", type=threads_arg, default="auto", help=THREADS_HELP)
     args = parser.parse_args(argv)
 
     if not Path(args.bundle).is_dir():
@@ -51,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{Path(args.bundle) / 'tokenizer.json'}: cannot read it ({describe(e)})")
     except Exception as e:  # tokenizers raises plain Exception
         return _fail(f"{Path(args.bundle) / 'tokenizer.json'}: cannot load the tokenizer ({str(e)[:300]})")
+    announce("lfm-generate", model.thread_choice)
     decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
     print(args.prompt, end="", flush=True)
     try:

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..bundle import BundleError
 from ..hugepages import reexec_with_hugepages
 from ..model import LfmModel
-from ..threads import threads_arg
+from ..threads import CLI_HELP as THREADS_HELP
+from ..threads import announce, threads_arg
 from . import warn_in_one_line
 
 try:
@@ -39,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request")
-    parser.add_argument("--threads", type=threads_arg, default=None,
-                        help='onnxruntime threads; "auto": measured once per device and bundle (runtime/threads.py); '
-                             "default: the bundle's count")
+    parser.add_argument("--threads", type=threads_arg, default="auto", help=THREADS_HELP)
     parser.add_argument("--model-id", default=None, help="the model's name in the API (default: the folder's name)")
     parser.add_argument("--state-mb", type=float, default=256, help="memory for kept conversation states (LRU)")
     parser.add_argument("--queue", type=int, default=8, help="requests that may wait for the generation slot")
@@ -66,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                            state_bytes=int(args.state_mb * (1 << 20)), queue=args.queue)
     print(f"lfm-serve: {options.model_id} at http://{args.host}:{args.port}/v1 "
           f"({model.session.provider_choice.providers[0]}; {model.session.prepack.message()})", file=sys.stderr)
+    announce("lfm-serve", model.session.thread_choice)
     uvicorn.run(create_app(model, options), host=args.host, port=args.port, log_level="warning", http="h11",
                 loop="asyncio", timeout_keep_alive=5)
     return 0
