@@ -68,7 +68,7 @@ def test_count_reads_the_chosen_experts_bytes():
 
 
 def test_study_reports_a_demo_bundle(tmp_path_factory, tmp_path, capsys):
-    bundle = demo_bundle(tmp_path_factory.getbasetemp(), "android")
+    bundle = demo_bundle(tmp_path_factory.getbasetemp(), "int4")  # QMoE, as android's; the fast tier's shared one
     assert expert_reads.main([str(bundle), "--prompt", "8", "--decode", "12", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "expert_reads.json").read_text())
     assert result["steps"] == 12
