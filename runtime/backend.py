@@ -23,6 +23,7 @@ import numpy as np
 
 from .bundle import StateSpec
 from .memory import available_memory
+from .threads import ThreadChoice
 
 __all__ = ["Cache", "CacheBase", "Session", "capacity_for", "check_fits", "kv_row_bytes"]
 
@@ -40,6 +41,8 @@ class Session(Protocol):
     share_buffer: bool  # one KV buffer for past and present, written in place (GroupQueryAttention)
     attention_kernel: str  # kernels.ATTENTION_KERNELS
     num_heads: int  # query heads (what an unfused attention kernel holds scores for)
+    threads: int  # onnxruntime's intra-op threads (0: its own choice)
+    thread_choice: ThreadChoice | None  # what threads="auto" chose and why (threads.py); None for a given count
 
     @property
     def provider(self) -> str: ...

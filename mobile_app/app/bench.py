@@ -14,11 +14,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lfm_edge.device_bench import roofline, speed, sustained
 from lfm_edge.device_bench.measure import Metric
 from lfm_edge.runtime import backends
+from lfm_edge.runtime.backend import Session
 from lfm_edge.runtime.threads import ThreadChoice
 
 TARGET = roofline.TARGET_TOKENS_PER_SECOND
@@ -228,7 +228,7 @@ def stage_count(preset: Preset, loads: bool = True) -> int:
 
 
 def run_benchmark(bundle: Path, preset: Preset, progress: Callable[[int, int, str], None] = lambda *a: None,
-                  cancel: threading.Event | None = None, session: Any = None,
+                  cancel: threading.Event | None = None, session: Session | None = None,
                   app_load: tuple[float, dict] | None = None) -> BenchReport:
     """Blocking; call it from a worker thread. `progress(done, total, message)`; a set `cancel` stops the run
     with `Cancelled` within one model step.
@@ -250,14 +250,14 @@ def run_benchmark(bundle: Path, preset: Preset, progress: Callable[[int, int, st
         raise Cancelled("benchmark cancelled")
     step("measuring read bandwidth")
     bandwidth = roofline.read_bandwidth(gib=preset.bandwidth_gib)
-    threads = (getattr(session, "threads", 0) or None) if session is not None else None
+    threads = (session.threads or None) if session is not None else None
     metrics = speed.run(bundle, threads or preset.threads, list(preset.prompts), list(preset.depths),
                         list(preset.decode), preset.runs, progress=step, open_session=backends.open_session,
                         cancel=cancel, session=session)
     progress(total, total, "done")
     report = add_roofline(summarize(metrics, bundle, preset, threads, app_load if session is not None else None),
                           bundle, bandwidth)
-    report.threads_note = thread_note(getattr(session, "thread_choice", None))
+    report.threads_note = thread_note(session.thread_choice if session is not None else None)
     return report
 
 
@@ -297,12 +297,12 @@ class SustainedReport:
         return ("Not exposed on this device (missing, not zero): " + "; ".join(missing)) if missing else ""
 
 
-def run_sustained(bundle: Path, session: Any, minutes: float = SUSTAINED_MINUTES,
+def run_sustained(bundle: Path, session: Session, minutes: float = SUSTAINED_MINUTES,
                   progress: Callable[[int, int, str], None] = lambda *a: None,
                   cancel: threading.Event | None = None) -> SustainedReport:
     """Blocking; call it from a worker thread. Decodes on the app's session for `minutes` (a set `cancel` stops it
     with `Cancelled` within one step); `progress(done, total, message)` per window."""
-    threads = getattr(session, "threads", 0) or 1
+    threads = session.threads or 1
     result = sustained.run(session, minutes * 60, progress=lambda f, m: progress(int(f * 1000), 1000, m),
                            cancel=cancel, threads=threads)
     progress(1000, 1000, "done")

@@ -81,7 +81,7 @@ def open_session(bundle: str | Path, threads: int | str | None = None, backend: 
     choice, kept = tuning.choose(bundle, lambda c: load(c.threads, c.cores), read_bundle(bundle, "none").threads,
                                  threads_cache or tuning.default_cache_path())
     session = kept or load(choice.threads, choice.cores)
-    session.thread_choice = choice  # type: ignore[attr-defined]
+    session.thread_choice = choice
     return session
 
 

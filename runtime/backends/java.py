@@ -56,7 +56,7 @@ import numpy as np
 from .. import kernels
 from ..backend import CacheBase
 from ..bundle import BundleError, StateSpec, state_spec
-from ..threads import AFFINITY_KEY
+from ..threads import AFFINITY_KEY, ThreadChoice
 from ..threads import affinity as thread_affinity
 from .plan import kv_cache_type, read_bundle, step_names
 
@@ -102,6 +102,7 @@ class JavaSession:
         if affinity:
             options.addConfigEntry(AFFINITY_KEY, affinity)
         self.threads, self.cores = int(threads or 0), tuple(cores) if affinity else ()
+        self.thread_choice: ThreadChoice | None = None  # open_session's "auto" sets it
         for key, value in kernels.SESSION_CONFIG.items():  # as LfmSession
             options.addConfigEntry(key, value)
         try:

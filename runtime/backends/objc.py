@@ -34,7 +34,7 @@ import numpy as np
 from .. import kernels
 from ..backend import CacheBase
 from ..bundle import BundleError, StateSpec
-from ..threads import AFFINITY_KEY
+from ..threads import AFFINITY_KEY, ThreadChoice
 from ..threads import affinity as thread_affinity
 from .plan import kv_cache_type, read_bundle, state_from_config, step_names
 
@@ -84,6 +84,7 @@ class ObjcSession:
         if affinity:
             options.addConfigEntryWithKey_value_error_(AFFINITY_KEY, affinity, None)
         self.threads, self.cores = int(threads or 0), tuple(cores) if affinity else ()
+        self.thread_choice: ThreadChoice | None = None  # open_session's "auto" sets it
         for key, value in kernels.SESSION_CONFIG.items():  # as LfmSession
             options.addConfigEntryWithKey_value_error_(key, value, None)
         with kernels.building(attention_kernel):  # onnxruntime reads it from this process's environment
