@@ -40,6 +40,7 @@ def test_fused_expert_layout_exports_the_same_model(tmp_path):
         np.testing.assert_allclose(a, _hf_logits(model), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_bf16_sharded_checkpoint(tmp_path):
     """Liquid ships bf16 weights in several shards; the reader widens bf16 exactly."""
     model = build("moe_mixed", tmp_path / "ckpt")

@@ -120,6 +120,7 @@ def test_the_battery_schema_trained_on_is_the_apps():
     assert tool_chats.BATTERY_SCHEMA == function_schema(battery)
 
 
+@pytest.mark.slow
 def test_the_demo_model_calls_the_right_tool_on_held_out_prompts(model, request):
     rate, misses = hit_rate(model)
     assert rate >= HIT_RATE[request.node.callspec.params["model"]], "\n".join(misses)

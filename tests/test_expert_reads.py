@@ -77,6 +77,7 @@ def test_study_reports_a_demo_bundle(tmp_path_factory, tmp_path, capsys):
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".expert-reads-")]  # the view is gone
 
 
+@pytest.mark.slow
 def test_study_names_a_dense_bundle(tmp_path_factory, tmp_path, capsys):
     bundle = demo_bundle(tmp_path_factory.getbasetemp(), "portable")  # routing spelled out, no MoE node
     assert expert_reads.main([str(bundle), "--out", str(tmp_path)]) == 2

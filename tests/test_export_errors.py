@@ -152,6 +152,7 @@ def test_calibration_tokens_out_of_range(checkpoint, tmp_path, tokens):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lfm_edge.export.cli", str(tmp_path / "nope"), "--out",
                              str(tmp_path / "out")], capture_output=True, text=True)

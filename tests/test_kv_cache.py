@@ -124,6 +124,7 @@ def test_int8_cache_on_tiny_configs(tmp_path):
         assert np.abs(a - b).mean() < 0.05 * a.std(), name
 
 
+@pytest.mark.slow
 def test_key_scales_bound_every_rotary_position(root):
     """The key statistic is the rotary pair's norm before rotary: no position can exceed it. Checked on the
     cache the int8 graph wrote for 1500 tokens of held-out text (calibration: 1024 tokens of other text): the

@@ -196,6 +196,7 @@ def test_the_app_chats_with_a_tool_benchmarks_and_downloads_under_a_virtual_disp
         assert _non_trivial(path) > 50, name
 
 
+@pytest.mark.slow
 def test_a_failing_step_says_which_and_why_the_start_is_quiet_and_a_phone_size_is_scaled(display, tmp_path):
     """A failing autopilot step ends the app with exit 1 and a line on stderr naming the step and the error (it
     used to print nothing); Kivy's start logs no traceback and nothing CRITICAL about the optional libmtdev and

@@ -350,6 +350,7 @@ def test_the_fallback_template_is_the_demo_models_layout():
     assert FALLBACK == json.loads((root / "demo_model" / "tokenizer_config.json").read_text())["chat_template"]
 
 
+@pytest.mark.slow
 def test_lfm_chat_shows_a_templates_raise_exception_in_one_line(model, tmp_path):
     bundle = tmp_path / "strict"
     bundle.mkdir()
@@ -423,6 +424,7 @@ def test_a_tool_result_json_cannot_hold_becomes_the_tools_error():
 
 # --- the command lines ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_lfm_chat_keeps_the_conversation_through_bad_loads_and_saves(model, tmp_path):
     lfm_chat = str(Path(sys.executable).parent / "lfm-chat")
     (tmp_path / "bad.st").write_text("not a chat")
@@ -436,6 +438,7 @@ def test_lfm_chat_keeps_the_conversation_through_bad_loads_and_saves(model, tmp_
     assert "(saved 1 turn," in out.stdout and model.load_conversation(tmp_path / "ok.st").turns == 1
 
 
+@pytest.mark.slow
 def test_lfm_chat_ctrl_c_stops_the_answer_and_ctrl_c_at_the_prompt_saves_and_leaves(model, tmp_path):
     import queue
     import signal
@@ -485,6 +488,7 @@ def test_lfm_chat_ctrl_c_stops_the_answer_and_ctrl_c_at_the_prompt_saves_and_lea
     assert loaded.turns == 1 and loaded.messages[-1]["role"] == "assistant"
 
 
+@pytest.mark.slow
 def test_a_bundle_without_its_manifest_loads_with_a_one_line_warning(model, tmp_path):
     import shutil
     import warnings
@@ -506,6 +510,7 @@ def test_a_bundle_without_its_manifest_loads_with_a_one_line_warning(model, tmp_
     assert out.stderr.splitlines()[0].startswith(f"lfm-generate: warning: {bundle}: no manifest.json"), out.stderr
 
 
+@pytest.mark.slow
 def test_lfm_generate_reports_like_lfm_chat(model, tmp_path):
     lfm_generate = str(Path(sys.executable).parent / "lfm-generate")
     out = subprocess.run([lfm_generate, str(model.folder), "-p", "x", "-n", "5000"], capture_output=True, text=True,

@@ -211,6 +211,7 @@ def test_a_disconnect_mid_stream_cancels_the_generation(server):
     assert not httpx.get(f"{server}/health", timeout=30).json()["generating"]
 
 
+@pytest.mark.slow
 def test_requests_beyond_the_queue_get_429(server):
     import threading
 
@@ -231,6 +232,7 @@ def test_requests_beyond_the_queue_get_429(server):
     assert 429 in statuses and 200 in statuses
 
 
+@pytest.mark.slow
 def test_an_api_key_is_required_when_set(bundle):
     proc, base = _serve(bundle, "--api-key", "k")
     try:
@@ -285,6 +287,7 @@ def test_the_serve_benchmark_drives_the_script_through_http(bundle, tmp_path):
                  "--llama-server", str(tmp_path / "none")]) == 2
 
 
+@pytest.mark.slow
 def test_reasoning_comes_back_as_reasoning_content_and_its_budget_holds(tmp_path):
     """A scripted model that thinks first: the trace is `reasoning_content`, apart from `content`, whole and
     streamed; the `reasoning_budget` extension ends thinking after that many tokens."""

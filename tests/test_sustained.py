@@ -65,6 +65,7 @@ def test_a_short_run_records_each_window_and_the_first_and_last_speeds(session, 
     assert summary["hottest_c"] == 48.5 and summary["missing_sensors"] == []
 
 
+@pytest.mark.slow
 def test_the_command_writes_its_reports_and_says_what_is_missing_here(tmp_path, tmp_path_factory, capsys):
     bundle = demo_bundle(tmp_path_factory.getbasetemp(), "int4")
     assert main(["sustained", str(bundle), "--minutes", "0.03", "--window", "0.5", "--turn-tokens", "8",

@@ -112,6 +112,7 @@ def phone_costs(candidate: T.Candidate, step: int) -> float:
     return base * (3.0 if step % 5 == 0 else 1.0 + 0.01 * (step % 3))
 
 
+@pytest.mark.slow
 def test_the_big_cores_are_chosen_measured_once_and_remembered(bundle, tmp_path, monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(T, "time", clock)
@@ -276,6 +277,7 @@ def test_lfm_bench_speed_reports_the_sweep_and_runs_with_the_choice(bundle, tmp_
     assert all(f"| {s['label']} | {s['tokens_per_second']:.1f} | {s['steps']} |" in md for s in sweep["sweep"])
 
 
+@pytest.mark.slow
 def test_the_benchmark_screen_shows_the_choice(bundle, tmp_path, monkeypatch):
     from lfm_edge.mobile_app.app import bench
 
@@ -301,6 +303,7 @@ def test_the_clis_take_auto_or_a_positive_count():
             T.threads_arg(bad)
 
 
+@pytest.mark.slow
 def test_the_java_backend_measures_through_open_session_and_pins_through_its_options(bundle, tmp_path, monkeypatch):
     """Android's path: open_session(threads="auto") measures through JavaSession and keeps the choice; `cores`
     reach onnxruntime as the same config entry (the stand-ins of ai.onnxruntime build a real session from it)."""
@@ -326,6 +329,7 @@ def test_the_java_backend_measures_through_open_session_and_pins_through_its_opt
     assert pinned.new_cache(1, 8).step(np.array([[1, 6, 100]])).shape[-1] == pinned.vocab_size
 
 
+@pytest.mark.slow
 def test_a_sweep_disturbed_by_other_work_is_measured_again(bundle, tmp_path, monkeypatch):
     """Other processes took the CPUs during the sweep (more than BUSY_LIMIT): the choice serves this process, and
     the next starts measure again, up to DISTURBED_RETRIES sweeps, after which the last is kept."""
