@@ -259,3 +259,21 @@ def test_checkpoints_by_time_and_a_rewound_partial_answer(bundle, reference, tmp
     assert loaded.partial is None and loaded.messages == [{"role": "system", "content": SYSTEM}]
     with pytest.raises(ValueError, match="no partial answer"):
         next(loaded.continue_answer())
+
+
+@pytest.mark.slow
+def test_lifecycle_study_kills_an_answer_and_times_the_next_start(tmp_path_factory):
+    """device_bench/studies/lifecycle.py --resume: a real SIGKILL of a child mid-answer, then a fresh process that
+    continues the partial answer; what the kill lost is within one checkpoint interval."""
+    from lfm_edge.device_bench.studies import lifecycle
+
+    bundle = demo_bundle(tmp_path_factory.getbasetemp(), "int4")
+    # a short filler: the demo model answers a question after a long one with whitespace, which streams no pieces
+    result = lifecycle.resume(str(bundle), context=60, every=4, kill_after=12, threads=1)
+    assert result["killed_after_pieces"] >= 12
+    assert 12 - 4 <= result["answer_tokens_kept"] and result["pieces_lost_at_most"] <= 4
+    marks = result["marks_s"]
+    assert list(marks) == ["python started", "model loaded", "conversation loaded", "first new token"]
+    assert 0 < marks["python started"] < marks["model loaded"] < marks["conversation loaded"] < marks["first new token"]
+    restore = marks["first new token"] - marks["model loaded"]
+    assert result["restore_to_first_token_s"] == pytest.approx(restore, abs=2e-3)

@@ -80,12 +80,13 @@ def _killed_answer(bundle: str, path: Path, context: int, every: int, kill_after
     (the parent kills it)."""
     model = LfmModel(bundle, threads=threads)
     words = " ".join(f"item {i} is" for i in range(context))
-    ids = model.tokenizer.encode(words).ids[:max(context - kill_after - 32, 16)]  # the template, the answer so far
+    ids = model.tokenizer.encode(words).ids[:max(context - kill_after - 40, 16)]  # template, question, answer so far
     conv = model.conversation(system=SYSTEM)
     conv.autosave(path, every_tokens=every, every_seconds=1e9)
     print("prefill", flush=True)
     pieces = 0
-    for _ in conv.send(model.tokenizer.decode(ids), max_new_tokens=2 * kill_after + 64):
+    # filler up to the length, then a question a small model answers at length
+    for _ in conv.send(model.tokenizer.decode(ids) + "\n\nTell me about lists.", max_new_tokens=2 * kill_after + 64):
         pieces += 1
         print(f"piece {pieces} {time.time():.3f}", flush=True)
 
