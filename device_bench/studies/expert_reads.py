@@ -15,8 +15,6 @@ expert_reads.md in DIR.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -28,9 +26,9 @@ import onnx  # the view rewrites the graph: a desktop study, never a phone's
 
 from ...runtime.backends.python import ELEMENT_TYPES, LfmSession
 from ...runtime.bundle import token_bytes
-from ...runtime.files import write_text
 from ...runtime.generate import generate
 from ..roofline import random_weights_preset
+from . import parser, write_result
 
 MOE_OPS = ("MoE", "QMoE")
 _NUMPY = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.UINT8: 1,
@@ -159,8 +157,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.studies.expert_reads", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__file__, __doc__)
     p.add_argument("bundle")
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--decode", type=int, default=128)
@@ -172,11 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"expert_reads: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "expert_reads.json", json.dumps(result, indent=2))
-    write_text(out / "expert_reads.md", markdown(result))
-    print(markdown(result))
+    write_result(args.out, "expert_reads", result, markdown(result))
     return 0
 
 

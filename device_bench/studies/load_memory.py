@@ -10,16 +10,14 @@ the process held before counts against the bundle.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ...runtime.files import write_text
 from ...runtime.memory import PeakMemory, release_free_heap, resident_mb
+from . import parser, write_result
 
 MIB = 1 << 20
 
@@ -66,19 +64,14 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.studies.load_memory", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__file__, __doc__)
     p.add_argument("bundle")
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="build/load-memory")
     args = p.parse_args(argv)
     result = measure(Path(args.bundle), args.prefill, threads=args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "load_memory.json", json.dumps(result, indent=2))
-    write_text(out / "load_memory.md", markdown(result))
-    print(markdown(result))
+    write_result(args.out, "load_memory", result, markdown(result))
     return 0
 
 
