@@ -204,7 +204,9 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 12
     work[:, dead] = 0.0
     h[np.diag_indices(kp)] += DAMPING * np.mean(np.diag(h))
     # the upper Cholesky factor of H^-1: row j holds how column j's error is passed to the later columns
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    hinv = np.linalg.inv(h)
+    del h  # [K, K] float64 each (411 MB for a 7168-wide input): two of them at a time beside the caller's, not three
+    hinv = np.linalg.cholesky(hinv).T
     top = (1 << bits) - 1
     codes = np.empty((n, nb, block_size), np.uint8)
     scales = np.empty((n, nb), np.float32)
