@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .lapack import inverse_cholesky
+
 METHODS = ("rtn", "rtn-asym", "mse", "mse-sym", "gptq")
 BITS = (2, 3, 4, 8)
 _MSE_RATIOS = np.linspace(1.0, 0.7, 7, dtype=np.float32)
@@ -197,16 +199,14 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 12
     kp = nb * block_size
     work = np.zeros((n, kp), np.float64)
     work[:, :k] = w
-    h = np.zeros((kp, kp), np.float64)
+    h = np.zeros((kp, kp), np.float64, order="F")  # Fortran order: LAPACK's, so inverse_cholesky works in place
     h[:k, :k] = hessian
     dead = np.diag(h) <= 0  # inputs never seen (and padding): their columns need no care
     h[dead, dead] = 1.0
     work[:, dead] = 0.0
     h[np.diag_indices(kp)] += DAMPING * np.mean(np.diag(h))
     # the upper Cholesky factor of H^-1: row j holds how column j's error is passed to the later columns
-    hinv = np.linalg.inv(h)
-    del h  # [K, K] float64 each (411 MB for a 7168-wide input): two of them at a time beside the caller's, not three
-    hinv = np.linalg.cholesky(hinv).T
+    hinv = inverse_cholesky(h).T  # in h's memory: [K, K] float64 is 411 MB at a 7168-wide input (lapack.py)
     top = (1 << bits) - 1
     codes = np.empty((n, nb, block_size), np.uint8)
     scales = np.empty((n, nb), np.float32)
