@@ -115,7 +115,7 @@ class LayerHessians:
 
 def _recording(wanted: Callable[[str], bool], hessians: dict) -> type:
     """A _TorchOps that adds each wanted linear's input x x^T (float64) into `hessians`, as linear_hessians does."""
-    from .reference import _TorchOps
+    from .reference import _TorchOps  # torch: needed for calibration only
 
     class Recording(_TorchOps):
         def __init__(self, ref, state):
