@@ -87,6 +87,7 @@ class QuantizedOps(ContribOps):
                 if not copy and self.conversions.active:  # a float copy of the weight (1 GB for LFM2.5-8B-A1B's
                     # vocabulary, 3x that while it is made): only for a checkpoint whose conversions are logged
                     self.conversions.measured(weight.name, array, q.dequantize(), kernel_name(q, exact=False))
+                del array  # before packing: the float weight is 4x its codes (the vocabulary's is 1 GB)
             codes = self.g.weight(key + ".q", q.packed_codes())
             self._quantized[key] = (_layout(q), codes)
         return self._quantized[key]

@@ -67,7 +67,7 @@ class Quantized:
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned codes along the last axis, LSB first, into ceil(n * bits / 8) bytes (unused high bits 0)."""
     if bits == 8:
-        return codes.astype(np.uint8)
+        return codes.astype(np.uint8, copy=False)  # already one code a byte: no copy of a uint8 array
     if bits == 4 and codes.shape[-1] % 2 == 0:
         c = codes.astype(np.uint8)
         return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
