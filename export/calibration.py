@@ -53,8 +53,8 @@ def _windows(ckpt, text: str | None, tokens: int) -> tuple:
 
 class LayerHessians:
     """`linear_hessians`' H matrices as the exporter reaches each layer: `get(name)` runs the fp32 pass up to and
-    through the layer that reads `name` (its linears' H kept, the previous layer's dropped). Names are asked for in
-    the model's order (a trace's); asking for a layer the pass has left behind is an error, not a silent rerun.
+    through the layer that reads `name` and hands its H out once (kept until then, dropped then). Names are asked for
+    in the model's order (a trace's); asking for a layer the pass has left behind is an error, not a silent rerun.
     `source`: the tokens' source, None when no weight is wanted (then nothing is ever run)."""
 
     def __init__(self, ckpt, wanted: Callable[[str], bool], text: str | None = None, tokens: int = GPTQ_TOKENS,
@@ -85,8 +85,10 @@ class LayerHessians:
                              f"{self._next - 1}); weights must be asked for in the model's order")
         while self._next <= at:
             self._step()
-        h = self._hessians.get(name)
-        return default if h is None else h.numpy()
+        if name not in self._hessians:
+            raise ValueError(f"GPTQ calibration: {name!r} was asked for twice; each H is handed out once, then "
+                             "dropped (its weight's codes are made once)")
+        return self._hessians.pop(name).numpy()  # dropped here: q/k/v's shared H lives on while one still needs it
 
     def _step(self) -> None:
         import torch
@@ -110,6 +112,7 @@ class LayerHessians:
                 m = self.model
                 m.lm_head(self._ops, m.norm(self._ops, self._ops.logit_rows(self._x)))
                 self._x = None
+            self._ops.shared[:] = [None, None]  # the layer's last input and its H: in `_hessians` if wanted
             self._next += 1
 
 

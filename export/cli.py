@@ -157,19 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfm-export: warning: {warning}", file=sys.stderr)
     size = sum(result.files.values())
     print(f"Wrote {result.bundle} ({size / 1e6:.1f} MB, {len(result.files)} files) in {result.seconds:.2f} s; "
-          f"{_peak_memory()}.")
+          f"peak memory {peak_rss_mb() / 1024:.2f} GB.")
     return 0
-
-
-def _peak_memory() -> str:
-    """The export's own resident peak, and its largest child's when a phone bundle's onnxruntime checks ran in
-    child processes (export/mobile.py: they load the whole model, so they can be the higher of the two)."""
-    import resource
-
-    own = f"peak memory {peak_rss_mb() / 1024:.2f} GB"
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, bytes on macOS
-    child_gb = child / (1 << 30) if sys.platform == "darwin" else child / (1 << 20)
-    return own + (f" (its onnxruntime checks, child processes: {child_gb:.2f} GB)" if child else "")
 
 
 def _text(option: str, path: str | None) -> str | None:

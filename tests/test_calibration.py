@@ -30,11 +30,15 @@ def test_layer_by_layer_hessians_are_the_one_pass_bits_and_one_layer_is_held(ckp
     assert streamed.source == source and whole
     names = [w.name for w in Lfm2Model(ckpt.config).weights() if wanted(w.name)]
     assert set(names) == set(whole)
-    for name in names:
+    for i, name in enumerate(names):
         h = streamed.get(name)
         assert h.dtype == np.float64 and np.array_equal(h, whole[name]), name
         layer = name.split(".")[2]
-        assert {n.split(".")[2] for n in streamed._hessians} == {layer}  # the earlier layers' were dropped
+        # held: the rest of this layer's, none of an earlier layer's nor of the ones handed out
+        assert set(streamed._hessians) == {n for n in names[i + 1:] if n.split(".")[2] == layer}
+        if name.endswith("q_proj.weight"):
+            with pytest.raises(ValueError, match="asked for twice"):
+                streamed.get(name)
     assert streamed.get("model.layers.0.feed_forward.gate.weight") is None  # not a GPTQ weight: no pass
     with pytest.raises(ValueError, match=r"model\.layers\.0\.conv\.in_proj\.weight.*model's order"):
         streamed.get(names[0])
