@@ -83,7 +83,9 @@ class QuantizedOps(ContribOps):
                 array = self.ckpt.tensor(weight.name, weight.shape)
                 if self.transform is not None:
                     array = self.transform(weight.name, array)
-                q = quantize(array, spec.bits, spec.block_size, spec.method, hessian=self.hessians.get(weight.name))
+                # GPTQ fetches H itself: LayerHessians hands it over, so nothing here holds it while it is factorised
+                q = quantize(array, spec.bits, spec.block_size, spec.method,
+                             hessian=lambda: self.hessians.get(weight.name))
                 if not copy and self.conversions.active:  # a float copy of the weight (1 GB for LFM2.5-8B-A1B's
                     # vocabulary, 3x that while it is made): only for a checkpoint whose conversions are logged
                     self.conversions.measured(weight.name, array, q.dequantize(), kernel_name(q, exact=False))

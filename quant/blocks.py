@@ -22,6 +22,7 @@ Methods:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,12 +94,13 @@ def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
 
 def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32, method: str = "rtn",
              scale_dtype: type = np.float32, rows_per_chunk: int = 4096,
-             hessian: np.ndarray | None = None) -> Quantized:
+             hessian: np.ndarray | Callable[[], np.ndarray | None] | None = None) -> Quantized:
     """Quantize w [N, K] (any float dtype) block-wise; works through rows in chunks to bound memory.
 
     Scales are rounded to `scale_dtype` (the kernel's storage) before the codes are chosen, so the codes
     are the best for the scales the kernel will actually use. `hessian` [K, K]: the layer's calibration
-    inputs' second moments, which `gptq` needs."""
+    inputs' second moments, which `gptq` needs; or a function that returns it, called once when GPTQ starts, so
+    that no caller holds a [K, K] float64 (411 MB at K = 7168) through the factorisation (`gptq`)."""
     if bits not in BITS:
         raise ValueError(f"bits {bits}: expected one of {BITS}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -189,10 +191,15 @@ def _asymmetric(blocks: np.ndarray, bits: int, search: bool,
 DAMPING = 0.01  # of the mean diagonal of H, added to it: keeps the inverse finite for inputs seen rarely
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 128,
+def gptq(w: np.ndarray, hessian: np.ndarray | Callable[[], np.ndarray | None], bits: int = 4, block_size: int = 128,
          scale_dtype: type = np.float32) -> Quantized:
-    """Quantize w [N, K] with H [K, K] (sum of x x^T over calibration inputs x of this layer)."""
+    """Quantize w [N, K] with H [K, K] (sum of x x^T over calibration inputs x of this layer), or a function
+    returning it: then H is let go of once copied, and the factorisation runs beside one [K, K] array, not two."""
     n, k = w.shape
+    if callable(hessian):
+        hessian = hessian()
+        if hessian is None:
+            raise ValueError("method 'gptq' needs the layer's calibration hessian (export/calibration.py)")
     if hessian.shape != (k, k):
         raise ValueError(f"GPTQ: hessian shape {hessian.shape} does not match the weight's {k} inputs")
     nb = -(-k // block_size)
@@ -201,6 +208,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 12
     work[:, :k] = w
     h = np.zeros((kp, kp), np.float64, order="F")  # Fortran order: LAPACK's, so inverse_cholesky works in place
     h[:k, :k] = hessian
+    del hessian  # freed here when the caller handed over a function (its H has no other holder)
     dead = np.diag(h) <= 0  # inputs never seen (and padding): their columns need no care
     h[dead, dead] = 1.0
     work[:, dead] = 0.0

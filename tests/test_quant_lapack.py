@@ -50,3 +50,14 @@ def test_gptq_codes_are_the_same_as_through_numpy_linalg(monkeypatch, n, k, bloc
     slow = gptq(w, h, 4, block)
     for field in ("codes", "scales", "zero_points"):
         assert np.array_equal(getattr(fast, field), getattr(slow, field)), field
+
+
+def test_gptq_takes_its_hessian_from_a_function_the_same():
+    """A function handing H over (the exporter's way: nothing else holds it while it is factorised) gives what H
+    itself gives; a function with no H is refused as a missing H is."""
+    w = np.random.default_rng(3).standard_normal((64, 256)).astype(np.float32)
+    h = _hessian(256, seed=4)
+    given, handed = gptq(w, h, 4, 128), gptq(w, lambda: h.copy(), 4, 128)
+    assert all(np.array_equal(getattr(given, f), getattr(handed, f)) for f in ("codes", "scales", "zero_points"))
+    with pytest.raises(ValueError, match="needs the layer's calibration hessian"):
+        gptq(w, lambda: None, 4, 128)
