@@ -108,6 +108,8 @@ class LayerHessians:
             if self._next < len(layers):
                 self.progress(f"GPTQ calibration: layer {self._next} of {len(layers)}")
                 self._x = layers[self._next](self._ops, self._x)
+                for cache in (self._ops.state.key, self._ops.state.value, self._ops.state.conv):
+                    cache.pop(self._next, None)  # one pass: the layer's keys/values are never read again (~17 MB)
             else:  # the LM head's input, when a policy ever calibrates it
                 m = self.model
                 m.lm_head(self._ops, m.norm(self._ops, self._ops.logit_rows(self._x)))
