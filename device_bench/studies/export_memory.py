@@ -7,7 +7,8 @@
 Each run is `lfm-export ARGS --out TMP --quiet` in a fresh process, its RSS (and each descendant's: a phone bundle's
 onnxruntime checks run in child processes, export/mobile.py) sampled every 0.2 s from /proc; the peak lfm-export
 prints itself (VmHWM, exact) is read from its last line. The bundle is deleted afterwards unless --keep. Writes
-NAME.json, NAME.md and NAME.png (RSS over time, one line per run) in DIR (default build/export-memory). A child's
+a json, a markdown table and a png (RSS over time, one line per run) named --name in DIR (default
+build/export-memory). A child's
 getrusage peak is no use here: Linux carries the parent's high-water mark into a child across exec.
 """
 
@@ -98,7 +99,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    from ...plots import figure
+    from ...plots import figure  # matplotlib: imported when a plot is drawn
 
     with figure(path, title="lfm-export resident memory over time") as (_, ax):
         for r in result["runs"]:
