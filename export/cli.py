@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="int8/int4 cache: text to calibrate the scales on (default: CPython's documentation "
                              "topics, without the demo model's held-out ones)")
     parser.add_argument("--random-weights", metavar="PRESET[:LAYERS]", default=None,
-                        help="random weights of a real geometry instead of a checkpoint: lfm2.5-8b-a1b or "
-                             "lfm2-8b-a1b (:LAYERS keeps the first LAYERS layers; the first two are conv layers with "
-                             "a dense FFN, so keep at least 3 for an attention layer and an MoE one)")
+                        help="random weights of a real geometry instead of a checkpoint: lfm2.5-8b-a1b, "
+                             "lfm2-8b-a1b or the dense lfm2-1.2b (:LAYERS keeps the first LAYERS layers; the first "
+                             "two are conv layers with a dense FFN, so keep at least 3 for an attention layer and an "
+                             "MoE one)")
     parser.add_argument("--eval-text", metavar="FILE", default=None,
                         help="held-out text: measure the quantized bundle against fp32 (quality.md in the bundle); "
                              "the demo model uses its own heldout.txt")

@@ -22,7 +22,7 @@ from ..quant.policy import Policy
 from ..runtime.bundle import MIN_ONNXRUNTIME, sampled_sha256, sha256
 from ..runtime.files import alive, install_folder
 from . import footprint, quality
-from .calibration import linear_hessians
+from .calibration import LayerHessians
 from .checkpoint import BUNDLE_FILES, Checkpoint, CheckpointError, is_gguf, resolve
 from .conversion import ConversionLog
 from .genai_config import genai_config
@@ -88,14 +88,15 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         kv = kv_cache_for(options.kv_cache, ckpt, options.kv_calibration_text, options.kv_margin)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    hessians, calibration = {}, None
+    hessians, calibration = None, None
 
     def calibrated(name: str) -> bool:  # GPTQ weights the checkpoint holds in floats
         return policy.calibrated(name) and not stored_in_blocks(ckpt, name)
 
-    if options.quantized:
-        hessians, calibration = linear_hessians(ckpt, calibrated, tokens=options.calibration_tokens,
-                                                progress=progress or (lambda m: None))
+    if options.quantized:  # computed a layer at a time as the trace reaches each layer (calibration.py)
+        hessians = LayerHessians(ckpt, calibrated, tokens=options.calibration_tokens,
+                                 progress=progress or (lambda m: None))
+        calibration = hessians.source
     parent = _writable_parent(out)
     _recover_interrupted(out)
 

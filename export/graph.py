@@ -63,7 +63,7 @@ class Graph:
             self.initializers.append(numpy_helper.from_array(array, name))
         else:
             offset = self._pad_to(4096 if array.nbytes >= 65536 else 64)
-            self._data.write(array.tobytes())
+            self._data.write(array.reshape(-1).view(np.uint8).data)  # its bytes, not a copy (tobytes makes one)
             self.bytes_written = offset + array.nbytes
             self._external(name, array.dtype, array.shape, offset, array.nbytes)
         self._weights.add(name)
@@ -80,7 +80,7 @@ class Graph:
             elif part.shape != first.shape or part.dtype != first.dtype:
                 raise ValueError(f"{name}: part {count} is {part.dtype}{list(part.shape)}, "
                                  f"expected {first.dtype}{list(first.shape)}")
-            self._data.write(part.tobytes())
+            self._data.write(part.reshape(-1).view(np.uint8).data)
             count += 1
         length = count * first.nbytes
         self.bytes_written = offset + length

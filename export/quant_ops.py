@@ -14,7 +14,9 @@ error. What is converted otherwise is logged with its error against the source (
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 from onnx import TensorProto
@@ -29,14 +31,19 @@ from .kv_cache import KvCache
 from .lfm2 import Lfm2Model, Linear, SparseMoe, Weight
 from .onnx_ops import ContribOps, WeightTransform
 
+if TYPE_CHECKING:
+    from .calibration import LayerHessians
+
 
 class QuantizedOps(ContribOps):
     def __init__(self, graph: Graph, checkpoint: Checkpoint, policy: Policy,
                  transform: WeightTransform | None = None, progress: Callable[[str], None] | None = None,
-                 kv_cache: KvCache | None = None, hessians: dict[str, np.ndarray] | None = None):
+                 kv_cache: KvCache | None = None,
+                 hessians: dict[str, np.ndarray] | LayerHessians | None = None):
         super().__init__(graph, checkpoint, transform, progress, kv_cache)
         self.policy = policy
-        self.hessians = hessians or {}  # calibration for `gptq` weights (export/calibration.py)
+        # calibration for `gptq` weights (export/calibration.py): a dict, or one layer's at a time as they are asked for
+        self.hessians = hessians or {}
         self._quantized: dict[str, tuple[Quantized, str]] = {}
         self.conversions = ConversionLog(checkpoint)
 
@@ -76,10 +83,15 @@ class QuantizedOps(ContribOps):
                 array = self.ckpt.tensor(weight.name, weight.shape)
                 if self.transform is not None:
                     array = self.transform(weight.name, array)
-                q = quantize(array, spec.bits, spec.block_size, spec.method, hessian=self.hessians.get(weight.name))
-                if not copy:
+                # GPTQ fetches H itself: LayerHessians hands it over, so nothing here holds it while it is factorised
+                q = quantize(array, spec.bits, spec.block_size, spec.method,
+                             hessian=lambda: self.hessians.get(weight.name))
+                if not copy and self.conversions.active:  # a float copy of the weight (1 GB for LFM2.5-8B-A1B's
+                    # vocabulary, 3x that while it is made): only for a checkpoint whose conversions are logged
                     self.conversions.measured(weight.name, array, q.dequantize(), kernel_name(q, exact=False))
-            self._quantized[key] = (q, self.g.weight(key + ".q", q.packed_codes()))
+                del array  # before packing: the float weight is 4x its codes (the vocabulary's is 1 GB)
+            codes = self.g.weight(key + ".q", q.packed_codes())
+            self._quantized[key] = (_layout(q), codes)
         return self._quantized[key]
 
     def rescoring(self, name: str) -> bool:
@@ -297,6 +309,13 @@ def stored_in_blocks(checkpoint: Checkpoint, name: str) -> bool:
     or converted to their closest layout, whatever the policy's method."""
     layouts = [getattr(checkpoint, method, None) for method in ("exact_bits", "closest_spec")]
     return any(find is not None and find(name) is not None for find in layouts)
+
+
+def _layout(q: Quantized) -> Quantized:
+    """`q` without its codes, which are in the external data once packed: what a second reader of the same weight
+    needs (scales, zero points, bits, block size, width) at none of the codes' memory (1 byte per weight; the
+    vocabulary's two copies are 0.5 GB at LFM2.5-8B-A1B)."""
+    return dataclasses.replace(q, codes=np.broadcast_to(np.zeros((), np.uint8), q.codes.shape))
 
 
 def _interleave_rows(gate: Quantized, up: Quantized) -> Quantized:

@@ -27,6 +27,15 @@ PRESETS: dict[str, dict] = {
                           rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0}),
     "lfm2-8b-a1b": dict(_COMMON, vocab_size=65536, bos_token_id=1, eos_token_id=7, pad_token_id=0,
                         rope_theta=1_000_000.0),
+    # the dense 1.2 B-parameter LFM2 (the published LFM2-1.2B's config.json: block_ff_dim 12288 -> 8192 by LFM2's
+    # width rules): the mid-size model export memory is measured on (device_bench/RESULTS.md)
+    "lfm2-1.2b": dict(model_type="lfm2", vocab_size=65536, hidden_size=2048, intermediate_size=12288,
+                      block_ff_dim=12288, block_auto_adjust_ff_dim=True, block_ffn_dim_multiplier=1.0,
+                      block_multiple_of=256, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                      conv_L_cache=3, conv_bias=False, norm_eps=1e-5, tie_word_embeddings=True,
+                      max_position_embeddings=128000, rope_theta=1_000_000.0, bos_token_id=1, eos_token_id=7,
+                      pad_token_id=0,
+                      layer_types=["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv" for i in range(16)]),
 }
 
 
@@ -40,8 +49,9 @@ def preset(spec: str) -> dict:
         if not layers.isdigit() or not 1 <= int(layers) <= cfg["num_hidden_layers"]:
             raise ValueError(f"--random-weights {spec!r}: LAYERS must be 1..{cfg['num_hidden_layers']}")
         n = int(layers)
-        cfg.update(num_hidden_layers=n, layer_types=cfg["layer_types"][:n],
-                   num_dense_layers=min(cfg["num_dense_layers"], n))
+        cfg.update(num_hidden_layers=n, layer_types=cfg["layer_types"][:n])
+        if "num_dense_layers" in cfg:
+            cfg["num_dense_layers"] = min(cfg["num_dense_layers"], n)
     return cfg
 
 
@@ -69,6 +79,9 @@ class RandomCheckpoint:
             raise ValueError(f"random weights need a shape for {name!r}")
         rng = np.random.default_rng(zlib.crc32(f"{self.spec}/{name}".encode()))
         values = rng.standard_normal(shape, dtype=np.float32)
+        # in place: the same float32 products and sums as `1.0 + 0.02 * values`, without a second copy (the
+        # LFM2.5-8B-A1B vocabulary is 1 GB)
+        values *= np.float32(0.01 if name.endswith("expert_bias") else 0.02)
         if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-            return 1.0 + 0.02 * values
-        return values * (0.01 if name.endswith("expert_bias") else 0.02)
+            values += np.float32(1.0)
+        return values

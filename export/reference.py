@@ -90,7 +90,9 @@ class StreamingReference(TorchReference):
     larger than memory (the full LFM2.5-8B-A1B is 33 GB in fp32) holds one tensor at a time."""
 
     def weight(self, w: Weight, rescore_copy: bool = False) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.checkpoint.tensor(w.name, w.shape), dtype=np.float32))
+        array = np.asarray(self.checkpoint.tensor(w.name, w.shape), dtype=np.float32)
+        # a copy only of what torch may not write to (a mapped file's pages); an array made for this call is used
+        return torch.from_numpy(array if array.flags.writeable else array.copy())
 
     @torch.no_grad()
     def record(self, ops: type[_TorchOps], input_ids: torch.Tensor) -> None:

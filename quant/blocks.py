@@ -22,9 +22,12 @@ Methods:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from .lapack import inverse_cholesky
 
 METHODS = ("rtn", "rtn-asym", "mse", "mse-sym", "gptq")
 BITS = (2, 3, 4, 8)
@@ -65,7 +68,7 @@ class Quantized:
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned codes along the last axis, LSB first, into ceil(n * bits / 8) bytes (unused high bits 0)."""
     if bits == 8:
-        return codes.astype(np.uint8)
+        return codes.astype(np.uint8, copy=False)  # already one code a byte: no copy of a uint8 array
     if bits == 4 and codes.shape[-1] % 2 == 0:
         c = codes.astype(np.uint8)
         return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
@@ -91,12 +94,13 @@ def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
 
 def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32, method: str = "rtn",
              scale_dtype: type = np.float32, rows_per_chunk: int = 4096,
-             hessian: np.ndarray | None = None) -> Quantized:
+             hessian: np.ndarray | Callable[[], np.ndarray | None] | None = None) -> Quantized:
     """Quantize w [N, K] (any float dtype) block-wise; works through rows in chunks to bound memory.
 
     Scales are rounded to `scale_dtype` (the kernel's storage) before the codes are chosen, so the codes
     are the best for the scales the kernel will actually use. `hessian` [K, K]: the layer's calibration
-    inputs' second moments, which `gptq` needs."""
+    inputs' second moments, which `gptq` needs; or a function that returns it, called once when GPTQ starts, so
+    that no caller holds a [K, K] float64 (411 MB at K = 7168) through the factorisation (`gptq`)."""
     if bits not in BITS:
         raise ValueError(f"bits {bits}: expected one of {BITS}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -187,24 +191,30 @@ def _asymmetric(blocks: np.ndarray, bits: int, search: bool,
 DAMPING = 0.01  # of the mean diagonal of H, added to it: keeps the inverse finite for inputs seen rarely
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 128,
+def gptq(w: np.ndarray, hessian: np.ndarray | Callable[[], np.ndarray | None], bits: int = 4, block_size: int = 128,
          scale_dtype: type = np.float32) -> Quantized:
-    """Quantize w [N, K] with H [K, K] (sum of x x^T over calibration inputs x of this layer)."""
+    """Quantize w [N, K] with H [K, K] (sum of x x^T over calibration inputs x of this layer), or a function
+    returning it: then H is let go of once copied, and the factorisation runs beside one [K, K] array, not two."""
     n, k = w.shape
+    if callable(hessian):
+        hessian = hessian()
+        if hessian is None:
+            raise ValueError("method 'gptq' needs the layer's calibration hessian (export/calibration.py)")
     if hessian.shape != (k, k):
         raise ValueError(f"GPTQ: hessian shape {hessian.shape} does not match the weight's {k} inputs")
     nb = -(-k // block_size)
     kp = nb * block_size
     work = np.zeros((n, kp), np.float64)
     work[:, :k] = w
-    h = np.zeros((kp, kp), np.float64)
+    h = np.zeros((kp, kp), np.float64, order="F")  # Fortran order: LAPACK's, so inverse_cholesky works in place
     h[:k, :k] = hessian
+    del hessian  # freed here when the caller handed over a function (its H has no other holder)
     dead = np.diag(h) <= 0  # inputs never seen (and padding): their columns need no care
     h[dead, dead] = 1.0
     work[:, dead] = 0.0
     h[np.diag_indices(kp)] += DAMPING * np.mean(np.diag(h))
     # the upper Cholesky factor of H^-1: row j holds how column j's error is passed to the later columns
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    hinv = inverse_cholesky(h).T  # in h's memory: [K, K] float64 is 411 MB at a 7168-wide input (lapack.py)
     top = (1 << bits) - 1
     codes = np.empty((n, nb, block_size), np.uint8)
     scales = np.empty((n, nb), np.float32)

@@ -580,3 +580,16 @@ def test_load_memory_study_tables_each_stage_against_the_weights(demo_int4, tmp_
     weights = result["weights_mib"]
     assert 0 < weights < 10 and stages["after load"]["peaks"]["anonymous"] >= stages["after load"]["anonymous"] > 0
     assert "| after load |" in capsys.readouterr().out and (tmp_path / "load_memory.md").exists()
+
+
+def test_export_memory_study_reads_each_exports_own_peak_and_samples_its_rss(tmp_path, capsys):
+    from lfm_edge.device_bench.studies.export_memory import main
+
+    keep = tmp_path / "bundle"
+    assert main(["--run", "--quant fp32", "--out", str(tmp_path), "--name", "m", "--keep", str(keep)]) == 0
+    run = json.loads((tmp_path / "m.json").read_text())["runs"][0]
+    assert run["args"] == "--quant fp32" and (keep / "manifest.json").is_file()
+    # lfm-export's own line (VmHWM, printed to 0.01 GiB) is at least every sample of its RSS
+    assert run["peak_gib_printed"] * 1024 + 5.2 >= run["peak_own_mib_sampled"] > 0 and run["series"]
+    assert "| `--quant fp32` |" in capsys.readouterr().out
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
