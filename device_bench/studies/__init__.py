@@ -1,6 +1,6 @@
 """Profiling studies, one question each (device_bench/README.md's table): `python -m
 lfm_edge.device_bench.studies.NAME --help`. What they share: a parser named for the module, and writing a result
-as NAME.json and NAME.md in a folder."""
+as a JSON file and a markdown table named for the study."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def parser(file: str, doc: str | None) -> argparse.ArgumentParser:
 
 
 def write_result(out: str | Path, name: str, result: dict, markdown: str) -> None:
-    """NAME.json and NAME.md in `out` (made if missing), each written atomically; the markdown is printed."""
+    """`name` + ".json" and + ".md" in `out` (made if missing), each written atomically; the markdown is printed."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / f"{name}.json", json.dumps(result, indent=2))
