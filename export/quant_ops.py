@@ -10,6 +10,9 @@ Weights the policy leaves alone (router gate, expert bias, norms, conv kernels) 
 A checkpoint that already holds a weight in a kernel's block layout (a GGUF's Q4_0 / Q8_0, `quantized()`)
 gives its blocks as they are, whatever the policy's bits and block size: re-quantizing them could only add
 error. What is converted otherwise is logged with its error against the source (conversion.py).
+`relayout` (a GGUF's `--gguf-layout fast`) re-quantizes them into the policy's layout instead, from the file's
+values, for speed, and the LM head's top logits are rescored from the file's own vocabulary blocks.
+`written` records each part's layout as it went into the graph (the manifest's `layout`).
 """
 
 from __future__ import annotations
@@ -33,25 +36,28 @@ from .onnx_ops import ContribOps, WeightTransform
 class QuantizedOps(ContribOps):
     def __init__(self, graph: Graph, checkpoint: Checkpoint, policy: Policy,
                  transform: WeightTransform | None = None, progress: Callable[[str], None] | None = None,
-                 kv_cache: KvCache | None = None, hessians: dict[str, np.ndarray] | None = None):
+                 kv_cache: KvCache | None = None, hessians: dict[str, np.ndarray] | None = None,
+                 relayout: bool = False):
         super().__init__(graph, checkpoint, transform, progress, kv_cache)
         self.policy = policy
+        self.relayout = relayout
+        self.written: dict[str, set[str]] = {}  # part -> kernel layouts written (conversion.kernel_name)
         self.hessians = hessians or {}  # calibration for `gptq` weights (export/calibration.py)
         self._quantized: dict[str, tuple[Quantized, str]] = {}
         self.conversions = ConversionLog(checkpoint)
 
-    def native(self, name: str, float_zero_points: bool = False) -> Quantized | None:
+    def native(self, name: str, float_zero_points: bool = False, copy: bool = False) -> Quantized | None:
         """The checkpoint's own blocks when it stores this weight in a kernel layout (and no test transform
-        rewrites weights)."""
+        rewrites weights); under `relayout` only for the vocabulary's rescoring `copy`."""
         read = getattr(self.ckpt, "quantized", None)
-        if read is None or self.transform is not None:
+        if read is None or self.transform is not None or (self.relayout and not copy):
             return None
         return read(name, float_zero_points) if float_zero_points else read(name)
 
     def closest(self, names: list[str], spec: QuantSpec, min_block: int = 16) -> QuantSpec:
         """The checkpoint's layout for weights it stores in another block type (a GGUF's K-quants: their bits and
         sub-block), else the policy's: re-quantizing a 4-bit K-quant into blocks of 128 would add needless error."""
-        find = getattr(self.ckpt, "closest_spec", None)
+        find = None if self.relayout else getattr(self.ckpt, "closest_spec", None)
         specs = [s for s in (find(n, min_block) for n in names) if s is not None] if find else []
         if not specs:
             return spec
@@ -66,8 +72,12 @@ class QuantizedOps(ContribOps):
         if key not in self._quantized:
             self.progress(key)
             spec = self.closest([weight.name], spec)
-            q = None if copy else self.native(weight.name, float_zero_points)
-            if q is not None and q.zero_points is not None:  # float zero points: equal up to float rounding
+            q = self.native(weight.name, copy=True) if copy else self.native(weight.name, float_zero_points)
+            as_stored = q is not None and q.zero_points is None
+            if q is not None and copy:  # the rescoring copy is the file's own blocks: the top logits exactly
+                self.conversions.note(weight.name, f"top {self.policy.rescore.top} logits and the embedding rows "
+                                      f"from {kernel_name(q, exact=True)}")
+            elif q is not None and q.zero_points is not None:  # float zero points: equal up to float rounding
                 self.conversions.measured(weight.name, self.ckpt.tensor(weight.name), q.dequantize(),
                                           kernel_name(q, exact=False))
             elif q is not None:
@@ -80,13 +90,18 @@ class QuantizedOps(ContribOps):
                 if not copy:
                     self.conversions.measured(weight.name, array, q.dequantize(), kernel_name(q, exact=False))
             self._quantized[key] = (q, self.g.weight(key + ".q", q.packed_codes()))
+            self.record(part(weight.name) + (" (rescoring copy)" if copy else ""), kernel_name(q, as_stored))
         return self._quantized[key]
 
+    def record(self, part: str, layout: str) -> None:
+        self.written.setdefault(part, set()).add(layout)
+
     def rescoring(self, name: str) -> bool:
-        """The policy rescores this vocabulary table's top logits, and the checkpoint holds the table in floats: a
-        GGUF's blocks are read as they are or converted to their closest layout, and a finer copy of values the
-        file has already rounded has nothing to recover."""
-        return self.policy.rescore is not None and name in VOCABULARY and not stored_in_blocks(self.ckpt, name)
+        """The policy rescores this vocabulary table's top logits, and the checkpoint holds the table in floats or
+        is re-laid (`relayout`: the copy is then the file's own blocks). A GGUF read as it is keeps its blocks
+        or their closest layout, and a finer copy of values the file has already rounded has nothing to recover."""
+        return self.policy.rescore is not None and name in VOCABULARY and (
+            self.relayout or not stored_in_blocks(self.ckpt, name))
 
     def linear(self, x: str, layer: Linear) -> str:
         spec = self.policy.spec(layer.weight.name)
@@ -193,6 +208,7 @@ class QuantizedOps(ContribOps):
                 q = _interleave_rows(self.native(n["w1"]), self.native(n["w3"]))
                 log.exact(n["w1"], kernel_name(q, True))
                 log.exact(n["w3"], kernel_name(q, True))
+                self.record("experts", kernel_name(q, True))
                 return q
             e = self.expert(moe, j)
             w = np.zeros((2 * i_pad, h_pad), np.float32)
@@ -202,6 +218,7 @@ class QuantizedOps(ContribOps):
                 deq = q.dequantize()
                 log.measured(n["w1"], e["w1"], deq[0:2 * i:2, :h], kernel_name(q, False))
                 log.measured(n["w3"], e["w3"], deq[1:2 * i:2, :h], kernel_name(q, False))
+            self.record("experts", kernel_name(q, False))
             return q
 
         def fc2(j: int) -> Quantized:
@@ -209,6 +226,7 @@ class QuantizedOps(ContribOps):
             if native:
                 q = self.native(n)
                 log.exact(n, kernel_name(q, True))
+                self.record("experts", kernel_name(q, True))
                 return q
             e = self.expert(moe, j)
             w = np.zeros((h_pad, i_pad), np.float32)
@@ -216,6 +234,7 @@ class QuantizedOps(ContribOps):
             q = quantize(w, down_bits, bs, spec.method, scale_dtype=np.float16)
             if log.active:
                 log.measured(n, e["w2"], q.dequantize()[:h, :i], kernel_name(q, False))
+            self.record("experts", kernel_name(q, False))
             return q
 
         out = {which: self.quantized_experts(moe, which, make) for which, make in (("fc1", fc1), ("fc2", fc2))}
@@ -243,7 +262,7 @@ class QuantizedOps(ContribOps):
         """The bits of the checkpoint's own blocks when gate, up and down are all in one kernel layout (QMoE
         takes one bit width and block size for both matrices)."""
         exact = getattr(self.ckpt, "exact_bits", None)  # block-32 types only: QMoE's scales are fp16
-        if exact is None or self.transform is not None:
+        if exact is None or self.transform is not None or self.relayout:
             return None
         bits = {exact(getattr(moe.experts[0], k).weight.name) for k in ("w1", "w3", "w2")}
         return bits.pop() if len(bits) == 1 and None not in bits else None
@@ -290,6 +309,11 @@ def padding(policy: Policy, cfg: Lfm2Config) -> dict[str, float]:
         stored[part] = stored.get(part, 0) + padded_rows * whole(k, spec.block_size)
         held[part] = held.get(part, 0) + rows * k
     return {part: stored[part] / held[part] for part in ("experts", "linears", "vocabulary") if part in stored}
+
+
+def part(name: str) -> str:
+    """The part of the model a weight belongs to, as the manifest's `layout` names it."""
+    return "experts" if ".experts." in name else "vocabulary" if name in VOCABULARY else "linears"
 
 
 def stored_in_blocks(checkpoint: Checkpoint, name: str) -> bool:
