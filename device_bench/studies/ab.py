@@ -108,7 +108,9 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
             rows.append({"ours_prefill": o[0], "ours_decode": o[1], "llama_prefill": t[0], "llama_decode": t[1],
                          "copy_gbs": copy_gbs})
     med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
     return {"bundle": str(bundle), "gguf": str(gguf), "same_weights": exported_from(bundle, Path(gguf)),
+            "gguf_layout": manifest.get("gguf_layout"), "bytes_per_token": manifest["bytes_per_token"]["total"],
             "threads": threads, "prompt": prompt, "decode": decode, "rounds": rows, "median": med,
             "decode_ratio_per_round": statistics.median(r["ours_decode"] / r["llama_decode"] for r in rows),
             "prefill_ratio_per_round": statistics.median(r["ours_prefill"] / r["llama_prefill"] for r in rows)}
