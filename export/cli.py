@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                              "the demo model uses its own heldout.txt")
     parser.add_argument("--tokenizer", metavar="PATH", default=None,
                         help="for a GGUF without usable tokenizer metadata: the model's tokenizer.json (or its folder)")
-    parser.add_argument("--gguf-layout", choices=GGUF_LAYOUTS, default=None,
+    parser.add_argument("--gguf-layout", choices=tuple(GGUF_LAYOUTS), default=None,
                         help="a quantized GGUF's weights: exact keeps the file's blocks (the values llama.cpp "
                              "computes with); fast re-quantizes them into the policy's layout from the file's values "
                              "(wider blocks, a rescored int4 head; error and KL in the bundle's conversion.md, "

@@ -19,6 +19,10 @@ from ..quant.blocks import Quantized
 
 FLOAT32 = "float32"
 LAYOUTS = {"exact": "the file's blocks as the kernels read them, bit for bit where the kernels have the block type",
+           "head": "the file's blocks, but for the LM head's scan in the policy's layout; its top logits rescored from "
+                   "the file's own vocabulary blocks, which the embedding reads",
+           "experts": "as `head`, and the experts re-laid into the policy's layout, re-quantized from the file's "
+                      "values",
            "fast": "re-laid into the policy's layout, re-quantized from the file's values; the LM head's top logits "
                    "rescored from the file's own vocabulary blocks"}
 

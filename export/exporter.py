@@ -31,9 +31,9 @@ from .kv_cache import kv_cache_for
 from .lfm2 import Lfm2Model
 from .mobile import phone_extras
 from .onnx_ops import ContribOps, PortableOps
-from .options import TARGET_THREADS, ExportError, ExportOptions
+from .options import GGUF_LAYOUTS, TARGET_THREADS, ExportError, ExportOptions
 from .provenance import checkpoint_source
-from .quant_ops import QuantizedOps, stored_in_blocks
+from .quant_ops import QuantizedOps, part, stored_in_blocks
 from .random_tokenizer import NOTE, random_tokenizer_files
 from .random_weights import RandomCheckpoint
 from .template_check import check_template
@@ -90,10 +90,10 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         raise ExportError(str(e)) from None
     hessians, calibration = {}, None
 
-    relayout = options.gguf_layout == "fast"
+    relayout = frozenset(GGUF_LAYOUTS[options.gguf_layout]) if options.gguf_layout else frozenset()
 
     def calibrated(name: str) -> bool:  # GPTQ weights the checkpoint holds in floats, or re-laid from its blocks
-        return policy.calibrated(name) and (relayout or not stored_in_blocks(ckpt, name))
+        return policy.calibrated(name) and (part(name) in relayout or not stored_in_blocks(ckpt, name))
 
     if options.quantized:
         hessians, calibration = linear_hessians(ckpt, calibrated, tokens=options.calibration_tokens,
@@ -112,7 +112,7 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
                                            **({"kv_cache": kv} if options.ops == "contrib" else {}))
         backend.trace(model)
         # a GGUF's blocks kept as they are: the policy chose none of their layouts, so its name is not the quant's
-        quant_name = f"gguf-{options.gguf_layout}" if options.gguf_layout == "exact" else policy.name
+        quant_name = policy.name if options.gguf_layout in (None, "fast") else f"gguf-{options.gguf_layout}"
         graph.save(tmp / MODEL_FILE, producer=f"lfm-edge {__version__}",
                    metadata={"lfm_edge.ops": options.ops, "lfm_edge.quant": quant_name, "lfm_edge.kv_cache": kv.name})
         if options.random_weights:
@@ -148,14 +148,12 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         written = getattr(backend, "written", None)
         if written:  # each part's layout as the graph holds it, whatever the policy asked
             extras["layout"] = {part: sorted(kinds) for part, kinds in sorted(written.items())}
-        # the policy is recorded where it decided the layout: not over a GGUF's blocks kept as they are
-        applied = options.gguf_layout != "exact"
         if calibration is not None:
             extras["gptq_calibration"] = calibration  # what the linears' GPTQ was calibrated on
         rescored = policy.rescore is not None and "vocabulary (rescoring copy)" in (written or {})
         rescore_top = policy.rescore.top if rescored else 0
         files = _write_manifest(tmp, ckpt, source=source, ops=options.ops, quant=quant_name,
-                                quant_policy=policy.describe() if applied else None, kv_cache=kv.describe(),
+                                quant_policy=_applied(policy, options.gguf_layout, relayout), kv_cache=kv.describe(),
                                 target=options.target, rescore_top=rescore_top, chat_template=template, **extras)
         install_folder(tmp, out)
     except OSError as e:  # a full disk, a quota, a file-size limit: nothing was replaced
@@ -179,6 +177,22 @@ def _quality_report(checkpoint: str | Path, bundle: Path, text: str, text_name: 
                              quality.describe_text(text_name or "the --eval-text", text))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _applied(policy: Policy, gguf_layout: str | None, relayout: frozenset[str]) -> dict[str, Any] | None:
+    """The policy as far as it decided the layout: over a GGUF's blocks kept as they are it chose nothing, and the
+    manifest must not say it did."""
+    if gguf_layout is None:
+        return policy.describe()
+    if not relayout:
+        return None
+    applied = policy.describe()
+    for kept, key in (("experts", "experts"), ("linears", "linears"), ("vocabulary", "embedding")):
+        if kept not in relayout:
+            applied[key] = "the file's blocks"
+    if "vocabulary" not in relayout:
+        applied["rescore"] = None
+    return applied
 
 
 def _against_exact(checkpoint: str | Path, bundle: Path, options: ExportOptions, parent: Path) -> dict[str, Any]:

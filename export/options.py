@@ -33,12 +33,14 @@ TARGET_KV_CACHE = {"desktop": "fp32", "android": "int8", "ios": "int8"}
 # phones decode fastest on their big cores only (4 on current Snapdragon/Dimensity/Tensor parts, Apple's 2
 # performance cores); on a desktop onnxruntime's default, one thread per physical core, is right.
 TARGET_THREADS = {"desktop": None, "android": 4, "ios": 2}
-# A quantized GGUF's weights: `exact` keeps the file's blocks as the kernels read them (Q4_0/Q8_0 block 32, Q6_K as
-# int8 block 16: the values llama.cpp computes with, bit for bit); `fast` re-lays them in the policy's layout (experts
-# and vocabulary scan int4 block 256, linears block 128), re-quantized from the file's values, with the LM head's top
-# logits rescored from the file's own vocabulary blocks. Measured at full LFM2.5-8B-A1B geometry against llama.cpp
-# on the same Q4_0 file (device_bench/results/notes/2026-12-07-gguf-layout.md).
-GGUF_LAYOUTS = ("exact", "fast")
+# A quantized GGUF's weights, by the parts each layout re-lays: `exact` keeps the file's blocks as the kernels read
+# them (Q4_0/Q8_0 block 32, Q6_K as int8 block 16: the values llama.cpp computes with, bit for bit); the others
+# re-quantize their parts into the policy's layout from the file's values (experts and the vocabulary's scan int4
+# block 256, linears block 128), and a re-laid vocabulary has the LM head's top logits rescored from the file's own
+# blocks, which the embedding also reads. Measured at full LFM2.5-8B-A1B geometry against llama.cpp on the same
+# Q4_0 file (device_bench/results/notes/2026-12-07-gguf-layout.md).
+GGUF_LAYOUTS = {"exact": (), "head": ("vocabulary",), "experts": ("vocabulary", "experts"),
+                "fast": ("vocabulary", "experts", "linears")}
 DEFAULT_GGUF_LAYOUT = "exact"
 
 
@@ -112,7 +114,7 @@ class ExportOptions:
         if self.tokenizer is not None and self.random_weights:
             raise ExportError("--tokenizer is for GGUF files; --random-weights brings a stand-in tokenizer")
         if self.gguf_layout is not None and self.gguf_layout not in GGUF_LAYOUTS:
-            raise ExportError(f"--gguf-layout {self.gguf_layout!r}: expected one of {GGUF_LAYOUTS}")
+            raise ExportError(f"--gguf-layout {self.gguf_layout!r}: expected one of {tuple(GGUF_LAYOUTS)}")
         if self.gguf_layout is not None and not quantized_gguf:
             raise ExportError(f"--gguf-layout {self.gguf_layout}: for a GGUF file whose weights are stored in "
                               "quantized blocks; this checkpoint has none")

@@ -10,8 +10,9 @@ Weights the policy leaves alone (router gate, expert bias, norms, conv kernels) 
 A checkpoint that already holds a weight in a kernel's block layout (a GGUF's Q4_0 / Q8_0, `quantized()`)
 gives its blocks as they are, whatever the policy's bits and block size: re-quantizing them could only add
 error. What is converted otherwise is logged with its error against the source (conversion.py).
-`relayout` (a GGUF's `--gguf-layout fast`) re-quantizes them into the policy's layout instead, from the file's
-values, for speed, and the LM head's top logits are rescored from the file's own vocabulary blocks.
+`relayout` (the parts a GGUF's `--gguf-layout` re-lays: "experts", "linears", "vocabulary") re-quantizes those
+into the policy's layout instead, from the file's values, for speed; a re-laid vocabulary's scan has its top
+logits rescored from the file's own vocabulary blocks.
 `written` records each part's layout as it went into the graph (the manifest's `layout`).
 """
 
@@ -37,7 +38,7 @@ class QuantizedOps(ContribOps):
     def __init__(self, graph: Graph, checkpoint: Checkpoint, policy: Policy,
                  transform: WeightTransform | None = None, progress: Callable[[str], None] | None = None,
                  kv_cache: KvCache | None = None, hessians: dict[str, np.ndarray] | None = None,
-                 relayout: bool = False):
+                 relayout: frozenset[str] = frozenset()):
         super().__init__(graph, checkpoint, transform, progress, kv_cache)
         self.policy = policy
         self.relayout = relayout
@@ -48,17 +49,18 @@ class QuantizedOps(ContribOps):
 
     def native(self, name: str, float_zero_points: bool = False, copy: bool = False) -> Quantized | None:
         """The checkpoint's own blocks when it stores this weight in a kernel layout (and no test transform
-        rewrites weights); under `relayout` only for the vocabulary's rescoring `copy`."""
+        rewrites weights); for a part in `relayout` only as the vocabulary's rescoring `copy`."""
         read = getattr(self.ckpt, "quantized", None)
-        if read is None or self.transform is not None or (self.relayout and not copy):
+        if read is None or self.transform is not None or (part(name) in self.relayout and not copy):
             return None
         return read(name, float_zero_points) if float_zero_points else read(name)
 
     def closest(self, names: list[str], spec: QuantSpec, min_block: int = 16) -> QuantSpec:
         """The checkpoint's layout for weights it stores in another block type (a GGUF's K-quants: their bits and
         sub-block), else the policy's: re-quantizing a 4-bit K-quant into blocks of 128 would add needless error."""
-        find = None if self.relayout else getattr(self.ckpt, "closest_spec", None)
-        specs = [s for s in (find(n, min_block) for n in names) if s is not None] if find else []
+        find = getattr(self.ckpt, "closest_spec", None)
+        specs = [s for s in (find(n, min_block) for n in names if part(n) not in self.relayout) if s is not None] \
+            if find else []
         if not specs:
             return spec
         return QuantSpec(max(s.bits for s in specs), min(s.block_size for s in specs), "mse")
@@ -98,10 +100,10 @@ class QuantizedOps(ContribOps):
 
     def rescoring(self, name: str) -> bool:
         """The policy rescores this vocabulary table's top logits, and the checkpoint holds the table in floats or
-        is re-laid (`relayout`: the copy is then the file's own blocks). A GGUF read as it is keeps its blocks
+        is re-laid (in `relayout`: the copy is then the file's own blocks). A GGUF read as it is keeps its blocks
         or their closest layout, and a finer copy of values the file has already rounded has nothing to recover."""
         return self.policy.rescore is not None and name in VOCABULARY and (
-            self.relayout or not stored_in_blocks(self.ckpt, name))
+            part(name) in self.relayout or not stored_in_blocks(self.ckpt, name))
 
     def linear(self, x: str, layer: Linear) -> str:
         spec = self.policy.spec(layer.weight.name)
@@ -262,7 +264,7 @@ class QuantizedOps(ContribOps):
         """The bits of the checkpoint's own blocks when gate, up and down are all in one kernel layout (QMoE
         takes one bit width and block size for both matrices)."""
         exact = getattr(self.ckpt, "exact_bits", None)  # block-32 types only: QMoE's scales are fp16
-        if exact is None or self.transform is not None or self.relayout:
+        if exact is None or self.transform is not None or "experts" in self.relayout:
             return None
         bits = {exact(getattr(moe.experts[0], k).weight.name) for k in ("w1", "w3", "w2")}
         return bits.pop() if len(bits) == 1 and None not in bits else None

@@ -124,10 +124,30 @@ def test_fast_layout_relays_with_its_error_bounded_and_measured(fast, exact, mix
     assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) > 0.5
 
 
+def test_head_layout_relays_only_the_scan_and_rescores_from_the_files_blocks(mix, exact, tmp_path):
+    path, tok = mix
+    head = export(path, tmp_path / "head", tokenizer=tok, target="android", gguf_layout="head").bundle
+    m = json.loads((head / "manifest.json").read_text())
+    assert m["gguf_layout"] == "head" and m["quant"] == "gguf-head"
+    assert m["quant_policy"]["experts"] == m["quant_policy"]["linears"] == "the file's blocks"
+    assert m["quant_policy"]["embedding"]["block_size"] == 256 and m["quant_policy"]["rescore"]["top"] == 64
+    exactly = ["int4 block 32 symmetric (the file's values, exactly)"]
+    assert m["layout"] == {"experts": exactly, "linears": exactly, "vocabulary": ["int4 block 256 zero points"],
+                           "vocabulary (rescoring copy)": ["int8 block 16 symmetric (the file's values, exactly)"]}
+    rows = {r["tensor"]: r for r in json.loads((head / "conversion.json").read_text())["tensors"]}
+    assert all(r["relative_rms_error"] == 0 for name, r in rows.items() if name != "token_embd.weight")
+    assert 0 < rows["token_embd.weight"]["relative_rms_error"] < 0.15
+    # the top logits are the file's (what a sampled or greedy token depends on); the tail is the scan's
+    got, want = _logits(head), _logits(exact)
+    top = np.argsort(want)[-8:]
+    assert got.argmax() == want.argmax()
+    np.testing.assert_allclose(got[top], want[top], atol=0.05 * np.abs(want[top]).max(), rtol=0)
+
+
 def test_gguf_layout_is_checked_once():
     assert ExportOptions(quant="int4").resolved(quantized_gguf=True).gguf_layout == DEFAULT_GGUF_LAYOUT
     assert ExportOptions(quant="int4").resolved().gguf_layout is None
-    with pytest.raises(ExportError, match=r"--gguf-layout 'tight': expected one of \('exact', 'fast'\)"):
+    with pytest.raises(ExportError, match=r"'tight': expected one of \('exact', 'head', 'experts', 'fast'\)"):
         ExportOptions(gguf_layout="tight").resolved(quantized_gguf=True)
     with pytest.raises(ExportError, match="--gguf-layout fast: for a GGUF file whose weights are stored in"):
         ExportOptions(gguf_layout="fast", quant="int4").resolved()

@@ -25,6 +25,7 @@ import numpy as np
 from ...export.checkpoint import Checkpoint
 from ...export.cli import demo_model_path
 from ...export.exporter import export
+from ...export.options import GGUF_LAYOUTS
 from ...export.quality import compare, token_windows
 from ...export.quality import window_logits as our_logits
 from ...runtime.files import write_text
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("gguf", nargs="?", help="default: the demo model, quantized to Q4_0 by llama.cpp")
     parser.add_argument("--text", help="held-out text (default: the demo model's heldout.txt)")
     parser.add_argument("--quant", default="int4", help="export policy (Q4_0/Q8_0 blocks are kept under any)")
-    parser.add_argument("--gguf-layout", choices=("exact", "fast"), default=None,
+    parser.add_argument("--gguf-layout", choices=tuple(GGUF_LAYOUTS), default=None,
                         help="the bundle's --gguf-layout (default: lfm-export's)")
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=4096)
