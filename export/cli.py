@@ -18,7 +18,7 @@ from .checkpoint import CheckpointError, is_gguf
 from .config import ConfigError
 from .exporter import export
 from .kv_cache import DEFAULT_MARGIN, KV_CACHES
-from .options import DEFAULT_GGUF_LAYOUT, GGUF_LAYOUTS, OP_SETS, TARGET_QUANT, TARGETS, ExportError, ExportOptions
+from .options import GGUF_LAYOUTS, OP_SETS, TARGET_QUANT, TARGETS, ExportError, ExportOptions
 
 MAX_TEXT_BYTES = 256 << 20  # --eval-text / --kv-calibration: text, not a disk image
 
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a quantized GGUF's weights: exact keeps the file's blocks (the values llama.cpp "
                              "computes with); fast re-quantizes them into the policy's layout from the file's values "
                              "(wider blocks, a rescored int4 head; error and KL in the bundle's conversion.md, "
-                             f"with --eval-text). Default {DEFAULT_GGUF_LAYOUT}")
+                             "with --eval-text); head and experts re-lay only those parts. Default by --target: "
+                             "phones fast, desktop exact")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     checkpoint = args.checkpoint

@@ -19,7 +19,7 @@ from lfm_edge.export.checkpoint import Checkpoint
 from lfm_edge.export.cli import main as cli_main
 from lfm_edge.export.exporter import export
 from lfm_edge.export.gguf_checkpoint import GgufCheckpoint
-from lfm_edge.export.options import DEFAULT_GGUF_LAYOUT, ExportError, ExportOptions
+from lfm_edge.export.options import ExportError, ExportOptions
 from tiny_models import build
 
 Q = gguf.GGMLQuantizationType
@@ -145,7 +145,10 @@ def test_head_layout_relays_only_the_scan_and_rescores_from_the_files_blocks(mix
 
 
 def test_gguf_layout_is_checked_once():
-    assert ExportOptions(quant="int4").resolved(quantized_gguf=True).gguf_layout == DEFAULT_GGUF_LAYOUT
+    # phones decode at memory speed: the fast layout; a desktop keeps the file's values
+    assert ExportOptions(quant="int4", target="android").resolved(quantized_gguf=True).gguf_layout == "fast"
+    assert ExportOptions(quant="int4", target="ios").resolved(quantized_gguf=True).gguf_layout == "fast"
+    assert ExportOptions(quant="int4").resolved(quantized_gguf=True).gguf_layout == "exact"
     assert ExportOptions(quant="int4").resolved().gguf_layout is None
     with pytest.raises(ExportError, match=r"'tight': expected one of \('exact', 'head', 'experts', 'fast'\)"):
         ExportOptions(gguf_layout="tight").resolved(quantized_gguf=True)
