@@ -69,7 +69,8 @@ class LlamaBench:
     512 tokens); the model is mapped again each run, which its timings exclude."""
 
     def __init__(self, binary: str, gguf: Path, threads: int):
-        self.command = [binary, "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", "--no-warmup"]
+        # its own warm-up run first: the model is mapped anew each run, and a first pass would time page faults
+        self.command = [binary, "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json"]
 
     def __call__(self, ids: list[int], steps: list[int]) -> tuple[float, float]:
         out = subprocess.run(self.command + ["-p", str(len(ids)), "-n", str(len(steps))], check=True,
