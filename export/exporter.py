@@ -33,7 +33,7 @@ from .mobile import phone_extras
 from .onnx_ops import ContribOps, PortableOps
 from .options import GGUF_LAYOUTS, TARGET_THREADS, ExportError, ExportOptions
 from .provenance import checkpoint_source
-from .quant_ops import QuantizedOps, part, stored_in_blocks
+from .quant_ops import QuantizedOps, relaid, stored_in_blocks
 from .random_tokenizer import NOTE, random_tokenizer_files
 from .random_weights import RandomCheckpoint
 from .template_check import check_template
@@ -93,7 +93,7 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
     relayout = frozenset(GGUF_LAYOUTS[options.gguf_layout]) if options.gguf_layout else frozenset()
 
     def calibrated(name: str) -> bool:  # GPTQ weights the checkpoint holds in floats, or re-laid from its blocks
-        return policy.calibrated(name) and (part(name) in relayout or not stored_in_blocks(ckpt, name))
+        return policy.calibrated(name) and (relaid(ckpt, policy, relayout, name) or not stored_in_blocks(ckpt, name))
 
     if options.quantized:
         hessians, calibration = linear_hessians(ckpt, calibrated, tokens=options.calibration_tokens,

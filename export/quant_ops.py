@@ -51,7 +51,8 @@ class QuantizedOps(ContribOps):
         """The checkpoint's own blocks when it stores this weight in a kernel layout (and no test transform
         rewrites weights); for a part in `relayout` only as the vocabulary's rescoring `copy`."""
         read = getattr(self.ckpt, "quantized", None)
-        if read is None or self.transform is not None or (part(name) in self.relayout and not copy):
+        if read is None or self.transform is not None or (relaid(self.ckpt, self.policy, self.relayout, name)
+                                                           and not copy):
             return None
         return read(name, float_zero_points) if float_zero_points else read(name)
 
@@ -59,8 +60,8 @@ class QuantizedOps(ContribOps):
         """The checkpoint's layout for weights it stores in another block type (a GGUF's K-quants: their bits and
         sub-block), else the policy's: re-quantizing a 4-bit K-quant into blocks of 128 would add needless error."""
         find = getattr(self.ckpt, "closest_spec", None)
-        specs = [s for s in (find(n, min_block) for n in names if part(n) not in self.relayout) if s is not None] \
-            if find else []
+        kept = [n for n in names if not relaid(self.ckpt, self.policy, self.relayout, n)]
+        specs = [s for s in (find(n, min_block) for n in kept) if s is not None] if find else []
         if not specs:
             return spec
         return QuantSpec(max(s.bits for s in specs), min(s.block_size for s in specs), "mse")
@@ -264,9 +265,11 @@ class QuantizedOps(ContribOps):
         """The bits of the checkpoint's own blocks when gate, up and down are all in one kernel layout (QMoE
         takes one bit width and block size for both matrices)."""
         exact = getattr(self.ckpt, "exact_bits", None)  # block-32 types only: QMoE's scales are fp16
-        if exact is None or self.transform is not None or "experts" in self.relayout:
+        names = [getattr(moe.experts[0], k).weight.name for k in ("w1", "w3", "w2")]
+        if exact is None or self.transform is not None or \
+                all(relaid(self.ckpt, self.policy, self.relayout, n) for n in names):
             return None
-        bits = {exact(getattr(moe.experts[0], k).weight.name) for k in ("w1", "w3", "w2")}
+        bits = {exact(n) for n in names}
         return bits.pop() if len(bits) == 1 and None not in bits else None
 
     def quantized_experts(self, moe: SparseMoe, which: str, make: Callable[[int], Quantized]) -> dict[str, str | None]:
@@ -316,6 +319,22 @@ def padding(policy: Policy, cfg: Lfm2Config) -> dict[str, float]:
 def part(name: str) -> str:
     """The part of the model a weight belongs to, as the manifest's `layout` names it."""
     return "experts" if ".experts." in name else "vocabulary" if name in VOCABULARY else "linears"
+
+
+def relaid(checkpoint: Checkpoint, policy: Policy, relayout: frozenset[str], name: str) -> bool:
+    """This weight is re-quantized into the policy's layout (a GGUF's --gguf-layout): its part is re-laid, and the
+    file stores it at no more bits than the policy's, so a Q8_0 linear keeps its 8 bits; the vocabulary's scan is
+    re-laid whatever its bits (its top logits come from the file's blocks)."""
+    kind = part(name)
+    if kind not in relayout:
+        return False
+    spec = policy.spec(name)
+    if kind == "vocabulary" or spec is None:
+        return spec is not None
+    exact = getattr(checkpoint, "exact_bits", None)
+    closest = getattr(checkpoint, "closest_spec", None)
+    stored = (exact(name) if exact else None) or getattr(closest(name) if closest else None, "bits", None)
+    return stored is None or stored <= spec.bits
 
 
 def stored_in_blocks(checkpoint: Checkpoint, name: str) -> bool:
