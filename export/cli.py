@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                              "computes with); fast re-quantizes them into the policy's layout from the file's values "
                              "(wider blocks, a rescored int4 head; error and KL in the bundle's conversion.md, "
                              "with --eval-text); head and experts re-lay only those parts. Default by --target: "
-                             "phones fast, desktop exact")
+                             "phones experts, desktop exact")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     checkpoint = args.checkpoint

@@ -27,9 +27,12 @@ TEXT = "the quick brown fox jumps over the lazy dog, and then the dog sleeps in 
 
 
 def _q4_0_mix(name: str, shape: tuple[int, ...]) -> Q | None:
-    """llama-quantize's Q4_0: the (tied) vocabulary in Q6_K, the other matrices in Q4_0."""
+    """llama-quantize's Q4_0: the (tied) vocabulary in Q6_K, the other matrices in Q4_0 (and, as its mixes do for
+    some attention tensors, one in Q8_0)."""
     if name == "token_embd.weight":
         return Q.Q6_K
+    if name == "blk.1.attn_v.weight":
+        return Q.Q8_0
     skip = "ffn_gate_inp" in name or "shortconv.conv" in name
     return Q.Q4_0 if len(shape) >= 2 and shape[-1] % 32 == 0 and not skip else None
 
@@ -89,7 +92,8 @@ def test_exact_layout_is_the_files_blocks_and_the_manifest_says_so(exact, mix):
     # the policy chose none of these layouts, so none is recorded as if it had
     assert m["gguf_layout"] == "exact" and m["quant"] == "gguf-exact" and m["quant_policy"] is None
     assert m["layout"] == {"experts": ["int4 block 32 symmetric (the file's values, exactly)"],
-                           "linears": ["int4 block 32 symmetric (the file's values, exactly)"],
+                           "linears": ["int4 block 32 symmetric (the file's values, exactly)",
+                                       "int8 block 32 symmetric (the file's values, exactly)"],
                            "vocabulary": ["int8 block 16 symmetric (the file's values, exactly)"]}
     assert "Layout: `exact`" in (exact / "conversion.md").read_text()
 
@@ -97,14 +101,18 @@ def test_exact_layout_is_the_files_blocks_and_the_manifest_says_so(exact, mix):
 def test_fast_layout_relays_with_its_error_bounded_and_measured(fast, exact, mix):
     g = GgufCheckpoint(mix[0], tokenizer=mix[1])
     assert {a["block_size"] for a in _attrs(fast, "QMoE")} == {256}
-    assert {a["block_size"] for a in _attrs(fast, "MatMulNBits")} == {128, 256}  # linears 128, the head's scan 256
+    # linears 128, the head's scan 256, the Q8_0 linear its own 32
+    assert {a["block_size"] for a in _attrs(fast, "MatMulNBits")} == {32, 128, 256}
     init = _init(fast)
     vocab = "model.embed_tokens.weight"
     # the rescoring copy (embedding rows, the head's top logits) is the file's Q6_K exactly
     np.testing.assert_array_equal(_int8(init, vocab + ".rescore.q", vocab + ".rescore.scales3"), g.tensor(vocab))
     rows = {r["tensor"]: r for r in json.loads((fast / "conversion.json").read_text())["tensors"]}
     relaid = [r for r in rows.values() if r["type"] in ("Q4_0", "Q6_K")]
-    assert len(relaid) == len([r for r in rows.values() if r["type"] != "F32"]) >= 15
+    assert len(relaid) == len([r for r in rows.values() if r["type"] not in ("F32", "Q8_0")]) >= 15
+    # never fewer bits than the file's: the Q8_0 linear keeps its blocks
+    assert rows["blk.1.attn_v.weight"]["relative_rms_error"] == 0
+    assert rows["blk.1.attn_v.weight"]["kernel"] == "int8 block 32 symmetric (the file's values, exactly)"
     # 4-bit values re-quantized at 4 bits in wider blocks: a 4-bit quantization's error, not more
     assert all(0 < r["relative_rms_error"] < 0.15 for r in relaid), relaid
     assert "top 64 logits and the embedding rows from int8 block 16" in rows["token_embd.weight"]["kernel"]
@@ -132,7 +140,8 @@ def test_head_layout_relays_only_the_scan_and_rescores_from_the_files_blocks(mix
     assert m["quant_policy"]["experts"] == m["quant_policy"]["linears"] == "the file's blocks"
     assert m["quant_policy"]["embedding"]["block_size"] == 256 and m["quant_policy"]["rescore"]["top"] == 64
     exactly = ["int4 block 32 symmetric (the file's values, exactly)"]
-    assert m["layout"] == {"experts": exactly, "linears": exactly, "vocabulary": ["int4 block 256 zero points"],
+    eight = ["int8 block 32 symmetric (the file's values, exactly)"]
+    assert m["layout"] == {"experts": exactly, "linears": exactly + eight, "vocabulary": ["int4 block 256 zero points"],
                            "vocabulary (rescoring copy)": ["int8 block 16 symmetric (the file's values, exactly)"]}
     rows = {r["tensor"]: r for r in json.loads((head / "conversion.json").read_text())["tensors"]}
     assert all(r["relative_rms_error"] == 0 for name, r in rows.items() if name != "token_embd.weight")
@@ -145,9 +154,9 @@ def test_head_layout_relays_only_the_scan_and_rescores_from_the_files_blocks(mix
 
 
 def test_gguf_layout_is_checked_once():
-    # phones decode at memory speed: the fast layout; a desktop keeps the file's values
-    assert ExportOptions(quant="int4", target="android").resolved(quantized_gguf=True).gguf_layout == "fast"
-    assert ExportOptions(quant="int4", target="ios").resolved(quantized_gguf=True).gguf_layout == "fast"
+    # phones decode at memory speed: the head and experts re-laid; a desktop keeps the file's values
+    assert ExportOptions(quant="int4", target="android").resolved(quantized_gguf=True).gguf_layout == "experts"
+    assert ExportOptions(quant="int4", target="ios").resolved(quantized_gguf=True).gguf_layout == "experts"
     assert ExportOptions(quant="int4").resolved(quantized_gguf=True).gguf_layout == "exact"
     assert ExportOptions(quant="int4").resolved().gguf_layout is None
     with pytest.raises(ExportError, match=r"'tight': expected one of \('exact', 'head', 'experts', 'fast'\)"):
