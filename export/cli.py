@@ -18,7 +18,7 @@ from .checkpoint import CheckpointError, is_gguf
 from .config import ConfigError
 from .exporter import export
 from .kv_cache import DEFAULT_MARGIN, KV_CACHES
-from .options import OP_SETS, TARGET_QUANT, TARGETS, ExportError, ExportOptions
+from .options import GGUF_LAYOUTS, OP_SETS, TARGET_QUANT, TARGETS, ExportError, ExportOptions
 
 MAX_TEXT_BYTES = 256 << 20  # --eval-text / --kv-calibration: text, not a disk image
 
@@ -106,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                              "the demo model uses its own heldout.txt")
     parser.add_argument("--tokenizer", metavar="PATH", default=None,
                         help="for a GGUF without usable tokenizer metadata: the model's tokenizer.json (or its folder)")
+    parser.add_argument("--gguf-layout", choices=tuple(GGUF_LAYOUTS), default=None,
+                        help="a quantized GGUF's weights: exact keeps the file's blocks (the values llama.cpp "
+                             "computes with); fast re-quantizes them into the policy's layout from the file's values "
+                             "(wider blocks, a rescored int4 head; error and KL in the bundle's conversion.md, "
+                             "with --eval-text); head and experts re-lay only those parts. Default by --target: "
+                             "phones experts, desktop exact")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     checkpoint = args.checkpoint
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_calibration_text=_text("--kv-calibration", args.kv_calibration),
             eval_text=_text("--eval-text", args.eval_text),
             eval_text_name=Path(args.eval_text).name if args.eval_text else None, tokenizer=args.tokenizer,
-            random_weights=args.random_weights, progress=progress, force=args.force)
+            random_weights=args.random_weights, progress=progress, force=args.force, gguf_layout=args.gguf_layout)
         result = export(checkpoint, out, options)
     except (ExportError, CheckpointError, ConfigError, ValueError, OSError) as e:
         progress.end()

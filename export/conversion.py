@@ -18,6 +18,13 @@ import numpy as np
 from ..quant.blocks import Quantized
 
 FLOAT32 = "float32"
+LAYOUTS = {"exact": "the file's blocks as the kernels read them, bit for bit where the kernels have the block type",
+           "head": "the file's blocks, but for the LM head's scan in the policy's layout; its top logits rescored from "
+                   "the file's own vocabulary blocks, which the embedding reads",
+           "experts": "as `head`, and the experts re-laid into the policy's layout, re-quantized from the file's "
+                      "values",
+           "fast": "re-laid into the policy's layout, re-quantized from the file's values; the LM head's top logits "
+                   "rescored from the file's own vocabulary blocks"}
 
 
 def kernel_name(q: Quantized, exact: bool) -> str:
@@ -35,6 +42,7 @@ class ConversionLog:
         self.ckpt = checkpoint
         self.active = hasattr(checkpoint, "stored_type") and hasattr(checkpoint, "gguf_tensor")
         self.rows: dict[str, dict[str, Any]] = {}
+        self.notes: dict[str, list[str]] = {}  # GGUF tensor -> what else reads it (note)
 
     def _row(self, name: str, kernel: str) -> dict[str, Any]:
         key = self.ckpt.gguf_tensor(name)
@@ -46,6 +54,11 @@ class ConversionLog:
     def exact(self, name: str, kernel: str) -> None:
         if self.active:
             self._row(name, kernel)
+
+    def note(self, name: str, text: str) -> None:
+        """Say more about how the kernels read a tensor (the vocabulary's rescoring copy)."""
+        if self.active:
+            self.notes.setdefault(self.ckpt.gguf_tensor(name), []).append(text)
 
     def measured(self, name: str, reference: np.ndarray, approx: np.ndarray, kernel: str) -> None:
         if not self.active:
@@ -64,22 +77,34 @@ class ConversionLog:
         rows = []
         for row in self.rows.values():
             rel = (row["err_sq"] / row["ref_sq"]) ** 0.5 if row["ref_sq"] > 0 else 0.0
-            rows.append({"tensor": row["tensor"], "type": row["type"], "kernel": row["kernel"],
+            kernel = "; ".join([row["kernel"], *self.notes.get(row["tensor"], [])])
+            rows.append({"tensor": row["tensor"], "type": row["type"], "kernel": kernel,
                          "relative_rms_error": rel, "max_abs_error": row["max_abs_error"]})
         return rows
 
-    def write(self, folder: Path, weight_names: list[str], source: str) -> dict[str, Any]:
-        """conversion.json and conversion.md; returns the summary the manifest records."""
+    def write(self, folder: Path, weight_names: list[str], source: str, layout: str | None = None,
+              against_exact: dict[str, Any] | None = None) -> dict[str, Any]:
+        """conversion.json and conversion.md; returns the summary the manifest records. `layout`: the
+        --gguf-layout written; `against_exact`: KL(the file's blocks exactly || this bundle) on held-out text."""
         rows = self.report(weight_names)
-        (folder / "conversion.json").write_text(json.dumps({"source": source, "tensors": rows}, indent=2))
-        lines = [f"# Conversion from {Path(source).name}", "",
-                 "Error of each tensor as the kernels read it, against the GGUF's own values.", "",
+        (folder / "conversion.json").write_text(json.dumps(
+            {"source": source, "gguf_layout": layout, "against_exact": against_exact, "tensors": rows}, indent=2))
+        lines = [f"# Conversion from {Path(source).name}", ""]
+        if layout is not None:
+            lines += [f"Layout: `{layout}` ({LAYOUTS.get(layout, layout)}).", ""]
+        if against_exact is not None:
+            lines += [f"KL(the file's values exactly || this bundle): {against_exact['kl']:.4g}, top-1 agreement "
+                      f"{against_exact['top1']:.1%}, over {against_exact['tokens']} predictions of "
+                      f"{against_exact['text']}. The `exact` layout computes what llama.cpp computes on the file "
+                      "(KL 0.0014 on the demo model's Q4_0, device_bench/README.md \"GGUF in\").", ""]
+        lines += ["Error of each tensor as the kernels read it, against the GGUF's own values.", "",
                  "| tensor | GGUF type | kernel layout | relative RMS error | max abs error |", "|---|---|---|---|---|"]
         lines += [f"| {r['tensor']} | {r['type']} | {r['kernel']} | {r['relative_rms_error']:.3g} | "
                   f"{r['max_abs_error']:.3g} |" for r in rows]
         (folder / "conversion.md").write_text("\n".join(lines) + "\n")
         converted = [r for r in rows if r["relative_rms_error"] > 0]
         worst = max(converted, key=lambda r: r["relative_rms_error"], default=None)
-        return {"tensors": len(rows), "exact": len(rows) - len(converted), "converted": len(converted),
+        summary = {} if against_exact is None else {"kl_against_exact": against_exact["kl"]}
+        return summary | {"tensors": len(rows), "exact": len(rows) - len(converted), "converted": len(converted),
                 "worst": None if worst is None else {k: worst[k] for k in ("tensor", "type", "relative_rms_error")},
                 "types": sorted({r["type"] for r in rows})}

@@ -31,9 +31,9 @@ from .kv_cache import kv_cache_for
 from .lfm2 import Lfm2Model
 from .mobile import phone_extras
 from .onnx_ops import ContribOps, PortableOps
-from .options import TARGET_THREADS, ExportError, ExportOptions
+from .options import GGUF_LAYOUTS, TARGET_THREADS, ExportError, ExportOptions
 from .provenance import checkpoint_source
-from .quant_ops import QuantizedOps, stored_in_blocks
+from .quant_ops import QuantizedOps, relaid, stored_in_blocks
 from .random_tokenizer import NOTE, random_tokenizer_files
 from .random_weights import RandomCheckpoint
 from .template_check import check_template
@@ -90,8 +90,10 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         raise ExportError(str(e)) from None
     hessians, calibration = None, None
 
-    def calibrated(name: str) -> bool:  # GPTQ weights the checkpoint holds in floats
-        return policy.calibrated(name) and not stored_in_blocks(ckpt, name)
+    relayout = frozenset(GGUF_LAYOUTS[options.gguf_layout]) if options.gguf_layout else frozenset()
+
+    def calibrated(name: str) -> bool:  # GPTQ weights the checkpoint holds in floats, or re-laid from its blocks
+        return policy.calibrated(name) and (relaid(ckpt, policy, relayout, name) or not stored_in_blocks(ckpt, name))
 
     if options.quantized:  # computed a layer at a time as the trace reaches each layer (calibration.py)
         hessians = LayerHessians(ckpt, calibrated, tokens=options.calibration_tokens,
@@ -105,13 +107,15 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         graph = Graph(tmp / DATA_FILE)
         if options.quantized:
             backend = QuantizedOps(graph, ckpt, policy, transform=options.transform, progress=progress, kv_cache=kv,
-                                   hessians=hessians)
+                                   hessians=hessians, relayout=relayout)
         else:
             backend = OPS_BACKENDS[options.ops](graph, ckpt, transform=options.transform, progress=progress,
                                            **({"kv_cache": kv} if options.ops == "contrib" else {}))
         backend.trace(model)
+        # a GGUF's blocks kept as they are: the policy chose none of their layouts, so its name is not the quant's
+        quant_name = policy.name if options.gguf_layout in (None, "fast") else f"gguf-{options.gguf_layout}"
         graph.save(tmp / MODEL_FILE, producer=f"lfm-edge {__version__}",
-                   metadata={"lfm_edge.ops": options.ops, "lfm_edge.quant": policy.name, "lfm_edge.kv_cache": kv.name})
+                   metadata={"lfm_edge.ops": options.ops, "lfm_edge.quant": quant_name, "lfm_edge.kv_cache": kv.name})
         if options.random_weights:
             (tmp / "config.json").write_text(json.dumps(ckpt.raw_config, indent=2))
             # without a tokenizer no tool of ours could open the bundle (see random_tokenizer.py)
@@ -122,13 +126,17 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         template = check_template(tmp)  # code from a download: checked in the sandbox, or replaced (said so)
         warnings = [f"the chat template was replaced by LFM2's ChatML layout: {template['reason']}"] \
             if template["source"] == "fallback" else []
-        log = getattr(backend, "conversions", None) or ConversionLog(ckpt)
-        named = source.get("hub_id") or source.get("name") or "checkpoint"  # never a local path (provenance.py)
-        conversion = log.write(tmp, [w.name for w in model.weights()], named) if log.active else None
         config = genai_config(ckpt, share_buffer=backend.share_buffer)
         if TARGET_THREADS[options.target]:
             config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = TARGET_THREADS[options.target]
         (tmp / "genai_config.json").write_text(json.dumps(config, indent=2))
+        log = getattr(backend, "conversions", None) or ConversionLog(ckpt)
+        named = source.get("hub_id") or source.get("name") or "checkpoint"  # never a local path (provenance.py)
+        against_exact = None
+        if relayout and options.eval_text:  # what re-laying costs, against the file's blocks exactly
+            against_exact = _against_exact(checkpoint, tmp, options, parent)
+        conversion = log.write(tmp, [w.name for w in model.weights()], named, layout=options.gguf_layout,
+                               against_exact=against_exact) if log.active else None
         if options.eval_text and options.quantized and isinstance(ckpt, Checkpoint):  # against a float checkpoint
             _quality_report(checkpoint, tmp, options.eval_text, options.eval_text_name, policy, parent)
         extras = phone_extras(tmp, MODEL_FILE, DATA_FILE) if options.target in ("android", "ios") else {}
@@ -136,12 +144,18 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
             extras["tokenizer"] = NOTE
         if conversion is not None:
             extras["conversion"] = conversion  # from a GGUF: how many tensors are the file's values exactly
+        if options.gguf_layout is not None:
+            extras["gguf_layout"] = options.gguf_layout
+        written = getattr(backend, "written", None)
+        if written:  # each part's layout as the graph holds it, whatever the policy asked
+            extras["layout"] = {part: sorted(kinds) for part, kinds in sorted(written.items())}
         if calibration is not None:
             extras["gptq_calibration"] = calibration  # what the linears' GPTQ was calibrated on
-        files = _write_manifest(tmp, ckpt, source=source, ops=options.ops, quant=policy.name,
-                                quant_policy=policy.describe(), kv_cache=kv.describe(), target=options.target,
-                                rescore_top=policy.rescore.top if policy.rescore else 0, chat_template=template,
-                                **extras)
+        rescored = policy.rescore is not None and "vocabulary (rescoring copy)" in (written or {})
+        rescore_top = policy.rescore.top if rescored else 0
+        files = _write_manifest(tmp, ckpt, source=source, ops=options.ops, quant=quant_name,
+                                quant_policy=_applied(policy, options.gguf_layout, relayout), kv_cache=kv.describe(),
+                                target=options.target, rescore_top=rescore_top, chat_template=template, **extras)
         install_folder(tmp, out)
     except OSError as e:  # a full disk, a quota, a file-size limit: nothing was replaced
         shutil.rmtree(tmp, ignore_errors=True)
@@ -162,6 +176,42 @@ def _quality_report(checkpoint: str | Path, bundle: Path, text: str, text_name: 
         result = quality.measure(reference, bundle, text, policy.name, policy)
         quality.write_report([result], bundle, f"{policy.name} against fp32, {Path(str(checkpoint)).name}",
                              quality.describe_text(text_name or "the --eval-text", text))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _applied(policy: Policy, gguf_layout: str | None, relayout: frozenset[str]) -> dict[str, Any] | None:
+    """The policy as far as it decided the layout: over a GGUF's blocks kept as they are it chose nothing, and the
+    manifest must not say it did."""
+    if gguf_layout is None:
+        return policy.describe()
+    if not relayout:
+        return None
+    applied = policy.describe()
+    for kept, key in (("experts", "experts"), ("linears", "linears"), ("vocabulary", "embedding")):
+        if kept not in relayout:
+            applied[key] = "the file's blocks"
+    if "vocabulary" not in relayout:
+        applied["rescore"] = None
+    return applied
+
+
+def _against_exact(checkpoint: str | Path, bundle: Path, options: ExportOptions, parent: Path) -> dict[str, Any]:
+    """KL(the file's blocks exactly || `bundle`) on the eval text: `bundle` re-laid (`--gguf-layout fast`) against
+    an export of the same GGUF in `exact` layout (made beside it), which computes what llama.cpp computes on the
+    file (device_bench/README.md, "GGUF in")."""
+    work = Path(tempfile.mkdtemp(prefix=".lfm-exact-", dir=parent))
+    try:
+        exact = export(checkpoint, work / "exact", dataclasses.replace(
+            options, gguf_layout="exact", eval_text=None, progress=None, force=False)).bundle
+        windows = quality.token_windows(exact / "tokenizer.json", options.eval_text, quality.WINDOW,
+                                        quality.MAX_TOKENS)
+        if not windows:
+            raise ExportError("--eval-text: too short to measure on (it needs at least two tokens)")
+        result = quality.compare(quality.window_logits(exact, windows), quality.window_logits(bundle, windows),
+                                 windows)
+        return {"kl": result["kl"], "top1": result["top1"], "tokens": result["tokens"],
+                "text": quality.describe_text(options.eval_text_name or "the --eval-text", options.eval_text)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

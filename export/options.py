@@ -20,7 +20,7 @@ from .kernel_support import check_policy
 from .kv_cache import DEFAULT_MARGIN, KV_CACHES
 from .onnx_ops import WeightTransform
 
-__all__ = ["OP_SETS", "TARGETS", "ExportError", "ExportOptions"]
+__all__ = ["GGUF_LAYOUTS", "OP_SETS", "TARGETS", "ExportError", "ExportOptions"]
 
 TARGETS = ("desktop", "android", "ios")
 OP_SETS = ("contrib", "portable")
@@ -33,6 +33,20 @@ TARGET_KV_CACHE = {"desktop": "fp32", "android": "int8", "ios": "int8"}
 # phones decode fastest on their big cores only (4 on current Snapdragon/Dimensity/Tensor parts, Apple's 2
 # performance cores); on a desktop onnxruntime's default, one thread per physical core, is right.
 TARGET_THREADS = {"desktop": None, "android": 4, "ios": 2}
+# A quantized GGUF's weights, by the parts each layout re-lays: `exact` keeps the file's blocks as the kernels read
+# them (Q4_0/Q8_0 block 32, Q6_K as int8 block 16: the values llama.cpp computes with, bit for bit); the others
+# re-quantize their parts into the policy's layout from the file's values (experts and the vocabulary's scan int4
+# block 256, linears block 128), and a re-laid vocabulary has the LM head's top logits rescored from the file's own
+# blocks, which the embedding also reads. Measured at full LFM2.5-8B-A1B geometry against llama.cpp on the same
+# Q4_0 file (device_bench/results/notes/2026-12-07-gguf-layout.md).
+GGUF_LAYOUTS = {"exact": (), "head": ("vocabulary",), "experts": ("vocabulary", "experts"),
+                "fast": ("vocabulary", "experts", "linears")}
+# Phones decode at the speed of memory, so they get `experts`: the re-laid head and experts cost KL 0.0052 against
+# the exact layout on the trained demo model's Q4_0 (`fast`, with its linears re-laid too: 0.019, over the 0.01
+# the project holds GGUF imports to), and they are most of the bytes: at full geometry the head's 328 MB become
+# ~136 and the experts' block 32 the block 256 onnxruntime repacks at 4.25 bits instead of 6. A desktop keeps the
+# file's values (the notes above).
+TARGET_GGUF_LAYOUT = {"desktop": "exact", "android": "experts", "ios": "experts"}
 
 
 class ExportError(ValueError):
@@ -48,7 +62,8 @@ class ExportOptions:
     linear's inputs, a slower export); `eval_text`: held-out text for a quality report against fp32
     (quality.md), `eval_text_name` what the report calls it (the CLI: the file's name); `tokenizer`: a GGUF's
     tokenizer.json (or its folder) when the file carries none; `force`: replace an `out` folder that holds
-    something other than an lfm-edge bundle."""
+    something other than an lfm-edge bundle; `gguf_layout`: `exact` or `fast` for a quantized GGUF (GGUF_LAYOUTS),
+    None for the default."""
 
     ops: str = "contrib"
     quant: str | Policy | None = None
@@ -64,10 +79,12 @@ class ExportOptions:
     transform: WeightTransform | None = None
     progress: Callable[[str], None] | None = None
     force: bool = False
+    gguf_layout: str | None = None
 
     def resolved(self, quantized_gguf: bool = False) -> ExportOptions:
         """These options with every default filled in (`quantized_gguf`: the checkpoint is a GGUF whose weights
-        are stored in blocks) and every value checked; ExportError names the option that is wrong."""
+        are stored in blocks) and every value checked; ExportError names the option that is wrong.
+        `gguf_layout` resolves to None unless a quantized policy meets a quantized GGUF (nothing to re-lay)."""
         if self.target not in TARGETS:
             raise ExportError(f"--target {self.target!r}: expected one of {TARGETS}")
         if self.ops not in OP_SETS:
@@ -101,7 +118,16 @@ class ExportOptions:
                               f"{WINDOW // 8}..{1 << 20}")
         if self.tokenizer is not None and self.random_weights:
             raise ExportError("--tokenizer is for GGUF files; --random-weights brings a stand-in tokenizer")
-        return dataclasses.replace(self, quant=policy, kv_cache=kv)
+        if self.gguf_layout is not None and self.gguf_layout not in GGUF_LAYOUTS:
+            raise ExportError(f"--gguf-layout {self.gguf_layout!r}: expected one of {tuple(GGUF_LAYOUTS)}")
+        if self.gguf_layout is not None and not quantized_gguf:
+            raise ExportError(f"--gguf-layout {self.gguf_layout}: for a GGUF file whose weights are stored in "
+                              "quantized blocks; this checkpoint has none")
+        if self.gguf_layout is not None and not quantized:
+            raise ExportError(f"--gguf-layout {self.gguf_layout}: needs a quantized policy (--quant "
+                              f"{policy.name} keeps every weight in float32)")
+        layout = (self.gguf_layout or TARGET_GGUF_LAYOUT[self.target]) if quantized_gguf and quantized else None
+        return dataclasses.replace(self, quant=policy, kv_cache=kv, gguf_layout=layout)
 
     @property
     def policy(self) -> Policy:

@@ -10,6 +10,10 @@ Weights the policy leaves alone (router gate, expert bias, norms, conv kernels) 
 A checkpoint that already holds a weight in a kernel's block layout (a GGUF's Q4_0 / Q8_0, `quantized()`)
 gives its blocks as they are, whatever the policy's bits and block size: re-quantizing them could only add
 error. What is converted otherwise is logged with its error against the source (conversion.py).
+`relayout` (the parts a GGUF's `--gguf-layout` re-lays: "experts", "linears", "vocabulary") re-quantizes those
+into the policy's layout instead, from the file's values, for speed; a re-laid vocabulary's scan has its top
+logits rescored from the file's own vocabulary blocks.
+`written` records each part's layout as it went into the graph (the manifest's `layout`).
 """
 
 from __future__ import annotations
@@ -39,19 +43,23 @@ class QuantizedOps(ContribOps):
     def __init__(self, graph: Graph, checkpoint: Checkpoint, policy: Policy,
                  transform: WeightTransform | None = None, progress: Callable[[str], None] | None = None,
                  kv_cache: KvCache | None = None,
-                 hessians: dict[str, np.ndarray] | LayerHessians | None = None):
+                 hessians: dict[str, np.ndarray] | LayerHessians | None = None,
+                 relayout: frozenset[str] = frozenset()):
         super().__init__(graph, checkpoint, transform, progress, kv_cache)
         self.policy = policy
+        self.relayout = relayout
+        self.written: dict[str, set[str]] = {}  # part -> kernel layouts written (conversion.kernel_name)
         # calibration for `gptq` weights (export/calibration.py): a dict, or one layer's at a time as they are asked for
         self.hessians = hessians or {}
         self._quantized: dict[str, tuple[Quantized, str]] = {}
         self.conversions = ConversionLog(checkpoint)
 
-    def native(self, name: str, float_zero_points: bool = False) -> Quantized | None:
+    def native(self, name: str, float_zero_points: bool = False, copy: bool = False) -> Quantized | None:
         """The checkpoint's own blocks when it stores this weight in a kernel layout (and no test transform
-        rewrites weights)."""
+        rewrites weights); for a part in `relayout` only as the vocabulary's rescoring `copy`."""
         read = getattr(self.ckpt, "quantized", None)
-        if read is None or self.transform is not None:
+        if read is None or self.transform is not None or (relaid(self.ckpt, self.policy, self.relayout, name)
+                                                           and not copy):
             return None
         return read(name, float_zero_points) if float_zero_points else read(name)
 
@@ -59,7 +67,8 @@ class QuantizedOps(ContribOps):
         """The checkpoint's layout for weights it stores in another block type (a GGUF's K-quants: their bits and
         sub-block), else the policy's: re-quantizing a 4-bit K-quant into blocks of 128 would add needless error."""
         find = getattr(self.ckpt, "closest_spec", None)
-        specs = [s for s in (find(n, min_block) for n in names) if s is not None] if find else []
+        kept = [n for n in names if not relaid(self.ckpt, self.policy, self.relayout, n)]
+        specs = [s for s in (find(n, min_block) for n in kept) if s is not None] if find else []
         if not specs:
             return spec
         return QuantSpec(max(s.bits for s in specs), min(s.block_size for s in specs), "mse")
@@ -73,8 +82,12 @@ class QuantizedOps(ContribOps):
         if key not in self._quantized:
             self.progress(key)
             spec = self.closest([weight.name], spec)
-            q = None if copy else self.native(weight.name, float_zero_points)
-            if q is not None and q.zero_points is not None:  # float zero points: equal up to float rounding
+            q = self.native(weight.name, copy=True) if copy else self.native(weight.name, float_zero_points)
+            as_stored = q is not None and q.zero_points is None
+            if q is not None and copy:  # the rescoring copy is the file's own blocks: the top logits exactly
+                self.conversions.note(weight.name, f"top {self.policy.rescore.top} logits and the embedding rows "
+                                      f"from {kernel_name(q, exact=True)}")
+            elif q is not None and q.zero_points is not None:  # float zero points: equal up to float rounding
                 self.conversions.measured(weight.name, self.ckpt.tensor(weight.name), q.dequantize(),
                                           kernel_name(q, exact=False))
             elif q is not None:
@@ -91,14 +104,19 @@ class QuantizedOps(ContribOps):
                     self.conversions.measured(weight.name, array, q.dequantize(), kernel_name(q, exact=False))
                 del array  # before packing: the float weight is 4x its codes (the vocabulary's is 1 GB)
             codes = self.g.weight(key + ".q", q.packed_codes())
+            self.record(part(weight.name) + (" (rescoring copy)" if copy else ""), kernel_name(q, as_stored))
             self._quantized[key] = (_layout(q), codes)
         return self._quantized[key]
 
+    def record(self, part: str, layout: str) -> None:
+        self.written.setdefault(part, set()).add(layout)
+
     def rescoring(self, name: str) -> bool:
-        """The policy rescores this vocabulary table's top logits, and the checkpoint holds the table in floats: a
-        GGUF's blocks are read as they are or converted to their closest layout, and a finer copy of values the
-        file has already rounded has nothing to recover."""
-        return self.policy.rescore is not None and name in VOCABULARY and not stored_in_blocks(self.ckpt, name)
+        """The policy rescores this vocabulary table's top logits, and the checkpoint holds the table in floats or
+        is re-laid (in `relayout`: the copy is then the file's own blocks). A GGUF read as it is keeps its blocks
+        or their closest layout, and a finer copy of values the file has already rounded has nothing to recover."""
+        return self.policy.rescore is not None and name in VOCABULARY and (
+            part(name) in self.relayout or not stored_in_blocks(self.ckpt, name))
 
     def linear(self, x: str, layer: Linear) -> str:
         spec = self.policy.spec(layer.weight.name)
@@ -205,6 +223,7 @@ class QuantizedOps(ContribOps):
                 q = _interleave_rows(self.native(n["w1"]), self.native(n["w3"]))
                 log.exact(n["w1"], kernel_name(q, True))
                 log.exact(n["w3"], kernel_name(q, True))
+                self.record("experts", kernel_name(q, True))
                 return q
             e = self.expert(moe, j)
             w = np.zeros((2 * i_pad, h_pad), np.float32)
@@ -214,6 +233,7 @@ class QuantizedOps(ContribOps):
                 deq = q.dequantize()
                 log.measured(n["w1"], e["w1"], deq[0:2 * i:2, :h], kernel_name(q, False))
                 log.measured(n["w3"], e["w3"], deq[1:2 * i:2, :h], kernel_name(q, False))
+            self.record("experts", kernel_name(q, False))
             return q
 
         def fc2(j: int) -> Quantized:
@@ -221,6 +241,7 @@ class QuantizedOps(ContribOps):
             if native:
                 q = self.native(n)
                 log.exact(n, kernel_name(q, True))
+                self.record("experts", kernel_name(q, True))
                 return q
             e = self.expert(moe, j)
             w = np.zeros((h_pad, i_pad), np.float32)
@@ -228,6 +249,7 @@ class QuantizedOps(ContribOps):
             q = quantize(w, down_bits, bs, spec.method, scale_dtype=np.float16)
             if log.active:
                 log.measured(n, e["w2"], q.dequantize()[:h, :i], kernel_name(q, False))
+            self.record("experts", kernel_name(q, False))
             return q
 
         out = {which: self.quantized_experts(moe, which, make) for which, make in (("fc1", fc1), ("fc2", fc2))}
@@ -255,9 +277,11 @@ class QuantizedOps(ContribOps):
         """The bits of the checkpoint's own blocks when gate, up and down are all in one kernel layout (QMoE
         takes one bit width and block size for both matrices)."""
         exact = getattr(self.ckpt, "exact_bits", None)  # block-32 types only: QMoE's scales are fp16
-        if exact is None or self.transform is not None:
+        names = [getattr(moe.experts[0], k).weight.name for k in ("w1", "w3", "w2")]
+        if exact is None or self.transform is not None or \
+                all(relaid(self.ckpt, self.policy, self.relayout, n) for n in names):
             return None
-        bits = {exact(getattr(moe.experts[0], k).weight.name) for k in ("w1", "w3", "w2")}
+        bits = {exact(n) for n in names}
         return bits.pop() if len(bits) == 1 and None not in bits else None
 
     def quantized_experts(self, moe: SparseMoe, which: str, make: Callable[[int], Quantized]) -> dict[str, str | None]:
@@ -302,6 +326,27 @@ def padding(policy: Policy, cfg: Lfm2Config) -> dict[str, float]:
         stored[part] = stored.get(part, 0) + padded_rows * whole(k, spec.block_size)
         held[part] = held.get(part, 0) + rows * k
     return {part: stored[part] / held[part] for part in ("experts", "linears", "vocabulary") if part in stored}
+
+
+def part(name: str) -> str:
+    """The part of the model a weight belongs to, as the manifest's `layout` names it."""
+    return "experts" if ".experts." in name else "vocabulary" if name in VOCABULARY else "linears"
+
+
+def relaid(checkpoint: Checkpoint, policy: Policy, relayout: frozenset[str], name: str) -> bool:
+    """This weight is re-quantized into the policy's layout (a GGUF's --gguf-layout): its part is re-laid, and the
+    file stores it at no more bits than the policy's, so a Q8_0 linear keeps its 8 bits; the vocabulary's scan is
+    re-laid whatever its bits (its top logits come from the file's blocks)."""
+    kind = part(name)
+    if kind not in relayout:
+        return False
+    spec = policy.spec(name)
+    if kind == "vocabulary" or spec is None:
+        return spec is not None
+    exact = getattr(checkpoint, "exact_bits", None)
+    closest = getattr(checkpoint, "closest_spec", None)
+    stored = (exact(name) if exact else None) or getattr(closest(name) if closest else None, "bits", None)
+    return stored is None or stored <= spec.bits
 
 
 def stored_in_blocks(checkpoint: Checkpoint, name: str) -> bool:

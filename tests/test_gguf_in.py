@@ -315,7 +315,8 @@ def test_hub_gguf_file_is_downloaded_by_name(monkeypatch, tiny_q4):
 def test_cli_keeps_a_quantized_gguf_quantized_on_desktop(tiny_q4, tiny, tmp_path):
     assert cli_main([str(tiny_q4), "--tokenizer", str(tiny), "--out", str(tmp_path / "b"), "--quiet"]) == 0
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["quant"] == "int4" and manifest["source"]["name"] == tiny_q4.name
+    assert manifest["quant"] == "gguf-exact" and manifest["gguf_layout"] == "exact"  # the file's blocks, no policy
+    assert manifest["source"]["name"] == tiny_q4.name
     assert manifest["source"]["gguf_sha256"] == {tiny_q4.name: sha256(tiny_q4)}
     for file in (tmp_path / "b").iterdir():  # the exporting machine's paths stay on it (conversion.md too)
         assert str(tiny_q4.parent).encode() not in file.read_bytes(), file.name

@@ -106,3 +106,20 @@ def test_cold_start_races_llama_cpps_load_of_the_same_weights(demo_gguf, tmp_pat
     summary = json.loads(out[out.index("{\n"):])
     assert summary["llama"]["load_s"] > 0 and summary["llama"]["decode_tps"] > 0
     assert summary["load_s_ratio_off_over_llama"] > 0
+
+
+def test_llama_bench_peer_reads_its_prompt_and_generation_speeds(tmp_path):
+    """ab.py --llama-bench: one llama-bench run per round, its JSON's prompt and generation tok/s (a stand-in
+    binary that records its arguments and prints llama-bench's output shape)."""
+    from lfm_edge.device_bench.studies.ab import LlamaBench
+
+    binary = tmp_path / "llama-bench"
+    binary.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\n'
+                      'echo \'[{"n_prompt": 64, "n_gen": 0, "avg_ts": 210.5}, {"n_prompt": 0, "n_gen": 32, '
+                      '"avg_ts": 31.25}]\'\n')
+    binary.chmod(0o755)
+    bench = LlamaBench(str(binary), tmp_path / "m.gguf", threads=2)
+    assert bench(list(range(64)), list(range(32))) == (210.5, 31.25)
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("-p") + 1] == "64" and args[args.index("-n") + 1] == "32"
+    assert args[args.index("-t") + 1] == "2" and "--no-warmup" not in args  # its warm-up pages the model in

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,18 +62,41 @@ class CopyBandwidth:
         return 2 * len(self.src) * self.src[0].nbytes / (time.perf_counter() - start) / 1e9
 
 
+class LlamaBench:
+    """llama.cpp's own `llama-bench` binary as the peer of a round, for a machine without llama-cpp-python (it
+    compiles llama.cpp): one run per round, `-p PROMPT -n DECODE -r 1`, its prompt and generation tok/s. Its
+    generation decodes from an empty context while ours decodes after the prompt (a few percent against us at
+    512 tokens); the model is mapped again each run, which its timings exclude."""
+
+    def __init__(self, binary: str, gguf: Path, threads: int):
+        # its own warm-up run first: the model is mapped anew each run, and a first pass would time page faults
+        self.command = [binary, "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json"]
+
+    def __call__(self, ids: list[int], steps: list[int]) -> tuple[float, float]:
+        out = subprocess.run(self.command + ["-p", str(len(ids)), "-n", str(len(steps))], check=True,
+                             capture_output=True, text=True).stdout
+        tests = json.loads(out)
+        speed = {("prompt" if t["n_prompt"] else "decode"): float(t["avg_ts"]) for t in tests}
+        return speed["prompt"], speed["decode"]
+
+
 def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, decode: int = 128,
-              rounds: int = 8, seed: int = 0, progress=lambda m: None, warmup_s: float = 0.0) -> dict:
-    """`warmup_s`: both sides decode in turns for this long before round 0 (see main's --warmup)."""
-    import llama_cpp
-
-
+              rounds: int = 8, seed: int = 0, progress=lambda m: None, warmup_s: float = 0.0,
+              llama_bench: str | None = None) -> dict:
+    """`warmup_s`: both sides decode in turns for this long before round 0 (see main's --warmup);
+    `llama_bench`: a llama-bench binary as the peer instead of llama-cpp-python (LlamaBench)."""
     session = LfmSession(bundle, threads=threads, verify="none")
-    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
-                          n_ctx=prompt + decode + 16, n_batch=prompt, n_ubatch=prompt, verbose=False)
     rng = np.random.default_rng(seed)
-    high = min(session.vocab_size, llm.n_vocab(), 30000)
     copy_bandwidth = CopyBandwidth(threads)
+    if llama_bench:
+        bench = LlamaBench(llama_bench, gguf, threads)
+        high = min(session.vocab_size, 30000)
+    else:
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
+                              n_ctx=prompt + decode + 16, n_batch=prompt, n_ubatch=prompt, verbose=False)
+        high = min(session.vocab_size, llm.n_vocab(), 30000)
 
     def ours(ids: list[int], steps: list[int]) -> tuple[float, float]:
         cache = session.new_cache(1, len(ids) + len(steps))
@@ -81,6 +105,8 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
         return len(ids) / pre, len(steps) / dec
 
     def theirs(ids: list[int], steps: list[int]) -> tuple[float, float]:
+        if llama_bench:
+            return bench(ids, steps)
         llm.reset()
         pre = timed(lambda: llm.eval(ids), threads)[0]
         dec = timed(lambda: [llm.eval([t]) for t in steps], threads)[0]
@@ -108,8 +134,11 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
             rows.append({"ours_prefill": o[0], "ours_decode": o[1], "llama_prefill": t[0], "llama_decode": t[1],
                          "copy_gbs": copy_gbs})
     med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
     return {"bundle": str(bundle), "gguf": str(gguf), "same_weights": exported_from(bundle, Path(gguf)),
-            "threads": threads, "prompt": prompt, "decode": decode, "rounds": rows, "median": med,
+            "gguf_layout": manifest.get("gguf_layout"), "bytes_per_token": manifest["bytes_per_token"]["total"],
+            "peer": "llama-bench" if llama_bench else "llama-cpp-python", "threads": threads, "prompt": prompt,
+            "decode": decode, "rounds": rows, "median": med,
             "decode_ratio_per_round": statistics.median(r["ours_decode"] / r["llama_decode"] for r in rows),
             "prefill_ratio_per_round": statistics.median(r["ours_prefill"] / r["llama_prefill"] for r in rows)}
 
@@ -148,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                         "our decode's round-to-round spread, the 2026-11-30 notes)")
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
                         help="a GGUF without a token list: the tokenizer.json (or its folder) its bundle gets")
+    parser.add_argument("--llama-bench", default=None, metavar="BINARY",
+                        help="llama.cpp's llama-bench as the peer, one run per round (without llama-cpp-python)")
     parser.add_argument("--out", default="build/bench/ab.json")
     args = parser.parse_args(argv)
     if args.gguf is None:
@@ -163,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         reexec_with_hugepages()
     result = alternate(Path(args.bundle), Path(args.gguf), args.threads, args.prompt, args.decode, args.rounds,
-                       progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True), warmup_s=args.warmup)
+                       progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True), warmup_s=args.warmup,
+                       llama_bench=args.llama_bench)
     result["warmup_s"] = args.warmup
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, json.dumps(result, indent=2))

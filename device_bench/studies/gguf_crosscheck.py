@@ -25,6 +25,7 @@ import numpy as np
 from ...export.checkpoint import Checkpoint
 from ...export.cli import demo_model_path
 from ...export.exporter import export
+from ...export.options import GGUF_LAYOUTS
 from ...export.quality import compare, token_windows
 from ...export.quality import window_logits as our_logits
 from ...runtime.files import write_text
@@ -49,11 +50,12 @@ def llama_tokens(gguf_path: str | Path, texts: list[str]) -> list[list[int]]:
 
 
 def crosscheck(gguf_path: Path, text: str, work: Path, window: int = 128, max_tokens: int = 4096,
-               quant: str = "int4") -> dict:
+               quant: str = "int4", gguf_layout: str | None = None) -> dict:
+    """`gguf_layout`: the export's --gguf-layout (None: its default)."""
     from tokenizers import Tokenizer
 
 
-    bundle = export(gguf_path, work / "bundle", quant=quant).bundle
+    bundle = export(gguf_path, work / "bundle", quant=quant, gguf_layout=gguf_layout).bundle
     ours = Tokenizer.from_file(str(bundle / "tokenizer.json"))
     texts = TEXTS + [text[:2000]]
     theirs = llama_tokens(gguf_path, texts)
@@ -62,7 +64,10 @@ def crosscheck(gguf_path: Path, text: str, work: Path, window: int = 128, max_to
     reference = window_logits(gguf_path, windows)
     result = compare(reference, our_logits(bundle, windows), windows)
     conversion = json.loads((bundle / "conversion.json").read_text())["tensors"]
-    return {"gguf": str(gguf_path), "quant": quant, "window": window, "windows": len(windows),
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return {"gguf": str(gguf_path), "quant": quant, "gguf_layout": manifest.get("gguf_layout"),
+            "layout": manifest.get("layout"), "bytes_per_token": manifest["bytes_per_token"]["total"],
+            "conversion_tensors": conversion, "window": window, "windows": len(windows),
             "texts_tokenized_identically": sum(same), "texts": len(same), "kl_llama_vs_ours": result["kl"],
             "greedy_agreement": result["top1"], "ppl_ours": result["ppl"], "ppl_llama": result["ppl_fp32"],
             "tokens": result["tokens"], "exact_tensors": sum(r["relative_rms_error"] == 0 for r in conversion),
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("gguf", nargs="?", help="default: the demo model, quantized to Q4_0 by llama.cpp")
     parser.add_argument("--text", help="held-out text (default: the demo model's heldout.txt)")
     parser.add_argument("--quant", default="int4", help="export policy (Q4_0/Q8_0 blocks are kept under any)")
+    parser.add_argument("--gguf-layout", choices=tuple(GGUF_LAYOUTS), default=None,
+                        help="the bundle's --gguf-layout (default: lfm-export's)")
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--out", default="build/bench/gguf_crosscheck.json")
@@ -90,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     text = Path(args.text).read_text() if args.text else (demo_model_path() / "heldout.txt").read_text()
     with tempfile.TemporaryDirectory(prefix="lfm-gguf-crosscheck-") as tmp:
         gguf_path = Path(args.gguf) if args.gguf else demo_q4_0(Path(tmp))
-        result = crosscheck(gguf_path, text, Path(tmp), args.window, args.max_tokens, args.quant)
+        result = crosscheck(gguf_path, text, Path(tmp), args.window, args.max_tokens, args.quant,
+                            args.gguf_layout)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
