@@ -189,7 +189,7 @@ def report(result: dict) -> str:
     lines = [f"# Ours against onnxruntime-genai's builder: {result.get('checkpoint', result.get('quality_model'))}", "",
              f"Builder: onnxruntime-genai {result['genai_version']}, `-p int4 -e cpu --extra_options "
              f"{' '.join(f'{k}={v}' for k, v in CPU_INT4.items())}`. Ours: `lfm-export {' '.join(OURS_ARGS)}`.", "",
-             "| figure | ours | builder | ours / builder |", "|---|---|---|---|"]
+             *(["| figure | ours | builder | ours / builder |", "|---|---|---|---|"] if ex or mem or sp else [])]
     if sp:
         m = sp["median"]
         lines += [f"| decode, {sp['decode']} tokens after {sp['prompt']} (tok/s, median of {len(sp['rounds'])} "
