@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ...export.random_tokenizer import random_tokenizer_files
+from ...export.random_weights import RandomCheckpoint
+
 __all__ = ["CPU_INT4", "ExportRun", "GenaiModel", "builder_command", "ours_command", "run_export",
            "write_checkpoint"]
 
@@ -58,9 +61,6 @@ def write_checkpoint(spec: str, folder: Path, dtype: str = "bfloat16",
     import torch
     from safetensors.torch import save_file
     from transformers import Lfm2MoeConfig, Lfm2MoeForCausalLM
-
-    from ...export.random_tokenizer import random_tokenizer_files
-    from ...export.random_weights import RandomCheckpoint
 
     folder = Path(folder)
     if (folder / "model.safetensors.index.json").is_file():

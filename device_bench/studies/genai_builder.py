@@ -37,6 +37,7 @@ from ...export.quality import MAX_TOKENS, WINDOW, compare, token_windows, window
 from ...runtime.backends.python import LfmSession
 from ...runtime.files import write_text
 from ...runtime.hugepages import reexec_with_hugepages
+from ...runtime.memory import current_rss_mb, peak_rss_mb
 from ..measure import device_info, timed
 from ..peers.genai_builder import (
     CPU_INT4,
@@ -123,8 +124,6 @@ def alternate(ours: Path, builder: Path, threads: int = 2, prompt: int = 512, de
 
 def run_child(side: str, bundle: Path, threads: int, prompt: int, decode: int) -> dict:
     """In this (fresh) process: load `bundle` in its side's runtime, run the prompt and the decode; RSS figures."""
-    from ...runtime.memory import current_rss_mb, peak_rss_mb
-
     rng = np.random.default_rng(1)
     if side == "ours":
         session = LfmSession(bundle, threads=threads, verify="none")
