@@ -98,6 +98,7 @@ def test_exact_layout_is_the_files_blocks_and_the_manifest_says_so(exact, mix):
     assert "Layout: `exact`" in (exact / "conversion.md").read_text()
 
 
+@pytest.mark.slow
 def test_fast_layout_relays_with_its_error_bounded_and_measured(fast, exact, mix):
     g = GgufCheckpoint(mix[0], tokenizer=mix[1])
     assert {a["block_size"] for a in _attrs(fast, "QMoE")} == {256}
@@ -132,6 +133,7 @@ def test_fast_layout_relays_with_its_error_bounded_and_measured(fast, exact, mix
     assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) > 0.5
 
 
+@pytest.mark.slow
 def test_head_layout_relays_only_the_scan_and_rescores_from_the_files_blocks(mix, exact, tmp_path):
     path, tok = mix
     head = export(path, tmp_path / "head", tokenizer=tok, target="android", gguf_layout="head").bundle
