@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -120,20 +121,8 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
             theirs(steps[:8], steps)
             turns += 1
         progress(f"warm-up: {turns} turns of {decode} decoded tokens each side in {warmup_s:.0f} s")
-    rows = []
-    for r in range(rounds + 1):
-        ids = rng.integers(min(100, high // 2), high, prompt).tolist()
-        steps = rng.integers(min(100, high // 2), high, decode).tolist()
-        first, second = (ours, theirs) if r % 2 else (theirs, ours)
-        copy_gbs = copy_bandwidth()
-        a, b = first(ids, steps), second(ids, steps)
-        o, t = (a, b) if first is ours else (b, a)
-        progress(f"round {r}/{rounds}{' (warm-up)' if r == 0 else ''}: decode ours {o[1]:.1f} llama.cpp {t[1]:.1f} "
-                 f"tok/s; prefill {o[0]:.0f} / {t[0]:.0f}; memory copy {copy_gbs:.1f} GB/s")
-        if r:
-            rows.append({"ours_prefill": o[0], "ours_decode": o[1], "llama_prefill": t[0], "llama_decode": t[1],
-                         "copy_gbs": copy_gbs})
-    med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+    rows, med = alternated_rounds(ours, theirs, "llama", "llama.cpp", rounds, prompt, decode, rng,
+                                  min(100, high // 2), high, copy_bandwidth, progress)
     manifest = json.loads((Path(bundle) / "manifest.json").read_text())
     return {"bundle": str(bundle), "gguf": str(gguf), "same_weights": exported_from(bundle, Path(gguf)),
             "gguf_layout": manifest.get("gguf_layout"), "bytes_per_token": manifest["bytes_per_token"]["total"],
@@ -141,6 +130,31 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
             "decode": decode, "rounds": rows, "median": med,
             "decode_ratio_per_round": statistics.median(r["ours_decode"] / r["llama_decode"] for r in rows),
             "prefill_ratio_per_round": statistics.median(r["ours_prefill"] / r["llama_prefill"] for r in rows)}
+
+
+Run = Callable[[list[int], list[int]], tuple[float, float]]  # (prompt ids, decode ids) -> (prefill, decode) tok/s
+
+
+def alternated_rounds(ours: Run, theirs: Run, key: str, label: str, rounds: int, prompt: int, decode: int,
+                      rng: np.random.Generator, low: int, high: int, bandwidth: Callable[[], float],
+                      progress: Callable[[str], None]) -> tuple[list[dict], dict]:
+    """Round 0 (a warm-up) and `rounds` measured rounds, each on fresh ids for both sides, the order swapped every
+    round and the host's copy bandwidth taken before it: the rows (`ours_*`, `{key}_*`, `copy_gbs`) and their
+    medians. Ratios are taken per round by the caller."""
+    rows = []
+    for r in range(rounds + 1):
+        ids = rng.integers(low, high, prompt).tolist()
+        steps = rng.integers(low, high, decode).tolist()
+        first, second = (ours, theirs) if r % 2 else (theirs, ours)
+        copy_gbs = bandwidth()
+        a, b = first(ids, steps), second(ids, steps)
+        o, t = (a, b) if first is ours else (b, a)
+        progress(f"round {r}/{rounds}{' (warm-up)' if r == 0 else ''}: decode ours {o[1]:.1f} {label} {t[1]:.1f} "
+                 f"tok/s; prefill {o[0]:.0f} / {t[0]:.0f}; memory copy {copy_gbs:.1f} GB/s")
+        if r:
+            rows.append({"ours_prefill": o[0], "ours_decode": o[1], f"{key}_prefill": t[0], f"{key}_decode": t[1],
+                         "copy_gbs": copy_gbs})
+    return rows, {k: statistics.median(row[k] for row in rows) for k in rows[0]}
 
 
 def exported_from(bundle: Path, gguf: Path) -> bool:

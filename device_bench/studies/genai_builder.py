@@ -47,7 +47,7 @@ from ..peers.genai_builder import (
     run_export,
     write_checkpoint,
 )
-from .ab import CopyBandwidth
+from .ab import CopyBandwidth, alternated_rounds
 
 OURS_ARGS = ("--target", "android")
 PARTS = {"export", "memory", "speed", "quality"}
@@ -103,20 +103,8 @@ def alternate(ours: Path, builder: Path, threads: int = 2, prompt: int = 512, de
         dec = timed(lambda: [gen.append_tokens(np.array([[t]], dtype=np.int32)) for t in steps], threads)[0]
         return len(ids) / pre, len(steps) / dec
 
-    rows = []
-    for r in range(rounds + 1):
-        ids = rng.integers(low, high, prompt).tolist()
-        steps = rng.integers(low, high, decode).tolist()
-        first, second = (ours_run, theirs_run) if r % 2 else (theirs_run, ours_run)
-        copy_gbs = bandwidth()
-        a, b = first(ids, steps), second(ids, steps)
-        o, t = (a, b) if first is ours_run else (b, a)
-        progress(f"round {r}/{rounds}{' (warm-up)' if r == 0 else ''}: decode ours {o[1]:.1f} builder {t[1]:.1f} "
-                 f"tok/s; prefill {o[0]:.0f} / {t[0]:.0f}; memory copy {copy_gbs:.1f} GB/s")
-        if r:
-            rows.append({"ours_prefill": o[0], "ours_decode": o[1], "builder_prefill": t[0], "builder_decode": t[1],
-                         "copy_gbs": copy_gbs})
-    med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+    rows, med = alternated_rounds(ours_run, theirs_run, "builder", "builder", rounds, prompt, decode, rng, low,
+                                  high, bandwidth, progress)
     return {"threads": threads, "prompt": prompt, "decode": decode, "rounds": rows, "median": med,
             "decode_ratio_per_round": statistics.median(r["ours_decode"] / r["builder_decode"] for r in rows),
             "prefill_ratio_per_round": statistics.median(r["ours_prefill"] / r["builder_prefill"] for r in rows)}
