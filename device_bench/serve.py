@@ -43,6 +43,7 @@ from ..runtime import LfmModel
 from ..runtime.backends.python import LfmSession  # onnxruntime's Python binding: a desktop benchmark
 from ..runtime.files import write_text
 from ..runtime.hugepages import reexec_with_hugepages
+from ..runtime.memory import status_mb
 from ..runtime.sampling import Sampling
 from . import common, roofline
 from .conversation import ScriptedSession, chat_folder, check_args, loadavg, make_script, parse_spec
@@ -61,11 +62,8 @@ def _free_port() -> int:
 
 
 def _status_mb(pid: int, field: str = "VmRSS") -> float:
-    """A memory figure of a process from /proc (VmRSS: resident now; VmHWM: its peak), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """A memory figure of a running process from /proc (VmRSS: resident now; VmHWM: its peak), in MB."""
+    return status_mb(field, pid=pid).get(field, 0.0)
 
 
 def _wait_http(url: str, proc: subprocess.Popen | None = None, seconds: float = 600) -> None:

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 __all__ = ["PeakMemory", "available_memory", "can_reset_peak", "current_rss_mb", "peak_rss_mb", "release_free_heap",
-           "reset_peak_rss", "resident_mb"]
+           "reset_peak_rss", "resident_mb", "status_mb"]
 
 CLEAR_REFS = "/proc/self/clear_refs"
 
@@ -22,7 +22,7 @@ def peak_rss_mb() -> float:
     """The resident high-water mark in MB (MiB): since the last `reset_peak_rss()` where the kernel keeps it
     (Linux and Android, /proc/self/status VmHWM), else the process's (getrusage). getrusage is not used on
     Linux: it keeps the peak of any thread that exited, which a reset does not clear."""
-    hwm = _status_mb("VmHWM").get("VmHWM")
+    hwm = status_mb("VmHWM").get("VmHWM")
     if hwm is not None:
         return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -45,12 +45,13 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _status_mb(*keys: str) -> dict[str, float]:
-    """Fields of /proc/self/status in MB (MiB); {} where there is none. The kernel keeps these as counters,
-    so reading them costs microseconds (smaps_rollup walks every mapping's pages)."""
+def status_mb(*keys: str, pid: int | str = "self") -> dict[str, float]:
+    """Fields of /proc/PID/status (this process's by default) in MB (MiB); {} where there is none (no /proc, a
+    process that has ended). The kernel keeps these as counters, so reading them costs microseconds
+    (smaps_rollup walks every mapping's pages)."""
     out = {}
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key in keys:
@@ -85,7 +86,7 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
 
     def _sample(self) -> None:
-        now = _status_mb("RssAnon", "RssFile", "RssShmem")
+        now = status_mb("RssAnon", "RssFile", "RssShmem")
         if "RssAnon" not in now:
             return
         file = now.get("RssFile", 0.0) + now.get("RssShmem", 0.0)

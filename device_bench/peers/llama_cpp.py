@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ...runtime.memory import status_mb
 from ..measure import Metric, Sample, cpu_wait_seconds, timed
 
 # llama.cpp's quantization mixes (llama-quantize's names) the benchmarks and quality reports compare against.
@@ -241,13 +242,7 @@ class ConversationPeer:
         return self._read()
 
     def peak_rss_mb(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return 0.0
+        return status_mb("VmHWM", pid=self.proc.pid).get("VmHWM", 0.0)
 
     def close(self) -> None:
         if self.proc.poll() is None:

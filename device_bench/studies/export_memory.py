@@ -14,8 +14,6 @@ getrusage peak is no use here: Linux carries the parent's high-water mark into a
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import shlex
@@ -26,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ...runtime.files import write_text
+from ...runtime.memory import status_mb
+from . import parser, write_result
 
 MIB = 1 << 20
 PERIOD = 0.2
@@ -34,14 +33,7 @@ _PEAK = re.compile(r"peak memory ([0-9.]+) GB")
 
 
 def _rss_mib(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return status_mb("VmRSS", pid=pid).get("VmRSS", 0.0)  # 0 once the process has ended
 
 
 def _descendants(pid: int) -> list[int]:
@@ -114,8 +106,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.studies.export_memory", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__file__, __doc__)
     p.add_argument("--run", action="append", required=True, help="lfm-export's arguments (without --out), quoted")
     p.add_argument("--out", default="build/export-memory")
     p.add_argument("--name", default="export-memory")
@@ -127,12 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(measure(run, Path(args.keep) if args.keep else None))
         print(f"{run}: peak {runs[-1]['peak_gib_printed']} GiB (own line), {runs[-1]['seconds']:.0f} s", flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "note": args.note, "runs": runs}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / f"{args.name}.json", json.dumps(result, indent=1))
-    write_text(out / f"{args.name}.md", markdown(result))
-    plot(result, out / f"{args.name}.png")
-    print(markdown(result))
+    write_result(args.out, args.name, result, markdown(result))
+    plot(result, Path(args.out) / f"{args.name}.png")
     return 0
 
 
