@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from ..runtime.bundle import BundleError, read_bundle
@@ -82,6 +83,21 @@ def manifest_summary(bundle: Path) -> dict:
     if not isinstance(manifest, dict):
         return {}
     return {k: manifest.get(k) for k in ("model_type", "ops", "quant", "quant_policy", "target", "versions")}
+
+
+def link_view(bundle: Path, folder: Path, skip: Collection[str] = (), hard: bool = False) -> Path:
+    """`folder` with every entry of `bundle` but those named in `skip` linked into it, for a tool to add its own
+    versions of the skipped files without writing into the bundle. Symlinks, or with `hard` hard links to its
+    files (one file system): onnxruntime refuses external data that a symlink leads out of the graph's folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in Path(bundle).iterdir():
+        if f.name in skip:
+            continue
+        if not hard:
+            (folder / f.name).symlink_to(f.resolve())
+        elif f.is_file():
+            os.link(f, folder / f.name)
+    return folder
 
 
 def write_reports(result: dict, out: Path, markdown: Callable[[dict, Path], None],

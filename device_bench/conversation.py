@@ -103,11 +103,8 @@ def chat_folder(bundle: Path, scratch: Path) -> tuple[Path, dict]:
     except (ValueError, OSError):
         pass
     config = json.loads((bundle / "config.json").read_text())
-    view = scratch / "chat-view"
-    view.mkdir(parents=True, exist_ok=True)
-    for f in bundle.iterdir():
-        if f.name not in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            (view / f.name).symlink_to(f.resolve())
+    view = common.link_view(bundle, scratch / "chat-view", skip={"tokenizer.json", "tokenizer_config.json",
+                                                                 "chat_template.jinja"})
     eos = config["eos_token_id"]
     eos = eos[0] if isinstance(eos, list) else eos
     tokenizer = synthetic_tokenizer(int(config["vocab_size"]), int(config["bos_token_id"]), int(eos),

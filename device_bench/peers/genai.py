@@ -10,6 +10,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ..common import link_view
+
+
+def genai_view(bundle: Path, folder: Path, threads: int) -> dict:
+    """The bundle's files linked into `folder` with a genai_config.json that sets onnxruntime-genai's intra-op
+    threads to `threads` (as ours run); the bundle itself untouched. Returns that config."""
+    link_view(bundle, folder, skip={"genai_config.json"})
+    config = json.loads((Path(bundle) / "genai_config.json").read_text())
+    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    return config
+
 
 def genai_decode(bundle: Path, threads: int, prompt: int, decode: int, runs: int) -> dict:
     """Decode tok/s of onnxruntime-genai on this bundle (greedy, varied prompt ids), median of `runs`."""
@@ -18,16 +30,8 @@ def genai_decode(bundle: Path, threads: int, prompt: int, decode: int, runs: int
     except ImportError:
         return {"error": "onnxruntime-genai is not installed"}
     with tempfile.TemporaryDirectory() as tmp:
-        # the same files, with genai's thread count set like ours
-        view = Path(tmp)
-        for f in bundle.iterdir():
-            if f.name != "genai_config.json":
-                (view / f.name).symlink_to(f.resolve())
-        config = json.loads((bundle / "genai_config.json").read_text())
-        options = config["model"]["decoder"].setdefault("session_options", {})
-        options["intra_op_num_threads"] = threads
-        (view / "genai_config.json").write_text(json.dumps(config))
-        model = og.Model(str(view))
+        config = genai_view(bundle, Path(tmp), threads)
+        model = og.Model(tmp)
         rng = np.random.default_rng(0)
         vocab = min(int(config["model"].get("vocab_size", 1000)), 30000)
         speeds = []

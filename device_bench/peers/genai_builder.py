@@ -29,6 +29,7 @@ import numpy as np
 
 from ...export.random_tokenizer import random_tokenizer_files
 from ...export.random_weights import RandomCheckpoint
+from .genai import genai_view
 
 __all__ = ["CPU_INT4", "ExportRun", "GenaiModel", "builder_command", "ours_command", "run_export",
            "write_checkpoint"]
@@ -143,15 +144,8 @@ class GenaiModel:
 
         self._og = og
         self._view = tempfile.TemporaryDirectory(prefix="genai-view-")
-        view = Path(self._view.name)
-        for f in Path(bundle).iterdir():
-            if f.name != "genai_config.json":
-                (view / f.name).symlink_to(f.resolve())
-        config = json.loads((Path(bundle) / "genai_config.json").read_text())
-        config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
-        (view / "genai_config.json").write_text(json.dumps(config))
-        self.config = config
-        self.model = og.Model(str(view))
+        self.config = config = genai_view(bundle, Path(self._view.name), threads)
+        self.model = og.Model(self._view.name)
         self.vocab_size = int(config["model"]["vocab_size"])
 
     def generator(self, length: int):

@@ -25,6 +25,7 @@ import numpy as np
 
 from ...runtime import LfmModel
 from ...runtime.sampling import Sampling, next_tokens
+from ..common import link_view
 
 SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 40}, "days": {"type": "integer", "minimum": 1, "maximum": 14},
@@ -39,10 +40,7 @@ def measure(bundle: Path, tokens: int = 48, runs: int = 3, threads: int | None =
     folder = Path(bundle)
     with tempfile.TemporaryDirectory() as tmp:
         if tokenizer is not None:  # the same bundle, masks built from another vocabulary of its size
-            folder = Path(tmp) / "bundle"
-            folder.mkdir()
-            for item in Path(bundle).iterdir():
-                (folder / item.name).symlink_to(item.resolve())
+            folder = link_view(Path(bundle), Path(tmp) / "bundle")
             for name in ("tokenizer.json", "tokenizer_config.json"):  # a random bundle may have neither
                 source = tokenizer if name == "tokenizer.json" else tokenizer.parent / name
                 if source.is_file():

@@ -27,6 +27,7 @@ import onnx  # the view rewrites the graph: a desktop study, never a phone's
 from ...runtime.backends.python import ELEMENT_TYPES, LfmSession
 from ...runtime.bundle import token_bytes
 from ...runtime.generate import generate
+from ..common import link_view
 from ..roofline import random_weights_preset
 from . import parser, write_result
 
@@ -70,9 +71,7 @@ def routing_view(bundle: Path, folder: Path) -> list[MoeNode]:
     nodes = moe_nodes(model.graph)
     for node in nodes:
         model.graph.output.append(onnx.helper.make_tensor_value_info(node.scores, onnx.TensorProto.FLOAT, None))
-    for f in bundle.iterdir():  # hard links: onnxruntime refuses external data that a symlink leads out of the folder
-        if f.is_file() and f.name != "model.onnx":
-            os.link(f, folder / f.name)
+    link_view(bundle, folder, skip={"model.onnx"}, hard=True)
     onnx.save(model, str(folder / "model.onnx"))
     return nodes
 
