@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 from onnx import TensorProto
 
 from ..quant.blocks import Quantized, quantize
 from ..quant.policy import VOCABULARY, Policy, QuantSpec
+from .calibration import LayerHessians
 from .checkpoint import Checkpoint
 from .config import Lfm2Config
 from .conversion import ConversionLog, kernel_name
@@ -34,9 +34,6 @@ from .graph import MS, Graph
 from .kv_cache import KvCache
 from .lfm2 import Lfm2Model, Linear, SparseMoe, Weight
 from .onnx_ops import ContribOps, WeightTransform
-
-if TYPE_CHECKING:
-    from .calibration import LayerHessians
 
 
 class QuantizedOps(ContribOps):
