@@ -58,7 +58,8 @@ def measure(args: str, keep: Path | None = None) -> dict:
     """One export: its RSS series [(s, own MiB, largest child MiB)], peaks, wall time and lfm-export's own line."""
     work = Path(tempfile.mkdtemp(prefix="export-memory-"))
     out = keep or work / "bundle"
-    command = ["lfm-export", *shlex.split(args), "--out", str(out), "--quiet"]
+    # this interpreter, not a PATH lookup: a venv used without activation has no lfm-export on PATH
+    command = [sys.executable, "-m", "lfm_edge.export.cli", *shlex.split(args), "--out", str(out), "--quiet"]
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     series: list[tuple[float, float, float]] = []
