@@ -177,5 +177,15 @@ def readme(model_file: str, data_file: str, report: dict) -> str:
     return "\n".join(lines)
 
 
+# runs `python -m MODULE ARGS` with torch hidden: onnxruntime.tools' __init__ imports torch whenever it is installed
+# (for a PyTorch export helper these tools never call), ~3 s of each child's start
+_MODULE = ("import runpy, sys\n"
+           "sys.modules['torch'] = None\n"
+           "sys.argv = sys.argv[1:]\n"
+           "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
 def _run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    if args[0] == "-m":
+        args = ["-c", _MODULE, *args[1:]]
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=3600, cwd=cwd)
