@@ -1,9 +1,11 @@
 """The test tiers: `make test` runs everything (what CI runs); `make test-fast` (`pytest -m "not slow"`) runs, for
 the edit loop, the tests not marked slow and, of each parametrized test, its first case only (the other cases
-are the same check over more configurations)."""
+are the same check over more configurations). Tests marked `llama` run llama.cpp beside us (the optional [llama]
+extra): slow, and skipped where llama-cpp-python is not installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -21,7 +23,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     seen: set[tuple[str, str]] = set()
+    no_llama = importlib.util.find_spec("llama_cpp") is None
     for item in items:
+        if item.get_closest_marker("llama"):
+            item.add_marker(pytest.mark.slow)
+            if no_llama:
+                item.add_marker(pytest.mark.skip(reason="llama-cpp-python is the optional [llama] extra"))
         if getattr(item, "callspec", None) is None:
             continue
         key = (item.nodeid.split("::")[0], item.originalname)

@@ -473,11 +473,11 @@ def test_conversation_bench_without_a_tokenizer_drops_past_reasoning(demo_int4, 
         convbench.parse_spec("10:400")
 
 
+@pytest.mark.llama
 def test_conversation_bench_llama_cpp_peer_reuses_its_prefix(demo_int4, tmp_path):
     """llama.cpp on the same token script: it reuses its prefix where the history only grows; where LFM2.5's
     template drops past reasoning, it re-evaluates everything by default (a hybrid model's recurrent state
     cannot be cut back) and rolls back with --llama-rollback."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
     from lfm_edge.device_bench import conversation as convbench
     from lfm_edge.device_bench.peers.gguf_writer import write_gguf
     from lfm_edge.export.checkpoint import Checkpoint

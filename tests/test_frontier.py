@@ -67,8 +67,8 @@ def test_bad_input_is_named(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.llama
 def test_frontier_runs_real_pairs_on_the_demo_model(tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
     from lfm_edge.device_bench.peers.gguf_writer import write_gguf
     from lfm_edge.device_bench.peers.llama_cpp import quantize
     from lfm_edge.device_bench.quality import Variant, evaluate

@@ -9,6 +9,7 @@ from lfm_edge.device_bench.studies.gguf_crosscheck import TEXTS, crosscheck, dem
 from lfm_edge.export.cli import demo_model_path
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
+pytestmark = pytest.mark.llama
 
 
 @pytest.fixture(scope="module")

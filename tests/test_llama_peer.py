@@ -34,8 +34,10 @@ def test_gguf_holds_the_checkpoint_under_llama_cpp_names(demo_gguf):
     np.testing.assert_array_equal(np.asarray(gate.data)[3], expert3)
 
 
+@pytest.mark.llama
 def test_llama_cpp_logits_match_our_export(demo_gguf, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
+    import llama_cpp
+
     from lfm_edge.export.exporter import export
     from lfm_edge.runtime.backends.python import Cache, LfmSession
 
@@ -48,8 +50,8 @@ def test_llama_cpp_logits_match_our_export(demo_gguf, tmp_path):
     np.testing.assert_allclose(theirs, ours, atol=1e-3, rtol=0)
 
 
+@pytest.mark.llama
 def test_quality_report_measures_llama_cpps_own_q4_0(tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
     from lfm_edge.device_bench.quality import _fp32_reference, _llama_cpp_rows
 
     checkpoint = demo_model_path()
@@ -72,8 +74,8 @@ def test_quality_report_refuses_an_unknown_llama_cpp_format(tmp_path, capsys):
     assert "'Q5_X': expected a llama.cpp format" in capsys.readouterr().err
 
 
+@pytest.mark.llama
 def test_alternated_ab_measures_both_on_the_same_tokens(tmp_path, demo_gguf):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
     from lfm_edge.device_bench.studies.ab import alternate
     from lfm_edge.export.exporter import export
 
@@ -88,10 +90,10 @@ def test_alternated_ab_measures_both_on_the_same_tokens(tmp_path, demo_gguf):
     assert result["decode_ratio_per_round"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
 
 
+@pytest.mark.llama
 def test_cold_start_races_llama_cpps_load_of_the_same_weights(demo_gguf, tmp_path, capsys):
     """coldstart --llama adds llama.cpp's load of the GGUF to every round, in fresh processes, order swapped each
     round, and reports our load over its load."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional [llama] extra")
     import json
 
     from lfm_edge.device_bench import coldstart

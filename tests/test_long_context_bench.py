@@ -3,7 +3,6 @@ for depths too deep to prefill here, refusals before running, and llama.cpp wher
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -88,8 +87,7 @@ def test_long_context_refuses_a_point_whose_memory_exceeds_what_is_available_sim
 
 
 # skipped before its fixture exports a bundle (an importorskip inside would export it first)
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                    reason="llama-cpp-python is the optional [llama] extra")
+@pytest.mark.llama
 def test_llama_cpp_runs_beside_ours_with_both_of_its_caches(int8_cache_bundle, tmp_path):
     from lfm_edge.device_bench.peers.gguf_writer import write_gguf
     from lfm_edge.export.checkpoint import Checkpoint
