@@ -44,6 +44,7 @@ def test_layer_by_layer_hessians_are_the_one_pass_bits_and_one_layer_is_held(ckp
         streamed.get(names[0])
 
 
+@pytest.mark.slow  # two int4 exports; the Hessians' bits are the fast tier's check
 def test_streamed_export_is_byte_identical_to_the_one_pass_export(ckpt, tmp_path, monkeypatch):
     """The bundle exported with H streamed a layer at a time against the one exported with every layer's H computed
     up front (what the exporter did before): every file the same bytes."""

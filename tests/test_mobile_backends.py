@@ -523,6 +523,7 @@ def test_mock_objc_runs_a_quantized_kv_cache(tmp_path_factory, kv):
 
 
 @pytest.mark.parametrize("kv", ["int8", "int4"])
+@pytest.mark.slow  # exports the KV-cache variants of the demo bundle
 def test_java_session_real_jvm_runs_a_quantized_kv_cache(tmp_path_factory, kv):
     J = java_stand_ins()
     folder = bundle(tmp_path_factory.getbasetemp(), f"kv-{kv}")

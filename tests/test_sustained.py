@@ -51,7 +51,7 @@ def test_sensors_read_zones_and_frequencies_and_name_what_is_missing(tmp_path):
 def test_a_short_run_records_each_window_and_the_first_and_last_speeds(session, tmp_path):
     thermal, cpus = _sysfs(tmp_path)
     seen = []
-    result = sustained.run(session, 2.5, window=0.5, turn_tokens=16, prompt_tokens=8,
+    result = sustained.run(session, 1.2, window=0.25, turn_tokens=16, prompt_tokens=8,
                            sensors=sustained.Sensors(thermal, cpus, lambda: "light"),
                            progress=lambda f, m: seen.append(f))
     windows, summary = result["windows"], result["summary"]
@@ -98,7 +98,7 @@ def test_the_apps_sustained_workload_reports_first_and_last_speeds(session, tmp_
     from lfm_edge.mobile_app.app import bench
 
     seen = []
-    report = bench.run_sustained(tmp_path / "demo", session, minutes=0.04, progress=lambda d, t, m: seen.append(d))
+    report = bench.run_sustained(tmp_path / "demo", session, minutes=0.02, progress=lambda d, t, m: seen.append(d))
     assert seen[-1] == 1000 and report.threads == 1
     assert report.headline().startswith("Sustained: last ") and "x the first" in report.headline()
     rows = dict(report.rows())
