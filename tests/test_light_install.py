@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import venv
 from pathlib import Path
 
@@ -36,9 +37,9 @@ def test_runtime_runs_in_a_clean_environment_without_torch(tmp_path):
     expected = generate(LfmSession(bundle), [[5, 6, 7, 8]], 8, eos_token_ids=[])[0]
 
     env = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(env)
+    venv.EnvBuilder(with_pip=False).create(env)  # this pip installs into it (--python): no ensurepip, ~8 s loaded
     py = str(env / "bin" / "python")
-    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    pip = [sys.executable, "-m", "pip", "--python", py, "install", "-q", "--disable-pip-version-check"]
     subprocess.run(pip + RUNTIME_DEPS, check=True, timeout=600)
     subprocess.run(pip + ["--no-deps", str(ROOT)], check=True, timeout=600)  # a real wheel build, not editable
     out = subprocess.run([py, "-c", PROBE, str(bundle)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
