@@ -620,7 +620,7 @@ def test_mock_objc_builds_the_attention_kernel_asked_for(tmp_path_factory, monke
         return build(self, env, path, options, error)
 
     monkeypatch.setattr(ORTSession, "initWithEnv_modelPath_sessionOptions_error_", recording)
-    folder = bundle(tmp_path_factory.getbasetemp(), "kv-int8")
+    folder = bundle(tmp_path_factory.getbasetemp(), "int4")  # GroupQueryAttention: its kernels
     flash = ObjcSession(folder, threads=1, classes=objc_stand_ins())
     unfused = ObjcSession(folder, threads=1, classes=objc_stand_ins(), attention_kernel="unfused")
     assert seen == [None, "1"] and kernels.FLASH_OFF not in os.environ
