@@ -146,26 +146,34 @@ def running_memory(bundles: dict[str, Path], threads: int, prompt: int, decode: 
 
 
 def quality(checkpoint: Path, text: str, work: Path, progress: Callable[[str], None],
-            ours_args: tuple[str, ...] = OURS_ARGS, window: int = WINDOW, max_tokens: int = MAX_TOKENS) -> dict:
+            ours_args: tuple[str, ...] = OURS_ARGS, window: int = WINDOW, max_tokens: int = MAX_TOKENS,
+            made: dict[str, Path] | None = None) -> dict:
     """KL(fp32 || q) on `text`: our fp32 export is the reference; our bundle (lfm-export `ours_args`) and the
-    builder's int4 (and fp32) exports of the same checkpoint are the candidates."""
+    builder's int4 (and fp32) exports of the same checkpoint are the candidates. `made`: candidates already
+    exported from this checkpoint ("ours int4", "builder int4": the export part's, when it read the same one)."""
+    made = made or {}
     work.mkdir(parents=True, exist_ok=True)
     progress("quality: our fp32 reference")
     fp32 = export(checkpoint, work / "fp32").bundle
     windows = token_windows(fp32 / "tokenizer.json", text, window, max_tokens)
     reference = window_logits(fp32, windows)
     rows = {}
-    progress(f"quality: ours ({' '.join(ours_args)})")
-    subprocess.run(ours_command(checkpoint, work / "ours", ours_args), check=True, capture_output=True)
-    rows["ours int4"] = compare(reference, window_logits(work / "ours", windows), windows)
+    ours = made.get("ours int4")
+    if ours is None:
+        progress(f"quality: ours ({' '.join(ours_args)})")
+        ours = work / "ours"
+        subprocess.run(ours_command(checkpoint, ours, ours_args), check=True, capture_output=True)
+    rows["ours int4"] = compare(reference, window_logits(ours, windows), windows)
     for precision in ("int4", "fp32"):
-        progress(f"quality: builder {precision}")
-        out = work / f"builder-{precision}"
-        command = builder_command(checkpoint, out, work / "cache", CPU_INT4 if precision == "int4" else {})
-        command[command.index("-p") + 1] = precision
-        if precision == "fp32":
-            command = command[:command.index("--extra_options")]
-        subprocess.run(command, check=True, capture_output=True)
+        out = made.get(f"builder {precision}")
+        if out is None:
+            progress(f"quality: builder {precision}")
+            out = work / f"builder-{precision}"
+            command = builder_command(checkpoint, out, work / "cache", CPU_INT4 if precision == "int4" else {})
+            command[command.index("-p") + 1] = precision
+            if precision == "fp32":
+                command = command[:command.index("--extra_options")]
+            subprocess.run(command, check=True, capture_output=True)
         rows[f"builder {precision}"] = compare(reference, GenaiModel(out, 2).window_logits(windows), windows)
     return rows
 
@@ -244,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     result = json.loads(out.read_text()) if parts != PARTS and out.is_file() else {}
     result.update(genai_version=getattr(og, "__version__", "?"), builder_options=CPU_INT4, ours_args=list(OURS_ARGS),
                   device=device_info(args.threads))
+    made: dict[str, Path] = {}  # bundles of the export part, which quality reuses when it reads the same checkpoint
     if parts & {"export", "memory", "speed"}:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
@@ -254,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                                           work / ("ckpt-" + args.random_weights.replace(":", "-")), progress=progress)
         result["checkpoint"] = args.checkpoint or f"--random-weights {args.random_weights} (bfloat16 safetensors)"
         ours, builder, result["export"] = export_both(checkpoint, work, args.reuse or "export" not in parts, progress)
+        if args.quality_model and Path(args.quality_model).resolve() == checkpoint.resolve():
+            made = {"ours int4": ours, "builder int4": builder}
         if "memory" in parts:
             progress("memory: each bundle in a fresh process")
             result["memory"] = running_memory({"ours": ours, "builder": builder}, args.threads, args.prompt,
@@ -265,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         text = Path(args.text or Path(args.quality_model) / "heldout.txt").read_text(encoding="utf-8")
         result["quality_model"] = args.quality_model
         with tempfile.TemporaryDirectory(prefix="genai-builder-quality-") as tmp:
-            result["quality"] = quality(Path(args.quality_model), text, Path(tmp), progress)
+            result["quality"] = quality(Path(args.quality_model), text, Path(tmp), progress, made=made)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, json.dumps(result, indent=2))
     md = report(result)
