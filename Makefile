@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine (see README.md):
 #   make export [MODEL=path-or-hub-id] [OPS=contrib|portable]   install, then export (the demo model by default)
 #   make test                                                    install, then lint and run the test suite
-# and, for the edit loop, make test-fast: the tests not marked slow (every folder, about a minute).
+# and, for the edit loop, make test-fast: the tests not marked slow (every folder, ~2 min on 2 cores).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?=
