@@ -34,6 +34,14 @@ def kernel_name(q: Quantized, exact: bool) -> str:
     return f"int{q.bits} block {q.block_size} {kind}" + (" (the file's values, exactly)" if exact else "")
 
 
+def _added(total: float, squares: np.ndarray) -> float:
+    """total plus the row sums of `squares` [rows, ...], added one row after the other: the same float whether a
+    tensor is measured whole or by slices of rows (the vocabulary: export/quant_ops.py), which a sum over the whole
+    array (numpy's pairwise summation) is not."""
+    rows = squares.reshape(squares.shape[0] if squares.ndim else 1, -1).sum(axis=1)
+    return float(np.cumsum(np.concatenate([[total], rows]))[-1])  # np.cumsum adds in order
+
+
 class ConversionLog:
     """Per GGUF tensor: type, kernel layout, sum of squared error and of squared value, max abs error.
     Inactive (records nothing) for checkpoints that are not GGUF files."""
@@ -65,9 +73,9 @@ class ConversionLog:
             return
         row = self._row(name, kernel)
         diff = approx.astype(np.float64) - reference
-        row["err_sq"] += float((diff * diff).sum())
-        row["ref_sq"] += float((reference.astype(np.float64) ** 2).sum())
         row["max_abs_error"] = max(row["max_abs_error"], float(np.abs(diff).max(initial=0.0)))
+        row["err_sq"] = _added(row["err_sq"], np.square(diff, out=diff))
+        row["ref_sq"] = _added(row["ref_sq"], np.square(reference, dtype=np.float64))
 
     def report(self, weight_names: list[str]) -> list[dict[str, Any]]:
         """One row per GGUF tensor the model read; tensors no quantized op touched stayed float32 (their
