@@ -23,6 +23,9 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.fl
 # transformers 5 saves experts fused: gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I].
 _EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(w1|w3|w2)\.weight")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt", "*.model"]
+# Rows of a vocabulary table read (and quantized, export/quant_ops.py) at a time: 32 MB of floats at a hidden size of
+# 2048, where the whole LFM2.5-8B-A1B table is 1 GB (128K rows). Nothing computed depends on it, only memory.
+VOCABULARY_ROWS = 4096
 # what a bundle carries from the checkpoint besides the weights
 BUNDLE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
                 "chat_template.jinja", "config.json")

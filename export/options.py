@@ -16,10 +16,10 @@ from pathlib import Path
 
 from ..quant.policy import Policy, get_policy
 from .calibration import GPTQ_TOKENS, WINDOW
+from .checkpoint import VOCABULARY_ROWS
 from .kernel_support import check_policy
 from .kv_cache import DEFAULT_MARGIN, KV_CACHES
 from .onnx_ops import WeightTransform
-from .quant_ops import VOCABULARY_ROWS
 
 __all__ = ["GGUF_LAYOUTS", "OP_SETS", "TARGETS", "ExportError", "ExportOptions"]
 

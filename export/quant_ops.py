@@ -27,18 +27,13 @@ from onnx import TensorProto
 from ..quant.blocks import Quantized, quantize
 from ..quant.policy import VOCABULARY, Policy, QuantSpec
 from .calibration import LayerHessians
-from .checkpoint import Checkpoint
+from .checkpoint import VOCABULARY_ROWS, Checkpoint
 from .config import Lfm2Config
 from .conversion import ConversionLog, kernel_name
 from .graph import MS, Graph
 from .kv_cache import KvCache
 from .lfm2 import Lfm2Model, Linear, SparseMoe, Weight
 from .onnx_ops import ContribOps, WeightTransform
-
-# Rows of a vocabulary table read and quantized at a time: 32 MB of floats at a hidden size of 2048, a few times that
-# in the quantization's temporaries, where the whole LFM2.5-8B-A1B table is 1 GB (128K rows). Bytes do not depend
-# on it (`QuantizedOps.packed`).
-VOCABULARY_ROWS = 4096
 
 
 class QuantizedOps(ContribOps):

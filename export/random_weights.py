@@ -82,17 +82,18 @@ class RandomCheckpoint:
 
     def rows(self, name: str, start: int, stop: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Rows start..stop of `tensor(name, shape)`, the same values. The generator draws the rows in order, so
-        it is kept between calls: reading a table's rows in order (the vocabulary, quantized by rows) costs what
-        one `tensor` call does; any other start draws the rows before it again."""
+        it is kept between calls: reading a table's rows in order, some skipped or not (the vocabulary, quantized
+        by rows; the rows a calibration pass looks up), costs what one `tensor` call does; going back draws the
+        rows before `start` again."""
         if shape is None:
             raise ValueError(f"random weights need a shape for {name!r}")
         if not 0 <= start <= stop <= shape[0]:
             raise ValueError(f"random weights: rows {start}:{stop} of {name!r}, which has {shape[0]}")
         at = self._cursor
-        if at is None or at[0] != (name, tuple(shape)) or at[1] != start:
+        if at is None or at[0] != (name, tuple(shape)) or at[1] > start:
             at = ((name, tuple(shape)), 0, self._rng(name))
-            for skip in range(0, start, 4096):  # drawn and dropped: the generator's stream is sequential
-                at[2].standard_normal((min(4096, start - skip), *shape[1:]), dtype=np.float32)
+        for skip in range(at[1], start, 4096):  # drawn and dropped: the generator's stream is sequential
+            at[2].standard_normal((min(4096, start - skip), *shape[1:]), dtype=np.float32)
         values = at[2].standard_normal((stop - start, *shape[1:]), dtype=np.float32)
         self._cursor = (at[0], stop, at[2])
         return self._scaled(name, values)

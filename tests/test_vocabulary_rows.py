@@ -7,17 +7,21 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import save_file
 from test_gguf_in import crafted
 from test_gguf_layout import _q4_0_mix
 
 from lfm_edge.device_bench.peers.gguf_writer import write_gguf
+from lfm_edge.export import reference
 from lfm_edge.export.checkpoint import Checkpoint
 from lfm_edge.export.exporter import export
 from lfm_edge.export.gguf_checkpoint import GgufCheckpoint
 from lfm_edge.export.graph import Graph
+from lfm_edge.export.lfm2 import Weight
 from lfm_edge.export.options import ExportError
 from lfm_edge.export.random_weights import RandomCheckpoint
+from lfm_edge.export.reference import StreamingReference, TorchReference
 from lfm_edge.quant.blocks import BITS, METHODS, quantize
 from tiny_models import build
 
@@ -31,8 +35,9 @@ def _bundle_files(bundle) -> dict[str, bytes]:
 
 
 def _export_both(checkpoint, tmp_path, monkeypatch, **settings) -> tuple[dict[str, bytes], dict[str, bytes], list]:
-    """The bundle of the whole table (a slice as big as the vocabulary) and of slices of ROWS rows, and the number
-    of slices each vocabulary initializer was written in."""
+    """The bundle of the whole table (a slice as big as the vocabulary; the calibration passes' lookups and logits
+    from the whole table too, as before) and of slices of ROWS rows, and the number of slices each vocabulary
+    initializer was written in."""
     slices: list[tuple[str, int]] = []
     weight_rows = Graph.weight_rows
 
@@ -44,8 +49,12 @@ def _export_both(checkpoint, tmp_path, monkeypatch, **settings) -> tuple[dict[st
         return weight_rows(self, name, rows, each())
 
     monkeypatch.setattr(Graph, "weight_rows", counted)
-    whole = export(checkpoint, tmp_path / "whole", vocabulary_rows=1 << 20, **settings).bundle
+    with monkeypatch.context() as whole_table:
+        whole_table.setattr(StreamingReference, "embedding", TorchReference.embedding)
+        whole_table.setattr(StreamingReference, "logits", TorchReference.logits)
+        whole = export(checkpoint, tmp_path / "whole", vocabulary_rows=1 << 20, **settings).bundle
     assert slices == []  # one slice: the path every other weight takes, as before
+    monkeypatch.setattr(reference, "VOCABULARY_ROWS", ROWS)
     by_rows = export(checkpoint, tmp_path / "rows", vocabulary_rows=ROWS, **settings).bundle
     return _bundle_files(whole), _bundle_files(by_rows), slices
 
@@ -119,6 +128,21 @@ def test_row_reads_are_the_tensors_rows(mix, tmp_path):
         half.rows(VOCAB, 30, 3)
 
 
+@pytest.mark.parametrize("source", ["safetensors", "random"])
+def test_calibration_passes_look_up_rows_by_slices(source, mix, monkeypatch):
+    """The streaming reference (GPTQ's and the KV cache's calibration passes) gathers the rows its ids name from
+    slices of the table: the whole table's lookup exactly; its logits from slices equal the whole head's (to
+    float rounding: nothing reads them)."""
+    monkeypatch.setattr(reference, "VOCABULARY_ROWS", ROWS)
+    ckpt = Checkpoint(mix[1]) if source == "safetensors" else RandomCheckpoint("lfm2-1.2b:1")
+    table = Weight(VOCAB, (300, 256))
+    streaming, whole = StreamingReference(ckpt), TorchReference(ckpt)
+    ids = torch.tensor([[299, 3, 3, 140, 64, 63], [0, 200, 201, 299, 128, 5]])
+    assert torch.equal(streaming.embedding(ids, table), whole.embedding(ids, table))
+    x = torch.randn(2, 1, 256)
+    torch.testing.assert_close(streaming.logits(x, table), whole.logits(x, table), rtol=1e-5, atol=1e-5)
+
+
 def test_random_rows_are_the_random_tensors_rows():
     """Random weights come from a generator that draws rows in order: read by rows, they are the same values."""
     ckpt = RandomCheckpoint("lfm2-1.2b:1")
@@ -126,8 +150,9 @@ def test_random_rows_are_the_random_tensors_rows():
     table = ckpt.tensor(VOCAB, shape)
     got = np.concatenate([ckpt.rows(VOCAB, a, min(1000, a + 300), shape) for a in range(0, 1000, 300)])
     np.testing.assert_array_equal(got, table)
-    np.testing.assert_array_equal(ckpt.rows(VOCAB, 650, 700, shape), table[650:700])  # out of order: drawn again
+    np.testing.assert_array_equal(ckpt.rows(VOCAB, 650, 700, shape), table[650:700])  # back: drawn again
     np.testing.assert_array_equal(ckpt.rows(VOCAB, 700, 701, shape), table[700:701])
+    np.testing.assert_array_equal(ckpt.rows(VOCAB, 950, 999, shape), table[950:999])  # rows skipped ahead
     np.testing.assert_array_equal(ckpt.rows("model.norm.weight", 0, 1, (1, 48)), ckpt.tensor("model.norm.weight",
                                                                                               (1, 48)))
 
