@@ -118,7 +118,8 @@ class QuantizedOps(ContribOps):
         name = weight.name
         q = self.native(name, copy=True, rows=rows) if copy else self.native(name, float_zero_points, rows=rows)
         if q is not None and q.zero_points is not None and not copy:  # float zero points: equal up to rounding
-            self.conversions.measured(name, self.read(weight, rows), q.dequantize(), kernel_name(q, exact=False))
+            self.conversions.measured(name, self.read(weight, rows), q.dequantize(), kernel_name(q, exact=False),
+                                      rows_of=None if rows is None else weight.shape[0])
         elif q is not None and not copy:
             self.conversions.exact(name, kernel_name(q, exact=True))
         if q is not None:
@@ -130,7 +131,8 @@ class QuantizedOps(ContribOps):
         q = quantize(array, spec.bits, spec.block_size, spec.method, hessian=lambda: self.hessians.get(name))
         if not copy and self.conversions.active:  # a float copy of the weight (1 GB for LFM2.5-8B-A1B's
             # vocabulary, 3x that while it is made): only for a checkpoint whose conversions are logged
-            self.conversions.measured(name, array, q.dequantize(), kernel_name(q, exact=False))
+            self.conversions.measured(name, array, q.dequantize(), kernel_name(q, exact=False),
+                                      rows_of=None if rows is None else weight.shape[0])
         del array  # before packing: the float weight is 4x its codes
         return q, False
 

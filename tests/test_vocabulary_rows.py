@@ -15,6 +15,7 @@ from test_gguf_layout import _q4_0_mix
 from lfm_edge.device_bench.peers.gguf_writer import write_gguf
 from lfm_edge.export import reference
 from lfm_edge.export.checkpoint import Checkpoint
+from lfm_edge.export.conversion import PairwiseSum
 from lfm_edge.export.exporter import export
 from lfm_edge.export.gguf_checkpoint import GgufCheckpoint
 from lfm_edge.export.graph import Graph
@@ -93,7 +94,7 @@ def mix(tmp_path_factory):
 def test_a_ggufs_vocabulary_by_rows_is_the_same_bundle(layout, mix, tmp_path, monkeypatch):
     """`experts` (the phones' default) re-quantizes the Q6_K vocabulary's scan from the file's values and reads the
     rescoring copy from its blocks; `exact` reads the table's blocks as int8 block 16. conversion.json's error
-    figures included."""
+    figures included: the whole table's are numpy's sums over it, as before."""
     path, tok = mix
     whole, by_rows, slices = _export_both(path, tmp_path, monkeypatch, tokenizer=tok, target="desktop",
                                           quant="int4", gguf_layout=layout)
@@ -171,6 +172,19 @@ def test_no_quantization_looks_across_rows(method):
             if getattr(whole, field) is None:
                 continue
             np.testing.assert_array_equal(np.concatenate([getattr(p, field) for p in parts]), getattr(whole, field))
+
+
+@pytest.mark.parametrize("rows,width,step", [(300, 256, 64), (411, 72, 64), (3000, 2047, 333), (7, 3, 2), (4, 8192, 1)])
+def test_a_sum_fed_by_rows_is_numpys_sum_of_the_whole(rows, width, step):
+    """conversion.json's error of a vocabulary measured by rows is the whole table's figure bit for bit (numpy's
+    pairwise summation, rebuilt from the pieces), where a running sum of the pieces' sums can differ in its last
+    bits."""
+    squares = np.random.default_rng(rows).standard_normal((rows, width)) ** 2
+    total = PairwiseSum(squares.size)
+    for a in range(0, rows, step):
+        assert not total.complete
+        total.add(squares[a:a + step].reshape(-1))
+    assert total.value() == float(squares.sum())
 
 
 def test_vocabulary_rows_is_checked(tmp_path):
