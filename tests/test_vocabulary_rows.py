@@ -187,6 +187,28 @@ def test_a_sum_fed_by_rows_is_numpys_sum_of_the_whole(rows, width, step):
     assert total.value() == float(squares.sum())
 
 
+@pytest.mark.parametrize("shape", [(10, 3, 4), (500, 2, 64)])  # kept in model.onnx; in the data file
+def test_rows_written_slice_by_slice_are_the_whole_weights_bytes(shape, tmp_path):
+    weights = np.random.default_rng(2).integers(0, 256, (2, *shape), dtype=np.uint8)
+    files = []
+    for name, by_rows in (("whole", False), ("rows", True)):
+        g = Graph(tmp_path / f"{name}.data")
+        g.weight("before", weights[0])  # the table's offset follows what was written before it
+        if by_rows:
+            g.weight_rows("table", shape[0], (weights[1][a:a + 7] for a in range(0, shape[0], 7)))
+        else:
+            g.weight("table", weights[1])
+        g.weight("after", weights[0][::-1])
+        g.save(tmp_path / f"{name}.onnx", "test", {})
+        files.append(((tmp_path / f"{name}.data").read_bytes(),
+                      [(t.name, list(t.dims), t.raw_data, [(e.key, e.value) for e in t.external_data])
+                       for t in g.initializers]))
+    assert files[0][0] == files[1][0] and files[0][1] == [(n, d, r, [(k, v.replace("rows", "whole")) for k, v in e])
+                                                          for n, d, r, e in files[1][1]]
+    with pytest.raises(ValueError, match="9 rows written, expected 10"):
+        Graph(tmp_path / "bad.data").weight_rows("t", 10, iter([np.zeros((9, 200), np.uint8)]))
+
+
 def test_vocabulary_rows_is_checked(tmp_path):
     with pytest.raises(ExportError, match="vocabulary_rows 0"):
         export(None, tmp_path / "b", random_weights="lfm2-1.2b:1", vocabulary_rows=0)
