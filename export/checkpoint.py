@@ -23,6 +23,9 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.fl
 # transformers 5 saves experts fused: gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I].
 _EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(w1|w3|w2)\.weight")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt", "*.model"]
+# Rows of a vocabulary table read (and quantized, export/quant_ops.py) at a time: 32 MB of floats at a hidden size of
+# 2048, where the whole LFM2.5-8B-A1B table is 1 GB (128K rows). Nothing computed depends on it, only memory.
+VOCABULARY_ROWS = 4096
 # what a bundle carries from the checkpoint besides the weights
 BUNDLE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
                 "chat_template.jinja", "config.json")
@@ -62,8 +65,9 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as a new float32 array.
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The tensor as a new float32 array; `start`/`stop`: only those rows (along the first axis), which are
+        consecutive bytes in the file (safetensors is row-major), so a 1 GB table can be read a slice at a time.
 
         Read with pread, not through the memory map: pages touched through a map stay in the process's
         resident set, and an exporter that walks a 17 GB checkpoint must not look like it holds it."""
@@ -72,7 +76,15 @@ class SafetensorsFile:
         if dtype is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {info['dtype']}, expected a float type")
         begin, end = info["data_offsets"]
-        raw = np.empty(info["shape"], dtype=dtype)
+        shape = list(info["shape"])
+        if start or stop is not None:
+            rows = shape[0] if shape else 1
+            stop = rows if stop is None else stop
+            if not shape or not 0 <= start <= stop <= rows:
+                raise CheckpointError(f"{self.path}: rows {start}:{stop} of tensor {name!r}, which has shape {shape}")
+            row_bytes = (end - begin) // rows
+            begin, end, shape[0] = begin + start * row_bytes, begin + stop * row_bytes, stop - start
+        raw = np.empty(shape, dtype=dtype)
         view = memoryview(raw.reshape(-1).view(np.uint8))
         done = 0
         while done < end - begin:
@@ -147,6 +159,14 @@ class Checkpoint:
             return st.read(stored)[index]
         st, stored = self._locate(name)
         return st.read(stored)
+
+    def rows(self, name: str, start: int, stop: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Rows start..stop of a tensor as float32, read from the file alone: the same values as
+        `tensor(name)[start:stop]` at the memory of the rows (the vocabulary is quantized by rows)."""
+        if self._fused(name) is not None:
+            return self.tensor(name, shape)[start:stop]
+        st, stored = self._locate(name)
+        return st.read(stored, start, stop)
 
     def _fused(self, name: str) -> tuple[tuple[int, ...], str, tuple] | None:
         """(shape, fused tensor, index) for a per-expert name held only in the fused layout."""

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfm-export: warning: {warning}", file=sys.stderr)
     size = sum(result.files.values())
     print(f"Wrote {result.bundle} ({size / 1e6:.1f} MB, {len(result.files)} files) in {result.seconds:.2f} s; "
-          f"peak memory {peak_rss_mb() / 1024:.2f} GB.")
+          f"peak memory {peak_rss_mb() / 1024:.2f} GiB.")  # VmHWM: peak_rss_mb is in MiB
     return 0
 
 

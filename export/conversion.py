@@ -43,6 +43,7 @@ class ConversionLog:
         self.active = hasattr(checkpoint, "stored_type") and hasattr(checkpoint, "gguf_tensor")
         self.rows: dict[str, dict[str, Any]] = {}
         self.notes: dict[str, list[str]] = {}  # GGUF tensor -> what else reads it (note)
+        self._slices: dict[str, tuple[PairwiseSum, PairwiseSum]] = {}  # a tensor measured by rows, until complete
 
     def _row(self, name: str, kernel: str) -> dict[str, Any]:
         key = self.ckpt.gguf_tensor(name)
@@ -60,14 +61,28 @@ class ConversionLog:
         if self.active:
             self.notes.setdefault(self.ckpt.gguf_tensor(name), []).append(text)
 
-    def measured(self, name: str, reference: np.ndarray, approx: np.ndarray, kernel: str) -> None:
+    def measured(self, name: str, reference: np.ndarray, approx: np.ndarray, kernel: str,
+                 rows_of: int | None = None) -> None:
+        """Add the error of `approx` against `reference`. `rows_of`: they are the next rows of a tensor of that
+        many rows, given in order (the vocabulary, quantized by rows): its sums are then the whole tensor's, to the
+        bit (`PairwiseSum`)."""
         if not self.active:
             return
         row = self._row(name, kernel)
         diff = approx.astype(np.float64) - reference
-        row["err_sq"] += float((diff * diff).sum())
-        row["ref_sq"] += float((reference.astype(np.float64) ** 2).sum())
         row["max_abs_error"] = max(row["max_abs_error"], float(np.abs(diff).max(initial=0.0)))
+        if rows_of is None:
+            row["err_sq"] += float((diff * diff).sum())
+            row["ref_sq"] += float((reference.astype(np.float64) ** 2).sum())
+            return
+        n = rows_of * (reference.size // reference.shape[0])
+        err, ref = self._slices.setdefault(name, (PairwiseSum(n), PairwiseSum(n)))
+        err.add(np.square(diff, out=diff).reshape(-1))
+        ref.add(np.square(reference, dtype=np.float64).reshape(-1))
+        if err.complete:
+            row["err_sq"] += err.value()
+            row["ref_sq"] += ref.value()
+            del self._slices[name]
 
     def report(self, weight_names: list[str]) -> list[dict[str, Any]]:
         """One row per GGUF tensor the model read; tensors no quantized op touched stayed float32 (their
@@ -108,3 +123,63 @@ class ConversionLog:
         return summary | {"tensors": len(rows), "exact": len(rows) - len(converted), "converted": len(converted),
                 "worst": None if worst is None else {k: worst[k] for k in ("tensor", "type", "relative_rms_error")},
                 "types": sorted({r["type"] for r in rows})}
+
+
+class PairwiseSum:
+    """numpy's sum of n float64 values (a contiguous array's `.sum()`), fed in consecutive pieces: the same float,
+    bit for bit, without the values together in memory. numpy sums pairwise: a range of more than 128 values is
+    split at half its length rounded down to a multiple of 8, each half summed the same way, the two sums added;
+    128 or fewer are summed by its unrolled loop. So each range of that tree that lies inside one piece is that
+    piece's `np.add.reduce` over it (its own call makes the same splits below it), a leaf cut by a piece's end
+    waits for its other values (at most 128), and the root is put together from those sums when all n have come."""
+
+    LEAF = 128  # numpy's PW_BLOCKSIZE
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+        self._sums: dict[tuple[int, int], float] = {}
+        self._waiting: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    @property
+    def complete(self) -> bool:
+        return self.seen == self.n
+
+    def add(self, values: np.ndarray) -> None:
+        """The next values (1-D float64)."""
+        start, stop = self.seen, self.seen + values.size
+        if stop > self.n:
+            raise ValueError(f"PairwiseSum: {stop} values given for a sum of {self.n}")
+        self._visit(0, self.n, start, stop, values)
+        self.seen = stop
+
+    def value(self) -> float:
+        if not self.complete:
+            raise ValueError(f"PairwiseSum: {self.seen} of {self.n} values given")
+        return self._value(0, self.n)
+
+    @staticmethod
+    def _middle(lo: int, hi: int) -> int:
+        half = (hi - lo) // 2
+        return lo + half - half % 8
+
+    def _visit(self, lo: int, hi: int, start: int, stop: int, values: np.ndarray) -> None:
+        if hi <= start or lo >= stop:
+            return
+        if start <= lo and hi <= stop:
+            self._sums[(lo, hi)] = float(np.add.reduce(values[lo - start:hi - start]))
+        elif hi - lo <= self.LEAF:
+            parts = self._waiting.setdefault((lo, hi), [])
+            parts.append(values[max(lo, start) - start:min(hi, stop) - start].copy())
+            if sum(p.size for p in parts) == hi - lo:
+                self._sums[(lo, hi)] = float(np.add.reduce(np.concatenate(self._waiting.pop((lo, hi)))))
+        else:
+            middle = self._middle(lo, hi)
+            self._visit(lo, middle, start, stop, values)
+            self._visit(middle, hi, start, stop, values)
+
+    def _value(self, lo: int, hi: int) -> float:
+        found = self._sums.get((lo, hi))
+        if found is not None:
+            return found
+        middle = self._middle(lo, hi)
+        return self._value(lo, middle) + self._value(middle, hi)

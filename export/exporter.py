@@ -107,7 +107,7 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         graph = Graph(tmp / DATA_FILE)
         if options.quantized:
             backend = QuantizedOps(graph, ckpt, policy, transform=options.transform, progress=progress, kv_cache=kv,
-                                   hessians=hessians, relayout=relayout)
+                                   hessians=hessians, relayout=relayout, vocabulary_rows=options.vocabulary_rows)
         else:
             backend = OPS_BACKENDS[options.ops](graph, ckpt, transform=options.transform, progress=progress,
                                            **({"kv_cache": kv} if options.ops == "contrib" else {}))

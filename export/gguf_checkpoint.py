@@ -303,9 +303,10 @@ class GgufCheckpoint:
             raise CheckpointError(f"{self.path}: tensor {gname!r} has shape {list(self.shape(name))} (for {name!r}), "
                                   f"expected {list(shape)}")
 
-    def _raw(self, name: str) -> tuple[np.ndarray, Any]:
+    def _raw(self, name: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, Any]:
         """The stored bytes of the tensor (or of one expert of a stacked one) as [rows, bytes per row], read
-        with pread so no page of the map stays resident."""
+        with pread so no page of the map stays resident; `start`/`stop`: only those rows (a row's blocks are
+        consecutive bytes, and rows follow each other)."""
         (gname, expert), (path, t) = self._entry(name)
         rows_all = int(np.prod(t.shape[1:].astype(np.int64))) if len(t.shape) > 1 else 1
         row_bytes = t.n_bytes // rows_all
@@ -313,6 +314,11 @@ class GgufCheckpoint:
         if expert is not None:
             rows = rows_all // int(t.shape[-1])
             offset += expert * rows * row_bytes
+        if start or stop is not None:
+            stop = rows if stop is None else stop
+            if not 0 <= start <= stop <= rows:
+                raise CheckpointError(f"{self.path}: rows {start}:{stop} of tensor {gname!r}, which has {rows}")
+            offset, rows = offset + start * row_bytes, stop - start
         raw = np.empty((rows, row_bytes), np.uint8)
         view = memoryview(raw.reshape(-1))
         with open(path, "rb") as f:
@@ -328,13 +334,21 @@ class GgufCheckpoint:
         """One tensor as float32: floats widened, quantized blocks dequantized (gguf-py's numpy codecs)."""
         if shape is not None:
             self.check(name, shape)
-        raw, t = self._raw(name)
+        return self._floats(name, *self._raw(name)).reshape(self.shape(name))
+
+    def rows(self, name: str, start: int, stop: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Rows start..stop of a 2-D tensor as float32 from their blocks alone: `tensor(name)[start:stop]`, at the
+        memory of the rows (a re-laid vocabulary is dequantized and re-quantized by rows)."""
+        return self._floats(name, *self._raw(name, start, stop))
+
+    def _floats(self, name: str, raw: np.ndarray, t: Any) -> np.ndarray:
+        """[rows, K] float32 of raw rows: floats widened, quantized blocks dequantized (gguf-py's numpy codecs)."""
         if t.tensor_type in FLOATS:
             out = raw.view(FLOATS[t.tensor_type]).astype(np.float32)
         else:
             out = dequantize(raw, t.tensor_type)
         self._finite(name, out)
-        return out.reshape(self.shape(name))
+        return out
 
     def _finite(self, name: str, values: np.ndarray) -> None:
         """A weight (or a block scale) that is NaN or infinite would make the bundle emit nothing but padding."""
@@ -352,13 +366,15 @@ class GgufCheckpoint:
         """4 or 8 when the weight is stored in blocks of 32 the kernels read as they are (Q4_0, Q8_0)."""
         return EXACT.get(self._entry(name)[1][1].tensor_type)
 
-    def quantized(self, name: str, float_zero_points: bool = False) -> Quantized | None:
+    def quantized(self, name: str, float_zero_points: bool = False, rows: tuple[int, int] | None = None) \
+            -> Quantized | None:
         """The weight's blocks as the kernels' codes and scales when the file stores it exactly in one of their
-        layouts (gguf_blocks.py), else None; `float_zero_points` when the reader takes them (4-bit MatMulNBits)."""
+        layouts (gguf_blocks.py), else None; `float_zero_points` when the reader takes them (4-bit MatMulNBits);
+        `rows` (start, stop): only those rows' blocks (each row's blocks decode alone)."""
         qtype = self._entry(name)[1][1].tensor_type
         if qtype not in EXACT and qtype not in (Q.Q6_K, Q.Q4_K):
             return None
-        q = decode(self._raw(name)[0], qtype, float_zero_points)
+        q = decode(self._raw(name, *(rows or (0, None)))[0], qtype, float_zero_points)
         if q is not None:
             self._finite(name, np.asarray(q.scales, np.float32))
             if q.zero_points is not None and q.zero_points.dtype.kind == "f":

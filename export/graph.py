@@ -6,7 +6,8 @@ so exporting a model of any size holds one tensor at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,32 @@ class Graph:
             self._data.write(array.reshape(-1).view(np.uint8).data)  # its bytes, not a copy (tobytes makes one)
             self.bytes_written = offset + array.nbytes
             self._external(name, array.dtype, array.shape, offset, array.nbytes)
+        self._weights.add(name)
+        return name
+
+    def weight_rows(self, name: str, rows: int, parts: Iterable[np.ndarray]) -> str:
+        """A weight of `rows` rows given as consecutive row slices, written slice by slice: the same bytes, offset
+        and initializer as `weight` of their concatenation, without it in memory (the vocabulary's codes)."""
+        parts = iter(parts)
+        first = np.ascontiguousarray(next(parts))
+        row_shape, dtype = first.shape[1:], first.dtype
+        size = rows * int(np.prod(row_shape, dtype=np.int64))
+        if size <= _SMALL:
+            return self.weight(name, np.concatenate([first, *parts]))
+        nbytes = size * dtype.itemsize
+        offset = self._pad_to(4096 if nbytes >= 65536 else 64)
+        count = 0
+        for part in chain([first], parts):
+            part = np.ascontiguousarray(part)
+            if part.shape[1:] != row_shape or part.dtype != dtype:
+                raise ValueError(f"{name}: a slice is {part.dtype}{list(part.shape)}, expected rows of "
+                                 f"{dtype}{list(row_shape)}")
+            self._data.write(part.reshape(-1).view(np.uint8).data)
+            count += part.shape[0]
+        if count != rows:
+            raise ValueError(f"{name}: {count} rows written, expected {rows}")
+        self.bytes_written = offset + nbytes
+        self._external(name, dtype, (rows, *row_shape), offset, nbytes)
         self._weights.add(name)
         return name
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..quant.policy import Policy, get_policy
 from .calibration import GPTQ_TOKENS, WINDOW
+from .checkpoint import VOCABULARY_ROWS
 from .kernel_support import check_policy
 from .kv_cache import DEFAULT_MARGIN, KV_CACHES
 from .onnx_ops import WeightTransform
@@ -63,7 +64,8 @@ class ExportOptions:
     (quality.md), `eval_text_name` what the report calls it (the CLI: the file's name); `tokenizer`: a GGUF's
     tokenizer.json (or its folder) when the file carries none; `force`: replace an `out` folder that holds
     something other than an lfm-edge bundle; `gguf_layout`: `exact` or `fast` for a quantized GGUF (GGUF_LAYOUTS),
-    None for the default."""
+    None for the default; `vocabulary_rows`: rows of the vocabulary table quantized at a time (memory only: the
+    bundle's bytes are the same at any value; tests lower it to cut a small table into several slices)."""
 
     ops: str = "contrib"
     quant: str | Policy | None = None
@@ -80,6 +82,7 @@ class ExportOptions:
     progress: Callable[[str], None] | None = None
     force: bool = False
     gguf_layout: str | None = None
+    vocabulary_rows: int = VOCABULARY_ROWS
 
     def resolved(self, quantized_gguf: bool = False) -> ExportOptions:
         """These options with every default filled in (`quantized_gguf`: the checkpoint is a GGUF whose weights
@@ -116,6 +119,9 @@ class ExportOptions:
                 not WINDOW // 8 <= self.calibration_tokens <= 1 << 20:
             raise ExportError(f"--calibration-tokens {self.calibration_tokens!r}: expected an integer in "
                               f"{WINDOW // 8}..{1 << 20}")
+        if isinstance(self.vocabulary_rows, bool) or not isinstance(self.vocabulary_rows, int) or \
+                self.vocabulary_rows < 1:
+            raise ExportError(f"vocabulary_rows {self.vocabulary_rows!r}: expected an integer >= 1")
         if self.tokenizer is not None and self.random_weights:
             raise ExportError("--tokenizer is for GGUF files; --random-weights brings a stand-in tokenizer")
         if self.gguf_layout is not None and self.gguf_layout not in GGUF_LAYOUTS:

@@ -27,7 +27,7 @@ from onnx import TensorProto
 from ..quant.blocks import Quantized, quantize
 from ..quant.policy import VOCABULARY, Policy, QuantSpec
 from .calibration import LayerHessians
-from .checkpoint import Checkpoint
+from .checkpoint import VOCABULARY_ROWS, Checkpoint
 from .config import Lfm2Config
 from .conversion import ConversionLog, kernel_name
 from .graph import MS, Graph
@@ -41,24 +41,28 @@ class QuantizedOps(ContribOps):
                  transform: WeightTransform | None = None, progress: Callable[[str], None] | None = None,
                  kv_cache: KvCache | None = None,
                  hessians: dict[str, np.ndarray] | LayerHessians | None = None,
-                 relayout: frozenset[str] = frozenset()):
+                 relayout: frozenset[str] = frozenset(), vocabulary_rows: int = VOCABULARY_ROWS):
         super().__init__(graph, checkpoint, transform, progress, kv_cache)
         self.policy = policy
         self.relayout = relayout
+        self.rows_per_slice = vocabulary_rows  # a vocabulary table is quantized this many rows at a time
         self.written: dict[str, set[str]] = {}  # part -> kernel layouts written (conversion.kernel_name)
         # calibration for `gptq` weights (export/calibration.py): a dict, or one layer's at a time as they are asked for
         self.hessians = hessians or {}
         self._quantized: dict[str, tuple[Quantized, str]] = {}
         self.conversions = ConversionLog(checkpoint)
 
-    def native(self, name: str, float_zero_points: bool = False, copy: bool = False) -> Quantized | None:
+    def native(self, name: str, float_zero_points: bool = False, copy: bool = False,
+               rows: tuple[int, int] | None = None) -> Quantized | None:
         """The checkpoint's own blocks when it stores this weight in a kernel layout (and no test transform
-        rewrites weights); for a part in `relayout` only as the vocabulary's rescoring `copy`."""
+        rewrites weights); for a part in `relayout` only as the vocabulary's rescoring `copy`. `rows` (start,
+        stop): only those rows' (the vocabulary by rows)."""
         read = getattr(self.ckpt, "quantized", None)
         if read is None or self.transform is not None or (relaid(self.ckpt, self.policy, self.relayout, name)
                                                            and not copy):
             return None
-        return read(name, float_zero_points) if float_zero_points else read(name)
+        kwargs = {"float_zero_points": True} if float_zero_points else {}
+        return read(name, rows=rows, **kwargs) if rows is not None else read(name, **kwargs)
 
     def closest(self, names: list[str], spec: QuantSpec, min_block: int = 16) -> QuantSpec:
         """The checkpoint's layout for weights it stores in another block type (a GGUF's K-quants: their bits and
@@ -74,36 +78,98 @@ class QuantizedOps(ContribOps):
                copy: str = "") -> tuple[Quantized, str]:
         """Quantize one 2-D weight once; its packed codes are one initializer whoever reads them.
         `float_zero_points`: the reader takes them (4-bit MatMulNBits), so a GGUF's Q4_K comes in near exactly.
-        `copy` names a second quantization of the same weight (the vocabulary's rescoring copy)."""
+        `copy` names a second quantization of the same weight (the vocabulary's rescoring copy).
+        A vocabulary table goes by `rows_per_slice` rows (`by_rows`): read, quantized and written a slice at a
+        time, so the export holds a slice's floats, not the table's (1 GB at LFM2.5-8B-A1B). No quantization the
+        vocabulary can get looks across rows (rtn, mse and mse-sym search per block; a GGUF's blocks decode per
+        row; GPTQ, whose feedback is within a row too, is refused for it by the policy), so the codes, scales
+        and conversion figures are the same bits whatever the slice (tests/test_vocabulary_rows.py)."""
         key = weight.name + copy
         if key not in self._quantized:
             self.progress(key)
             spec = self.closest([weight.name], spec)
-            q = self.native(weight.name, copy=True) if copy else self.native(weight.name, float_zero_points)
-            as_stored = q is not None and q.zero_points is None
-            if q is not None and copy:  # the rescoring copy is the file's own blocks: the top logits exactly
+            if self.by_rows(weight, spec):
+                n, step = weight.shape[0], self.rows_per_slice
+                slices = (self.quantized_rows(weight, spec, float_zero_points, copy, (a, min(n, a + step)))
+                          for a in range(0, n, step))
+                q, native, codes = self.written_by_rows(key + ".q", n, slices)
+            else:
+                q, native = self.quantized_rows(weight, spec, float_zero_points, copy)
+                codes = self.g.weight(key + ".q", q.packed_codes())
+            if native and copy:  # the rescoring copy is the file's own blocks: the top logits exactly
                 self.conversions.note(weight.name, f"top {self.policy.rescore.top} logits and the embedding rows "
                                       f"from {kernel_name(q, exact=True)}")
-            elif q is not None and q.zero_points is not None:  # float zero points: equal up to float rounding
-                self.conversions.measured(weight.name, self.ckpt.tensor(weight.name), q.dequantize(),
-                                          kernel_name(q, exact=False))
-            elif q is not None:
-                self.conversions.exact(weight.name, kernel_name(q, exact=True))
-            else:
-                array = self.ckpt.tensor(weight.name, weight.shape)
-                if self.transform is not None:
-                    array = self.transform(weight.name, array)
-                # GPTQ fetches H itself: LayerHessians hands it over, so nothing here holds it while it is factorised
-                q = quantize(array, spec.bits, spec.block_size, spec.method,
-                             hessian=lambda: self.hessians.get(weight.name))
-                if not copy and self.conversions.active:  # a float copy of the weight (1 GB for LFM2.5-8B-A1B's
-                    # vocabulary, 3x that while it is made): only for a checkpoint whose conversions are logged
-                    self.conversions.measured(weight.name, array, q.dequantize(), kernel_name(q, exact=False))
-                del array  # before packing: the float weight is 4x its codes (the vocabulary's is 1 GB)
-            codes = self.g.weight(key + ".q", q.packed_codes())
-            self.record(part(weight.name) + (" (rescoring copy)" if copy else ""), kernel_name(q, as_stored))
+            self.record(part(weight.name) + (" (rescoring copy)" if copy else ""),
+                        kernel_name(q, native and q.zero_points is None))
             self._quantized[key] = (_layout(q), codes)
         return self._quantized[key]
+
+    def by_rows(self, weight: Weight, spec: QuantSpec) -> bool:
+        """A vocabulary table is quantized a slice of rows at a time (`packed`) when it has more rows than a slice
+        and the checkpoint reads rows (`rows`); a test's weight transform sees whole tensors."""
+        return weight.name in VOCABULARY and weight.shape[0] > self.rows_per_slice and spec.method != "gptq" \
+            and self.transform is None and hasattr(self.ckpt, "rows")
+
+    def quantized_rows(self, weight: Weight, spec: QuantSpec, float_zero_points: bool, copy: str,
+                       rows: tuple[int, int] | None = None) -> tuple[Quantized, bool]:
+        """The weight's codes (rows start..stop, or all), and whether they are the checkpoint's own blocks (where
+        it holds them in a kernel layout), else quantized by `spec`; what was converted is logged with its error
+        (conversion.py). The rescoring copy's own blocks are noted by `packed`, once."""
+        name = weight.name
+        q = self.native(name, copy=True, rows=rows) if copy else self.native(name, float_zero_points, rows=rows)
+        if q is not None and q.zero_points is not None and not copy:  # float zero points: equal up to rounding
+            self.conversions.measured(name, self.read(weight, rows), q.dequantize(), kernel_name(q, exact=False),
+                                      rows_of=None if rows is None else weight.shape[0])
+        elif q is not None and not copy:
+            self.conversions.exact(name, kernel_name(q, exact=True))
+        if q is not None:
+            return q, True
+        array = self.read(weight, rows)
+        if self.transform is not None:
+            array = self.transform(name, array)
+        # GPTQ fetches H itself: LayerHessians hands it over, so nothing here holds it while it is factorised
+        q = quantize(array, spec.bits, spec.block_size, spec.method, hessian=lambda: self.hessians.get(name))
+        if not copy and self.conversions.active:  # a float copy of the weight (1 GB for LFM2.5-8B-A1B's
+            # vocabulary, 3x that while it is made): only for a checkpoint whose conversions are logged
+            self.conversions.measured(name, array, q.dequantize(), kernel_name(q, exact=False),
+                                      rows_of=None if rows is None else weight.shape[0])
+        del array  # before packing: the float weight is 4x its codes
+        return q, False
+
+    def read(self, weight: Weight, rows: tuple[int, int] | None) -> np.ndarray:
+        if rows is None:
+            return self.ckpt.tensor(weight.name, weight.shape)
+        return self.ckpt.rows(weight.name, *rows, shape=weight.shape)
+
+    def written_by_rows(self, name: str, rows: int, slices: Iterator[tuple[Quantized, bool]]) \
+            -> tuple[Quantized, bool, str]:
+        """Each slice's packed codes written as it comes (Graph.weight_rows: the bytes of the whole table's), its
+        scales and zero points gathered into the table's arrays; returns the table's layout (codes not held),
+        whether it is the checkpoint's own blocks, and the codes' initializer."""
+        first: list[tuple[Quantized, bool]] = []
+        scales: list[np.ndarray] = []
+        zero_points: list[np.ndarray] = []
+
+        def codes() -> Iterator[np.ndarray]:
+            done = 0
+            for q, native in slices:
+                if not first:
+                    first.append((_layout(q), native))
+                    scales.append(np.empty((rows, *q.scales.shape[1:]), q.scales.dtype))
+                    if q.zero_points is not None:
+                        zero_points.append(np.empty((rows, *q.zero_points.shape[1:]), q.zero_points.dtype))
+                n = q.scales.shape[0]
+                scales[0][done:done + n] = q.scales
+                if zero_points:
+                    zero_points[0][done:done + n] = q.zero_points
+                done += n
+                yield q.packed_codes()
+
+        written = self.g.weight_rows(name, rows, codes())
+        q, native = first[0]
+        codes_shape = np.broadcast_to(np.zeros((), np.uint8), (rows, *q.codes.shape[1:]))  # as `_layout`'s
+        return Quantized(codes_shape, scales[0], zero_points[0] if zero_points else None, q.bits, q.k), native, \
+            written
 
     def record(self, part: str, layout: str) -> None:
         self.written.setdefault(part, set()).add(layout)

@@ -64,6 +64,7 @@ class RandomCheckpoint:
         self.raw_config = preset(spec)
         self.config = Lfm2Config.from_dict(self.raw_config, source=f"--random-weights {spec}")
         self.folder = Path(f"random-weights:{spec}")
+        self._cursor: tuple[tuple[str, tuple[int, ...]], int, np.random.Generator] | None = None  # `rows`' next row
 
     def __contains__(self, name: str) -> bool:
         return True
@@ -77,8 +78,31 @@ class RandomCheckpoint:
     def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         if shape is None:
             raise ValueError(f"random weights need a shape for {name!r}")
-        rng = np.random.default_rng(zlib.crc32(f"{self.spec}/{name}".encode()))
-        values = rng.standard_normal(shape, dtype=np.float32)
+        return self._scaled(name, self._rng(name).standard_normal(shape, dtype=np.float32))
+
+    def rows(self, name: str, start: int, stop: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Rows start..stop of `tensor(name, shape)`, the same values. The generator draws the rows in order, so
+        it is kept between calls: reading a table's rows in order, some skipped or not (the vocabulary, quantized
+        by rows; the rows a calibration pass looks up), costs what one `tensor` call does; going back draws the
+        rows before `start` again."""
+        if shape is None:
+            raise ValueError(f"random weights need a shape for {name!r}")
+        if not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"random weights: rows {start}:{stop} of {name!r}, which has {shape[0]}")
+        at = self._cursor
+        if at is None or at[0] != (name, tuple(shape)) or at[1] > start:
+            at = ((name, tuple(shape)), 0, self._rng(name))
+        for skip in range(at[1], start, 4096):  # drawn and dropped: the generator's stream is sequential
+            at[2].standard_normal((min(4096, start - skip), *shape[1:]), dtype=np.float32)
+        values = at[2].standard_normal((stop - start, *shape[1:]), dtype=np.float32)
+        self._cursor = (at[0], stop, at[2])
+        return self._scaled(name, values)
+
+    def _rng(self, name: str) -> np.random.Generator:
+        return np.random.default_rng(zlib.crc32(f"{self.spec}/{name}".encode()))
+
+    @staticmethod
+    def _scaled(name: str, values: np.ndarray) -> np.ndarray:
         # in place: the same float32 products and sums as `1.0 + 0.02 * values`, without a second copy (the
         # LFM2.5-8B-A1B vocabulary is 1 GB)
         values *= np.float32(0.01 if name.endswith("expert_bias") else 0.02)

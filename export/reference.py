@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.policy import VOCABULARY
-from .checkpoint import Checkpoint
+from .checkpoint import VOCABULARY_ROWS, Checkpoint
 from .lfm2 import Attention, Lfm2Model, Linear, RMSNorm, ShortConv, SparseMoe, Weight
 
 WeightTransform = Callable[[str, np.ndarray], np.ndarray]
@@ -51,6 +51,14 @@ class TorchReference:
                 array = transform(w.name, array)
             self._weights[key] = torch.from_numpy(np.array(array, dtype=np.float32))
         return self._weights[key]
+
+    def embedding(self, ids: torch.Tensor, table: Weight, rescore_copy: bool = False) -> torch.Tensor:
+        """The rows of `table` that `ids` name."""
+        return F.embedding(ids, self.weight(table, rescore_copy))
+
+    def logits(self, x: torch.Tensor, head: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ head^T (+ bias): the LM head's logits (before any rescoring)."""
+        return F.linear(x, self.weight(head), bias)
 
     def new_state(self, batch: int) -> TorchState:
         cfg = self.checkpoint.config
@@ -94,6 +102,32 @@ class StreamingReference(TorchReference):
         # a copy only of what torch may not write to (a mapped file's pages); an array made for this call is used
         return torch.from_numpy(array if array.flags.writeable else array.copy())
 
+    def embedding(self, ids: torch.Tensor, table: Weight, rescore_copy: bool = False) -> torch.Tensor:
+        """The rows `ids` name, gathered from the table read a slice of rows at a time (`Checkpoint.rows`): the same
+        values as the whole table's lookup, without the whole table (1 GB at LFM2.5-8B-A1B)."""
+        read = getattr(self.checkpoint, "rows", None)
+        if read is None or rescore_copy or self.transform is not None:
+            return super().embedding(ids, table, rescore_copy)
+        wanted, where = torch.unique(ids, return_inverse=True)  # sorted
+        found = torch.empty(len(wanted), table.shape[1])
+        bounds = torch.searchsorted(wanted, torch.arange(0, table.shape[0] + VOCABULARY_ROWS, VOCABULARY_ROWS))
+        for i, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
+            if lo < hi:  # a slice some id falls in
+                start = i * VOCABULARY_ROWS
+                part = read(table.name, start, min(table.shape[0], start + VOCABULARY_ROWS), table.shape)
+                found[lo:hi] = torch.from_numpy(np.ascontiguousarray(part[wanted[lo:hi].numpy() - start]))
+        return F.embedding(where, found)
+
+    def logits(self, x: torch.Tensor, head: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM head's logits a slice of its rows at a time. The calibration passes, this class's users, read no
+        logit (KV scales and GPTQ's H are taken inside the layers); the slices keep their 1 GB table out of memory."""
+        read = getattr(self.checkpoint, "rows", None)
+        if read is None or self.transform is not None:
+            return super().logits(x, head, bias)
+        n, step = head.shape[0], VOCABULARY_ROWS
+        return torch.cat([F.linear(x, torch.from_numpy(read(head.name, a, min(n, a + step), head.shape)),
+                                   None if bias is None else bias[a:a + step]) for a in range(0, n, step)], dim=-1)
+
     @torch.no_grad()
     def record(self, ops: type[_TorchOps], input_ids: torch.Tensor) -> None:
         """One pass of unpadded ids [B, S] through the model with `ops`, a _TorchOps subclass that records what a
@@ -107,15 +141,17 @@ class _TorchOps:
     """ops.Ops in eager torch, for one forward call."""
 
     def __init__(self, ref: TorchReference, state: TorchState):
-        self.w, self.state, self.rescore = ref.weight, state, ref.rescore
+        self.ref, self.w, self.state, self.rescore = ref, ref.weight, state, ref.rescore
 
     def embed(self, ids, table: Weight):
-        return F.embedding(ids, self.w(table, rescore_copy=self.rescore is not None))
+        return self.ref.embedding(ids, table, rescore_copy=self.rescore is not None)
 
     def linear(self, x, layer: Linear):
         bias = self.w(Weight(f"{layer.prefix}.bias", (layer.out_features,))) if layer.bias else None
-        y = F.linear(x, self.w(layer.weight), bias)
-        if self.rescore is None or layer.weight.name not in VOCABULARY:
+        if layer.weight.name not in VOCABULARY:
+            return F.linear(x, self.w(layer.weight), bias)
+        y = self.ref.logits(x, layer.weight, bias)
+        if self.rescore is None:
             return y
         top = y.topk(min(self.rescore[0], y.shape[-1]), dim=-1).indices  # [B, S, top]
         rows = self.w(layer.weight, rescore_copy=True)[top]  # [B, S, top, H]

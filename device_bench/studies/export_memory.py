@@ -29,7 +29,7 @@ from . import parser, write_result
 
 MIB = 1 << 20
 PERIOD = 0.2
-_PEAK = re.compile(r"peak memory ([0-9.]+) GB")
+_PEAK = re.compile(r"peak memory ([0-9.]+) GiB")  # lfm-export's last line (export/cli.py)
 
 
 def _rss_mib(pid: int) -> float:
