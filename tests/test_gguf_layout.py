@@ -14,6 +14,7 @@ import pytest
 from onnx import numpy_helper
 from test_gguf_in import _logits, _unpack4, crafted
 
+from lfm_edge.device_bench.peers.gguf_writer import main as gguf_writer_main
 from lfm_edge.device_bench.peers.gguf_writer import write_gguf
 from lfm_edge.export.checkpoint import Checkpoint
 from lfm_edge.export.cli import main as cli_main
@@ -167,3 +168,22 @@ def test_gguf_layout_is_checked_once():
         ExportOptions(gguf_layout="fast", quant="int4").resolved()
     with pytest.raises(ExportError, match="--gguf-layout exact: needs a quantized policy"):
         ExportOptions(gguf_layout="exact", quant="fp32").resolved(quantized_gguf=True)
+
+
+def test_a_gguf_cut_to_its_first_layers_keeps_their_blocks_and_exports(mix, tmp_path, capsys):
+    """The studies' cut (device_bench/peers/gguf_writer.py first_layers) of llama.cpp's Q4_0 mix: block_count and
+    the per-layer arrays say 2, the kept tensors are the file's bytes, and lfm-export reads the result."""
+    path, tok = mix
+    cut = tmp_path / "cut.gguf"
+    assert gguf_writer_main([str(path), str(cut), "--layers", "2"]) == 0
+    whole, part = GgufCheckpoint(path, tokenizer=tok), GgufCheckpoint(cut, tokenizer=tok)
+    assert (whole.config.num_hidden_layers, part.config.num_hidden_layers) == (3, 2)
+    assert part.config.layer_types == whole.config.layer_types[:2]
+    reader = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    kept = gguf.GGUFReader(cut).tensors
+    assert {t.name for t in kept} == {n for n in reader if not n.startswith("blk.2.")}
+    for t in kept:
+        assert t.tensor_type == reader[t.name].tensor_type and t.data.tobytes() == reader[t.name].data.tobytes()
+    assert export(cut, tmp_path / "b", tokenizer=tok, gguf_layout="exact").bundle.is_dir()
+    assert gguf_writer_main([str(path), str(tmp_path / "x.gguf"), "--layers", "4"]) == 2
+    assert "3 layers; cannot keep the first 4" in capsys.readouterr().err

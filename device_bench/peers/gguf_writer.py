@@ -19,6 +19,10 @@ The tokenizer: a byte-level BPE tokenizer.json (GPT-2 or LFM2 split) is written 
 (tokens, types, merges, BOS/EOS/pad, the chat template); any other (the tests' word-level one) as llama.cpp's
 `no_vocab` model with `vocab_size` dummy tokens, which is all the benchmark needs to evaluate token ids.
 
+`first_layers(src, dst, n)` cuts a GGUF (any writer's, llama-quantize's too) to its first n layers at full width:
+the file a study measures when the whole model is more than it needs (`python -m
+lfm_edge.device_bench.peers.gguf_writer SRC DST --layers N`).
+
 `types(gguf_name, shape)` may choose a block type per tensor (Q4_0, Q8_0, ... as gguf-py quantizes them in
 numpy; `encoders` supplies bytes for types it cannot quantize, such as the K-quants).
 
@@ -28,7 +32,10 @@ at most one stacked expert tensor (one layer's gate, up or down) is in memory at
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,3 +278,59 @@ def write_gguf(checkpoint: CheckpointLike, out_path: str | Path, f16: bool = Tru
     finally:
         writer.close()
     return parts[0]
+
+
+def first_layers(src: str | Path, dst: str | Path, n: int) -> Path:
+    """`src`'s first `n` layers as a GGUF at `dst`: later layers' tensors dropped, `block_count` and the per-layer
+    metadata arrays (one value per layer, e.g. head_count_kv) cut to n, every other key and tensor as it is (block
+    types and bytes unchanged). The tensors stream from the source's memory map."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    blocks = reader.fields[f"{arch}.block_count"].contents()
+    if not 1 <= n <= blocks:
+        raise ValueError(f"{src}: {blocks} layers; cannot keep the first {n} (expected 1..{blocks})")
+    array = gguf.GGUFValueType.ARRAY
+    writer = gguf.GGUFWriter(Path(dst), arch)
+    try:
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF.") or name == "general.architecture":
+                continue
+            kind, value = field.types[0], field.contents()
+            if name == f"{arch}.block_count":
+                value = n
+            elif kind == array and name.startswith(arch + ".") and len(value) == blocks:
+                value = value[:n]
+            writer.add_key_value(name, value, kind, sub_type=field.types[-1] if kind == array else None)
+        for t in reader.tensors:
+            layer = re.match(r"blk\.(\d+)\.", t.name)
+            if layer and int(layer.group(1)) >= n:
+                continue
+            data = np.asarray(t.data)  # the stored bytes (a block type's) or values (F32/F16), memory-mapped
+            float_type = t.tensor_type in (Q.F32, Q.F16)
+            writer.add_tensor(t.name, data, raw_shape=None if float_type else data.shape, raw_dtype=t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return Path(dst)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lfm_edge.device_bench.peers.gguf_writer",
+                                     description="Cut a GGUF to its first layers (full width).")
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument("--layers", type=int, required=True, help="how many of the first layers to keep")
+    args = parser.parse_args(argv)
+    try:
+        first_layers(args.src, args.dst, args.layers)
+    except (ValueError, OSError) as e:
+        print(f"gguf_writer: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}: the first {args.layers} layers of {args.src}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
