@@ -584,6 +584,19 @@ def test_load_memory_study_tables_each_stage_against_the_weights(demo_int4, tmp_
     assert "| after load |" in capsys.readouterr().out and (tmp_path / "load_memory.md").exists()
 
 
+def test_load_memory_study_prefills_in_the_runtimes_chunks(demo_int4, tmp_path):
+    """A long prompt goes through runtime.Generation's chunks (one 32K-wide step would need tens of GB), and the
+    prefill's peak RSS is reported against the weights."""
+    from lfm_edge.device_bench.studies.load_memory import main
+
+    assert main([str(demo_int4), "--prefill", "40", "--prefill-chunk", "16", "--threads", "1",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "load_memory.json").read_text())
+    assert result["prefill"] | {"seconds": 0} == {"tokens": 40, "chunk": 16, "chunks": 3, "seconds": 0}
+    prefill = next(s for s in result["stages"] if s["stage"] == "after a 40-token prefill")
+    assert prefill["peaks"]["rss"] > 0 and "peak RSS during it" in (tmp_path / "load_memory.md").read_text()
+
+
 @pytest.mark.slow  # an export in a child process
 def test_export_memory_study_reads_each_exports_own_peak_and_samples_its_rss(tmp_path, capsys):
     from lfm_edge.device_bench.studies.export_memory import main

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -140,21 +141,23 @@ def alternated_rounds(ours: Run, theirs: Run, key: str, label: str, rounds: int,
                       progress: Callable[[str], None]) -> tuple[list[dict], dict]:
     """Round 0 (a warm-up) and `rounds` measured rounds, each on fresh ids for both sides, the order swapped every
     round and the host's copy bandwidth taken before it: the rows (`ours_*`, `{key}_*`, `copy_gbs`) and their
-    medians. Ratios are taken per round by the caller."""
+    medians. Ratios are taken per round by the caller. Each row also holds the load average (1, 5, 15 min) as the
+    round began: on a shared machine a ratio means little without it."""
     rows = []
     for r in range(rounds + 1):
         ids = rng.integers(low, high, prompt).tolist()
         steps = rng.integers(low, high, decode).tolist()
         first, second = (ours, theirs) if r % 2 else (theirs, ours)
         copy_gbs = bandwidth()
+        load = [round(x, 2) for x in os.getloadavg()]
         a, b = first(ids, steps), second(ids, steps)
         o, t = (a, b) if first is ours else (b, a)
         progress(f"round {r}/{rounds}{' (warm-up)' if r == 0 else ''}: decode ours {o[1]:.1f} {label} {t[1]:.1f} "
-                 f"tok/s; prefill {o[0]:.0f} / {t[0]:.0f}; memory copy {copy_gbs:.1f} GB/s")
+                 f"tok/s; prefill {o[0]:.0f} / {t[0]:.0f}; memory copy {copy_gbs:.1f} GB/s; load {load[0]:.2f}")
         if r:
             rows.append({"ours_prefill": o[0], "ours_decode": o[1], f"{key}_prefill": t[0], f"{key}_decode": t[1],
-                         "copy_gbs": copy_gbs})
-    return rows, {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+                         "copy_gbs": copy_gbs, "loadavg": load})
+    return rows, {k: statistics.median(row[k] for row in rows) for k in rows[0] if k != "loadavg"}
 
 
 def exported_from(bundle: Path, gguf: Path) -> bool:
