@@ -100,11 +100,7 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
                               n_ctx=prompt + decode + 16, n_batch=prompt, n_ubatch=prompt, verbose=False)
         high = min(session.vocab_size, llm.n_vocab(), 30000)
 
-    def ours(ids: list[int], steps: list[int]) -> tuple[float, float]:
-        cache = session.new_cache(1, len(ids) + len(steps))
-        pre = timed(lambda: cache.step(np.array([ids]), last=1), threads)[0]
-        dec = timed(lambda: [cache.step(np.array([[t]])) for t in steps], threads)[0]
-        return len(ids) / pre, len(steps) / dec
+    ours = our_run(session, threads)
 
     def theirs(ids: list[int], steps: list[int]) -> tuple[float, float]:
         if llama_bench:
@@ -129,11 +125,28 @@ def alternate(bundle: Path, gguf: Path, threads: int = 2, prompt: int = 512, dec
             "gguf_layout": manifest.get("gguf_layout"), "bytes_per_token": manifest["bytes_per_token"]["total"],
             "peer": "llama-bench" if llama_bench else "llama-cpp-python", "threads": threads, "prompt": prompt,
             "decode": decode, "rounds": rows, "median": med,
-            "decode_ratio_per_round": statistics.median(r["ours_decode"] / r["llama_decode"] for r in rows),
-            "prefill_ratio_per_round": statistics.median(r["ours_prefill"] / r["llama_prefill"] for r in rows)}
+            **ratios_per_round(rows, "llama")}
 
 
 Run = Callable[[list[int], list[int]], tuple[float, float]]  # (prompt ids, decode ids) -> (prefill, decode) tok/s
+
+
+def our_run(session: LfmSession, threads: int) -> Run:
+    """One turn of ours: the prompt's prefill (its last row's logits) then one step per decoded id, on a fresh
+    cache, as tok/s."""
+    def run(ids: list[int], steps: list[int]) -> tuple[float, float]:
+        cache = session.new_cache(1, len(ids) + len(steps))
+        pre = timed(lambda: cache.step(np.array([ids]), last=1), threads)[0]
+        dec = timed(lambda: [cache.step(np.array([[t]])) for t in steps], threads)[0]
+        return len(ids) / pre, len(steps) / dec
+
+    return run
+
+
+def ratios_per_round(rows: list[dict], key: str) -> dict[str, float]:
+    """Medians over rounds of ours over the peer's (`key`: its prefix in the rows), decode and prefill."""
+    return {f"{kind}_ratio_per_round": statistics.median(r[f"ours_{kind}"] / r[f"{key}_{kind}"] for r in rows)
+            for kind in ("decode", "prefill")}
 
 
 def alternated_rounds(ours: Run, theirs: Run, key: str, label: str, rounds: int, prompt: int, decode: int,

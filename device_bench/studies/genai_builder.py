@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from ..peers.genai_builder import (
     run_export,
     write_checkpoint,
 )
-from .ab import CopyBandwidth, alternated_rounds
+from .ab import CopyBandwidth, alternated_rounds, our_run, ratios_per_round
 
 OURS_ARGS = ("--target", "android")
 PARTS = {"export", "memory", "speed", "quality"}
@@ -91,23 +90,16 @@ def alternate(ours: Path, builder: Path, threads: int = 2, prompt: int = 512, de
     low = min(100, high // 2)
     bandwidth = CopyBandwidth(threads)
 
-    def ours_run(ids: list[int], steps: list[int]) -> tuple[float, float]:
-        cache = session.new_cache(1, len(ids) + len(steps))
-        pre = timed(lambda: cache.step(np.array([ids]), last=1), threads)[0]
-        dec = timed(lambda: [cache.step(np.array([[t]])) for t in steps], threads)[0]
-        return len(ids) / pre, len(steps) / dec
-
     def theirs_run(ids: list[int], steps: list[int]) -> tuple[float, float]:
         gen = theirs_model.generator(len(ids) + len(steps) + 1)
         pre = timed(lambda: gen.append_tokens(np.array([ids], dtype=np.int32)), threads)[0]
         dec = timed(lambda: [gen.append_tokens(np.array([[t]], dtype=np.int32)) for t in steps], threads)[0]
         return len(ids) / pre, len(steps) / dec
 
-    rows, med = alternated_rounds(ours_run, theirs_run, "builder", "builder", rounds, prompt, decode, rng, low,
-                                  high, bandwidth, progress)
+    rows, med = alternated_rounds(our_run(session, threads), theirs_run, "builder", "builder", rounds, prompt, decode,
+                                  rng, low, high, bandwidth, progress)
     return {"threads": threads, "prompt": prompt, "decode": decode, "rounds": rows, "median": med,
-            "decode_ratio_per_round": statistics.median(r["ours_decode"] / r["builder_decode"] for r in rows),
-            "prefill_ratio_per_round": statistics.median(r["ours_prefill"] / r["builder_prefill"] for r in rows)}
+            **ratios_per_round(rows, "builder")}
 
 
 def run_child(side: str, bundle: Path, threads: int, prompt: int, decode: int) -> dict:
