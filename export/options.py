@@ -63,9 +63,10 @@ class ExportOptions:
     linear's inputs, a slower export); `eval_text`: held-out text for a quality report against fp32
     (quality.md), `eval_text_name` what the report calls it (the CLI: the file's name); `tokenizer`: a GGUF's
     tokenizer.json (or its folder) when the file carries none; `force`: replace an `out` folder that holds
-    something other than an lfm-edge bundle; `gguf_layout`: `exact` or `fast` for a quantized GGUF (GGUF_LAYOUTS),
-    None for the default; `vocabulary_rows`: rows of the vocabulary table quantized at a time (memory only: the
-    bundle's bytes are the same at any value; tests lower it to cut a small table into several slices)."""
+    something other than an lfm-edge bundle; `gguf_layout`: one of GGUF_LAYOUTS (exact, head, experts, fast) for a
+    quantized GGUF, None for the target's default (TARGET_GGUF_LAYOUT); `vocabulary_rows`: rows of the vocabulary
+    table quantized at a time (memory only: the bundle's bytes are the same at any value; tests lower it to cut a
+    small table into several slices)."""
 
     ops: str = "contrib"
     quant: str | Policy | None = None
