@@ -1,11 +1,14 @@
 # Two entry points for a fresh machine (see README.md):
 #   make export [MODEL=path-or-hub-id] [OPS=contrib|portable]   install, then export (the demo model by default)
 #   make test                                                    install, then lint and run the test suite
-# and, for the edit loop, make test-fast: the tests not marked slow (every folder, ~2 min on 2 cores).
+# and, for the edit loop, make test-fast: the tests not marked slow (every folder, ~1 min on 2 cores).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?=
 OPS ?= contrib
+# pytest-xdist: one worker per core of a 2-core machine, each test file on one worker (its module fixtures built
+# once); the shared demo bundles are exported once for both (tests/shared_bundles.py). TEST_WORKERS= runs serially.
+TEST_WORKERS ?= -n 2 --dist loadfile --max-worker-restart 0
 
 .PHONY: install export test test-fast display-deps
 
@@ -24,11 +27,11 @@ export: install
 
 test: install display-deps
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(TEST_WORKERS)
 
 test-fast: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(TEST_WORKERS)
 
 # The app's GUI test runs Kivy under a virtual X display: Xvfb, Mesa's software OpenGL, and the X
 # libraries the SDL2 bundled in kivy's wheel loads. Installed (as root, with apt) only when missing;

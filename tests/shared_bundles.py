@@ -1,10 +1,14 @@
-"""Demo bundles the test files share, each exported once per test session. Read them, never write into them:
-a test that damages or edits a bundle copies it first."""
+"""Demo bundles the test files share, each exported once per test session (once for all of pytest-xdist's
+workers: the first to need one exports it under a file lock in the run's shared folder, the others wait and read
+it). Read them, never write into them: a test that damages or edits a bundle copies it first."""
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
+
+from filelock import FileLock
 
 from lfm_edge.export.cli import demo_model_path
 from lfm_edge.export.exporter import export
@@ -22,5 +26,11 @@ KINDS = {"fp32": {}, "portable": {"ops": "portable"}, "int4": {"quant": "int4"},
 
 @functools.cache
 def demo_bundle(root: Path, kind: str) -> Path:
-    """The demo model exported as `kind` (KINDS) under the session's `root`."""
-    return export(demo_model_path(), Path(root) / f"shared-demo-{kind}", **KINDS[kind]).bundle
+    """The demo model exported as `kind` (KINDS) under the session's `root` (pytest's basetemp)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp lies in the run's folder
+        root = Path(root).parent
+    out = Path(root) / f"shared-demo-{kind}"
+    with FileLock(f"{out}.lock"):
+        if not out.exists():  # an export moves its bundle into place only when it is complete
+            export(demo_model_path(), out, **KINDS[kind])
+    return out
