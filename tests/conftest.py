@@ -33,7 +33,7 @@ def _detached_from_the_jvm():
     worker thread does before it ends (backends.release_thread()). Left attached, pytest's main thread kept the
     JVM's stack guard, and native code a later test file ran on it (numpy's LAPACK in test_quant, in the same
     pytest-xdist worker) died in SIGSEGV at a stack address: about one run in two with two workers, none in
-    five runs with this."""
+    seven runs with this."""
     yield
     release_thread()
 
