@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from lfm_edge.device_bench.peers.genai_builder import write_checkpoint
-from lfm_edge.device_bench.studies import genai_builder
 from tiny_models import build
 
 
@@ -19,9 +20,13 @@ def test_study_exports_both_and_compares(tmp_path):
     text = tmp_path / "heldout.txt"
     text.write_text(" ".join(f"w{(7 * i) % 290 + 3}" for i in range(300)))
     out = tmp_path / "result.json"
-    assert genai_builder.main(["--checkpoint", str(ckpt), "--work", str(tmp_path / "work"), "--rounds", "1",
-                               "--prompt", "16", "--decode", "4", "--quality-model", str(ckpt), "--text", str(text),
-                               "--out", str(out)]) == 0
+    # run as users run it (`python -m`): its memory part starts itself again by module name (it once passed
+    # `__main__` there, which only an in-process call to main() hid)
+    study = [sys.executable, "-m", "lfm_edge.device_bench.studies.genai_builder"]
+    run = subprocess.run(study + ["--checkpoint", str(ckpt), "--work", str(tmp_path / "work"), "--rounds", "1",
+                                  "--prompt", "16", "--decode", "4", "--quality-model", str(ckpt), "--text",
+                                  str(text), "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     for side in ("ours", "builder"):
         run = result["export"][side]

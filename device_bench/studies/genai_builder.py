@@ -128,7 +128,7 @@ def running_memory(bundles: dict[str, Path], threads: int, prompt: int, decode: 
     """Each side's `run_child` in a fresh process."""
     out = {}
     for side, bundle in bundles.items():
-        command = [sys.executable, "-P", "-m", __name__, "--child", side, str(bundle), "--threads", str(threads),
+        command = [sys.executable, "-P", "-m", __spec__.name, "--child", side, str(bundle), "--threads", str(threads),
                    "--prompt", str(prompt), "--decode", str(decode)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
