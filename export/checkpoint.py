@@ -153,10 +153,10 @@ class Checkpoint:
         if shape is not None:
             self.check(name, shape)
         fused = self._fused(name)
-        if fused is not None:
-            _, source, index = fused
+        if fused is not None:  # one expert's rows of the fused [E, ...] tensor, never all E of them as float32
+            _, source, (j, *within) = fused
             st, stored = self._locate(source)
-            return st.read(stored)[index]
+            return st.read(stored, j, j + 1)[(0, *within)]
         st, stored = self._locate(name)
         return st.read(stored)
 
