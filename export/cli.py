@@ -12,7 +12,7 @@ from typing import TextIO
 from ..quant.blocks import METHODS
 from ..quant.policy import POLICIES, get_policy
 from ..runtime.files import describe, read_text
-from ..runtime.memory import peak_rss_mb
+from ..runtime.memory import children_peak_rss_mb, peak_rss_mb
 from .calibration import GPTQ_TOKENS
 from .checkpoint import CheckpointError, is_gguf
 from .config import ConfigError
@@ -162,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     for warning in result.warnings:
         print(f"lfm-export: warning: {warning}", file=sys.stderr)
     size = sum(result.files.values())
+    # this process's peak and, for a phone target, the largest child's: onnxruntime's mobile checker and
+    # ORT-format converter run in processes of their own and load the whole model (both in MiB)
+    children = children_peak_rss_mb() / 1024
+    child = f" (the largest child process, onnxruntime's tools: {children:.2f} GiB)" if children >= 0.01 else ""
     print(f"Wrote {result.bundle} ({size / 1e6:.1f} MB, {len(result.files)} files) in {result.seconds:.2f} s; "
-          f"peak memory {peak_rss_mb() / 1024:.2f} GiB.")  # VmHWM: peak_rss_mb is in MiB
+          f"peak memory {peak_rss_mb() / 1024:.2f} GiB{child}.")
     return 0
 
 
