@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 __all__ = ["PeakMemory", "available_memory", "can_reset_peak", "children_peak_rss_mb", "current_rss_mb",
-           "peak_rss_mb", "release_free_heap", "reset_peak_rss", "resident_mb", "status_mb"]
+           "maxrss_mb", "peak_rss_mb", "release_free_heap", "reset_peak_rss", "resident_mb", "status_mb"]
 
 CLEAR_REFS = "/proc/self/clear_refs"
 
@@ -25,15 +25,18 @@ def peak_rss_mb() -> float:
     hwm = status_mb("VmHWM").get("VmHWM")
     if hwm is not None:
         return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+    return maxrss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def children_peak_rss_mb() -> float:
     """The resident high-water mark in MB (MiB) of the largest child process this one has waited for (getrusage
     RUSAGE_CHILDREN): e.g. the onnxruntime tools a phone export runs in processes of their own."""
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+    return maxrss_mb(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
+
+def maxrss_mb(maxrss: int) -> float:
+    """A `ru_maxrss` (getrusage, wait4) in MB (MiB): bytes on macOS, KiB elsewhere."""
+    return maxrss / (1 << 20) if sys.platform == "darwin" else maxrss / 1024
 
 
 def can_reset_peak() -> bool:

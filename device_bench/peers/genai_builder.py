@@ -29,6 +29,7 @@ import numpy as np
 
 from ...export.random_tokenizer import random_tokenizer_files
 from ...export.random_weights import RandomCheckpoint
+from ...runtime.memory import maxrss_mb
 from .genai import genai_view
 
 __all__ = ["CPU_INT4", "ExportRun", "GenaiModel", "builder_command", "ours_command", "run_export",
@@ -128,7 +129,7 @@ def run_export(label: str, command: list[str], out: Path, log: Path | None = Non
         tail = log.read_text()[-3000:] if log else ""
         raise RuntimeError(f"{label}: {' '.join(command)} exited with {proc.returncode}\n{tail}")
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file()) / 1e6
-    return ExportRun(label, command, round(seconds, 1), round(usage.ru_maxrss / 1024, 1), round(size, 1),
+    return ExportRun(label, command, round(seconds, 1), round(maxrss_mb(usage.ru_maxrss), 1), round(size, 1),
                      proc.returncode)
 
 

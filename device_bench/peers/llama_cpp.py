@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ...runtime.memory import status_mb
+from ...runtime.memory import maxrss_mb, status_mb
 from ..measure import Metric, Sample, cpu_wait_seconds, timed
 
 # llama.cpp's quantization mixes (llama-quantize's names) the benchmarks and quality reports compare against.
@@ -72,7 +72,7 @@ def window_logits(gguf_path: str | Path, windows: list[list[int]], threads: int 
 def _peak_rss_mb() -> float:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return maxrss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _one_run(gguf_path: str | Path, threads: int, prompts: list[int], decode_tokens: int,
