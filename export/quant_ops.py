@@ -61,8 +61,7 @@ class QuantizedOps(ContribOps):
         if read is None or self.transform is not None or (relaid(self.ckpt, self.policy, self.relayout, name)
                                                            and not copy):
             return None
-        kwargs = {"float_zero_points": True} if float_zero_points else {}
-        return read(name, rows=rows, **kwargs) if rows is not None else read(name, **kwargs)
+        return read(name, float_zero_points, rows)
 
     def closest(self, names: list[str], spec: QuantSpec, min_block: int = 16) -> QuantSpec:
         """The checkpoint's layout for weights it stores in another block type (a GGUF's K-quants: their bits and
